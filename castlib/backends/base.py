@@ -1,0 +1,150 @@
+"""The contract every storage back-end implements, and the capabilities it declares as data."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, ClassVar, Iterator
+
+from ..checksum import CHUNK_SIZE, checksum_stream
+from ..errors import Unsupported
+from ..location import LocationURL
+
+FILE, DIR, LINK = "f", "d", "l"
+
+ListingErrorHandler = Callable[[str, str], None]
+"""Called as on_error(relative_path, message) for a folder that could not be listed."""
+
+
+@dataclass(slots=True)
+class Stat:
+    """What a listing or a stat says of one entry. Paths are relative POSIX paths below the
+    location root (`""` is the root itself); non-UTF-8 bytes of local names are kept as
+    surrogate escapes (os.fsdecode), so a name round-trips byte-exact."""
+
+    path: str
+    kind: str                      # FILE, DIR or LINK
+    size: int | None = None
+    mtime_ns: int | None = None
+    mode: int | None = None
+    link_target: str | None = None
+    checksums: dict[str, str] | None = None   # provided by the server with the listing
+    online: bool | None = None     # False: on tape only (nearline), must be staged to read
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a back-end can do. The sync engine asks these; it never tests the scheme."""
+
+    set_mtime: bool = False
+    atomic_rename: bool = False          # rename replaces the target in one step
+    server_checksums: frozenset[str] = frozenset()  # computed by the server, no download
+    mtime_precision_ns: int = 1          # 60e9 for storage that keeps minutes only
+    symlinks: bool = False
+    empty_dirs: bool = True              # folders exist on their own (not on object stores)
+    third_party_copy: bool = False       # can copy from another server of its kind directly
+    tape: bool = False                   # files may be nearline and need staging
+
+    def as_dict(self) -> dict:
+        return {
+            "set_mtime": self.set_mtime,
+            "atomic_rename": self.atomic_rename,
+            "server_checksums": sorted(self.server_checksums),
+            "mtime_precision_s": self.mtime_precision_ns / 1e9,
+            "symlinks": self.symlinks,
+            "empty_dirs": self.empty_dirs,
+            "third_party_copy": self.third_party_copy,
+            "tape": self.tape,
+        }
+
+
+class Backend(ABC):
+    """One storage root reached through one protocol.
+
+    All paths are relative to the root given at construction (`""` is the root). Methods
+    raise castlib.errors.StorageError subclasses: NotFound, TransientStorageError (worth a
+    retry), Unsupported; never a library's own exception type.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    description: ClassVar[str] = ""
+    extra: ClassVar[str | None] = None   # the pip extra that installs its dependency
+
+    def __init__(self, url: LocationURL, options: dict | None = None):
+        self.url = url
+        self.options = dict(options or {})
+
+    # -- listing -----------------------------------------------------------------------
+    @abstractmethod
+    def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
+        """Every entry below the root, recursively, parents before their children.
+        Symlinks are reported as LINK and never followed. A folder that cannot be listed
+        is reported through on_error and skipped; the walk goes on."""
+
+    @abstractmethod
+    def stat(self, path: str) -> Stat | None:
+        """The entry at `path`, or None if nothing is there. Links are not followed."""
+
+    def root_exists(self) -> bool:
+        st = self.stat("")
+        return st is not None and st.kind == DIR
+
+    # -- data ----------------------------------------------------------------------------
+    @abstractmethod
+    def open_read(self, path: str) -> BinaryIO:
+        """A readable binary stream (context manager) of the file's bytes."""
+
+    @abstractmethod
+    def open_write(self, path: str) -> BinaryIO:
+        """A writable binary stream that creates or truncates the file. The bytes are
+        durable once close() returns without error."""
+
+    def checksum(self, path: str, algorithm: str) -> str:
+        """The file's checksum: from the server when it computes `algorithm` itself,
+        otherwise by reading the bytes once."""
+        with self.open_read(path) as stream:
+            digests, _ = checksum_stream(stream, (algorithm,), CHUNK_SIZE)
+        return digests[algorithm]
+
+    # -- namespace -----------------------------------------------------------------------
+    @abstractmethod
+    def mkdir(self, path: str) -> None:
+        """Create the folder and its missing parents; no error if it exists."""
+
+    @abstractmethod
+    def rename(self, src: str, dst: str) -> None:
+        """Move src to dst, replacing dst if it is a file."""
+
+    @abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove a file, a link or an empty folder."""
+
+    def set_mtime(self, path: str, mtime_ns: int) -> None:
+        raise Unsupported(f"{self.url.scheme}:// cannot set modification times", path=path)
+
+    def symlink(self, path: str, target: str) -> None:
+        raise Unsupported(f"{self.url.scheme}:// cannot hold symbolic links", path=path)
+
+    def stage(self, paths: list[str], timeout_s: float) -> None:
+        """Bring nearline (tape) files online before reading them; a no-op on disk storage."""
+
+    def copy_from(self, source: "Backend", src_path: str, dst_path: str) -> bool:
+        """Third-party copy: have the servers move the bytes directly. Returns False when
+        not possible between these two, and the caller streams instead."""
+        return False
+
+    def close(self) -> None:
+        """Release connections."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"

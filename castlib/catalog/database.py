@@ -1,0 +1,127 @@
+"""Opening a catalog: the database URL, connection settings, and schema upgrades on open."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+
+from ..errors import CastlibError, ConfigError
+from ..location import redact
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+HEAD_REVISION = "0001"   # kept equal to the newest file in migrations/versions (tested)
+
+
+class CatalogError(CastlibError):
+    """The catalog database cannot be opened or upgraded."""
+
+
+def default_db_url() -> str:
+    """CASTLIB_DB if set, else an SQLite file in the user's data directory."""
+    env = os.environ.get("CASTLIB_DB")
+    if env:
+        return env
+    from platformdirs import user_data_dir
+
+    folder = Path(user_data_dir("castlib", appauthor=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'catalog.sqlite'}"
+
+
+def normalise_db_url(url: str) -> str:
+    """Accept what a user types: a bare file path means SQLite; postgresql:// means psycopg 3."""
+    if "://" not in url:
+        return f"sqlite:///{os.path.abspath(os.path.expanduser(url))}"
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain):]
+    return url
+
+
+def _sqlite_pragmas(dbapi_conn, _record):
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.execute("PRAGMA cache_size=-65536")
+    cur.execute("PRAGMA temp_store=MEMORY")
+    cur.close()
+
+
+def create_catalog_engine(url: str) -> Engine:
+    url = normalise_db_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"not a database URL: {redact(url)!r}") from None
+    kwargs: dict = {"future": True}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            folder = Path(parsed.database).expanduser().parent
+            if not folder.is_dir():
+                raise CatalogError(f"catalog folder does not exist: {folder}")
+        kwargs["connect_args"] = {"timeout": 60}
+    else:
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = create_engine(url, **kwargs)
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise CatalogError(f"database driver {exc.name} is not installed for "
+                           f"{parsed.get_backend_name()}: pip install 'castlib[postgresql]'") from None
+    except (ArgumentError, SQLAlchemyError) as exc:
+        raise ConfigError(f"cannot use database {redact(url)!r}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str]:
+    """Bring the schema to the newest revision; returns (from, to). Never drops data."""
+    try:
+        before = current_revision(engine)
+    except OperationalError as exc:
+        raise CatalogError(f"cannot open catalog {redact(str(engine.url))}: "
+                           f"{str(exc.orig).splitlines()[0]}") from None
+    if before == HEAD_REVISION:
+        return before, before
+    with engine.connect() as conn:
+        if before is None and inspect(conn).has_table("entries"):
+            raise CatalogError("the database holds castlib-like tables but no schema version; "
+                               "refusing to touch it")
+    from alembic.config import Config
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    if before is not None and before not in {s.revision for s in
+                                             ScriptDirectory.from_config(cfg).walk_revisions()}:
+        raise CatalogError(f"catalog schema {before} is newer than this castlib knows "
+                           f"({head}); upgrade castlib")
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # one upgrader at a time when several hosts open a new catalog at once
+            conn.execute(text("SELECT pg_advisory_xact_lock(7305114)"))
+            if current_revision_conn(conn) == head:
+                return before, head
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return before, head
+
+
+def current_revision_conn(conn) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()

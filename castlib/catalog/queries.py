@@ -1,0 +1,431 @@
+"""The catalog as a Python object: locations, bulk index updates, set-based diffs in SQL."""
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterable, Iterator, NamedTuple
+
+from sqlalchemy import and_, bindparam, func, insert, literal, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from ..errors import ConfigError
+from ..location import LocationURL, parse_location
+from .database import create_catalog_engine, default_db_url, upgrade
+from .paths import parent_of, subtree_range
+from .schema import CHECKSUM_COLUMNS, Entry, Location, Run, StageResult, StorageNode
+
+E = Entry.__table__
+L = Location.__table__
+N = StorageNode.__table__
+R = Run.__table__
+S = StageResult.__table__
+
+BATCH = 20_000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class LocationRecord:
+    id: int
+    url: str
+    name: str | None
+    indexed_at: datetime | None
+
+
+class IndexedEntry(NamedTuple):
+    """An entry as the index stage needs it to decide what changed."""
+
+    id: int
+    kind: str
+    size: int | None
+    mtime_ns: int | None
+    mode: int | None
+    link_target: str | None
+    deleted: bool
+    adler32: str | None
+    md5: str | None
+    sha256: str | None
+
+    def checksum(self, algo: str) -> str | None:
+        return getattr(self, algo)
+
+
+class Side(NamedTuple):
+    """One side of a difference, as the catalog has it."""
+
+    kind: str
+    size: int | None
+    mtime_ns: int | None
+    checksum: str | None
+    link_target: str | None
+    mode: int | None
+
+
+class Difference(NamedTuple):
+    """One path that differs between a reference and a destination location."""
+
+    path: str           # catalog form (see catalog.paths)
+    kind: str           # missing, extra, type, size, checksum, mtime
+    ref: Side | None
+    dst: Side | None
+
+    def as_dict(self) -> dict:
+        out = {"path": self.path, "kind": self.kind}
+        for label, side in (("ref", self.ref), ("dst", self.dst)):
+            if side is not None:
+                out[label] = {"type": {"f": "file", "d": "dir", "l": "link"}[side.kind],
+                              "size": side.size, "mtime_ns": side.mtime_ns,
+                              "checksum": side.checksum}
+        return out
+
+
+DIFFERENCE_KINDS = ("missing", "extra", "type", "size", "checksum", "mtime")
+
+
+class Catalog:
+    """An open catalog database. Safe to share between threads; each call is short."""
+
+    def __init__(self, db_url: str | None = None):
+        self.db_url = db_url or default_db_url()
+        self.engine = create_catalog_engine(self.db_url)
+        self.upgraded_from, self.revision = upgrade(self.engine)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- locations -----------------------------------------------------------------------
+    def location(self, url: LocationURL | str, name: str | None = None) -> LocationRecord:
+        """The catalog's record of a location, created on first use."""
+        if isinstance(url, str):
+            url = parse_location(url)
+        canonical = str(url)
+        for _attempt in range(3):
+            with self.engine.begin() as conn:
+                row = conn.execute(select(L.c.id, L.c.url, L.c.name, L.c.indexed_at)
+                                   .where(L.c.url == canonical)).first()
+                if row is not None:
+                    if name and row.name != name:
+                        self._rename_location(conn, row.id, name)
+                        return LocationRecord(row.id, row.url, name, row.indexed_at)
+                    return LocationRecord(*row)
+            try:
+                with self.engine.begin() as conn:
+                    node_id = self._node_id(conn, url.scheme, url.host)
+                    if name:
+                        self._check_name_free(conn, name, canonical)
+                    loc_id = conn.execute(insert(L).values(
+                        node_id=node_id, url=canonical, root_path=url.path, name=name,
+                        created_at=utcnow())).inserted_primary_key[0]
+                    return LocationRecord(loc_id, canonical, name, None)
+            except IntegrityError:
+                continue   # another process created it at the same moment: read it back
+        raise ConfigError(f"cannot register location {canonical}")
+
+    def _rename_location(self, conn, loc_id: int, name: str) -> None:
+        self._check_name_free(conn, name, None, loc_id)
+        conn.execute(update(L).where(L.c.id == loc_id).values(name=name))
+
+    def _check_name_free(self, conn, name, url, loc_id=None) -> None:
+        other = conn.execute(select(L.c.id, L.c.url).where(L.c.name == name)).first()
+        if other is not None and other.id != loc_id:
+            raise ConfigError(f"location name {name!r} already names {other.url}")
+
+    def _node_id(self, conn, scheme: str, host: str) -> int:
+        row = conn.execute(select(N.c.id).where(N.c.scheme == scheme, N.c.host == host)).first()
+        if row:
+            return row[0]
+        try:
+            with conn.begin_nested():
+                return conn.execute(insert(N).values(scheme=scheme, host=host)).inserted_primary_key[0]
+        except IntegrityError:
+            return conn.execute(select(N.c.id).where(N.c.scheme == scheme,
+                                                     N.c.host == host)).scalar_one()
+
+    def find_location(self, text_: str) -> LocationRecord | None:
+        """A location by its name or URL, without creating it."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(L.c.id, L.c.url, L.c.name, L.c.indexed_at)
+                               .where(L.c.name == text_)).first()
+            if row is None:
+                try:
+                    canonical = str(parse_location(text_))
+                except ConfigError:
+                    return None
+                row = conn.execute(select(L.c.id, L.c.url, L.c.name, L.c.indexed_at)
+                                   .where(L.c.url == canonical)).first()
+        return LocationRecord(*row) if row else None
+
+    def locations(self) -> list[dict]:
+        """Every location with its counts of live files, folders and bytes."""
+        live = and_(E.c.location_id == L.c.id, E.c.deleted == False)  # noqa: E712
+        files = select(func.count()).where(live, E.c.kind == "f").scalar_subquery()
+        dirs = select(func.count()).where(live, E.c.kind == "d").scalar_subquery()
+        size = select(func.coalesce(func.sum(E.c.size), 0)).where(live, E.c.kind == "f").scalar_subquery()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(L.c.id, L.c.name, L.c.url, L.c.indexed_at,
+                                       files.label("files"), dirs.label("dirs"),
+                                       size.label("bytes")).order_by(L.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    # -- index -----------------------------------------------------------------------------
+    def live_count(self, location_id: int) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).where(
+                E.c.location_id == location_id, E.c.deleted == False,  # noqa: E712
+                E.c.kind == "f")).scalar_one()
+
+    def load_entries(self, location_id: int) -> dict[str, IndexedEntry]:
+        """Every entry (deleted ones too) of a location by catalog path: the index's baseline."""
+        cols = (E.c.path, E.c.id, E.c.kind, E.c.size, E.c.mtime_ns, E.c.mode, E.c.link_target,
+                E.c.deleted, E.c.adler32, E.c.md5, E.c.sha256)
+        out: dict[str, IndexedEntry] = {}
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=BATCH).execute(
+                select(*cols).where(E.c.location_id == location_id))
+            for row in result:
+                out[row[0]] = IndexedEntry._make(row[1:])
+        return out
+
+    def insert_entries(self, conn, rows: list[dict]) -> None:
+        """Bulk insert of new entries: dicts with the Entry columns but id and parent_id."""
+        if rows:
+            conn.execute(insert(E), rows)
+
+    def update_entries(self, conn, rows: list[dict]) -> None:
+        """Bulk update by id (`b_id`) of the metadata columns of changed entries."""
+        if not rows:
+            return
+        keys = [k for k in rows[0] if k != "b_id"]
+        stmt = update(E).where(E.c.id == bindparam("b_id")).values(
+            {k: bindparam(k) for k in keys})
+        conn.execute(stmt, rows)
+
+    def set_checksums(self, conn, location_id: int, algo: str,
+                      values: Iterable[tuple[str, str]]) -> None:
+        """Record checksums of `algo` by catalog path."""
+        col = E.c[algo]
+        rows = [{"b_path": p, "b_value": v} for p, v in values]
+        if rows:
+            conn.execute(update(E).where(E.c.location_id == location_id,
+                                         E.c.path == bindparam("b_path"))
+                         .values({col.name: bindparam("b_value")}), rows)
+
+    def mark_deleted(self, conn, ids: list[int], now: datetime) -> None:
+        for i in range(0, len(ids), BATCH):
+            conn.execute(update(E).where(E.c.id.in_(ids[i:i + BATCH]))
+                         .values(deleted=True, last_seen=now))
+
+    def link_parents(self, conn, location_id: int) -> None:
+        """Fill parent_id of entries below the root in one statement (materialised path:
+        the parent's path is the path less its last component)."""
+        p = E.alias("p")
+        parent_path = func.substr(E.c.path, 1, func.length(E.c.path) - func.length(E.c.name) - 1)
+        parent = (select(p.c.id).where(p.c.location_id == E.c.location_id, p.c.path == parent_path)
+                  .scalar_subquery())
+        conn.execute(update(E).where(E.c.location_id == location_id, E.c.parent_id.is_(None),
+                                     func.length(E.c.path) > func.length(E.c.name))
+                     .values(parent_id=parent))
+
+    def touch_location(self, conn, location_id: int, now: datetime) -> None:
+        conn.execute(update(E).where(E.c.location_id == location_id,
+                                     E.c.deleted == False)  # noqa: E712
+                     .values(last_seen=now))
+        conn.execute(update(L).where(L.c.id == location_id).values(indexed_at=now))
+
+    # -- entries after a transfer ------------------------------------------------------------
+    def record_entries(self, location_id: int, rows: list[dict]) -> None:
+        """Upsert entries that a sync wrote or changed (dicts with path, name, kind, size,
+        mtime_ns, mode, link_target and checksum columns)."""
+        if not rows:
+            return
+        now = utcnow()
+        with self.engine.begin() as conn:
+            paths = [r["path"] for r in rows]
+            existing = {}
+            for i in range(0, len(paths), 1000):
+                existing.update(conn.execute(select(E.c.path, E.c.id).where(
+                    E.c.location_id == location_id, E.c.path.in_(paths[i:i + 1000]))).all())
+            new, changed = [], []
+            for r in rows:
+                full = {"adler32": None, "md5": None, "sha256": None, **r}
+                if r["path"] in existing:
+                    full.pop("path")
+                    full.pop("name")
+                    full.update(b_id=existing[r["path"]], deleted=False, last_seen=now)
+                    changed.append(full)
+                else:
+                    full.update(location_id=location_id, first_seen=now, last_seen=now,
+                                deleted=False, online=None)
+                    new.append(full)
+            self.insert_entries(conn, new)
+            self.update_entries(conn, changed)
+            if new:
+                self.link_parents(conn, location_id)
+
+    def forget_entries(self, location_id: int, paths: list[str]) -> None:
+        """Mark entries deleted by path (after a sync removed them from storage)."""
+        if not paths:
+            return
+        now = utcnow()
+        with self.engine.begin() as conn:
+            for i in range(0, len(paths), 1000):
+                conn.execute(update(E).where(E.c.location_id == location_id,
+                                             E.c.path.in_(paths[i:i + 1000]))
+                             .values(deleted=True, last_seen=now))
+
+    def entries(self, location_id: int, prefix: str = "", *, kind: str | None = None,
+                include_deleted: bool = False) -> Iterator[dict]:
+        """Entries of a location (below `prefix` if given), in path order."""
+        q = select(E.c.path, E.c.name, E.c.kind, E.c.size, E.c.mtime_ns, E.c.mode,
+                   E.c.link_target, E.c.adler32, E.c.md5, E.c.sha256, E.c.deleted,
+                   E.c.online).where(E.c.location_id == location_id)
+        if prefix:
+            low, high = subtree_range(prefix)
+            q = q.where(or_(E.c.path == prefix.rstrip("/"), and_(E.c.path >= low, E.c.path < high)))
+        if kind:
+            q = q.where(E.c.kind == kind)
+        if not include_deleted:
+            q = q.where(E.c.deleted == False)  # noqa: E712
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=BATCH).execute(q.order_by(E.c.path)).mappings():
+                yield dict(row)
+
+    # -- differences -------------------------------------------------------------------------
+    def diff(self, ref_id: int, dst_id: int, *, algorithm: str = "adler32",
+             mtime_tolerance_ns: int | None = 0, kinds: Iterable[str] = DIFFERENCE_KINDS,
+             prefix: str = "") -> Iterator[Difference]:
+        """Differences between two locations, computed in SQL over the unique
+        (location, path) index. `mtime_tolerance_ns=None` leaves mtimes out.
+        One Difference per path, the most significant kind first:
+        missing, extra, type, size, checksum, mtime."""
+        if algorithm not in CHECKSUM_COLUMNS:
+            raise ConfigError(f"unknown checksum algorithm {algorithm!r}")
+        kinds = set(kinds)
+        r, d = E.alias("r"), E.alias("d")
+        rc, dc = r.c[algorithm], d.c[algorithm]
+        live_r = and_(r.c.location_id == ref_id, r.c.deleted == False)  # noqa: E712
+        if prefix:
+            low, high = subtree_range(prefix)
+            live_r = and_(live_r, r.c.path >= low, r.c.path < high)
+        join_d = and_(d.c.location_id == dst_id, d.c.path == r.c.path,
+                      d.c.deleted == False)  # noqa: E712
+        conds = []
+        if "missing" in kinds:
+            conds.append(d.c.id.is_(None))
+        present = d.c.id.isnot(None)
+        if "type" in kinds:
+            conds.append(and_(present, d.c.kind != r.c.kind))
+        both_files = and_(present, r.c.kind == "f", d.c.kind == "f")
+        if "size" in kinds:
+            conds.append(and_(both_files, r.c.size != d.c.size))
+        if "checksum" in kinds:
+            conds.append(and_(both_files, rc.isnot(None), dc.isnot(None), rc != dc))
+        if "mtime" in kinds and mtime_tolerance_ns is not None:
+            conds.append(and_(both_files, func.abs(r.c.mtime_ns - d.c.mtime_ns) > mtime_tolerance_ns))
+        if "type" in kinds or "checksum" in kinds:
+            conds.append(and_(present, r.c.kind == "l", d.c.kind == "l",
+                              func.coalesce(r.c.link_target, "") != func.coalesce(d.c.link_target, "")))
+        side = lambda t, c: (t.c.kind, t.c.size, t.c.mtime_ns, c, t.c.link_target, t.c.mode)  # noqa: E731
+        with self.engine.connect() as conn:
+            if conds:
+                q = (select(r.c.path, *side(r, rc), d.c.id, *side(d, dc))
+                     .select_from(r.outerjoin(d, join_d)).where(live_r, or_(*conds))
+                     .order_by(r.c.path))
+                for row in conn.execution_options(yield_per=BATCH).execute(q):
+                    ref = Side(*row[1:7])
+                    dst = Side(*row[8:14]) if row[7] is not None else None
+                    kind = _classify(ref, dst, mtime_tolerance_ns, kinds)
+                    if kind:
+                        yield Difference(row[0], kind, ref, dst)
+            if "extra" in kinds:
+                live_d = and_(d.c.location_id == dst_id, d.c.deleted == False)  # noqa: E712
+                if prefix:
+                    low, high = subtree_range(prefix)
+                    live_d = and_(live_d, d.c.path >= low, d.c.path < high)
+                join_r = and_(r.c.location_id == ref_id, r.c.path == d.c.path,
+                              r.c.deleted == False)  # noqa: E712
+                q = (select(d.c.path, *side(d, dc)).select_from(d.outerjoin(r, join_r))
+                     .where(live_d, r.c.id.is_(None)).order_by(d.c.path))
+                for row in conn.execution_options(yield_per=BATCH).execute(q):
+                    yield Difference(row[0], "extra", None, Side(*row[1:]))
+
+    # -- runs ----------------------------------------------------------------------------------
+    def start_run(self, command: str, args: dict | None = None, pipeline: str | None = None) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(insert(R).values(
+                command=command, args=args, pipeline=pipeline, hostname=socket.gethostname(),
+                username=_username(), pid=os.getpid(), started_at=utcnow(),
+                status="running")).inserted_primary_key[0]
+
+    def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(R).where(R.c.id == run_id).values(
+                finished_at=utcnow(), status=status, error=error))
+
+    def record_stage(self, run_id: int, position: int, stage: str, stage_id: str | None,
+                     params: dict, status: str, counts: dict, errors: list,
+                     started_at: datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(S).values(
+                run_id=run_id, position=position, stage=stage, stage_id=stage_id,
+                params=params, status=status, counts=counts, errors=errors[:1000],
+                started_at=started_at, finished_at=utcnow()))
+
+    def runs(self, limit: int = 20) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(R).order_by(R.c.id.desc()).limit(limit)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def run_details(self, run_id: int) -> tuple[dict, list[dict]] | None:
+        with self.engine.connect() as conn:
+            run = conn.execute(select(R).where(R.c.id == run_id)).mappings().first()
+            if run is None:
+                return None
+            stages = conn.execute(select(S).where(S.c.run_id == run_id)
+                                  .order_by(S.c.position)).mappings().all()
+        return dict(run), [dict(s) for s in stages]
+
+
+def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> str | None:
+    if dst is None:
+        return "missing" if "missing" in kinds else None
+    if ref.kind != dst.kind:
+        return "type" if "type" in kinds else None
+    if ref.kind == "l":
+        if (ref.link_target or "") != (dst.link_target or ""):
+            return "type" if "type" in kinds else "checksum"
+        return None
+    if ref.kind != "f":
+        return None
+    if "size" in kinds and ref.size != dst.size:
+        return "size"
+    if ("checksum" in kinds and ref.checksum and dst.checksum
+            and ref.checksum != dst.checksum):
+        return "checksum"
+    if ("mtime" in kinds and tol is not None and ref.mtime_ns is not None
+            and dst.mtime_ns is not None and abs(ref.mtime_ns - dst.mtime_ns) > tol):
+        return "mtime"
+    return None
+
+
+def _username() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return None

@@ -1,0 +1,69 @@
+"""The exceptions castlib raises, each carrying one line a user can act on."""
+from __future__ import annotations
+
+
+class CastlibError(Exception):
+    """Base of every error castlib reports to the user as one line, without a traceback."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(super().__str__().split("\n"))
+
+
+class ConfigError(CastlibError):
+    """Bad input: a pipeline file, an option, a URL. Names the file, line and key when known."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 key: str | None = None):
+        self.file, self.line, self.key, self.message = file, line, key, message
+        where = ""
+        if file:
+            where = file + (f":{line}" if line else "")
+        if key:
+            where = f"{where}: {key}" if where else key
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class BackendUnavailable(CastlibError):
+    """A URL scheme whose optional dependency is not installed, or that nothing serves."""
+
+
+class StorageError(CastlibError):
+    """An operation on storage failed. `transient` errors are worth retrying."""
+
+    transient = False
+
+    def __init__(self, message: str, *, path: str | None = None):
+        self.path = path
+        super().__init__(message)
+
+
+class TransientStorageError(StorageError):
+    """A failure that may pass: a dropped connection, a timeout, a busy server."""
+
+    transient = True
+
+
+class NotFound(StorageError):
+    """The file or folder does not exist."""
+
+
+class LocationMissing(StorageError):
+    """The root of a location does not exist or cannot be reached."""
+
+
+class Unsupported(StorageError):
+    """The back-end cannot do this (e.g. set an mtime on XRootD)."""
+
+
+class VerificationFailed(StorageError):
+    """Bytes written do not match the bytes read: size or checksum mismatch."""
+
+
+class SafetyRefusal(CastlibError):
+    """castlib refused to act because acting could lose data; `--force` overrides where said."""
+
+
+class LockBusy(CastlibError):
+    """Another run holds the lock on a destination."""
