@@ -1,0 +1,4 @@
+"""Root pytest configuration: server fixtures live in tests/servers/, one module a server."""
+pytest_plugins = [
+    "tests.servers.common",
+]

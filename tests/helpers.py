@@ -1,0 +1,69 @@
+"""Helpers for tests: build file trees, run the castlib command, compare trees byte by byte."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def make_tree(root: Path | str, files: dict[str, bytes | str | None]) -> Path:
+    """Create files under root: {"a/b.dat": b"bytes", "empty/": None (a folder)}."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, content in files.items():
+        p = root / rel
+        if rel.endswith("/"):
+            p.mkdir(parents=True, exist_ok=True)
+            continue
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content.encode() if isinstance(content, str) else (content or b""))
+    return root
+
+
+def tree_digest(root: Path | str) -> dict[str, str]:
+    """{relative path: sha256 or 'dir' or 'link:target'} of a local tree, names as bytes-safe str."""
+    root = os.fsencode(str(root))
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.fsdecode(os.path.relpath(full, root))
+            if os.path.islink(full):
+                out[rel] = "link:" + os.fsdecode(os.readlink(full))
+            elif os.path.isdir(full):
+                out[rel] = "dir"
+            else:
+                with open(full, "rb") as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def run_cli(*args: str, db: str | None = None, env: dict | None = None, check: int | None = None,
+            input: str | None = None, cwd: str | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """Run `castlib [--db DB] ARGS...` in a subprocess, as a user would."""
+    cmd = [sys.executable, "-m", "castlib"]
+    if db:
+        cmd += ["--db", db]
+    cmd += list(args)
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, input=input,
+                          cwd=cwd, timeout=timeout)
+    if check is not None and proc.returncode != check:
+        raise AssertionError(f"castlib {' '.join(args)} exited {proc.returncode}, wanted {check}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object on the last non-empty line of a command's output."""
+    lines = [l for l in stdout.splitlines() if l.strip()]
+    return json.loads(lines[-1])
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(l) for l in stdout.splitlines() if l.strip()]
