@@ -1,0 +1,101 @@
+"""The Python API: index, diff, sync, verify and pipelines, as a notebook or the CLI calls them.
+
+    import castlib
+    report = castlib.sync("/data/cdr", "root://eos.example.org//eos/exp/cdr", transfers=8)
+    report.counts   # {'copied': 12, 'replaced': 0, 'deleted': 0, 'failed': 0, 'bytes': ...}
+
+Each call opens the catalog (`db` URL, else CASTLIB_DB, else the embedded SQLite file),
+records a run in it, and returns a RunReport. Bad input and refusals raise CastlibError.
+"""
+from __future__ import annotations
+
+from typing import Iterable, TextIO
+
+from .catalog import Catalog
+from .pipeline import Pipeline, RunReport
+
+
+def open_catalog(db: str | Catalog | None = None) -> Catalog:
+    return db if isinstance(db, Catalog) else Catalog(db)
+
+
+def _run(pipeline: Pipeline, db, command: str, args: dict, **run_options) -> RunReport:
+    catalog = open_catalog(db)
+    try:
+        return pipeline.run(catalog, command=command, args=args, **run_options)
+    finally:
+        if not isinstance(db, Catalog):
+            catalog.close()
+
+
+def index(location: str, *, db=None, checksum: str | None = None, only: Iterable[str] = (),
+          ignore: Iterable[str] = (), rehash: bool = False, force: bool = False,
+          **run_options) -> RunReport:
+    """List a location into the catalog; `checksum` also computes that checksum."""
+    params = {"location": location, "checksum": checksum, "only": list(only),
+              "ignore": list(ignore), "rehash": rehash, "force": force}
+    return _run(Pipeline.from_stages([("index", params)]), db, "index", params, **run_options)
+
+
+def diff(ref: str, dst: str, *, db=None, checksum: str = "adler32", mtime_tolerance: float = 0,
+         index: bool = True, force: bool = False, **run_options) -> RunReport:
+    """Differences between two locations; `report.value.differences` lists them.
+    Both locations are re-listed first unless index=False (catalog only)."""
+    stages = []
+    if index:
+        stages += [("index", {"location": ref, "force": force}),
+                   ("index", {"location": dst, "force": force, "missing_ok": True})]
+    stages.append(("diff", {"id": "diff", "ref": ref, "dst": dst, "checksum": checksum,
+                            "mtime_tolerance": mtime_tolerance}))
+    args = {"ref": ref, "dst": dst, "checksum": checksum, "mtime_tolerance": mtime_tolerance,
+            "index": index}
+    return _run(Pipeline.from_stages(stages), db, "diff", args, force=force, **run_options)
+
+
+def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = False,
+         max_delete: int | None = None, replace: bool = True, checksum: str = "adler32",
+         transfers: int = 4, index: str = "both", force: bool = False, retries: int = 3,
+         mtime_tolerance: float = 0, **run_options) -> RunReport:
+    """Make `dst` match `ref`. index: "both" re-lists both sides, "ref" trusts the catalog
+    for the destination, "none" trusts it for both."""
+    if index not in ("both", "ref", "none"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"index must be both, ref or none, not {index!r}", key="index")
+    stages = []
+    if index in ("both", "ref"):
+        stages.append(("index", {"location": ref, "force": force}))
+    if index == "both":
+        stages.append(("index", {"location": dst, "force": force, "missing_ok": True}))
+    stages.append(("diff", {"id": "plan", "ref": ref, "dst": dst, "checksum": checksum,
+                            "mtime_tolerance": mtime_tolerance}))
+    stages.append(("sync", {"from": "plan", "delete": delete, "max_delete": max_delete,
+                            "replace": replace, "transfers": transfers, "retries": retries,
+                            "dry_run": dry_run}))
+    args = {"ref": ref, "dst": dst, "dry_run": dry_run, "delete": delete,
+            "max_delete": max_delete, "replace": replace, "checksum": checksum,
+            "transfers": transfers, "index": index, "force": force}
+    return _run(Pipeline.from_stages(stages), db, "sync", args, dry_run=dry_run, force=force,
+                **run_options)
+
+
+def verify(location: str, *, db=None, checksum: str = "adler32", prefix: str = "",
+           **run_options) -> RunReport:
+    """Re-read a location's files and compare them with the catalog's checksums."""
+    params = {"location": location, "checksum": checksum, "prefix": prefix}
+    return _run(Pipeline.from_stages([("verify", params)]), db, "verify", params, **run_options)
+
+
+def run_pipeline(path: str, *, db=None, dry_run: bool = False, force: bool = False,
+                 **run_options) -> RunReport:
+    """Validate the YAML pipeline at `path`, then run it."""
+    from .config import load_user_config
+
+    user_config = load_user_config()
+    pipeline = Pipeline.from_file(path, user_config)
+    return _run(pipeline, db, "run", {"pipeline": path, "dry_run": dry_run}, dry_run=dry_run,
+                force=force, user_config=user_config, **run_options)
+
+
+__all__ = ["index", "diff", "sync", "verify", "run_pipeline", "open_catalog", "RunReport",
+           "Pipeline", "Catalog"]

@@ -1,0 +1,318 @@
+"""The castlib command: argument parsing and output, over the Python API in castlib.api."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="castlib",
+        description="Keep file trees in sync across storage back-ends through an SQL catalog.",
+        epilog="Exit codes: 0 done / identical, 1 some items failed or differ, 2 usage, "
+               "configuration error or refusal.")
+    p.add_argument("--db", metavar="URL",
+                   help="catalog database URL (default: $CASTLIB_DB, else an SQLite file in "
+                        "the user data directory); postgresql://user@host/db for a shared one")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="no progress and no summary; errors only")
+    p.add_argument("--version", action="version", version=f"castlib {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("index", help="list a location into the catalog")
+    c.add_argument("location")
+    c.add_argument("--checksum", metavar="ALGO", help="also compute adler32, md5 or sha256")
+    c.add_argument("--only", metavar="GLOB", action="append", default=[],
+                   help="include only files matching (repeatable)")
+    c.add_argument("--ignore", metavar="GLOB", action="append", default=[],
+                   help="leave out entries matching (repeatable)")
+    c.add_argument("--rehash", action="store_true", help="recompute checksums already known")
+    c.add_argument("--force", action="store_true",
+                   help="accept an empty listing of a location the catalog knew with files")
+
+    c = sub.add_parser("diff", help="compare two locations (exit 1 when they differ)")
+    c.add_argument("ref")
+    c.add_argument("dst")
+    c.add_argument("--checksum", metavar="ALGO", default="adler32")
+    c.add_argument("--mtime-tolerance", metavar="S", type=float, default=0.0,
+                   help="seconds mtimes may differ by")
+    c.add_argument("--json", action="store_true", help="JSON Lines, one per difference")
+    c.add_argument("--no-index", action="store_true", help="use the catalog as it is")
+    c.add_argument("--force", action="store_true", help="accept empty listings")
+
+    c = sub.add_parser("sync", help="make DST match REF, verifying every copy")
+    c.add_argument("ref")
+    c.add_argument("dst")
+    c.add_argument("--dry-run", action="store_true", help="print what would be done")
+    c.add_argument("--delete", action="store_true", help="delete what REF does not have")
+    c.add_argument("--max-delete", metavar="N", type=int,
+                   help="refuse to run if more than N deletions are needed")
+    c.add_argument("--no-replace", action="store_true", help="keep differing DST files")
+    c.add_argument("--checksum", metavar="ALGO", default="adler32")
+    c.add_argument("--transfers", metavar="N", type=int, default=4, help="parallel copies")
+    c.add_argument("--index", choices=("both", "ref", "none"), default="both",
+                   help="what to re-list first (ref: trust the catalog for DST)")
+    c.add_argument("--force", action="store_true",
+                   help="act even if the reference lists empty where files were")
+    c.add_argument("--json", action="store_true", help="last line: JSON object of counts")
+
+    c = sub.add_parser("verify", help="re-read files and compare with the catalog")
+    c.add_argument("location")
+    c.add_argument("--checksum", metavar="ALGO", default="adler32")
+    c.add_argument("--json", action="store_true", help="JSON Lines, one per problem")
+
+    c = sub.add_parser("run", help="run a YAML pipeline")
+    c.add_argument("pipeline")
+    c.add_argument("--dry-run", action="store_true")
+    c.add_argument("--force", action="store_true")
+
+    sub.add_parser("stages", help="list the stages a pipeline can use")
+    sub.add_parser("backends", help="list the URL schemes and what each can do")
+    c = sub.add_parser("ls", help="list a location (or a folder of it) from the catalog")
+    c.add_argument("location")
+    c.add_argument("--deleted", action="store_true", help="include vanished entries")
+    sub.add_parser("locations", help="list the locations in the catalog")
+    c = sub.add_parser("runs", help="list recent runs, or show one")
+    c.add_argument("action", nargs="?", choices=("show",))
+    c.add_argument("run_id", nargs="?", type=int)
+    c.add_argument("--limit", type=int, default=20)
+    c = sub.add_parser("db", help="catalog database: info, upgrade")
+    c.add_argument("action", choices=("info", "upgrade"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="castlib: %(levelname)s: %(message)s")
+    from .errors import CastlibError
+    from .location import redact
+
+    try:
+        return COMMANDS[args.command](args)
+    except CastlibError as exc:
+        print(f"castlib: error: {redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("castlib: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # a bug: one line, the traceback only with -v
+        if args.verbose:
+            raise
+        print(f"castlib: internal error: {type(exc).__name__}: {redact(str(exc))} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _common(args) -> dict:
+    return {"db": args.db, "quiet": args.quiet}
+
+
+def cmd_index(args) -> int:
+    from . import api
+
+    report = api.index(args.location, checksum=args.checksum, only=args.only,
+                       ignore=args.ignore, rehash=args.rehash, force=args.force, **_common(args))
+    return report.exit_code
+
+
+def cmd_diff(args) -> int:
+    from . import api
+
+    report = api.diff(args.ref, args.dst, checksum=args.checksum,
+                      mtime_tolerance=args.mtime_tolerance, index=not args.no_index,
+                      force=args.force, **_common(args))
+    differences = report.value.differences
+    out = sys.stdout
+    for d in differences:
+        if args.json:
+            out.write(json.dumps(d.as_dict(), ensure_ascii=False) + "\n")
+        else:
+            out.write(f"{d.kind:<9} {d.path}\n")
+    return max(report.exit_code, EXIT_DIFFERENT if differences else EXIT_OK)
+
+
+def cmd_sync(args) -> int:
+    from . import api
+
+    report = api.sync(args.ref, args.dst, dry_run=args.dry_run, delete=args.delete,
+                      max_delete=args.max_delete, replace=not args.no_replace,
+                      checksum=args.checksum, transfers=args.transfers, index=args.index,
+                      force=args.force, **_common(args))
+    if args.json:
+        print(json.dumps(report.counts))
+    return report.exit_code
+
+
+def cmd_verify(args) -> int:
+    from . import api
+
+    report = api.verify(args.location, checksum=args.checksum, **_common(args))
+    for problem in report.value.problems:
+        if args.json:
+            print(json.dumps(problem.as_dict(), ensure_ascii=False))
+        else:
+            print(f"{problem.kind:<10} {problem.path}: {problem.detail}")
+    return report.exit_code
+
+
+def cmd_run(args) -> int:
+    from . import api
+
+    report = api.run_pipeline(args.pipeline, dry_run=args.dry_run, force=args.force,
+                              **_common(args))
+    return report.exit_code
+
+
+def cmd_stages(args) -> int:
+    from .stages import stage_class, stage_names
+
+    for name in stage_names():
+        cls = stage_class(name)
+        print(f"{name:<8} {cls.description}")
+        for pname, f in cls.Params.model_fields.items():
+            label = f.alias or pname
+            default = "required" if f.is_required() else f"default {_show_default(f)}"
+            print(f"    {label:<16} {f.description or ''} ({default})")
+    return EXIT_OK
+
+
+def _show_default(field) -> str:
+    value = field.get_default(call_default_factory=True)
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def cmd_backends(args) -> int:
+    from .backends import backend_class, is_available, registry
+    from .errors import BackendUnavailable
+
+    seen = set()
+    for scheme, spec in sorted(registry().items()):
+        available = is_available(spec)
+        line = f"{scheme + '://':<12}"
+        if not available:
+            print(f"{line} not installed: pip install 'castlib[{spec.extra}]'")
+            continue
+        try:
+            cls = backend_class(scheme)
+        except BackendUnavailable as exc:
+            print(f"{line} unavailable: {exc}")
+            continue
+        caps = getattr(cls, "capabilities_for", None)
+        caps = caps(scheme) if caps else cls.capabilities
+        flags = [k for k, v in caps.as_dict().items() if v is True]
+        sums = ",".join(sorted(caps.server_checksums)) or "-"
+        print(f"{line} {cls.description or cls.__name__}; server checksums: {sums}; "
+              f"mtime precision {caps.mtime_precision_ns / 1e9:g} s; {' '.join(flags)}")
+        seen.add(cls)
+    return EXIT_OK
+
+
+def cmd_ls(args) -> int:
+    from .catalog import Catalog
+    from .catalog.paths import to_catalog
+    from .errors import ConfigError
+    from .location import parse_location
+
+    catalog = Catalog(args.db)
+    loc = catalog.find_location(args.location)
+    prefix = ""
+    if loc is None:
+        target = str(parse_location(args.location))
+        for known in sorted(catalog.locations(), key=lambda r: -len(r["url"])):
+            if target.startswith(known["url"].rstrip("/") + "/"):
+                loc = catalog.find_location(known["url"])
+                prefix = to_catalog(target[len(known["url"].rstrip("/")) + 1:])
+                break
+    if loc is None:
+        raise ConfigError(f"no location in the catalog holds {args.location!r} "
+                          "(castlib locations lists them)")
+    from datetime import datetime, timezone
+
+    for e in catalog.entries(loc.id, prefix, include_deleted=args.deleted):
+        mtime = (datetime.fromtimestamp(e["mtime_ns"] / 1e9, timezone.utc)
+                 .strftime("%Y-%m-%d %H:%M:%S") if e["mtime_ns"] is not None else "-")
+        kind = {"f": "-", "d": "d", "l": "l"}[e["kind"]]
+        mark = " (deleted)" if e["deleted"] else ""
+        size = e["size"] if e["size"] is not None else "-"
+        print(f"{kind} {size:>14} {mtime} {e['adler32'] or '-':>8} {e['path']}{mark}")
+    return EXIT_OK
+
+
+def cmd_locations(args) -> int:
+    from .catalog import Catalog
+    from .progress import human_bytes
+
+    for r in Catalog(args.db).locations():
+        when = r["indexed_at"].strftime("%Y-%m-%d %H:%M") if r["indexed_at"] else "never"
+        print(f"{r['id']:>4} {r['name'] or '-':<12} {r['files']:>10} files {r['dirs']:>8} dirs "
+              f"{human_bytes(r['bytes']):>10}  indexed {when}  {r['url']}")
+    return EXIT_OK
+
+
+def cmd_runs(args) -> int:
+    from .catalog import Catalog
+    from .errors import ConfigError
+
+    catalog = Catalog(args.db)
+    if args.action == "show":
+        if args.run_id is None:
+            raise ConfigError("runs show needs a run id")
+        details = catalog.run_details(args.run_id)
+        if details is None:
+            raise ConfigError(f"no run with id {args.run_id}")
+        run, stages = details
+        print(f"run {run['id']}: {run['command']} {json.dumps(run['args'])}")
+        print(f"  {run['status']}, started {run['started_at']}, finished {run['finished_at']}, "
+              f"on {run['hostname']} by {run['username']}")
+        if run["error"]:
+            print(f"  error: {run['error']}")
+        for s in stages:
+            took = (s["finished_at"] - s["started_at"]).total_seconds() if s["finished_at"] else 0
+            print(f"  stage {s['position'] + 1} {s['stage']}"
+                  f"{' (' + s['stage_id'] + ')' if s['stage_id'] else ''}: {s['status']} "
+                  f"in {took:.1f} s {json.dumps(s['counts'])}")
+            for e in (s["errors"] or [])[:20]:
+                print(f"    {e}")
+        return EXIT_OK
+    for r in catalog.runs(args.limit):
+        took = ((r["finished_at"] - r["started_at"]).total_seconds()
+                if r["finished_at"] else None)
+        print(f"{r['id']:>5} {r['started_at']:%Y-%m-%d %H:%M:%S} {r['command']:<7} "
+              f"{r['status']:<8} {'' if took is None else f'{took:.1f} s'}")
+    return EXIT_OK
+
+
+def cmd_db(args) -> int:
+    from .catalog import Catalog
+    from .location import redact
+
+    catalog = Catalog(args.db)
+    if args.action == "upgrade":
+        if catalog.upgraded_from != catalog.revision:
+            print(f"catalog upgraded from {catalog.upgraded_from or 'empty'} to {catalog.revision}")
+        else:
+            print(f"catalog is at the newest schema, {catalog.revision}")
+        return EXIT_OK
+    locations = catalog.locations()
+    print(f"database: {redact(str(catalog.engine.url))}")
+    print(f"schema version: {catalog.revision}")
+    print(f"locations: {len(locations)}")
+    print(f"entries (live files): {sum(r['files'] for r in locations)}")
+    return EXIT_OK
+
+
+COMMANDS = {"index": cmd_index, "diff": cmd_diff, "sync": cmd_sync, "verify": cmd_verify,
+            "run": cmd_run, "stages": cmd_stages, "backends": cmd_backends, "ls": cmd_ls,
+            "locations": cmd_locations, "runs": cmd_runs, "db": cmd_db}

@@ -1,0 +1,81 @@
+"""The user's configuration file: back-end options (credentials, endpoints) by URL prefix.
+
+    # ~/.config/castlib/config.yaml  (or the file named by CASTLIB_CONFIG)
+    storage:
+      "s3://cdr-archive":            {endpoint_url: "https://s3.example.org"}
+      "sftp://na64@archive.example": {client_keys: ["~/.ssh/id_ed25519"]}
+    locations:
+      daq: /data/cdr
+      archive: root://eos.example.org//eos/exp/cdr
+
+Options apply to every location whose URL starts with the key (the longest key wins).
+Secrets belong here or in the environment, never in the catalog: the catalog stores URLs
+without credentials.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .location import LocationURL, parse_location
+
+
+@dataclass
+class UserConfig:
+    path: str | None = None
+    storage: dict[str, dict] = field(default_factory=dict)
+    locations: dict[str, str] = field(default_factory=dict)
+
+    def options_for(self, url: LocationURL) -> dict:
+        """Back-end options for a URL: the entry with the longest matching prefix."""
+        target = str(url)
+        best, best_len = {}, -1
+        for prefix, options in self.storage.items():
+            try:
+                key = str(parse_location(prefix))
+            except ConfigError:
+                key = prefix
+            if (target == key or target.startswith(key.rstrip("/") + "/")) and len(key) > best_len:
+                best, best_len = options, len(key)
+        return dict(best)
+
+
+def config_path() -> Path:
+    env = os.environ.get("CASTLIB_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("castlib", appauthor=False)) / "config.yaml"
+
+
+def load_user_config() -> UserConfig:
+    path = config_path()
+    if not path.is_file():
+        if os.environ.get("CASTLIB_CONFIG"):
+            raise ConfigError("configuration file does not exist", file=str(path))
+        return UserConfig()
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"malformed YAML: {getattr(exc, 'problem', exc)}", file=str(path),
+                          line=mark.line + 1 if mark else None) from None
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping with 'storage' and 'locations'", file=str(path))
+    unknown = set(data) - {"storage", "locations"}
+    if unknown:
+        raise ConfigError("unknown key (expected storage, locations)", file=str(path),
+                          key=sorted(unknown)[0])
+    storage = data.get("storage") or {}
+    locations = data.get("locations") or {}
+    if not isinstance(storage, dict) or not all(isinstance(v, dict) for v in storage.values()):
+        raise ConfigError("'storage' must map URL prefixes to option mappings", file=str(path),
+                          key="storage")
+    if not isinstance(locations, dict) or not all(isinstance(v, str) for v in locations.values()):
+        raise ConfigError("'locations' must map names to URLs", file=str(path), key="locations")
+    return UserConfig(str(path), storage, locations)

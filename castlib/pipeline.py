@@ -1,0 +1,310 @@
+"""Pipelines: a YAML list of stages over named locations, validated whole before anything runs."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from .catalog import Catalog
+from .config import UserConfig, load_user_config
+from .errors import CastlibError, ConfigError
+from .location import parse_location, redact
+from .stages import RunContext, Stage, StageOutcome, stage_class
+from .stages.base import StageParams
+
+TOP_LEVEL_KEYS = ("name", "description", "locations", "stages")
+
+
+@dataclass
+class StageSpec:
+    """One validated stage of a pipeline: its class, parameters and where it was written."""
+
+    cls: type[Stage]
+    params: StageParams
+    position: int
+    line: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.params.id or f"{self.cls.name}#{self.position + 1}"
+
+
+@dataclass
+class StageRun:
+    spec: StageSpec
+    outcome: StageOutcome
+
+
+@dataclass
+class RunReport:
+    """What a run did: one outcome per stage that ran, the run's id in the catalog."""
+
+    run_id: int | None
+    stages: list[StageRun] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return max((s.outcome.exit_code for s in self.stages), default=0)
+
+    @property
+    def last(self) -> StageOutcome | None:
+        return self.stages[-1].outcome if self.stages else None
+
+    @property
+    def counts(self) -> dict:
+        return self.last.counts if self.last else {}
+
+    @property
+    def value(self) -> Any:
+        return self.last.value if self.last else None
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for s in self.stages for e in s.outcome.errors]
+
+
+@dataclass
+class Pipeline:
+    stages: list[StageSpec]
+    locations: dict[str, str] = field(default_factory=dict)
+    location_options: dict[str, dict] = field(default_factory=dict)
+    source: str | None = None        # the file it came from
+    text: str | None = None          # the YAML, kept in the run record
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str, user_config: UserConfig | None = None) -> "Pipeline":
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read pipeline: {exc.strerror}", file=path) from None
+        except UnicodeDecodeError:
+            raise ConfigError("pipeline is not UTF-8 text", file=path) from None
+        return cls.from_yaml(text, source=path, user_config=user_config)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str | None = None,
+                  user_config: UserConfig | None = None) -> "Pipeline":
+        data, lines = _load_yaml_with_lines(text, source)
+        err = _Errors(source, lines)
+        if not isinstance(data, dict):
+            raise err.at((), "a pipeline is a mapping with 'locations' and 'stages'")
+        for key in data:
+            if key not in TOP_LEVEL_KEYS:
+                raise err.at((key,), f"unknown key (expected one of {', '.join(TOP_LEVEL_KEYS)})",
+                             key=str(key))
+        locations, options = {}, {}
+        raw_locations = data.get("locations") or {}
+        if not isinstance(raw_locations, dict):
+            raise err.at(("locations",), "must map names to URLs", key="locations")
+        for name, value in raw_locations.items():
+            key = f"locations.{name}"
+            url = value
+            if isinstance(value, dict):
+                extra = set(value) - {"url", "options"}
+                if extra or "url" not in value:
+                    raise err.at(("locations", name), "a location is a URL or {url, options}",
+                                 key=key)
+                url = value["url"]
+                if not isinstance(value.get("options") or {}, dict):
+                    raise err.at(("locations", name, "options"), "options must be a mapping",
+                                 key=f"{key}.options")
+                options[str(name)] = dict(value.get("options") or {})
+            if not isinstance(url, str):
+                raise err.at(("locations", name), "a location is a URL or a path", key=key)
+            try:
+                parse_location(url)
+            except ConfigError as exc:
+                raise err.at(("locations", name), exc.message, key=key) from None
+            locations[str(name)] = url
+        raw_stages = data.get("stages")
+        if not isinstance(raw_stages, list) or not raw_stages:
+            raise err.at(("stages",), "expected a non-empty list of stages", key="stages")
+        specs = []
+        for i, item in enumerate(raw_stages):
+            if not isinstance(item, dict) or len(item) != 1:
+                raise err.at(("stages", i), "each stage is a one-key mapping like "
+                             "'- index: {location: daq}'", key=f"stages[{i}]")
+            (name, params), = item.items()
+            specs.append(_stage_spec(str(name), params, i, err))
+        pipeline = cls(specs, locations, options, source, text)
+        pipeline.check_references(user_config or UserConfig(), err)
+        return pipeline
+
+    @classmethod
+    def from_stages(cls, stages: list[tuple[str, dict]], locations: dict[str, str] | None = None
+                    ) -> "Pipeline":
+        """A pipeline built in code (what the CLI's commands do)."""
+        err = _Errors(None, {})
+        specs = [_stage_spec(name, params, i, err) for i, (name, params) in enumerate(stages)]
+        return cls(specs, dict(locations or {}))
+
+    def check_references(self, user_config: UserConfig, err: "_Errors") -> None:
+        """Every location parameter names a known location or is a URL/absolute path;
+        every `from` names an earlier stage's id; ids are unique."""
+        ids: set[str] = set()
+        for spec in self.stages:
+            params = spec.params
+            for pname in spec.cls.location_params:
+                value = getattr(params, pname)
+                if value in self.locations or value in user_config.locations:
+                    continue
+                if "://" in value or value.startswith(("/", "./", "../", "~")):
+                    continue
+                raise err.at(("stages", spec.position, spec.cls.name, pname),
+                             f"unknown location {value!r} (define it under 'locations:')",
+                             key=f"stages[{spec.position}].{spec.cls.name}.{pname}")
+            for pname in spec.cls.reads_results:
+                value = getattr(params, pname)
+                alias = spec.cls.Params.model_fields[pname].alias or pname
+                if value not in ids:
+                    raise err.at(("stages", spec.position, spec.cls.name, alias),
+                                 f"no earlier stage has id {value!r}",
+                                 key=f"stages[{spec.position}].{spec.cls.name}.{alias}")
+            if params.id:
+                if params.id in ids:
+                    raise err.at(("stages", spec.position, spec.cls.name, "id"),
+                                 f"duplicate id {params.id!r}",
+                                 key=f"stages[{spec.position}].{spec.cls.name}.id")
+                ids.add(params.id)
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self, catalog: Catalog, *, command: str = "run", args: dict | None = None,
+            dry_run: bool = False, force: bool = False, quiet: bool = True,
+            out: TextIO | None = None, err: TextIO | None = None,
+            user_config: UserConfig | None = None, retry_backoff_s: float = 1.0) -> RunReport:
+        """Run the stages in order, recording the run and each stage in the catalog. A
+        stage that raises stops the pipeline; the error is recorded, then re-raised."""
+        ctx = RunContext(
+            catalog=catalog, dry_run=dry_run, force=force, quiet=quiet,
+            locations=self.locations, location_options=self.location_options,
+            user_config=user_config if user_config is not None else load_user_config(),
+            base_dir=os.path.dirname(os.path.abspath(self.source)) if self.source else os.getcwd(),
+            out=out or sys.stdout, err=err or sys.stderr, retry_backoff_s=retry_backoff_s)
+        report = RunReport(catalog.start_run(command, args, self.text))
+        ctx.run_id = report.run_id
+        from .catalog.queries import utcnow
+
+        try:
+            for spec in self.stages:
+                started = utcnow()
+                try:
+                    outcome = spec.cls(spec.params, ctx).run()
+                except CastlibError as exc:
+                    catalog.record_stage(report.run_id, spec.position, spec.cls.name,
+                                         spec.params.id, _params_record(spec), "error", {},
+                                         [redact(str(exc))], started)
+                    raise
+                catalog.record_stage(report.run_id, spec.position, spec.cls.name,
+                                     spec.params.id, _params_record(spec),
+                                     "failed" if outcome.exit_code else "ok", outcome.counts,
+                                     [redact(e) for e in outcome.errors], started)
+                if spec.params.id:
+                    ctx.results[spec.params.id] = outcome.value
+                report.stages.append(StageRun(spec, outcome))
+                _print_outcome(outcome, ctx.err, quiet)
+        except CastlibError as exc:
+            catalog.finish_run(report.run_id, "error", redact(str(exc)))
+            raise
+        except BaseException as exc:
+            catalog.finish_run(report.run_id, "error", f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            ctx.close()
+        catalog.finish_run(report.run_id, "failed" if report.exit_code else "ok")
+        return report
+
+
+MAX_ERRORS_SHOWN = 50
+
+
+def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool) -> None:
+    for line in outcome.errors[:MAX_ERRORS_SHOWN]:
+        print(f"castlib: {redact(line)}", file=err)
+    if len(outcome.errors) > MAX_ERRORS_SHOWN:
+        print(f"castlib: ... and {len(outcome.errors) - MAX_ERRORS_SHOWN} more (castlib runs show)",
+              file=err)
+    if outcome.summary and not quiet:
+        print(outcome.summary, file=err)
+
+
+def _params_record(spec: StageSpec) -> dict:
+    return spec.params.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
+
+def _stage_spec(name: str, params: Any, position: int, err: "_Errors") -> StageSpec:
+    path = ("stages", position, name)
+    try:
+        cls = stage_class(name)
+    except ConfigError as exc:
+        raise err.at(("stages", position), exc.message, key=f"stages[{position}]") from None
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise err.at(path, "stage parameters must be a mapping", key=f"stages[{position}].{name}")
+    try:
+        model = cls.Params.model_validate(params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        key = ".".join(str(x) for x in loc)
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(f.alias or n for n, f in cls.Params.model_fields.items())
+            msg = f"unknown parameter (known: {known})"
+        elif first["type"] == "missing":
+            msg = "required parameter is missing"
+        raise err.at(path + loc[:1], msg, key=f"stages[{position}].{name}.{key}") from None
+    return StageSpec(cls, model, position, err.line(path))
+
+
+class _Errors:
+    """Builds ConfigErrors that name the pipeline file and the line of a key."""
+
+    def __init__(self, source: str | None, lines: dict[tuple, int]):
+        self.source, self.lines = source, lines
+
+    def line(self, path: tuple) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+    def at(self, path: tuple, message: str, key: str | None = None) -> ConfigError:
+        return ConfigError(message, file=self.source or "<pipeline>", line=self.line(path), key=key)
+
+
+def _load_yaml_with_lines(text: str, source: str | None) -> tuple[Any, dict[tuple, int]]:
+    """The YAML data, and the 1-based line of every mapping key and list item by path."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"malformed YAML: {problem}", file=source or "<pipeline>",
+                          line=mark.line + 1 if mark else None) from None
+    lines: dict[tuple, int] = {}
+
+    def walk(n, path):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = k.value
+                lines[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    if node is not None:
+        lines[()] = node.start_mark.line + 1
+        walk(node, ())
+    return data, lines

@@ -1,0 +1,42 @@
+"""Stages by name: the built-in ones and those that plugins add through entry points."""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import ConfigError
+from .base import RunContext, Stage, StageOutcome, StageParams
+
+ENTRY_POINT_GROUP = "castlib.stages"
+
+_BUILTIN = {
+    "index": "castlib.stages.index:IndexStage",
+    "diff": "castlib.stages.diff:DiffStage",
+    "sync": "castlib.stages.sync:SyncStage",
+    "verify": "castlib.stages.verify:VerifyStage",
+    "report": "castlib.stages.report:ReportStage",
+}
+
+
+def stage_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    names = dict.fromkeys(_BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        names.setdefault(ep.name)
+    return list(names)
+
+
+def stage_class(name: str) -> type[Stage]:
+    target = _BUILTIN.get(name)
+    if target is None:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == name:
+                return ep.load()
+        raise ConfigError(f"unknown stage {name!r} (known: {', '.join(stage_names())})")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["Stage", "StageOutcome", "StageParams", "RunContext", "stage_class", "stage_names"]

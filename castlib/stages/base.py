@@ -1,0 +1,129 @@
+"""What every stage is: a parameter model, a run() over a shared RunContext, an outcome."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TextIO
+
+from pydantic import BaseModel, ConfigDict
+
+from ..backends import Backend, open_backend
+from ..catalog import Catalog, LocationRecord
+from ..config import UserConfig
+from ..errors import ConfigError
+from ..location import LocationURL, parse_location
+from ..progress import Progress
+
+
+class StageParams(BaseModel):
+    """Parameters common to every stage. `id` names the stage's result for later stages."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    id: str | None = None
+
+
+@dataclass
+class StageOutcome:
+    """What a stage did: counts for the run record, per-item errors, and a result value
+    (a diff's differences, an index's leftovers) that later stages read by id."""
+
+    counts: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    value: Any = None
+    summary: str = ""
+    exit_code: int = 0           # 1: some items failed or differ, as the stage defines it
+
+
+@dataclass
+class ResolvedLocation:
+    name: str | None
+    url: LocationURL
+    options: dict
+    record: LocationRecord
+
+
+@dataclass
+class RunContext:
+    """Everything a stage may use: the catalog, the run, named locations, earlier results."""
+
+    catalog: Catalog
+    run_id: int | None = None
+    dry_run: bool = False
+    force: bool = False
+    quiet: bool = False
+    locations: dict[str, str] = field(default_factory=dict)     # name -> URL text
+    location_options: dict[str, dict] = field(default_factory=dict)
+    user_config: UserConfig = field(default_factory=UserConfig)
+    results: dict[str, Any] = field(default_factory=dict)        # stage id -> value
+    index_results: dict[int, Any] = field(default_factory=dict)  # location id -> IndexResult
+    base_dir: str = "."
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+    retries: int = 3
+    retry_backoff_s: float = 1.0
+    _backends: dict[str, Backend] = field(default_factory=dict)
+
+    def resolve(self, text: str) -> ResolvedLocation:
+        """A location by pipeline name, configured name, catalog name, or URL/path."""
+        name = None
+        if text in self.locations:
+            name, url_text = text, self.locations[text]
+        elif text in self.user_config.locations:
+            name, url_text = text, self.user_config.locations[text]
+        else:
+            url_text = text
+            if "://" not in text and not text.startswith(("/", ".", "~")):
+                known = self.catalog.find_location(text)
+                if known is not None and known.name == text:
+                    name, url_text = text, known.url
+        url = parse_location(url_text)
+        options = self.user_config.options_for(url)
+        if name and name in self.location_options:
+            options.update(self.location_options[name])
+        record = self.catalog.location(url, name=name)
+        return ResolvedLocation(name, url, options, record)
+
+    def backend(self, location: ResolvedLocation) -> Backend:
+        """One back-end object per location for the whole run (connections are reused)."""
+        key = location.record.url
+        if key not in self._backends:
+            self._backends[key] = open_backend(location.url, location.options)
+        return self._backends[key]
+
+    def progress(self, label: str, total_files: int = 0, total_bytes: int = 0) -> Progress:
+        enabled = not self.quiet and hasattr(self.err, "isatty") and self.err.isatty()
+        return Progress(label, total_files, total_bytes, enabled=enabled, stream=self.err)
+
+    def result(self, stage_id: str, wanted: type, key: str = "from") -> Any:
+        if stage_id not in self.results:
+            raise ConfigError(f"no earlier stage has id {stage_id!r}", key=key)
+        value = self.results[stage_id]
+        if not isinstance(value, wanted):
+            raise ConfigError(f"stage {stage_id!r} does not produce what this stage reads",
+                              key=key)
+        return value
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            try:
+                backend.close()
+            except Exception:  # closing is best effort at the end of a run
+                pass
+        self._backends.clear()
+
+
+class Stage:
+    """A step of a pipeline. Subclasses set name, description and Params, and run()."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[StageParams]] = StageParams
+    location_params: ClassVar[tuple[str, ...]] = ()   # parameters that name locations
+    reads_results: ClassVar[tuple[str, ...]] = ()     # parameters that name earlier ids
+
+    def __init__(self, params: StageParams, context: RunContext):
+        self.params = params
+        self.context = context
+
+    def run(self) -> StageOutcome:
+        raise NotImplementedError

@@ -1,0 +1,74 @@
+"""diff: compare a reference and a destination location in the catalog, in SQL."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field
+
+from ..catalog import DIFFERENCE_KINDS, Difference
+from ..checksum import ALGORITHMS
+from .base import ResolvedLocation, Stage, StageOutcome, StageParams
+
+DifferenceKind = Literal[DIFFERENCE_KINDS]  # type: ignore[valid-type]
+
+
+class DiffParams(StageParams):
+    ref: str = Field(description="reference location (name or URL)")
+    dst: str = Field(description="destination location (name or URL)")
+    checksum: Literal[ALGORITHMS] = Field(  # type: ignore[valid-type]
+        "adler32", description="checksum algorithm compared where both sides have one")
+    mtime_tolerance: float = Field(
+        0.0, ge=0, description="seconds two mtimes may differ by (storage may keep minutes only)")
+    kinds: list[DifferenceKind] = Field(default_factory=lambda: list(DIFFERENCE_KINDS),
+                                        description="which kinds of difference to report")
+
+
+@dataclass
+class DiffResult:
+    """The differences between two locations, as a later sync or report reads them."""
+
+    ref: ResolvedLocation
+    dst: ResolvedLocation
+    algorithm: str
+    mtime_tolerance_ns: int | None
+    differences: list[Difference] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(d.kind for d in self.differences)
+        return {k: c.get(k, 0) for k in DIFFERENCE_KINDS}
+
+
+def effective_mtime_tolerance(user_s: float, ref_backend, dst_backend) -> int | None:
+    """Mtimes are compared only where the destination can set them (a difference it could
+    never fix is noise), and never finer than either side keeps them."""
+    if not dst_backend.capabilities.set_mtime:
+        return None
+    precision = max(ref_backend.capabilities.mtime_precision_ns,
+                    dst_backend.capabilities.mtime_precision_ns)
+    return max(int(user_s * 1e9), precision - 1 if precision > 1 else 0)
+
+
+class DiffStage(Stage):
+    name = "diff"
+    description = "compare two locations from the catalog: missing, extra, type, size, checksum, mtime"
+    Params = DiffParams
+    location_params = ("ref", "dst")
+
+    def run(self) -> StageOutcome:
+        p: DiffParams = self.params
+        ctx = self.context
+        ref, dst = ctx.resolve(p.ref), ctx.resolve(p.dst)
+        tolerance = effective_mtime_tolerance(p.mtime_tolerance, ctx.backend(ref), ctx.backend(dst))
+        result = DiffResult(ref, dst, p.checksum, tolerance)
+        result.differences = list(ctx.catalog.diff(
+            ref.record.id, dst.record.id, algorithm=p.checksum,
+            mtime_tolerance_ns=tolerance, kinds=p.kinds))
+        counts = result.counts()
+        total = len(result.differences)
+        detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+        summary = (f"diff {ref.name or ref.record.url} -> {dst.name or dst.record.url}: "
+                   + (f"{total} differences ({detail})" if total else "identical"))
+        counts["total"] = total
+        return StageOutcome(counts, [], result, summary)

@@ -1,0 +1,273 @@
+"""index: list a location into the catalog; new, changed and vanished entries in bulk."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field
+
+from ..backends.base import DIR, FILE, Stat
+from ..catalog.paths import from_catalog, parent_of, to_catalog
+from ..catalog.queries import BATCH, utcnow
+from ..checksum import ALGORITHMS
+from ..errors import LocationMissing, SafetyRefusal, StorageError
+from ..transfer import is_temp_name
+from .base import Stage, StageOutcome, StageParams
+
+
+class IndexParams(StageParams):
+    location: str = Field(description="location name or URL to list")
+    checksum: Literal[ALGORITHMS] | None = Field(  # type: ignore[valid-type]
+        None, description="also compute this checksum for new or changed files")
+    only: list[str] = Field(default_factory=list, description="globs of files to include")
+    ignore: list[str] = Field(default_factory=list, description="globs of entries to leave out")
+    rehash: bool = Field(False, description="recompute checksums even when size and mtime agree")
+    workers: int = Field(4, ge=1, le=64, description="parallel checksum computations")
+    force: bool = Field(False, description="accept an empty listing of a location the catalog "
+                                           "knew with files")
+    missing_ok: bool = Field(False, description="a root that does not exist lists as empty "
+                                                "(a destination not created yet)")
+
+
+@dataclass
+class IndexResult:
+    location_id: int
+    leftover_temp: list[str] = field(default_factory=list)   # storage paths of castlib temp files
+    unlisted: list[str] = field(default_factory=list)        # folders that could not be listed
+
+
+class PathFilter:
+    """only/ignore globs: a glob with "/" matches the whole relative path, others the name.
+    An ignored folder hides its subtree; `only` selects files (folders are kept)."""
+
+    def __init__(self, only: list[str], ignore: list[str]):
+        self.only = [_compile(g) for g in only]
+        self.ignore = [_compile(g) for g in ignore]
+        self._ignored_dirs: set[str] = set()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.only or self.ignore)
+
+    def accepts(self, path: str, kind: str) -> bool:
+        if not self.active:
+            return True
+        parent = parent_of(path)
+        if parent and parent in self._ignored_dirs:
+            if kind == DIR:
+                self._ignored_dirs.add(path)
+            return False
+        name = path.rsplit("/", 1)[-1]
+        if any(_match(g, path, name) for g in self.ignore):
+            if kind == DIR:
+                self._ignored_dirs.add(path)
+            return False
+        if kind != DIR and self.only and not any(_match(g, path, name) for g in self.only):
+            return False
+        return True
+
+    def covers(self, path: str, kind: str) -> bool:
+        """Whether a catalog entry falls inside what this listing looked at (stateless)."""
+        if not self.active:
+            return True
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            sub = "/".join(parts[:i])
+            if any(_match(g, sub, parts[i - 1]) for g in self.ignore):
+                return False
+        name = parts[-1]
+        if any(_match(g, path, name) for g in self.ignore):
+            return False
+        if kind != DIR and self.only and not any(_match(g, path, name) for g in self.only):
+            return False
+        return True
+
+
+def _compile(glob: str):
+    return (("/" in glob), re.compile(fnmatch.translate(glob), re.S))
+
+
+def _match(glob, path: str, name: str) -> bool:
+    whole, regex = glob
+    return bool(regex.match(path if whole else name))
+
+
+class IndexStage(Stage):
+    name = "index"
+    description = "list a location into the catalog (new, changed and vanished entries)"
+    Params = IndexParams
+    location_params = ("location",)
+
+    def run(self) -> StageOutcome:
+        p: IndexParams = self.params
+        ctx = self.context
+        loc = ctx.resolve(p.location)
+        backend = ctx.backend(loc)
+        catalog = ctx.catalog
+        loc_id = loc.record.id
+        result = IndexResult(loc_id)
+        flt = PathFilter(p.only, p.ignore)
+        counts = dict.fromkeys(("files", "dirs", "links", "bytes", "new", "changed", "unchanged",
+                                "deleted", "hashed", "hashed_bytes", "unreadable"), 0)
+        errors: list[str] = []
+
+        def on_error(path: str, message: str) -> None:
+            result.unlisted.append(path)
+            errors.append(f"{path or '.'}: cannot list: {message}")
+
+        existing = catalog.load_entries(loc_id)
+        known_files = sum(1 for e in existing.values() if e.kind == FILE and not e.deleted)
+        root_exists = backend.root_exists()
+        if not root_exists and not (p.missing_ok and known_files == 0):
+            if known_files and p.missing_ok:
+                raise SafetyRefusal(
+                    f"location {loc.record.url} does not exist, but the catalog knows "
+                    f"{known_files} files there: is it mounted? (use --force to accept)")
+            raise LocationMissing(f"location {loc.record.url} does not exist or cannot be reached")
+
+        now = utcnow()
+        inserts: list[dict] = []
+        updates: list[dict] = []
+        to_hash: list[tuple[str, str, int]] = []   # (catalog path, storage path, size)
+        algo = p.checksum
+        progress = ctx.progress(f"index {loc.name or loc.record.url}")
+        listed_sums: dict[str, str] = {}   # checksums the listing itself provided
+        pending_writes = 0
+
+        def flush() -> None:
+            nonlocal inserts, updates, to_hash, pending_writes
+            hashed = self._hash(backend, algo, to_hash, p.workers, counts, errors, progress)
+            hashed.update(listed_sums)
+            listed_sums.clear()
+            for row in inserts:
+                if row["path"] in hashed:
+                    row[algo] = hashed.pop(row["path"])
+            with catalog.engine.begin() as conn:
+                catalog.insert_entries(conn, inserts)
+                catalog.update_entries(conn, updates)
+                if hashed:
+                    catalog.set_checksums(conn, loc_id, algo, hashed.items())
+            inserts, updates, to_hash, pending_writes = [], [], [], 0
+
+        try:
+            for st in (backend.walk(on_error) if root_exists else ()):
+                if is_temp_name(st.name):
+                    result.leftover_temp.append(st.path)
+                    continue
+                if not flt.accepts(st.path, st.kind):
+                    continue
+                kind = st.kind
+                counts["files" if kind == FILE else "dirs" if kind == DIR else "links"] += 1
+                if kind == FILE:
+                    counts["bytes"] += st.size or 0
+                progress.add_file()
+                path = to_catalog(st.path)
+                old = existing.pop(path, None)
+                if old is None:
+                    row = _new_row(loc_id, path, st, now)
+                    inserts.append(row)
+                    counts["new"] += 1
+                    if algo and kind == FILE:
+                        if st.checksums and st.checksums.get(algo):
+                            row[algo] = st.checksums[algo]
+                        else:
+                            to_hash.append((path, st.path, st.size or 0))
+                else:
+                    same_content = (old.kind == kind and old.size == st.size
+                                    and old.mtime_ns == st.mtime_ns)
+                    if (not same_content or old.deleted or old.mode != st.mode
+                            or old.link_target != st.link_target):
+                        upd = {"b_id": old.id, "kind": kind, "size": st.size,
+                               "mtime_ns": st.mtime_ns, "mode": st.mode,
+                               "link_target": st.link_target, "deleted": False,
+                               "online": st.online, "last_seen": now}
+                        if not same_content:   # a checksum is trusted only for what it read
+                            upd.update(adler32=None, md5=None, sha256=None)
+                            if st.checksums:
+                                upd.update({a: v for a, v in st.checksums.items()
+                                            if a in ALGORITHMS})
+                        updates.append(upd)
+                        # a folder's mtime moves whenever its content does: not news
+                        dir_touched = kind == DIR and old.kind == DIR and not old.deleted
+                        counts["unchanged" if dir_touched else "changed"] += 1
+                    else:
+                        counts["unchanged"] += 1
+                    if algo and kind == FILE:
+                        have = old.checksum(algo) if same_content else None
+                        listed_sum = (st.checksums or {}).get(algo)
+                        if p.rehash or not (have or listed_sum):
+                            to_hash.append((path, st.path, st.size or 0))
+                        elif listed_sum and listed_sum != have:
+                            listed_sums[path] = listed_sum
+                pending_writes += 1
+                if pending_writes >= BATCH:
+                    flush()
+        finally:
+            progress.close()
+
+        counts["unreadable"] = len(result.unlisted)
+        listed = counts["files"] + counts["dirs"] + counts["links"]
+        if listed == 0 and known_files > 0 and not (p.force or ctx.force):
+            raise SafetyRefusal(
+                f"location {loc.record.url} lists empty, but the catalog knows {known_files} "
+                "files there: is the disk mounted? (use --force to accept the empty listing)")
+        flush()
+        unlisted = [to_catalog(u) for u in result.unlisted]
+        vanished = [e.id for path, e in existing.items()
+                    if not e.deleted and flt.covers(path, e.kind)
+                    and not _below_any(path, unlisted)]
+        counts["deleted"] = len(vanished)
+        with catalog.engine.begin() as conn:
+            catalog.mark_deleted(conn, vanished, now)
+            if counts["new"]:
+                catalog.link_parents(conn, loc_id)
+            catalog.touch_location(conn, loc_id, now)
+        ctx.index_results[loc_id] = result
+        summary = (f"indexed {loc.name or loc.record.url}: {counts['files']} files, "
+                   f"{counts['dirs']} folders; {counts['new']} new, {counts['changed']} changed, "
+                   f"{counts['deleted']} vanished")
+        if algo:
+            summary += f"; {counts['hashed']} hashed ({algo})"
+        if result.unlisted:
+            summary += f"; {len(result.unlisted)} folders unreadable"
+        return StageOutcome(counts, errors, result, summary, 1 if errors else 0)
+
+    def _hash(self, backend, algo, to_hash, workers, counts, errors, progress) -> dict[str, str]:
+        """Checksums of the files in to_hash, computed in parallel; failures are reported."""
+        out: dict[str, str] = {}
+        if not algo or not to_hash:
+            return out
+
+        def one(item):
+            path, storage_path, size = item
+            try:
+                return path, backend.checksum(storage_path, algo), size, None
+            except StorageError as exc:
+                return path, None, size, str(exc)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for path, value, size, error in pool.map(one, to_hash):
+                if error:
+                    errors.append(f"{from_catalog(path)}: cannot checksum: {error}")
+                    continue
+                out[path] = value
+                counts["hashed"] += 1
+                counts["hashed_bytes"] += max(size, 0)
+        return out
+
+
+def _new_row(loc_id: int, path: str, st: Stat, now) -> dict:
+    name = path.rsplit("/", 1)[-1]
+    return {"location_id": loc_id, "path": path, "name": name, "kind": st.kind,
+            "size": st.size, "mtime_ns": st.mtime_ns, "mode": st.mode,
+            "link_target": st.link_target, "adler32": None, "md5": None, "sha256": None,
+            "online": st.online, "first_seen": now, "last_seen": now, "deleted": False}
+
+
+def _below_any(path: str, folders: list[str]) -> bool:
+    if not folders:
+        return False
+    return any(f == "" or path == f or path.startswith(f + "/") for f in folders)

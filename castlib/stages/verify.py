@@ -1,0 +1,110 @@
+"""verify: re-read a location and report every file whose bytes no longer match the catalog."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field
+
+from ..backends.base import FILE
+from ..catalog.paths import from_catalog
+from ..checksum import ALGORITHMS
+from ..errors import StorageError
+from .base import Stage, StageOutcome, StageParams
+
+# What verify can find, worst first
+PROBLEMS = ("corrupted", "missing", "changed", "unreadable")
+
+
+class VerifyParams(StageParams):
+    location: str = Field(description="location name or URL to re-read")
+    checksum: Literal[ALGORITHMS] = Field(  # type: ignore[valid-type]
+        "adler32", description="checksum algorithm to compare")
+    prefix: str = Field("", description="only verify below this relative folder")
+    workers: int = Field(4, ge=1, le=64, description="files read in parallel")
+
+
+@dataclass
+class Problem:
+    path: str
+    kind: str        # one of PROBLEMS
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "detail": self.detail}
+
+
+@dataclass
+class VerifyResult:
+    location: str
+    problems: list[Problem] = field(default_factory=list)
+
+
+class VerifyStage(Stage):
+    name = "verify"
+    description = "re-read files and compare their checksums with the catalog (bit-rot, tampering)"
+    Params = VerifyParams
+    location_params = ("location",)
+
+    def run(self) -> StageOutcome:
+        p: VerifyParams = self.params
+        ctx = self.context
+        loc = ctx.resolve(p.location)
+        backend = ctx.backend(loc)
+        algo = p.checksum
+        entries = list(ctx.catalog.entries(loc.record.id, p.prefix, kind=FILE))
+        result = VerifyResult(loc.record.url)
+        counts = {"files": len(entries), "ok": 0, "baseline": 0, "bytes": 0,
+                  **dict.fromkeys(PROBLEMS, 0)}
+        baseline: list[tuple[str, str]] = []
+        progress = ctx.progress(f"verify {loc.name or loc.record.url}", len(entries),
+                                sum(e["size"] or 0 for e in entries))
+
+        def check(entry):
+            path = from_catalog(entry["path"])
+            try:
+                st = backend.stat(path)
+                if st is None or st.kind != FILE:
+                    return entry, "missing", "no longer exists", None
+                if st.size != entry["size"] or st.mtime_ns != entry["mtime_ns"]:
+                    return entry, "changed", (f"size {entry['size']} -> {st.size}, mtime "
+                                              f"changed: modified since indexed"), None
+                value = backend.checksum(path, algo)
+                progress.add_bytes(st.size or 0)
+                return entry, None, None, value
+            except StorageError as exc:
+                return entry, "unreadable", str(exc), None
+            finally:
+                progress.add_file()
+
+        try:
+            with ThreadPoolExecutor(max_workers=p.workers) as pool:
+                for entry, problem, detail, value in pool.map(check, entries):
+                    if problem is None:
+                        counts["bytes"] += entry["size"] or 0
+                        known = entry[algo]
+                        if known is None:
+                            baseline.append((entry["path"], value))
+                            counts["baseline"] += 1
+                            continue
+                        if known == value:
+                            counts["ok"] += 1
+                            continue
+                        problem = "corrupted"
+                        detail = (f"{algo} is {value}, catalog has {known}, with size and "
+                                  "mtime unchanged")
+                    counts[problem] += 1
+                    result.problems.append(Problem(entry["path"], problem, detail))
+        finally:
+            progress.close()
+        if baseline:   # first verification of these files: their checksums become the reference
+            with ctx.catalog.engine.begin() as conn:
+                ctx.catalog.set_checksums(conn, loc.record.id, algo, baseline)
+        result.problems.sort(key=lambda pr: (PROBLEMS.index(pr.kind), pr.path))
+        bad = len(result.problems)
+        summary = (f"verified {loc.name or loc.record.url}: {counts['ok']} ok, "
+                   + ", ".join(f"{counts[k]} {k}" for k in PROBLEMS)
+                   + (f", {counts['baseline']} checksummed for the first time" if baseline else ""))
+        errors = [f"{pr.path}: {pr.kind}: {pr.detail}" for pr in result.problems]
+        return StageOutcome(counts, errors, result, summary, 1 if bad else 0)
