@@ -11,23 +11,35 @@ from . import __version__
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 
+def _global_options(p: argparse.ArgumentParser, default) -> None:
+    """--db, -v and -q, accepted before and after the command (`castlib sync a b -q`)."""
+    p.add_argument("--db", metavar="URL", default=default,
+                   help="catalog database URL (default: $CASTLIB_DB, else an SQLite file in "
+                        "the user data directory); postgresql://user@host/db for a shared one")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count",
+                           default=0 if default is None else default, help="more detail")
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           default=False if default is None else default,
+                           help="no progress and no summary; errors only")
+
+
 def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
     p = argparse.ArgumentParser(
         prog="castlib",
         description="Keep file trees in sync across storage back-ends through an SQL catalog.",
         epilog="Exit codes: 0 done / identical, 1 some items failed or differ, 2 usage, "
                "configuration error or refusal.")
-    p.add_argument("--db", metavar="URL",
-                   help="catalog database URL (default: $CASTLIB_DB, else an SQLite file in "
-                        "the user data directory); postgresql://user@host/db for a shared one")
-    verbosity = p.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
-    verbosity.add_argument("-q", "--quiet", action="store_true",
-                           help="no progress and no summary; errors only")
+    _global_options(p, None)
     p.add_argument("--version", action="version", version=f"castlib {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    c = sub.add_parser("index", help="list a location into the catalog")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    c = command("index", help="list a location into the catalog")
     c.add_argument("location")
     c.add_argument("--checksum", metavar="ALGO", help="also compute adler32, md5 or sha256")
     c.add_argument("--only", metavar="GLOB", action="append", default=[],
@@ -38,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="accept an empty listing of a location the catalog knew with files")
 
-    c = sub.add_parser("diff", help="compare two locations (exit 1 when they differ)")
+    c = command("diff", help="compare two locations (exit 1 when they differ)")
     c.add_argument("ref")
     c.add_argument("dst")
     c.add_argument("--checksum", metavar="ALGO", default="adler32")
@@ -48,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-index", action="store_true", help="use the catalog as it is")
     c.add_argument("--force", action="store_true", help="accept empty listings")
 
-    c = sub.add_parser("sync", help="make DST match REF, verifying every copy")
+    c = command("sync", help="make DST match REF, verifying every copy")
     c.add_argument("ref")
     c.add_argument("dst")
     c.add_argument("--dry-run", action="store_true", help="print what would be done")
@@ -64,27 +76,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="act even if the reference lists empty where files were")
     c.add_argument("--json", action="store_true", help="last line: JSON object of counts")
 
-    c = sub.add_parser("verify", help="re-read files and compare with the catalog")
+    c = command("verify", help="re-read files and compare with the catalog")
     c.add_argument("location")
     c.add_argument("--checksum", metavar="ALGO", default="adler32")
     c.add_argument("--json", action="store_true", help="JSON Lines, one per problem")
 
-    c = sub.add_parser("run", help="run a YAML pipeline")
+    c = command("run", help="run a YAML pipeline")
     c.add_argument("pipeline")
     c.add_argument("--dry-run", action="store_true")
     c.add_argument("--force", action="store_true")
 
-    sub.add_parser("stages", help="list the stages a pipeline can use")
-    sub.add_parser("backends", help="list the URL schemes and what each can do")
-    c = sub.add_parser("ls", help="list a location (or a folder of it) from the catalog")
+    command("stages", help="list the stages a pipeline can use")
+    command("backends", help="list the URL schemes and what each can do")
+    c = command("ls", help="list a location (or a folder of it) from the catalog")
     c.add_argument("location")
     c.add_argument("--deleted", action="store_true", help="include vanished entries")
-    sub.add_parser("locations", help="list the locations in the catalog")
-    c = sub.add_parser("runs", help="list recent runs, or show one")
+    command("locations", help="list the locations in the catalog")
+    c = command("runs", help="list recent runs, or show one")
     c.add_argument("action", nargs="?", choices=("show",))
     c.add_argument("run_id", nargs="?", type=int)
     c.add_argument("--limit", type=int, default=20)
-    c = sub.add_parser("db", help="catalog database: info, upgrade")
+    c = command("db", help="catalog database: info, upgrade")
     c.add_argument("action", choices=("info", "upgrade"))
     return p
 

@@ -68,6 +68,9 @@ def backend_class(scheme: str) -> type[Backend]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if exc.name == module_name:
+            raise BackendUnavailable(f"{scheme}:// is served by {module_name}, which is missing "
+                                     "from this installation") from None
         hint = f"pip install 'castlib[{spec.extra}]'" if spec.extra else "check the installation"
         raise BackendUnavailable(f"{scheme}:// needs {spec.requires or exc.name}, "
                                  f"which is not installed: {hint}") from None
