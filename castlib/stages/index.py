@@ -121,7 +121,8 @@ class IndexStage(Stage):
         existing = catalog.load_entries(loc_id)
         known_files = sum(1 for e in existing.values() if e.kind == FILE and not e.deleted)
         root_exists = backend.root_exists()
-        if not root_exists and not (p.missing_ok and known_files == 0):
+        forced = p.force or ctx.force
+        if not root_exists and not (p.missing_ok and (known_files == 0 or forced)):
             if known_files and p.missing_ok:
                 raise SafetyRefusal(
                     f"location {loc.record.url} does not exist, but the catalog knows "
@@ -210,7 +211,7 @@ class IndexStage(Stage):
 
         counts["unreadable"] = len(result.unlisted)
         listed = counts["files"] + counts["dirs"] + counts["links"]
-        if listed == 0 and known_files > 0 and not (p.force or ctx.force):
+        if listed == 0 and known_files > 0 and not forced:
             raise SafetyRefusal(
                 f"location {loc.record.url} lists empty, but the catalog knows {known_files} "
                 "files there: is the disk mounted? (use --force to accept the empty listing)")
