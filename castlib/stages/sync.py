@@ -9,6 +9,7 @@ from pydantic import Field
 
 from ..backends.base import DIR, FILE, LINK
 from ..catalog import Difference
+from ..catalog.locks import location_lock
 from ..catalog.paths import from_catalog
 from ..errors import SafetyRefusal, StorageError
 from ..progress import human_bytes
@@ -29,6 +30,8 @@ class SyncParams(StageParams):
     retries: int = Field(3, ge=0, le=20, description="retries of a transient failure, with backoff")
     stage_timeout: float = Field(3600, gt=0, description="seconds to wait for tape recalls")
     dry_run: bool = Field(False, description="print what would be done, change nothing")
+    lock_wait: float = Field(0, ge=0, description="seconds to wait for another sync into the "
+                                                  "same destination to finish")
 
 
 @dataclass
@@ -143,7 +146,12 @@ class SyncStage(Stage):
         if p.dry_run or ctx.dry_run:
             self._print_plan(plan, leftovers)
             return self._outcome(started, dry_run=True)
+        with location_lock(ctx.catalog, diff.dst.record.id, diff.dst.record.url, p.lock_wait):
+            self._execute(plan, leftovers, p)
+        return self._outcome(started)
 
+    def _execute(self, plan: TransferPlan, leftovers: list[str], p: SyncParams) -> None:
+        c = self.counts
         if plan.mkdirs or plan.copies or plan.links:
             try:
                 self.dst.mkdir("")   # a new destination: create its root
@@ -167,7 +175,6 @@ class SyncStage(Stage):
         for d in plan.deletes:
             self._delete(d)
         self._record()
-        return self._outcome(started)
 
     # -- actions ---------------------------------------------------------------------------
     def _mkdir(self, d: Difference) -> None:
