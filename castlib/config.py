@@ -53,14 +53,20 @@ def config_path() -> Path:
 
 def load_user_config() -> UserConfig:
     path = config_path()
-    if not path.is_file():
+    try:
+        present = path.is_file()
+    except OSError:   # e.g. a home folder this user may not enter: no config of ours there
+        present = False
+    if not present:
         if os.environ.get("CASTLIB_CONFIG"):
             raise ConfigError("configuration file does not exist", file=str(path))
         return UserConfig()
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(f"malformed YAML: {getattr(exc, 'problem', exc)}", file=str(path),
