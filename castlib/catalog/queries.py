@@ -338,7 +338,7 @@ class Catalog:
             conds.append(and_(both_files, rc.isnot(None), dc.isnot(None), rc != dc))
         if "mtime" in kinds and mtime_tolerance_ns is not None:
             conds.append(and_(both_files, func.abs(r.c.mtime_ns - d.c.mtime_ns) > mtime_tolerance_ns))
-        if "type" in kinds or "checksum" in kinds:
+        if "type" in kinds:   # a link pointing elsewhere is a different kind of thing
             conds.append(and_(present, r.c.kind == "l", d.c.kind == "l",
                               func.coalesce(r.c.link_target, "") != func.coalesce(d.c.link_target, "")))
         side = lambda t, c: (t.c.kind, t.c.size, t.c.mtime_ns, c, t.c.link_target, t.c.mode)  # noqa: E731
@@ -408,9 +408,8 @@ def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> 
     if ref.kind != dst.kind:
         return "type" if "type" in kinds else None
     if ref.kind == "l":
-        if (ref.link_target or "") != (dst.link_target or ""):
-            return "type" if "type" in kinds else "checksum"
-        return None
+        same = (ref.link_target or "") == (dst.link_target or "")
+        return None if same or "type" not in kinds else "type"
     if ref.kind != "f":
         return None
     if "size" in kinds and ref.size != dst.size:
