@@ -22,29 +22,32 @@ trees = st.dictionaries(paths, entry, max_size=9)
 
 
 def model(ref: dict, dst: dict, tol, kinds) -> dict[str, str]:
+    """Each path is reported once, as the most significant of the kinds asked for that
+    apply to it: missing, type, size, checksum, mtime."""
     ref = {p: e for p, e in ref.items() if not e["deleted"]}
     dst = {p: e for p, e in dst.items() if not e["deleted"]}
     out = {}
     for p, r in ref.items():
         d = dst.get(p)
         if d is None:
-            kind = "missing"
+            applicable = ["missing"]
         elif r["kind"] != d["kind"]:
-            kind = "type"
+            applicable = ["type"]
         elif r["kind"] == "l":
-            kind = "type" if r["link_target"] != d["link_target"] else None
+            applicable = ["type"] if r["link_target"] != d["link_target"] else []
         elif r["kind"] == "d":
-            kind = None
-        elif r["size"] != d["size"]:
-            kind = "size"
-        elif r["adler32"] and d["adler32"] and r["adler32"] != d["adler32"]:
-            kind = "checksum"
-        elif tol is not None and abs(r["mtime_ns"] - d["mtime_ns"]) > tol:
-            kind = "mtime"
+            applicable = []
         else:
-            kind = None
-        if kind in kinds:
-            out[p] = kind
+            applicable = []
+            if r["size"] != d["size"]:
+                applicable.append("size")
+            if r["adler32"] and d["adler32"] and r["adler32"] != d["adler32"]:
+                applicable.append("checksum")
+            if tol is not None and abs(r["mtime_ns"] - d["mtime_ns"]) > tol:
+                applicable.append("mtime")
+        chosen = [k for k in applicable if k in kinds]
+        if chosen:
+            out[p] = chosen[0]
     if "extra" in kinds:
         out.update({p: "extra" for p in dst if p not in ref})
     return out
