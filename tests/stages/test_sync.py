@@ -1,0 +1,173 @@
+"""sync: copies, replacements, mtimes, deletions, safety refusals, dry runs, leftovers."""
+import os
+import zlib
+
+import pytest
+
+import castlib
+from castlib.catalog import Catalog
+from castlib.errors import LocationMissing, SafetyRefusal
+from tests.helpers import make_tree, tree_digest
+
+
+def sync(ref, dst, db, **kw):
+    return castlib.sync(str(ref), str(dst), db=db, **kw)
+
+
+def test_first_sync_copies_everything_including_empty_folders_and_links(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"a" * 1000, "run1/b.dat": b"b",
+                                       "run1/empty/": None, "zero.dat": b""})
+    os.symlink("a.dat", ref / "ln")
+    r = sync(ref, tmp_path / "dst", db_url)
+    assert r.counts["copied"] == 3 and r.counts["failed"] == 0
+    assert r.counts["bytes"] == 1001 and r.counts["links_created"] == 1
+    assert tree_digest(tmp_path / "dst") == tree_digest(ref)
+    assert os.stat(tmp_path / "dst" / "a.dat").st_mtime_ns == os.stat(ref / "a.dat").st_mtime_ns
+    again = sync(ref, tmp_path / "dst", db_url)
+    assert again.counts["copied"] == again.counts["replaced"] == 0
+
+
+def test_catalog_holds_the_destination_and_learned_reference_checksums(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"payload"})
+    sync(ref, tmp_path / "dst", db_url)
+    cat = Catalog(db_url)
+    want = f"{zlib.adler32(b'payload'):08x}"
+    for root in (ref, tmp_path / "dst"):
+        loc = cat.find_location(str(root))
+        (e,) = [e for e in cat.entries(loc.id) if e["path"] == "a.dat"]
+        assert e["adler32"] == want
+    # --index ref trusts that record of the destination: nothing to do, nothing re-listed
+    r = sync(ref, tmp_path / "dst", db_url, index="ref")
+    assert r.counts["copied"] == 0
+
+
+def test_differing_files_are_replaced_unless_no_replace(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"size.dat": b"long content", "same.dat": b"x"})
+    dst = make_tree(tmp_path / "dst", {"size.dat": b"short", "same.dat": b"x"})
+    r = sync(ref, dst, db_url, replace=False)
+    assert r.counts["replaced"] == 0 and r.counts["kept"] == 1
+    assert (dst / "size.dat").read_bytes() == b"short"
+    r = sync(ref, dst, db_url)
+    assert r.counts["replaced"] == 1
+    assert (dst / "size.dat").read_bytes() == b"long content"
+
+
+def test_same_size_other_mtime_checksums_decide(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"same.dat": b"identical", "other.dat": b"AAAA"})
+    dst = make_tree(tmp_path / "dst", {"same.dat": b"identical", "other.dat": b"BBBB"})
+    for name in ("same.dat", "other.dat"):
+        os.utime(ref / name, ns=(10**18, 10**18))
+        os.utime(dst / name, ns=(2 * 10**18, 2 * 10**18))
+    r = sync(ref, dst, db_url)
+    assert r.counts["mtime_fixed"] == 1      # same bytes: only the mtime is set
+    assert r.counts["replaced"] == 1         # other bytes, same size: replaced
+    assert (dst / "other.dat").read_bytes() == b"AAAA"
+    assert os.stat(dst / "same.dat").st_mtime_ns == 10**18
+    assert os.stat(dst / "other.dat").st_mtime_ns == 10**18
+    assert sync(ref, dst, db_url).counts == {**r.counts, **dict.fromkeys(r.counts, 0)}
+
+
+def test_extras_are_deleted_only_when_asked_and_within_max_delete(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"keep.dat": b"k"})
+    dst = make_tree(tmp_path / "dst", {"keep.dat": b"k", "old/x.dat": b"x", "old/y.dat": b"y"})
+    r = sync(ref, dst, db_url)
+    assert r.counts["deleted"] == 0 and r.counts["extras_kept"] == 3
+    assert (dst / "old" / "x.dat").exists()
+    with pytest.raises(SafetyRefusal, match="would delete 3 entries, more than --max-delete 2"):
+        sync(ref, dst, db_url, delete=True, max_delete=2)
+    assert (dst / "old" / "x.dat").exists()
+    r = sync(ref, dst, db_url, delete=True, max_delete=3)
+    assert r.counts["deleted"] == 3
+    assert tree_digest(dst) == tree_digest(ref)
+
+
+def test_type_conflicts_need_delete(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"thing/inside.dat": b"i", "flat": b"f"})
+    dst = make_tree(tmp_path / "dst", {"thing": b"a file", "flat/sub.dat": b"s"})
+    r = sync(ref, dst, db_url)
+    assert r.counts["failed"] == 2 and r.exit_code == 1
+    assert any("type conflict" in e and "--delete" in e for e in r.errors)
+    assert (dst / "thing").read_bytes() == b"a file"
+    r = sync(ref, dst, db_url, delete=True)
+    assert r.counts["failed"] == 0
+    assert tree_digest(dst) == tree_digest(ref)
+
+
+def test_vanished_reference_is_refused_before_touching_the_destination(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"a", "b.dat": b"b"})
+    dst = tmp_path / "dst"
+    sync(ref, dst, db_url)
+    # the disk is "unmounted": the mount point is there, empty
+    for p in ref.iterdir():
+        p.unlink()
+    before = tree_digest(dst)
+    with pytest.raises(SafetyRefusal, match="lists empty"):
+        sync(ref, dst, db_url, delete=True)
+    assert tree_digest(dst) == before
+    # the mount point itself is gone
+    ref.rmdir()
+    with pytest.raises(LocationMissing, match="does not exist"):
+        sync(ref, dst, db_url, delete=True)
+    assert tree_digest(dst) == before
+    # --force accepts it
+    ref.mkdir()
+    r = sync(ref, dst, db_url, delete=True, force=True)
+    assert r.counts["deleted"] == 2
+
+
+def test_dry_run_changes_nothing(tmp_path, db_url, capsys):
+    ref = make_tree(tmp_path / "ref", {"new.dat": b"n", "dir/": None, "diff.dat": b"1234"})
+    dst = make_tree(tmp_path / "dst", {"extra.dat": b"e", "diff.dat": b"12"})
+    before = tree_digest(dst)
+    r = sync(ref, dst, db_url, dry_run=True, delete=True)
+    assert tree_digest(dst) == before
+    assert r.counts["copied"] == 1 and r.counts["replaced"] == 1 and r.counts["deleted"] == 1
+    out = capsys.readouterr().out
+    assert "would copy new.dat" in out and "would delete extra.dat" in out
+    assert "would mkdir dir" in out and "would replace diff.dat" in out
+
+
+def test_leftover_temporary_files_are_removed_and_never_catalogued(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"a"})
+    dst = make_tree(tmp_path / "dst", {".a.dat.castlib-part-0123456789ab": b"half",
+                                       ".notours.castlib-part-xyz": b"user file"})
+    r = sync(ref, dst, db_url)
+    assert r.counts["temp_removed"] == 1
+    assert not (dst / ".a.dat.castlib-part-0123456789ab").exists()
+    assert (dst / ".notours.castlib-part-xyz").read_bytes() == b"user file"
+    cat = Catalog(db_url)
+    loc = cat.find_location(str(dst))
+    assert "castlib-part-0123" not in " ".join(e["path"] for e in cat.entries(loc.id))
+
+
+def test_source_changed_after_indexing_is_not_published(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"version one"})
+    dst = tmp_path / "dst"
+    castlib.index(str(ref), db=db_url, checksum="adler32")
+    st = os.stat(ref / "a.dat")
+    (ref / "a.dat").write_bytes(b"version TWO")   # same size, mtime restored: only bytes differ
+    os.utime(ref / "a.dat", ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = sync(ref, dst, db_url, index="none")
+    assert r.counts["failed"] == 1 and r.exit_code == 1
+    assert "differs from the catalog" in r.errors[0]
+    assert not (dst / "a.dat").exists()
+    assert [p for p in os.listdir(dst)] == []          # no temporary file left either
+
+
+def test_one_failure_does_not_stop_the_others(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {f"f{i}.dat": str(i) for i in range(10)})
+    castlib.index(str(ref), db=db_url)
+    (ref / "f3.dat").unlink()            # vanishes between index and copy
+    r = sync(ref, tmp_path / "dst", db_url, index="none", transfers=3)
+    assert r.counts["copied"] == 9 and r.counts["failed"] == 1
+    assert any(e.startswith("f3.dat:") for e in r.errors)
+
+
+def test_parallel_transfers_copy_large_files_byte_exact(tmp_path, db_url):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(6):
+        (ref / f"big{i}.dat").write_bytes(os.urandom(3 * 1024 * 1024 + i))
+    r = sync(ref, tmp_path / "dst", db_url, transfers=4, checksum="sha256")
+    assert r.counts["copied"] == 6
+    assert tree_digest(tmp_path / "dst") == tree_digest(ref)
