@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except CastlibError as exc:
-        print(f"castlib: error: {redact(str(exc))}", file=sys.stderr)
+        from .catalog.paths import printable
+
+        print(f"castlib: error: {printable(redact(str(exc)))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("castlib: interrupted", file=sys.stderr)
@@ -141,6 +143,7 @@ def cmd_index(args) -> int:
 
 def cmd_diff(args) -> int:
     from . import api
+    from .catalog.paths import printable
 
     report = api.diff(args.ref, args.dst, checksum=args.checksum,
                       mtime_tolerance=args.mtime_tolerance, index=not args.no_index,
@@ -151,7 +154,7 @@ def cmd_diff(args) -> int:
         if args.json:
             out.write(json.dumps(d.as_dict(), ensure_ascii=False) + "\n")
         else:
-            out.write(f"{d.kind:<9} {d.path}\n")
+            out.write(f"{d.kind:<9} {printable(d.path)}\n")
     return max(report.exit_code, EXIT_DIFFERENT if differences else EXIT_OK)
 
 
@@ -169,13 +172,14 @@ def cmd_sync(args) -> int:
 
 def cmd_verify(args) -> int:
     from . import api
+    from .catalog.paths import printable
 
     report = api.verify(args.location, checksum=args.checksum, **_common(args))
     for problem in report.value.problems:
         if args.json:
             print(json.dumps(problem.as_dict(), ensure_ascii=False))
         else:
-            print(f"{problem.kind:<10} {problem.path}: {problem.detail}")
+            print(f"{problem.kind:<10} {printable(problem.path)}: {printable(problem.detail)}")
     return report.exit_code
 
 
@@ -233,7 +237,7 @@ def cmd_backends(args) -> int:
 
 def cmd_ls(args) -> int:
     from .catalog import Catalog
-    from .catalog.paths import to_catalog
+    from .catalog.paths import printable, to_catalog
     from .errors import ConfigError
     from .location import parse_location
 
@@ -258,7 +262,7 @@ def cmd_ls(args) -> int:
         kind = {"f": "-", "d": "d", "l": "l"}[e["kind"]]
         mark = " (deleted)" if e["deleted"] else ""
         size = e["size"] if e["size"] is not None else "-"
-        print(f"{kind} {size:>14} {mtime} {e['adler32'] or '-':>8} {e['path']}{mark}")
+        print(f"{kind} {size:>14} {mtime} {e['adler32'] or '-':>8} {printable(e['path'])}{mark}")
     return EXIT_OK
 
 

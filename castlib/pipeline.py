@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from .catalog import Catalog
+from .catalog.paths import printable
 from .config import UserConfig, load_user_config
 from .errors import CastlibError, ConfigError
 from .location import parse_location, redact
@@ -224,7 +225,7 @@ MAX_ERRORS_SHOWN = 50
 
 def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool) -> None:
     for line in outcome.errors[:MAX_ERRORS_SHOWN]:
-        print(f"castlib: {redact(line)}", file=err)
+        print(f"castlib: {printable(redact(line))}", file=err)
     if len(outcome.errors) > MAX_ERRORS_SHOWN:
         print(f"castlib: ... and {len(outcome.errors) - MAX_ERRORS_SHOWN} more (castlib runs show)",
               file=err)

@@ -22,9 +22,16 @@ TEMP_MARK = ".castlib-part-"
 _TEMP_NAME = re.compile(r"^\..+\.castlib-part-[0-9a-f]{12}$", re.S)
 
 
+NAME_MAX = 255   # bytes in one path component, on every file system that matters here
+
+
 def temp_path(final_path: str) -> str:
-    """A hidden temporary name beside the final one, unique per attempt."""
+    """A hidden temporary name beside the final one, unique per attempt, and never longer
+    than a file name may be (a long final name is shortened in the temporary one)."""
     folder, _, name = final_path.rpartition("/")
+    room = NAME_MAX - len(f".{TEMP_MARK}") - 12
+    while len(name.encode("utf-8", "surrogateescape")) > room:
+        name = name[:-1]
     tmp = f".{name}{TEMP_MARK}{secrets.token_hex(6)}"
     return f"{folder}/{tmp}" if folder else tmp
 

@@ -50,3 +50,15 @@ def subtree_range(prefix: str) -> tuple[str, str]:
 
 def parent_of(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+_CONTROL = {i: f"\\x{i:02x}" for i in list(range(0x20)) + [0x7F]}
+_CONTROL.update({0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r", 0x5C: "\\\\"})
+
+
+def printable(text: str) -> str:
+    """A path (or a message naming one) on one line: control characters and backslashes
+    escaped as in Python strings. For text output only; JSON keeps the catalog form."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return text.translate(_CONTROL)

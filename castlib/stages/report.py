@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..catalog.paths import printable
 from ..errors import ConfigError
 from .base import Stage, StageOutcome, StageParams
 from .diff import DiffResult
@@ -77,6 +78,6 @@ class ReportStage(Stage):
                 writer.writerows(rows)
         else:
             for r in rows:
-                stream.write(f"{r['kind']:<9} {r['path']}\n")
+                stream.write(f"{r['kind']:<9} {printable(r['path'])}\n")
         if stream is sys.stdout:
             stream.flush()
