@@ -270,11 +270,12 @@ class _Errors:
         self.source, self.lines = source, lines
 
     def line(self, path: tuple) -> int | None:
-        while path:
+        while True:
             if path in self.lines:
                 return self.lines[path]
+            if not path:
+                return None
             path = path[:-1]
-        return None
 
     def at(self, path: tuple, message: str, key: str | None = None) -> ConfigError:
         return ConfigError(message, file=self.source or "<pipeline>", line=self.line(path), key=key)

@@ -1,0 +1,112 @@
+"""YAML pipelines: a full run end to end, and bad pipelines refused with one precise line."""
+import json
+import textwrap
+
+import pytest
+
+from tests.helpers import make_tree, run_cli, tree_digest
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_pipeline_indexes_diffs_syncs_and_reports(tmp_path, db_url):
+    daq = make_tree(tmp_path / "daq", {"run1/a.dat": b"a", "run1/b.tmp": b"t", "c.dat": b"c"})
+    archive = tmp_path / "archive"
+    p = write(tmp_path, f"""
+        locations:
+          daq: {daq}
+          archive: file://{archive}
+        stages:
+          - index: {{location: daq, checksum: adler32, ignore: ["*.tmp"]}}
+          - index: {{location: archive, missing_ok: true}}
+          - diff:  {{id: pending, ref: daq, dst: archive}}
+          - report: {{from: pending, format: json, out: pending.json}}
+          - sync:  {{from: pending, transfers: 2}}
+          - index: {{location: archive}}
+          - diff:  {{id: after, ref: daq, dst: archive}}
+          - report: {{from: after, format: csv, out: after.csv}}
+        """)
+    run_cli("run", str(p), db=db_url, check=0)
+    report = json.loads((tmp_path / "pending.json").read_text())
+    assert {d["path"] for d in report["differences"]} == {"run1", "run1/a.dat", "c.dat"}
+    assert report["counts"]["missing"] == 3
+    assert (tmp_path / "after.csv").read_text().splitlines() == [
+        "path,kind,ref_type,ref_size,ref_mtime_ns,ref_checksum,dst_type,dst_size,dst_mtime_ns,"
+        "dst_checksum"]
+    assert not (archive / "run1" / "b.tmp").exists()
+    assert (archive / "run1" / "a.dat").read_bytes() == b"a"
+    runs = run_cli("runs", db=db_url, check=0).stdout
+    assert " run " in runs and " ok " in runs
+    names = run_cli("locations", db=db_url, check=0).stdout
+    assert " daq " in names and " archive " in names
+
+
+def test_dry_run_of_a_pipeline_touches_no_storage(tmp_path, db_url):
+    daq = make_tree(tmp_path / "daq", {"a.dat": b"a"})
+    p = write(tmp_path, f"""
+        locations: {{daq: {daq}, archive: {tmp_path / 'archive'}}}
+        stages:
+          - index: {{location: daq}}
+          - index: {{location: archive, missing_ok: true}}
+          - diff: {{id: d, ref: daq, dst: archive}}
+          - sync: {{from: d}}
+        """)
+    out = run_cli("run", str(p), "--dry-run", db=db_url, check=0)
+    assert "would copy a.dat" in out.stdout
+    assert not (tmp_path / "archive").exists()
+
+
+BAD = {
+    "malformed": ("stages:\n  - index: {location: daq\n", r"pipeline.yaml:\d+: malformed YAML"),
+    "not a mapping": ("- index: {}\n", "pipeline.yaml:1: a pipeline is a mapping"),
+    "unknown top key": ("locations: {}\nstage: []\n", "pipeline.yaml:2: stage: unknown key"),
+    "no stages": ("locations: {daq: /tmp}\n", "stages: expected a non-empty list"),
+    "unknown stage": ("locations: {daq: /tmp}\nstages:\n  - index: {location: daq}\n"
+                      "  - frobnicate: {}\n",
+                      r"pipeline.yaml:4: stages\[1\]: unknown stage 'frobnicate'"),
+    "unknown parameter": ("locations: {daq: /tmp}\nstages:\n  - index:\n      location: daq\n"
+                          "      chksum: adler32\n",
+                          r"pipeline.yaml:5: stages\[0\].index.chksum: unknown parameter"),
+    "wrong type": ("locations: {a: /tmp, b: /var}\nstages:\n  - diff: {id: d, ref: a, dst: b}\n"
+                   "  - sync:\n      from: d\n      transfers: many\n",
+                   r"pipeline.yaml:6: stages\[1\].sync.transfers: .*integer"),
+    "bad checksum": ("locations: {a: /tmp}\nstages:\n  - index: {location: a, checksum: crc}\n",
+                     r"pipeline.yaml:3: stages\[0\].index.checksum: Input should be"),
+    "missing parameter": ("locations: {a: /tmp}\nstages:\n  - diff: {ref: a}\n",
+                          r"pipeline.yaml:3: stages\[0\].diff.dst: required parameter"),
+    "unknown location": ("locations: {daq: /tmp}\nstages:\n  - index: {location: daqq}\n",
+                         r"pipeline.yaml:3: stages\[0\].index.location: unknown location 'daqq'"),
+    "bad location url": ("locations:\n  daq: /tmp\n  eos: 'root:///nohost'\nstages:\n"
+                         "  - index: {location: daq}\n",
+                         r"pipeline.yaml:3: locations.eos: location .* has no host"),
+    "unknown from": ("locations: {a: /tmp}\nstages:\n  - report: {from: nothing}\n",
+                     r"pipeline.yaml:3: stages\[0\].report.from: no earlier stage has id"),
+    "duplicate id": ("locations: {a: /tmp, b: /var}\nstages:\n  - diff: {id: d, ref: a, dst: b}\n"
+                     "  - diff: {id: d, ref: b, dst: a}\n",
+                     r"pipeline.yaml:4: stages\[1\].diff.id: duplicate id 'd'"),
+    "stage not a mapping": ("stages:\n  - index\n", r"pipeline.yaml:2: stages\[0\]: each stage"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_pipelines_give_one_line_with_file_line_and_key(tmp_path, db_url, case):
+    text, pattern = BAD[case]
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(text)
+    result = run_cli("run", str(p), db=db_url, check=2)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+    assert lines[0].startswith("castlib: error: ")
+
+
+def test_missing_pipeline_file(tmp_path, db_url):
+    result = run_cli("run", str(tmp_path / "nope.yaml"), db=db_url, check=2)
+    assert "nope.yaml: cannot read pipeline: No such file or directory" in result.stderr
