@@ -43,8 +43,9 @@ def diff(ref: str, dst: str, *, db=None, checksum: str = "adler32", mtime_tolera
     Both locations are re-listed first unless index=False (catalog only)."""
     stages = []
     if index:
+        # a destination that does not exist is more likely a typo than an empty archive
         stages += [("index", {"location": ref, "force": force}),
-                   ("index", {"location": dst, "force": force, "missing_ok": True})]
+                   ("index", {"location": dst, "force": force})]
     stages.append(("diff", {"id": "diff", "ref": ref, "dst": dst, "checksum": checksum,
                             "mtime_tolerance": mtime_tolerance}))
     args = {"ref": ref, "dst": dst, "checksum": checksum, "mtime_tolerance": mtime_tolerance,

@@ -1,0 +1,160 @@
+"""The castlib command as a user types it: exit codes, JSON output, errors on one line."""
+import json
+import os
+
+import pytest
+
+from tests.helpers import json_lines, last_json, make_tree, run_cli
+
+
+def test_diff_exit_codes_and_json_lines(tmp_path, db_url):
+    a = make_tree(tmp_path / "a", {"same.dat": b"s", "only-a.dat": b"a", "size.dat": b"12"})
+    b = make_tree(tmp_path / "b", {"same.dat": b"s", "only-b.dat": b"b", "size.dat": b"123"})
+    os.utime(b / "same.dat", ns=(os.stat(a / "same.dat").st_atime_ns,
+                                  os.stat(a / "same.dat").st_mtime_ns))
+    out = run_cli("diff", str(a), str(b), "--json", db=db_url, check=1)
+    rows = {r["path"]: r for r in json_lines(out.stdout)}
+    assert {p: r["kind"] for p, r in rows.items()} == {
+        "only-a.dat": "missing", "only-b.dat": "extra", "size.dat": "size"}
+    assert rows["size.dat"]["ref"]["size"] == 2 and rows["size.dat"]["dst"]["size"] == 3
+    run_cli("diff", str(a), str(a), db=db_url, check=0)
+    err = run_cli("diff", str(a), str(tmp_path / "missing"), db=db_url, check=2)
+    assert err.stderr.count("\n") >= 1 and "does not exist" in err.stderr
+
+
+def test_diff_no_index_uses_the_catalog_as_it_is(tmp_path, db_url):
+    a = make_tree(tmp_path / "a", {"x.dat": b"x"})
+    run_cli("sync", str(a), str(tmp_path / "b"), db=db_url, check=0)
+    (a / "new.dat").write_bytes(b"n")
+    run_cli("diff", str(a), str(tmp_path / "b"), "--no-index", db=db_url, check=0)
+    run_cli("diff", str(a), str(tmp_path / "b"), db=db_url, check=1)
+
+
+def test_mtime_tolerance(tmp_path, db_url):
+    a = make_tree(tmp_path / "a", {"x.dat": b"x"})
+    b = make_tree(tmp_path / "b", {"x.dat": b"x"})
+    os.utime(a / "x.dat", ns=(10**18, 10**18))
+    os.utime(b / "x.dat", ns=(10**18 + 30 * 10**9, 10**18 + 30 * 10**9))
+    out = run_cli("diff", str(a), str(b), "--json", db=db_url, check=1)
+    assert json_lines(out.stdout)[0]["kind"] == "mtime"
+    run_cli("diff", str(a), str(b), "--mtime-tolerance", "60", db=db_url, check=0)
+
+
+def test_sync_json_counts_and_exit_codes(tmp_path, db_url):
+    a = make_tree(tmp_path / "a", {"x.dat": b"x" * 10, "d/y.dat": b"y"})
+    out = run_cli("sync", str(a), str(tmp_path / "b"), "--json", db=db_url, check=0)
+    counts = last_json(out.stdout)
+    assert {k: counts[k] for k in ("copied", "replaced", "deleted", "failed", "bytes")} == {
+        "copied": 2, "replaced": 0, "deleted": 0, "failed": 0, "bytes": 11}
+    assert "synced" in out.stderr                   # the summary line
+    quiet = run_cli("sync", str(a), str(tmp_path / "b"), "-q", db=db_url, check=0)
+    assert quiet.stderr == "" and quiet.stdout == ""
+
+
+def test_sync_refusals_exit_2(tmp_path, db_url):
+    a = make_tree(tmp_path / "a", {"x.dat": b"x"})
+    b = make_tree(tmp_path / "b", {"e1": b"1", "e2": b"2"})
+    r = run_cli("sync", str(a), str(b), "--delete", "--max-delete", "1", db=db_url, check=2)
+    assert "more than --max-delete 1" in r.stderr and (b / "e1").exists()
+    r = run_cli("sync", str(a), str(b), "--transfers", "zero", db=db_url, check=2)
+    assert "invalid int value" in r.stderr
+
+
+def test_sync_failures_exit_1_and_name_the_file(tmp_path, db_url):
+    a = make_tree(tmp_path / "a", {"ok.dat": b"o", "gone.dat": b"g"})
+    run_cli("index", str(a), db=db_url, check=0)
+    (a / "gone.dat").unlink()
+    r = run_cli("sync", str(a), str(tmp_path / "b"), "--index", "none", "--json",
+                db=db_url, check=1)
+    assert last_json(r.stdout)["failed"] == 1
+    assert "castlib: gone.dat:" in r.stderr
+
+
+def test_verify_finds_bit_rot_and_names_the_file(tmp_path, db_url):
+    a = make_tree(tmp_path / "a", {"good.dat": b"good", "rot.dat": b"original"})
+    run_cli("index", str(a), "--checksum", "adler32", db=db_url, check=0)
+    run_cli("verify", str(a), db=db_url, check=0)
+    st = os.stat(a / "rot.dat")
+    with open(a / "rot.dat", "r+b") as f:      # one flipped byte, size and mtime kept
+        f.write(b"O")
+    os.utime(a / "rot.dat", ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = run_cli("verify", str(a), db=db_url, check=1)
+    assert r.stdout.startswith("corrupted  rot.dat: adler32 is")
+    assert "good.dat" not in r.stdout
+    (a / "good.dat").unlink()
+    r = run_cli("verify", str(a), "--json", db=db_url, check=1)
+    kinds = {p["path"]: p["kind"] for p in json_lines(r.stdout)}
+    assert kinds == {"rot.dat": "corrupted", "good.dat": "missing"}
+
+
+def test_verify_without_checksums_records_a_baseline(tmp_path, db_url):
+    a = make_tree(tmp_path / "a", {"x.dat": b"x"})
+    run_cli("index", str(a), db=db_url, check=0)
+    r = run_cli("verify", str(a), db=db_url, check=0)
+    assert "1 checksummed for the first time" in r.stderr
+    r = run_cli("verify", str(a), db=db_url, check=0)
+    assert "1 ok" in r.stderr
+
+
+def test_stages_lists_every_stage_with_parameters(db_url):
+    out = run_cli("stages", db=db_url, check=0).stdout
+    for name in ("index", "diff", "sync", "verify", "report"):
+        assert f"\n{name} " in "\n" + out
+    assert "max_delete" in out and "mtime_tolerance" in out
+
+
+def test_ls_and_locations(tmp_path, db_url):
+    a = make_tree(tmp_path / "a", {"run1/x.dat": b"x", "run2/y.dat": b"yy"})
+    run_cli("index", str(a), "--checksum", "adler32", db=db_url, check=0)
+    out = run_cli("ls", str(a), db=db_url, check=0).stdout
+    assert "run1/x.dat" in out and "run2/y.dat" in out
+    sub = run_cli("ls", str(a / "run2"), db=db_url, check=0).stdout
+    assert "run2/y.dat" in sub and "run1" not in sub
+    r = run_cli("ls", str(tmp_path / "unknown"), db=db_url, check=2)
+    assert "no location in the catalog holds" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["index", "s3:/bucket"], "malformed location URL"),
+    (["index", "root:///x"], "has no host"),
+    (["index", "gopher://host/x"], "no back-end for URL scheme gopher://"),
+    (["index", "/does/not/exist"], "does not exist"),
+    (["index", ".", "--checksum", "crc32"], "checksum"),
+    (["sync", "a", "b", "--index", "sometimes"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, db_url, args, message):
+    r = run_cli(*args, db=db_url, check=2, cwd=str(tmp_path))
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len([l for l in r.stderr.splitlines() if l.startswith("castlib: error")]) <= 1
+
+
+def test_bad_database_url_is_one_line(tmp_path):
+    r = run_cli("locations", db=str(tmp_path / "no" / "such" / "dir" / "c.sqlite"), check=2)
+    assert "catalog folder does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("locations", db="postgresql://nobody@127.0.0.1:1/none", check=2)
+    assert "cannot open catalog" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_credentials_never_reach_the_catalog_or_messages(tmp_path, db_url):
+    r = run_cli("index", "sftp://alice:hunter2@127.0.0.1:1/data", db=db_url)
+    assert r.returncode == 2 and "hunter2" not in r.stderr
+    from castlib.catalog import Catalog
+
+    assert all("hunter2" not in loc["url"] for loc in Catalog(db_url).locations())
+
+
+def test_python_api_is_usable_from_a_notebook(tmp_path, db_url):
+    import castlib
+
+    a = make_tree(tmp_path / "a", {"x.dat": b"x"})
+    report = castlib.sync(str(a), str(tmp_path / "b"), db=db_url)
+    assert report.counts["copied"] == 1 and report.exit_code == 0
+    report = castlib.diff(str(a), str(tmp_path / "b"), db=db_url)
+    assert report.value.differences == []
+
+
+def test_help_and_version():
+    out = run_cli("--help", check=0).stdout
+    assert "sync" in out and "Exit codes" in out
+    assert run_cli("--version", check=0).stdout.startswith("castlib ")
