@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Iterable, TextIO
 
 from .catalog import Catalog
+from .checksum import DEFAULT_ALGORITHM
 from .pipeline import Pipeline, RunReport
 
 
@@ -37,16 +38,20 @@ def index(location: str, *, db=None, checksum: str | None = None, only: Iterable
     return _run(Pipeline.from_stages([("index", params)]), db, "index", params, **run_options)
 
 
-def diff(ref: str, dst: str, *, db=None, checksum: str = "adler32", mtime_tolerance: float = 0,
-         index: bool = True, force: bool = False, **run_options) -> RunReport:
+def diff(ref: str, dst: str, *, db=None, checksum: str | None = None,
+         mtime_tolerance: float = 0, index: bool = True, force: bool = False,
+         **run_options) -> RunReport:
     """Differences between two locations; `report.value.differences` lists them.
-    Both locations are re-listed first unless index=False (catalog only)."""
+    Both locations are re-listed first unless index=False (catalog only). With `checksum`,
+    that checksum is computed wherever the catalog lacks it (then compared); without it,
+    the adler32 checksums the catalog already holds are compared."""
     stages = []
     if index:
         # a destination that does not exist is more likely a typo than an empty archive
-        stages += [("index", {"location": ref, "force": force}),
-                   ("index", {"location": dst, "force": force})]
-    stages.append(("diff", {"id": "diff", "ref": ref, "dst": dst, "checksum": checksum,
+        stages += [("index", {"location": ref, "force": force, "checksum": checksum}),
+                   ("index", {"location": dst, "force": force, "checksum": checksum})]
+    stages.append(("diff", {"id": "diff", "ref": ref, "dst": dst,
+                            "checksum": checksum or DEFAULT_ALGORITHM,
                             "mtime_tolerance": mtime_tolerance}))
     args = {"ref": ref, "dst": dst, "checksum": checksum, "mtime_tolerance": mtime_tolerance,
             "index": index}
@@ -54,21 +59,25 @@ def diff(ref: str, dst: str, *, db=None, checksum: str = "adler32", mtime_tolera
 
 
 def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = False,
-         max_delete: int | None = None, replace: bool = True, checksum: str = "adler32",
+         max_delete: int | None = None, replace: bool = True, checksum: str | None = None,
          transfers: int = 4, index: str = "both", force: bool = False, retries: int = 3,
          mtime_tolerance: float = 0, **run_options) -> RunReport:
     """Make `dst` match `ref`. index: "both" re-lists both sides, "ref" trusts the catalog
-    for the destination, "none" trusts it for both."""
+    for the destination, "none" trusts it for both. Copies are verified with `checksum`
+    (adler32 by default); naming it explicitly also compares the content of files whose
+    size and mtime agree (computing checksums the catalog lacks, as rsync -c would)."""
     if index not in ("both", "ref", "none"):
         from .errors import ConfigError
 
         raise ConfigError(f"index must be both, ref or none, not {index!r}", key="index")
     stages = []
     if index in ("both", "ref"):
-        stages.append(("index", {"location": ref, "force": force}))
+        stages.append(("index", {"location": ref, "force": force, "checksum": checksum}))
     if index == "both":
-        stages.append(("index", {"location": dst, "force": force, "missing_ok": True}))
-    stages.append(("diff", {"id": "plan", "ref": ref, "dst": dst, "checksum": checksum,
+        stages.append(("index", {"location": dst, "force": force, "missing_ok": True,
+                                 "checksum": checksum}))
+    stages.append(("diff", {"id": "plan", "ref": ref, "dst": dst,
+                            "checksum": checksum or DEFAULT_ALGORITHM,
                             "mtime_tolerance": mtime_tolerance}))
     stages.append(("sync", {"from": "plan", "delete": delete, "max_delete": max_delete,
                             "replace": replace, "transfers": transfers, "retries": retries,

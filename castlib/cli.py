@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     c = command("diff", help="compare two locations (exit 1 when they differ)")
     c.add_argument("ref")
     c.add_argument("dst")
-    c.add_argument("--checksum", metavar="ALGO", default="adler32")
+    c.add_argument("--checksum", metavar="ALGO",
+                   help="compute this checksum where the catalog lacks it and compare "
+                        "(default: compare the adler32 checksums already catalogued)")
     c.add_argument("--mtime-tolerance", metavar="S", type=float, default=0.0,
                    help="seconds mtimes may differ by")
     c.add_argument("--json", action="store_true", help="JSON Lines, one per difference")
@@ -68,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-delete", metavar="N", type=int,
                    help="refuse to run if more than N deletions are needed")
     c.add_argument("--no-replace", action="store_true", help="keep differing DST files")
-    c.add_argument("--checksum", metavar="ALGO", default="adler32")
+    c.add_argument("--checksum", metavar="ALGO",
+                   help="verify copies with ALGO and compare the content of files whose "
+                        "size and mtime agree, like rsync -c (default: adler32, copies only)")
     c.add_argument("--transfers", metavar="N", type=int, default=4, help="parallel copies")
     c.add_argument("--index", choices=("both", "ref", "none"), default="both",
                    help="what to re-list first (ref: trust the catalog for DST)")

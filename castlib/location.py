@@ -57,8 +57,9 @@ class LocationURL:
         return LocationURL(self.scheme, self.host, path, self.user, self.password, self.query)
 
 
-def parse_location(text: str) -> LocationURL:
-    """Parse a URL or a bare local path into a normalised `LocationURL`.
+def parse_location(text: str, base_dir: str | None = None) -> LocationURL:
+    """Parse a URL or a bare local path into a normalised `LocationURL`; a relative path
+    is taken relative to base_dir (default: the working directory).
 
     Raises ConfigError with the offending text when it cannot be a location.
     """
@@ -68,7 +69,10 @@ def parse_location(text: str) -> LocationURL:
     if not m:
         if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/", text) and not os.path.exists(text):
             raise ConfigError(f"malformed location URL {redact(text)!r} (expected scheme://host/path)")
-        return LocationURL("file", "", _clean_local(os.path.abspath(os.path.expanduser(text))))
+        path = os.path.expanduser(text)
+        if base_dir and not os.path.isabs(path):
+            path = os.path.join(base_dir, path)
+        return LocationURL("file", "", _clean_local(os.path.abspath(path)))
     scheme = m.group(1).lower()
     parts = urlsplit(text)
     user = unquote(parts.username) if parts.username else None

@@ -1,7 +1,6 @@
 """What every stage is: a parameter model, a run() over a shared RunContext, an outcome."""
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TextIO
@@ -77,9 +76,7 @@ class RunContext:
                 known = self.catalog.find_location(text)
                 if known is not None and known.name == text:
                     name, url_text = text, known.url
-        if "://" not in url_text and not os.path.isabs(os.path.expanduser(url_text)):
-            url_text = os.path.join(self.base_dir, url_text)   # relative to the pipeline file
-        url = parse_location(url_text)
+        url = parse_location(url_text, base_dir=self.base_dir)   # relative to the pipeline file
         options = self.user_config.options_for(url)
         if name and name in self.location_options:
             options.update(self.location_options[name])

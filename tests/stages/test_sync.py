@@ -171,3 +171,16 @@ def test_parallel_transfers_copy_large_files_byte_exact(tmp_path, db_url):
     r = sync(ref, tmp_path / "dst", db_url, transfers=4, checksum="sha256")
     assert r.counts["copied"] == 6
     assert tree_digest(tmp_path / "dst") == tree_digest(ref)
+
+
+def test_explicit_checksum_compares_content_of_look_alike_files(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"AAAA"})
+    dst = make_tree(tmp_path / "dst", {"a.dat": b"BBBB"})
+    st = os.stat(ref / "a.dat")
+    os.utime(dst / "a.dat", ns=(st.st_atime_ns, st.st_mtime_ns))   # same size, same mtime
+    assert sync(ref, dst, db_url).counts["replaced"] == 0          # looks identical
+    r = sync(ref, dst, db_url, checksum="md5")
+    assert r.counts["replaced"] == 1
+    assert (dst / "a.dat").read_bytes() == b"AAAA"
+    diff = castlib.diff(str(ref), str(dst), db=db_url, checksum="md5")
+    assert diff.value.differences == []
