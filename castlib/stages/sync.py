@@ -233,7 +233,8 @@ class SyncStage(Stage):
                 try:
                     self.dst.set_mtime(from_catalog(d.path), d.ref.mtime_ns)
                     self.counts["mtime_fixed"] += 1
-                    self._remember(d.path, FILE, d.dst.size, d.ref.mtime_ns, dst_sum, None)
+                    self._remember(d.path, FILE, d.dst.size, d.ref.mtime_ns, dst_sum, None,
+                                   d.dst.mode)
                 except StorageError as exc:
                     self._fail(d.path, f"cannot set mtime: {exc}")
 
