@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
 
 def make_tree(root: Path | str, files: dict[str, bytes | str | None]) -> Path:
     """Create files under root: {"a/b.dat": b"bytes", "empty/": None (a folder)}."""
@@ -41,17 +43,26 @@ def tree_digest(root: Path | str) -> dict[str, str]:
     return out
 
 
+def cli_env(extra: dict | None = None) -> dict:
+    """The environment for a castlib subprocess: the castlib under test comes first on
+    PYTHONPATH, whatever else is installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [(extra or {}).get("PYTHONPATH"), REPO_ROOT, os.environ.get("PYTHONPATH")]))
+    env.update({k: v for k, v in (extra or {}).items() if k != "PYTHONPATH"})
+    return env
+
+
+def castlib_command(*args: str, db: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "castlib", *(["--db", db] if db else []), *args]
+
+
 def run_cli(*args: str, db: str | None = None, env: dict | None = None, check: int | None = None,
             input: str | None = None, cwd: str | None = None, timeout: float = 300
             ) -> subprocess.CompletedProcess:
     """Run `castlib [--db DB] ARGS...` in a subprocess, as a user would."""
-    cmd = [sys.executable, "-m", "castlib"]
-    if db:
-        cmd += ["--db", db]
-    cmd += list(args)
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, input=input,
+    proc = subprocess.run(castlib_command(*args, db=db), capture_output=True, text=True,
+                          env=cli_env(env), input=input,
                           cwd=cwd, timeout=timeout)
     if check is not None and proc.returncode != check:
         raise AssertionError(f"castlib {' '.join(args)} exited {proc.returncode}, wanted {check}\n"

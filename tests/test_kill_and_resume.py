@@ -2,10 +2,9 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
-from tests.helpers import run_cli, tree_digest
+from tests.helpers import castlib_command, cli_env, run_cli, tree_digest
 
 MiB = 1024 * 1024
 
@@ -18,9 +17,9 @@ def test_sigkill_mid_transfer_then_resume(tmp_path, db_url):
         with open(ref / f"run{i}.dat", "wb") as f:
             for _ in range(48):
                 f.write(os.urandom(MiB))
-    proc = subprocess.Popen([sys.executable, "-m", "castlib", "--db", db_url, "-q", "sync",
-                             str(ref), str(dst), "--transfers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(castlib_command("-q", "sync", str(ref), str(dst), "--transfers", "1",
+                                            db=db_url),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
     deadline = time.monotonic() + 60
     seen_temp = False
     while time.monotonic() < deadline and proc.poll() is None:

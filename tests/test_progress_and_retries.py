@@ -2,13 +2,12 @@
 import os
 import pty
 import subprocess
-import sys
 
 import pytest
 
 from castlib.errors import StorageError, TransientStorageError
 from castlib.transfer import with_retries
-from tests.helpers import make_tree, run_cli
+from tests.helpers import castlib_command, cli_env, make_tree, run_cli
 
 
 def test_progress_line_on_a_terminal_and_none_in_a_pipe(tmp_path, db_url):
@@ -17,8 +16,8 @@ def test_progress_line_on_a_terminal_and_none_in_a_pipe(tmp_path, db_url):
     for i in range(3):
         (src / f"f{i}.dat").write_bytes(os.urandom(8 * 1024 * 1024))
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "castlib", "--db", db_url, "sync", str(src),
-                             str(tmp_path / "dst")], stdin=slave, stdout=slave, stderr=slave)
+    proc = subprocess.Popen(castlib_command("sync", str(src), str(tmp_path / "dst"), db=db_url),
+                            stdin=slave, stdout=slave, stderr=slave, env=cli_env())
     os.close(slave)
     chunks = []
     while True:
