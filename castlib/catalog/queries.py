@@ -195,15 +195,25 @@ class Catalog:
                 E.c.kind == "f")).scalar_one()
 
     def load_entries(self, location_id: int) -> dict[str, IndexedEntry]:
-        """Every entry (deleted ones too) of a location by catalog path: the index's baseline."""
-        cols = (E.c.path, E.c.id, E.c.kind, E.c.size, E.c.mtime_ns, E.c.mode, E.c.link_target,
-                E.c.deleted, E.c.adler32, E.c.md5, E.c.sha256)
+        """Every entry (deleted ones too) of a location by catalog path: the index's baseline.
+        Read through the DBAPI cursor: SQLAlchemy's row processing doubled the time."""
+        marker = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        sql = ("SELECT path, id, kind, size, mtime_ns, mode, link_target, deleted, adler32, md5, "
+               f"sha256 FROM entries WHERE location_id = {marker}")
+        make = IndexedEntry._make
         out: dict[str, IndexedEntry] = {}
         with self.engine.connect() as conn:
-            result = conn.execution_options(yield_per=BATCH).execute(
-                select(*cols).where(E.c.location_id == location_id))
-            for row in result:
-                out[row[0]] = IndexedEntry._make(row[1:])
+            cursor = conn.connection.cursor()   # the DBAPI cursor itself
+            try:
+                cursor.execute(sql, (location_id,))
+                while True:
+                    rows = cursor.fetchmany(BATCH)
+                    if not rows:
+                        break
+                    for row in rows:
+                        out[row[0]] = make(row[1:])
+            finally:
+                cursor.close()
         return out
 
     def insert_entries(self, conn, rows: list[dict]) -> None:
