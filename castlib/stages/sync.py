@@ -11,7 +11,7 @@ from ..backends.base import DIR, FILE, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock
 from ..catalog.paths import from_catalog
-from ..errors import SafetyRefusal, StorageError
+from ..errors import NotFound, SafetyRefusal, StorageError
 from ..progress import human_bytes
 from ..transfer import copy_file, with_retries
 from .base import Stage, StageOutcome, StageParams
@@ -161,6 +161,8 @@ class SyncStage(Stage):
             try:
                 self.dst.delete(path)
                 c["temp_removed"] += 1
+            except NotFound:     # a run we waited for had it, and renamed or removed it
+                pass
             except StorageError as exc:
                 self.errors.append(f"{path}: cannot remove leftover temporary file: {exc}")
         for d in plan.clear_first:
