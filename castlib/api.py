@@ -61,7 +61,7 @@ def diff(ref: str, dst: str, *, db=None, checksum: str | None = None,
 def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = False,
          max_delete: int | None = None, replace: bool = True, checksum: str | None = None,
          transfers: int = 4, index: str = "both", force: bool = False, retries: int = 3,
-         mtime_tolerance: float = 0, **run_options) -> RunReport:
+         mtime_tolerance: float = 0, lock_wait: float = 0, **run_options) -> RunReport:
     """Make `dst` match `ref`. index: "both" re-lists both sides, "ref" trusts the catalog
     for the destination, "none" trusts it for both. Copies are verified with `checksum`
     (adler32 by default); naming it explicitly also compares the content of files whose
@@ -81,7 +81,7 @@ def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = F
                             "mtime_tolerance": mtime_tolerance}))
     stages.append(("sync", {"from": "plan", "delete": delete, "max_delete": max_delete,
                             "replace": replace, "transfers": transfers, "retries": retries,
-                            "dry_run": dry_run}))
+                            "dry_run": dry_run, "lock_wait": lock_wait}))
     args = {"ref": ref, "dst": dst, "dry_run": dry_run, "delete": delete,
             "max_delete": max_delete, "replace": replace, "checksum": checksum,
             "transfers": transfers, "index": index, "force": force}

@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="what to re-list first (ref: trust the catalog for DST)")
     c.add_argument("--force", action="store_true",
                    help="act even if the reference lists empty where files were")
+    c.add_argument("--lock-wait", metavar="S", type=float, default=0,
+                   help="wait up to S seconds for another sync into DST to finish "
+                        "(default: refuse at once)")
     c.add_argument("--json", action="store_true", help="last line: JSON object of counts")
 
     c = command("verify", help="re-read files and compare with the catalog")
@@ -168,7 +171,7 @@ def cmd_sync(args) -> int:
     report = api.sync(args.ref, args.dst, dry_run=args.dry_run, delete=args.delete,
                       max_delete=args.max_delete, replace=not args.no_replace,
                       checksum=args.checksum, transfers=args.transfers, index=args.index,
-                      force=args.force, **_common(args))
+                      force=args.force, lock_wait=args.lock_wait, **_common(args))
     if args.json:
         print(json.dumps(report.counts))
     return report.exit_code
