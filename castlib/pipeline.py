@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from pydantic import ValidationError
 
 from .catalog import Catalog
+from .catalog.locks import location_lock
 from .catalog.paths import printable
 from .config import UserConfig, load_user_config
 from .errors import CastlibError, ConfigError
@@ -190,7 +192,10 @@ class Pipeline:
         ctx.run_id = report.run_id
         from .catalog.queries import utcnow
 
+        locks = ExitStack()
         try:
+            if not dry_run:
+                self._lock_destinations(ctx, locks)
             for spec in self.stages:
                 started = utcnow()
                 try:
@@ -215,9 +220,23 @@ class Pipeline:
             catalog.finish_run(report.run_id, "error", f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            locks.close()
             ctx.close()
         catalog.finish_run(report.run_id, "failed" if report.exit_code else "ok")
         return report
+
+    def _lock_destinations(self, ctx: RunContext, locks: ExitStack) -> None:
+        """Hold, for the whole run, the lock of every location a stage will write into, so
+        that two runs never interleave their listings and copies in one destination."""
+        earlier: dict[str, StageSpec] = {}
+        for spec in self.stages:
+            for target, wait_s in spec.cls.destinations(spec.params, earlier):
+                record = ctx.resolve(target).record
+                if record.id not in ctx.locked:
+                    locks.enter_context(location_lock(ctx.catalog, record.id, record.url, wait_s))
+                    ctx.locked.add(record.id)
+            if spec.params.id:
+                earlier[spec.params.id] = spec
 
 
 MAX_ERRORS_SHOWN = 50

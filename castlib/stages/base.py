@@ -61,6 +61,7 @@ class RunContext:
     err: TextIO = field(default_factory=lambda: sys.stderr)
     retries: int = 3
     retry_backoff_s: float = 1.0
+    locked: set[int] = field(default_factory=set)   # location ids whose lock the run holds
     _backends: dict[str, Backend] = field(default_factory=dict)
 
     def resolve(self, text: str) -> ResolvedLocation:
@@ -124,6 +125,12 @@ class Stage:
     def __init__(self, params: StageParams, context: RunContext):
         self.params = params
         self.context = context
+
+    @classmethod
+    def destinations(cls, params: StageParams, earlier: dict) -> list[tuple[str, float]]:
+        """Locations this stage writes into, with how long to wait for their lock; the
+        pipeline locks them for the whole run. `earlier` maps ids to earlier StageSpecs."""
+        return []
 
     def run(self) -> StageOutcome:
         raise NotImplementedError

@@ -146,9 +146,19 @@ class SyncStage(Stage):
         if p.dry_run or ctx.dry_run:
             self._print_plan(plan, leftovers)
             return self._outcome(started, dry_run=True)
-        with location_lock(ctx.catalog, diff.dst.record.id, diff.dst.record.url, p.lock_wait):
+        if diff.dst.record.id in ctx.locked:      # held by the pipeline for the whole run
             self._execute(plan, leftovers, p)
+        else:
+            with location_lock(ctx.catalog, diff.dst.record.id, diff.dst.record.url, p.lock_wait):
+                self._execute(plan, leftovers, p)
         return self._outcome(started)
+
+    @classmethod
+    def destinations(cls, params: SyncParams, earlier: dict) -> list[tuple[str, float]]:
+        source = earlier.get(params.from_)
+        if params.dry_run or source is None or not hasattr(source.params, "dst"):
+            return []
+        return [(source.params.dst, params.lock_wait)]
 
     def _execute(self, plan: TransferPlan, leftovers: list[str], p: SyncParams) -> None:
         c = self.counts
