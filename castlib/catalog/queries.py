@@ -87,7 +87,6 @@ class Difference(NamedTuple):
 
 
 DIFFERENCE_KINDS = ("missing", "extra", "type", "size", "checksum", "mtime")
-TIMESTAMP_COLUMNS = ("first_seen", "last_seen")
 INSERT_COLUMNS = ("location_id", "path", "name", "kind", "size", "mtime_ns", "mode", "link_target",
                   "adler32", "md5", "sha256", "online", "first_seen", "last_seen", "deleted")
 
@@ -217,41 +216,54 @@ class Catalog:
         return out
 
     def insert_entries(self, conn, rows: list[dict]) -> None:
-        """Bulk insert of new entries: dicts with the Entry columns but id and parent_id.
-
-        The hot path of indexing: one DBAPI executemany of plain tuples, because building
-        the same statement through SQLAlchemy's per-row parameter processing took most of
-        the time of a fresh index."""
+        """Bulk insert of new entries: dicts with the Entry columns but id and parent_id
+        (optional ones may be left out)."""
         if not rows:
             return
-        dialect = conn.dialect
-        marker = "?" if dialect.paramstyle == "qmark" else "%s"
+        stamps: dict = {}   # rows of one batch share a timestamp: convert each once
+
+        def stamp(v):
+            if v is None:
+                return None
+            return stamps[v] if v in stamps else stamps.setdefault(v, self.timestamp_param(v))
+
+        getter = itemgetter(*INSERT_COLUMNS)
+        first, last = INSERT_COLUMNS.index("first_seen"), INSERT_COLUMNS.index("last_seen")
+        out = []
+        for r in rows:
+            try:
+                t = list(getter(r))
+            except KeyError:
+                t = [r.get(c) for c in INSERT_COLUMNS]
+            t[first], t[last] = stamp(t[first]), stamp(t[last])
+            out.append(t)
+        self.insert_entry_rows(conn, out)
+
+    def timestamp_param(self, value: datetime):
+        """A timestamp as insert_entry_rows takes it: what the dialect would bind (SQLite
+        stores text), computed once by a caller that inserts many rows of one timestamp."""
+        proc = E.c.first_seen.type._cached_bind_processor(self.engine.dialect)
+        return proc(value) if proc is not None else value
+
+    def insert_entry_rows(self, conn, rows: list) -> None:
+        """The hot path of indexing: new entries as sequences in INSERT_COLUMNS order
+        (timestamps from timestamp_param), in one DBAPI executemany. Building the same
+        statement through SQLAlchemy's per-row parameter processing, or from dicts, took
+        most of the time of a fresh index."""
+        if not rows:
+            return
+        marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
         sql = (f"INSERT INTO entries ({', '.join(INSERT_COLUMNS)}) "
                f"VALUES ({', '.join([marker] * len(INSERT_COLUMNS))})")
-        # Only timestamps need the dialect's conversion (SQLite keeps them as text); rows
-        # of one batch share a timestamp, so each distinct value is converted once.
-        procs = [(i, E.c[c].type._cached_bind_processor(dialect))
-                 for i, c in enumerate(INSERT_COLUMNS) if c in TIMESTAMP_COLUMNS]
-        procs = [(i, f) for i, f in procs if f is not None]
-        getter = itemgetter(*INSERT_COLUMNS)
-        converted: dict = {}
+        cursor = conn.connection.cursor()   # the DBAPI cursor, in conn's transaction:
+        try:                                # SQLAlchemy would insist on tuples
+            cursor.executemany(sql, rows)
+        finally:
+            cursor.close()
 
-        def row_tuple(r):
-            t = getter(r)
-            if not procs:
-                return t
-            t = list(t)
-            for i, f in procs:
-                v = t[i]
-                if v is not None:
-                    t[i] = converted[v] if v in converted else converted.setdefault(v, f(v))
-            return tuple(t)
-
-        try:
-            tuples = [row_tuple(r) for r in rows]
-        except KeyError:  # callers may leave optional columns out
-            tuples = [row_tuple({c: r.get(c) for c in INSERT_COLUMNS}) for r in rows]
-        conn.exec_driver_sql(sql, tuples)
+    def max_entry_id(self, conn) -> int:
+        """The largest entry id so far: entries inserted after this call have larger ones."""
+        return conn.execute(select(func.max(E.c.id))).scalar() or 0
 
     def update_entries(self, conn, rows: list[dict]) -> None:
         """Bulk update by id (`b_id`) of the metadata columns of changed entries."""
@@ -277,16 +289,20 @@ class Catalog:
             conn.execute(update(E).where(E.c.id.in_(ids[i:i + BATCH]))
                          .values(deleted=True, last_seen=now))
 
-    def link_parents(self, conn, location_id: int) -> None:
+    def link_parents(self, conn, location_id: int, since_id: int | None = None) -> None:
         """Fill parent_id of entries below the root in one statement (materialised path:
-        the parent's path is the path less its last component)."""
+        the parent's path is the path less its last component). With since_id, only
+        entries of larger id (those inserted since): the index links each batch as it
+        inserts it, which keeps the update, and SQLite's memory for it, batch-sized."""
         p = E.alias("p")
         parent_path = func.substr(E.c.path, 1, func.length(E.c.path) - func.length(E.c.name) - 1)
         parent = (select(p.c.id).where(p.c.location_id == E.c.location_id, p.c.path == parent_path)
                   .scalar_subquery())
-        conn.execute(update(E).where(E.c.location_id == location_id, E.c.parent_id.is_(None),
-                                     func.length(E.c.path) > func.length(E.c.name))
-                     .values(parent_id=parent))
+        where = [E.c.location_id == location_id, E.c.parent_id.is_(None),
+                 func.length(E.c.path) > func.length(E.c.name)]
+        if since_id is not None:
+            where.append(E.c.id > since_id)
+        conn.execute(update(E).where(*where).values(parent_id=parent))
 
     def touch_location(self, conn, location_id: int, now: datetime) -> None:
         conn.execute(update(E).where(E.c.location_id == location_id,
