@@ -47,7 +47,9 @@ def _sqlite_pragmas(dbapi_conn, _record):
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=60000")
-    cur.execute("PRAGMA cache_size=-65536")
+    # 16 MiB of page cache: 64 MiB made no measurable difference (index of 100k and 1M
+    # files, diff of two 1M-entry locations) and cost 50 MB of peak memory
+    cur.execute("PRAGMA cache_size=-16384")
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
 
