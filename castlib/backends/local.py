@@ -43,7 +43,8 @@ class LocalBackend(Backend):
             raise LocationMissing(f"folder does not exist: {self.root}", path="")
         # An explicit stack instead of recursion: deep trees, and one tight loop.
         stack = [("", self.root)]
-        S_IFMT, S_ISDIR, S_ISLNK = statmod.S_IFMT, statmod.S_ISDIR, statmod.S_ISLNK
+        # file types compared as numbers: S_ISDIR() and friends are calls, once per entry
+        IFMT, IFDIR, IFLNK, IFREG = 0o170000, statmod.S_IFDIR, statmod.S_IFLNK, statmod.S_IFREG
         while stack:
             rel, absdir = stack.pop()
             try:
@@ -69,17 +70,18 @@ class LocalBackend(Backend):
                         on_error(path, exc.strerror or str(exc))
                         continue
                     mode = st.st_mode
-                    if S_ISDIR(mode):
+                    file_type = mode & IFMT
+                    if file_type == IFREG:
+                        yield Stat(path, FILE, st.st_size, st.st_mtime_ns, mode & 0o7777)
+                    elif file_type == IFDIR:
                         yield Stat(path, DIR, 0, st.st_mtime_ns, mode & 0o7777)
                         subdirs.append((path, entry.path))
-                    elif S_ISLNK(mode):
+                    elif file_type == IFLNK:
                         try:
                             target = os.readlink(entry.path)
                         except OSError:
                             target = None
                         yield Stat(path, LINK, st.st_size, st.st_mtime_ns, mode & 0o7777, target)
-                    elif statmod.S_ISREG(mode):
-                        yield Stat(path, FILE, st.st_size, st.st_mtime_ns, mode & 0o7777)
                     # sockets, fifos and devices are not data: not catalogued
             stack.extend(reversed(subdirs))
 

@@ -14,7 +14,7 @@ from ..catalog.paths import from_catalog, parent_of, to_catalog
 from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
 from ..checksum import ALGORITHMS
 from ..errors import LocationMissing, SafetyRefusal, StorageError
-from ..transfer import is_temp_name
+from ..transfer import TEMP_MARK, is_temp_name
 from .base import Stage, StageOutcome, StageParams
 
 
@@ -163,20 +163,28 @@ class IndexStage(Stage):
                     catalog.set_checksums(conn, loc_id, algo, hashed.items())
             inserts, updates, to_hash, pending_writes = [], [], [], 0
 
+        # The loop below runs once per entry (millions): locals, no avoidable calls.
+        filtering, accepts, pop_existing = flt.active, flt.accepts, existing.pop
+        unreported = 0   # entries not yet added to the progress counter (it takes a lock)
         try:
             for st in (backend.walk(on_error) if root_exists else ()):
-                if is_temp_name(st.name):
-                    result.leftover_temp.append(st.path)
+                storage_path, kind = st.path, st.kind
+                if TEMP_MARK in storage_path and is_temp_name(st.name):
+                    result.leftover_temp.append(storage_path)
                     continue
-                if not flt.accepts(st.path, st.kind):
+                if filtering and not accepts(storage_path, kind):
                     continue
-                kind = st.kind
                 counts["files" if kind == FILE else "dirs" if kind == DIR else "links"] += 1
                 if kind == FILE:
                     counts["bytes"] += st.size or 0
-                progress.add_file()
-                path = to_catalog(st.path)
-                old = existing.pop(path, None)
+                unreported += 1
+                if unreported == 1000:
+                    progress.add_file(unreported)
+                    unreported = 0
+                # plain ASCII without "%" is stored as is (see catalog.paths)
+                path = (storage_path if storage_path.isascii() and "%" not in storage_path
+                        else to_catalog(storage_path))
+                old = pop_existing(path, None)
                 if old is None:
                     row = _new_row(loc_id, path, st, stamp)
                     inserts.append(row)
@@ -217,6 +225,7 @@ class IndexStage(Stage):
                 if pending_writes >= BATCH:
                     flush()
         finally:
+            progress.add_file(unreported)
             progress.close()
 
         counts["unreadable"] = len(result.unlisted)
