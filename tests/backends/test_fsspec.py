@@ -1,0 +1,358 @@
+"""The back-end contract of the fsspec bridge against real servers: S3 (moto), SFTP (sshd),
+WebDAV (wsgidav), and fsspec's in-memory file system."""
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass
+
+import pytest
+
+from castlib.backends import DIR, FILE, LINK, open_backend
+from castlib.backends.fsspec import FsspecBackend
+from castlib.checksum import Hasher
+from castlib.errors import NotFound, StorageError, TransientStorageError
+from tests.servers.common import free_port
+
+PROTOCOLS = ["memory", "s3", "sftp", "webdav"]
+MIB = 1024 * 1024
+
+
+@dataclass
+class Store:
+    protocol: str
+    url: str
+    options: dict
+    backend: FsspecBackend
+
+
+@pytest.fixture(params=PROTOCOLS)
+def store(request, tmp_path):
+    """An empty location on one of the servers, and the back-end serving it."""
+    if request.param == "memory":
+        url, options = f"memory://castlib-tests/{tmp_path.name}", {}
+    elif request.param == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        url, options = f"{bucket.url}/some/prefix", bucket.options
+    elif request.param == "sftp":
+        server = request.getfixturevalue("sftp_server")
+        url, options = server.url, server.options
+    else:
+        server = request.getfixturevalue("webdav_server")
+        url, options = server.url, server.options
+    backend = open_backend(url, options)
+    assert isinstance(backend, FsspecBackend)
+    try:
+        yield Store(request.param, url, options, backend)
+    finally:
+        backend.close()
+
+
+def write(backend, path: str, data: bytes) -> None:
+    with backend.open_write(path) as f:
+        for start in range(0, len(data), 4 * MIB):
+            f.write(data[start:start + 4 * MIB])
+
+
+def read(backend, path: str) -> bytes:
+    with backend.open_read(path) as f:
+        chunks = []
+        while chunk := f.read(MIB):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def listing(backend) -> list:
+    errors = []
+    entries = list(backend.walk(lambda path, msg: errors.append((path, msg))))
+    assert errors == []
+    return entries
+
+
+# -- listing --------------------------------------------------------------------------------
+def test_walk_lists_nested_tree_parents_first(store):
+    b = store.backend
+    for path, data in {"top.txt": b"t", "a/x.txt": b"", "a/b/c.txt": b"hello",
+                       "a/b/d/deep.bin": b"\0" * 10}.items():
+        b.mkdir(path.rpartition("/")[0])
+        write(b, path, data)
+    b.mkdir("empty")
+    b.mkdir("a/empty2")
+
+    entries = listing(b)
+    found = {st.path: (st.kind, st.size) for st in entries}
+    expected = {"top.txt": (FILE, 1), "a": (DIR, 0), "a/x.txt": (FILE, 0), "a/b": (DIR, 0),
+                "a/b/c.txt": (FILE, 5), "a/b/d": (DIR, 0), "a/b/d/deep.bin": (FILE, 10)}
+    if b.capabilities.empty_dirs:
+        expected.update({"empty": (DIR, 0), "a/empty2": (DIR, 0)})
+    assert found == expected
+    order = [st.path for st in entries]
+    for path in order:
+        if "/" in path:
+            assert order.index(path.rpartition("/")[0]) < order.index(path), order
+    assert all(st.mtime_ns for st in entries if st.kind == FILE)
+
+
+def test_stat_of_missing_entry_is_none(store):
+    b = store.backend
+    assert b.stat("nope") is None
+    assert b.stat("no/such/file.txt") is None
+    write(b, "here.txt", b"1")
+    st = b.stat("here.txt")
+    assert (st.path, st.kind, st.size) == ("here.txt", FILE, 1)
+    assert b.root_exists()
+
+
+def test_empty_location_root_exists_once_created(store):
+    store.backend.mkdir("")
+    assert store.backend.root_exists()
+    assert listing(store.backend) == []
+
+
+# -- data -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1, 12 * MIB + 17], ids=["empty", "one-byte", "12MiB"])
+def test_write_read_round_trip_is_byte_exact(store, size):
+    data = os.urandom(size)
+    write(store.backend, "data.bin", data)
+    assert store.backend.stat("data.bin").size == size
+    assert read(store.backend, "data.bin") == data
+
+
+def test_write_replaces_existing_file(store):
+    write(store.backend, "f", b"old content, longer")
+    write(store.backend, "f", b"new")
+    assert read(store.backend, "f") == b"new"
+
+
+def test_read_of_missing_file_is_not_found(store):
+    with pytest.raises(NotFound):
+        read(store.backend, "missing.bin")
+
+
+@pytest.mark.parametrize("algorithm", ["adler32", "md5", "sha256"])
+def test_checksum_equals_castlib_computation(store, algorithm):
+    data = os.urandom(3 * MIB + 5)
+    write(store.backend, "sum.bin", data)
+    hasher = Hasher((algorithm,))
+    hasher.update(data)
+    assert store.backend.checksum("sum.bin", algorithm) == hasher.hexdigests()[algorithm]
+
+
+# -- namespace ------------------------------------------------------------------------------
+def test_rename_replaces_target(store):
+    b = store.backend
+    write(b, "new.tmp", b"fresh bytes")
+    write(b, "final.dat", b"stale")
+    b.rename("new.tmp", "final.dat")
+    assert b.stat("new.tmp") is None
+    assert read(b, "final.dat") == b"fresh bytes"
+
+
+def test_rename_into_subfolder(store):
+    b = store.backend
+    b.mkdir("sub")
+    write(b, "x", b"x")
+    b.rename("x", "sub/y")
+    assert read(b, "sub/y") == b"x" and b.stat("x") is None
+
+
+def test_delete_file_and_empty_folder(store):
+    b = store.backend
+    b.mkdir("d")
+    write(b, "d/f", b"1")
+    b.delete("d/f")
+    assert b.stat("d/f") is None
+    if b.capabilities.empty_dirs:
+        assert b.stat("d").kind == DIR
+    b.delete("d") if b.stat("d") else None
+    assert b.stat("d") is None
+    with pytest.raises(NotFound):
+        b.delete("d/f")
+
+
+def test_delete_refuses_a_folder_with_content(store):
+    b = store.backend
+    b.mkdir("full")
+    write(b, "full/keep", b"keep me")
+    with pytest.raises(StorageError):
+        b.delete("full")
+    assert read(b, "full/keep") == b"keep me"
+
+
+HOSTILE_NAMES = ["with space.txt", "quote'and\"double", "-leading-dash", "ünïcödé-名前.dat",
+                 "hash#tag", "per%25cent%", "what?.txt", "semi;colon&amp", "plus+sign"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names(store, name):
+    b = store.backend
+    b.mkdir(f"dir {name}")
+    path = f"dir {name}/{name}"
+    write(b, path, name.encode())
+    assert b.stat(path).kind == FILE
+    assert read(b, path) == name.encode()
+    assert {st.path for st in listing(b)} == {f"dir {name}", path}
+    b.rename(path, f"dir {name}/renamed {name}")
+    assert read(b, f"dir {name}/renamed {name}") == name.encode()
+    b.delete(f"dir {name}/renamed {name}")
+    assert b.stat(f"dir {name}/renamed {name}") is None
+
+
+# -- protocol specifics -------------------------------------------------------------------
+def test_s3_etag_is_the_md5_of_a_single_part_upload(s3_bucket):
+    b = open_backend(s3_bucket.url, s3_bucket.options)
+    small, large = os.urandom(1000), os.urandom(b.block_size + 1)
+    write(b, "small", small)
+    write(b, "large", large)   # more than one part: its ETag is no md5
+    sums = {st.path: st.checksums for st in listing(b)}
+    assert sums["small"] == {"md5": hashlib.md5(small).hexdigest()}
+    assert sums["large"] is None
+
+    def no_reading(path):
+        raise AssertionError("the md5 of a single-part object comes from its ETag")
+
+    b.open_read, real_open_read = no_reading, b.open_read
+    assert b.checksum("small", "md5") == hashlib.md5(small).hexdigest()
+    b.open_read = real_open_read   # the multipart one is read and hashed
+    assert b.checksum("large", "md5") == hashlib.md5(large).hexdigest()
+
+
+def test_s3_folders_come_from_key_prefixes(s3_bucket):
+    b = open_backend(s3_bucket.url, s3_bucket.options)
+    b.mkdir("nothing/here")   # a no-op: object stores keep no folders
+    write(b, "x/y/z", b"z")
+    assert {(st.path, st.kind) for st in listing(b)} == {("x", DIR), ("x/y", DIR), ("x/y/z", FILE)}
+    assert b.stat("x/y").kind == DIR
+
+
+def test_s3_options_from_environment(s3_bucket, monkeypatch):
+    for name, value in s3_bucket.server.env.items():
+        monkeypatch.setenv(name, value)
+    b = open_backend(s3_bucket.url)
+    write(b, "env", b"from env")
+    assert read(b, "env") == b"from env"
+
+
+def test_sftp_sets_mtime_and_lists_links_unfollowed(sftp_server):
+    b = open_backend(sftp_server.url, sftp_server.options)
+    write(b, "f", b"data")
+    b.set_mtime("f", 1_600_000_000_123_456_789)
+    assert b.stat("f").mtime_ns == 1_600_000_000 * 10**9
+    assert os.stat(sftp_server.folder / "f").st_mtime == 1_600_000_000
+    b.mkdir("d")
+    write(b, "d/inside", b"x")
+    b.symlink("link-to-d", "d")
+    os.symlink("/nonexistent/target", sftp_server.folder / "dangling")
+    entries = {st.path: st for st in listing(b)}
+    assert entries["link-to-d"].kind == LINK and entries["link-to-d"].link_target == "d"
+    assert entries["dangling"].kind == LINK
+    assert entries["dangling"].link_target == "/nonexistent/target"
+    assert "link-to-d/inside" not in entries
+    assert b.stat("link-to-d").kind == LINK
+    b.delete("link-to-d")
+    assert (sftp_server.folder / "d" / "inside").exists()
+
+
+def test_sftp_password_from_url_is_never_shown(sftp_server):
+    url = f"sftp://{sftp_server.user}:Sup3rS3cret@127.0.0.1:{sftp_server.port}{sftp_server.folder}"
+    b = open_backend(url, {"known_hosts": None, "client_keys": []})
+    with pytest.raises(StorageError) as info:
+        b.stat("x")
+    message = str(info.value)
+    assert "Sup3rS3cret" not in message and "\n" not in message
+    assert "authentication failed" in message
+
+
+def test_sftp_checks_host_keys_unless_told_not_to(sftp_server):
+    options = {"client_keys": [sftp_server.client_key], "known_hosts": []}   # trusts no one
+    with pytest.raises(StorageError, match="host key not trusted"):
+        open_backend(sftp_server.url, options).stat("")
+
+
+def test_webdav_files_are_where_the_server_keeps_them(webdav_server):
+    b = open_backend(webdav_server.url, webdav_server.options)
+    b.mkdir("sub dir")
+    write(b, "sub dir/a#b?.txt", b"on disk")
+    assert (webdav_server.path / "sub dir" / "a#b?.txt").read_bytes() == b"on disk"
+
+
+# -- failures -------------------------------------------------------------------------------
+def _assert_one_line_without(error: Exception, *secrets: str) -> str:
+    message = str(error)
+    assert "\n" not in message and "Traceback" not in message
+    for secret in secrets:
+        assert secret not in message
+    return message
+
+
+@pytest.mark.timeout(60)
+def test_s3_wrong_credentials(s3_auth_bucket):
+    good = open_backend(s3_auth_bucket.url, s3_auth_bucket.options)
+    write(good, "f", b"1")
+    assert good.stat("f").size == 1
+    wrong = dict(s3_auth_bucket.options, secret="WrongSecretValue123")
+    with pytest.raises(StorageError) as info:
+        open_backend(s3_auth_bucket.url, wrong).stat("f")
+    assert not isinstance(info.value, TransientStorageError)
+    message = _assert_one_line_without(info.value, "WrongSecretValue123",
+                                       s3_auth_bucket.server.secret)
+    assert "wrong credentials" in message and s3_auth_bucket.bucket in message
+    with pytest.raises(StorageError, match="authentication failed") as info:
+        write(open_backend(s3_auth_bucket.url, wrong), "g", b"2")   # a PUT's answer says why
+    _assert_one_line_without(info.value, "WrongSecretValue123")
+
+
+@pytest.mark.timeout(60)
+def test_sftp_wrong_credentials(sftp_server, tmp_path):
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")],
+                   check=True)
+    b = open_backend(sftp_server.url, {"client_keys": [str(tmp_path / "stranger")],
+                                       "known_hosts": None})
+    with pytest.raises(StorageError) as info:
+        list(b.walk(lambda *a: None)) if b.root_exists() else None
+    assert not isinstance(info.value, TransientStorageError)
+    message = _assert_one_line_without(info.value)
+    assert message.startswith(f"sftp://{sftp_server.user}@127.0.0.1:{sftp_server.port}")
+    assert "authentication failed" in message
+
+
+@pytest.mark.timeout(60)
+def test_webdav_wrong_credentials(webdav_server):
+    url = (f"webdav://{webdav_server.user}:WrongPassw0rd@{webdav_server.host}:"
+           f"{webdav_server.port}/{webdav_server.folder}")
+    with pytest.raises(StorageError) as info:
+        open_backend(url).stat("")
+    message = _assert_one_line_without(info.value, "WrongPassw0rd", webdav_server.password)
+    assert "authentication failed" in message
+    with pytest.raises(StorageError, match="authentication failed"):
+        write(open_backend(url), "f", b"x")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheme", ["s3", "sftp", "webdav"])
+def test_unreachable_server_fails_fast_and_clearly(scheme, s3_server):
+    port = free_port()   # nothing listens there
+    if scheme == "s3":
+        url, options = "s3://bucket/p", dict(s3_server.options, endpoint_url=f"http://127.0.0.1:{port}")
+    elif scheme == "sftp":
+        url, options = f"sftp://someone:PassWord1@127.0.0.1:{port}/tmp", {"known_hosts": None}
+    else:
+        url, options = f"webdav://someone:PassWord1@127.0.0.1:{port}/x", {}
+    with pytest.raises(TransientStorageError) as info:
+        open_backend(url, options).stat("f")
+    message = _assert_one_line_without(info.value, "PassWord1", s3_server.secret)
+    assert "connection refused" in message and f"127.0.0.1:{port}" in message or scheme == "s3"
+    assert "connection refused" in message
+
+
+def test_capabilities_are_declared_per_protocol(s3_bucket, sftp_server, webdav_server):
+    s3 = open_backend(s3_bucket.url, s3_bucket.options).capabilities
+    sftp = open_backend(sftp_server.url, sftp_server.options).capabilities
+    dav = open_backend(webdav_server.url, webdav_server.options).capabilities
+    assert (s3.set_mtime, s3.empty_dirs, s3.server_checksums) == (False, False, {"md5"})
+    assert (sftp.set_mtime, sftp.atomic_rename, sftp.symlinks) == (True, True, True)
+    assert dav.set_mtime is False
+    assert s3.mtime_precision_ns == sftp.mtime_precision_ns == 10**9

@@ -1,0 +1,116 @@
+"""A real SFTP server for tests: Debian's OpenSSH sshd on loopback, key login only.
+
+sshd runs as the user running the tests and that same user logs in (as root in CI
+containers: PermitRootLogin prohibit-password allows key logins). StrictModes is off
+because the host key and authorized_keys live under the world-writable /tmp.
+"""
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .common import free_port
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+@dataclass(frozen=True)
+class SftpServer:
+    host: str
+    port: int
+    user: str
+    client_key: str          # private key file accepted by the server
+    folder: Path             # the server's files live here (same machine)
+
+    @property
+    def url(self) -> str:
+        return f"sftp://{self.user}@{self.host}:{self.port}{self.folder}"
+
+    @property
+    def options(self) -> dict:
+        # host key checking off: the server's key is made up for this session
+        return {"client_keys": [self.client_key], "known_hosts": None}
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "castlib-test",
+                    "-f", str(path)], check=True)
+
+
+def _wait_banner(port: int, proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                if s.recv(64).startswith(b"SSH-"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd did not answer on port {port} within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def sftp_server_session(tmp_path_factory):
+    """sshd -D on 127.0.0.1 on a free port with its own host key and one client key."""
+    conf_dir = tmp_path_factory.mktemp("sshd")
+    os.chmod(conf_dir, 0o755)
+    _keygen(conf_dir / "host_key")
+    _keygen(conf_dir / "client_key")
+    (conf_dir / "authorized_keys").write_text((conf_dir / "client_key.pub").read_text())
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation dir
+    port = free_port()
+    sftp_server = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server",
+                                    "/usr/lib/ssh/sftp-server") if os.path.exists(p)), "internal-sftp")
+    config = conf_dir / "sshd_config"
+    config.write_text(f"""\
+ListenAddress 127.0.0.1
+Port {port}
+HostKey {conf_dir / 'host_key'}
+PidFile {conf_dir / 'sshd.pid'}
+AuthorizedKeysFile {conf_dir / 'authorized_keys'}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+MaxSessions 20
+MaxStartups 50
+LogLevel ERROR
+Subsystem sftp {sftp_server}
+""")
+    log = open(conf_dir / "sshd.log", "wb")
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        _wait_banner(port, proc)
+        yield SftpServer("127.0.0.1", port, getpass.getuser(), str(conf_dir / "client_key"),
+                         conf_dir)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def sftp_server(sftp_server_session, tmp_path) -> SftpServer:
+    """The session's sshd, with a fresh folder for this test (`.folder`, in `.url`)."""
+    folder = tmp_path / "sftp-root"
+    folder.mkdir()
+    s = sftp_server_session
+    return SftpServer(s.host, s.port, s.user, s.client_key, folder)
