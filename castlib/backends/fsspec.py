@@ -64,6 +64,7 @@ class FsspecBackend(Backend):
         self._secrets = [s for s in (url.password, opts.get("password"), opts.get("secret"),
                                      opts.get("passphrase")) if isinstance(s, str) and s]
         self._fs = None
+        self._connect_lock = threading.Lock()
         self._sftp = None
         self._dav = None
         self.root = self._root_path()
@@ -87,8 +88,10 @@ class FsspecBackend(Backend):
         """The fsspec file system, connected on first use (a back-end object costs nothing
         until it is used)."""
         if self._fs is None:
-            with self._errors(""):
-                self._fs = self._connect()
+            with self._connect_lock:   # parallel transfers share one back-end object
+                if self._fs is None:
+                    with self._errors(""):
+                        self._fs = self._connect()
         return self._fs
 
     def _connect(self):
@@ -137,12 +140,12 @@ class FsspecBackend(Backend):
             opts.setdefault("retry", False)   # the sync engine retries transient errors itself
             http = "https" if self.url.scheme in _HTTPS_SCHEMES else "http"
             base = f"{http}://{self.url.host}{quote(self.url.path.rstrip('/'), safe='/')}"
-            fs = WebdavFileSystem(base, **opts)
+            fs = WebdavFileSystem(base, skip_instance_cache=True, **opts)
             self._dav = fs.client
             return fs
         if self.protocol == "memory":
             return fsspec.filesystem("memory")
-        return fsspec.filesystem(self.url.scheme, **opts)
+        return fsspec.filesystem(self.url.scheme, skip_instance_cache=True, **opts)
 
     def close(self) -> None:
         fs, self._fs = self._fs, None
