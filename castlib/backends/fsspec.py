@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import posixpath
 import queue
 import socket
+import ssl
 import stat as statmod
 import threading
 from datetime import datetime
+from http import HTTPStatus
 from typing import BinaryIO, Callable, Iterator
 from urllib.parse import quote
 
@@ -51,10 +54,15 @@ class FsspecBackend(Backend):
     description = "S3, SFTP, WebDAV and any other fsspec protocol"
     extra = "fsspec"
 
+    @classmethod
+    def capabilities_for(cls, scheme: str) -> Capabilities:
+        """What a URL scheme's back-end can do (for `castlib backends`)."""
+        return CAPABILITIES[_PROTOCOL.get(scheme, "other")]
+
     def __init__(self, url: LocationURL, options: dict | None = None):
         super().__init__(url, options)
         self.protocol = _PROTOCOL.get(url.scheme, "other")
-        self.capabilities = CAPABILITIES[self.protocol]   # per protocol, not per class
+        self.capabilities = self.capabilities_for(url.scheme)   # per protocol, not per class
         opts = dict(self.options)
         self.block_size = int(opts.pop("block_size", DEFAULT_BLOCK_SIZE))
         self.etag_is_md5 = bool(opts.pop("etag_is_md5", True))
@@ -138,6 +146,10 @@ class FsspecBackend(Backend):
             opts.setdefault("auth", (user, password or "") if user else None)
             opts.setdefault("timeout", httpx.Timeout(READ_TIMEOUT_S, connect=self.connect_timeout))
             opts.setdefault("retry", False)   # the sync engine retries transient errors itself
+            if isinstance(opts.get("verify"), str):   # a CA file or folder from a config file
+                ca = os.path.expanduser(opts["verify"])
+                opts["verify"] = (ssl.create_default_context(capath=ca) if os.path.isdir(ca)
+                                  else ssl.create_default_context(cafile=ca))
             http = "https" if self.url.scheme in _HTTPS_SCHEMES else "http"
             base = f"{http}://{self.url.host}{quote(self.url.path.rstrip('/'), safe='/')}"
             fs = WebdavFileSystem(base, skip_instance_cache=True, **opts)
@@ -363,7 +375,11 @@ class FsspecBackend(Backend):
         client, target = self.fs.client, self._full(path)
 
         def send(body: Iterator[bytes]) -> None:
-            response = client.http.request("PUT", client.join_url(target), content=body)
+            # A new connection per upload: a server that refuses a PUT without reading its
+            # body (WsgiDAV on cheroot does) would otherwise leave the rest of the body on
+            # a pooled connection, to be misread as the next request.
+            response = client.http.request("PUT", client.join_url(target), content=body,
+                                           headers={"Connection": "close"})
             if response.status_code >= 400:
                 raise _HTTPStatus(response.status_code, response.reason_phrase)
 
@@ -485,15 +501,21 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             return "permission denied", detail
         if status == 404:
             return "not found", ""
+        if status == 409:
+            return "conflict (is the parent folder missing?)", ""
         if status == 507:
             return "insufficient storage", detail
         if status in (408, 429) or status >= 500:
             return "server error" if status >= 500 else "server busy", detail
-        return f"HTTP {status}", detail
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        return f"HTTP {status} {phrase}".strip(), ""
     name = type(exc).__name__
     module = type(exc).__module__ or ""
     if isinstance(exc, (FileNotFoundError,)) or name in ("SFTPNoSuchFile", "ResourceNotFound"):
-        return "not found", ""
+        return "not found", detail if "bucket" in detail.lower() else ""
     if module.startswith("asyncssh"):
         if name in ("PermissionDenied",):
             return "authentication failed", ""
@@ -512,6 +534,10 @@ def _classify(exc: BaseException) -> tuple[str, str]:
         if any(w in lowered for w in ("signature", "access key", "credential", "token")):
             return "authentication failed", detail
         return "permission denied", detail
+    if "CERTIFICATE_VERIFY_FAILED" in detail or isinstance(exc, ssl.SSLCertVerificationError):
+        return "TLS certificate not trusted (set the verify option to its CA file)", ""
+    if isinstance(exc, ssl.SSLError):
+        return "TLS error", detail
     if isinstance(exc, ConnectionRefusedError) or name in ("EndpointConnectionError",
                                                             "ConnectError"):
         return "connection refused", detail

@@ -15,7 +15,7 @@ from castlib.checksum import Hasher
 from castlib.errors import NotFound, StorageError, TransientStorageError
 from tests.servers.common import free_port
 
-PROTOCOLS = ["memory", "s3", "sftp", "webdav"]
+PROTOCOLS = ["memory", "s3", "sftp", "webdav", "davs"]
 MIB = 1024 * 1024
 
 
@@ -39,7 +39,8 @@ def store(request, tmp_path):
         server = request.getfixturevalue("sftp_server")
         url, options = server.url, server.options
     else:
-        server = request.getfixturevalue("webdav_server")
+        server = request.getfixturevalue("webdav_server" if request.param == "webdav"
+                                         else "webdavs_server")
         url, options = server.url, server.options
     backend = open_backend(url, options)
     assert isinstance(backend, FsspecBackend)
@@ -199,6 +200,25 @@ def test_hostile_names(store, name):
     assert b.stat(f"dir {name}/renamed {name}") is None
 
 
+@pytest.mark.parametrize("protocol", ["s3", "sftp", "webdav"])
+def test_failed_upload_raises_a_storage_error(request, protocol):
+    """An upload the server refuses never looks like a success (S3: a bucket that is not
+    there; elsewhere: a folder that is not there), and the back-end goes on working."""
+    if protocol == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        b = open_backend("s3://no-such-bucket-here/p", bucket.options)
+    else:
+        server = request.getfixturevalue(f"{protocol}_server")
+        b = open_backend(server.url, server.options)
+    with pytest.raises(StorageError):
+        with b.open_write("missing/folder/f") as f:
+            f.write(b"bytes that go nowhere")
+    if protocol != "s3":
+        assert b.stat("missing/folder/f") is None
+        write(b, "after", b"still fine")
+        assert read(b, "after") == b"still fine"
+
+
 # -- protocol specifics -------------------------------------------------------------------
 def test_s3_etag_is_the_md5_of_a_single_part_upload(s3_bucket):
     b = open_backend(s3_bucket.url, s3_bucket.options)
@@ -275,6 +295,19 @@ def test_webdav_files_are_where_the_server_keeps_them(webdav_server):
     b.mkdir("sub dir")
     write(b, "sub dir/a#b?.txt", b"on disk")
     assert (webdav_server.path / "sub dir" / "a#b?.txt").read_bytes() == b"on disk"
+
+
+def test_davs_is_webdav_over_tls_and_checks_the_certificate(webdavs_server):
+    b = open_backend(webdavs_server.url, webdavs_server.options)
+    write(b, "secure", b"over TLS")
+    assert (webdavs_server.path / "secure").read_bytes() == b"over TLS"
+    untrusting = dict(webdavs_server.options)
+    del untrusting["verify"]   # the system's CAs do not know a self-signed certificate
+    with pytest.raises(StorageError) as info:
+        open_backend(webdavs_server.url, untrusting).stat("secure")
+    assert "certificate not trusted" in str(info.value)
+    assert not isinstance(info.value, TransientStorageError)
+    _assert_one_line_without(info.value, webdavs_server.password)
 
 
 # -- failures -------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
-"""A real WebDAV server for tests: WsgiDAV on cheroot over a temporary folder, basic auth."""
+"""A real WebDAV server for tests: WsgiDAV on cheroot over a temporary folder, basic auth;
+a second one over TLS (davs://) with a self-signed certificate made for the session."""
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import logging
 import secrets
 import threading
 from dataclasses import dataclass
@@ -11,6 +15,7 @@ import pytest
 from .common import free_port
 
 USER = "davuser"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -21,22 +26,59 @@ class WebdavServer:
     password: str
     root: Path               # what the server serves at /
     folder: str = ""         # this test's folder below the root
+    ca_file: str | None = None   # set for the TLS server: the certificate to trust
 
     @property
     def url(self) -> str:
-        return f"webdav://{self.host}:{self.port}/{self.folder}"
+        scheme = "davs" if self.ca_file else "webdav"
+        return f"{scheme}://{self.host}:{self.port}/{self.folder}"
 
     @property
     def options(self) -> dict:
-        return {"user": self.user, "password": self.password}
+        options = {"user": self.user, "password": self.password}
+        if self.ca_file:
+            options["verify"] = self.ca_file   # passed on to the HTTP client
+        return options
 
     @property
     def path(self) -> Path:
         return self.root / self.folder
 
+    def for_test(self) -> "WebdavServer":
+        """The same server with a fresh folder for one test."""
+        folder = f"t-{secrets.token_hex(6)}"
+        (self.root / folder).mkdir()
+        return WebdavServer(self.host, self.port, self.user, self.password, self.root, folder,
+                            self.ca_file)
 
-@pytest.fixture(scope="session")
-def webdav_server_session(tmp_path_factory):
+
+def _self_signed_certificate(folder: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, valid for a day."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+def _serve(tmp_path_factory, tls: bool):
     from cheroot import wsgi
     from wsgidav.wsgidav_app import WsgiDAVApp
 
@@ -56,20 +98,43 @@ def webdav_server_session(tmp_path_factory):
         "lock_storage": True,
     })
     server = wsgi.Server(("127.0.0.1", port), app, numthreads=8)
+    # cheroot prints every dropped connection (tests drop some on purpose): to the log only
+    server.error_log = lambda msg="", level=20, traceback=False: log.debug("cheroot: %s", msg)
+    ca_file = None
+    if tls:
+        from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+        ca_file, key_file = _self_signed_certificate(tmp_path_factory.mktemp("webdav-tls"))
+        server.ssl_adapter = BuiltinSSLAdapter(ca_file, key_file)
     server.prepare()   # binds now: the port is listening when the fixture yields
     thread = threading.Thread(target=server.serve, daemon=True, name="webdav-server")
     thread.start()
     try:
-        yield WebdavServer("127.0.0.1", port, USER, password, root)
+        yield WebdavServer("127.0.0.1", port, USER, password, root, "", ca_file)
     finally:
         server.stop()
         thread.join(10)
 
 
+@pytest.fixture(scope="session")
+def webdav_server_session(tmp_path_factory):
+    """WsgiDAV over plain HTTP on 127.0.0.1, a free port, for the whole session."""
+    yield from _serve(tmp_path_factory, tls=False)
+
+
+@pytest.fixture(scope="session")
+def webdavs_server_session(tmp_path_factory):
+    """WsgiDAV over HTTPS, with a self-signed certificate (`.ca_file`)."""
+    yield from _serve(tmp_path_factory, tls=True)
+
+
 @pytest.fixture
 def webdav_server(webdav_server_session) -> WebdavServer:
     """The session's server, with a fresh folder for this test (`.folder`, in `.url`)."""
-    folder = f"t-{secrets.token_hex(6)}"
-    (webdav_server_session.root / folder).mkdir()
-    s = webdav_server_session
-    return WebdavServer(s.host, s.port, s.user, s.password, s.root, folder)
+    return webdav_server_session.for_test()
+
+
+@pytest.fixture
+def webdavs_server(webdavs_server_session) -> WebdavServer:
+    """The TLS server, with a fresh folder for this test."""
+    return webdavs_server_session.for_test()
