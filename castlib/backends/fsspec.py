@@ -16,9 +16,10 @@ from typing import BinaryIO, Callable, Iterator
 from urllib.parse import quote
 
 import fsspec
+import fsspec.asyn
 
 from ..checksum import CHUNK_SIZE
-from ..errors import NotFound, StorageError, TransientStorageError, Unsupported
+from ..errors import NotFound, StorageError, TransientStorageError
 from ..location import LocationURL, redact
 from .base import DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat
 
@@ -107,6 +108,8 @@ class FsspecBackend(Backend):
         if self.protocol == "s3":
             import s3fs
 
+            if self.url.user and "key" not in opts:   # s3://KEY:SECRET@bucket, if a user must
+                opts["key"], opts["secret"] = self.url.user, self.url.password
             config = dict(opts.pop("config_kwargs", None) or {})
             config.setdefault("connect_timeout", self.connect_timeout)
             config.setdefault("read_timeout", READ_TIMEOUT_S)
@@ -234,8 +237,41 @@ class FsspecBackend(Backend):
     def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
         if self.protocol in ("sftp", "webdav"):
             yield from self._walk_by_folder(on_error)
+        elif self.protocol == "s3":
+            yield from self._walk_s3(on_error)
         else:
             yield from self._walk_by_find(on_error)
+
+    def _walk_s3(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
+        """The whole prefix in pages of 1000 keys, with no delimiter: one request per
+        thousand objects, whatever the depth. Folders are made up from the keys, each
+        named just before its first entry; only their names are kept in memory."""
+        bucket, _, prefix = self.root.partition("/")
+        pages = self.fs._iterdir(bucket, delimiter="", prefix=f"{prefix}/" if prefix else "")
+        folders: set[str] = set()
+        while True:
+            try:
+                with self._errors(""):
+                    batch = fsspec.asyn.sync(self.fs.loop, _next_items, pages, 1000)
+            except StorageError as exc:
+                on_error("", str(exc))
+                return
+            if not batch:
+                return
+            for info in batch:
+                rel = self._relative(info["name"])
+                if not rel:
+                    continue
+                parts = rel.split("/")
+                for depth in range(1, len(parts) + 1):
+                    folder = "/".join(parts[:depth])
+                    is_marker = depth == len(parts) and info["name"].endswith("/")
+                    if depth < len(parts) or is_marker:   # "x/" keys are folder markers
+                        if folder not in folders:
+                            folders.add(folder)
+                            yield Stat(folder, DIR, 0)
+                if not info["name"].endswith("/"):
+                    yield self._stat_from_info(rel, info)
 
     def _walk_by_find(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
         """Object stores list a whole prefix in a few paged requests; folders are
@@ -585,6 +621,16 @@ class _Translate:
         if exc is None or not isinstance(exc, Exception) or isinstance(exc, StorageError):
             return False
         raise self.backend.translate(exc, self.path) from None
+
+
+async def _next_items(agen, count: int) -> list:
+    """Up to `count` more items of an async generator ([] once it is exhausted)."""
+    items = []
+    async for item in agen:
+        items.append(item)
+        if len(items) >= count:
+            break
+    return items
 
 
 # -- helpers ----------------------------------------------------------------------------------

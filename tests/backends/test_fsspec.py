@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from dataclasses import dataclass
 
 import pytest
@@ -244,6 +243,30 @@ def test_s3_folders_come_from_key_prefixes(s3_bucket):
     write(b, "x/y/z", b"z")
     assert {(st.path, st.kind) for st in listing(b)} == {("x", DIR), ("x/y", DIR), ("x/y/z", FILE)}
     assert b.stat("x/y").kind == DIR
+
+
+@pytest.mark.slow
+def test_s3_walk_pages_through_many_keys_and_reads_folder_markers(s3_bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = s3_bucket.server.client()
+    keys = [f"p/run{i % 7}/sub{i % 3}/f{i:05d}" for i in range(2100)]   # three pages
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=s3_bucket.bucket, Key=k, Body=b"x"),
+                      keys))
+    client.put_object(Bucket=s3_bucket.bucket, Key="p/made-by-console/", Body=b"")
+    entries = listing(open_backend(f"{s3_bucket.url}/p", s3_bucket.options))
+    files = {st.path for st in entries if st.kind == FILE}
+    dirs = {st.path for st in entries if st.kind == DIR}
+    assert files == {k[2:] for k in keys}
+    assert dirs == {f"run{r}" for r in range(7)} | {f"run{r}/sub{s}" for r in range(7)
+                                                   for s in range(3)} | {"made-by-console"}
+    assert len(entries) == len(files) + len(dirs)   # each folder once
+    seen = set()
+    for st in entries:
+        if "/" in st.path:
+            assert st.path.rpartition("/")[0] in seen
+        seen.add(st.path)
 
 
 def test_s3_options_from_environment(s3_bucket, monkeypatch):

@@ -85,7 +85,6 @@ KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 StrictModes no
 UsePAM no
-MaxSessions 20
 MaxStartups 50
 LogLevel ERROR
 Subsystem sftp {sftp_server}
