@@ -51,6 +51,18 @@ READ_TIMEOUT_S = 120
 
 
 class FsspecBackend(Backend):
+    """One location on a protocol fsspec serves. Options (from the config file's `storage:`
+    or a pipeline's `locations:`) go to the fsspec file system as they are, except:
+
+    - all: `block_size` (bytes buffered per upload part, default 8 MiB), `connect_timeout` (s)
+    - s3: `key`, `secret`, `endpoint_url`, `client_kwargs`, ... (s3fs; the AWS_* environment
+      variables work too); `etag_is_md5: false` for stores whose ETag is no md5 (SSE-KMS)
+    - sftp: `client_keys` (or `key_filename`), `password`, `passphrase`; host keys are
+      checked against ~/.ssh/known_hosts unless `known_hosts` names another file, or is
+      null to check nothing
+    - webdav/davs: `user`, `password` (or in the URL), `verify` (a CA file for https)
+    """
+
     schemes = ("s3", "sftp", "ssh", "webdav", "webdavs", "dav", "davs", "memory")
     description = "S3, SFTP, WebDAV and any other fsspec protocol"
     extra = "fsspec"
@@ -83,10 +95,8 @@ class FsspecBackend(Backend):
         path = self.url.path.rstrip("/")
         if self.protocol == "s3":
             return self.url.host + path
-        if self.protocol == "sftp":
+        if self.protocol in ("sftp", "webdav"):
             return path or "/"
-        if self.protocol == "webdav":
-            return ""          # the location's path is part of the base URL
         if self.protocol == "memory":
             return posixpath.normpath("/" + self.url.host + path) if (self.url.host or path) else "/"
         fs_cls = fsspec.get_filesystem_class(self.url.scheme)
@@ -137,8 +147,11 @@ class FsspecBackend(Backend):
                 opts.setdefault("username", self.url.user)
             if self.url.port:
                 opts.setdefault("port", self.url.port)
-            fs = sshfs.SSHFileSystem(self.url.hostname, skip_instance_cache=True, **opts)
-            self._sftp = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client)
+            # names that are not UTF-8 round-trip as surrogate escapes, as local names do
+            sftp_kwargs = {"path_encoding": "utf-8", "path_errors": "surrogateescape"}
+            fs = sshfs.SSHFileSystem(self.url.hostname, skip_instance_cache=True,
+                                     sftp_client_kwargs=sftp_kwargs, **opts)
+            self._sftp = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client, **sftp_kwargs)
             return fs
         if self.protocol == "webdav":
             import httpx
@@ -154,7 +167,9 @@ class FsspecBackend(Backend):
                 opts["verify"] = (ssl.create_default_context(capath=ca) if os.path.isdir(ca)
                                   else ssl.create_default_context(cafile=ca))
             http = "https" if self.url.scheme in _HTTPS_SCHEMES else "http"
-            base = f"{http}://{self.url.host}{quote(self.url.path.rstrip('/'), safe='/')}"
+            # paths go below the server's root, not into the base URL: webdav4 rebuilds
+            # URLs from the base's decoded path, and a '#' or '?' there breaks them
+            base = f"{http}://{self.url.host}"
             fs = WebdavFileSystem(base, skip_instance_cache=True, **opts)
             self._dav = fs.client
             return fs
@@ -181,16 +196,16 @@ class FsspecBackend(Backend):
     # -- paths -----------------------------------------------------------------------------
     def _full(self, path: str) -> str:
         """The file system's path of a location-relative path."""
+        full = self.root if not path else (
+            f"{self.root.rstrip('/')}/{path}" if self.root != "/" else f"/{path}")
         if self.protocol == "webdav":
-            return quote(path, safe="/")   # webdav4 joins paths into URLs without quoting
-        if not path:
-            return self.root
-        return f"{self.root.rstrip('/')}/{path}" if self.root != "/" else f"/{path}"
+            return quote(full, safe="/")   # webdav4 joins paths into URLs without quoting
+        return full
 
     def _relative(self, name: str) -> str:
         name = name.rstrip("/")
-        if self.protocol == "webdav":
-            return name.lstrip("/")
+        if self.protocol == "webdav":   # names come relative to the server's root
+            name = "/" + name.lstrip("/")
         root = self.root.rstrip("/")
         if name == root:
             return ""
@@ -274,8 +289,8 @@ class FsspecBackend(Backend):
                     yield self._stat_from_info(rel, info)
 
     def _walk_by_find(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
-        """Object stores list a whole prefix in a few paged requests; folders are
-        synthesised from the keys. Sorted by path components, parents come first."""
+        """Any other fsspec protocol: one recursive listing, sorted by path components so
+        that parents come first."""
         try:
             with self._errors(""):
                 found = self.fs.find(self.root, withdirs=True, detail=True)
@@ -313,7 +328,7 @@ class FsspecBackend(Backend):
     def _child(self, folder: str, info: dict) -> str:
         name = info["name"].rstrip("/")
         if self.protocol == "webdav":
-            return name.lstrip("/")
+            return self._relative(name)
         return f"{folder}/{posixpath.basename(name)}" if folder else posixpath.basename(name)
 
     def _stat_from_info(self, rel: str, info: dict) -> Stat:
@@ -399,9 +414,9 @@ class FsspecBackend(Backend):
             return _Writer(self, path, f)
 
     def _dav_get(self, path: str):
-        http = self.fs.client.http
-        request = http.build_request("GET", self._dav.join_url(self._full(path)))
-        response = http.send(request, stream=True)
+        client = self.fs.client
+        request = client.http.build_request("GET", client.join_url(self._full(path)))
+        response = client.http.send(request, stream=True)
         if response.status_code >= 400:
             response.close()
             raise _HTTPStatus(response.status_code, response.reason_phrase)
@@ -435,19 +450,7 @@ class FsspecBackend(Backend):
         if self.protocol == "s3":
             return   # no folders on an object store: a key's prefix is its folder
         with self._errors(path):
-            if self.protocol == "webdav" and path == "":
-                return self._dav_mkdir_root()
             self.fs.makedirs(self._full(path), exist_ok=True)
-
-    def _dav_mkdir_root(self) -> None:
-        """The root is the base URL itself: create it and its parents from the server's /."""
-        parts = [p for p in self.url.path.split("/") if p]
-        client = self.fs.client
-        for i in range(1, len(parts) + 1):
-            url = client.base_url.copy_with(path="/" + "/".join(parts[:i]) + "/")
-            response = client.http.request("MKCOL", url)
-            if response.status_code not in (201, 405):   # 405: already there
-                raise _HTTPStatus(response.status_code, response.reason_phrase)
 
     def rename(self, src: str, dst: str) -> None:
         with self._errors(src):

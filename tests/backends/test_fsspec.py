@@ -110,6 +110,17 @@ def test_empty_location_root_exists_once_created(store):
     assert listing(store.backend) == []
 
 
+def test_mkdir_of_root_creates_a_missing_location_with_its_parents(store):
+    url = f"{store.url}/new root %231%3F/deeper"    # '#' and '?', quoted as a URL needs
+    b = open_backend(url, store.options)
+    if b.capabilities.empty_dirs:
+        assert not b.root_exists()
+    b.mkdir("")
+    assert b.root_exists()
+    write(b, "f", b"in a new place")
+    assert read(open_backend(store.url, store.options), "new root #1?/deeper/f") == b"in a new place"
+
+
 # -- data -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [0, 1, 12 * MIB + 17], ids=["empty", "one-byte", "12MiB"])
 def test_write_read_round_trip_is_byte_exact(store, size):
@@ -295,6 +306,18 @@ def test_sftp_sets_mtime_and_lists_links_unfollowed(sftp_server):
     assert b.stat("link-to-d").kind == LINK
     b.delete("link-to-d")
     assert (sftp_server.folder / "d" / "inside").exists()
+
+
+def test_sftp_names_that_are_not_utf8_round_trip(sftp_server):
+    raw = b"latin1-\xe9t\xe9.txt"
+    with open(os.path.join(os.fsencode(sftp_server.folder), raw), "wb") as f:
+        f.write(b"caf\xe9")
+    b = open_backend(sftp_server.url, sftp_server.options)
+    [entry] = listing(b)
+    assert entry.path == os.fsdecode(raw)
+    assert read(b, entry.path) == b"caf\xe9"
+    write(b, entry.path + ".copy", b"again")
+    assert os.path.exists(os.path.join(os.fsencode(sftp_server.folder), raw + b".copy"))
 
 
 def test_sftp_password_from_url_is_never_shown(sftp_server):
