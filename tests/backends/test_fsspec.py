@@ -308,6 +308,25 @@ def test_sftp_sets_mtime_and_lists_links_unfollowed(sftp_server):
     assert (sftp_server.folder / "d" / "inside").exists()
 
 
+def test_sftp_unlistable_folder_is_reported_and_the_walk_goes_on(sftp_server):
+    b = open_backend(sftp_server.url, sftp_server.options)
+    for path in ("open/a", "closed/b", "z/c"):
+        b.mkdir(path.partition("/")[0])
+        write(b, path, b"x")
+    os.chmod(sftp_server.folder / "closed", 0)   # closed to its owner, the login user
+    try:
+        errors = []
+        entries = {st.path for st in b.walk(lambda path, msg: errors.append((path, msg)))}
+        with pytest.raises(StorageError, match="permission denied") as info:
+            write(b, "closed/new", b"x")
+    finally:
+        os.chmod(sftp_server.folder / "closed", 0o755)
+    assert entries == {"open", "open/a", "closed", "z", "z/c"}
+    assert [path for path, _ in errors] == ["closed"]
+    assert "permission denied" in errors[0][1]
+    assert not isinstance(info.value, TransientStorageError)
+
+
 def test_sftp_names_that_are_not_utf8_round_trip(sftp_server):
     raw = b"latin1-\xe9t\xe9.txt"
     with open(os.path.join(os.fsencode(sftp_server.folder), raw), "wb") as f:

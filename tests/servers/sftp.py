@@ -1,16 +1,19 @@
 """A real SFTP server for tests: Debian's OpenSSH sshd on loopback, key login only.
 
-sshd runs as the user running the tests and that same user logs in (as root in CI
-containers: PermitRootLogin prohibit-password allows key logins). StrictModes is off
+Run as root (CI containers), sshd logs in an unprivileged user, `castlibtest`, created on
+first use (useradd), so that permissions are real: root-owned folders are closed to it.
+Run as anyone else, sshd runs as that user and logs in that same user. StrictModes is off
 because the host key and authorized_keys live under the world-writable /tmp.
 """
 from __future__ import annotations
 
 import getpass
 import os
+import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,8 @@ import pytest
 from .common import free_port
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+TEST_USER = "castlibtest"
+_USERADD_EXISTS = 9   # useradd's exit status when another run created the user first
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,28 @@ class SftpServer:
     def options(self) -> dict:
         # host key checking off: the server's key is made up for this session
         return {"client_keys": [self.client_key], "known_hosts": None}
+
+
+def _login_user() -> pwd.struct_passwd:
+    """The account the tests log in as (created or made able to log in, when root)."""
+    if os.geteuid() != 0:
+        return pwd.getpwnam(getpass.getuser())
+    try:
+        user = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        done = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                               "/nonexistent", "--shell", "/bin/sh", TEST_USER],
+                              capture_output=True, text=True)
+        if done.returncode not in (0, _USERADD_EXISTS):
+            raise RuntimeError(f"useradd {TEST_USER} failed: {done.stderr.strip()}")
+        user = pwd.getpwnam(TEST_USER)
+    # password '*': no password login, yet not locked ('!', useradd's default), which
+    # sshd refuses even for keys; and a shell, which runs the sftp subsystem
+    change = ["--password", "*"]
+    if user.pw_shell.endswith(("nologin", "false")):
+        change += ["--shell", "/bin/sh"]
+    subprocess.run(["usermod", *change, TEST_USER], check=True, capture_output=True)
+    return pwd.getpwnam(TEST_USER)
 
 
 def _keygen(path: Path) -> None:
@@ -60,9 +87,10 @@ def _wait_banner(port: int, proc: subprocess.Popen, timeout_s: float = 20) -> No
 
 
 @pytest.fixture(scope="session")
-def sftp_server_session(tmp_path_factory):
+def sftp_server_session():
     """sshd -D on 127.0.0.1 on a free port with its own host key and one client key."""
-    conf_dir = tmp_path_factory.mktemp("sshd")
+    # not below pytest's private temporary tree: sshd reads authorized_keys as the user
+    conf_dir = Path(tempfile.mkdtemp(prefix="castlib-sshd-"))
     os.chmod(conf_dir, 0o755)
     _keygen(conf_dir / "host_key")
     _keygen(conf_dir / "client_key")
@@ -94,8 +122,8 @@ Subsystem sftp {sftp_server}
                             stderr=subprocess.STDOUT)
     try:
         _wait_banner(port, proc)
-        yield SftpServer("127.0.0.1", port, getpass.getuser(), str(conf_dir / "client_key"),
-                         conf_dir)
+        yield SftpServer("127.0.0.1", port, _login_user().pw_name,
+                         str(conf_dir / "client_key"), conf_dir)
     finally:
         proc.terminate()
         try:
@@ -104,12 +132,19 @@ Subsystem sftp {sftp_server}
             proc.kill()
             proc.wait()
         log.close()
+        shutil.rmtree(conf_dir, ignore_errors=True)
 
 
 @pytest.fixture
-def sftp_server(sftp_server_session, tmp_path) -> SftpServer:
-    """The session's sshd, with a fresh folder for this test (`.folder`, in `.url`)."""
-    folder = tmp_path / "sftp-root"
-    folder.mkdir()
+def sftp_server(sftp_server_session) -> SftpServer:
+    """The session's sshd, with a fresh folder for this test (`.folder`, in `.url`), owned
+    by the login user and outside pytest's private temporary tree, which it cannot enter."""
+    user = pwd.getpwnam(sftp_server_session.user)
+    folder = Path(tempfile.mkdtemp(prefix="castlib-sftp-"))
+    os.chmod(folder, 0o755)
+    os.chown(folder, user.pw_uid, user.pw_gid)
     s = sftp_server_session
-    return SftpServer(s.host, s.port, s.user, s.client_key, folder)
+    try:
+        yield SftpServer(s.host, s.port, s.user, s.client_key, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
