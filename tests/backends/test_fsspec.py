@@ -446,6 +446,15 @@ def test_unreachable_server_fails_fast_and_clearly(scheme, s3_server):
     assert "connection refused" in message
 
 
+def test_scheme_aliases_reach_the_same_servers(sftp_server, webdav_server):
+    (sftp_server.folder / "via-ssh").write_bytes(b"ssh")
+    assert read(open_backend(sftp_server.url.replace("sftp://", "ssh://"), sftp_server.options),
+                "via-ssh") == b"ssh"
+    (webdav_server.path / "via-dav").write_bytes(b"dav")
+    assert read(open_backend(webdav_server.url.replace("webdav://", "dav://"),
+                             webdav_server.options), "via-dav") == b"dav"
+
+
 def test_capabilities_are_declared_per_protocol(s3_bucket, sftp_server, webdav_server):
     s3 = open_backend(s3_bucket.url, s3_bucket.options).capabilities
     sftp = open_backend(sftp_server.url, sftp_server.options).capabilities
