@@ -126,7 +126,9 @@ class FsspecBackend(Backend):
             config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
             fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
                                    config_kwargs=config, **opts)
-            fs.retries = 2   # s3fs's own retry loop on top of botocore's; castlib retries too
+            # botocore already retries once; s3fs's own loop on top would multiply the wait
+            # on an unreachable endpoint, and the sync engine retries transient errors itself
+            fs.retries = 1
             return fs
         if self.protocol == "sftp":
             import sshfs
