@@ -174,9 +174,9 @@ def test_delete_file_and_empty_folder(store):
     write(b, "d/f", b"1")
     b.delete("d/f")
     assert b.stat("d/f") is None
-    if b.capabilities.empty_dirs:
+    if b.capabilities.empty_dirs:   # on S3 the folder went with its last key
         assert b.stat("d").kind == DIR
-    b.delete("d") if b.stat("d") else None
+        b.delete("d")
     assert b.stat("d") is None
     with pytest.raises(NotFound):
         b.delete("d/f")
@@ -442,8 +442,9 @@ def test_unreachable_server_fails_fast_and_clearly(scheme, s3_server):
     with pytest.raises(TransientStorageError) as info:
         open_backend(url, options).stat("f")
     message = _assert_one_line_without(info.value, "PassWord1", s3_server.secret)
-    assert "connection refused" in message and f"127.0.0.1:{port}" in message or scheme == "s3"
     assert "connection refused" in message
+    if scheme != "s3":   # an S3 location names its bucket; the endpoint is an option
+        assert f"127.0.0.1:{port}" in message
 
 
 def test_scheme_aliases_reach_the_same_servers(sftp_server, webdav_server):
