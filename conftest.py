@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.servers.s3",
     "tests.servers.sftp",
     "tests.servers.webdav",
+    "tests.servers.xrootd",
 ]

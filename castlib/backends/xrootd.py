@@ -1,0 +1,323 @@
+"""XRootD storage (`root://host:port//abs/path`: EOS, CTA, dCache, plain xrootd) via the XRootD Python bindings.
+
+Semantics worth knowing:
+- XRootD keeps mtimes in whole seconds and cannot set them: set_mtime raises Unsupported.
+- rename (mv) replaces an existing target file on xrootd/EOS. A server that refuses is
+  handled by moving the target aside first and deleting it only once the source holds
+  the final name, so the only verified copy is never lost.
+- Names: '?' starts XRootD's opaque (CGI) part and cannot be part of a name; names are
+  sent as UTF-8, so non-UTF-8 bytes in local names cannot be written here.
+- Connection timeouts are process-wide XRootD settings; castlib shortens the defaults
+  (minutes) to seconds unless XRD_CONNECTIONWINDOW / XRD_CONNECTIONRETRY /
+  XRD_REQUESTTIMEOUT are set in the environment.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import time
+from typing import Iterator
+
+from XRootD import client
+from XRootD.client.flags import (DirListFlags, MkDirFlags, OpenFlags, PrepareFlags,
+                                 QueryCode, StatInfoFlags)
+
+from ..checksum import normalise
+from ..errors import (LocationMissing, NotFound, StorageError, TransientStorageError,
+                      Unsupported)
+from ..location import redact
+from .base import DIR, FILE, Backend, Capabilities, ListingErrorHandler, Stat
+
+# A dead server is reported after ConnectionWindow x ConnectionRetry seconds, not the
+# client's default of 120 s x 5 tries.
+_TIMEOUT_DEFAULTS = {"ConnectionWindow": 5, "ConnectionRetry": 1, "RequestTimeout": 300,
+                     "StreamErrorWindow": 5}
+for _name, _value in _TIMEOUT_DEFAULTS.items():
+    if f"XRD_{_name.upper()}" not in os.environ:
+        client.EnvPutInt(_name, _value)
+
+# XRootD client status codes (XrdClStatus.hh) that mean "the connection failed", worth a retry
+_TRANSIENT_CODES = {101, 102, 103, 104, 105, 107, 108, 109, 206, 207}
+# server errnos (XProtocol.hh): kXR_NotFound, and the busy/timed-out family
+_KXR_NOT_FOUND = 3011
+_KXR_TRANSIENT = {3012, 3014, 3020, 3024, 3034, 3035}
+_ERR_NOT_SUPPORTED = 13       # errNotSupported: e.g. a server that cannot do third-party copy
+_STAGE_POLL_S = 2.0
+
+
+class XRootDBackend(Backend):
+    schemes = ("root", "xroot", "roots", "xroots")
+    description = "XRootD servers: EOS, CTA tape, dCache, xrootd"
+    extra = "xrootd"
+    capabilities = Capabilities(
+        set_mtime=False, atomic_rename=True, server_checksums=frozenset({"adler32"}),
+        mtime_precision_ns=1_000_000_000, symlinks=False, empty_dirs=True,
+        third_party_copy=True, tape=True,
+    )
+
+    def __init__(self, url, options=None):
+        super().__init__(url, options)
+        user = f"{url.user}@" if url.user else ""   # XRootD takes no password in the URL
+        self._server = f"{url.scheme}://{user}{url.host}/"
+        self._fs = client.FileSystem(self._server)
+
+    def _abs(self, path: str) -> str:
+        if "?" in path:   # the server would cut the name there and act on another file
+            raise Unsupported(f"XRootD names cannot contain '?': {path!r}", path=path)
+        return posixpath.join(self.url.path, path) if path else self.url.path
+
+    def _full_url(self, path: str) -> str:
+        return self._server + self._abs(path)
+
+    # -- listing -----------------------------------------------------------------------
+    def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
+        # one dirlist with STAT a folder: names, sizes, mtimes, flags in one round trip
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            status, listing = self._fs.dirlist(self._abs(rel), DirListFlags.STAT)
+            if not status.ok:
+                error = _storage_error(status, "cannot list", self._abs(rel))
+                if rel:
+                    on_error(rel, str(error))
+                    continue
+                if isinstance(error, NotFound):
+                    raise LocationMissing(f"folder does not exist: {self.url}", path="")
+                raise error
+            subdirs = []
+            for entry in listing:
+                path = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.statinfo is not None:
+                    st = _to_stat(path, entry.statinfo)
+                else:   # the server could not stat this one along with the listing
+                    st = self.stat(path)
+                    if st is None:
+                        continue
+                yield st
+                if st.kind == DIR:
+                    subdirs.append(path)
+            stack.extend(reversed(subdirs))
+
+    def stat(self, path: str) -> Stat | None:
+        status, info = self._fs.stat(self._abs(path))
+        if not status.ok:
+            error = _storage_error(status, "cannot stat", self._abs(path))
+            if isinstance(error, NotFound):
+                return None
+            raise error
+        return _to_stat(path, info)
+
+    # -- data ----------------------------------------------------------------------------
+    def open_read(self, path: str):
+        return _XRootDReader(self._open(path, OpenFlags.READ), self._abs(path))
+
+    def open_write(self, path: str):
+        # DELETE: create or truncate; MAKEPATH: create missing parent folders
+        return _XRootDWriter(self._open(path, OpenFlags.DELETE | OpenFlags.MAKEPATH),
+                             self._abs(path))
+
+    def _open(self, path: str, flags: int) -> client.File:
+        handle = client.File()
+        status, _ = handle.open(self._full_url(path), flags)
+        if not status.ok:
+            raise _storage_error(status, "cannot open", self._abs(path))
+        return handle
+
+    def checksum(self, path: str, algorithm: str) -> str:
+        if algorithm != "adler32":
+            return super().checksum(path, algorithm)
+        status, response = self._fs.query(QueryCode.CHECKSUM, self._abs(path))
+        if not status.ok:
+            raise _storage_error(status, "cannot get the checksum of", self._abs(path))
+        # "adler32 0a1b2c3d\0"
+        words = response.decode(errors="replace").strip("\0 \n").split()
+        if len(words) != 2 or words[0].lower() != "adler32":
+            raise StorageError(f"unexpected checksum answer {words!r} for {self._abs(path)}",
+                               path=path)
+        return normalise("adler32", words[1])
+
+    # -- namespace -----------------------------------------------------------------------
+    def mkdir(self, path: str) -> None:
+        status, _ = self._fs.mkdir(self._abs(path), MkDirFlags.MAKEPATH)
+        if not status.ok:
+            st = self.stat(path)   # an existing folder is no error
+            if st is None or st.kind != DIR:
+                raise _storage_error(status, "cannot create folder", self._abs(path))
+
+    def rename(self, src: str, dst: str) -> None:
+        status, _ = self._fs.mv(self._abs(src), self._abs(dst))
+        if status.ok:
+            return
+        target = self.stat(dst)
+        if target is None or target.kind != FILE:
+            raise _storage_error(status, f"cannot rename {self._abs(src)} to", self._abs(dst))
+        # A server that will not replace: move the target aside, then delete it only once
+        # the source holds the final name; if that fails, put the target back.
+        aside = f"{dst}.castlib-replaced-{os.getpid()}-{time.monotonic_ns()}"
+        self._mv(dst, aside)
+        try:
+            self._mv(src, dst)
+        except StorageError:
+            self._mv(aside, dst)
+            raise
+        self.delete(aside)
+
+    def _mv(self, src: str, dst: str) -> None:
+        status, _ = self._fs.mv(self._abs(src), self._abs(dst))
+        if not status.ok:
+            raise _storage_error(status, f"cannot rename {self._abs(src)} to", self._abs(dst))
+
+    def delete(self, path: str) -> None:
+        st = self.stat(path)
+        if st is None:
+            raise NotFound(f"no such file or folder: {self._abs(path)}", path=path)
+        if st.kind == DIR:
+            status, _ = self._fs.rmdir(self._abs(path))
+        else:
+            status, _ = self._fs.rm(self._abs(path))
+        if not status.ok:
+            raise _storage_error(status, "cannot delete", self._abs(path))
+
+    # -- tape and third-party copy ---------------------------------------------------------
+    def stage(self, paths: list[str], timeout_s: float) -> None:
+        """Ask the server to bring nearline files to disk, then wait until all are online."""
+        offline = [p for p in paths if (st := self.stat(p)) is not None and st.online is False]
+        if not offline:
+            return
+        status, _ = self._fs.prepare([self._abs(p) for p in offline], PrepareFlags.STAGE)
+        if not status.ok:
+            raise _storage_error(status, f"cannot request staging of {len(offline)} file(s) in",
+                                 self._abs(""))
+        deadline = time.monotonic() + timeout_s
+        while offline:
+            offline = [p for p in offline if (st := self.stat(p)) is not None and st.online is False]
+            if not offline:
+                return
+            if time.monotonic() >= deadline:
+                shown = ", ".join(self._abs(p) for p in offline[:5])
+                more = f" and {len(offline) - 5} more" if len(offline) > 5 else ""
+                raise StorageError(f"still on tape after {timeout_s:g} s of staging: "
+                                   f"{shown}{more}", path=offline[0])
+            time.sleep(min(_STAGE_POLL_S, max(0.0, deadline - time.monotonic())))
+
+    def copy_from(self, source: Backend, src_path: str, dst_path: str) -> bool:
+        """Server-to-server copy between XRootD servers; False when the servers cannot."""
+        if not isinstance(source, XRootDBackend):
+            return False
+        process = client.CopyProcess()
+        process.add_job(source._full_url(src_path), self._full_url(dst_path), force=True,
+                        mkdir=True, thirdparty="only")
+        status = process.prepare()
+        if status.ok:
+            status, results = process.run()
+            if status.ok and results:
+                status = results[0].get("status", status)
+        if status.ok:
+            return True
+        error = _storage_error(status, f"third-party copy of {source._abs(src_path)} to",
+                               self._abs(dst_path))
+        if error.transient or isinstance(error, NotFound):
+            raise error
+        # anything else (no TPC on either side, a refusal): the caller streams instead,
+        # and will meet any real problem itself
+        return False
+
+    def close(self) -> None:
+        self._fs = None
+
+
+class _XRootDReader:
+    """Streams a remote file in the sizes asked for, keeping only one chunk in memory."""
+
+    def __init__(self, handle: client.File, where: str):
+        self._handle, self._where, self._offset = handle, where, 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            chunks = []
+            while chunk := self.read(8 * 1024 * 1024):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        status, data = self._handle.read(self._offset, size)
+        if not status.ok:
+            raise _storage_error(status, "cannot read", self._where)
+        self._offset += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            handle.close()   # a failed close of a read changes nothing worth reporting
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _XRootDWriter:
+    """Writes sequentially; close() syncs and closes, and raises if the server did not
+    take every byte, so a failed write is never published."""
+
+    def __init__(self, handle: client.File, where: str):
+        self._handle, self._where, self._offset = handle, where, 0
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        status, _ = self._handle.write(data, self._offset)
+        if not status.ok:
+            raise _storage_error(status, "cannot write", self._where)
+        self._offset += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        status, _ = handle.sync()
+        close_status, _ = handle.close()
+        for s in (status, close_status):
+            if not s.ok:
+                raise _storage_error(s, "cannot finish writing", self._where)
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        if exc_type is None:
+            self.close()
+        elif self._handle is not None:
+            handle, self._handle = self._handle, None
+            handle.close()
+
+
+def _to_stat(path: str, info) -> Stat:
+    flags = info.flags
+    kind = DIR if flags & StatInfoFlags.IS_DIR else FILE
+    online = not flags & StatInfoFlags.OFFLINE
+    return Stat(path, kind, 0 if kind == DIR else info.size, info.modtime * 1_000_000_000,
+                online=online)
+
+
+_MESSAGE_NOISE = re.compile(r"^\[(?:ERROR|FATAL)\]\s*(?:Server responded with an error:\s*)?"
+                            r"(?:\[\d+\]\s*)?")
+
+
+def _one_line(message: str) -> str:
+    return redact(" ".join(_MESSAGE_NOISE.sub("", message or "").split())) or "unknown error"
+
+
+def _storage_error(status, what: str, where: str) -> StorageError:
+    """castlib's error for a failed XRootDStatus: what failed, on which path, why."""
+    message = f"{what} {where}: {_one_line(status.message)}"
+    if status.errno == _KXR_NOT_FOUND or "no such file" in status.message.lower():
+        return NotFound(message, path=where)
+    if status.code in _TRANSIENT_CODES or status.errno in _KXR_TRANSIENT:
+        return TransientStorageError(message, path=where)
+    return StorageError(message, path=where)

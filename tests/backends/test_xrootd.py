@@ -1,0 +1,277 @@
+"""The XRootD back-end against a real xrootd server: listing, data, checksums, namespace,
+third-party copy and the errors a user sees."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from castlib.backends import DIR, FILE, open_backend
+from castlib.checksum import Hasher
+from castlib.errors import NotFound, StorageError, Unsupported
+from castlib.backends.xrootd import XRootDBackend
+from tests.helpers import make_tree, tree_digest
+from tests.servers.common import free_port
+
+MIB = 1024 * 1024
+
+
+def adler32(data: bytes) -> str:
+    h = Hasher(("adler32",))
+    h.update(data)
+    return h.hexdigests()["adler32"]
+
+
+def no_listing_errors(path, message):
+    pytest.fail(f"cannot list {path}: {message}")
+
+
+@pytest.fixture
+def backend(xrootd_folder):
+    b = open_backend(xrootd_folder.url)
+    yield b
+    b.close()
+
+
+def write(backend, path, data: bytes) -> None:
+    with backend.open_write(path) as f:
+        f.write(data)
+
+
+def read(backend, path) -> bytes:
+    with backend.open_read(path) as f:
+        return f.read()
+
+
+def test_registry_serves_every_xrootd_scheme(xrootd_folder):
+    for scheme in ("root", "xroot"):
+        url = xrootd_folder.url.replace("root://", f"{scheme}://", 1)
+        b = open_backend(url)
+        assert isinstance(b, XRootDBackend)
+        assert b.root_exists()
+
+
+def test_walk_lists_nested_and_empty_folders_parents_first(backend, xrootd_folder):
+    make_tree(xrootd_folder.path, {"a.txt": b"abc", "d/e/f.bin": b"12345", "empty/": None,
+                                   "d/empty2/": None})
+    entries = list(backend.walk(no_listing_errors))
+    kinds = {st.path: st.kind for st in entries}
+    assert kinds == {"a.txt": FILE, "d": DIR, "d/e": DIR, "d/e/f.bin": FILE, "empty": DIR,
+                     "d/empty2": DIR}
+    order = [st.path for st in entries]
+    for path in order:
+        if "/" in path:
+            assert order.index(path.rsplit("/", 1)[0]) < order.index(path)
+    by_path = {st.path: st for st in entries}
+    assert by_path["d/e/f.bin"].size == 5
+    local_mtime = os.stat(xrootd_folder.path / "d/e/f.bin").st_mtime_ns
+    assert by_path["d/e/f.bin"].mtime_ns == local_mtime // 10**9 * 10**9
+    assert by_path["a.txt"].online is True
+
+
+def test_walk_of_missing_root_says_so(xrootd_folder):
+    b = open_backend(xrootd_folder.url + "/not-there")
+    assert not b.root_exists()
+    with pytest.raises(StorageError, match="does not exist"):
+        list(b.walk(no_listing_errors))
+
+
+def test_walk_reports_unlistable_folder_and_goes_on(backend, xrootd_folder):
+    make_tree(xrootd_folder.path, {"closed/secret": b"x", "open/ok": b"y"})
+    os.chmod(xrootd_folder.path / "closed", 0o000)   # the server runs unprivileged
+    errors = []
+    try:
+        paths = {st.path for st in backend.walk(lambda p, m: errors.append((p, m)))}
+    finally:
+        os.chmod(xrootd_folder.path / "closed", 0o755)
+    assert {"closed", "open", "open/ok"} <= paths and "closed/secret" not in paths
+    assert [p for p, _ in errors] == ["closed"]
+    assert "\n" not in errors[0][1]
+
+
+def test_stat_of_missing_path_is_none(backend):
+    assert backend.stat("nope") is None
+    assert backend.stat("no/such/dir/file") is None
+    assert backend.stat("").kind == DIR
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 * MIB + 17])
+def test_write_read_round_trip_byte_exact(backend, xrootd_folder, size):
+    data = os.urandom(size)
+    write(backend, "sub/dir/file.bin", data)   # parents made on the way
+    assert (xrootd_folder.path / "sub/dir/file.bin").read_bytes() == data
+    assert read(backend, "sub/dir/file.bin") == data
+    assert backend.stat("sub/dir/file.bin").size == size
+
+
+def test_read_streams_in_requested_chunks(backend):
+    data = os.urandom(3 * MIB + 5)
+    write(backend, "f", data)
+    with backend.open_read("f") as f:
+        chunks = []
+        while chunk := f.read(MIB):
+            assert len(chunk) <= MIB
+            chunks.append(chunk)
+    assert b"".join(chunks) == data and len(chunks) == 4
+
+
+def test_open_write_truncates_existing_file(backend, xrootd_folder):
+    write(backend, "f", b"a much longer first version")
+    write(backend, "f", b"short")
+    assert (xrootd_folder.path / "f").read_bytes() == b"short"
+
+
+def test_read_of_missing_file_is_not_found(backend):
+    with pytest.raises(NotFound, match="nope"):
+        backend.open_read("nope")
+
+
+def test_server_adler32_matches_castlib_xrdadler32_and_xrdfs(backend, xrootd_folder):
+    data = os.urandom(2 * MIB + 3)
+    write(backend, "c.bin", data)
+    ours = adler32(data)
+    assert backend.checksum("c.bin", "adler32") == ours
+    local = xrootd_folder.path / "c.bin"
+    printed = subprocess.run(["xrdadler32", str(local)], capture_output=True, text=True,
+                             check=True).stdout.split()[0]
+    assert printed == ours
+    query = subprocess.run(["xrdfs", xrootd_folder.server.host, "query", "checksum", str(local)],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert query == ["adler32", ours]
+
+
+def test_checksum_of_small_values_is_zero_padded(backend):
+    write(backend, "empty", b"")
+    assert backend.checksum("empty", "adler32") == "00000001"
+
+
+def test_other_algorithms_are_computed_by_reading(backend):
+    import hashlib
+
+    write(backend, "f", b"hello")
+    assert backend.checksum("f", "sha256") == hashlib.sha256(b"hello").hexdigest()
+    assert backend.checksum("f", "md5") == hashlib.md5(b"hello").hexdigest()
+
+
+def test_checksum_of_missing_file_is_not_found(backend):
+    with pytest.raises(NotFound):
+        backend.checksum("nope", "adler32")
+
+
+def test_mkdir_makes_parents_and_tolerates_existing(backend, xrootd_folder):
+    backend.mkdir("x/y/z")
+    backend.mkdir("x/y/z")
+    assert (xrootd_folder.path / "x/y/z").is_dir()
+
+
+def test_rename_replaces_target(backend, xrootd_folder):
+    write(backend, "new", b"new bytes")
+    write(backend, "dir/old", b"old bytes")
+    backend.rename("new", "dir/old")
+    assert tree_digest(xrootd_folder.path).keys() == {"dir", "dir/old"}
+    assert (xrootd_folder.path / "dir/old").read_bytes() == b"new bytes"
+
+
+def test_rename_of_missing_source_fails_and_keeps_target(backend, xrootd_folder):
+    write(backend, "target", b"keep me")
+    with pytest.raises(StorageError):
+        backend.rename("missing", "target")
+    assert (xrootd_folder.path / "target").read_bytes() == b"keep me"
+
+
+def test_delete_file_and_empty_folder(backend, xrootd_folder):
+    make_tree(xrootd_folder.path, {"f": b"x", "empty/": None, "full/g": b"y"})
+    backend.delete("f")
+    backend.delete("empty")
+    with pytest.raises(StorageError):
+        backend.delete("full")   # never recursive
+    with pytest.raises(NotFound):
+        backend.delete("f")
+    assert tree_digest(xrootd_folder.path).keys() == {"full", "full/g"}
+
+
+HOSTILE = ["with space.txt", "quote'd\".txt", "-leading-dash", "ünïcödé ✓.txt",
+           "semi;colon&amp", "#hash", "percent%20.txt", "tab\there"]
+
+
+def test_hostile_names_round_trip(backend, xrootd_folder):
+    for i, name in enumerate(HOSTILE):
+        write(backend, f"d/{name}", f"content {i}".encode())
+    assert sorted(os.listdir(xrootd_folder.path / "d")) == sorted(HOSTILE)
+    listed = {st.path for st in backend.walk(no_listing_errors)}
+    assert listed == {"d"} | {f"d/{n}" for n in HOSTILE}
+    for i, name in enumerate(HOSTILE):
+        assert read(backend, f"d/{name}") == f"content {i}".encode()
+        assert backend.checksum(f"d/{name}", "adler32") == adler32(f"content {i}".encode())
+        backend.rename(f"d/{name}", f"d/{name}.moved")
+    assert len(os.listdir(xrootd_folder.path / "d")) == len(HOSTILE)
+
+
+def test_question_mark_is_not_part_of_a_name(backend, xrootd_folder):
+    # XRootD reads '?' as the start of opaque information: the server would write "what"
+    with pytest.raises(Unsupported, match="cannot contain"):
+        write(backend, "what?.txt", b"x")
+    assert os.listdir(xrootd_folder.path) == []
+
+
+def test_set_mtime_is_unsupported(backend):
+    write(backend, "f", b"x")
+    assert backend.capabilities.set_mtime is False
+    with pytest.raises(Unsupported):
+        backend.set_mtime("f", 10**18)
+
+
+def test_unreachable_server_fails_quickly_with_one_line(tmp_path):
+    port = free_port()   # nothing listens there
+    b = open_backend(f"root://127.0.0.1:{port}//data")
+    start = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        b.stat("x")
+    assert time.monotonic() - start < 60
+    message = str(info.value)
+    assert "\n" not in message and "/data/x" in message
+    assert info.value.transient
+
+
+def test_credentials_never_in_errors():
+    port = free_port()
+    b = open_backend(f"root://alice:s3cret@127.0.0.1:{port}//data")
+    with pytest.raises(StorageError) as info:
+        b.stat("x")
+    assert "s3cret" not in str(info.value)
+
+
+def test_third_party_copy_between_folders(xrootd_server):
+    src_url, src_dir = xrootd_server.new_folder("tpc-src")
+    dst_url, dst_dir = xrootd_server.new_folder("tpc-dst")
+    data = os.urandom(3 * MIB + 1)
+    (src_dir / "in.bin").write_bytes(data)
+    src, dst = open_backend(src_url), open_backend(dst_url)
+    assert dst.copy_from(src, "in.bin", "deep/out.bin") is True
+    assert (dst_dir / "deep/out.bin").read_bytes() == data
+    # replaces an existing target
+    (src_dir / "in.bin").write_bytes(b"second")
+    assert dst.copy_from(src, "in.bin", "deep/out.bin") is True
+    assert (dst_dir / "deep/out.bin").read_bytes() == b"second"
+
+
+def test_third_party_copy_from_another_kind_is_declined(backend, tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    assert backend.copy_from(open_backend(str(tmp_path)), "f", "f") is False
+
+
+def test_third_party_copy_of_missing_source_is_not_found(xrootd_server):
+    src_url, _ = xrootd_server.new_folder("tpc-src")
+    dst_url, _ = xrootd_server.new_folder("tpc-dst")
+    with pytest.raises(NotFound):
+        open_backend(dst_url).copy_from(open_backend(src_url), "nope", "out")
+
+
+def test_stage_of_online_files_returns_at_once(backend):
+    write(backend, "f", b"x")
+    start = time.monotonic()
+    backend.stage(["f"], timeout_s=30)
+    assert time.monotonic() - start < 5

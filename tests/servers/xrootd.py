@@ -1,0 +1,169 @@
+"""A real XRootD server for tests: Debian's xrootd on loopback, exporting a temp folder.
+
+xrootd refuses to run as root, so under root (CI containers) it runs as the unprivileged
+`castlibtest` user (created on first use) and the data folder belongs to that user.
+No authentication; adler32 is the server's checksum, as on EOS.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .common import free_port
+
+XROOTD = shutil.which("xrootd") or "/usr/bin/xrootd"
+TEST_USER = "castlibtest"
+_USERADD_EXISTS = 9   # useradd's exit status when another run created the user first
+
+
+def _server_user() -> pwd.struct_passwd:
+    """The account xrootd runs as: castlibtest when we are root, else ourselves."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid())
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        done = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                               "/nonexistent", "--shell", "/usr/sbin/nologin", TEST_USER],
+                              capture_output=True, text=True)
+        if done.returncode not in (0, _USERADD_EXISTS):
+            raise RuntimeError(f"useradd {TEST_USER} failed: {done.stderr.strip()}")
+        return pwd.getpwnam(TEST_USER)
+
+
+def _chown_for(user: pwd.struct_passwd, *paths: Path) -> None:
+    for p in paths:
+        os.chmod(p, 0o755)
+        if os.geteuid() == 0:
+            os.chown(p, user.pw_uid, user.pw_gid)
+
+
+@dataclass
+class XRootDServer:
+    """One xrootd process; `stop()` and `start()` restart it on the same port."""
+
+    port: int
+    data_dir: Path            # the folder behind the export: root://host:port//<data_dir>/...
+    work_dir: Path
+    user: pwd.struct_passwd
+    _proc: subprocess.Popen | None = field(default=None, repr=False)
+    _log: object = field(default=None, repr=False)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The server's base URL, e.g. root://127.0.0.1:PORT/"""
+        return f"root://{self.host}/"
+
+    def url_of(self, local_path: Path | str) -> str:
+        """The root:// URL of a path below data_dir (xrootd serves the local namespace as is)."""
+        return f"root://{self.host}/{local_path}"
+
+    def new_folder(self, prefix: str = "t") -> tuple[str, Path]:
+        """A fresh empty folder on the server, owned by the server's user: (URL, local path)."""
+        folder = self.data_dir / f"{prefix}-{uuid.uuid4().hex[:10]}"
+        folder.mkdir()
+        _chown_for(self.user, folder)
+        return self.url_of(folder), folder
+
+    def start(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        config = self.work_dir / "xrootd.cfg"
+        config.write_text(f"""\
+xrd.port {self.port}
+xrd.network nokeepalive
+all.export / writable
+oss.localroot /
+all.adminpath {self.work_dir}/admin
+all.pidpath {self.work_dir}/run
+xrootd.chksum adler32
+ofs.tpc pgm /usr/bin/xrdcp --server -f
+""")
+        self._log = open(self.work_dir / "xrootd.log", "ab")
+        cmd = [XROOTD, "-c", str(config), "-l", str(self.work_dir / "xrootd-internal.log"),
+               "-n", "castlib"]
+        if os.geteuid() == 0:
+            cmd += ["-R", self.user.pw_name]
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                      cwd=self.work_dir)
+        _wait_port(self.port, self._proc, self.work_dir)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _wait_port(port: int, proc: subprocess.Popen, work_dir: Path, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = (work_dir / "xrootd.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"xrootd exited with {proc.returncode}:\n{log}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"xrootd did not answer on port {port} within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def xrootd_server():
+    """xrootd on 127.0.0.1 on a free port, exporting `data_dir` (and the whole namespace,
+    as EOS would: URLs carry absolute paths)."""
+    user = _server_user()
+    # not below pytest's private temporary tree, which the server's user cannot enter
+    work_dir = Path(tempfile.mkdtemp(prefix="castlib-xrootd-"))
+    data_dir = work_dir / "data"
+    for d in (data_dir, work_dir / "admin", work_dir / "run"):
+        d.mkdir()
+    _chown_for(user, work_dir, data_dir, work_dir / "admin", work_dir / "run")
+    server = XRootDServer(free_port(), data_dir, work_dir, user)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class XRootDFolder:
+    server: XRootDServer
+    url: str                  # root://127.0.0.1:PORT//.../folder
+    path: Path                # the same folder on the local disk
+
+
+@pytest.fixture
+def xrootd_folder(xrootd_server) -> XRootDFolder:
+    """An empty folder of its own on the session's server for one test; the server is
+    (re)started if a test stopped it."""
+    xrootd_server.start()
+    url, path = xrootd_server.new_folder()
+    try:
+        yield XRootDFolder(xrootd_server, url, path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
