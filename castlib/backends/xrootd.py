@@ -7,6 +7,8 @@ Semantics worth knowing:
   the final name, so the only verified copy is never lost.
 - Names: '?' starts XRootD's opaque (CGI) part and cannot be part of a name; names are
   sent as UTF-8, so non-UTF-8 bytes in local names cannot be written here.
+- Third-party copy is used from another XRootD location for files of 16 MiB and more
+  (option tpc_min_size, in bytes): XrdCl spends ~2.5 s on any TPC, however small.
 - Connection timeouts are process-wide XRootD settings; castlib shortens the defaults
   (minutes) to seconds unless XRD_CONNECTIONWINDOW / XRD_CONNECTIONRETRY /
   XRD_REQUESTTIMEOUT are set in the environment.
@@ -44,6 +46,9 @@ _KXR_NOT_FOUND = 3011
 _KXR_TRANSIENT = {3012, 3014, 3020, 3024, 3034, 3035}
 _ERR_NOT_SUPPORTED = 13       # errNotSupported: e.g. a server that cannot do third-party copy
 _STAGE_POLL_S = 2.0
+# XrdCl polls a third-party copy's progress every ~2.5 s, so even a tiny file costs that
+# much; below this size streaming through castlib is faster (option "tpc_min_size")
+_TPC_MIN_SIZE = 16 * 1024 * 1024
 
 
 class XRootDBackend(Backend):
@@ -204,6 +209,11 @@ class XRootDBackend(Backend):
     def copy_from(self, source: Backend, src_path: str, dst_path: str) -> bool:
         """Server-to-server copy between XRootD servers; False when the servers cannot."""
         if not isinstance(source, XRootDBackend):
+            return False
+        src_stat = source.stat(src_path)
+        if src_stat is None:
+            raise NotFound(f"no such file: {source._abs(src_path)}", path=src_path)
+        if src_stat.size < int(self.options.get("tpc_min_size", _TPC_MIN_SIZE)):
             return False
         process = client.CopyProcess()
         process.add_job(source._full_url(src_path), self._full_url(dst_path), force=True,

@@ -249,13 +249,21 @@ def test_third_party_copy_between_folders(xrootd_server):
     dst_url, dst_dir = xrootd_server.new_folder("tpc-dst")
     data = os.urandom(3 * MIB + 1)
     (src_dir / "in.bin").write_bytes(data)
-    src, dst = open_backend(src_url), open_backend(dst_url)
+    src, dst = open_backend(src_url), open_backend(dst_url, {"tpc_min_size": 0})
     assert dst.copy_from(src, "in.bin", "deep/out.bin") is True
     assert (dst_dir / "deep/out.bin").read_bytes() == data
     # replaces an existing target
     (src_dir / "in.bin").write_bytes(b"second")
     assert dst.copy_from(src, "in.bin", "deep/out.bin") is True
     assert (dst_dir / "deep/out.bin").read_bytes() == b"second"
+
+
+def test_small_files_are_streamed_not_third_party_copied(xrootd_server):
+    src_url, src_dir = xrootd_server.new_folder("tpc-src")
+    dst_url, dst_dir = xrootd_server.new_folder("tpc-dst")
+    (src_dir / "small").write_bytes(b"x" * 1000)
+    assert open_backend(dst_url).copy_from(open_backend(src_url), "small", "out") is False
+    assert not (dst_dir / "out").exists()
 
 
 def test_third_party_copy_from_another_kind_is_declined(backend, tmp_path):
