@@ -75,6 +75,10 @@ class XRootDBackend(Backend):
     def _full_url(self, path: str) -> str:
         return self._server + self._abs(path)
 
+    def _where(self, path: str) -> str:
+        """The path as a user would type it, without credentials, for messages."""
+        return f"{self.url.scheme}://{self.url.host}/{self._abs(path)}"
+
     # -- listing -----------------------------------------------------------------------
     def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
         # one dirlist with STAT a folder: names, sizes, mtimes, flags in one round trip
@@ -83,7 +87,7 @@ class XRootDBackend(Backend):
             rel = stack.pop()
             status, listing = self._fs.dirlist(self._abs(rel), DirListFlags.STAT)
             if not status.ok:
-                error = _storage_error(status, "cannot list", self._abs(rel))
+                error = _storage_error(status, "cannot list", self._where(rel))
                 if rel:
                     on_error(rel, str(error))
                     continue
@@ -107,7 +111,7 @@ class XRootDBackend(Backend):
     def stat(self, path: str) -> Stat | None:
         status, info = self._fs.stat(self._abs(path))
         if not status.ok:
-            error = _storage_error(status, "cannot stat", self._abs(path))
+            error = _storage_error(status, "cannot stat", self._where(path))
             if isinstance(error, NotFound):
                 return None
             raise error
@@ -115,18 +119,18 @@ class XRootDBackend(Backend):
 
     # -- data ----------------------------------------------------------------------------
     def open_read(self, path: str):
-        return _XRootDReader(self._open(path, OpenFlags.READ), self._abs(path))
+        return _XRootDReader(self._open(path, OpenFlags.READ), self._where(path))
 
     def open_write(self, path: str):
         # DELETE: create or truncate; MAKEPATH: create missing parent folders
         return _XRootDWriter(self._open(path, OpenFlags.DELETE | OpenFlags.MAKEPATH),
-                             self._abs(path))
+                             self._where(path))
 
     def _open(self, path: str, flags: int) -> client.File:
         handle = client.File()
         status, _ = handle.open(self._full_url(path), flags)
         if not status.ok:
-            raise _storage_error(status, "cannot open", self._abs(path))
+            raise _storage_error(status, "cannot open", self._where(path))
         return handle
 
     def checksum(self, path: str, algorithm: str) -> str:
@@ -134,7 +138,7 @@ class XRootDBackend(Backend):
             return super().checksum(path, algorithm)
         status, response = self._fs.query(QueryCode.CHECKSUM, self._abs(path))
         if not status.ok:
-            raise _storage_error(status, "cannot get the checksum of", self._abs(path))
+            raise _storage_error(status, "cannot get the checksum of", self._where(path))
         # "adler32 0a1b2c3d\0"
         words = response.decode(errors="replace").strip("\0 \n").split()
         if len(words) != 2 or words[0].lower() != "adler32":
@@ -148,7 +152,7 @@ class XRootDBackend(Backend):
         if not status.ok:
             st = self.stat(path)   # an existing folder is no error
             if st is None or st.kind != DIR:
-                raise _storage_error(status, "cannot create folder", self._abs(path))
+                raise _storage_error(status, "cannot create folder", self._where(path))
 
     def rename(self, src: str, dst: str) -> None:
         status, _ = self._fs.mv(self._abs(src), self._abs(dst))
@@ -156,7 +160,7 @@ class XRootDBackend(Backend):
             return
         target = self.stat(dst)
         if target is None or target.kind != FILE:
-            raise _storage_error(status, f"cannot rename {self._abs(src)} to", self._abs(dst))
+            raise _storage_error(status, f"cannot rename {self._where(src)} to", self._abs(dst))
         # A server that will not replace: move the target aside, then delete it only once
         # the source holds the final name; if that fails, put the target back.
         aside = f"{dst}.castlib-replaced-{os.getpid()}-{time.monotonic_ns()}"
@@ -171,18 +175,18 @@ class XRootDBackend(Backend):
     def _mv(self, src: str, dst: str) -> None:
         status, _ = self._fs.mv(self._abs(src), self._abs(dst))
         if not status.ok:
-            raise _storage_error(status, f"cannot rename {self._abs(src)} to", self._abs(dst))
+            raise _storage_error(status, f"cannot rename {self._where(src)} to", self._abs(dst))
 
     def delete(self, path: str) -> None:
         st = self.stat(path)
         if st is None:
-            raise NotFound(f"no such file or folder: {self._abs(path)}", path=path)
+            raise NotFound(f"no such file or folder: {self._where(path)}", path=path)
         if st.kind == DIR:
             status, _ = self._fs.rmdir(self._abs(path))
         else:
             status, _ = self._fs.rm(self._abs(path))
         if not status.ok:
-            raise _storage_error(status, "cannot delete", self._abs(path))
+            raise _storage_error(status, "cannot delete", self._where(path))
 
     # -- tape and third-party copy ---------------------------------------------------------
     def stage(self, paths: list[str], timeout_s: float) -> None:
@@ -193,14 +197,14 @@ class XRootDBackend(Backend):
         status, _ = self._fs.prepare([self._abs(p) for p in offline], PrepareFlags.STAGE)
         if not status.ok:
             raise _storage_error(status, f"cannot request staging of {len(offline)} file(s) in",
-                                 self._abs(""))
+                                 self._where(""))
         deadline = time.monotonic() + timeout_s
         while offline:
             offline = [p for p in offline if (st := self.stat(p)) is not None and st.online is False]
             if not offline:
                 return
             if time.monotonic() >= deadline:
-                shown = ", ".join(self._abs(p) for p in offline[:5])
+                shown = ", ".join(self._where(p) for p in offline[:5])
                 more = f" and {len(offline) - 5} more" if len(offline) > 5 else ""
                 raise StorageError(f"still on tape after {timeout_s:g} s of staging: "
                                    f"{shown}{more}", path=offline[0])
@@ -212,7 +216,7 @@ class XRootDBackend(Backend):
             return False
         src_stat = source.stat(src_path)
         if src_stat is None:
-            raise NotFound(f"no such file: {source._abs(src_path)}", path=src_path)
+            raise NotFound(f"no such file: {source._where(src_path)}", path=src_path)
         if src_stat.size < int(self.options.get("tpc_min_size", _TPC_MIN_SIZE)):
             return False
         process = client.CopyProcess()
@@ -225,8 +229,8 @@ class XRootDBackend(Backend):
                 status = results[0].get("status", status)
         if status.ok:
             return True
-        error = _storage_error(status, f"third-party copy of {source._abs(src_path)} to",
-                               self._abs(dst_path))
+        error = _storage_error(status, f"third-party copy of {source._where(src_path)} to",
+                               self._where(dst_path))
         if error.transient or isinstance(error, NotFound):
             raise error
         # anything else (no TPC on either side, a refusal): the caller streams instead,
