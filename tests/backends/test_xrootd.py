@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -276,6 +277,36 @@ def test_third_party_copy_of_missing_source_is_not_found(xrootd_server):
     dst_url, _ = xrootd_server.new_folder("tpc-dst")
     with pytest.raises(NotFound):
         open_backend(dst_url).copy_from(open_backend(src_url), "nope", "out")
+
+
+def test_file_on_tape_is_offline_and_stage_waits_for_its_recall(xrootd_tape_server):
+    tape, server = xrootd_tape_server, xrootd_tape_server.server
+    tape.put_on_tape(server.data_dir / "run/raw.dat", b"from tape")
+    (server.data_dir / "disk.dat").write_bytes(b"on disk")
+    backend = open_backend(server.url_of(server.data_dir))
+    on_tape = backend.stat("run/raw.dat")
+    assert (on_tape.kind, on_tape.size, on_tape.online) == (FILE, 9, False)
+    assert backend.stat("disk.dat").online is True
+
+    recall = threading.Timer(1.0, tape.recall, [server.data_dir / "run/raw.dat"])
+    recall.start()
+    try:
+        backend.stage(["run/raw.dat", "disk.dat"], timeout_s=30)
+    finally:
+        recall.join()
+    assert backend.stat("run/raw.dat").online is True
+    assert read(backend, "run/raw.dat") == b"from tape"
+
+
+def test_stage_that_never_completes_names_the_files(xrootd_tape_server):
+    tape, server = xrootd_tape_server, xrootd_tape_server.server
+    tape.put_on_tape(server.data_dir / "a.dat", b"a")
+    tape.put_on_tape(server.data_dir / "b.dat", b"b")
+    backend = open_backend(server.url_of(server.data_dir))
+    with pytest.raises(StorageError) as info:
+        backend.stage(["a.dat", "b.dat"], timeout_s=1)
+    message = str(info.value)
+    assert "still on tape" in message and "a.dat" in message and "b.dat" in message
 
 
 def test_stage_of_online_files_returns_at_once(backend):

@@ -56,6 +56,7 @@ class XRootDServer:
     data_dir: Path            # the folder behind the export: root://host:port//<data_dir>/...
     work_dir: Path
     user: pwd.struct_passwd
+    export: str = "all.export / writable"
     _proc: subprocess.Popen | None = field(default=None, repr=False)
     _log: object = field(default=None, repr=False)
 
@@ -86,7 +87,7 @@ class XRootDServer:
         config.write_text(f"""\
 xrd.port {self.port}
 xrd.network nokeepalive
-all.export / writable
+{self.export}
 oss.localroot /
 all.adminpath {self.work_dir}/admin
 all.pidpath {self.work_dir}/run
@@ -145,6 +146,60 @@ def xrootd_server():
     server.start()
     try:
         yield server
+    finally:
+        server.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+# The oss asks this "mass storage" gateway about files it does not have on disk: statx
+# answers from the tape folder, so such a file is listed offline (kXR_offline) until a
+# copy lands on disk. Its first output line is the command's errno (0: done).
+_MSS_GATEWAY = """#!/bin/sh
+tape={tape}
+case "$1" in
+  statx) if [ -f "$tape$2" ]; then
+           echo 0; echo "f rw-r--r-- 1 0 0 0 0 $(stat -c '%Y %s' "$tape$2") 4096 0"
+         else echo 2; fi ;;
+  *) echo 0 ;;
+esac
+"""
+
+
+@dataclass
+class TapeServer:
+    server: XRootDServer
+    tape_dir: Path            # what is "on tape": tape_dir / <absolute path on the server>
+
+    def put_on_tape(self, local_path: Path, data: bytes) -> None:
+        copy = self.tape_dir / str(local_path).lstrip("/")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(data)
+
+    def recall(self, local_path: Path) -> None:
+        """What a tape system does once a file is staged: its bytes appear on disk."""
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        local_path.write_bytes((self.tape_dir / str(local_path).lstrip("/")).read_bytes())
+
+
+@pytest.fixture
+def xrootd_tape_server():
+    """An xrootd whose export is backed by a simulated tape system (oss.msscmd), for
+    nearline files and staging. The standalone server accepts a prepare (stage) request
+    but recalls nothing by itself: a test calls recall() to play the tape system."""
+    user = _server_user()
+    work_dir = Path(tempfile.mkdtemp(prefix="castlib-xrootd-tape-"))
+    data_dir, tape_dir = work_dir / "data", work_dir / "tape"
+    for d in (data_dir, tape_dir, work_dir / "admin", work_dir / "run"):
+        d.mkdir()
+    gateway = work_dir / "mss-gateway"
+    gateway.write_text(_MSS_GATEWAY.format(tape=tape_dir))
+    gateway.chmod(0o755)
+    _chown_for(user, work_dir, data_dir, tape_dir, work_dir / "admin", work_dir / "run")
+    export = f"all.export {data_dir} stage writable\noss.msscmd {gateway}"
+    server = XRootDServer(free_port(), data_dir, work_dir, user, export)
+    server.start()
+    try:
+        yield TapeServer(server, tape_dir)
     finally:
         server.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
