@@ -6,7 +6,8 @@ Semantics worth knowing:
   handled by moving the target aside first and deleting it only once the source holds
   the final name, so the only verified copy is never lost.
 - Names: '?' starts XRootD's opaque (CGI) part and cannot be part of a name; names are
-  sent as UTF-8, so non-UTF-8 bytes in local names cannot be written here.
+  UTF-8 only: a local name with other bytes cannot be written (Unsupported), and a folder
+  on the server holding one cannot be listed by the Python bindings (reported, skipped).
 - Third-party copy is used from another XRootD location for files of 16 MiB and more
   (option tpc_min_size, in bytes): XrdCl spends ~2.5 s on any TPC, however small.
 - Connection timeouts are process-wide XRootD settings; castlib shortens the defaults
@@ -70,6 +71,11 @@ class XRootDBackend(Backend):
     def _abs(self, path: str) -> str:
         if "?" in path:   # the server would cut the name there and act on another file
             raise Unsupported(f"XRootD names cannot contain '?': {path!r}", path=path)
+        if not path.isascii():
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:   # a local name's raw bytes, kept as surrogates
+                raise Unsupported(f"XRootD names must be UTF-8: {path!r}", path=path) from None
         return posixpath.join(self.url.path, path) if path else self.url.path
 
     def _full_url(self, path: str) -> str:
@@ -85,9 +91,16 @@ class XRootDBackend(Backend):
         stack = [""]
         while stack:
             rel = stack.pop()
-            status, listing = self._fs.dirlist(self._abs(rel), DirListFlags.STAT)
-            if not status.ok:
-                error = _storage_error(status, "cannot list", self._where(rel))
+            try:
+                status, listing = self._fs.dirlist(self._abs(rel), DirListFlags.STAT)
+                error = None if status.ok else _storage_error(status, "cannot list",
+                                                              self._where(rel))
+            except (SystemError, UnicodeDecodeError):
+                # the bindings cannot decode a name that is not UTF-8: report the folder
+                error = StorageError(f"cannot list {self._where(rel)}: it holds a name that "
+                                     "is not UTF-8, which the XRootD Python client cannot read",
+                                     path=rel)
+            if error is not None:
                 if rel:
                     on_error(rel, str(error))
                     continue

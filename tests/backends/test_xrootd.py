@@ -218,6 +218,24 @@ def test_question_mark_is_not_part_of_a_name(backend, xrootd_folder):
     assert os.listdir(xrootd_folder.path) == []
 
 
+def test_names_that_are_not_utf8_are_refused_clearly(backend, xrootd_folder):
+    name = os.fsdecode(b"raw\xffbytes")   # how a local walk reports such a name
+    with pytest.raises(Unsupported, match="UTF-8"):
+        write(backend, name, b"x")
+    with pytest.raises(Unsupported, match="UTF-8"):
+        backend.stat(name)
+    assert os.listdir(xrootd_folder.path) == []
+
+
+def test_folder_holding_a_non_utf8_name_is_reported_and_skipped(backend, xrootd_folder):
+    make_tree(xrootd_folder.path, {"ok/a": b"a", "bad/": None})
+    (xrootd_folder.path / "bad" / os.fsdecode(b"raw\xffbytes")).write_bytes(b"x")
+    errors = []
+    paths = {st.path for st in backend.walk(lambda p, m: errors.append((p, m)))}
+    assert paths == {"ok", "ok/a", "bad"}
+    assert len(errors) == 1 and errors[0][0] == "bad" and "UTF-8" in errors[0][1]
+
+
 def test_set_mtime_is_unsupported(backend):
     write(backend, "f", b"x")
     assert backend.capabilities.set_mtime is False
