@@ -1,4 +1,4 @@
-"""XRootD storage (`root://host:port//abs/path`: EOS, CTA, dCache, plain xrootd) via the XRootD Python bindings.
+"""XRootD storage (root://host:port//abs/path: EOS, CTA, dCache, xrootd) via the XRootD bindings.
 
 Semantics worth knowing:
 - XRootD keeps mtimes in whole seconds and cannot set them: set_mtime raises Unsupported.
@@ -45,7 +45,6 @@ _TRANSIENT_CODES = {101, 102, 103, 104, 105, 107, 108, 109, 206, 207}
 # server errnos (XProtocol.hh): kXR_NotFound, and the busy/timed-out family
 _KXR_NOT_FOUND = 3011
 _KXR_TRANSIENT = {3012, 3014, 3020, 3024, 3034, 3035}
-_ERR_NOT_SUPPORTED = 13       # errNotSupported: e.g. a server that cannot do third-party copy
 _STAGE_POLL_S = 2.0
 # XrdCl polls a third-party copy's progress every ~2.5 s, so even a tiny file costs that
 # much; below this size streaming through castlib is faster (option "tpc_min_size")
@@ -155,7 +154,7 @@ class XRootDBackend(Backend):
         # "adler32 0a1b2c3d\0"
         words = response.decode(errors="replace").strip("\0 \n").split()
         if len(words) != 2 or words[0].lower() != "adler32":
-            raise StorageError(f"unexpected checksum answer {words!r} for {self._abs(path)}",
+            raise StorageError(f"unexpected checksum answer {words!r} for {self._where(path)}",
                                path=path)
         return normalise("adler32", words[1])
 
@@ -204,7 +203,7 @@ class XRootDBackend(Backend):
     # -- tape and third-party copy ---------------------------------------------------------
     def stage(self, paths: list[str], timeout_s: float) -> None:
         """Ask the server to bring nearline files to disk, then wait until all are online."""
-        offline = [p for p in paths if (st := self.stat(p)) is not None and st.online is False]
+        offline = [p for p in paths if not self._is_online(p)]
         if not offline:
             return
         status, _ = self._fs.prepare([self._abs(p) for p in offline], PrepareFlags.STAGE)
@@ -213,7 +212,7 @@ class XRootDBackend(Backend):
                                  self._where(""))
         deadline = time.monotonic() + timeout_s
         while offline:
-            offline = [p for p in offline if (st := self.stat(p)) is not None and st.online is False]
+            offline = [p for p in offline if not self._is_online(p)]
             if not offline:
                 return
             if time.monotonic() >= deadline:
@@ -222,6 +221,10 @@ class XRootDBackend(Backend):
                 raise StorageError(f"still on tape after {timeout_s:g} s of staging: "
                                    f"{shown}{more}", path=offline[0])
             time.sleep(min(_STAGE_POLL_S, max(0.0, deadline - time.monotonic())))
+
+    def _is_online(self, path: str) -> bool:
+        st = self.stat(path)
+        return st is None or st.online is not False   # a vanished file is the copy's problem
 
     def copy_from(self, source: Backend, src_path: str, dst_path: str) -> bool:
         """Server-to-server copy between XRootD servers; False when the servers cannot."""
@@ -292,12 +295,12 @@ class _XRootDWriter:
         self._handle, self._where, self._offset = handle, where, 0
 
     def write(self, data) -> int:
-        data = bytes(data)
+        size = memoryview(data).nbytes   # the bindings take any buffer: no copy
         status, _ = self._handle.write(data, self._offset)
         if not status.ok:
             raise _storage_error(status, "cannot write", self._where)
-        self._offset += len(data)
-        return len(data)
+        self._offset += size
+        return size
 
     def close(self) -> None:
         if self._handle is None:

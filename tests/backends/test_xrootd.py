@@ -2,8 +2,8 @@
 third-party copy and the errors a user sees."""
 from __future__ import annotations
 
+import hashlib
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -150,8 +150,6 @@ def test_checksum_of_small_values_is_zero_padded(backend):
 
 
 def test_other_algorithms_are_computed_by_reading(backend):
-    import hashlib
-
     write(backend, "f", b"hello")
     assert backend.checksum("f", "sha256") == hashlib.sha256(b"hello").hexdigest()
     assert backend.checksum("f", "md5") == hashlib.md5(b"hello").hexdigest()
