@@ -185,7 +185,10 @@ class TapeServer:
 def xrootd_tape_server():
     """An xrootd whose export is backed by a simulated tape system (oss.msscmd), for
     nearline files and staging. The standalone server accepts a prepare (stage) request
-    but recalls nothing by itself: a test calls recall() to play the tape system."""
+    but recalls nothing by itself: a test calls recall() to play the tape system. Its
+    folder listings come out empty (this xrootd lists such an export through the
+    gateway's dlist, which it does not answer usefully), so it serves stat and staging
+    tests, not listings or syncs."""
     user = _server_user()
     work_dir = Path(tempfile.mkdtemp(prefix="castlib-xrootd-tape-"))
     data_dir, tape_dir = work_dir / "data", work_dir / "tape"
