@@ -55,6 +55,8 @@ class XRootDBackend(Backend):
     schemes = ("root", "xroot", "roots", "xroots")
     description = "XRootD servers: EOS, CTA tape, dCache, xrootd"
     extra = "xrootd"
+    # atomic_rename: xrootd's POSIX storage (and EOS) replace the target in one mv; only
+    # the fallback in rename() for a server that refuses is two steps
     capabilities = Capabilities(
         set_mtime=False, atomic_rename=True, server_checksums=frozenset({"adler32"}),
         mtime_precision_ns=1_000_000_000, symlinks=False, empty_dirs=True,
@@ -171,7 +173,7 @@ class XRootDBackend(Backend):
         if status.ok:
             return
         target = self.stat(dst)
-        if target is None or target.kind != FILE:
+        if target is None or target.kind != FILE or self.stat(src) is None:
             raise _storage_error(status, f"cannot rename {self._where(src)} to", self._abs(dst))
         # A server that will not replace: move the target aside, then delete it only once
         # the source holds the final name; if that fails, put the target back.
