@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """castlib side by side with rsync, rclone and xrdcp: one command, a table of medians.
 
-    python benchmarks/run.py                 # every scenario (about 15-25 minutes)
+    python benchmarks/run.py                 # every scenario (about 7 minutes on 2 cores)
     python benchmarks/run.py --quick         # small trees, one run each: a smoke test
     python benchmarks/run.py --only copy-1k,startup --runs 3
 
@@ -626,7 +626,7 @@ def main(argv=None) -> int:
     info = machine()
     print(f"\n{info['date']}; {info['cpus']} CPUs ({info['cpu']}), {info['memory']} RAM; "
           f"Python {info['python']}; castlib {info['castlib_commit']}"
-          f"{'; QUICK (smoke run, not figures)' if args.quick else ''}\n")
+          f"{'; QUICK: a smoke run on small trees (titles name the full sizes), not figures' if args.quick else ''}\n")
     print(table(results))
     for r in results:
         if r.note:
