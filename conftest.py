@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.servers.sftp",
     "tests.servers.webdav",
     "tests.servers.xrootd",
+    "tests.servers.postgres",   # after xrootd: it borrows that module's test user
 ]

@@ -328,11 +328,28 @@ def cmd_db(args) -> int:
         else:
             print(f"catalog is at the newest schema, {catalog.revision}")
         return EXIT_OK
+    from sqlalchemy import text
+
     locations = catalog.locations()
+    with catalog.engine.connect() as conn:
+        entries, deleted = conn.execute(text(
+            "SELECT count(*), count(CASE WHEN deleted THEN 1 END) FROM entries")).one()
+        runs = conn.execute(text("SELECT count(*) FROM runs")).scalar()
+        if catalog.dialect == "postgresql":
+            size = conn.execute(text("SELECT pg_database_size(current_database())")).scalar()
+        else:   # the file, plus its write-ahead log when one is pending
+            import os
+            db_file = catalog.engine.url.database or ""
+            size = sum(os.path.getsize(p) for p in (db_file, db_file + "-wal")
+                       if p and os.path.exists(p))
     print(f"database: {redact(str(catalog.engine.url))}")
     print(f"schema version: {catalog.revision}")
+    print(f"size: {size} bytes ({size / 2**20:.1f} MiB)")
     print(f"locations: {len(locations)}")
-    print(f"entries (live files): {sum(r['files'] for r in locations)}")
+    print(f"entries: {entries} ({deleted} marked deleted)")
+    print(f"live files: {sum(r['files'] for r in locations)}, live folders: "
+          f"{sum(r['dirs'] for r in locations)}, bytes: {sum(r['bytes'] for r in locations)}")
+    print(f"runs: {runs}")
     return EXIT_OK
 
 

@@ -1,0 +1,144 @@
+"""Schema migrations: catalogs made by older castlibs open and upgrade with their data;
+a catalog from a newer castlib is refused, never touched."""
+from pathlib import Path
+
+import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, text
+
+from castlib.catalog import Catalog
+from castlib.catalog.database import HEAD_REVISION, MIGRATIONS, CatalogError, normalise_db_url
+from tests.helpers import make_tree, run_cli
+
+DATA = Path(__file__).with_name("data")
+
+
+def _execute_script(db_url: str, sql: str) -> None:
+    """Run an SQL script as the old castlib would have left the database."""
+    engine = create_engine(normalise_db_url(db_url))
+    try:
+        if engine.dialect.name == "sqlite":
+            raw = engine.raw_connection()
+            raw.driver_connection.executescript(sql)
+            raw.close()
+        else:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(sql)
+    finally:
+        engine.dispose()
+
+
+def _dialect(db_url: str) -> str:
+    return "sqlite" if db_url.startswith("sqlite") else "postgresql"
+
+
+def test_head_revision_is_the_newest_migration_script():
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+
+
+FIRST_SCHEMA_DATA = """
+INSERT INTO nodes (id, scheme, host) VALUES (1, 'file', '');
+INSERT INTO locations (id, node_id, url, root_path, name, created_at, indexed_at)
+VALUES (1, 1, 'file:///data/run1', '/data/run1', 'daq', '2026-01-01 00:00:00', '2026-01-02 00:00:00');
+INSERT INTO entries (id, location_id, path, parent_id, name, kind, size, mtime_ns, mode,
+                     adler32, first_seen, last_seen, deleted)
+VALUES (1, 1, 'sub', NULL, 'sub', 'd', NULL, 1700000000000000000, 493, NULL,
+        '2026-01-01 00:00:00', '2026-01-01 00:00:00', {false}),
+       (2, 1, 'sub/a.dat', 1, 'a.dat', 'f', 1234, 1700000000000000000, 420, '0a1b2c3d',
+        '2026-01-01 00:00:00', '2026-01-01 00:00:00', {false}),
+       (3, 1, 'gone.dat', NULL, 'gone.dat', 'f', 5, 1700000000000000000, 420, NULL,
+        '2026-01-01 00:00:00', '2026-01-01 00:00:00', {true});
+INSERT INTO runs (id, command, args, started_at, finished_at, status)
+VALUES (1, 'index', '{{"location": "daq"}}', '2026-01-01 00:00:00', '2026-01-01 00:01:00', 'ok');
+"""
+
+
+def test_a_catalog_at_the_first_schema_upgrades_with_its_data(db_url):
+    dialect = _dialect(db_url)
+    schema = (DATA / f"schema_0001.{dialect}.sql").read_text()
+    false, true = ("0", "1") if dialect == "sqlite" else ("false", "true")
+    _execute_script(db_url, schema + FIRST_SCHEMA_DATA.format(false=false, true=true))
+    if dialect == "postgresql":   # ids were given explicitly: move the sequences past them
+        _execute_script(db_url, "SELECT setval('nodes_id_seq', 1); SELECT setval('locations_id_seq', 1);"
+                                "SELECT setval('entries_id_seq', 3); SELECT setval('runs_id_seq', 1);")
+
+    catalog = Catalog(db_url)
+    try:
+        assert catalog.upgraded_from == "0001"
+        assert catalog.revision == HEAD_REVISION
+        loc = catalog.find_location("daq")
+        assert loc is not None and loc.url == "file:///data/run1"
+        live = list(catalog.entries(loc.id))
+        assert [(e["path"], e["kind"], e["size"], e["adler32"]) for e in live] == [
+            ("sub", "d", None, None), ("sub/a.dat", "f", 1234, "0a1b2c3d")]
+        assert [e["path"] for e in catalog.entries(loc.id, include_deleted=True)
+                if e["deleted"]] == ["gone.dat"]
+        assert catalog.runs()[0]["args"] == {"location": "daq"}
+        # and the upgraded catalog is usable: a new location indexes next to the old one
+    finally:
+        catalog.close()
+
+
+def test_the_frozen_first_schema_is_what_migration_0001_creates(db_url):
+    """Guards the test data itself: tables and columns of the frozen script equal those
+    castlib's 0001 creates (while 0001 is the head, they are the same schema)."""
+    from sqlalchemy import inspect
+
+    def shape(url):
+        engine = create_engine(normalise_db_url(url))
+        try:
+            insp = inspect(engine)
+            return {t: sorted(c["name"] for c in insp.get_columns(t))
+                    for t in insp.get_table_names()}
+        finally:
+            engine.dispose()
+
+    Catalog(db_url).close()
+    made = shape(db_url)
+    assert set(made) == {"alembic_version", "nodes", "locations", "entries", "runs", "stage_results"}
+    schema = (DATA / f"schema_0001.{_dialect(db_url)}.sql").read_text()
+    for table, columns in made.items():
+        assert f"TABLE {table} (" in schema or f"TABLE public.{table} (" in schema
+        for column in columns:
+            assert column in schema
+
+
+def test_a_catalog_from_a_newer_castlib_is_refused_and_left_alone(db_url, tmp_path):
+    Catalog(db_url).close()
+    engine = create_engine(normalise_db_url(db_url))
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+
+    with pytest.raises(CatalogError, match="9999_future is newer than this castlib"):
+        Catalog(db_url)
+    r = run_cli("locations", db=db_url)
+    assert r.returncode == 2
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and "9999_future" in err[0] and "Traceback" not in r.stderr
+
+    engine = create_engine(normalise_db_url(db_url))
+    with engine.connect() as conn:   # nothing dropped, nothing restamped
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "9999_future"
+        assert conn.execute(text("SELECT count(*) FROM entries")).scalar() == 0
+    engine.dispose()
+
+
+def test_db_upgrade_and_info_commands(db_url, tmp_path):
+    r = run_cli("db", "upgrade", db=db_url, check=0)
+    assert f"upgraded from empty to {HEAD_REVISION}" in r.stdout
+    r = run_cli("db", "upgrade", db=db_url, check=0)
+    assert f"newest schema, {HEAD_REVISION}" in r.stdout
+
+    src = make_tree(tmp_path / "src", {"a.dat": b"aaa", "d/b.dat": b"bb"})
+    run_cli("index", str(src), db=db_url, check=0)
+    info = run_cli("db", "info", db=db_url, check=0).stdout
+    assert f"schema version: {HEAD_REVISION}" in info
+    assert "locations: 1" in info
+    assert "live files: 2" in info
+    assert "entries: 3" in info          # two files and a folder
+    size_line = next(l for l in info.splitlines() if l.startswith("size:"))
+    assert int(size_line.split()[1]) > 0   # bytes on disk (file or pg_database_size)
