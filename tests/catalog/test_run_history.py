@@ -1,0 +1,61 @@
+"""Run history: every sync is recorded with its stages, counts, bytes, errors and duration."""
+from castlib.catalog import Catalog
+from tests.helpers import make_tree, run_cli
+
+
+def _last_run(db_url):
+    catalog = Catalog(db_url)
+    try:
+        run = catalog.runs(1)[0]
+        return catalog.run_details(run["id"])
+    finally:
+        catalog.close()
+
+
+def test_a_sync_run_is_recorded_with_its_stages_counts_and_duration(tmp_path, db_url):
+    src = make_tree(tmp_path / "src", {"a.dat": b"aaaa", "d/b.dat": b"bbbbbb"})
+    dst = tmp_path / "dst"
+    run_cli("sync", str(src), str(dst), db=db_url, check=0)
+
+    run, stages = _last_run(db_url)
+    assert run["command"] == "sync" and run["status"] == "ok" and run["error"] is None
+    assert run["args"]["ref"] == str(src) and run["args"]["dst"] == str(dst)
+    assert run["finished_at"] >= run["started_at"]
+    assert [(s["stage"], s["status"]) for s in stages] == [
+        ("index", "ok"), ("index", "ok"), ("diff", "ok"), ("sync", "ok")]
+    assert stages[0]["counts"]["files"] == 2 and stages[0]["counts"]["bytes"] == 10
+    assert stages[2]["counts"]["missing"] == 3            # two files and a folder
+    sync = stages[3]
+    assert sync["counts"]["copied"] == 2 and sync["counts"]["bytes"] == 10
+    assert sync["counts"]["failed"] == 0 and sync["errors"] == []
+    assert sync["finished_at"] >= sync["started_at"]
+
+    listing = run_cli("runs", db=db_url, check=0).stdout
+    assert f"{run['id']:>5}" in listing and "sync" in listing and "ok" in listing
+    shown = run_cli("runs", "show", str(run["id"]), db=db_url, check=0).stdout
+    assert "stage 4 sync: ok" in shown and '"copied": 2' in shown
+
+
+def test_a_failed_copy_is_recorded_with_its_error(tmp_path, db_url):
+    src = make_tree(tmp_path / "src", {"a.dat": b"a", "b.dat": b"b"})
+    run_cli("index", str(src), db=db_url, check=0)
+    (src / "b.dat").unlink()          # the catalog still lists it: its copy must fail
+    run_cli("sync", str(src), str(tmp_path / "dst"), "--index", "none", db=db_url, check=1)
+
+    run, stages = _last_run(db_url)
+    assert run["status"] == "failed"
+    sync = stages[-1]
+    assert sync["stage"] == "sync" and sync["status"] == "failed"
+    assert sync["counts"]["copied"] == 1 and sync["counts"]["failed"] == 1
+    assert len(sync["errors"]) == 1 and "b.dat" in sync["errors"][0]
+    shown = run_cli("runs", "show", str(run["id"]), db=db_url, check=0).stdout
+    assert "b.dat" in shown
+
+
+def test_a_refused_sync_is_recorded_with_the_reason(tmp_path, db_url):
+    src = make_tree(tmp_path / "src", {"a.dat": b"a"})
+    dst = make_tree(tmp_path / "dst", {"a.dat": b"a", "extra.dat": b"x"})
+    run_cli("sync", str(src), str(dst), "--delete", "--max-delete", "0", db=db_url, check=2)
+    run, _stages = _last_run(db_url)
+    assert run["status"] == "error" and "--max-delete" in run["error"]
+    assert (dst / "extra.dat").exists()
