@@ -77,7 +77,8 @@ def test_a_catalog_at_the_first_schema_upgrades_with_its_data(db_url):
         assert [e["path"] for e in catalog.entries(loc.id, include_deleted=True)
                 if e["deleted"]] == ["gone.dat"]
         assert catalog.runs()[0]["args"] == {"location": "daq"}
-        # and the upgraded catalog is usable: a new location indexes next to the old one
+        # and the upgraded catalog takes new records next to the old ones
+        assert catalog.location("file:///data/run2").id == 2
     finally:
         catalog.close()
 
