@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
@@ -89,7 +91,11 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Bring the schema to the newest revision; returns (from, to). Never drops data."""
+    """Bring the schema to the newest revision; returns (from, to). Never drops data.
+
+    Several processes may open a new catalog at once (indexers on several hosts, cron jobs
+    starting together): the check and the migration run under one lock, so none of them
+    sees another's half-made schema."""
     try:
         before = current_revision(engine)
     except OperationalError as exc:
@@ -97,30 +103,48 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
                            f"{str(exc.orig).splitlines()[0]}") from None
     if before == HEAD_REVISION:
         return before, before
-    with engine.connect() as conn:
+    with _upgrade_lock(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(7305114)"))
+        before = current_revision_conn(conn)   # another process may have done it meanwhile
+        if before == HEAD_REVISION:
+            return before, before
         if before is None and inspect(conn).has_table("entries"):
             raise CatalogError("the database holds castlib-like tables but no schema version; "
                                "refusing to touch it")
-    from alembic.config import Config
-    from alembic import command
-    from alembic.script import ScriptDirectory
+        from alembic import command
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
 
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    head = ScriptDirectory.from_config(cfg).get_current_head()
-    if before is not None and before not in {s.revision for s in
-                                             ScriptDirectory.from_config(cfg).walk_revisions()}:
-        raise CatalogError(f"catalog schema {before} is newer than this castlib knows "
-                           f"({head}); upgrade castlib")
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            # one upgrader at a time when several hosts open a new catalog at once
-            conn.execute(text("SELECT pg_advisory_xact_lock(7305114)"))
-            if current_revision_conn(conn) == head:
-                return before, head
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        scripts = ScriptDirectory.from_config(cfg)
+        head = scripts.get_current_head()
+        if before is not None and before not in {s.revision for s in scripts.walk_revisions()}:
+            raise CatalogError(f"catalog schema {before} is newer than this castlib knows "
+                               f"({head}); upgrade castlib")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     return before, head
+
+
+@contextmanager
+def _upgrade_lock(engine: Engine) -> Iterator[None]:
+    """SQLite runs DDL outside the transaction, so a second opener could see the tables
+    before their version row: a file lock beside the database keeps openers in line.
+    (PostgreSQL takes an advisory lock inside the migration's transaction instead.)"""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    import fcntl
+
+    fd = os.open(f"{database}.upgrade-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)   # released by the kernel if this process dies
+        yield
+    finally:
+        os.close(fd)
 
 
 def current_revision_conn(conn) -> str | None:

@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 from sqlalchemy import text
 
 from castlib.catalog import Catalog
+from castlib.catalog.database import HEAD_REVISION
 from castlib.catalog.locks import location_lock
 from tests.helpers import REPO_ROOT, cli_env, make_tree, run_cli
 
@@ -50,6 +51,29 @@ def _register(db_url: str, url: str) -> int:
         return catalog.location(url).id
     finally:
         catalog.close()
+
+
+def _open_and_close(db_url: str) -> str | None:
+    catalog = Catalog(db_url)
+    try:
+        return catalog.revision
+    finally:
+        catalog.close()
+
+
+def test_processes_opening_a_new_catalog_at_once_all_get_its_schema(request, tmp_path, db_url):
+    """Cron jobs on several hosts may create the central catalog together: none may see
+    another's half-made schema (SQLite creates tables outside the transaction)."""
+    for attempt in range(3):   # a new, empty database each time: the race is in creating it
+        if db_url.startswith("sqlite"):
+            url = f"sqlite:///{tmp_path / f'new-{attempt}.sqlite'}"
+        else:
+            from tests.servers.postgres import fresh_database
+
+            url = fresh_database(request.getfixturevalue("postgres_url"))
+        with ProcessPoolExecutor(6) as pool:
+            revisions = list(pool.map(_open_and_close, [url] * 6))
+        assert revisions == [HEAD_REVISION] * 6
 
 
 def test_two_processes_registering_the_same_location_get_one_record(tmp_path, db_url):
