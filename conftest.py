@@ -5,5 +5,6 @@ pytest_plugins = [
     "tests.servers.sftp",
     "tests.servers.webdav",
     "tests.servers.xrootd",
+    "tests.servers.castor",     # CASTOR's tools, over the xrootd server
     "tests.servers.postgres",   # after xrootd: it borrows that module's test user
 ]
