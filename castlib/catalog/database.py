@@ -109,23 +109,46 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
         before = current_revision_conn(conn)   # another process may have done it meanwhile
         if before == HEAD_REVISION:
             return before, before
-        if before is None and inspect(conn).has_table("entries"):
-            raise CatalogError("the database holds castlib-like tables but no schema version; "
-                               "refusing to touch it")
-        from alembic import command
-        from alembic.config import Config
-        from alembic.script import ScriptDirectory
-
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        scripts = ScriptDirectory.from_config(cfg)
-        head = scripts.get_current_head()
-        if before is not None and before not in {s.revision for s in scripts.walk_revisions()}:
-            raise CatalogError(f"catalog schema {before} is newer than this castlib knows "
-                               f"({head}); upgrade castlib")
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        if before is None:
+            if inspect(conn).has_table("entries"):
+                raise CatalogError("the database holds castlib-like tables but no schema "
+                                   "version; refusing to touch it")
+            create_schema(conn)
+            return before, HEAD_REVISION
+        head = run_migrations(conn, before)
     return before, head
+
+
+def create_schema(conn) -> None:
+    """A new catalog: the current schema straight from the models, stamped with the head
+    revision. Running every migration from the first would give the same schema (a test
+    compares the two) but costs a new catalog the import of Alembic."""
+    from .schema import Base
+
+    Base.metadata.create_all(conn)
+    conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                      "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"))
+    conn.execute(text("INSERT INTO alembic_version (version_num) VALUES (:v)"),
+                 {"v": HEAD_REVISION})
+
+
+def run_migrations(conn, before: str | None) -> str:
+    """Run the Alembic migrations from revision `before` (None: an empty database) to the
+    newest one, on conn's transaction; returns that newest revision."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    scripts = ScriptDirectory.from_config(cfg)
+    head = scripts.get_current_head()
+    if before is not None and before not in {s.revision for s in scripts.walk_revisions()}:
+        raise CatalogError(f"catalog schema {before} is newer than this castlib knows "
+                           f"({head}); upgrade castlib")
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+    return head
 
 
 @contextmanager

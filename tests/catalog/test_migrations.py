@@ -143,3 +143,24 @@ def test_db_upgrade_and_info_commands(db_url, tmp_path):
     assert "entries: 3" in info          # two files and a folder
     size_line = next(l for l in info.splitlines() if l.startswith("size:"))
     assert int(size_line.split()[1]) > 0   # bytes on disk (file or pg_database_size)
+
+
+def test_migrations_from_an_empty_database_give_the_schema_a_new_catalog_gets(db_url):
+    """A new catalog is made from the models (no Alembic run); one made by running every
+    migration must be the same schema: tables, columns, types, indexes, constraints."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from castlib.catalog.database import run_migrations
+    from castlib.catalog.schema import Base
+
+    engine = create_engine(normalise_db_url(db_url))
+    try:
+        with engine.begin() as conn:
+            assert run_migrations(conn, None) == HEAD_REVISION
+        with engine.connect() as conn:
+            differences = compare_metadata(
+                MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        assert differences == []
+    finally:
+        engine.dispose()
