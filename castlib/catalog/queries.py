@@ -217,7 +217,7 @@ class Catalog:
 
     def insert_entries(self, conn, rows: list[dict]) -> None:
         """Bulk insert of new entries: dicts with the Entry columns but id and parent_id
-        (optional ones may be left out)."""
+        (optional ones may be left out). Parents go in before their children."""
         if not rows:
             return
         stamps: dict = {}   # rows of one batch share a timestamp: convert each once
@@ -236,6 +236,7 @@ class Catalog:
             except KeyError:
                 t = [r.get(c) for c in INSERT_COLUMNS]
             t[first], t[last] = stamp(t[first]), stamp(t[last])
+            t += (t[0], parent_of(t[1]))
             out.append(t)
         self.insert_entry_rows(conn, out)
 
@@ -247,14 +248,18 @@ class Catalog:
 
     def insert_entry_rows(self, conn, rows: list) -> None:
         """The hot path of indexing: new entries as sequences in INSERT_COLUMNS order
-        (timestamps from timestamp_param), in one DBAPI executemany. Building the same
-        statement through SQLAlchemy's per-row parameter processing, or from dicts, took
-        most of the time of a fresh index."""
+        (timestamps from timestamp_param) followed by the location id and the parent's
+        path, in one DBAPI executemany. Each row finds its parent_id as it goes in (an
+        index lookup; a listing names a folder before its content), so no second pass
+        rewrites the rows. Building the same statement through SQLAlchemy's per-row
+        parameter processing, or from dicts, took most of the time of a fresh index."""
         if not rows:
             return
         marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-        sql = (f"INSERT INTO entries ({', '.join(INSERT_COLUMNS)}) "
-               f"VALUES ({', '.join([marker] * len(INSERT_COLUMNS))})")
+        sql = (f"INSERT INTO entries ({', '.join(INSERT_COLUMNS)}, parent_id) "
+               f"VALUES ({', '.join([marker] * len(INSERT_COLUMNS))}, "
+               f"(SELECT p.id FROM entries p WHERE p.location_id = {marker} "
+               f"AND p.path = {marker}))")
         cursor = conn.connection.cursor()   # the DBAPI cursor, in conn's transaction:
         try:                                # SQLAlchemy would insist on tuples
             cursor.executemany(sql, rows)
@@ -335,10 +340,11 @@ class Catalog:
                     full.update(location_id=location_id, first_seen=now, last_seen=now,
                                 deleted=False, online=None)
                     new.append(full)
+            since = self.max_entry_id(conn) if new else None
             self.insert_entries(conn, new)
             self.update_entries(conn, changed)
-            if new:
-                self.link_parents(conn, location_id)
+            if new:   # a sync records a folder before its content: this finds none, normally
+                self.link_parents(conn, location_id, since_id=since)
 
     def forget_entries(self, location_id: int, paths: list[str]) -> None:
         """Mark entries deleted by path (after a sync removed them from storage)."""

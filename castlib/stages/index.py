@@ -157,13 +157,9 @@ class IndexStage(Stage):
                     row[sum_at] = hashed.pop(row[1])
             with catalog.engine.begin() as conn:
                 if inserts:
-                    before = catalog.max_entry_id(conn)
                     if first_new_id is None:
-                        first_new_id = before
+                        first_new_id = catalog.max_entry_id(conn)
                     catalog.insert_entry_rows(conn, inserts)
-                    # a listing names a folder before its content: link as we go, in
-                    # batch-sized updates (one over a million rows took 130 MB in SQLite)
-                    catalog.link_parents(conn, loc_id, since_id=before)
                 catalog.update_entries(conn, updates)
                 if hashed:
                     catalog.set_checksums(conn, loc_id, algo, hashed.items())
@@ -248,7 +244,7 @@ class IndexStage(Stage):
         counts["deleted"] = len(vanished)
         with catalog.engine.begin() as conn:
             catalog.mark_deleted(conn, vanished, now)
-            if first_new_id is not None:   # any folder listed after its content
+            if first_new_id is not None:   # a folder listed after its content, if any
                 catalog.link_parents(conn, loc_id, since_id=first_new_id)
             catalog.touch_location(conn, loc_id, now)
         ctx.index_results[loc_id] = result
@@ -301,9 +297,11 @@ def _cyclic_gc_paused():
 
 
 def _new_row(loc_id: int, path: str, st: Stat, stamp) -> list:
-    """An entries row in INSERT_COLUMNS order (a list: a checksum may be filled in later)."""
-    return [loc_id, path, path.rsplit("/", 1)[-1], st.kind, st.size, st.mtime_ns, st.mode,
-            st.link_target, None, None, None, st.online, stamp, stamp, False]
+    """An entries row as insert_entry_rows takes it: INSERT_COLUMNS, then the location id
+    and the parent's path (a list: a checksum may be filled in later)."""
+    parent, _, name = path.rpartition("/")
+    return [loc_id, path, name, st.kind, st.size, st.mtime_ns, st.mode,
+            st.link_target, None, None, None, st.online, stamp, stamp, False, loc_id, parent]
 
 
 def _below_any(path: str, folders: list[str]) -> bool:

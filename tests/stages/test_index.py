@@ -56,6 +56,33 @@ def test_parent_links_follow_the_materialised_path(tmp_path, db_url):
     assert rows["x/y/z.dat"].parent_id == rows["x/y"].id
 
 
+def test_parent_links_of_entries_a_sync_records_in_any_order(tmp_path, db_url):
+    """After a sync the destination's entries link to their folders too, and a folder
+    recorded after its content (as a back-end might list it) is linked all the same."""
+    from sqlalchemy import select
+    from castlib.catalog.schema import Entry
+
+    root = make_tree(tmp_path / "ref", {"a/b/c.dat": b"c", "a/d.dat": b"d"})
+    castlib.sync(str(root), str(tmp_path / "dst"), db=db_url)
+    cat = Catalog(db_url)
+    try:
+        dst = cat.find_location(str(tmp_path / "dst"))
+        late = cat.location(str(tmp_path / "late"))
+        row = {"size": 1, "mtime_ns": 1, "mode": 0o644, "link_target": None}
+        cat.record_entries(late.id, [{"path": "x/y.dat", "name": "y.dat", "kind": "f", **row},
+                                     {"path": "x", "name": "x", "kind": "d", **row}])
+        for loc in (dst, late):
+            with cat.engine.connect() as conn:
+                rows = {r.path: r for r in conn.execute(select(
+                    Entry.id, Entry.path, Entry.parent_id).where(Entry.location_id == loc.id))}
+            for path, r in rows.items():
+                parent = path.rpartition("/")[0]
+                assert r.parent_id == (rows[parent].id if parent else None), path
+        assert len(rows) == 2
+    finally:
+        cat.close()
+
+
 def test_symlinks_are_recorded_never_followed(tmp_path, db_url):
     outside = make_tree(tmp_path / "outside", {"secret.dat": b"s"})
     root = make_tree(tmp_path / "t", {"a.dat": b"a"})
