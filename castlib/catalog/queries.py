@@ -9,7 +9,7 @@ from operator import itemgetter
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, NamedTuple
 
-from sqlalchemy import and_, bindparam, func, insert, literal, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, func, insert, literal, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConfigError
@@ -310,9 +310,10 @@ class Catalog:
         conn.execute(update(E).where(*where).values(parent_id=parent))
 
     def touch_location(self, conn, location_id: int, now: datetime) -> None:
-        conn.execute(update(E).where(E.c.location_id == location_id,
-                                     E.c.deleted == False)  # noqa: E712
-                     .values(last_seen=now))
+        """Record that the location was listed at `now`. Every live entry was seen then:
+        that is the location's indexed_at, not copied into each entry's last_seen (which
+        rewrote the whole location at every index: on PostgreSQL a new version of every
+        row, each time). See entries() for the last_seen a reader gets."""
         conn.execute(update(L).where(L.c.id == location_id).values(indexed_at=now))
 
     # -- entries after a transfer ------------------------------------------------------------
@@ -359,10 +360,15 @@ class Catalog:
 
     def entries(self, location_id: int, prefix: str = "", *, kind: str | None = None,
                 include_deleted: bool = False) -> Iterator[dict]:
-        """Entries of a location (below `prefix` if given), in path order."""
+        """Entries of a location (below `prefix` if given), in path order. `last_seen` of
+        a live entry is the later of its own and its location's last index."""
         q = select(E.c.path, E.c.name, E.c.kind, E.c.size, E.c.mtime_ns, E.c.mode,
                    E.c.link_target, E.c.adler32, E.c.md5, E.c.sha256, E.c.deleted,
-                   E.c.online).where(E.c.location_id == location_id)
+                   E.c.online, E.c.first_seen,
+                   case((E.c.deleted == True, E.c.last_seen),  # noqa: E712
+                        (L.c.indexed_at > E.c.last_seen, L.c.indexed_at),
+                        else_=E.c.last_seen).label("last_seen"),
+                   ).join(L, L.c.id == E.c.location_id).where(E.c.location_id == location_id)
         if prefix:
             low, high = subtree_range(prefix)
             q = q.where(or_(E.c.path == prefix.rstrip("/"), and_(E.c.path >= low, E.c.path < high)))

@@ -51,6 +51,9 @@ class Entry(Base):
     it. Names that are not valid UTF-8 are stored escaped (see catalog.paths).
     Checksums are kept per algorithm and trusted while size and mtime stay unchanged.
     A vanished entry is marked deleted, not removed, so history survives.
+    `last_seen` is written when an entry is created, changed or found vanished; a live
+    entry was also seen by every later listing of its location (`locations.indexed_at`),
+    which is not copied into each row (Catalog.entries gives the later of the two).
     """
 
     __tablename__ = "entries"

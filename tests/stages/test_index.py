@@ -40,6 +40,24 @@ def test_new_changed_vanished(tmp_path, db_url):
     assert not entries(db_url, root)["sub/b.dat"]["deleted"]
 
 
+def test_last_seen_of_live_entries_follows_each_index_vanished_ones_keep_theirs(tmp_path,
+                                                                                db_url):
+    root = make_tree(tmp_path / "t", {"keep.dat": b"k", "gone.dat": b"g"})
+    castlib.index(str(root), db=db_url)
+    (root / "gone.dat").unlink()
+    castlib.index(str(root), db=db_url)
+    vanished_at = entries(db_url, root)["gone.dat"]["last_seen"]
+    castlib.index(str(root), db=db_url)
+    cat = Catalog(db_url)
+    try:
+        indexed_at = cat.find_location(str(root)).indexed_at
+    finally:
+        cat.close()
+    e = entries(db_url, root)
+    assert e["keep.dat"]["last_seen"] == indexed_at > e["keep.dat"]["first_seen"]
+    assert e["gone.dat"]["last_seen"] == vanished_at < indexed_at
+
+
 def test_parent_links_follow_the_materialised_path(tmp_path, db_url):
     root = make_tree(tmp_path / "t", {"x/y/z.dat": b"z"})
     castlib.index(str(root), db=db_url)
