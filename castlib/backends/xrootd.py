@@ -10,6 +10,9 @@ Semantics worth knowing:
   on the server holding one cannot be listed by the Python bindings (reported, skipped).
 - Third-party copy is used from another XRootD location for files of 16 MiB and more
   (option tpc_min_size, in bytes): XrdCl spends ~2.5 s on any TPC, however small.
+- Checksums are the server's (kXR_query checksum). A plain xrootd computes them as jobs
+  in a small table and tells one request too many to wait 30 s, so at most
+  `checksum_queries` (default 2) are in flight per location, whatever --transfers says.
 - Connection timeouts are process-wide XRootD settings; castlib shortens the defaults
   (minutes) to seconds unless XRD_CONNECTIONWINDOW / XRD_CONNECTIONRETRY /
   XRD_REQUESTTIMEOUT are set in the environment.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import threading
 import time
 from typing import Iterator
 
@@ -49,6 +53,10 @@ _STAGE_POLL_S = 2.0
 # XrdCl polls a third-party copy's progress every ~2.5 s, so even a tiny file costs that
 # much; below this size streaming through castlib is faster (option "tpc_min_size")
 _TPC_MIN_SIZE = 16 * 1024 * 1024
+# xrootd runs at most 4 checksum jobs at once (xrootd.chksum max, default 4) and answers
+# one more with "wait 30 s": parallel transfers that all verify at once would stall for
+# that long. Fewer queries in flight per server (option "checksum_queries") avoid it.
+_CHECKSUM_QUERIES = 2
 
 
 class XRootDBackend(Backend):
@@ -68,6 +76,8 @@ class XRootDBackend(Backend):
         user = f"{url.user}@" if url.user else ""   # XRootD takes no password in the URL
         self._server = f"{url.scheme}://{user}{url.host}/"
         self._fs = client.FileSystem(self._server)
+        self._checksum_slots = threading.BoundedSemaphore(
+            int(self.options.get("checksum_queries", _CHECKSUM_QUERIES)))
 
     def _abs(self, path: str) -> str:
         if "?" in path:   # the server would cut the name there and act on another file
@@ -150,7 +160,8 @@ class XRootDBackend(Backend):
     def checksum(self, path: str, algorithm: str) -> str:
         if algorithm != "adler32":
             return super().checksum(path, algorithm)
-        status, response = self._fs.query(QueryCode.CHECKSUM, self._abs(path))
+        with self._checksum_slots:
+            status, response = self._fs.query(QueryCode.CHECKSUM, self._abs(path))
         if not status.ok:
             raise _storage_error(status, "cannot get the checksum of", self._where(path))
         # "adler32 0a1b2c3d\0"

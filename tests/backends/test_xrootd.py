@@ -330,3 +330,38 @@ def test_stage_of_online_files_returns_at_once(backend):
     start = time.monotonic()
     backend.stage(["f"], timeout_s=30)
     assert time.monotonic() - start < 5
+
+
+def test_checksum_queries_in_flight_per_server_are_bounded(xrootd_folder):
+    """xrootd keeps a small table of checksum jobs (3 x `xrootd.chksum max`, and slow to
+    free under load); one request too many is told to wait 30 s. Parallel transfers must
+    not all ask at once: at most `checksum_queries` (default 2) are in flight."""
+    for i in range(12):
+        (xrootd_folder.path / f"f{i}").write_bytes(os.urandom(4 * MIB))
+    b = open_backend(xrootd_folder.url)
+    real_fs, lock = b._fs, threading.Lock()
+    in_flight, most = 0, 0
+
+    class CountingFileSystem:   # the real client underneath; only counts what is asked
+        def __getattr__(self, name):
+            return getattr(real_fs, name)
+
+        def query(self, *args):
+            nonlocal in_flight, most
+            with lock:
+                in_flight += 1
+                most = max(most, in_flight)
+            try:
+                time.sleep(0.05)   # widen the window a burst of queries would share
+                return real_fs.query(*args)
+            finally:
+                with lock:
+                    in_flight -= 1
+
+    b._fs = CountingFileSystem()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        sums = list(pool.map(lambda i: b.checksum(f"f{i}", "adler32"), range(12)))
+    assert sums == [adler32((xrootd_folder.path / f"f{i}").read_bytes()) for i in range(12)]
+    assert most == 2
