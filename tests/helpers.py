@@ -78,3 +78,38 @@ def last_json(stdout: str) -> dict:
 
 def json_lines(stdout: str) -> list[dict]:
     return [json.loads(l) for l in stdout.splitlines() if l.strip()]
+
+
+def in_unprivileged_child(fn):
+    """Run fn() in a forked child that has dropped root (root reads any folder, so EACCES
+    needs a plain user); returns what fn returned, through a pipe as JSON."""
+    import json
+
+    if os.geteuid() != 0:
+        return fn()
+    # the child may not read root's site-packages: import what a run needs first
+    import importlib
+
+    for module in ("castlib.api", "castlib.backends.local", "castlib.stages.index",
+                   "castlib.stages.diff", "castlib.stages.sync", "castlib.stages.verify",
+                   "castlib.stages.report", "psycopg"):
+        importlib.import_module(module)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)   # nobody
+            payload = json.dumps({"ok": fn()})
+        except BaseException as exc:  # report anything to the parent, then leave
+            payload = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+        os.write(w, payload.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = json.loads(f.read())
+    os.waitpid(pid, 0)
+    if "error" in data:
+        raise AssertionError(data["error"])
+    return data["ok"]

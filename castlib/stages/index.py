@@ -120,7 +120,12 @@ class IndexStage(Stage):
                                 "deleted", "hashed", "hashed_bytes", "unreadable"), 0)
         errors: list[str] = []
 
+        root_error = None
+
         def on_error(path: str, message: str) -> None:
+            nonlocal root_error
+            if not path:
+                root_error = message
             result.unlisted.append(path)
             errors.append(f"{path or '.'}: cannot list: {message}")
 
@@ -230,6 +235,8 @@ class IndexStage(Stage):
             progress.add_file(unreported)
             progress.close()
 
+        if root_error is not None:   # nothing was listed: an empty answer proves nothing
+            raise StorageError(f"cannot list location {loc.record.url}: {root_error}")
         counts["unreadable"] = len(result.unlisted)
         listed = counts["files"] + counts["dirs"] + counts["links"]
         if listed == 0 and known_files > 0 and not forced:

@@ -10,7 +10,7 @@ from pydantic import Field
 from ..backends.base import DIR, FILE, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock
-from ..catalog.paths import from_catalog
+from ..catalog.paths import from_catalog, to_catalog
 from ..errors import NotFound, SafetyRefusal, StorageError
 from ..progress import human_bytes
 from ..transfer import copy_file, with_retries
@@ -55,11 +55,21 @@ class TransferPlan:
         return len(self.deletes) + len(self.clear_first)
 
 
-def make_plan(diff: DiffResult, *, delete: bool, replace: bool, dst_symlinks: bool) -> TransferPlan:
+def make_plan(diff: DiffResult, *, delete: bool, replace: bool, dst_symlinks: bool,
+              unlisted_ref: list[str] = ()) -> TransferPlan:
+    """What to do about each difference. `unlisted_ref`: catalog paths of reference folders
+    this run could not list; nothing below them is deleted or replaced on the word of a
+    listing that never looked there."""
     plan = TransferPlan()
     clashes = [d.path for d in diff.differences if d.kind == "type"]
     clash_prefixes = tuple(p + "/" for p in clashes)
+    unlisted = tuple(unlisted_ref)
+    unlisted_prefixes = tuple(p + "/" for p in unlisted)
     for d in diff.differences:
+        if unlisted and d.kind in ("extra", "type") and (
+                d.path in unlisted or d.path.startswith(unlisted_prefixes)):
+            plan.skipped.append((d, "the reference could not list this folder"))
+            continue
         below_clash = bool(clash_prefixes) and d.path.startswith(clash_prefixes)
         if d.kind == "extra":
             if below_clash and delete:
@@ -122,8 +132,10 @@ class SyncStage(Stage):
         self.src, self.dst = ctx.backend(diff.ref), ctx.backend(diff.dst)
         self.diff = diff
         self.algo = diff.algorithm
+        ref_index = ctx.index_results.get(diff.ref.record.id)
         plan = make_plan(diff, delete=p.delete, replace=p.replace,
-                         dst_symlinks=self.dst.capabilities.symlinks)
+                         dst_symlinks=self.dst.capabilities.symlinks,
+                         unlisted_ref=[to_catalog(u) for u in getattr(ref_index, "unlisted", [])])
         if p.max_delete is not None and plan.deletion_count > p.max_delete:
             raise SafetyRefusal(
                 f"sync would delete {plan.deletion_count} entries, more than --max-delete "

@@ -7,7 +7,7 @@ import pytest
 import castlib
 from castlib.catalog import Catalog
 from castlib.errors import LocationMissing, SafetyRefusal
-from tests.helpers import make_tree
+from tests.helpers import in_unprivileged_child, make_tree
 
 
 def entries(db_url, location):
@@ -171,34 +171,6 @@ def test_empty_listing_of_a_known_location_is_refused(tmp_path, db_url):
     assert not any(e["deleted"] for e in entries(db_url, root).values())
     r = castlib.index(str(root), db=db_url, force=True)
     assert r.counts["deleted"] == 2
-
-
-def in_unprivileged_child(fn):
-    """Run fn() in a forked child that has dropped root (root reads any folder, so EACCES
-    needs a plain user); returns what fn returned, through a pipe as JSON."""
-    import json
-
-    if os.geteuid() != 0:
-        return fn()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(r)
-        try:
-            os.setgid(65534)
-            os.setuid(65534)   # nobody
-            payload = json.dumps({"ok": fn()})
-        except BaseException as exc:  # report anything to the parent, then leave
-            payload = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
-        os.write(w, payload.encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        data = json.loads(f.read())
-    os.waitpid(pid, 0)
-    if "error" in data:
-        raise AssertionError(data["error"])
-    return data["ok"]
 
 
 def test_unreadable_folder_is_reported_and_the_rest_indexed():

@@ -6,8 +6,8 @@ import pytest
 
 import castlib
 from castlib.catalog import Catalog
-from castlib.errors import LocationMissing, SafetyRefusal
-from tests.helpers import make_tree, tree_digest
+from castlib.errors import CastlibError, LocationMissing, SafetyRefusal
+from tests.helpers import in_unprivileged_child, make_tree, tree_digest
 
 
 def sync(ref, dst, db, **kw):
@@ -113,6 +113,66 @@ def test_vanished_reference_is_refused_before_touching_the_destination(tmp_path,
     ref.mkdir()
     r = sync(ref, dst, db_url, delete=True, force=True)
     assert r.counts["deleted"] == 2
+
+
+@pytest.fixture
+def open_base(db_url):
+    """A folder every user may enter (root reads any folder, so an unreadable one needs the
+    sync to run as a plain user), and a catalog that user can write."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="castlib-perm-")
+    os.chmod(base, 0o777)
+    db = f"sqlite:///{base}/cat.sqlite" if db_url.startswith("sqlite") else db_url
+    Catalog(db).close()   # its database driver loaded before the plain user needs it
+    yield base, db
+    for dirpath, _dirs, _files in os.walk(base):
+        os.chmod(dirpath, 0o755)
+    shutil.rmtree(base)
+
+
+def _open_to_all(base):
+    for dirpath, _dirs, files in os.walk(base):
+        os.chmod(dirpath, 0o777)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o666)
+
+
+def test_an_unreadable_reference_folder_deletes_nothing_below_it(open_base):
+    base, db = open_base
+    ref = make_tree(os.path.join(base, "ref"), {"ok/a.dat": b"a", "locked/b.dat": b"b"})
+    dst = make_tree(os.path.join(base, "dst"), {"ok/a.dat": b"a", "locked/b.dat": b"b",
+                                                 "locked/c.dat": b"c", "stale.dat": b"s"})
+    _open_to_all(base)
+    os.chmod(ref / "locked", 0o000)
+
+    def sync_as_plain_user():   # a catalog that never saw the reference: nothing to go by
+        return castlib.sync(str(ref), str(dst), db=db, delete=True).counts
+
+    counts = in_unprivileged_child(sync_as_plain_user)
+    assert counts["deleted"] == 1 and not (dst / "stale.dat").exists()
+    assert (dst / "locked/b.dat").exists() and (dst / "locked/c.dat").exists()
+    assert counts["skipped"] == 2
+
+
+def test_an_unreadable_reference_root_is_an_error_before_any_change(open_base):
+    base, db = open_base
+    ref = make_tree(os.path.join(base, "ref"), {"a.dat": b"a"})
+    dst = make_tree(os.path.join(base, "dst"), {"a.dat": b"a", "b.dat": b"b"})
+    _open_to_all(base)
+    os.chmod(ref, 0o000)
+
+    def sync_as_plain_user():
+        try:
+            castlib.sync(str(ref), str(dst), db=db, delete=True)
+        except CastlibError as exc:
+            return str(exc)
+        return "no error"
+
+    message = in_unprivileged_child(sync_as_plain_user)
+    assert message.startswith(f"cannot list location file://{ref}: Permission denied")
+    assert sorted(os.listdir(dst)) == ["a.dat", "b.dat"]
 
 
 def test_dry_run_changes_nothing(tmp_path, db_url, capsys):
