@@ -20,6 +20,9 @@ def make_hostile_tree(root: bytes) -> None:
             f.write(name)
         with open(os.path.join(root, b"dir with\nnewline", b"sub\xff", name), "wb") as f:
             f.write(name[::-1])
+    # link targets are paths too: raw bytes and a literal % must survive
+    os.symlink(b"bad\xff\xfe-latin1-\xe9.dat", os.path.join(root, b"link\xff"))
+    os.symlink(b"../100%/x", os.path.join(root, b"link-100%"))
 
 
 def test_hostile_names_round_trip(tmp_path, db_url):
@@ -29,6 +32,7 @@ def test_hostile_names_round_trip(tmp_path, db_url):
     out = run_cli("sync", os.fsdecode(ref), os.fsdecode(dst), "--json", db=db_url, check=0)
     counts = last_json(out.stdout)
     assert counts["copied"] == 2 * len(HOSTILE) and counts["failed"] == 0
+    assert counts["links_created"] == 2
     assert tree_digest(os.fsdecode(dst)) == tree_digest(os.fsdecode(ref))
     # identical now: no differences, nothing to copy
     run_cli("diff", os.fsdecode(ref), os.fsdecode(dst), db=db_url, check=0)
@@ -58,6 +62,6 @@ def test_text_output_keeps_one_line_per_path(tmp_path, db_url):
     os.makedirs(tmp_path / "empty")
     text = run_cli("diff", os.fsdecode(ref), str(tmp_path / "empty"), db=db_url, check=1).stdout
     lines = text.splitlines()
-    assert len(lines) == 2 * len(HOSTILE) + 2
+    assert len(lines) == 2 * len(HOSTILE) + 4   # files, 2 folders, 2 links
     assert "missing   new\\nline.dat" in lines
     assert "missing   back\\\\slash" in lines

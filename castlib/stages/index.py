@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..backends.base import DIR, FILE, Stat
+from ..backends.base import DIR, FILE, LINK, Stat
 from ..catalog.paths import from_catalog, parent_of, to_catalog
 from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
 from ..checksum import ALGORITHMS
@@ -191,6 +191,8 @@ class IndexStage(Stage):
                 # plain ASCII without "%" is stored as is (see catalog.paths)
                 path = (storage_path if storage_path.isascii() and "%" not in storage_path
                         else to_catalog(storage_path))
+                if kind == LINK and st.link_target is not None:   # a target is a path too
+                    st.link_target = to_catalog(st.link_target)
                 old = pop_existing(path, None)
                 if old is None:
                     row = _new_row(loc_id, path, st, stamp)

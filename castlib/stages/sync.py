@@ -213,7 +213,7 @@ class SyncStage(Stage):
 
     def _link(self, d: Difference) -> None:
         try:
-            self.dst.symlink(from_catalog(d.path), d.ref.link_target or "")
+            self.dst.symlink(from_catalog(d.path), from_catalog(d.ref.link_target or ""))
             self.counts["links_created"] += 1
             st = self.dst.stat(from_catalog(d.path))
             self._remember(d.path, LINK, st.size if st else None, st.mtime_ns if st else None,
