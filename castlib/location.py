@@ -108,3 +108,21 @@ def _clean_local(path: str) -> str:
 def redact(text: str) -> str:
     """Hide `user:password@` in any URL inside `text` (for logs and error messages)."""
     return _CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", str(text))
+
+
+_SECRET_KEY = re.compile(r"pass(word|phrase)?|secret|token|credential|(^|_)key$", re.I)
+
+
+def scrub_secrets(value):
+    """A copy of a structure (run arguments, stage parameters, a parsed pipeline) fit to
+    keep: URL credentials redacted, values under secret-looking keys (password, secret,
+    token, key...) replaced by ***."""
+    if isinstance(value, dict):
+        return {k: "***" if (isinstance(k, str) and _SECRET_KEY.search(k)
+                             and v not in (None, "")) else scrub_secrets(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_secrets(v) for v in value]
+    if isinstance(value, str):
+        return redact(value)
+    return value

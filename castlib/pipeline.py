@@ -14,7 +14,7 @@ from .catalog.locks import location_lock
 from .catalog.paths import printable
 from .config import UserConfig, load_user_config
 from .errors import CastlibError, ConfigError
-from .location import parse_location, redact
+from .location import parse_location, redact, scrub_secrets
 from .stages import RunContext, Stage, StageOutcome, stage_class
 from .stages.base import StageParams
 
@@ -134,6 +134,12 @@ class Pipeline:
                              "'- index: {location: daq}'", key=f"stages[{i}]")
             (name, params), = item.items()
             specs.append(_stage_spec(str(name), params, i, err))
+        kept = scrub_secrets(data)
+        if kept != data:   # the run record keeps the pipeline, never its credentials
+            import yaml
+
+            text = ("# credentials removed by castlib\n"
+                    + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True))
         pipeline = cls(specs, locations, options, source, text)
         pipeline.check_references(user_config or UserConfig(), err)
         return pipeline

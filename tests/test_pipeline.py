@@ -110,3 +110,35 @@ def test_bad_pipelines_give_one_line_with_file_line_and_key(tmp_path, db_url, ca
 def test_missing_pipeline_file(tmp_path, db_url):
     result = run_cli("run", str(tmp_path / "nope.yaml"), db=db_url, check=2)
     assert "nope.yaml: cannot read pipeline: No such file or directory" in result.stderr
+
+
+def test_credentials_never_reach_the_run_history(tmp_path, db_url):
+    """Neither a pipeline's location options nor a URL's user:password@ is kept in the
+    catalog's run records (runs.args, runs.pipeline, stage_results.params/errors)."""
+    from sqlalchemy import create_engine, text
+
+    from castlib.catalog.database import normalise_db_url
+
+    daq = make_tree(tmp_path / "daq", {"a.dat": b"a"})
+    p = write(tmp_path, f"""
+        locations:
+          daq: {{url: "{daq}", options: {{password: TopSecret1, token: TopSecret2}}}}
+        stages:
+          - index: {{location: daq}}
+        """)
+    run_cli("run", str(p), db=db_url, check=0)
+    # a URL with credentials, to a server that is not there: the run is recorded all the same
+    r = run_cli("index", "sftp://na64:TopSecret3@127.0.0.1:9/data", db=db_url)
+    assert r.returncode == 2 and "TopSecret3" not in r.stderr
+    shown = run_cli("runs", "show", "2", db=db_url, check=0).stdout
+    assert "sftp://***@127.0.0.1:9/data" in shown
+
+    engine = create_engine(normalise_db_url(db_url))
+    try:
+        with engine.connect() as conn:
+            stored = " ".join(str(row) for table in ("runs", "stage_results")
+                              for row in conn.execute(text(f"SELECT * FROM {table}")))
+    finally:
+        engine.dispose()
+    assert "TopSecret" not in stored
+    assert "credentials removed by castlib" in stored and "index" in stored

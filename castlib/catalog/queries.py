@@ -13,7 +13,7 @@ from sqlalchemy import and_, bindparam, case, func, insert, literal, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConfigError
-from ..location import LocationURL, parse_location
+from ..location import LocationURL, parse_location, scrub_secrets
 from .database import create_catalog_engine, default_db_url, upgrade
 from .paths import parent_of, subtree_range
 from .schema import CHECKSUM_COLUMNS, Entry, Location, Run, StageResult, StorageNode
@@ -454,9 +454,11 @@ class Catalog:
 
     # -- runs ----------------------------------------------------------------------------------
     def start_run(self, command: str, args: dict | None = None, pipeline: str | None = None) -> int:
+        """Record a run starting. Credentials never reach the catalog: `args` are scrubbed
+        here, and `pipeline` must already be (Pipeline.text is)."""
         with self.engine.begin() as conn:
             return conn.execute(insert(R).values(
-                command=command, args=args, pipeline=pipeline, hostname=socket.gethostname(),
+                command=command, args=scrub_secrets(args), pipeline=pipeline, hostname=socket.gethostname(),
                 username=_username(), pid=os.getpid(), started_at=utcnow(),
                 status="running")).inserted_primary_key[0]
 
@@ -471,7 +473,7 @@ class Catalog:
         with self.engine.begin() as conn:
             conn.execute(insert(S).values(
                 run_id=run_id, position=position, stage=stage, stage_id=stage_id,
-                params=params, status=status, counts=counts, errors=errors[:1000],
+                params=scrub_secrets(params), status=status, counts=counts, errors=errors[:1000],
                 started_at=started_at, finished_at=utcnow()))
 
     def runs(self, limit: int = 20) -> list[dict]:
