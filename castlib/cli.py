@@ -181,7 +181,9 @@ def cmd_verify(args) -> int:
     from . import api
     from .catalog.paths import printable
 
-    report = api.verify(args.location, checksum=args.checksum, **_common(args))
+    # the problems are this command's output (stdout), not also stderr noise
+    report = api.verify(args.location, checksum=args.checksum, show_errors=False,
+                        **_common(args))
     for problem in report.value.problems:
         if args.json:
             print(json.dumps(problem.as_dict(), ensure_ascii=False))

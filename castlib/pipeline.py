@@ -185,9 +185,12 @@ class Pipeline:
     def run(self, catalog: Catalog, *, command: str = "run", args: dict | None = None,
             dry_run: bool = False, force: bool = False, quiet: bool = True,
             out: TextIO | None = None, err: TextIO | None = None,
-            user_config: UserConfig | None = None, retry_backoff_s: float = 1.0) -> RunReport:
+            user_config: UserConfig | None = None, retry_backoff_s: float = 1.0,
+            show_errors: bool = True) -> RunReport:
         """Run the stages in order, recording the run and each stage in the catalog. A
-        stage that raises stops the pipeline; the error is recorded, then re-raised."""
+        stage that raises stops the pipeline; the error is recorded, then re-raised.
+        show_errors=False leaves the stages' per-item errors to the caller to print (a
+        command whose result they are), though they are recorded all the same."""
         ctx = RunContext(
             catalog=catalog, dry_run=dry_run, force=force, quiet=quiet,
             locations=self.locations, location_options=self.location_options,
@@ -218,7 +221,7 @@ class Pipeline:
                 if spec.params.id:
                     ctx.results[spec.params.id] = outcome.value
                 report.stages.append(StageRun(spec, outcome))
-                _print_outcome(outcome, ctx.err, quiet)
+                _print_outcome(outcome, ctx.err, quiet, show_errors)
         except CastlibError as exc:
             catalog.finish_run(report.run_id, "error", redact(str(exc)))
             raise
@@ -248,10 +251,10 @@ class Pipeline:
 MAX_ERRORS_SHOWN = 50
 
 
-def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool) -> None:
-    for line in outcome.errors[:MAX_ERRORS_SHOWN]:
+def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool, show_errors: bool) -> None:
+    for line in outcome.errors[:MAX_ERRORS_SHOWN] if show_errors else ():
         print(f"castlib: {printable(redact(line))}", file=err)
-    if len(outcome.errors) > MAX_ERRORS_SHOWN:
+    if show_errors and len(outcome.errors) > MAX_ERRORS_SHOWN:
         print(f"castlib: ... and {len(outcome.errors) - MAX_ERRORS_SHOWN} more (castlib runs show)",
               file=err)
     if outcome.summary and not quiet:

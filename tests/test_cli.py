@@ -81,10 +81,23 @@ def test_verify_finds_bit_rot_and_names_the_file(tmp_path, db_url):
     r = run_cli("verify", str(a), db=db_url, check=1)
     assert r.stdout.startswith("corrupted  rot.dat: adler32 is")
     assert "good.dat" not in r.stdout
+    assert "rot.dat" not in r.stderr            # said once, on stdout
     (a / "good.dat").unlink()
     r = run_cli("verify", str(a), "--json", db=db_url, check=1)
     kinds = {p["path"]: p["kind"] for p in json_lines(r.stdout)}
     assert kinds == {"rot.dat": "corrupted", "good.dat": "missing"}
+
+
+def test_verify_of_a_location_never_indexed_or_gone_is_an_error(tmp_path, db_url):
+    r = run_cli("verify", str(tmp_path / "nowhere"), db=db_url, check=2)
+    assert r.stderr.strip().endswith("has never been indexed: there is nothing to verify "
+                                     "against (castlib index it first)")
+    a = make_tree(tmp_path / "a", {"x.dat": b"x"})
+    run_cli("index", str(a), db=db_url, check=0)
+    (a / "x.dat").unlink()
+    a.rmdir()
+    r = run_cli("verify", str(a), db=db_url, check=2)
+    assert "does not exist or cannot be reached" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_verify_without_checksums_records_a_baseline(tmp_path, db_url):

@@ -10,7 +10,7 @@ from pydantic import Field
 from ..backends.base import FILE
 from ..catalog.paths import from_catalog
 from ..checksum import ALGORITHMS
-from ..errors import StorageError
+from ..errors import ConfigError, LocationMissing, StorageError
 from .base import Stage, StageOutcome, StageParams
 
 # What verify can find, worst first
@@ -51,7 +51,14 @@ class VerifyStage(Stage):
         p: VerifyParams = self.params
         ctx = self.context
         loc = ctx.resolve(p.location)
+        if loc.record.indexed_at is None:
+            raise ConfigError(f"location {loc.record.url} has never been indexed: there is "
+                              "nothing to verify against (castlib index it first)",
+                              key="location")
         backend = ctx.backend(loc)
+        if not backend.root_exists():
+            raise LocationMissing(f"location {loc.record.url} does not exist or cannot be "
+                                  "reached", path="")
         algo = p.checksum
         entries = list(ctx.catalog.entries(loc.record.id, p.prefix, kind=FILE))
         result = VerifyResult(loc.record.url)
