@@ -155,7 +155,7 @@ class Pipeline:
     def check_references(self, user_config: UserConfig, err: "_Errors") -> None:
         """Every location parameter names a known location or is a URL/absolute path;
         every `from` names an earlier stage's id; ids are unique."""
-        ids: set[str] = set()
+        ids: dict[str, str] = {}   # id -> the name of the stage that has it
         for spec in self.stages:
             params = spec.params
             for pname in spec.cls.location_params:
@@ -167,19 +167,23 @@ class Pipeline:
                 raise err.at(("stages", spec.position, spec.cls.name, pname),
                              f"unknown location {value!r} (define it under 'locations:')",
                              key=f"stages[{spec.position}].{spec.cls.name}.{pname}")
-            for pname in spec.cls.reads_results:
+            for pname, readable in spec.cls.reads_results.items():
                 value = getattr(params, pname)
                 alias = spec.cls.Params.model_fields[pname].alias or pname
+                where = (("stages", spec.position, spec.cls.name, alias),)
+                key = f"stages[{spec.position}].{spec.cls.name}.{alias}"
                 if value not in ids:
-                    raise err.at(("stages", spec.position, spec.cls.name, alias),
-                                 f"no earlier stage has id {value!r}",
-                                 key=f"stages[{spec.position}].{spec.cls.name}.{alias}")
+                    raise err.at(*where, f"no earlier stage has id {value!r}", key=key)
+                if ids[value] not in readable:
+                    raise err.at(*where, f"stage {value!r} is {_a(ids[value])}: "
+                                 f"{spec.cls.name} reads the result of "
+                                 f"{' or '.join(_a(r) for r in readable)}", key=key)
             if params.id:
                 if params.id in ids:
                     raise err.at(("stages", spec.position, spec.cls.name, "id"),
                                  f"duplicate id {params.id!r}",
                                  key=f"stages[{spec.position}].{spec.cls.name}.id")
-                ids.add(params.id)
+                ids[params.id] = spec.cls.name
 
     # -- running -----------------------------------------------------------------------------
     def run(self, catalog: Catalog, *, command: str = "run", args: dict | None = None,
@@ -249,6 +253,10 @@ class Pipeline:
 
 
 MAX_ERRORS_SHOWN = 50
+
+
+def _a(stage_name: str) -> str:
+    return f"{'an' if stage_name[0] in 'aeiou' else 'a'} {stage_name}"
 
 
 def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool, show_errors: bool) -> None:
@@ -327,6 +335,10 @@ def _load_yaml_with_lines(text: str, source: str | None) -> tuple[Any, dict[tupl
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = k.value
+                if path + (key,) in lines:   # YAML keeps the last silently: a typo's mask
+                    where = ".".join(str(p) for p in path + (key,))
+                    raise ConfigError(f"duplicate key {key!r}", file=source or "<pipeline>",
+                                      line=k.start_mark.line + 1, key=where)
                 lines[path + (key,)] = k.start_mark.line + 1
                 walk(v, path + (key,))
         elif isinstance(n, yaml.SequenceNode):

@@ -89,6 +89,13 @@ BAD = {
                      "  - diff: {id: d, ref: b, dst: a}\n",
                      r"pipeline.yaml:4: stages\[1\].diff.id: duplicate id 'd'"),
     "stage not a mapping": ("stages:\n  - index\n", r"pipeline.yaml:2: stages\[0\]: each stage"),
+    "from the wrong stage": ("locations: {a: /tmp}\nstages:\n  - index: {id: i, location: a}\n"
+                             "  - sync: {from: i}\n",
+                             r"pipeline.yaml:4: stages\[1\].sync.from: stage 'i' is an index: "
+                             "sync reads the result of a diff"),
+    "duplicate key": ("locations: {a: /tmp, b: /var}\nstages:\n  - index:\n      location: a\n"
+                      "      location: b\n",
+                      r"pipeline.yaml:5: stages.0.index.location: duplicate key 'location'"),
 }
 
 

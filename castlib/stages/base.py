@@ -120,7 +120,8 @@ class Stage:
     description: ClassVar[str]
     Params: ClassVar[type[StageParams]] = StageParams
     location_params: ClassVar[tuple[str, ...]] = ()   # parameters that name locations
-    reads_results: ClassVar[tuple[str, ...]] = ()     # parameters that name earlier ids
+    # parameters that name an earlier stage's id -> the stages whose result they can read
+    reads_results: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, params: StageParams, context: RunContext):
         self.params = params

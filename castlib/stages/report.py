@@ -26,7 +26,7 @@ class ReportStage(Stage):
     name = "report"
     description = "write a diff's or a verify's result as text, JSON or CSV"
     Params = ReportParams
-    reads_results = ("from_",)
+    reads_results = {"from_": ("diff", "verify")}
 
     def run(self) -> StageOutcome:
         p: ReportParams = self.params

@@ -123,7 +123,7 @@ class SyncStage(Stage):
     name = "sync"
     description = "make the destination match the reference of a diff, verifying every copy"
     Params = SyncParams
-    reads_results = ("from_",)
+    reads_results = {"from_": ("diff",)}
 
     def run(self) -> StageOutcome:
         p: SyncParams = self.params
