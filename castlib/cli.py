@@ -24,10 +24,43 @@ def _global_options(p: argparse.ArgumentParser, default) -> None:
                            help="no progress and no summary; errors only")
 
 
+def _count(minimum: int):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
+
+
+CHECKSUMS = ("adler32", "md5", "sha256")   # castlib.checksum.ALGORITHMS (not imported: start-up)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line naming the option, and where to read more; no usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"castlib: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _global_options(common, argparse.SUPPRESS)
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="castlib",
         description="Keep file trees in sync across storage back-ends through an SQL catalog.",
         epilog="Exit codes: 0 done / identical, 1 some items failed or differ, 2 usage, "
@@ -41,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("index", help="list a location into the catalog")
     c.add_argument("location")
-    c.add_argument("--checksum", metavar="ALGO", help="also compute adler32, md5 or sha256")
+    c.add_argument("--checksum", metavar="ALGO", choices=CHECKSUMS,
+                   help="also compute adler32, md5 or sha256")
     c.add_argument("--only", metavar="GLOB", action="append", default=[],
                    help="include only files matching (repeatable)")
     c.add_argument("--ignore", metavar="GLOB", action="append", default=[],
@@ -53,10 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     c = command("diff", help="compare two locations (exit 1 when they differ)")
     c.add_argument("ref")
     c.add_argument("dst")
-    c.add_argument("--checksum", metavar="ALGO",
+    c.add_argument("--checksum", metavar="ALGO", choices=CHECKSUMS,
                    help="compute this checksum where the catalog lacks it and compare "
                         "(default: compare the adler32 checksums already catalogued)")
-    c.add_argument("--mtime-tolerance", metavar="S", type=float, default=0.0,
+    c.add_argument("--mtime-tolerance", metavar="S", type=_seconds, default=0.0,
                    help="seconds mtimes may differ by")
     c.add_argument("--json", action="store_true", help="JSON Lines, one per difference")
     c.add_argument("--no-index", action="store_true", help="use the catalog as it is")
@@ -67,25 +101,26 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dry-run", action="store_true", help="print what would be done")
     c.add_argument("--delete", action="store_true", help="delete what REF does not have")
-    c.add_argument("--max-delete", metavar="N", type=int,
+    c.add_argument("--max-delete", metavar="N", type=_count(0),
                    help="refuse to run if more than N deletions are needed")
     c.add_argument("--no-replace", action="store_true", help="keep differing DST files")
-    c.add_argument("--checksum", metavar="ALGO",
+    c.add_argument("--checksum", metavar="ALGO", choices=CHECKSUMS,
                    help="verify copies with ALGO and compare the content of files whose "
                         "size and mtime agree, like rsync -c (default: adler32, copies only)")
-    c.add_argument("--transfers", metavar="N", type=int, default=4, help="parallel copies")
+    c.add_argument("--transfers", metavar="N", type=_count(1), default=4,
+                   help="parallel copies (default 4)")
     c.add_argument("--index", choices=("both", "ref", "none"), default="both",
                    help="what to re-list first (ref: trust the catalog for DST)")
     c.add_argument("--force", action="store_true",
                    help="act even if the reference lists empty where files were")
-    c.add_argument("--lock-wait", metavar="S", type=float, default=0,
+    c.add_argument("--lock-wait", metavar="S", type=_seconds, default=0,
                    help="wait up to S seconds for another sync into DST to finish "
                         "(default: refuse at once)")
     c.add_argument("--json", action="store_true", help="last line: JSON object of counts")
 
     c = command("verify", help="re-read files and compare with the catalog")
     c.add_argument("location")
-    c.add_argument("--checksum", metavar="ALGO", default="adler32")
+    c.add_argument("--checksum", metavar="ALGO", default="adler32", choices=CHECKSUMS)
     c.add_argument("--json", action="store_true", help="JSON Lines, one per problem")
 
     c = command("run", help="run a YAML pipeline")
@@ -131,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, the traceback only with -v
         if args.verbose:
             raise
-        print(f"castlib: internal error: {type(exc).__name__}: {redact(str(exc))} "
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"castlib: internal error: {type(exc).__name__}: {redact(first)} "
               "(run with -v for the traceback)", file=sys.stderr)
         return EXIT_ERROR
 

@@ -314,6 +314,9 @@ class _Errors:
             path = path[:-1]
 
     def at(self, path: tuple, message: str, key: str | None = None) -> ConfigError:
+        if self.source is None and not self.lines:
+            # built in code from a command's or a function's arguments: name the argument
+            return ConfigError(message, key=key.rsplit(".", 1)[-1] if key else None)
         return ConfigError(message, file=self.source or "<pipeline>", line=self.line(path), key=key)
 
 

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+import castlib
+
 from tests.helpers import json_lines, last_json, make_tree, run_cli
 
 
@@ -57,7 +59,7 @@ def test_sync_refusals_exit_2(tmp_path, db_url):
     r = run_cli("sync", str(a), str(b), "--delete", "--max-delete", "1", db=db_url, check=2)
     assert "more than --max-delete 1" in r.stderr and (b / "e1").exists()
     r = run_cli("sync", str(a), str(b), "--transfers", "zero", db=db_url, check=2)
-    assert "invalid int value" in r.stderr
+    assert "argument --transfers: not a whole number: 'zero'" in r.stderr
 
 
 def test_sync_failures_exit_1_and_name_the_file(tmp_path, db_url):
@@ -134,12 +136,34 @@ def test_ls_and_locations(tmp_path, db_url):
     (["index", "/does/not/exist"], "does not exist"),
     (["index", ".", "--checksum", "crc32"], "checksum"),
     (["sync", "a", "b", "--index", "sometimes"], "invalid choice"),
+    (["sync", "a", "b", "--transfers", "0"], "argument --transfers: must be 1 or more, not 0"),
+    (["sync", "a", "b", "--max-delete", "-1"], "argument --max-delete: must be 0 or more"),
+    (["sync", "a", "b", "--lock-wait", "soon"], "argument --lock-wait: not a number of seconds"),
+    (["diff", "a", "b", "--mtime-tolerance", "-5"], "argument --mtime-tolerance: must be 0 or"),
+    (["verify", "a", "--checksum", "crc32"], "argument --checksum: invalid choice: 'crc32'"),
+    (["sync", "a", "b", "--no-such-option"], "unrecognized arguments: --no-such-option"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, db_url, args, message):
     r = run_cli(*args, db=db_url, check=2, cwd=str(tmp_path))
     assert message in r.stderr
     assert "Traceback" not in r.stderr
-    assert len([l for l in r.stderr.splitlines() if l.startswith("castlib: error")]) <= 1
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("castlib: error: ")
+
+
+def test_bad_arguments_to_the_python_api_name_the_argument(tmp_path, db_url):
+    from castlib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^transfers: Input should be greater than") as err:
+        castlib.sync(str(tmp_path / "a"), str(tmp_path / "b"), db=db_url, transfers=0)
+    assert err.value.key == "transfers" and err.value.file is None
+
+
+def test_the_cli_offers_every_checksum_castlib_computes():
+    from castlib.checksum import ALGORITHMS
+    from castlib.cli import CHECKSUMS
+
+    assert CHECKSUMS == ALGORITHMS
 
 
 def test_bad_database_url_is_one_line(tmp_path):
@@ -147,6 +171,10 @@ def test_bad_database_url_is_one_line(tmp_path):
     assert "catalog folder does not exist" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("locations", db="postgresql://nobody@127.0.0.1:1/none", check=2)
     assert "cannot open catalog" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "notes.txt").write_text("not a database\n" * 100)
+    r = run_cli("locations", db=str(tmp_path / "notes.txt"), check=2)
+    assert r.stderr == (f"castlib: error: cannot open catalog sqlite:///{tmp_path}/notes.txt: "
+                        "file is not a database\n")
 
 
 def test_credentials_never_reach_the_catalog_or_messages(tmp_path, db_url):

@@ -8,7 +8,7 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from ..errors import CastlibError, ConfigError
 from ..location import redact
@@ -98,9 +98,10 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     sees another's half-made schema."""
     try:
         before = current_revision(engine)
-    except OperationalError as exc:
+    except SQLAlchemyError as exc:   # unreachable server, refused login, not a database...
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"]
         raise CatalogError(f"cannot open catalog {redact(str(engine.url))}: "
-                           f"{str(exc.orig).splitlines()[0]}") from None
+                           f"{reason[0]}") from None
     if before == HEAD_REVISION:
         return before, before
     with _upgrade_lock(engine), engine.begin() as conn:
