@@ -38,53 +38,63 @@ def index(location: str, *, db=None, checksum: str | None = None, only: Iterable
     return _run(Pipeline.from_stages([("index", params)]), db, "index", params, **run_options)
 
 
+def _filters(only: Iterable[str], ignore: Iterable[str]) -> dict:
+    return {"only": list(only), "ignore": list(ignore)}
+
+
 def diff(ref: str, dst: str, *, db=None, checksum: str | None = None,
          mtime_tolerance: float = 0, index: bool = True, force: bool = False,
-         **run_options) -> RunReport:
+         only: Iterable[str] = (), ignore: Iterable[str] = (), **run_options) -> RunReport:
     """Differences between two locations; `report.value.differences` lists them.
     Both locations are re-listed first unless index=False (catalog only). With `checksum`,
     that checksum is computed wherever the catalog lacks it (then compared); without it,
-    the adler32 checksums the catalog already holds are compared."""
+    the adler32 checksums the catalog already holds are compared. `only`/`ignore` globs
+    leave paths out of the comparison on both sides."""
     stages = []
+    globs = _filters(only, ignore)
     if index:
         # a destination that does not exist is more likely a typo than an empty archive
-        stages += [("index", {"location": ref, "force": force, "checksum": checksum}),
-                   ("index", {"location": dst, "force": force, "checksum": checksum})]
+        stages += [("index", {"location": ref, "force": force, "checksum": checksum, **globs}),
+                   ("index", {"location": dst, "force": force, "checksum": checksum, **globs})]
     stages.append(("diff", {"id": "diff", "ref": ref, "dst": dst,
                             "checksum": checksum or DEFAULT_ALGORITHM,
-                            "mtime_tolerance": mtime_tolerance}))
+                            "mtime_tolerance": mtime_tolerance, **globs}))
     args = {"ref": ref, "dst": dst, "checksum": checksum, "mtime_tolerance": mtime_tolerance,
-            "index": index}
+            "index": index, **globs}
     return _run(Pipeline.from_stages(stages), db, "diff", args, force=force, **run_options)
 
 
 def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = False,
          max_delete: int | None = None, replace: bool = True, checksum: str | None = None,
          transfers: int = 4, index: str = "both", force: bool = False, retries: int = 3,
-         mtime_tolerance: float = 0, lock_wait: float = 0, **run_options) -> RunReport:
+         mtime_tolerance: float = 0, lock_wait: float = 0, only: Iterable[str] = (),
+         ignore: Iterable[str] = (), **run_options) -> RunReport:
     """Make `dst` match `ref`. index: "both" re-lists both sides, "ref" trusts the catalog
     for the destination, "none" trusts it for both. Copies are verified with `checksum`
     (adler32 by default); naming it explicitly also compares the content of files whose
-    size and mtime agree (computing checksums the catalog lacks, as rsync -c would)."""
+    size and mtime agree (computing checksums the catalog lacks, as rsync -c would).
+    `only`/`ignore` globs leave paths out on both sides: neither copied nor deleted."""
     if index not in ("both", "ref", "none"):
         from .errors import ConfigError
 
         raise ConfigError(f"index must be both, ref or none, not {index!r}", key="index")
     stages = []
+    globs = _filters(only, ignore)
     if index in ("both", "ref"):
-        stages.append(("index", {"location": ref, "force": force, "checksum": checksum}))
+        stages.append(("index", {"location": ref, "force": force, "checksum": checksum,
+                                 **globs}))
     if index == "both":
         stages.append(("index", {"location": dst, "force": force, "missing_ok": True,
-                                 "checksum": checksum}))
+                                 "checksum": checksum, **globs}))
     stages.append(("diff", {"id": "plan", "ref": ref, "dst": dst,
                             "checksum": checksum or DEFAULT_ALGORITHM,
-                            "mtime_tolerance": mtime_tolerance}))
+                            "mtime_tolerance": mtime_tolerance, **globs}))
     stages.append(("sync", {"from": "plan", "delete": delete, "max_delete": max_delete,
                             "replace": replace, "transfers": transfers, "retries": retries,
                             "dry_run": dry_run, "lock_wait": lock_wait}))
     args = {"ref": ref, "dst": dst, "dry_run": dry_run, "delete": delete,
             "max_delete": max_delete, "replace": replace, "checksum": checksum,
-            "transfers": transfers, "index": index, "force": force}
+            "transfers": transfers, "index": index, "force": force, **globs}
     return _run(Pipeline.from_stages(stages), db, "sync", args, dry_run=dry_run, force=force,
                 **run_options)
 

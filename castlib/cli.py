@@ -57,6 +57,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"castlib: error: {message} (see {self.prog} --help)\n")
 
 
+def _filter_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--only", metavar="GLOB", action="append", default=[],
+                   help="compare only files matching (repeatable)")
+    c.add_argument("--ignore", metavar="GLOB", action="append", default=[],
+                   help="leave out entries matching, on both sides: neither copied nor "
+                        "deleted (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     _global_options(common, argparse.SUPPRESS)
@@ -94,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds mtimes may differ by")
     c.add_argument("--json", action="store_true", help="JSON Lines, one per difference")
     c.add_argument("--no-index", action="store_true", help="use the catalog as it is")
+    _filter_options(c)
     c.add_argument("--force", action="store_true", help="accept empty listings")
 
     c = command("sync", help="make DST match REF, verifying every copy")
@@ -117,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="wait up to S seconds for another sync into DST to finish "
                         "(default: refuse at once)")
     c.add_argument("--json", action="store_true", help="last line: JSON object of counts")
+    _filter_options(c)
 
     c = command("verify", help="re-read files and compare with the catalog")
     c.add_argument("location")
@@ -190,7 +200,7 @@ def cmd_diff(args) -> int:
 
     report = api.diff(args.ref, args.dst, checksum=args.checksum,
                       mtime_tolerance=args.mtime_tolerance, index=not args.no_index,
-                      force=args.force, **_common(args))
+                      force=args.force, only=args.only, ignore=args.ignore, **_common(args))
     differences = report.value.differences
     out = sys.stdout
     for d in differences:
@@ -207,7 +217,8 @@ def cmd_sync(args) -> int:
     report = api.sync(args.ref, args.dst, dry_run=args.dry_run, delete=args.delete,
                       max_delete=args.max_delete, replace=not args.no_replace,
                       checksum=args.checksum, transfers=args.transfers, index=args.index,
-                      force=args.force, lock_wait=args.lock_wait, **_common(args))
+                      force=args.force, lock_wait=args.lock_wait, only=args.only,
+                      ignore=args.ignore, **_common(args))
     if args.json:
         print(json.dumps(report.counts))
     return report.exit_code

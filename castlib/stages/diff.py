@@ -9,6 +9,7 @@ from pydantic import Field
 
 from ..catalog import DIFFERENCE_KINDS, Difference
 from ..checksum import ALGORITHMS
+from ..filters import PathFilter
 from .base import ResolvedLocation, Stage, StageOutcome, StageParams
 
 DifferenceKind = Literal[DIFFERENCE_KINDS]  # type: ignore[valid-type]
@@ -23,6 +24,11 @@ class DiffParams(StageParams):
         0.0, ge=0, description="seconds two mtimes may differ by (storage may keep minutes only)")
     kinds: list[DifferenceKind] = Field(default_factory=lambda: list(DIFFERENCE_KINDS),
                                         description="which kinds of difference to report")
+    only: list[str] | None = Field(None, description="globs of files to compare (default: "
+                                   "those this run's index of the reference took)")
+    ignore: list[str] | None = Field(None, description="globs of entries to leave out on both "
+                                     "sides (default: those this run's index of the reference "
+                                     "left out)")
 
 
 @dataclass
@@ -38,6 +44,10 @@ class DiffResult:
     def counts(self) -> dict[str, int]:
         c = Counter(d.kind for d in self.differences)
         return {k: c.get(k, 0) for k in DIFFERENCE_KINDS}
+
+
+def _inherited(ctx, ref, name: str) -> list[str]:
+    return list(getattr(ctx.index_results.get(ref.record.id), name, None) or [])
 
 
 def effective_mtime_tolerance(user_s: float, ref_backend, dst_backend) -> int | None:
@@ -65,6 +75,10 @@ class DiffStage(Stage):
         result.differences = list(ctx.catalog.diff(
             ref.record.id, dst.record.id, algorithm=p.checksum,
             mtime_tolerance_ns=tolerance, kinds=p.kinds))
+        flt = self._filter(ref)
+        if flt.active:   # left out of the comparison: neither copied nor deleted (rsync's --exclude)
+            result.differences = [d for d in result.differences
+                                  if flt.covers(d.path, (d.ref or d.dst).kind)]
         counts = result.counts()
         total = len(result.differences)
         detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
@@ -72,3 +86,11 @@ class DiffStage(Stage):
                    + (f"{total} differences ({detail})" if total else "identical"))
         counts["total"] = total
         return StageOutcome(counts, [], result, summary)
+
+    def _filter(self, ref: ResolvedLocation) -> PathFilter:
+        """The diff's own globs, else those this run's index of the reference listed with:
+        what the reference leaves out is left out of the comparison on both sides."""
+        p, ctx = self.params, self.context
+        only = p.only if p.only is not None else _inherited(ctx, ref, "only")
+        ignore = p.ignore if p.ignore is not None else _inherited(ctx, ref, "ignore")
+        return PathFilter(only, ignore)

@@ -1,9 +1,7 @@
 """index: list a location into the catalog; new, changed and vanished entries in bulk."""
 from __future__ import annotations
 
-import fnmatch
 import gc
-import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,10 +10,11 @@ from typing import Literal
 from pydantic import Field
 
 from ..backends.base import DIR, FILE, LINK, Stat
-from ..catalog.paths import from_catalog, parent_of, to_catalog
+from ..catalog.paths import from_catalog, to_catalog
 from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
 from ..checksum import ALGORITHMS
 from ..errors import LocationMissing, SafetyRefusal, StorageError
+from ..filters import PathFilter
 from ..transfer import TEMP_MARK, is_temp_name
 from .base import Stage, StageOutcome, StageParams
 
@@ -39,62 +38,8 @@ class IndexResult:
     location_id: int
     leftover_temp: list[str] = field(default_factory=list)   # storage paths of castlib temp files
     unlisted: list[str] = field(default_factory=list)        # folders that could not be listed
-
-
-class PathFilter:
-    """only/ignore globs: a glob with "/" matches the whole relative path, others the name.
-    An ignored folder hides its subtree; `only` selects files (folders are kept)."""
-
-    def __init__(self, only: list[str], ignore: list[str]):
-        self.only = [_compile(g) for g in only]
-        self.ignore = [_compile(g) for g in ignore]
-        self._ignored_dirs: set[str] = set()
-
-    @property
-    def active(self) -> bool:
-        return bool(self.only or self.ignore)
-
-    def accepts(self, path: str, kind: str) -> bool:
-        if not self.active:
-            return True
-        parent = parent_of(path)
-        if parent and parent in self._ignored_dirs:
-            if kind == DIR:
-                self._ignored_dirs.add(path)
-            return False
-        name = path.rsplit("/", 1)[-1]
-        if any(_match(g, path, name) for g in self.ignore):
-            if kind == DIR:
-                self._ignored_dirs.add(path)
-            return False
-        if kind != DIR and self.only and not any(_match(g, path, name) for g in self.only):
-            return False
-        return True
-
-    def covers(self, path: str, kind: str) -> bool:
-        """Whether a catalog entry falls inside what this listing looked at (stateless)."""
-        if not self.active:
-            return True
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            sub = "/".join(parts[:i])
-            if any(_match(g, sub, parts[i - 1]) for g in self.ignore):
-                return False
-        name = parts[-1]
-        if any(_match(g, path, name) for g in self.ignore):
-            return False
-        if kind != DIR and self.only and not any(_match(g, path, name) for g in self.only):
-            return False
-        return True
-
-
-def _compile(glob: str):
-    return (("/" in glob), re.compile(fnmatch.translate(glob), re.S))
-
-
-def _match(glob, path: str, name: str) -> bool:
-    whole, regex = glob
-    return bool(regex.match(path if whole else name))
+    only: list[str] = field(default_factory=list)            # the listing's filters
+    ignore: list[str] = field(default_factory=list)
 
 
 class IndexStage(Stage):
@@ -114,7 +59,7 @@ class IndexStage(Stage):
         backend = ctx.backend(loc)
         catalog = ctx.catalog
         loc_id = loc.record.id
-        result = IndexResult(loc_id)
+        result = IndexResult(loc_id, only=list(p.only), ignore=list(p.ignore))
         flt = PathFilter(p.only, p.ignore)
         counts = dict.fromkeys(("files", "dirs", "links", "bytes", "new", "changed", "unchanged",
                                 "deleted", "hashed", "hashed_bytes", "unreadable"), 0)

@@ -244,3 +244,28 @@ def test_explicit_checksum_compares_content_of_look_alike_files(tmp_path, db_url
     assert (dst / "a.dat").read_bytes() == b"AAAA"
     diff = castlib.diff(str(ref), str(dst), db=db_url, checksum="md5")
     assert diff.value.differences == []
+
+
+def test_ignored_paths_are_neither_copied_nor_deleted(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"run/a.dat": b"a", "run/b.tmp": b"t", "cache/x": b"x"})
+    dst = make_tree(tmp_path / "dst", {"keep.tmp": b"mine", "cache/y": b"y"})
+    r = sync(ref, dst, db_url, delete=True, ignore=["*.tmp", "cache"])
+    assert (r.counts["copied"], r.counts["deleted"]) == (1, 0)
+    assert tree_digest(dst).keys() == {"run", "run/a.dat", "keep.tmp", "cache", "cache/y"}
+    r = sync(ref, dst, db_url, delete=True, only=["*.dat"])
+    assert r.counts["deleted"] == 0 and "run/b.tmp" not in tree_digest(dst)
+
+
+def test_a_pipeline_diff_leaves_out_what_the_reference_index_ignored(tmp_path, db_url):
+    """Even when the catalog learned those files from an earlier, unfiltered run."""
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"a", "b.tmp": b"t"})
+    sync(ref, tmp_path / "elsewhere", db_url)           # the catalog now knows b.tmp
+    pipeline = castlib.Pipeline.from_stages([
+        ("index", {"location": str(ref), "ignore": ["*.tmp"]}),
+        ("index", {"location": str(tmp_path / "dst"), "missing_ok": True}),
+        ("diff", {"id": "d", "ref": str(ref), "dst": str(tmp_path / "dst")}),
+        ("sync", {"from": "d"})])
+    with Catalog(db_url) as catalog:
+        report = pipeline.run(catalog)
+    assert report.counts["copied"] == 1
+    assert sorted(os.listdir(tmp_path / "dst")) == ["a.dat"]
