@@ -358,11 +358,20 @@ def cmd_runs(args) -> int:
             for e in (s["errors"] or [])[:20]:
                 print(f"    {e}")
         return EXIT_OK
+    from .progress import human_bytes
+
     for r in catalog.runs(args.limit):
         took = ((r["finished_at"] - r["started_at"]).total_seconds()
                 if r["finished_at"] else None)
+        t = r["totals"]
+        what = [f"{t['copied']} copied", f"{t['replaced']} replaced", f"{t['deleted']} deleted",
+                f"{t['failed']} failed", human_bytes(t["bytes"])] if r["command"] in ("sync", "run") else []
+        if t["errors"]:
+            what.append(f"{t['errors']} errors")
+        if r["error"]:
+            what.append(r["error"][:80])
         print(f"{r['id']:>5} {r['started_at']:%Y-%m-%d %H:%M:%S} {r['command']:<7} "
-              f"{r['status']:<8} {'' if took is None else f'{took:.1f} s'}")
+              f"{r['status']:<8} {'-' if took is None else f'{took:.1f} s':>8}  {', '.join(what)}")
     return EXIT_OK
 
 

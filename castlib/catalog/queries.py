@@ -455,8 +455,16 @@ class Catalog:
     # -- runs ----------------------------------------------------------------------------------
     def start_run(self, command: str, args: dict | None = None, pipeline: str | None = None) -> int:
         """Record a run starting. Credentials never reach the catalog: `args` are scrubbed
-        here, and `pipeline` must already be (Pipeline.text is)."""
+        here, and `pipeline` must already be (Pipeline.text is). Runs of this host that
+        were killed before they could say so are marked 'died' on the way."""
         with self.engine.begin() as conn:
+            host = socket.gethostname()
+            dead = [r.id for r in conn.execute(select(R.c.id, R.c.pid).where(
+                R.c.status == "running", R.c.hostname == host)) if not _process_alive(r.pid)]
+            if dead:
+                conn.execute(update(R).where(R.c.id.in_(dead)).values(
+                    status="died", error="the process ended without finishing the run "
+                                         "(killed, or the machine stopped)"))
             return conn.execute(insert(R).values(
                 command=command, args=scrub_secrets(args), pipeline=pipeline, hostname=socket.gethostname(),
                 username=_username(), pid=os.getpid(), started_at=utcnow(),
@@ -477,9 +485,24 @@ class Catalog:
                 started_at=started_at, finished_at=utcnow()))
 
     def runs(self, limit: int = 20) -> list[dict]:
+        """The latest runs, newest first, each with `totals` summed over its stages:
+        files copied and replaced, bytes, deletions, failures, and errors recorded."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(R).order_by(R.c.id.desc()).limit(limit)).mappings().all()
-        return [dict(r) for r in rows]
+            runs = [dict(r) for r in conn.execute(
+                select(R).order_by(R.c.id.desc()).limit(limit)).mappings()]
+            stages = conn.execute(select(S.c.run_id, S.c.stage, S.c.counts, S.c.errors).where(
+                S.c.run_id.in_([r["id"] for r in runs]))).all() if runs else []
+        totals = {r["id"]: dict.fromkeys(("copied", "replaced", "deleted", "failed", "bytes",
+                                          "errors"), 0) for r in runs}
+        for run_id, stage, counts, errors in stages:
+            t = totals[run_id]
+            t["errors"] += len(errors or [])
+            if stage == "sync":
+                for key in ("copied", "replaced", "deleted", "failed", "bytes"):
+                    t[key] += int((counts or {}).get(key) or 0)
+        for r in runs:
+            r["totals"] = totals[r["id"]]
+        return runs
 
     def run_details(self, run_id: int) -> tuple[dict, list[dict]] | None:
         with self.engine.connect() as conn:
@@ -510,6 +533,18 @@ def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> 
             and dst.mtime_ns is not None and abs(ref.mtime_ns - dst.mtime_ns) > tol):
         return "mtime"
     return None
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True
 
 
 def _username() -> str | None:

@@ -149,7 +149,7 @@ class SyncStage(Stage):
         self.removed: list[str] = []
         c = self.counts
         c["kept"], c["extras_kept"] = len(plan.kept), len(plan.extras_kept)
-        c["skipped"] = len(plan.skipped)
+        c["skipped"], c["conflicts"] = len(plan.skipped), len(plan.conflicts)
         for d in plan.conflicts:
             self._fail(d.path, f"type conflict: reference has a {_kind(d.ref)}, destination a "
                                f"{_kind(d.dst)}; use --delete to replace it")
@@ -373,6 +373,16 @@ class SyncStage(Stage):
                    f"{human_bytes(c['bytes'])}")
         if not dry_run:
             summary += f" in {elapsed:.1f} s ({human_bytes(rate)}/s)"
+        done = [f"{c[k]} {label}" for k, label in (
+            ("dirs_created", "folders created"), ("links_created", "links created"),
+            ("mtime_fixed", "mtimes fixed"), ("temp_removed", "leftover temporary files removed"))
+            if c[k]]
+        if done:
+            summary += "; " + ", ".join(done)
+        if c["conflicts"]:
+            summary += f"; {c['conflicts']} type conflicts (file vs folder: --delete resolves)"
+        if c["skipped"]:
+            summary += f"; {c['skipped']} skipped"
         if c["extras_kept"]:
             summary += f"; {c['extras_kept']} extra kept (no --delete)"
         if c["kept"]:

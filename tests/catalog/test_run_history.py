@@ -59,3 +59,27 @@ def test_a_refused_sync_is_recorded_with_the_reason(tmp_path, db_url):
     run, _stages = _last_run(db_url)
     assert run["status"] == "error" and "--max-delete" in run["error"]
     assert (dst / "extra.dat").exists()
+
+
+def test_a_run_killed_midway_is_marked_died_and_the_list_shows_totals(tmp_path, db_url):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT, cli_env
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from castlib.catalog import Catalog; "
+         "print(Catalog(sys.argv[1]).start_run('sync'), flush=True); time.sleep(600)", db_url],
+        env=cli_env(), stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    killed_id = int(holder.stdout.readline())
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+
+    src = make_tree(tmp_path / "src", {"a.dat": b"aaaa", "b.dat": b"bb"})
+    run_cli("sync", str(src), str(tmp_path / "dst"), db=db_url, check=0)
+    lines = run_cli("runs", db=db_url, check=0).stdout.splitlines()
+    assert lines[0].split()[3:5] == ["sync", "ok"]
+    assert lines[0].endswith("2 copied, 0 replaced, 0 deleted, 0 failed, 6 B")
+    assert f"{killed_id:>5}" in lines[1] and " died " in lines[1]
+    assert "the process ended without finishing the run" in lines[1]

@@ -85,7 +85,7 @@ def test_type_conflicts_need_delete(tmp_path, db_url):
     ref = make_tree(tmp_path / "ref", {"thing/inside.dat": b"i", "flat": b"f"})
     dst = make_tree(tmp_path / "dst", {"thing": b"a file", "flat/sub.dat": b"s"})
     r = sync(ref, dst, db_url)
-    assert r.counts["failed"] == 2 and r.exit_code == 1
+    assert r.counts["failed"] == r.counts["conflicts"] == 2 and r.exit_code == 1
     assert any("type conflict" in e and "--delete" in e for e in r.errors)
     assert (dst / "thing").read_bytes() == b"a file"
     r = sync(ref, dst, db_url, delete=True)
