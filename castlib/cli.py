@@ -166,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     except CastlibError as exc:
         from .catalog.paths import printable
 
-        print(f"castlib: error: {printable(redact(str(exc)))}", file=sys.stderr)
+        message = printable(redact(str(exc)))
+        if getattr(args, "json", False) and args.command == "sync":
+            # a cron job reading the last line of --json gets an answer on a refusal too
+            print(json.dumps({"error": message, "exit_code": exc.exit_code}))
+        print(f"castlib: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("castlib: interrupted", file=sys.stderr)
@@ -269,7 +273,6 @@ def cmd_backends(args) -> int:
     from .backends import backend_class, is_available, registry
     from .errors import BackendUnavailable
 
-    seen = set()
     for scheme, spec in sorted(registry().items()):
         available = is_available(spec)
         line = f"{scheme + '://':<12}"
@@ -285,9 +288,10 @@ def cmd_backends(args) -> int:
         caps = caps(scheme) if caps else cls.capabilities
         flags = [k for k, v in caps.as_dict().items() if v is True]
         sums = ",".join(sorted(caps.server_checksums)) or "-"
-        print(f"{line} {cls.description or cls.__name__}; server checksums: {sums}; "
-              f"mtime precision {caps.mtime_precision_ns / 1e9:g} s; {' '.join(flags)}")
-        seen.add(cls)
+        extra = f" (castlib[{spec.extra}], installed)" if spec.extra else ""
+        print(f"{line} {cls.description or cls.__name__}{extra}; server checksums: {sums}; "
+              f"mtime precision {caps.mtime_precision_ns / 1e9:g} s"
+              + (f"; {' '.join(flags)}" if flags else ""))
     return EXIT_OK
 
 

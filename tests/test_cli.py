@@ -58,6 +58,10 @@ def test_sync_refusals_exit_2(tmp_path, db_url):
     b = make_tree(tmp_path / "b", {"e1": b"1", "e2": b"2"})
     r = run_cli("sync", str(a), str(b), "--delete", "--max-delete", "1", db=db_url, check=2)
     assert "more than --max-delete 1" in r.stderr and (b / "e1").exists()
+    r = run_cli("sync", str(a), str(b), "--delete", "--max-delete", "1", "--json", db=db_url,
+                check=2)
+    answer = last_json(r.stdout)   # a cron job reading --json learns of the refusal too
+    assert answer["exit_code"] == 2 and "more than --max-delete 1" in answer["error"]
     r = run_cli("sync", str(a), str(b), "--transfers", "zero", db=db_url, check=2)
     assert "argument --transfers: not a whole number: 'zero'" in r.stderr
 

@@ -5,7 +5,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TextIO
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..backends import Backend, open_backend
 from ..catalog import Catalog, LocationRecord
@@ -19,7 +19,7 @@ class StageParams(BaseModel):
     """Parameters common to every stage. `id` names the stage's result for later stages."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    id: str | None = None
+    id: str | None = Field(None, description="names this stage's result for later stages' 'from'")
 
 
 @dataclass

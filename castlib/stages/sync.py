@@ -129,6 +129,7 @@ class SyncStage(Stage):
         p: SyncParams = self.params
         ctx = self.context
         diff: DiffResult = ctx.result(p.from_, DiffResult)
+        _refuse_overlap(diff.ref.url, diff.dst.url)
         self.src, self.dst = ctx.backend(diff.ref), ctx.backend(diff.dst)
         self.diff = diff
         self.algo = diff.algorithm
@@ -394,3 +395,14 @@ class SyncStage(Stage):
 
 def _kind(side) -> str:
     return {"f": "file", "d": "folder", "l": "link"}[side.kind]
+
+
+def _refuse_overlap(ref, dst) -> None:
+    """One tree inside the other: each sync would copy the destination into itself again
+    (a/backup/backup/...), or with --delete remove the reference's own files."""
+    if (ref.scheme, ref.host) != (dst.scheme, dst.host):
+        return
+    a, b = ref.path.rstrip("/") + "/", dst.path.rstrip("/") + "/"
+    if a.startswith(b) or b.startswith(a):
+        raise SafetyRefusal(f"reference {ref} and destination {dst} overlap (one is inside "
+                            "the other); nothing was changed")

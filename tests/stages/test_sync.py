@@ -269,3 +269,13 @@ def test_a_pipeline_diff_leaves_out_what_the_reference_index_ignored(tmp_path, d
         report = pipeline.run(catalog)
     assert report.counts["copied"] == 1
     assert sorted(os.listdir(tmp_path / "dst")) == ["a.dat"]
+
+
+def test_overlapping_reference_and_destination_are_refused(tmp_path, db_url):
+    ref = make_tree(tmp_path / "a", {"f.dat": b"f"})
+    for dst in (ref / "backup", ref, tmp_path):
+        with pytest.raises(SafetyRefusal, match="overlap"):
+            sync(ref, dst, db_url, delete=True)
+    assert tree_digest(ref) == {"f.dat": tree_digest(ref)["f.dat"]}
+    sync(ref, tmp_path / "ab", db_url)            # a sibling whose name starts alike is fine
+    assert (tmp_path / "ab" / "f.dat").exists()
