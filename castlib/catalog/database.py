@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -95,29 +95,46 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
 
     Several processes may open a new catalog at once (indexers on several hosts, cron jobs
     starting together): the check and the migration run under one lock, so none of them
-    sees another's half-made schema."""
-    try:
-        before = current_revision(engine)
-    except SQLAlchemyError as exc:   # unreachable server, refused login, not a database...
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"]
-        raise CatalogError(f"cannot open catalog {redact(str(engine.url))}: "
-                           f"{reason[0]}") from None
-    if before == HEAD_REVISION:
-        return before, before
-    with _upgrade_lock(engine), engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(7305114)"))
-        before = current_revision_conn(conn)   # another process may have done it meanwhile
+    sees another's half-made schema. A new SQLite file is locked from the first connection
+    on: turning it to WAL mode needs the file to itself."""
+    with ExitStack() as lock:
+        new_file = _new_sqlite_file(engine)
+        if new_file:
+            lock.enter_context(_upgrade_lock(engine))
+        try:
+            before = current_revision(engine)
+        except SQLAlchemyError as exc:   # unreachable server, refused login, not a database...
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"]
+            raise CatalogError(f"cannot open catalog {redact(str(engine.url))}: "
+                               f"{reason[0]}") from None
         if before == HEAD_REVISION:
             return before, before
-        if before is None:
-            if inspect(conn).has_table("entries"):
-                raise CatalogError("the database holds castlib-like tables but no schema "
-                                   "version; refusing to touch it")
-            create_schema(conn)
-            return before, HEAD_REVISION
-        head = run_migrations(conn, before)
+        if not new_file:
+            lock.enter_context(_upgrade_lock(engine))
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(7305114)"))
+            before = current_revision_conn(conn)   # another process may have done it meanwhile
+            if before == HEAD_REVISION:
+                return before, before
+            if before is None:
+                if inspect(conn).has_table("entries"):
+                    raise CatalogError("the database holds castlib-like tables but no schema "
+                                       "version; refusing to touch it")
+                create_schema(conn)
+                return before, HEAD_REVISION
+            head = run_migrations(conn, before)
     return before, head
+
+
+def _new_sqlite_file(engine: Engine) -> bool:
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        return False
+    try:
+        return os.path.getsize(database) == 0
+    except OSError:
+        return True
 
 
 def create_schema(conn) -> None:
