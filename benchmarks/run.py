@@ -429,21 +429,33 @@ def castlib_has_backend(scheme: str) -> bool:
 
 
 def sc_upload_xrootd(b: Bench) -> Result:
+    return _upload(b, "upload-xrootd", [], "upload {files} files to a local XRootD server")
+
+
+def sc_upload_xrootd_cksum(b: Bench) -> Result:
+    r = _upload(b, "upload-xrootd-cksum", ["--cksum", "adler32"],
+                "the same against xrdcp --cksum adler32 (both verify every copy)")
+    r.note = ("informational: castlib checks each copy against the server's adler32, plain "
+              "xrdcp checks nothing")
+    return r
+
+
+def _upload(b: Bench, key: str, xrdcp_extra: list[str], title: str) -> Result:
     tree = b.tree("upload-200")
     files = b.trees["upload-200"].files
     runs = b.runs(5)
-    title = f"upload {files} files to a local XRootD server"
+    title = title.format(files=files)
     with XRootDServer(os.path.join(b.work, "xrootd")) as server:
         def prepare_peer(i):
             server.empty_folder("peer")
 
-        peer = Side("xrdcp", lambda i: ["xrdcp", "--parallel", "4", "-r", "-s", tree,
-                                        server.url("peer") + "/"], prepare=prepare_peer)
+        peer = Side("xrdcp", lambda i: ["xrdcp", "--parallel", "4", "-r", "-s", *xrdcp_extra,
+                                        tree, server.url("peer") + "/"], prepare=prepare_peer)
         if not castlib_has_backend("root"):
             peer.run(-1, b.work)
             for i in range(runs):
                 peer.samples.append(peer.run(i, b.work))
-            r = Result("upload-xrootd", title, "ratio <= 1", None, peer, runs)
+            r = Result(key, title, "ratio <= 1", None, peer, runs)
             r.verdict = "n/a"
             r.note = "castlib has no root:// back-end yet: only the peer was measured"
             return r
@@ -457,7 +469,7 @@ def sc_upload_xrootd(b: Bench) -> Result:
                                                        "--json"],
                        prepare=prepare_castlib, check=expect_counts(copied=files, failed=0))
         interleave(castlib, peer, runs, b.work, b.log)
-    return ratio_result("upload-xrootd", title, 1.0, castlib, peer, runs)
+    return ratio_result(key, title, 1.0, castlib, peer, runs)
 
 
 def _million_tree(b: Bench) -> str:
@@ -527,6 +539,7 @@ SCENARIOS = {
     "adler32-1g": sc_adler32_1g,
     "adler32-1g-api": sc_adler32_1g_api,
     "upload-xrootd": sc_upload_xrootd,
+    "upload-xrootd-cksum": sc_upload_xrootd_cksum,
     "diff-1m": sc_diff_1m,
     "catalog-1m": sc_catalog_1m,
     "startup": sc_startup,
