@@ -1,6 +1,7 @@
 """Root pytest configuration: server fixtures live in tests/servers/, one module a server."""
 pytest_plugins = [
     "tests.servers.common",
+    "tests.servers.outage",
     "tests.servers.s3",
     "tests.servers.sftp",
     "tests.servers.webdav",

@@ -85,7 +85,8 @@ class FsspecBackend(Backend):
         self._secrets = [s for s in (url.password, opts.get("password"), opts.get("secret"),
                                      opts.get("passphrase")) if isinstance(s, str) and s]
         self._fs = None
-        self._connect_lock = threading.Lock()
+        self._generation = 0   # counts the connections made: which one a failure was on
+        self._connect_lock = threading.RLock()   # a failed connect reports through _connection_failed
         self._sftp = None
         self._dav = None
         self.root = self._root_path()
@@ -178,6 +179,17 @@ class FsspecBackend(Backend):
         if self.protocol == "memory":
             return fsspec.filesystem("memory")
         return fsspec.filesystem(self.url.scheme, skip_instance_cache=True, **opts)
+
+    def _connection_failed(self, generation: int) -> None:
+        """An SSH connection that dropped stays dropped (every later call fails with 'not
+        open'): forget it, so the engine's retry connects afresh. Once per connection,
+        however many transfer threads saw it fail. HTTP clients reconnect by themselves."""
+        if self.protocol != "sftp":
+            return
+        with self._connect_lock:
+            if generation == self._generation and self._fs is not None:
+                self._generation += 1
+                self._fs = self._sftp = None
 
     def close(self) -> None:
         fs, self._fs = self._fs, None
@@ -562,7 +574,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             return "authentication failed", ""
         if name == "HostKeyNotVerifiable":
             return "host key not trusted (add it to known_hosts, or set the known_hosts option)", ""
-        if name in ("ConnectionLost", "DisconnectError", "ChannelOpenError", "SFTPConnectionLost"):
+        if name in ("ConnectionLost", "DisconnectError", "ChannelOpenError", "SFTPConnectionLost",
+                    "SFTPNoConnection"):
             return "connection lost", detail
         if name == "SFTPPermissionDenied":
             return "permission denied", detail
@@ -614,18 +627,22 @@ class _Translate:
     """Context manager: any library exception leaves as a castlib error, the original
     chained out of sight (the user sees one line)."""
 
-    __slots__ = ("backend", "path")
+    __slots__ = ("backend", "path", "generation")
 
     def __init__(self, backend: FsspecBackend, path: str):
         self.backend, self.path = backend, path
 
     def __enter__(self):
+        self.generation = self.backend._generation   # which connection this call used
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc is None or not isinstance(exc, Exception) or isinstance(exc, StorageError):
             return False
-        raise self.backend.translate(exc, self.path) from None
+        error = self.backend.translate(exc, self.path)
+        if error.transient:
+            self.backend._connection_failed(self.generation)
+        raise error from None
 
 
 async def _next_items(agen, count: int) -> list:

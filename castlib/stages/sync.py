@@ -285,7 +285,9 @@ class SyncStage(Stage):
                                   expected_size=d.ref.size, expected_checksum=d.ref.checksum,
                                   mtime_ns=d.ref.mtime_ns, on_bytes=progress.add_bytes),
                 retries=p.retries, backoff_s=ctx.retry_backoff_s, describe=path)
-            final = self.dst.stat(path)
+            # the copy is in place: a glitch now must not count it failed
+            final = with_retries(lambda: self.dst.stat(path), retries=p.retries,
+                                 backoff_s=ctx.retry_backoff_s, describe=path)
             return d, verb, result, final
 
         try:
