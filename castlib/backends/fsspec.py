@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import posixpath
 import queue
@@ -23,6 +24,7 @@ from ..errors import NotFound, StorageError, TransientStorageError
 from ..location import LocationURL, redact
 from .base import DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat
 
+log = logging.getLogger(__name__)
 SECOND_NS = 1_000_000_000
 
 # What each protocol can do. S3 keeps no folders and no settable mtimes; its ETag is the
@@ -115,6 +117,7 @@ class FsspecBackend(Backend):
         return self._fs
 
     def _connect(self):
+        _quiet_background_errors(fsspec.asyn.get_loop())
         opts = dict(self._storage_options)
         if self.protocol == "s3":
             import s3fs
@@ -154,7 +157,8 @@ class FsspecBackend(Backend):
             sftp_kwargs = {"path_encoding": "utf-8", "path_errors": "surrogateescape"}
             fs = sshfs.SSHFileSystem(self.url.hostname, skip_instance_cache=True,
                                      sftp_client_kwargs=sftp_kwargs, **opts)
-            self._sftp = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client, **sftp_kwargs)
+            self._sftp = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client,
+                                          timeout=READ_TIMEOUT_S, **sftp_kwargs)
             return fs
         if self.protocol == "webdav":
             import httpx
@@ -179,6 +183,12 @@ class FsspecBackend(Backend):
         if self.protocol == "memory":
             return fsspec.filesystem("memory")
         return fsspec.filesystem(self.url.scheme, skip_instance_cache=True, **opts)
+
+    def _on_sftp(self, call, *args, **kwargs):
+        """Run one of the SFTP client's coroutines on the file system's loop, and wait for
+        it a bounded time: a request on a connection that died under it may never be
+        answered (fsspec's own SSHFile waits for ever there)."""
+        return fsspec.asyn.sync(self.fs.loop, call, *args, timeout=READ_TIMEOUT_S, **kwargs)
 
     def _connection_failed(self, generation: int) -> None:
         """An SSH connection that dropped stays dropped (every later call fails with 'not
@@ -385,7 +395,7 @@ class FsspecBackend(Backend):
         try:
             with self._errors(path):
                 try:
-                    attrs = fsspec.asyn.sync(fs.loop, self._sftp.lstat, self._full(path))
+                    attrs = self._on_sftp(self._sftp.lstat, self._full(path))
                 except asyncssh.SFTPNoSuchFile:
                     return None
         except NotFound:
@@ -400,7 +410,7 @@ class FsspecBackend(Backend):
 
     def _readlink(self, path: str) -> str | None:
         try:
-            return fsspec.asyn.sync(self.fs.loop, self._sftp.readlink, self._full(path))
+            return self._on_sftp(self._sftp.readlink, self._full(path))
         except Exception:  # a link we cannot read is still listed, without its target
             return None
 
@@ -413,6 +423,8 @@ class FsspecBackend(Backend):
                 # no read-ahead cache: each read(n) is one ranged GET of n bytes
                 f = self.fs.open(self._full(path), "rb", block_size=self.block_size,
                                  cache_type="none")
+            elif self.protocol == "sftp":
+                f = _SftpFile(self, path, "rb")
             else:
                 f = self.fs.open(self._full(path), "rb", block_size=self.block_size)
             return _Reader(self, path, f)
@@ -422,7 +434,7 @@ class FsspecBackend(Backend):
             if self.protocol == "webdav":
                 return _Writer(self, path, self._dav_put(path))
             if self.protocol == "sftp":
-                f = self.fs.open(self._full(path), "wb")
+                f = _SftpFile(self, path, "wb")
             else:
                 f = self.fs.open(self._full(path), "wb", block_size=self.block_size)
             return _Writer(self, path, f)
@@ -469,7 +481,7 @@ class FsspecBackend(Backend):
     def rename(self, src: str, dst: str) -> None:
         with self._errors(src):
             if self.protocol == "sftp":
-                fsspec.asyn.sync(self.fs.loop, self._sftp.posix_rename,
+                self._on_sftp(self._sftp.posix_rename,
                                  self._full(src), self._full(dst))
             elif self.protocol == "webdav":
                 if _DESTINATION_UNSAFE.intersection(dst):
@@ -496,7 +508,7 @@ class FsspecBackend(Backend):
         with self._errors(path):
             if st.kind != DIR:
                 if self.protocol == "sftp":
-                    fsspec.asyn.sync(self.fs.loop, self._sftp.remove, self._full(path))
+                    self._on_sftp(self._sftp.remove, self._full(path))
                 elif self.protocol == "webdav":
                     self.fs.client.remove(self._full(path))
                 else:
@@ -513,7 +525,7 @@ class FsspecBackend(Backend):
                 self.fs.client.remove(self._full(path))
                 return
             if self.protocol == "sftp":
-                fsspec.asyn.sync(self.fs.loop, self._sftp.rmdir, self._full(path))
+                self._on_sftp(self._sftp.rmdir, self._full(path))
             else:
                 self.fs.rmdir(self._full(path))
 
@@ -522,14 +534,14 @@ class FsspecBackend(Backend):
             return super().set_mtime(path, mtime_ns)
         seconds = mtime_ns // SECOND_NS   # SFTP v3 keeps whole seconds
         with self._errors(path):
-            fsspec.asyn.sync(self.fs.loop, self._sftp.utime, self._full(path),
+            self._on_sftp(self._sftp.utime, self._full(path),
                              (seconds, seconds))
 
     def symlink(self, path: str, target: str) -> None:
         if self.protocol != "sftp":
             return super().symlink(path, target)
         with self._errors(path):
-            fsspec.asyn.sync(self.fs.loop, self._sftp.symlink, target, self._full(path))
+            self._on_sftp(self._sftp.symlink, target, self._full(path))
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -656,6 +668,17 @@ async def _next_items(agen, count: int) -> list:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _quiet_background_errors(loop) -> None:
+    """When a connection drops, the library's own background tasks (asyncssh's pipelined
+    requests) end with errors nobody awaits, and asyncio prints each with a traceback when
+    it is collected. The failure that matters has already reached castlib through the
+    call that saw it: those go to the debug log, not to the user's terminal."""
+    def handler(loop, context):
+        log.debug("background error in a storage library: %s (%r)", context.get("message"),
+                  context.get("exception"))
+
+    loop.set_exception_handler(handler)
+
 def _etag_md5(etag: str | None) -> str | None:
     """The md5 an S3 ETag stands for, when it stands for one (single-part uploads)."""
     if not etag:
@@ -748,6 +771,32 @@ class _Writer:
             self.abort()
         else:
             self.close()
+
+
+class _SftpFile:
+    """A remote file through the SFTP client itself, each wait bounded (see _on_sftp).
+    asyncssh pipelines the requests of one large read or write."""
+
+    def __init__(self, backend: FsspecBackend, path: str, mode: str):
+        self._backend = backend
+        backend.fs   # connected: the SFTP client comes with the connection
+        self._file = backend._on_sftp(backend._sftp.open, backend._full(path), mode)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._backend._on_sftp(self._file.read, -1 if size is None or size < 0 else size)
+
+    def write(self, data) -> int:
+        self._backend._on_sftp(self._file.write, bytes(data))
+        return len(data)
+
+    def close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            self._backend._on_sftp(f.close)
+
+    @property
+    def closed(self) -> bool:
+        return self._file is None
 
 
 class _IterStream:

@@ -216,7 +216,7 @@ def test_line_cut_mid_sync_leaves_no_partial_file_and_rerun_completes(
         if sync.poll() is None:
             sync.kill()
             sync.wait()
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     assert sync.returncode in (0, 1), err
     if sync.returncode:
         assert [l for l in err.splitlines() if l.startswith("castlib:")], err
@@ -234,3 +234,33 @@ def test_line_cut_mid_sync_leaves_no_partial_file_and_rerun_completes(
     assert rerun["failed"] == 0
     expected = {p: hashlib.sha256(v).hexdigest() for p, v in files.items()}
     assert files_only(remote_digest(real_url, real)) == expected   # temporary files gone too
+
+
+def test_remote_to_remote_streams_in_bounded_memory_without_a_local_copy(remotes, db_url,
+                                                                          tmp_path):
+    """S3 to SFTP through castlib: copying a file much larger than castlib's buffers costs
+    no more memory than copying a small one, and no temporary copy appears on the local
+    disk (TMPDIR stays empty)."""
+    src_url, src_opts = remotes("s3")
+    dst_url, dst_opts = remotes("sftp")
+    (tmp_path / "tmp").mkdir()
+    env = dict(remotes.env(), TMPDIR=str(tmp_path / "tmp"))
+
+    def sync_peak_mb() -> float:
+        proc = subprocess.run(["/usr/bin/time", "-f", "peak-rss-kb %M",
+                               *castlib_command("sync", src_url, dst_url, "--json", db=db_url)],
+                              capture_output=True, text=True, env=cli_env(env), timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert last_json(proc.stdout)["copied"] == 1
+        return int(proc.stderr.rsplit("peak-rss-kb ", 1)[1].split()[0]) / 1024
+
+    small, big = os.urandom(MIB), os.urandom(MIB) * 192   # need not be random all through
+    seed(src_url, src_opts, {"small.raw": small})
+    baseline = sync_peak_mb()
+    seed(src_url, src_opts, {"big.raw": big})
+    peak = sync_peak_mb()
+    assert peak - baseline < 64, f"{peak:.0f} MB for 192 MiB against {baseline:.0f} MB for 1 MiB"
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert files_only(remote_digest(dst_url, dst_opts)) == {
+        "small.raw": hashlib.sha256(small).hexdigest(),
+        "big.raw": hashlib.sha256(big).hexdigest()}
