@@ -9,7 +9,7 @@ records a run in it, and returns a RunReport. Bad input and refusals raise Castl
 """
 from __future__ import annotations
 
-from typing import Iterable, TextIO
+from typing import Iterable
 
 from .catalog import Catalog
 from .checksum import DEFAULT_ALGORITHM

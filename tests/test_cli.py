@@ -1,5 +1,4 @@
 """The castlib command as a user types it: exit codes, JSON output, errors on one line."""
-import json
 import os
 
 import pytest

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from tests.helpers import make_tree, run_cli, tree_digest
+from tests.helpers import make_tree, run_cli
 
 
 def write(tmp_path, text: str):

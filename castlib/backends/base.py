@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Callable, ClassVar, Iterator
 
 from ..checksum import CHUNK_SIZE, checksum_stream
-from ..errors import Unsupported
+from ..errors import LocationMissing, NotFound, StorageError, Unsupported
 from ..location import LocationURL
 
 FILE, DIR, LINK = "f", "d", "l"
@@ -59,6 +59,29 @@ class Capabilities:
             "third_party_copy": self.third_party_copy,
             "tape": self.tape,
         }
+
+
+def walk_by_folder(list_folder: Callable[[str], list["Stat"]], on_error: ListingErrorHandler,
+                   missing_root: str) -> Iterator["Stat"]:
+    """Every entry below a root, one listing a folder, depth first, each folder before its
+    content: what Backend.walk promises, for a back-end that lists folder by folder.
+    list_folder(rel) returns a folder's entries or raises a StorageError. A folder below the
+    root that cannot be listed goes to on_error and the walk goes on; for the root itself,
+    NotFound becomes LocationMissing(missing_root), anything else is raised."""
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            entries = list_folder(rel)
+        except StorageError as exc:
+            if rel:
+                on_error(rel, str(exc))
+                continue
+            if isinstance(exc, NotFound):
+                raise LocationMissing(missing_root, path="") from None
+            raise
+        yield from entries
+        stack.extend(st.path for st in reversed(entries) if st.kind == DIR)
 
 
 class Backend(ABC):

@@ -39,10 +39,11 @@ from datetime import datetime
 from typing import Iterator
 
 from ..checksum import normalise
-from ..errors import (BackendUnavailable, ConfigError, LocationMissing, NotFound, StorageError,
+from ..errors import (BackendUnavailable, ConfigError, NotFound, StorageError,
                       TransientStorageError)
 from ..location import LocationURL
-from .base import DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat
+from .base import (DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat,
+                   walk_by_folder)
 
 MINUTE_NS = 60_000_000_000
 
@@ -194,29 +195,20 @@ class CastorBackend(Backend):
 
     # -- listing -----------------------------------------------------------------------
     def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
-        now = datetime.now()
-        stack = [""]
-        while stack:
-            rel = stack.pop()
-            out = self._run("list", self._where(rel), path=self._abs(rel))
-            if out.returncode != 0:
-                error = self._fail(out, "cannot list", self._where(rel))
-                if rel:
-                    on_error(rel, str(error))
-                    continue
-                if isinstance(error, NotFound):
-                    raise LocationMissing(f"folder does not exist: {self._where('')}", path="")
-                raise error
-            subdirs = []
-            for line in out.stdout.splitlines():
-                entry = parse_nsls_line(line, now)
-                if entry is None or entry.kind is None or entry.name in (".", ".."):
-                    continue
-                st = self._complete(entry, f"{rel}/{entry.name}" if rel else entry.name)
-                yield st
-                if st.kind == DIR:
-                    subdirs.append(st.path)
-            stack.extend(reversed(subdirs))
+        now = datetime.now()   # one "now" for the whole listing's dates
+        return walk_by_folder(lambda rel: self._list_folder(rel, now), on_error,
+                              f"folder does not exist: {self._where('')}")
+
+    def _list_folder(self, rel: str, now: datetime) -> list[Stat]:
+        out = self._run("list", self._where(rel), path=self._abs(rel))
+        if out.returncode != 0:
+            raise self._fail(out, "cannot list", self._where(rel))
+        entries = []
+        for line in out.stdout.splitlines():
+            entry = parse_nsls_line(line, now)
+            if entry is not None and entry.kind is not None and entry.name not in (".", ".."):
+                entries.append(self._complete(entry, f"{rel}/{entry.name}" if rel else entry.name))
+        return entries
 
     def stat(self, path: str) -> Stat | None:
         out = self._run("stat", self._where(path), path=self._abs(path))

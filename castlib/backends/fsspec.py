@@ -22,7 +22,8 @@ import fsspec.asyn
 from ..checksum import CHUNK_SIZE
 from ..errors import NotFound, StorageError, TransientStorageError
 from ..location import LocationURL, redact
-from .base import DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat
+from .base import (DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat,
+                   walk_by_folder)
 
 log = logging.getLogger(__name__)
 SECOND_NS = 1_000_000_000
@@ -330,24 +331,19 @@ class FsspecBackend(Backend):
         yield from entries
 
     def _walk_by_folder(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
-        """One listing request per folder, depth first."""
-        stack = [""]
-        while stack:
-            folder = stack.pop()
-            try:
-                with self._errors(folder):
-                    infos = self.fs.ls(self._full(folder), detail=True)
-                    entries = [self._stat_from_info(self._child(folder, info), info)
-                               for info in infos]
-                    for st in entries:
-                        if st.kind == LINK and self._sftp is not None:
-                            st.link_target = self._readlink(st.path)
-            except StorageError as exc:
-                on_error(folder, str(exc))
-                continue
-            entries.sort(key=lambda st: st.path)
-            yield from entries
-            stack.extend(st.path for st in reversed(entries) if st.kind == DIR)
+        return walk_by_folder(self._list_folder, on_error,
+                              f"folder does not exist: {self._where()}")
+
+    def _list_folder(self, folder: str) -> list[Stat]:
+        """One listing request for a folder, its entries in path order."""
+        with self._errors(folder):
+            infos = self.fs.ls(self._full(folder), detail=True)
+            entries = [self._stat_from_info(self._child(folder, info), info) for info in infos]
+            for st in entries:
+                if st.kind == LINK and self._sftp is not None:
+                    st.link_target = self._readlink(st.path)
+        entries.sort(key=lambda st: st.path)
+        return entries
 
     def _child(self, folder: str, info: dict) -> str:
         name = info["name"].rstrip("/")
@@ -391,7 +387,7 @@ class FsspecBackend(Backend):
     def _sftp_lstat(self, path: str) -> Stat | None:
         import asyncssh
 
-        fs = self.fs
+        self.fs   # connected: the SFTP client comes with the connection
         try:
             with self._errors(path):
                 try:

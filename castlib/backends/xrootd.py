@@ -31,10 +31,11 @@ from XRootD.client.flags import (DirListFlags, MkDirFlags, OpenFlags, PrepareFla
                                  QueryCode, StatInfoFlags)
 
 from ..checksum import normalise
-from ..errors import (LocationMissing, NotFound, StorageError, TransientStorageError,
+from ..errors import (NotFound, StorageError, TransientStorageError,
                       Unsupported)
 from ..location import redact
-from .base import DIR, FILE, Backend, Capabilities, ListingErrorHandler, Stat
+from .base import (DIR, FILE, Backend, Capabilities, ListingErrorHandler, Stat,
+                   walk_by_folder)
 
 # A dead server is reported after ConnectionWindow x ConnectionRetry seconds, not the
 # client's default of 120 s x 5 tries.
@@ -98,39 +99,30 @@ class XRootDBackend(Backend):
 
     # -- listing -----------------------------------------------------------------------
     def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
-        # one dirlist with STAT a folder: names, sizes, mtimes, flags in one round trip
-        stack = [""]
-        while stack:
-            rel = stack.pop()
-            try:
-                status, listing = self._fs.dirlist(self._abs(rel), DirListFlags.STAT)
-                error = None if status.ok else _storage_error(status, "cannot list",
-                                                              self._where(rel))
-            except (SystemError, UnicodeDecodeError):
-                # the bindings cannot decode a name that is not UTF-8: report the folder
-                error = StorageError(f"cannot list {self._where(rel)}: it holds a name that "
-                                     "is not UTF-8, which the XRootD Python client cannot read",
-                                     path=rel)
-            if error is not None:
-                if rel:
-                    on_error(rel, str(error))
-                    continue
-                if isinstance(error, NotFound):
-                    raise LocationMissing(f"folder does not exist: {self.url}", path="")
-                raise error
-            subdirs = []
-            for entry in listing:
-                path = f"{rel}/{entry.name}" if rel else entry.name
-                if entry.statinfo is not None:
-                    st = _to_stat(path, entry.statinfo)
-                else:   # the server could not stat this one along with the listing
-                    st = self.stat(path)
-                    if st is None:
-                        continue
-                yield st
-                if st.kind == DIR:
-                    subdirs.append(path)
-            stack.extend(reversed(subdirs))
+        return walk_by_folder(self._list_folder, on_error,
+                              f"folder does not exist: {self._where('')}")
+
+    def _list_folder(self, rel: str) -> list[Stat]:
+        """One dirlist with STAT: names, sizes, mtimes, flags in one round trip."""
+        try:
+            status, listing = self._fs.dirlist(self._abs(rel), DirListFlags.STAT)
+        except (SystemError, UnicodeDecodeError):
+            # the bindings cannot decode a name that is not UTF-8: report the folder
+            raise StorageError(f"cannot list {self._where(rel)}: it holds a name that is not "
+                               "UTF-8, which the XRootD Python client cannot read",
+                               path=rel) from None
+        if not status.ok:
+            raise _storage_error(status, "cannot list", self._where(rel))
+        entries = []
+        for entry in listing:
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.statinfo is not None:
+                entries.append(_to_stat(path, entry.statinfo))
+            else:   # the server could not stat this one along with the listing
+                st = self.stat(path)
+                if st is not None:
+                    entries.append(st)
+        return entries
 
     def stat(self, path: str) -> Stat | None:
         status, info = self._fs.stat(self._abs(path))

@@ -9,7 +9,7 @@ from operator import itemgetter
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, NamedTuple
 
-from sqlalchemy import and_, bindparam, case, func, insert, literal, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConfigError
