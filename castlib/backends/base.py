@@ -1,6 +1,7 @@
 """The contract every storage back-end implements, and the capabilities it declares as data."""
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, ClassVar, Iterator
@@ -82,6 +83,23 @@ def walk_by_folder(list_folder: Callable[[str], list["Stat"]], on_error: Listing
             raise
         yield from entries
         stack.extend(st.path for st in reversed(entries) if st.kind == DIR)
+
+
+def wait_for_staging(pending: list[str], still_offline: Callable[[list[str]], list[str]],
+                     timeout_s: float, poll_s: float, where: Callable[[str], str]) -> None:
+    """Poll still_offline(pending) (the files of `pending` not on disk yet) until none is
+    left, or fail after timeout_s naming the files still on tape."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pending = still_offline(pending)
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            shown = ", ".join(where(p) for p in pending[:5])
+            more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
+            raise StorageError(f"still on tape after {timeout_s:g} s of staging: {shown}{more}",
+                               path=pending[0])
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
 class Backend(ABC):

@@ -33,7 +33,6 @@ import shlex
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Iterator
@@ -43,7 +42,7 @@ from ..errors import (BackendUnavailable, ConfigError, NotFound, StorageError,
                       TransientStorageError)
 from ..location import LocationURL
 from .base import (DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat,
-                   walk_by_folder)
+                   wait_for_staging, walk_by_folder)
 
 MINUTE_NS = 60_000_000_000
 
@@ -298,23 +297,17 @@ class CastorBackend(Backend):
         if not waiting:
             return
         self._stager("stage_get", [p for p in waiting if states[p] != "STAGEIN"])
-        deadline = time.monotonic() + timeout_s
-        while True:
-            states = self.stager_states(waiting)
-            invalid = [p for p in waiting if states.get(p) == "INVALID"]
+
+        def still_offline(pending: list[str]) -> list[str]:
+            states = self.stager_states(pending)
+            invalid = [p for p in pending if states.get(p) == "INVALID"]
             if invalid:
                 raise StorageError(f"the stager reports INVALID for {self._where(invalid[0])}"
                                    + (f" and {len(invalid) - 1} more" if len(invalid) > 1 else ""),
                                    path=invalid[0])
-            waiting = [p for p in waiting if states.get(p) not in _ONLINE_STATES]
-            if not waiting:
-                return
-            if time.monotonic() >= deadline:
-                shown = ", ".join(self._where(p) for p in waiting[:5])
-                more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
-                raise StorageError(f"still on tape after {timeout_s:g} s of staging: "
-                                   f"{shown}{more}", path=waiting[0])
-            time.sleep(min(self.stage_poll, max(0.0, deadline - time.monotonic())))
+            return [p for p in pending if states.get(p) not in _ONLINE_STATES]
+
+        wait_for_staging(waiting, still_offline, timeout_s, self.stage_poll, self._where)
 
     def stager_states(self, paths: list[str]) -> dict[str, str | None]:
         """{path: STAGEIN/STAGED/STAGEOUT/CANBEMIGR/INVALID, or None if the stager has no

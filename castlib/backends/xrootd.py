@@ -35,7 +35,7 @@ from ..errors import (NotFound, StorageError, TransientStorageError,
                       Unsupported)
 from ..location import redact
 from .base import (DIR, FILE, Backend, Capabilities, ListingErrorHandler, Stat,
-                   walk_by_folder)
+                   wait_for_staging, walk_by_folder)
 
 # A dead server is reported after ConnectionWindow x ConnectionRetry seconds, not the
 # client's default of 120 s x 5 tries.
@@ -215,17 +215,8 @@ class XRootDBackend(Backend):
         if not status.ok:
             raise _storage_error(status, f"cannot request staging of {len(offline)} file(s) in",
                                  self._where(""))
-        deadline = time.monotonic() + timeout_s
-        while offline:
-            offline = [p for p in offline if not self._is_online(p)]
-            if not offline:
-                return
-            if time.monotonic() >= deadline:
-                shown = ", ".join(self._where(p) for p in offline[:5])
-                more = f" and {len(offline) - 5} more" if len(offline) > 5 else ""
-                raise StorageError(f"still on tape after {timeout_s:g} s of staging: "
-                                   f"{shown}{more}", path=offline[0])
-            time.sleep(min(_STAGE_POLL_S, max(0.0, deadline - time.monotonic())))
+        wait_for_staging(offline, lambda ps: [p for p in ps if not self._is_online(p)],
+                         timeout_s, _STAGE_POLL_S, self._where)
 
     def _is_online(self, path: str) -> bool:
         st = self.stat(path)
