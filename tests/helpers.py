@@ -113,3 +113,27 @@ def in_unprivileged_child(fn):
     if "error" in data:
         raise AssertionError(data["error"])
     return data["ok"]
+
+
+def run_cli_interrupted(*args: str, db: str | None, ready, interrupt, env: dict | None = None,
+                        ready_within: float = 120, timeout: float = 300
+                        ) -> subprocess.CompletedProcess:
+    """Run `castlib ARGS...` in the background; once ready() says so (a first file has
+    landed), call interrupt() (stop a server, cut the line), then let the run end."""
+    import time
+
+    proc = subprocess.Popen(castlib_command(*args, db=db), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(env))
+    try:
+        deadline = time.monotonic() + ready_within
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, f"not ready within {ready_within:g} s"
+            time.sleep(0.02)
+        interrupt()
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -12,7 +12,7 @@ import yaml
 
 from castlib.backends import DIR, FILE, open_backend
 from tests.helpers import (castlib_command, cli_env, last_json, make_tree, run_cli,
-                           tree_digest)
+                           run_cli_interrupted, tree_digest)
 
 MIB = 1024 * 1024
 TREE = {
@@ -198,24 +198,15 @@ def test_line_cut_mid_sync_leaves_no_partial_file_and_rerun_completes(
     config.write_text(yaml.safe_dump({"storage": {url: via_proxy}}))
     env = {"CASTLIB_CONFIG": str(config)}
 
-    sync = subprocess.Popen(castlib_command("sync", str(src), url, "--transfers", "1", "--json",
-                                            db=db_url),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(env))
-    try:
-        deadline = time.monotonic() + 120
-        while not _final_names(real_url, real):      # the first file has landed
-            assert sync.poll() is None, "the sync ended before the line could be cut"
-            assert time.monotonic() < deadline, "no file arrived within 120 s"
-            time.sleep(0.02)
+    def cut_for_two_seconds():
         proxy.cut()
         time.sleep(2)
         proxy.restore()
-        out, err = sync.communicate(timeout=300)
-    finally:
-        if sync.poll() is None:
-            sync.kill()
-            sync.wait()
+
+    sync = run_cli_interrupted("sync", str(src), url, "--transfers", "1", "--json", db=db_url,
+                               env=env, ready=lambda: bool(_final_names(real_url, real)),
+                               interrupt=cut_for_two_seconds)
+    out, err = sync.stdout, sync.stderr
     assert "Traceback" not in err, err
     assert sync.returncode in (0, 1), err
     if sync.returncode:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import time
 import zlib
 
 from castlib.transfer import is_temp_name
-from tests.helpers import (castlib_command, cli_env, last_json, make_tree, run_cli,
-                           tree_digest)
+from tests.helpers import last_json, make_tree, run_cli, run_cli_interrupted, tree_digest
 
 MIB = 1024 * 1024
 TREE = {
@@ -105,24 +103,14 @@ def test_server_stopped_mid_sync_leaves_no_partial_file_and_rerun_completes(
     dst_url, dst_dir = xrootd_folder.url + "/archive", xrootd_folder.path / "archive"
     server = xrootd_folder.server
 
-    sync = subprocess.Popen(castlib_command("sync", str(src), dst_url, "--transfers", "1",
-                                            "--json", db=db_url),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env())
     try:
-        deadline = time.monotonic() + 60
-        while not (dst_dir.is_dir() and _final_files(dst_dir)):   # the first file landed
-            assert sync.poll() is None, "sync ended before the server could be stopped"
-            assert time.monotonic() < deadline, "no file arrived within 60 s"
-            time.sleep(0.01)
-        server.stop()
-        out, err = sync.communicate(timeout=240)
+        sync = run_cli_interrupted(
+            "sync", str(src), dst_url, "--transfers", "1", "--json", db=db_url,
+            ready=lambda: dst_dir.is_dir() and bool(_final_files(dst_dir)),
+            interrupt=server.stop, ready_within=60, timeout=240)
     finally:
-        if sync.poll() is None:
-            sync.kill()
-            sync.wait()
         server.start()
-
+    out, err = sync.stdout, sync.stderr
     assert sync.returncode in (1, 2), (out, err)
     assert "Traceback" not in err
     assert last_json(out)["failed"] > 0 if sync.returncode == 1 else err.strip()
