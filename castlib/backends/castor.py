@@ -22,7 +22,8 @@ Listings keep mtimes to the minute, as nsls prints them. A file older than about
 months shows only its year there: its mtime is left unknown (NULL; its size and adler32
 decide), unless `exact_mtimes: true` asks rfstat for it, one command per such file. mtimes
 can be set only if a `set_mtime` template is configured. nsls prints one line an entry, so
-a name holding a newline cannot be listed in this mode.
+a name holding a newline cannot be listed in this mode. The tools' output formats the
+parsers rely on are recorded in docs/castor-tool-outputs.md.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 CASTOR is retired, so nothing real can answer `nsls` or `stager_qry` any more. These
 fixtures install small programs under the tools' names that print what the real ones
-printed (formats from shared/castor/TOOL-OUTPUTS.md, the same formats the parser tests
+printed (formats from docs/castor-tool-outputs.md, the same formats the parser tests
 use) for the namespace the test xrootd server exports; the bytes move with the real
 `xrdcp` through that real server, as they did on CASTOR. A tape is simulated by a state
 file: a migrated file is listed with mode `m`, and the stager reports it STAGEIN once
