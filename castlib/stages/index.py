@@ -12,6 +12,7 @@ from pydantic import Field
 from ..backends.base import DIR, FILE, LINK, Stat
 from ..catalog.paths import from_catalog, to_catalog
 from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
+from ..catalog.settings import temp_name_key
 from ..checksum import ALGORITHMS
 from ..errors import LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
@@ -39,7 +40,7 @@ class IndexParams(StageParams):
 @dataclass
 class IndexResult:
     location_id: int
-    leftover_temp: list[str] = field(default_factory=list)   # storage paths of castlib temp files
+    leftover_temp: list[str] = field(default_factory=list)   # castlib's own temporaries
     unlisted: list[str] = field(default_factory=list)        # folders that could not be listed
     only: list[str] = field(default_factory=list)            # the listing's filters
     ignore: list[str] = field(default_factory=list)
@@ -120,11 +121,12 @@ class IndexStage(Stage):
 
         # The loop below runs once per entry (millions): locals, no avoidable calls.
         filtering, accepts, pop_existing = flt.active, flt.accepts, existing.pop
+        temp_key = temp_name_key(catalog)   # only castlib's own temporaries are left out
         unreported = 0   # entries not yet added to the progress counter (it takes a lock)
         try:
             for st in (backend.walk(on_error) if root_exists else ()):
                 storage_path, kind = st.path, st.kind
-                if TEMP_MARK in storage_path and is_temp_name(st.name):
+                if TEMP_MARK in storage_path and is_temp_name(st.name, temp_key):
                     result.leftover_temp.append(storage_path)
                     continue
                 if filtering and not accepts(storage_path, kind):

@@ -11,6 +11,7 @@ from ..backends.base import DIR, FILE, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_key
 from ..catalog.paths import from_catalog, to_catalog
+from ..catalog.settings import temp_name_key
 from ..errors import NotFound, SafetyRefusal, StorageError
 from ..progress import human_bytes
 from ..transfer import copy_file, with_retries
@@ -133,6 +134,7 @@ class SyncStage(Stage):
         _refuse_overlap(self.src, self.dst)
         self.diff = diff
         self.algo = diff.algorithm
+        self.temp_key = temp_name_key(ctx.catalog)
         ref_index = ctx.index_results.get(diff.ref.record.id)
         plan = make_plan(diff, delete=p.delete, replace=p.replace,
                          dst_symlinks=self.dst.capabilities.symlinks,
@@ -283,7 +285,8 @@ class SyncStage(Stage):
             result = with_retries(
                 lambda: copy_file(self.src, path, self.dst, path, algorithm=self.algo,
                                   expected_size=d.ref.size, expected_checksum=d.ref.checksum,
-                                  mtime_ns=d.ref.mtime_ns, on_bytes=progress.add_bytes),
+                                  mtime_ns=d.ref.mtime_ns, temp_key=self.temp_key,
+                                  on_bytes=progress.add_bytes),
                 retries=p.retries, backoff_s=ctx.retry_backoff_s, describe=path)
             # the copy is in place: a glitch now must not count it failed
             final = with_retries(lambda: self.dst.stat(path), retries=p.retries,
