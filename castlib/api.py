@@ -31,10 +31,13 @@ def _run(pipeline: Pipeline, db, command: str, args: dict, **run_options) -> Run
 
 def index(location: str, *, db=None, checksum: str | None = None, only: Iterable[str] = (),
           ignore: Iterable[str] = (), rehash: bool = False, force: bool = False,
-          **run_options) -> RunReport:
-    """List a location into the catalog; `checksum` also computes that checksum."""
+          max_vanish: float = 50, **run_options) -> RunReport:
+    """List a location into the catalog; `checksum` also computes that checksum. More than
+    `max_vanish` percent of the files the catalog knew there gone at once stops it (an
+    unmounted or blank disk), unless `force`."""
     params = {"location": location, "checksum": checksum, "only": list(only),
-              "ignore": list(ignore), "rehash": rehash, "force": force}
+              "ignore": list(ignore), "rehash": rehash, "force": force,
+              "max_vanish": max_vanish}
     return _run(Pipeline.from_stages([("index", params)]), db, "index", params, **run_options)
 
 
@@ -44,7 +47,8 @@ def _filters(only: Iterable[str], ignore: Iterable[str]) -> dict:
 
 def diff(ref: str, dst: str, *, db=None, checksum: str | None = None,
          mtime_tolerance: float = 0, index: bool = True, force: bool = False,
-         only: Iterable[str] = (), ignore: Iterable[str] = (), **run_options) -> RunReport:
+         max_vanish: float = 50, only: Iterable[str] = (), ignore: Iterable[str] = (),
+         **run_options) -> RunReport:
     """Differences between two locations; `report.value.differences` lists them.
     Both locations are re-listed first unless index=False (catalog only). With `checksum`,
     that checksum is computed wherever the catalog lacks it (then compared); without it,
@@ -54,8 +58,9 @@ def diff(ref: str, dst: str, *, db=None, checksum: str | None = None,
     globs = _filters(only, ignore)
     if index:
         # a destination that does not exist is more likely a typo than an empty archive
-        stages += [("index", {"location": ref, "force": force, "checksum": checksum, **globs}),
-                   ("index", {"location": dst, "force": force, "checksum": checksum, **globs})]
+        guard = {"force": force, "max_vanish": max_vanish}
+        stages += [("index", {"location": ref, **guard, "checksum": checksum, **globs}),
+                   ("index", {"location": dst, **guard, "checksum": checksum, **globs})]
     stages.append(("diff", {"id": "diff", "ref": ref, "dst": dst,
                             "checksum": checksum or DEFAULT_ALGORITHM,
                             "mtime_tolerance": mtime_tolerance, **globs}))
@@ -67,24 +72,26 @@ def diff(ref: str, dst: str, *, db=None, checksum: str | None = None,
 def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = False,
          max_delete: int | None = None, replace: bool = True, checksum: str | None = None,
          transfers: int = 4, index: str = "both", force: bool = False, retries: int = 3,
-         mtime_tolerance: float = 0, lock_wait: float = 0, only: Iterable[str] = (),
-         ignore: Iterable[str] = (), **run_options) -> RunReport:
+         mtime_tolerance: float = 0, lock_wait: float = 0, max_vanish: float = 50,
+         only: Iterable[str] = (), ignore: Iterable[str] = (), **run_options) -> RunReport:
     """Make `dst` match `ref`. index: "both" re-lists both sides, "ref" trusts the catalog
     for the destination, "none" trusts it for both. Copies are verified with `checksum`
     (adler32 by default); naming it explicitly also compares the content of files whose
     size and mtime agree (computing checksums the catalog lacks, as rsync -c would).
-    `only`/`ignore` globs leave paths out on both sides: neither copied nor deleted."""
+    `only`/`ignore` globs leave paths out on both sides: neither copied nor deleted.
+    More than `max_vanish` percent of the files the catalog knew in a location gone since
+    its last listing stops the run before anything is touched, unless `force`."""
     if index not in ("both", "ref", "none"):
         from .errors import ConfigError
 
         raise ConfigError(f"index must be both, ref or none, not {index!r}", key="index")
     stages = []
     globs = _filters(only, ignore)
+    guard = {"force": force, "max_vanish": max_vanish}
     if index in ("both", "ref"):
-        stages.append(("index", {"location": ref, "force": force, "checksum": checksum,
-                                 **globs}))
+        stages.append(("index", {"location": ref, **guard, "checksum": checksum, **globs}))
     if index == "both":
-        stages.append(("index", {"location": dst, "force": force, "missing_ok": True,
+        stages.append(("index", {"location": dst, **guard, "missing_ok": True,
                                  "checksum": checksum, **globs}))
     stages.append(("diff", {"id": "plan", "ref": ref, "dst": dst,
                             "checksum": checksum or DEFAULT_ALGORITHM,
@@ -94,7 +101,8 @@ def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = F
                             "dry_run": dry_run, "lock_wait": lock_wait}))
     args = {"ref": ref, "dst": dst, "dry_run": dry_run, "delete": delete,
             "max_delete": max_delete, "replace": replace, "checksum": checksum,
-            "transfers": transfers, "index": index, "force": force, **globs}
+            "transfers": transfers, "index": index, "force": force, "max_vanish": max_vanish,
+            **globs}
     return _run(Pipeline.from_stages(stages), db, "sync", args, dry_run=dry_run, force=force,
                 **run_options)
 

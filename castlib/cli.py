@@ -47,6 +47,25 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text.removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, not {text}")
+    return value
+
+
+def _vanish_options(c: argparse.ArgumentParser, force_help: str) -> None:
+    c.add_argument("--force", action="store_true", help=force_help)
+    c.add_argument("--max-vanish", metavar="PCT", type=_percent, default=50.0,
+                   help="stop (exit 2, nothing changed) when more than PCT percent of the "
+                        "files the catalog knew in a location vanished since its last listing: "
+                        "an unmounted or blank disk (default 50; a location known with fewer "
+                        "than 10 files stops only when all vanished; 100 turns it off)")
+
+
 CHECKSUMS = ("adler32", "md5", "sha256")   # castlib.checksum.ALGORITHMS (not imported: start-up)
 
 
@@ -89,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ignore", metavar="GLOB", action="append", default=[],
                    help="leave out entries matching (repeatable)")
     c.add_argument("--rehash", action="store_true", help="recompute checksums already known")
-    c.add_argument("--force", action="store_true",
-                   help="accept an empty listing of a location the catalog knew with files")
+    _vanish_options(c, "accept a listing in which more files vanished than --max-vanish "
+                       "allows")
 
     c = command("diff", help="compare two locations (exit 1 when they differ)")
     c.add_argument("ref")
@@ -103,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="JSON Lines, one per difference")
     c.add_argument("--no-index", action="store_true", help="use the catalog as it is")
     _filter_options(c)
-    c.add_argument("--force", action="store_true", help="accept empty listings")
+    _vanish_options(c, "accept listings in which more files vanished than --max-vanish allows")
 
     c = command("sync", help="make DST match REF, verifying every copy")
     c.add_argument("ref")
@@ -120,8 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="parallel copies (default 4)")
     c.add_argument("--index", choices=("both", "ref", "none"), default="both",
                    help="what to re-list first (ref: trust the catalog for DST)")
-    c.add_argument("--force", action="store_true",
-                   help="act even if the reference lists empty where files were")
+    _vanish_options(c, "act even if more files vanished than --max-vanish allows (an empty "
+                       "or blank reference where files were)")
     c.add_argument("--lock-wait", metavar="S", type=_seconds, default=0,
                    help="wait up to S seconds for another sync into DST to finish "
                         "(default: refuse at once)")
@@ -194,7 +213,8 @@ def cmd_index(args) -> int:
     from . import api
 
     report = api.index(args.location, checksum=args.checksum, only=args.only,
-                       ignore=args.ignore, rehash=args.rehash, force=args.force, **_common(args))
+                       ignore=args.ignore, rehash=args.rehash, force=args.force,
+                       max_vanish=args.max_vanish, **_common(args))
     return report.exit_code
 
 
@@ -204,7 +224,8 @@ def cmd_diff(args) -> int:
 
     report = api.diff(args.ref, args.dst, checksum=args.checksum,
                       mtime_tolerance=args.mtime_tolerance, index=not args.no_index,
-                      force=args.force, only=args.only, ignore=args.ignore, **_common(args))
+                      force=args.force, max_vanish=args.max_vanish, only=args.only,
+                      ignore=args.ignore, **_common(args))
     differences = report.value.differences
     out = sys.stdout
     for d in differences:
@@ -221,7 +242,8 @@ def cmd_sync(args) -> int:
     report = api.sync(args.ref, args.dst, dry_run=args.dry_run, delete=args.delete,
                       max_delete=args.max_delete, replace=not args.no_replace,
                       checksum=args.checksum, transfers=args.transfers, index=args.index,
-                      force=args.force, lock_wait=args.lock_wait, only=args.only,
+                      force=args.force, lock_wait=args.lock_wait,
+                      max_vanish=args.max_vanish, only=args.only,
                       ignore=args.ignore, **_common(args))
     if args.json:
         print(json.dumps(report.counts))

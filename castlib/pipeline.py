@@ -10,7 +10,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from .catalog import Catalog
-from .catalog.locks import location_lock
+from .catalog.locks import location_lock, lock_key
 from .catalog.paths import printable
 from .config import UserConfig, load_user_config
 from .errors import CastlibError, ConfigError
@@ -244,10 +244,11 @@ class Pipeline:
         earlier: dict[str, StageSpec] = {}
         for spec in self.stages:
             for target, wait_s in spec.cls.destinations(spec.params, earlier):
-                record = ctx.resolve(target).record
-                if record.id not in ctx.locked:
+                resolved = ctx.resolve(target)
+                key, record = lock_key(resolved.url), resolved.record
+                if key not in ctx.locked:
                     locks.enter_context(location_lock(ctx.catalog, record.id, record.url, wait_s))
-                    ctx.locked.add(record.id)
+                    ctx.locked.add(key)
             if spec.params.id:
                 earlier[spec.params.id] = spec
 

@@ -5,6 +5,8 @@ killed at any moment leaves at most a temporary file, which the next sync remove
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import secrets
@@ -19,26 +21,42 @@ from .errors import StorageError, VerificationFailed
 log = logging.getLogger(__name__)
 
 TEMP_MARK = ".castlib-part-"
-_TEMP_NAME = re.compile(r"^\..+\.castlib-part-[0-9a-f]{12}$", re.S)
+# Which temporaries are castlib's own, told by their name alone: each carries a random
+# nonce and a tag, an HMAC of the final name and the nonce under the catalog's secret key
+# (catalog.settings.temp_name_key). A user's file named like one (".x.castlib-part-...",
+# or a temporary another catalog left) has no valid tag: it is listed, copied and kept
+# like any file, and never removed without --delete. A tag costs nothing per file
+# (recording each temporary in the catalog before writing it would cost a catalog write
+# per copy), and any run on any host sharing the catalog recognises it.
+_NONCE, _TAG = 12, 16   # hex digits: a 48-bit nonce, a 64-bit tag
+_TEMP_NAME = re.compile(r"^\.(.+)\.castlib-part-([0-9a-f]{12})([0-9a-f]{16})$", re.S)
 
 
 NAME_MAX = 255   # bytes in one path component, on every file system that matters here
 
 
-def temp_path(final_path: str) -> str:
-    """A hidden temporary name beside the final one, unique per attempt, and never longer
-    than a file name may be (a long final name is shortened in the temporary one)."""
+def temp_path(final_path: str, key: bytes) -> str:
+    """A hidden temporary name beside the final one, unique per attempt, tagged with the
+    catalog's key, and never longer than a file name may be (a long final name is
+    shortened in the temporary one)."""
     folder, _, name = final_path.rpartition("/")
-    room = NAME_MAX - len(f".{TEMP_MARK}") - 12
+    room = NAME_MAX - len(f".{TEMP_MARK}") - _NONCE - _TAG
     while len(name.encode("utf-8", "surrogateescape")) > room:
         name = name[:-1]
-    tmp = f".{name}{TEMP_MARK}{secrets.token_hex(6)}"
+    nonce = secrets.token_hex(_NONCE // 2)
+    tmp = f".{name}{TEMP_MARK}{nonce}{_tag(key, name, nonce)}"
     return f"{folder}/{tmp}" if folder else tmp
 
 
-def is_temp_name(name: str) -> bool:
-    """True for the temporary files castlib writes (and only for those)."""
-    return TEMP_MARK in name and bool(_TEMP_NAME.match(name))
+def is_temp_name(name: str, key: bytes) -> bool:
+    """True for the temporary files castlib writes with this key (and only for those)."""
+    m = _TEMP_NAME.match(name) if TEMP_MARK in name else None
+    return m is not None and hmac.compare_digest(m.group(3), _tag(key, m.group(1), m.group(2)))
+
+
+def _tag(key: bytes, name: str, nonce: str) -> str:
+    message = name.encode("utf-8", "surrogateescape") + b"/" + nonce.encode("ascii")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:_TAG]
 
 
 @dataclass
@@ -51,15 +69,17 @@ class TransferResult:
 
 def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
               algorithm: str, expected_size: int | None, expected_checksum: str | None,
-              mtime_ns: int | None, on_bytes: Callable[[int], None] | None = None,
+              mtime_ns: int | None, temp_key: bytes,
+              on_bytes: Callable[[int], None] | None = None,
               chunk_size: int = CHUNK_SIZE) -> TransferResult:
     """Copy src_path to dst_path and verify every byte before it takes the final name.
 
     Verification: the bytes read match the size (and checksum, when known) the catalog
     holds for the source; the written file's size and its checksum, as the destination
-    computes it (server-side, or by reading it back), match the bytes read.
+    computes it (server-side, or by reading it back), match the bytes read. temp_key:
+    the catalog's key that tags the temporary name (catalog.settings.temp_name_key).
     """
-    tmp = temp_path(dst_path)
+    tmp = temp_path(dst_path, temp_key)
     published = False
     try:
         third_party = dst.copy_from(src, src_path, tmp)

@@ -119,6 +119,21 @@ class Backend(ABC):
         self.url = url
         self.options = dict(options or {})
 
+    # -- identity ----------------------------------------------------------------------
+    @classmethod
+    def identity(cls, url: LocationURL) -> str:
+        """What a root is, whatever its spelling: the key of a destination's lock. Here the
+        canonical URL; a back-end that can see through aliases (links, mounts) does better."""
+        return str(url)
+
+    @classmethod
+    def overlaps(cls, a: LocationURL, b: LocationURL) -> bool:
+        """Whether one of two roots of this back-end is, or lies inside, the other."""
+        if (a.scheme, a.host) != (b.scheme, b.host):
+            return False
+        pa, pb = a.path.rstrip("/") + "/", b.path.rstrip("/") + "/"
+        return pa.startswith(pb) or pb.startswith(pa)
+
     # -- listing -----------------------------------------------------------------------
     @abstractmethod
     def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat as statmod
 from typing import BinaryIO, Iterator
 
 from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError
+from ..location import LocationURL
 from .base import DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat
 
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.EIO}
@@ -33,6 +35,21 @@ class LocalBackend(Backend):
     def __init__(self, url, options=None):
         super().__init__(url, options)
         self.root = url.path
+
+    # -- identity: what a root is, whatever its spelling ----------------------------------
+    @classmethod
+    def identity(cls, url: LocationURL) -> str:
+        return "file:" + file_system_identity(url.path)
+
+    @classmethod
+    def overlaps(cls, a: LocationURL, b: LocationURL) -> bool:
+        """Through links (real paths) and bind mounts, or two mounts of one file system
+        (the path inside the file system, and the (device, inode) of every existing
+        ancestor compared with the other root), even for a root not created yet."""
+        ida, idb = file_system_identity(a.path), file_system_identity(b.path)
+        if _inside(ida, idb) or _inside(idb, ida):
+            return True
+        return _ancestor_is(a.path, b.path) or _ancestor_is(b.path, a.path)
 
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
@@ -87,7 +104,9 @@ class LocalBackend(Backend):
 
     def stat(self, path: str) -> Stat | None:
         try:
-            st = os.lstat(self._abs(path))
+            # the root itself may be a link to a folder, and is followed; below it, links
+            # are entries of their own and never followed
+            st = os.stat(self.root) if not path else os.lstat(self._abs(path))
         except FileNotFoundError:
             return None
         except NotADirectoryError:
@@ -152,6 +171,75 @@ class LocalBackend(Backend):
             os.symlink(target, self._abs(path))
         except OSError as exc:
             raise storage_error(exc, path) from None
+
+
+def file_system_identity(path: str) -> str:
+    """Where a local path really is: its file system (device numbers) and its path inside
+    that file system. Links resolve (os.path.realpath), and the mount table maps every
+    mount of one file system, bind mounts too, to the same answer. A path that does not
+    exist yet is its nearest existing ancestor's identity plus the rest, which is what it
+    will have once created: a lock keyed on it stays the same lock across the creation.
+    Without a mount table (not Linux) the real path is the answer."""
+    real = os.path.realpath(path)
+    mount = _mount_of(real)
+    if mount is None:
+        return real
+    device, point, root = mount
+    rest = "" if real == point else real[len(point):].lstrip("/")
+    inside = os.path.join(root, rest) if rest else root
+    return f"{device}:{inside}"
+
+
+def _mount_of(real: str) -> tuple[str, str, str] | None:
+    """(device, mount point, root inside the file system) of the mount holding `real`:
+    the longest mount point above it, the last mounted where several share one."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        device, root, point = (_unescape(fields[2]), _unescape(fields[3]),
+                               _unescape(fields[4]))
+        if point == real or real.startswith(point.rstrip("/") + "/"):
+            if best is None or len(point) >= len(best[1]):
+                best = (device, point, root)
+    return best
+
+
+def _unescape(field: bytes) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040...)."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _ancestor_is(path: str, other: str) -> bool:
+    """Whether `other` (if it exists) is `path` or one of the folders above it, compared
+    by (st_dev, st_ino): what a bind mount cannot disguise."""
+    try:
+        st = os.stat(other)
+    except OSError:
+        return False
+    target = (st.st_dev, st.st_ino)
+    current = os.path.realpath(path)
+    while True:
+        try:
+            here = os.stat(current)
+            if (here.st_dev, here.st_ino) == target:
+                return True
+        except OSError:   # not created yet: look further up
+            pass
+        parent = os.path.dirname(current)
+        if parent == current:
+            return False
+        current = parent
 
 
 class _DurableFile:

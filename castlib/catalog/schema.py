@@ -118,4 +118,14 @@ class StageResult(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class Setting(Base):
+    """A catalog-wide value by name, made once and shared by every host using the catalog:
+    the key that tags castlib's temporary file names (see catalog.settings)."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 CHECKSUM_COLUMNS = ("adler32", "md5", "sha256")

@@ -61,7 +61,7 @@ class RunContext:
     err: TextIO = field(default_factory=lambda: sys.stderr)
     retries: int = 3
     retry_backoff_s: float = 1.0
-    locked: set[int] = field(default_factory=set)   # location ids whose lock the run holds
+    locked: set[str] = field(default_factory=set)   # lock keys (locks.lock_key) the run holds
     _backends: dict[str, Backend] = field(default_factory=dict)
 
     def resolve(self, text: str) -> ResolvedLocation:

@@ -12,6 +12,7 @@ from pydantic import Field
 from ..backends.base import DIR, FILE, LINK, Stat
 from ..catalog.paths import from_catalog, to_catalog
 from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
+from ..catalog.settings import temp_name_key
 from ..checksum import ALGORITHMS
 from ..errors import LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
@@ -27,8 +28,11 @@ class IndexParams(StageParams):
     ignore: list[str] = Field(default_factory=list, description="globs of entries to leave out")
     rehash: bool = Field(False, description="recompute checksums even when size and mtime agree")
     workers: int = Field(4, ge=1, le=64, description="parallel checksum computations")
-    force: bool = Field(False, description="accept an empty listing of a location the catalog "
-                                           "knew with files")
+    force: bool = Field(False, description="accept a listing in which more of the files the "
+                                           "catalog knew vanished than max_vanish allows")
+    max_vanish: float = Field(50, ge=0, le=100, description=(
+        "percent of the files the catalog knew that may vanish in one listing; more stops "
+        "the run (a location it knew with fewer than 10 files: only when all vanish)"))
     missing_ok: bool = Field(False, description="a root that does not exist lists as empty "
                                                 "(a destination not created yet)")
 
@@ -36,7 +40,7 @@ class IndexParams(StageParams):
 @dataclass
 class IndexResult:
     location_id: int
-    leftover_temp: list[str] = field(default_factory=list)   # storage paths of castlib temp files
+    leftover_temp: list[str] = field(default_factory=list)   # castlib's own temporaries
     unlisted: list[str] = field(default_factory=list)        # folders that could not be listed
     only: list[str] = field(default_factory=list)            # the listing's filters
     ignore: list[str] = field(default_factory=list)
@@ -117,11 +121,12 @@ class IndexStage(Stage):
 
         # The loop below runs once per entry (millions): locals, no avoidable calls.
         filtering, accepts, pop_existing = flt.active, flt.accepts, existing.pop
+        temp_key = temp_name_key(catalog)   # only castlib's own temporaries are left out
         unreported = 0   # entries not yet added to the progress counter (it takes a lock)
         try:
             for st in (backend.walk(on_error) if root_exists else ()):
                 storage_path, kind = st.path, st.kind
-                if TEMP_MARK in storage_path and is_temp_name(st.name):
+                if TEMP_MARK in storage_path and is_temp_name(st.name, temp_key):
                     result.leftover_temp.append(storage_path)
                     continue
                 if filtering and not accepts(storage_path, kind):
@@ -186,12 +191,11 @@ class IndexStage(Stage):
             raise StorageError(f"cannot list location {loc.record.url}: {root_error}")
         counts["unreadable"] = len(result.unlisted)
         listed = counts["files"] + counts["dirs"] + counts["links"]
-        if listed == 0 and known_files > 0 and not forced:
-            raise SafetyRefusal(
-                f"location {loc.record.url} lists empty, but the catalog knows {known_files} "
-                "files there: is the disk mounted? (use --force to accept the empty listing)")
-        flush()
         unlisted = [to_catalog(u) for u in result.unlisted]
+        if known_files and not forced:   # before the catalog marks anything vanished
+            _refuse_mass_vanish(loc.record.url, existing, flt, unlisted, known_files,
+                                p.max_vanish, listed)
+        flush()
         vanished = [e.id for path, e in existing.items()
                     if not e.deleted and flt.covers(path, e.kind)
                     and not _below_any(path, unlisted)]
@@ -256,6 +260,37 @@ def _new_row(loc_id: int, path: str, st: Stat, stamp) -> list:
     parent, _, name = path.rpartition("/")
     return [loc_id, path, name, st.kind, st.size, st.mtime_ns, st.mode,
             st.link_target, None, None, None, st.online, stamp, stamp, False, loc_id, parent]
+
+
+SMALL_LOCATION = 10   # known files below which only "every one vanished" stops a run
+
+
+def _refuse_mass_vanish(url: str, unseen: dict, flt: PathFilter, unlisted: list[str],
+                        known_files: int, max_vanish: float, listed: int) -> None:
+    """Stop before anything is marked vanished (and so before a sync deletes it
+    elsewhere) when more than max_vanish percent of the files the catalog knew are gone at
+    once: an unmounted disk, or a blank one mounted in its place (lost+found only), lists
+    a few entries or none where thousands were. Files outside this listing's filters or
+    below a folder it could not list are not judged either way. A location known with
+    fewer than SMALL_LOCATION files stops only when every one vanished: there, one file
+    going is already a large share and says nothing about a mount."""
+    gone = out_of_scope = 0
+    for path, e in unseen.items():   # the entries this listing did not see
+        if e.kind != FILE or e.deleted:
+            continue
+        if flt.covers(path, e.kind) and not _below_any(path, unlisted):
+            gone += 1
+        else:
+            out_of_scope += 1
+    known = known_files - out_of_scope
+    if not gone or (known < SMALL_LOCATION and gone < known) or gone * 100 <= max_vanish * known:
+        return
+    empty = ", and it lists empty" if listed == 0 else ""
+    raise SafetyRefusal(
+        f"location {url}: {gone} of the {known} files the catalog knew there vanished "
+        f"({gone * 100 / known:.0f} %, more than --max-vanish {max_vanish:g} %){empty}: is "
+        "the disk mounted? nothing was changed (use --force, or a higher --max-vanish, to "
+        "accept)")
 
 
 def _below_any(path: str, folders: list[str]) -> bool:

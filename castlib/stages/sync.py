@@ -9,8 +9,9 @@ from pydantic import Field
 
 from ..backends.base import DIR, FILE, LINK
 from ..catalog import Difference
-from ..catalog.locks import location_lock
+from ..catalog.locks import location_lock, lock_key
 from ..catalog.paths import from_catalog, to_catalog
+from ..catalog.settings import temp_name_key
 from ..errors import NotFound, SafetyRefusal, StorageError
 from ..progress import human_bytes
 from ..transfer import copy_file, with_retries
@@ -129,10 +130,11 @@ class SyncStage(Stage):
         p: SyncParams = self.params
         ctx = self.context
         diff: DiffResult = ctx.result(p.from_, DiffResult)
-        _refuse_overlap(diff.ref.url, diff.dst.url)
         self.src, self.dst = ctx.backend(diff.ref), ctx.backend(diff.dst)
+        _refuse_overlap(self.src, self.dst)
         self.diff = diff
         self.algo = diff.algorithm
+        self.temp_key = temp_name_key(ctx.catalog)
         ref_index = ctx.index_results.get(diff.ref.record.id)
         plan = make_plan(diff, delete=p.delete, replace=p.replace,
                          dst_symlinks=self.dst.capabilities.symlinks,
@@ -159,7 +161,7 @@ class SyncStage(Stage):
         if p.dry_run or ctx.dry_run:
             self._print_plan(plan, leftovers)
             return self._outcome(started, dry_run=True)
-        if diff.dst.record.id in ctx.locked:      # held by the pipeline for the whole run
+        if lock_key(diff.dst.url) in ctx.locked:  # held by the pipeline for the whole run
             self._execute(plan, leftovers, p)
         else:
             with location_lock(ctx.catalog, diff.dst.record.id, diff.dst.record.url, p.lock_wait):
@@ -283,7 +285,8 @@ class SyncStage(Stage):
             result = with_retries(
                 lambda: copy_file(self.src, path, self.dst, path, algorithm=self.algo,
                                   expected_size=d.ref.size, expected_checksum=d.ref.checksum,
-                                  mtime_ns=d.ref.mtime_ns, on_bytes=progress.add_bytes),
+                                  mtime_ns=d.ref.mtime_ns, temp_key=self.temp_key,
+                                  on_bytes=progress.add_bytes),
                 retries=p.retries, backoff_s=ctx.retry_backoff_s, describe=path)
             # the copy is in place: a glitch now must not count it failed
             final = with_retries(lambda: self.dst.stat(path), retries=p.retries,
@@ -399,12 +402,14 @@ def _kind(side) -> str:
     return {"f": "file", "d": "folder", "l": "link"}[side.kind]
 
 
-def _refuse_overlap(ref, dst) -> None:
+def _refuse_overlap(src, dst) -> None:
     """One tree inside the other: each sync would copy the destination into itself again
-    (a/backup/backup/...), or with --delete remove the reference's own files."""
-    if (ref.scheme, ref.host) != (dst.scheme, dst.host):
+    (a/backup/backup/...), or with --delete remove the reference's own files. Compared by
+    what the roots are (Backend.overlaps: for local folders real paths and (device, inode),
+    through links and bind mounts), not by how they are spelled."""
+    ref, dst_url = src.url, dst.url
+    if type(src) is not type(dst) or ref.scheme != dst_url.scheme:
         return
-    a, b = ref.path.rstrip("/") + "/", dst.path.rstrip("/") + "/"
-    if a.startswith(b) or b.startswith(a):
-        raise SafetyRefusal(f"reference {ref} and destination {dst} overlap (one is inside "
-                            "the other); nothing was changed")
+    if type(dst).overlaps(ref, dst_url):
+        raise SafetyRefusal(f"reference {ref} and destination {dst_url} overlap (one is "
+                            "inside the other, or both are one folder); nothing was changed")

@@ -163,14 +163,14 @@ def test_sync_with_wrong_credentials_fails_on_one_line(remotes, db_url, tmp_path
 
 def _final_names(url: str, options: dict) -> set[str]:
     """Files under their final name (castlib's temporary files left out)."""
-    from castlib.transfer import is_temp_name
+    from castlib.transfer import TEMP_MARK
 
     backend = open_backend(url, options)
     try:
         if not backend.root_exists():
             return set()
         return {st.path for st in backend.walk(lambda path, msg: None)
-                if st.kind == FILE and not is_temp_name(st.name)}
+                if st.kind == FILE and TEMP_MARK not in st.name}
     finally:
         backend.close()
 

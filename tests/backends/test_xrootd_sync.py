@@ -7,7 +7,7 @@ import os
 import subprocess
 import zlib
 
-from castlib.transfer import is_temp_name
+from castlib.transfer import TEMP_MARK
 from tests.helpers import last_json, make_tree, run_cli, run_cli_interrupted, tree_digest
 
 MIB = 1024 * 1024
@@ -93,7 +93,7 @@ def test_server_down_before_sync_is_one_clear_line(xrootd_folder, tmp_path, db_u
 def _final_files(root) -> dict[str, str]:
     """sha256 of every file under its final name (castlib's temporary files left out)."""
     return {p: d for p, d in tree_digest(root).items()
-            if d != "dir" and not is_temp_name(p.rsplit("/", 1)[-1])}
+            if d != "dir" and TEMP_MARK not in p.rsplit("/", 1)[-1]}
 
 
 def test_server_stopped_mid_sync_leaves_no_partial_file_and_rerun_completes(

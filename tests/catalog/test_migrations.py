@@ -85,7 +85,7 @@ def test_a_catalog_at_the_first_schema_upgrades_with_its_data(db_url):
 
 def test_the_frozen_first_schema_is_what_migration_0001_creates(db_url):
     """Guards the test data itself: tables and columns of the frozen script equal those
-    castlib's 0001 creates (while 0001 is the head, they are the same schema)."""
+    castlib's 0001 creates (a new catalog, less the tables later migrations add)."""
     from sqlalchemy import inspect
 
     def shape(url):
@@ -99,6 +99,8 @@ def test_the_frozen_first_schema_is_what_migration_0001_creates(db_url):
 
     Catalog(db_url).close()
     made = shape(db_url)
+    for later in ("settings",):   # 0002
+        del made[later]
     assert set(made) == {"alembic_version", "nodes", "locations", "entries", "runs", "stage_results"}
     schema = (DATA / f"schema_0001.{_dialect(db_url)}.sql").read_text()
     for table, columns in made.items():

@@ -1,0 +1,274 @@
+"""sync safety by identity, not by spelling: overlapping trees reached through a link or a
+bind mount, the destination lock under another spelling, castlib's own temporary files
+told from a user's look-alikes, a reference that lost most of its files, a root that is
+a link to a folder."""
+import os
+import subprocess
+from contextlib import contextmanager
+
+import pytest
+
+import castlib
+from castlib.catalog import Catalog
+from castlib.catalog.locks import location_lock
+from castlib.errors import SafetyRefusal
+from castlib.transfer import is_temp_name, temp_path
+from tests.helpers import make_tree, run_cli, tree_digest
+
+
+def sync(ref, dst, db, **kw):
+    return castlib.sync(str(ref), str(dst), db=db, **kw)
+
+
+@contextmanager
+def bind_mount(source, target):
+    """`mount --bind source target` for the test's duration; skips, with the reason, where
+    the kernel or the container refuses it."""
+    os.makedirs(target, exist_ok=True)
+    r = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount --bind refused here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+# -- overlap: real paths and (device, inode), not spellings ----------------------------------
+
+def test_a_destination_through_a_symlink_to_the_references_parent_is_refused(tmp_path, db_url):
+    """`sync data/sub via/data --delete`, via -> the parent: the destination is the folder
+    that holds the reference; --delete used to remove the reference's own files."""
+    make_tree(tmp_path / "data", {"sub/a.dat": b"a", "sub/b.dat": b"b", "other.dat": b"o"})
+    os.symlink(tmp_path, tmp_path / "via")
+    before = tree_digest(tmp_path / "data")
+    with pytest.raises(SafetyRefusal, match="overlap"):
+        sync(tmp_path / "data" / "sub", tmp_path / "via" / "data", db_url, delete=True)
+    assert tree_digest(tmp_path / "data") == before
+
+
+def test_a_destination_inside_the_reference_through_a_link_is_refused(tmp_path, db_url):
+    """Else each run copies the destination into itself once more (a/backup/backup/...)."""
+    ref = make_tree(tmp_path / "a", {"f.dat": b"f"})
+    os.symlink(ref, tmp_path / "alias")
+    for dst in (tmp_path / "alias" / "backup", tmp_path / "alias"):
+        with pytest.raises(SafetyRefusal, match="overlap"):
+            sync(ref, dst, db_url)
+    (ref / "sub").mkdir()
+    for other_ref in (tmp_path / "alias", tmp_path / "alias" / "sub"):  # the other way round
+        with pytest.raises(SafetyRefusal, match="overlap"):
+            sync(other_ref, ref, db_url, delete=True)
+    (ref / "sub").rmdir()
+    assert tree_digest(ref) == {"f.dat": tree_digest(ref)["f.dat"]}
+
+
+def test_overlap_through_a_bind_mount_is_refused_either_way(tmp_path, db_url):
+    make_tree(tmp_path / "P", {"data/sub/a.dat": b"a", "data/keep.dat": b"k"})
+    before = tree_digest(tmp_path / "P")
+    with bind_mount(tmp_path / "P", tmp_path / "via"):
+        # the reference inside the destination (the reported case)
+        with pytest.raises(SafetyRefusal, match="overlap"):
+            sync(tmp_path / "P" / "data" / "sub", tmp_path / "via" / "data", db_url,
+                 delete=True)
+        # the destination inside the reference, and not created yet
+        with pytest.raises(SafetyRefusal, match="overlap"):
+            sync(tmp_path / "via" / "data", tmp_path / "P" / "data" / "new" / "deeper", db_url)
+        assert tree_digest(tmp_path / "P") == before
+        # a sibling on the same mount is no overlap
+        r = sync(tmp_path / "via" / "data" / "sub", tmp_path / "P" / "copy", db_url)
+        assert r.counts["copied"] == 1
+
+
+# -- the destination lock: one key whatever the spelling -------------------------------------
+
+def _sync_refused_while_locked(db_url, lock_as, sync_into, ref):
+    catalog = Catalog(db_url)
+    try:
+        loc = catalog.location(str(lock_as))
+        with location_lock(catalog, loc.id, loc.url):
+            r = run_cli("sync", str(ref), str(sync_into), db=db_url)
+    finally:
+        catalog.close()
+    return r
+
+
+def test_the_destination_lock_holds_under_another_spelling(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"a"})
+    dst = make_tree(tmp_path / "dst", {})
+    os.symlink(dst, tmp_path / "alias")
+    r = _sync_refused_while_locked(db_url, dst, tmp_path / "alias", ref)
+    assert r.returncode == 2 and "another run is syncing into" in r.stderr, r.stderr
+    assert os.listdir(dst) == []
+    # a destination not created yet: the key it has now is the key it has once created
+    r = _sync_refused_while_locked(db_url, tmp_path / "alias" / "new", dst / "new", ref)
+    assert r.returncode == 2 and "another run is syncing into" in r.stderr, r.stderr
+    catalog = Catalog(db_url)
+    try:
+        loc = catalog.location(str(dst / "later"))
+        with location_lock(catalog, loc.id, loc.url):
+            (dst / "later").mkdir()
+            r = run_cli("sync", str(ref), str(tmp_path / "alias" / "later"), db=db_url)
+        assert r.returncode == 2 and "another run is syncing into" in r.stderr, r.stderr
+    finally:
+        catalog.close()
+
+
+def test_the_destination_lock_holds_through_a_bind_mount(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"a"})
+    make_tree(tmp_path / "disk", {"dst/": None})
+    with bind_mount(tmp_path / "disk", tmp_path / "mnt"):
+        r = _sync_refused_while_locked(db_url, tmp_path / "disk" / "dst",
+                                       tmp_path / "mnt" / "dst", ref)
+        assert r.returncode == 2 and "another run is syncing into" in r.stderr, r.stderr
+        assert os.listdir(tmp_path / "disk" / "dst") == []
+        # not the same folder: no wait
+        run_cli("sync", str(ref), str(tmp_path / "mnt" / "other"), db=db_url, check=0)
+
+
+# -- temporary names: castlib's own only ----------------------------------------------------
+
+LOOK_ALIKES = (".x.castlib-part-0123456789ab",                 # the old, unkeyed form
+               ".y.dat.castlib-part-" + "0" * 12 + "f" * 16)    # the new form, a wrong tag
+
+
+def test_a_users_file_named_like_a_castlib_temporary_is_a_file_like_any_other(tmp_path,
+                                                                               db_url):
+    ref = make_tree(tmp_path / "ref", {name: f"ref {name}" for name in LOOK_ALIKES})
+    dst = make_tree(tmp_path / "dst", {"mine/" + name: f"dst {name}" for name in LOOK_ALIKES})
+    r = sync(ref, dst, db_url)
+    assert r.counts["copied"] == 2 and r.counts["temp_removed"] == 0
+    for name in LOOK_ALIKES:
+        assert (dst / name).read_text() == f"ref {name}"          # copied from the reference
+        assert (dst / "mine" / name).read_text() == f"dst {name}"  # kept: no --delete
+    catalog = Catalog(db_url)
+    try:
+        for root, want in ((ref, set(LOOK_ALIKES)),
+                           (dst, set(LOOK_ALIKES) | {"mine/" + n for n in LOOK_ALIKES})):
+            loc = catalog.find_location(str(root))
+            files = {e["path"] for e in catalog.entries(loc.id) if e["kind"] == "f"}
+            assert files == want
+    finally:
+        catalog.close()
+    assert castlib.diff(str(ref), str(dst), db=db_url).value.differences[0].kind == "extra"
+
+
+def test_castlibs_own_leftovers_are_removed_and_never_copied(tmp_path, db_url):
+    from castlib.catalog.settings import temp_name_key
+
+    catalog = Catalog(db_url)
+    try:
+        key = temp_name_key(catalog)
+        assert temp_name_key(catalog) == key and len(key) >= 16   # one key per catalog
+    finally:
+        catalog.close()
+    ours = temp_path("run/a.dat", key)
+    ref = make_tree(tmp_path / "ref", {"run/a.dat": b"a", ours: b"half, in the reference"})
+    dst = make_tree(tmp_path / "dst", {ours: b"half"})
+    r = sync(ref, dst, db_url)
+    assert r.counts["temp_removed"] == 1 and r.counts["copied"] == 1
+    assert sorted(os.listdir(dst / "run")) == ["a.dat"]
+    assert (ref / ours).exists()          # the reference is never written
+    name = ours.rsplit("/", 1)[-1]
+    assert is_temp_name(name, key)
+    other = Catalog(f"sqlite:///{tmp_path / 'another-catalog.sqlite'}")
+    try:   # another catalog's temporary is, to this one, a user's file (and the other way)
+        other_key = temp_name_key(other)
+        assert other_key != key and not is_temp_name(name, other_key)
+        assert not is_temp_name(temp_path("run/a.dat", other_key).rsplit("/", 1)[-1], key)
+    finally:
+        other.close()
+
+
+# -- a reference that lost most of its files ------------------------------------------------
+
+def _blank_disk_over(ref):
+    """What a freshly formatted disk mounted on the reference's mount point shows."""
+    for dirpath, dirnames, filenames in os.walk(ref, topdown=False):
+        for name in filenames:
+            os.unlink(os.path.join(dirpath, name))
+        for name in dirnames:
+            os.rmdir(os.path.join(dirpath, name))
+    (ref / "lost+found").mkdir()
+
+
+def test_a_blank_disk_over_a_known_reference_stops_sync_delete(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {f"run/f{i}.dat": str(i) for i in range(3)})
+    dst = tmp_path / "dst"
+    run_cli("sync", str(ref), str(dst), db=db_url, check=0)
+    _blank_disk_over(ref)
+    before = tree_digest(dst)
+    r = run_cli("sync", str(ref), str(dst), "--delete", db=db_url)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "3 of the 3 files the catalog knew" in r.stderr and "--force" in r.stderr
+    assert tree_digest(dst) == before
+    r = run_cli("sync", str(ref), str(dst), "--delete", "--force", db=db_url, check=0)
+    assert sorted(os.listdir(dst)) == ["lost+found"]
+
+
+def test_more_than_max_vanish_percent_vanished_stops_the_run(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {f"f{i:02}.dat": str(i) for i in range(20)})
+    dst = tmp_path / "dst"
+    sync(ref, dst, db_url)
+    for i in range(11):                       # 55 % of 20
+        (ref / f"f{i:02}.dat").unlink()
+    (ref / "new.dat").write_bytes(b"n")       # new files do not make up for vanished ones
+    before = tree_digest(dst)
+    with pytest.raises(SafetyRefusal, match=r"11 of the 20 files .*55 %.*--max-vanish 50"):
+        sync(ref, dst, db_url, delete=True)
+    r = run_cli("index", str(ref), db=db_url)
+    assert r.returncode == 2 and "--max-vanish" in r.stderr
+    assert tree_digest(dst) == before
+    catalog = Catalog(db_url)
+    try:   # nothing marked vanished either
+        assert catalog.live_count(catalog.find_location(str(ref)).id) == 20
+    finally:
+        catalog.close()
+    r = sync(ref, dst, db_url, delete=True, max_vanish=60)
+    assert r.counts["deleted"] == 11 and r.counts["copied"] == 1
+    # 1 of the 10 now known: 10 %, under the threshold
+    (ref / "f11.dat").unlink()
+    assert sync(ref, dst, db_url, delete=True).counts["deleted"] == 1
+
+
+def test_small_locations_stop_only_when_every_known_file_vanished(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"a", "b.dat": b"b", "c.dat": b"c"})
+    dst = tmp_path / "dst"
+    sync(ref, dst, db_url)
+    (ref / "a.dat").unlink()
+    (ref / "b.dat").unlink()                  # 2 of 3: a small location, fine
+    assert sync(ref, dst, db_url, delete=True).counts["deleted"] == 2
+    (ref / "c.dat").unlink()
+    (ref / "d.dat").write_bytes(b"d")         # every known file gone: refused
+    with pytest.raises(SafetyRefusal, match="1 of the 1 files"):
+        sync(ref, dst, db_url, delete=True)
+    assert (dst / "c.dat").exists()
+
+
+def test_max_vanish_is_in_the_help_and_checked(db_url):
+    for command in ("sync", "index"):
+        r = run_cli(command, "--help", check=0)
+        assert "--max-vanish" in r.stdout
+    r = run_cli("sync", "a", "b", "--max-vanish", "150", db=db_url)
+    assert r.returncode == 2 and "--max-vanish" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# -- a root that is a link to a folder ------------------------------------------------------
+
+def test_a_reference_whose_root_is_a_link_to_a_folder_is_followed_links_below_are_not(
+        tmp_path, db_url):
+    outside = make_tree(tmp_path / "outside", {"secret.dat": b"s"})
+    real = make_tree(tmp_path / "real", {"a.dat": b"a", "sub/b.dat": b"b"})
+    os.symlink(outside, real / "dirlink")
+    os.symlink(real, tmp_path / "ref")
+    r = sync(tmp_path / "ref", tmp_path / "dst", db_url)
+    assert r.counts["copied"] == 2 and r.counts["links_created"] == 1
+    assert tree_digest(tmp_path / "dst") == tree_digest(real)
+    assert os.path.islink(tmp_path / "dst" / "dirlink")
+    # a root link to a folder as the destination, too
+    os.symlink(tmp_path / "dst", tmp_path / "dst-link")
+    (real / "c.dat").write_bytes(b"c")
+    r = sync(tmp_path / "ref", tmp_path / "dst-link", db_url)
+    assert r.counts["copied"] == 1 and (tmp_path / "dst" / "c.dat").read_bytes() == b"c"
