@@ -11,7 +11,7 @@ from ..backends.base import DIR, FILE, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock
 from ..catalog.paths import from_catalog, to_catalog
-from ..errors import NotFound, SafetyRefusal, StorageError
+from ..errors import NotFound, SafetyRefusal, SourceChanged, StorageError
 from ..progress import human_bytes
 from ..transfer import copy_file, with_retries
 from .base import Stage, StageOutcome, StageParams
@@ -143,7 +143,8 @@ class SyncStage(Stage):
                 f"{p.max_delete}; nothing was changed")
         self.counts = dict.fromkeys(
             ("copied", "replaced", "deleted", "failed", "bytes", "dirs_created", "links_created",
-             "mtime_fixed", "kept", "extras_kept", "conflicts", "skipped", "temp_removed"), 0)
+             "mtime_fixed", "kept", "extras_kept", "conflicts", "skipped", "temp_removed",
+             "changed_during_copy"), 0)
         self.errors: list[str] = []
         self.dst_rows: list[dict] = []
         self.ref_sums: list[tuple[str, str]] = []
@@ -297,6 +298,10 @@ class SyncStage(Stage):
                     d, verb = futures[fut]
                     try:
                         _, _, result, final = fut.result()
+                    except SourceChanged as exc:   # not a failure of the copy: the next run's
+                        self.counts["changed_during_copy"] += 1        # index sees the change
+                        self.errors.append(f"{d.path}: {exc}")
+                        continue
                     except StorageError as exc:
                         self._fail(d.path, str(exc))
                         continue
@@ -390,9 +395,13 @@ class SyncStage(Stage):
             summary += f"; {c['extras_kept']} extra kept (no --delete)"
         if c["kept"]:
             summary += f"; {c['kept']} differing kept (--no-replace)"
+        if c["changed_during_copy"]:
+            summary += (f"; {c['changed_during_copy']} changed during copy (not published, "
+                        "left for the next run)")
         if dry_run:
             c["dry_run"] = True
-        return StageOutcome(dict(c), self.errors, None, summary, 1 if c["failed"] else 0)
+        bad = c["failed"] or c["changed_during_copy"]
+        return StageOutcome(dict(c), self.errors, None, summary, 1 if bad else 0)
 
 
 def _kind(side) -> str:
