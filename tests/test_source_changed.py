@@ -66,10 +66,10 @@ def _sync_rewriting_midway(src, dst, db_url, new: bytes):
 
 
 def test_a_source_rewritten_during_its_copy_is_left_for_the_next_run(tmp_path, db_url):
-    src = tmp_path / "src"
-    src.mkdir()
     old, new = os.urandom(SIZE), os.urandom(SIZE)
-    for attempt in range(5):
+    for attempt in range(5):   # a fresh pair each time: a late attempt copied the old bytes
+        src = tmp_path / f"src{attempt}"
+        src.mkdir()
         (src / "big.dat").write_bytes(old)
         os.utime(src / "big.dat", ns=(10**18, 10**18))   # any rewrite moves it
         dst = tmp_path / f"dst{attempt}"
