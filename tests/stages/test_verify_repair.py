@@ -132,3 +132,27 @@ def test_verify_clears_the_mark_when_the_bytes_read_back_sound(tmp_path, db_url)
     assert castlib.verify(str(ref), db=db_url).exit_code == 0
     assert _entry(db_url, ref, "x.dat")["corrupted"] is False
     assert castlib.sync(str(ref), str(fresh), db=db_url).counts["copied"] == 1
+
+
+def test_a_pipeline_verifies_then_reports_the_corrupted_file(tmp_path, db_url):
+    import csv
+
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"a" * 100, "b.dat": b"b"})
+    dst = tmp_path / "dst"
+    castlib.sync(str(ref), str(dst), db=db_url)
+    _rot(dst / "b.dat")
+    (tmp_path / "p.yaml").write_text(f"""
+locations: {{ref: "{ref}", dst: "{dst}"}}
+stages:
+  - verify: {{location: dst}}
+  - diff: {{id: d, ref: ref, dst: dst}}
+  - report: {{from: d, format: csv, out: d.csv}}
+  - sync: {{from: d}}
+""")
+    r = castlib.run_pipeline(str(tmp_path / "p.yaml"), db=db_url)
+    assert r.exit_code == 1                              # verify found the rot
+    with open(tmp_path / "d.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["path"], row["kind"], row["dst_corrupted"], row["ref_corrupted"]) == (
+        "b.dat", "corrupted", "True", "")
+    assert r.counts["replaced"] == 1 and (dst / "b.dat").read_bytes() == b"b"
