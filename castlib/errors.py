@@ -61,6 +61,11 @@ class VerificationFailed(StorageError):
     """Bytes written do not match the bytes read: size or checksum mismatch."""
 
 
+class SourceChanged(StorageError):
+    """The source's size or mtime moved while it was being copied: what was read may mix
+    old and new bytes. The copy is discarded; the next run copies the file again."""
+
+
 class SafetyRefusal(CastlibError):
     """castlib refused to act because acting could lose data; `--force` overrides where said."""
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 from .backends.base import Backend
 from .checksum import CHUNK_SIZE, Hasher
-from .errors import StorageError, VerificationFailed
+from .errors import NotFound, SourceChanged, StorageError, VerificationFailed
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,17 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
 
     Verification: the bytes read match the size (and checksum, when known) the catalog
     holds for the source; the written file's size and its checksum, as the destination
-    computes it (server-side, or by reading it back), match the bytes read. temp_key:
+    computes it (server-side, or by reading it back), match the bytes read; and the
+    source's size and mtime are the same after the read as before it (SourceChanged if
+    not: a file rewritten in place while it was read would give a torn copy whose
+    checksum matches itself, and so passes every other check). temp_key:
     the catalog's key that tags the temporary name (catalog.settings.temp_name_key).
     """
     tmp = temp_path(dst_path, temp_key)
     published = False
+    before = src.stat(src_path)
+    if before is None:
+        raise NotFound("source vanished before it could be copied", path=src_path)
     try:
         third_party = dst.copy_from(src, src_path, tmp)
         if third_party:
@@ -91,6 +97,7 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
                 on_bytes(size)
         else:
             read, size = _stream(src, src_path, dst, tmp, algorithm, on_bytes, chunk_size)
+        _check_unchanged(src, src_path, before)
         if expected_size is not None and size != expected_size:
             raise VerificationFailed(
                 f"source changed since it was indexed: read {size} bytes, catalog says "
@@ -119,6 +126,20 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
     finally:
         if not published:
             _remove_quietly(dst, tmp)
+
+
+def _check_unchanged(src: Backend, src_path: str, before) -> None:
+    """The source after the read is the one before it: same size, same mtime (where the
+    back-end gives one). Anything else means it was written to while being read."""
+    after = src.stat(src_path)
+    if after is None:
+        raise SourceChanged("vanished while it was being copied", path=src_path)
+    moved = [what for what, a, b in (("size", before.size, after.size),
+                                     ("mtime", before.mtime_ns, after.mtime_ns))
+             if a is not None and b is not None and a != b]
+    if moved or after.kind != before.kind:
+        raise SourceChanged(f"changed while it was being copied ({' and '.join(moved) or 'type'} "
+                            "moved): copy discarded, left for the next run", path=src_path)
 
 
 def _stream(src, src_path, dst, tmp, algorithm, on_bytes, chunk_size):

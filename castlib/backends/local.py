@@ -244,22 +244,61 @@ def _ancestor_is(path: str, other: str) -> bool:
 
 class _DurableFile:
     """A file opened for writing whose close() flushes it to disk (fsync) before returning,
-    so that a verified rename never publishes bytes still in flight."""
+    so that a verified rename never publishes bytes still in flight.
+
+    All-zero blocks are not written but seeked over, and the size is set at close (as
+    `cp --sparse` and `rsync --sparse` do): a sparse file (a disk image, a preallocated
+    run file) keeps its holes instead of growing to its full size on disk. Holes read as
+    zeros, so the bytes, and the read-back verification, are the same."""
 
     def __init__(self, path: str):
         self._f = open(path, "wb", buffering=0)
+        # a hole can only be as fine as the file system's block
+        self._block = max(512, min(os.fstat(self._f.fileno()).st_blksize or 4096, 1 << 20))
+        self._zero = bytes(self._block)
+        self._pos = 0               # where the next byte goes
+        self._hole_at_end = False   # the last bytes were skipped: close() sets the size
 
     def write(self, data) -> int:
-        view, total = memoryview(data), len(data)
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)
+        if self._zero not in data:   # no block of zeros at all: the usual case, one write
+            self._put(memoryview(data))
+            return len(data)
+        view, n, block, zero = memoryview(data), len(data), self._block, self._zero
+        run = 0      # start of the data not yet written
+        i = 0
+        while i < n:
+            end = min(n, i + block - (self._pos + i) % block)   # up to the next block boundary
+            if end - i == block and data.startswith(zero, i):
+                if run < i:
+                    self._put(view[run:i])
+                self._skip(block)
+                run = end
+            i = end
+        if run < n:
+            self._put(view[run:n])
+        return n
+
+    def _put(self, view: memoryview) -> None:
+        total = len(view)
         written = self._f.write(view)
         while written < total:  # raw writes may be partial
             written += self._f.write(view[written:])
-        return total
+        self._pos += total
+        self._hole_at_end = False
+
+    def _skip(self, length: int) -> None:
+        self._f.seek(length, os.SEEK_CUR)
+        self._pos += length
+        self._hole_at_end = True
 
     def close(self) -> None:
         if self._f.closed:
             return
         try:
+            if self._hole_at_end:   # a seek alone does not make the file longer
+                os.ftruncate(self._f.fileno(), self._pos)
             os.fsync(self._f.fileno())
         finally:
             self._f.close()

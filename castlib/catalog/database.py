@@ -14,7 +14,7 @@ from ..errors import CastlibError, ConfigError
 from ..location import redact
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD_REVISION = "0002"   # kept equal to the newest file in migrations/versions (tested)
+HEAD_REVISION = "0003"   # kept equal to the newest file in migrations/versions (tested)
 
 
 class CatalogError(CastlibError):

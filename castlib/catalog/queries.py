@@ -52,6 +52,7 @@ class IndexedEntry(NamedTuple):
     adler32: str | None
     md5: str | None
     sha256: str | None
+    corrupted: bool = False   # verify found its bytes other than its checksum says
 
     def checksum(self, algo: str) -> str | None:
         return getattr(self, algo)
@@ -66,13 +67,14 @@ class Side(NamedTuple):
     checksum: str | None
     link_target: str | None
     mode: int | None
+    corrupted: bool = False   # verify found its bytes other than its checksum says
 
 
 class Difference(NamedTuple):
     """One path that differs between a reference and a destination location."""
 
     path: str           # catalog form (see catalog.paths)
-    kind: str           # missing, extra, type, size, checksum, mtime
+    kind: str           # missing, extra, type, size, checksum, corrupted, mtime
     ref: Side | None
     dst: Side | None
 
@@ -83,10 +85,14 @@ class Difference(NamedTuple):
                 out[label] = {"type": {"f": "file", "d": "dir", "l": "link"}[side.kind],
                               "size": side.size, "mtime_ns": side.mtime_ns,
                               "checksum": side.checksum}
+                if side.corrupted:
+                    out[label]["corrupted"] = True
         return out
 
 
-DIFFERENCE_KINDS = ("missing", "extra", "type", "size", "checksum", "mtime")
+# "corrupted": a file verify found rotten on either side (the catalog's checksums agree,
+# the bytes do not); above mtime, whose fix would keep the rotten bytes
+DIFFERENCE_KINDS = ("missing", "extra", "type", "size", "checksum", "corrupted", "mtime")
 INSERT_COLUMNS = ("location_id", "path", "name", "kind", "size", "mtime_ns", "mode", "link_target",
                   "adler32", "md5", "sha256", "online", "first_seen", "last_seen", "deleted")
 
@@ -198,7 +204,7 @@ class Catalog:
         Read through the DBAPI cursor: SQLAlchemy's row processing doubled the time."""
         marker = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         sql = ("SELECT path, id, kind, size, mtime_ns, mode, link_target, deleted, adler32, md5, "
-               f"sha256 FROM entries WHERE location_id = {marker}")
+               f"sha256, corrupted FROM entries WHERE location_id = {marker}")
         make = IndexedEntry._make
         out: dict[str, IndexedEntry] = {}
         with self.engine.connect() as conn:
@@ -335,7 +341,9 @@ class Catalog:
                 if r["path"] in existing:
                     full.pop("path")
                     full.pop("name")
-                    full.update(b_id=existing[r["path"]], deleted=False, last_seen=now)
+                    # what a sync wrote was verified: no longer corrupted
+                    full.update(b_id=existing[r["path"]], deleted=False, corrupted=False,
+                                last_seen=now)
                     changed.append(full)
                 else:
                     full.update(location_id=location_id, first_seen=now, last_seen=now,
@@ -346,6 +354,28 @@ class Catalog:
             self.update_entries(conn, changed)
             if new:   # a sync records a folder before its content: this finds none, normally
                 self.link_parents(conn, location_id, since_id=since)
+
+    def mark_corrupted(self, conn, location_id: int,
+                       found: Iterable[tuple[str, int | None, int | None]]) -> None:
+        """Mark entries whose bytes verify found other than their checksum says, given as
+        (path, size, mtime_ns) as verify saw them: an entry re-indexed since (the file
+        changed meanwhile) no longer describes those bytes and is left alone."""
+        rows = [{"b_path": p, "b_size": size, "b_mtime": mtime} for p, size, mtime in found]
+        if rows:
+            conn.execute(update(E).where(E.c.location_id == location_id,
+                                         E.c.path == bindparam("b_path"),
+                                         E.c.size.is_not_distinct_from(bindparam("b_size")),
+                                         E.c.mtime_ns.is_not_distinct_from(
+                                             bindparam("b_mtime")))
+                         .values(corrupted=True), rows)
+
+    def clear_corrupted(self, conn, location_id: int, paths: Iterable[str]) -> None:
+        """Clear the corrupted mark of entries, by path (their bytes were found sound)."""
+        paths = list(paths)
+        for i in range(0, len(paths), 1000):
+            conn.execute(update(E).where(E.c.location_id == location_id,
+                                         E.c.path.in_(paths[i:i + 1000]))
+                         .values(corrupted=False))
 
     def forget_entries(self, location_id: int, paths: list[str]) -> None:
         """Mark entries deleted by path (after a sync removed them from storage)."""
@@ -364,7 +394,7 @@ class Catalog:
         a live entry is the later of its own and its location's last index."""
         q = select(E.c.path, E.c.name, E.c.kind, E.c.size, E.c.mtime_ns, E.c.mode,
                    E.c.link_target, E.c.adler32, E.c.md5, E.c.sha256, E.c.deleted,
-                   E.c.online, E.c.first_seen,
+                   E.c.online, E.c.first_seen, E.c.corrupted,
                    case((E.c.deleted == True, E.c.last_seen),  # noqa: E712
                         (L.c.indexed_at > E.c.last_seen, L.c.indexed_at),
                         else_=E.c.last_seen).label("last_seen"),
@@ -387,7 +417,7 @@ class Catalog:
         """Differences between two locations, computed in SQL over the unique
         (location, path) index. `mtime_tolerance_ns=None` leaves mtimes out.
         One Difference per path, the most significant kind first:
-        missing, extra, type, size, checksum, mtime."""
+        missing, extra, type, size, checksum, corrupted, mtime."""
         if algorithm not in CHECKSUM_COLUMNS:
             raise ConfigError(f"unknown checksum algorithm {algorithm!r}")
         kinds = set(kinds)
@@ -410,6 +440,9 @@ class Catalog:
             conds.append(and_(both_files, r.c.size != d.c.size))
         if "checksum" in kinds:
             conds.append(and_(both_files, rc.isnot(None), dc.isnot(None), rc != dc))
+        if "corrupted" in kinds:
+            conds.append(and_(both_files, or_(r.c.corrupted == True,  # noqa: E712
+                                              d.c.corrupted == True)))  # noqa: E712
         if "mtime" in kinds and mtime_tolerance_ns is not None:
             conds.append(and_(both_files, func.abs(r.c.mtime_ns - d.c.mtime_ns) > mtime_tolerance_ns))
         if "type" in kinds:   # a link pointing elsewhere is a different kind of thing
@@ -423,12 +456,14 @@ class Catalog:
         with self.engine.connect() as conn:
             missing = 0
             if conds:
-                q = (select(r.c.path, *side(r, rc), d.c.id, *side(d, dc))
+                q = (select(r.c.path, *side(r, rc), d.c.id, *side(d, dc),
+                            r.c.corrupted, d.c.corrupted)
                      .select_from(r.outerjoin(d, join_d)).where(live_r, or_(*conds))
                      .order_by(r.c.path))
                 for row in conn.execution_options(yield_per=BATCH).execute(q):
-                    ref = Side(*row[1:7])
-                    dst = Side(*row[8:14]) if row[7] is not None else None
+                    ref = Side(*row[1:7], corrupted=bool(row[-2]))
+                    dst = (Side(*row[8:14], corrupted=bool(row[-1])) if row[7] is not None
+                           else None)
                     missing += dst is None
                     kind = _classify(ref, dst, mtime_tolerance_ns, kinds)
                     if kind:
@@ -437,10 +472,12 @@ class Catalog:
                     conn, live_r, live_d, r, d, missing)):
                 join_r = and_(r.c.location_id == ref_id, r.c.path == d.c.path,
                               r.c.deleted == False)  # noqa: E712
-                q = (select(d.c.path, *side(d, dc)).select_from(d.outerjoin(r, join_r))
+                q = (select(d.c.path, *side(d, dc), d.c.corrupted)
+                     .select_from(d.outerjoin(r, join_r))
                      .where(live_d, r.c.id.is_(None)).order_by(d.c.path))
                 for row in conn.execution_options(yield_per=BATCH).execute(q):
-                    yield Difference(row[0], "extra", None, Side(*row[1:]))
+                    yield Difference(row[0], "extra", None,
+                                     Side(*row[1:-1], corrupted=bool(row[-1])))
 
     @staticmethod
     def _no_extra(conn, live_r, live_d, r, d, missing: int) -> bool:
@@ -529,6 +566,8 @@ def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> 
     if ("checksum" in kinds and ref.checksum and dst.checksum
             and ref.checksum != dst.checksum):
         return "checksum"
+    if "corrupted" in kinds and (ref.corrupted or dst.corrupted):
+        return "corrupted"
     if ("mtime" in kinds and tol is not None and ref.mtime_ns is not None
             and dst.mtime_ns is not None and abs(ref.mtime_ns - dst.mtime_ns) > tol):
         return "mtime"

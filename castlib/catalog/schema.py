@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer,
-                        String, Text, UniqueConstraint)
+                        String, Text, UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Paths compare byte-wise on every database: PostgreSQL's default collations would
@@ -51,6 +51,10 @@ class Entry(Base):
     it. Names that are not valid UTF-8 are stored escaped (see catalog.paths).
     Checksums are kept per algorithm and trusted while size and mtime stay unchanged.
     A vanished entry is marked deleted, not removed, so history survives.
+    `corrupted` is set by verify when a file's bytes no longer match its checksum while its
+    size and mtime are unchanged (bit-rot); the checksum kept is the good one. A sync
+    replaces such a destination file and never copies such a reference file; see
+    stages/index.py for what clears the mark.
     `last_seen` is written when an entry is created, changed or found vanished; a live
     entry was also seen by every later listing of its location (`locations.indexed_at`),
     which is not copied into each row (Catalog.entries gives the later of the two).
@@ -79,6 +83,8 @@ class Entry(Base):
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    # a server default: the index's bulk insert names only the columns it fills
+    corrupted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Run(Base):

@@ -62,7 +62,8 @@ def effective_mtime_tolerance(user_s: float, ref_backend, dst_backend) -> int | 
 
 class DiffStage(Stage):
     name = "diff"
-    description = "compare two locations from the catalog: missing, extra, type, size, checksum, mtime"
+    description = ("compare two locations from the catalog: missing, extra, type, size, checksum, "
+                   "corrupted (found by verify), mtime")
     Params = DiffParams
     location_params = ("ref", "dst")
 

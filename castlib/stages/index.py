@@ -66,7 +66,8 @@ class IndexStage(Stage):
         result = IndexResult(loc_id, only=list(p.only), ignore=list(p.ignore))
         flt = PathFilter(p.only, p.ignore)
         counts = dict.fromkeys(("files", "dirs", "links", "bytes", "new", "changed", "unchanged",
-                                "deleted", "hashed", "hashed_bytes", "unreadable"), 0)
+                                "deleted", "hashed", "hashed_bytes", "unreadable",
+                                "corrupted_cleared"), 0)
         errors: list[str] = []
 
         root_error = None
@@ -97,6 +98,7 @@ class IndexStage(Stage):
         algo = p.checksum
         progress = ctx.progress(f"index {loc.name or loc.record.url}")
         listed_sums: dict[str, str] = {}   # checksums the listing itself provided
+        recheck: dict[str, str] = {}   # files marked corrupted, re-read: their good checksum
         pending_writes = 0
         sum_at = INSERT_COLUMNS.index(algo) if algo else None
         first_new_id: int | None = None
@@ -104,6 +106,12 @@ class IndexStage(Stage):
         def flush() -> None:
             nonlocal inserts, updates, to_hash, pending_writes, first_new_id
             hashed = self._hash(backend, algo, to_hash, p.workers, counts, errors, progress)
+            sound = []   # a re-read of a corrupted file is compared, never recorded
+            for path, good in recheck.items():
+                if hashed.pop(path, None) == good:
+                    sound.append(path)
+            recheck.clear()
+            counts["corrupted_cleared"] += len(sound)
             hashed.update(listed_sums)
             listed_sums.clear()
             for row in inserts:
@@ -117,6 +125,8 @@ class IndexStage(Stage):
                 catalog.update_entries(conn, updates)
                 if hashed:
                     catalog.set_checksums(conn, loc_id, algo, hashed.items())
+                if sound:
+                    catalog.clear_corrupted(conn, loc_id, sound)
             inserts, updates, to_hash, pending_writes = [], [], [], 0
 
         # The loop below runs once per entry (millions): locals, no avoidable calls.
@@ -161,7 +171,10 @@ class IndexStage(Stage):
                         upd = {"b_id": old.id, "kind": kind, "size": st.size,
                                "mtime_ns": st.mtime_ns, "mode": st.mode,
                                "link_target": st.link_target, "deleted": False,
-                               "online": st.online, "last_seen": now}
+                               "online": st.online, "last_seen": now,
+                               # other bytes now (size or mtime moved): the mark was
+                               # about the old ones
+                               "corrupted": bool(old.corrupted) and same_content}
                         if not same_content:   # a checksum is trusted only for what it read
                             upd.update(adler32=None, md5=None, sha256=None)
                             if st.checksums:
@@ -176,7 +189,16 @@ class IndexStage(Stage):
                     if algo and kind == FILE:
                         have = old.checksum(algo) if same_content else None
                         listed_sum = (st.checksums or {}).get(algo)
-                        if p.rehash or not (have or listed_sum):
+                        if old.corrupted and same_content:
+                            # verify found its bytes other than its (good) checksum: an
+                            # index that computes checksums re-reads it, and only a match
+                            # (repaired, e.g. restored with its mtime) clears the mark.
+                            # A listed checksum is the server's record of what was
+                            # written, no proof of what is there now: not used.
+                            if have:
+                                recheck[path] = have
+                                to_hash.append((path, st.path, st.size or 0))
+                        elif p.rehash or not (have or listed_sum):
                             to_hash.append((path, st.path, st.size or 0))
                         elif listed_sum and listed_sum != have:
                             listed_sums[path] = listed_sum
@@ -213,6 +235,9 @@ class IndexStage(Stage):
             summary += f"; {counts['hashed']} hashed ({algo})"
         if result.unlisted:
             summary += f"; {len(result.unlisted)} folders unreadable"
+        if counts["corrupted_cleared"]:
+            summary += (f"; {counts['corrupted_cleared']} found corrupted earlier read back "
+                        "as catalogued (mark cleared)")
         return StageOutcome(counts, errors, result, summary, 1 if errors else 0)
 
     def _hash(self, backend, algo, to_hash, workers, counts, errors, progress) -> dict[str, str]:

@@ -12,7 +12,7 @@ from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_key
 from ..catalog.paths import from_catalog, to_catalog
 from ..catalog.settings import temp_name_key
-from ..errors import NotFound, SafetyRefusal, StorageError
+from ..errors import NotFound, SafetyRefusal, SourceChanged, StorageError
 from ..progress import human_bytes
 from ..transfer import copy_file, with_retries
 from .base import Stage, StageOutcome, StageParams
@@ -50,6 +50,7 @@ class TransferPlan:
     extras_kept: list[Difference] = field(default_factory=list)   # extra, but no --delete
     conflicts: list[Difference] = field(default_factory=list)     # type clash, no --delete
     skipped: list[tuple[Difference, str]] = field(default_factory=list)
+    corrupt_refs: list[Difference] = field(default_factory=list)  # never copied: rotten source
 
     @property
     def deletion_count(self) -> int:
@@ -70,6 +71,11 @@ def make_plan(diff: DiffResult, *, delete: bool, replace: bool, dst_symlinks: bo
         if unlisted and d.kind in ("extra", "type") and (
                 d.path in unlisted or d.path.startswith(unlisted_prefixes)):
             plan.skipped.append((d, "the reference could not list this folder"))
+            continue
+        if d.ref is not None and d.ref.corrupted and d.ref.kind == FILE:
+            # verify found the reference's bytes other than catalogued: a copy would
+            # spread the rot (and over a good destination file, with replace)
+            plan.corrupt_refs.append(d)
             continue
         below_clash = bool(clash_prefixes) and d.path.startswith(clash_prefixes)
         if d.kind == "extra":
@@ -98,7 +104,7 @@ def make_plan(diff: DiffResult, *, delete: bool, replace: bool, dst_symlinks: bo
             _plan_create(plan, d, dst_symlinks)
         elif d.kind == "missing":
             _plan_create(plan, d, dst_symlinks)
-        elif d.kind in ("size", "checksum"):
+        elif d.kind in ("size", "checksum", "corrupted"):   # corrupted: the destination
             (plan.replaces if replace else plan.kept).append(d)
         elif d.kind == "mtime":
             plan.mtime_checks.append(d)
@@ -145,7 +151,8 @@ class SyncStage(Stage):
                 f"{p.max_delete}; nothing was changed")
         self.counts = dict.fromkeys(
             ("copied", "replaced", "deleted", "failed", "bytes", "dirs_created", "links_created",
-             "mtime_fixed", "kept", "extras_kept", "conflicts", "skipped", "temp_removed"), 0)
+             "mtime_fixed", "kept", "extras_kept", "conflicts", "skipped", "temp_removed",
+             "changed_during_copy", "ref_corrupted"), 0)
         self.errors: list[str] = []
         self.dst_rows: list[dict] = []
         self.ref_sums: list[tuple[str, str]] = []
@@ -156,6 +163,10 @@ class SyncStage(Stage):
         for d in plan.conflicts:
             self._fail(d.path, f"type conflict: reference has a {_kind(d.ref)}, destination a "
                                f"{_kind(d.dst)}; use --delete to replace it")
+        c["ref_corrupted"] = len(plan.corrupt_refs)
+        for d in plan.corrupt_refs:
+            self.errors.append(f"{d.path}: not copied: castlib verify found the reference's "
+                               f"bytes corrupted; {_repair_hint(d)}")
         leftovers = getattr(ctx.index_results.get(diff.dst.record.id), "leftover_temp", [])
         started = time.monotonic()
         if p.dry_run or ctx.dry_run:
@@ -300,6 +311,10 @@ class SyncStage(Stage):
                     d, verb = futures[fut]
                     try:
                         _, _, result, final = fut.result()
+                    except SourceChanged as exc:   # not a failure of the copy: the next run's
+                        self.counts["changed_during_copy"] += 1        # index sees the change
+                        self.errors.append(f"{d.path}: {exc}")
+                        continue
                     except StorageError as exc:
                         self._fail(d.path, str(exc))
                         continue
@@ -356,7 +371,8 @@ class SyncStage(Stage):
             c["copied"] += 1
             c["bytes"] += d.ref.size or 0
         for d in plan.replaces:
-            print(f"would replace {d.path} ({d.kind} differs)", file=out)
+            why = "destination corrupted" if d.kind == "corrupted" else f"{d.kind} differs"
+            print(f"would replace {d.path} ({why})", file=out)
             c["replaced"] += 1
             c["bytes"] += d.ref.size or 0
         for d in plan.mtime_checks:
@@ -393,9 +409,26 @@ class SyncStage(Stage):
             summary += f"; {c['extras_kept']} extra kept (no --delete)"
         if c["kept"]:
             summary += f"; {c['kept']} differing kept (--no-replace)"
+        if c["ref_corrupted"]:
+            summary += (f"; {c['ref_corrupted']} not copied: reference found corrupted by "
+                        "verify")
+        if c["changed_during_copy"]:
+            summary += (f"; {c['changed_during_copy']} changed during copy (not published, "
+                        "left for the next run)")
         if dry_run:
             c["dry_run"] = True
-        return StageOutcome(dict(c), self.errors, None, summary, 1 if c["failed"] else 0)
+        bad = c["failed"] or c["changed_during_copy"] or c["ref_corrupted"]
+        return StageOutcome(dict(c), self.errors, None, summary, 1 if bad else 0)
+
+
+def _repair_hint(d: Difference) -> str:
+    dst = d.dst
+    if (dst is not None and dst.kind == FILE and not dst.corrupted and dst.size == d.ref.size
+            and dst.checksum is not None and dst.checksum == d.ref.checksum):
+        return ("the destination's copy has the catalogued size and checksum: copy it back, "
+                "then castlib index the reference --checksum (or verify it)")
+    return ("restore it, then castlib index it --checksum (or verify it); a rewritten file "
+            "is taken as new")
 
 
 def _kind(side) -> str:

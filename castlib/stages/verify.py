@@ -65,6 +65,10 @@ class VerifyStage(Stage):
         counts = {"files": len(entries), "ok": 0, "baseline": 0, "bytes": 0,
                   **dict.fromkeys(PROBLEMS, 0)}
         baseline: list[tuple[str, str]] = []
+        # what this run found, recorded on the entries: a sync replaces a corrupted
+        # destination file and never copies a corrupted reference (see make_plan)
+        found_rotten: list[tuple[str, int, int]] = []   # (path, size, mtime_ns) as read
+        found_sound: list[str] = []    # marked earlier, its bytes match again
         progress = ctx.progress(f"verify {loc.name or loc.record.url}", len(entries),
                                 sum(e["size"] or 0 for e in entries))
 
@@ -91,23 +95,37 @@ class VerifyStage(Stage):
                     if problem is None:
                         counts["bytes"] += entry["size"] or 0
                         known = entry[algo]
-                        if known is None:
+                        if known is None and entry["corrupted"]:   # no checksum of this
+                            problem = "corrupted"           # algorithm to clear it with
+                            detail = (f"found corrupted earlier; the catalog has no {algo} "
+                                      "to check it against (verify with the checksum that "
+                                      "found it)")
+                        elif known is None:
                             baseline.append((entry["path"], value))
                             counts["baseline"] += 1
                             continue
-                        if known == value:
+                        elif known == value:
                             counts["ok"] += 1
+                            if entry["corrupted"]:
+                                found_sound.append(entry["path"])
                             continue
-                        problem = "corrupted"
-                        detail = (f"{algo} is {value}, catalog has {known}, with size and "
-                                  "mtime unchanged")
+                        else:
+                            problem = "corrupted"
+                            detail = (f"{algo} is {value}, catalog has {known}, with size "
+                                      "and mtime unchanged")
+                            if not entry["corrupted"]:
+                                found_rotten.append((entry["path"], entry["size"],
+                                                     entry["mtime_ns"]))
                     counts[problem] += 1
                     result.problems.append(Problem(entry["path"], problem, detail))
         finally:
             progress.close()
-        if baseline:   # first verification of these files: their checksums become the reference
+        if baseline or found_rotten or found_sound:
             with ctx.catalog.engine.begin() as conn:
+                # first verification of these files: their checksums become the reference
                 ctx.catalog.set_checksums(conn, loc.record.id, algo, baseline)
+                ctx.catalog.mark_corrupted(conn, loc.record.id, found_rotten)
+                ctx.catalog.clear_corrupted(conn, loc.record.id, found_sound)
         result.problems.sort(key=lambda pr: (PROBLEMS.index(pr.kind), pr.path))
         bad = len(result.problems)
         summary = (f"verified {loc.name or loc.record.url}: {counts['ok']} ok, "

@@ -17,13 +17,14 @@ entry = st.fixed_dictionaries({
     "adler32": st.sampled_from([None, "00000001", "00000002"]),
     "link_target": st.sampled_from(["t1", "t2"]),
     "deleted": st.booleans(),
+    "corrupted": st.sampled_from([False, False, True]),   # as verify marks it
 })
 trees = st.dictionaries(paths, entry, max_size=9)
 
 
 def model(ref: dict, dst: dict, tol, kinds) -> dict[str, str]:
     """Each path is reported once, as the most significant of the kinds asked for that
-    apply to it: missing, type, size, checksum, mtime."""
+    apply to it: missing, type, size, checksum, corrupted (either side), mtime."""
     ref = {p: e for p, e in ref.items() if not e["deleted"]}
     dst = {p: e for p, e in dst.items() if not e["deleted"]}
     out = {}
@@ -43,6 +44,8 @@ def model(ref: dict, dst: dict, tol, kinds) -> dict[str, str]:
                 applicable.append("size")
             if r["adler32"] and d["adler32"] and r["adler32"] != d["adler32"]:
                 applicable.append("checksum")
+            if r["corrupted"] or d["corrupted"]:
+                applicable.append("corrupted")
             if tol is not None and abs(r["mtime_ns"] - d["mtime_ns"]) > tol:
                 applicable.append("mtime")
         chosen = [k for k in applicable if k in kinds]
@@ -66,6 +69,8 @@ def load(catalog: Catalog, tree: dict) -> int:
         rows.append(row)
     with catalog.engine.begin() as conn:
         catalog.insert_entries(conn, rows)
+        catalog.mark_corrupted(conn, loc.id, [(r["path"], r["size"], r["mtime_ns"])
+                                              for r in rows if r["corrupted"]])
     return loc.id
 
 
@@ -92,7 +97,7 @@ def _catalog(url: str) -> Catalog:
 def test_diff_of_a_subtree_only(db_url):
     catalog = _catalog(db_url)
     e = {"kind": "f", "size": 1, "mtime_ns": 0, "adler32": None, "link_target": None,
-         "deleted": False}
+         "deleted": False, "corrupted": False}
     ref = load(catalog, {"a/x": e, "b/x": e, "a-b": e})
     dst = load(catalog, {})
     got = {d.path for d in catalog.diff(ref, dst, prefix="a")}
