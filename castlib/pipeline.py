@@ -320,23 +320,105 @@ class _Errors:
         return ConfigError(message, file=self.source or "<pipeline>", line=self.line(path), key=key)
 
 
+# A pipeline is a few dozen lines; these bounds leave it room a hundred times over, and
+# refuse a "billion laughs" (aliases of aliases, expanding exponentially), an alias inside
+# its own anchor, and nesting deep enough to overflow the stack, before any Python object
+# is built from them.
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000      # nodes once every alias is expanded
+_SCALAR_NODE_BYTES = 1024     # a long string counts as one node per KiB
+
+
+def _bounded_loader():
+    import yaml
+
+    class YAMLRefused(yaml.MarkedYAMLError):
+        """Well-formed YAML that castlib will not expand."""
+
+    class BoundedLoader(yaml.SafeLoader):
+        """The safe loader, measuring while it composes: the depth of nesting, and each
+        node's size with its aliases expanded (computed once per node, so a bomb costs
+        what its text costs)."""
+
+        Refused = YAMLRefused
+
+        def __init__(self, stream):
+            super().__init__(stream)
+            self._depth = 0
+            self._sizes: dict[int, int] = {}   # id(node) -> expanded size, once complete
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                target = self.anchors.get(event.anchor)
+                if target is not None and id(target) not in self._sizes:
+                    raise YAMLRefused(None, None, f"alias *{event.anchor} is inside the "
+                                      "node it names (a recursive structure)", event.start_mark)
+                return super().compose_node(parent, index)
+            self._depth += 1
+            try:
+                if self._depth > MAX_YAML_DEPTH:
+                    raise YAMLRefused(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
+                                      "deep", event.start_mark)
+                node = super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+            sizes = self._sizes
+            if isinstance(node, yaml.ScalarNode):
+                size = 1 + len(node.value) // _SCALAR_NODE_BYTES
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(sizes[id(n)] for n in node.value)
+            else:
+                size = 1 + sum(sizes[id(k)] + sizes[id(v)] for k, v in node.value)
+            if size > MAX_YAML_NODES:
+                raise YAMLRefused(None, None, f"aliases expand this to more than "
+                                  f"{MAX_YAML_NODES} nodes (a YAML bomb?)", node.start_mark)
+            sizes[id(node)] = size
+            return node
+
+    return BoundedLoader
+
+
 def _load_yaml_with_lines(text: str, source: str | None) -> tuple[Any, dict[tuple, int]]:
     """The YAML data, and the 1-based line of every mapping key and list item by path."""
     import yaml
 
+    Loader = _bounded_loader()
+    loader = Loader(text)
+
+    def load(step):
+        try:
+            return step()
+        except Loader.Refused as exc:
+            mark = exc.problem_mark
+            raise ConfigError(f"refused YAML: {exc.problem}", file=source or "<pipeline>",
+                              line=mark.line + 1 if mark else None) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"malformed YAML: {problem}", file=source or "<pipeline>",
+                              line=mark.line + 1 if mark else None) from None
+
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"malformed YAML: {problem}", file=source or "<pipeline>",
-                          line=mark.line + 1 if mark else None) from None
+        node = load(loader.get_single_node)
+        lines = _key_lines(node, source)   # before constructing: merge keys rewrite the nodes
+        data = load(lambda: loader.construct_document(node)) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _key_lines(node, source: str | None) -> dict[tuple, int]:
+    import yaml
+
     lines: dict[tuple, int] = {}
 
     def walk(n, path):
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
+                if not isinstance(k, yaml.ScalarNode):   # `? [a, b]`: no name to give it
+                    raise ConfigError("a key must be a plain name, not a list or mapping",
+                                      file=source or "<pipeline>", line=k.start_mark.line + 1)
                 key = k.value
                 if path + (key,) in lines:   # YAML keeps the last silently: a typo's mask
                     where = ".".join(str(p) for p in path + (key,))
@@ -352,4 +434,4 @@ def _load_yaml_with_lines(text: str, source: str | None) -> tuple[Any, dict[tupl
     if node is not None:
         lines[()] = node.start_mark.line + 1
         walk(node, ())
-    return data, lines
+    return lines
