@@ -216,21 +216,22 @@ class Pipeline:
                 except CastlibError as exc:
                     catalog.record_stage(report.run_id, spec.position, spec.cls.name,
                                          spec.params.id, _params_record(spec), "error", {},
-                                         [redact(str(exc))], started)
+                                         [redact(str(exc), ctx.secrets)], started)
                     raise
                 catalog.record_stage(report.run_id, spec.position, spec.cls.name,
                                      spec.params.id, _params_record(spec),
                                      "failed" if outcome.exit_code else "ok", outcome.counts,
-                                     [redact(e) for e in outcome.errors], started)
+                                     [redact(e, ctx.secrets) for e in outcome.errors], started)
                 if spec.params.id:
                     ctx.results[spec.params.id] = outcome.value
                 report.stages.append(StageRun(spec, outcome))
-                _print_outcome(outcome, ctx.err, quiet, show_errors)
+                _print_outcome(outcome, ctx.err, quiet, show_errors, ctx.secrets)
         except CastlibError as exc:
-            catalog.finish_run(report.run_id, "error", redact(str(exc)))
+            catalog.finish_run(report.run_id, "error", redact(str(exc), ctx.secrets))
             raise
         except BaseException as exc:
-            catalog.finish_run(report.run_id, "error", f"{type(exc).__name__}: {exc}")
+            catalog.finish_run(report.run_id, "error",
+                               redact(f"{type(exc).__name__}: {exc}", ctx.secrets))
             raise
         finally:
             locks.close()
@@ -259,9 +260,10 @@ def _a(stage_name: str) -> str:
     return f"{'an' if stage_name[0] in 'aeiou' else 'a'} {stage_name}"
 
 
-def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool, show_errors: bool) -> None:
+def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool, show_errors: bool,
+                   secrets=()) -> None:
     for line in outcome.errors[:MAX_ERRORS_SHOWN] if show_errors else ():
-        print(f"castlib: {printable(redact(line))}", file=err)
+        print(f"castlib: {printable(redact(line, secrets))}", file=err)
     if show_errors and len(outcome.errors) > MAX_ERRORS_SHOWN:
         print(f"castlib: ... and {len(outcome.errors) - MAX_ERRORS_SHOWN} more (castlib runs show)",
               file=err)
