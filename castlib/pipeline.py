@@ -1,6 +1,7 @@
 """Pipelines: a YAML list of stages over named locations, validated whole before anything runs."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import ExitStack
@@ -13,10 +14,12 @@ from .catalog import Catalog
 from .catalog.locks import location_lock
 from .catalog.paths import printable
 from .config import UserConfig, load_user_config
-from .errors import CastlibError, ConfigError
+from .errors import CastlibError, ConfigError, interruption_name
 from .location import parse_location, redact, scrub_secrets
 from .stages import RunContext, Stage, StageOutcome, stage_class
 from .stages.base import StageParams
+
+log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = ("name", "description", "locations", "stages")
 
@@ -211,12 +214,16 @@ class Pipeline:
                 self._lock_destinations(ctx, locks)
             for spec in self.stages:
                 started = utcnow()
+                stage = spec.cls(spec.params, ctx)
                 try:
-                    outcome = spec.cls(spec.params, ctx).run()
+                    outcome = stage.run()
                 except CastlibError as exc:
                     catalog.record_stage(report.run_id, spec.position, spec.cls.name,
                                          spec.params.id, _params_record(spec), "error", {},
                                          [redact(str(exc), ctx.secrets)], started)
+                    raise
+                except KeyboardInterrupt:
+                    self._record_interrupted(ctx, report, spec, stage, started)
                     raise
                 catalog.record_stage(report.run_id, spec.position, spec.cls.name,
                                      spec.params.id, _params_record(spec),
@@ -229,6 +236,11 @@ class Pipeline:
         except CastlibError as exc:
             catalog.finish_run(report.run_id, "error", redact(str(exc), ctx.secrets))
             raise
+        except KeyboardInterrupt as exc:
+            catalog.finish_run(report.run_id, "interrupted",
+                               f"interrupted by {interruption_name(exc)}")
+            exc.report = report   # what was done, for the command's last words
+            raise
         except BaseException as exc:
             catalog.finish_run(report.run_id, "error",
                                redact(f"{type(exc).__name__}: {exc}", ctx.secrets))
@@ -238,6 +250,23 @@ class Pipeline:
             ctx.close()
         catalog.finish_run(report.run_id, "failed" if report.exit_code else "ok")
         return report
+
+    def _record_interrupted(self, ctx: RunContext, report: RunReport, spec: StageSpec,
+                            stage: Stage, started) -> None:
+        """Record the stage a signal stopped, with what it did before it stopped."""
+        try:
+            partial = stage.outcome_so_far()
+        except Exception as exc:   # the record of the run matters more than its detail
+            partial = None
+            log.warning("could not record what the interrupted %s stage did: %s",
+                        spec.cls.name, redact(str(exc), ctx.secrets))
+        ctx.catalog.record_stage(
+            report.run_id, spec.position, spec.cls.name, spec.params.id, _params_record(spec),
+            "interrupted", partial.counts if partial else {},
+            [redact(e, ctx.secrets) for e in partial.errors] if partial else [], started)
+        if partial is not None:
+            report.stages.append(StageRun(spec, partial))
+            _print_outcome(partial, ctx.err, ctx.quiet, True, ctx.secrets)
 
     def _lock_destinations(self, ctx: RunContext, locks: ExitStack) -> None:
         """Hold, for the whole run, the lock of every location a stage will write into, so

@@ -138,3 +138,8 @@ class Stage:
 
     def run(self) -> StageOutcome:
         raise NotImplementedError
+
+    def outcome_so_far(self) -> StageOutcome | None:
+        """After run() was interrupted (KeyboardInterrupt): what the stage had done, for
+        the run's record; None when it has nothing to tell."""
+        return None
