@@ -143,6 +143,8 @@ class Pipeline:
 
             text = ("# credentials removed by castlib\n"
                     + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True))
+        else:              # none in the data; a URL in a comment may still carry some
+            text = redact(text)
         pipeline = cls(specs, locations, options, source, text)
         pipeline.check_references(user_config or UserConfig(), err)
         return pipeline
@@ -377,6 +379,20 @@ def _bounded_loader():
             super().__init__(stream)
             self._depth = 0
             self._sizes: dict[int, int] = {}   # id(node) -> expanded size, once complete
+
+        def fetch_flow_collection_start(self, TokenClass):
+            # the scanner reads a run of '[' or '{' ahead, in time quadratic in its length:
+            # stop it at the bound rather than after the whole run
+            if self.flow_level >= MAX_YAML_DEPTH:
+                raise YAMLRefused(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
+                                  "deep", self.get_mark())
+            super().fetch_flow_collection_start(TokenClass)
+
+        def add_indent(self, column):
+            if len(self.indents) >= MAX_YAML_DEPTH:
+                raise YAMLRefused(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
+                                  "deep", self.get_mark())
+            return super().add_indent(column)
 
         def compose_node(self, parent, index):
             event = self.peek_event()

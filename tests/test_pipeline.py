@@ -139,8 +139,10 @@ HOSTILE_YAML = {
                        r"pipeline.yaml:1: refused YAML: alias \*s is inside the node it names"),
     "recursive mapping": ("locations: &l {a: *l}\nstages: []\n",
                           r"pipeline.yaml:1: refused YAML: alias \*l is inside"),
-    "deep lists": ("stages: " + "[" * 20000 + "]" * 20000 + "\n",
+    "deep lists": ("stages: " + "[" * 200_000 + "]" * 200_000 + "\n",
                    r"pipeline.yaml:1: refused YAML: nested more than \d+ levels deep"),
+    "deep flow mappings": ("stages: " + "{a: " * 200_000 + "1" + "}" * 200_000 + "\n",
+                           r"pipeline.yaml:1: refused YAML: nested more than \d+ levels deep"),
     "deep mappings": ("stages:\n" + "".join("  " * i + f"- k{i}:\n" for i in range(2000)),
                       r"pipeline.yaml:\d+: refused YAML: nested more than \d+ levels deep"),
 }
@@ -197,6 +199,26 @@ def test_anchors_and_merge_keys_within_bounds_still_work(tmp_path):
 def test_missing_pipeline_file(tmp_path, db_url):
     result = run_cli("run", str(tmp_path / "nope.yaml"), db=db_url, check=2)
     assert "nope.yaml: cannot read pipeline: No such file or directory" in result.stderr
+
+
+def test_credentials_in_a_comment_of_a_pipeline_are_not_kept(tmp_path, db_url):
+    from castlib.catalog import Catalog
+
+    daq = make_tree(tmp_path / "daq", {"a.dat": b"a"})
+    p = write(tmp_path, f"""
+        # was: sftp://na64:Top@Secret5@daq.example/data
+        locations: {{daq: "{daq}"}}
+        stages:
+          - index: {{location: daq}}
+        """)
+    run_cli("run", str(p), db=db_url, check=0)
+    catalog = Catalog(db_url)
+    try:
+        run, _ = catalog.run_details(1)
+    finally:
+        catalog.close()
+    assert "# was: sftp://***@daq.example/data" in run["pipeline"]
+    assert "Secret5" not in run["pipeline"]
 
 
 def test_credentials_never_reach_the_run_history(tmp_path, db_url):
