@@ -179,9 +179,11 @@ def redact(text: str, secrets=()) -> str:
             end = m.end()
             while end < len(text) and not text[end].isspace():
                 end += 1
-            out.append(text[pos:m.start()])
-            out.append(redact_url(text[m.start():end], whole=False))
-            pos = end
+            at = _credentials_end(text[m.end():end], whole=False)
+            out.append(text[pos:m.end()])
+            if at >= 0:
+                out.append("***")
+            pos = m.end() + max(at, 0)   # on from there: a URL may follow without a space
         out.append(text[pos:])
         text = "".join(out)
     for secret in sorted({f for s in secrets if isinstance(s, str) and s

@@ -67,6 +67,11 @@ def test_credentials_are_redacted_by_their_position_in_the_url(url):
     assert shown.startswith("cannot reach sftp://***@host.example/x") and "'ftp://***@c'" in shown
 
 
+def test_every_url_of_a_text_is_redacted_even_without_spaces_between():
+    text = "['sftp://u:p1@h/x','s3://k:q2@b/y'] sftp://v:r3@h"
+    assert redact(text) == "['sftp://***@h/x','s3://***@b/y'] sftp://***@h"
+
+
 @pytest.mark.parametrize("text", [
     "root://eos.example.org:1094//eos/exp/run@1.dat: not found",   # a port, and '@' in a name
     "s3://bucket/user@example.com/f.dat: access denied",
