@@ -6,6 +6,9 @@
 
 Each call opens the catalog (`db` URL, else CASTLIB_DB, else the embedded SQLite file),
 records a run in it, and returns a RunReport. Bad input and refusals raise CastlibError.
+A KeyboardInterrupt (Ctrl-C) stops a sync within seconds, without starting another copy;
+the run is recorded as interrupted with what was done, and the exception, re-raised,
+carries that RunReport as its `report`.
 """
 from __future__ import annotations
 

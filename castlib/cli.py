@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import CastlibError
     from .location import redact
 
+    _stop_on_signals()
     try:
         return COMMANDS[args.command](args)
     except CastlibError as exc:
@@ -191,9 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": message, "exit_code": exc.exit_code}))
         print(f"castlib: error: {message}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("castlib: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(args, exc)
     except BrokenPipeError:
         return EXIT_OK
     except Exception as exc:  # a bug: one line, the traceback only with -v
@@ -203,6 +203,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"castlib: internal error: {type(exc).__name__}: {redact(first)} "
               "(run with -v for the traceback)", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _stop_on_signals() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (kill, a batch system's stop) stop a run the same way:
+    an Interrupted raised in the main thread, which the stages turn into "start nothing
+    new, end what is in flight, record what was done". A second signal while that happens
+    leaves at once: nothing is ever half-published, and the next sync cleans up."""
+    import os
+    import signal
+
+    from .errors import Interrupted
+
+    stopping = []
+
+    def handler(signum, frame):
+        if stopping:
+            os.write(2, b"castlib: interrupted again: leaving at once\n")
+            os._exit(128 + signum)
+        stopping.append(signum)
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:   # nohup, `cmd &` in a script
+            signal.signal(signum, handler)
+
+
+def _interrupted(args, exc: KeyboardInterrupt) -> int:
+    from .errors import interruption_name
+
+    code = getattr(exc, "exit_code", 130)
+    report = getattr(exc, "report", None)
+    if report is not None and getattr(args, "json", False) and args.command == "sync":
+        print(json.dumps({**report.counts, "interrupted": interruption_name(exc),
+                          "exit_code": code}))
+    where = f" (castlib runs show {report.run_id})" if report is not None else ""
+    print(f"castlib: interrupted by {interruption_name(exc)}{where}", file=sys.stderr)
+    return code
 
 
 def _common(args) -> dict:

@@ -72,3 +72,22 @@ class SafetyRefusal(CastlibError):
 
 class LockBusy(CastlibError):
     """Another run holds the lock on a destination."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was told to stop by a signal (Ctrl-C, SIGTERM). A KeyboardInterrupt, so that
+    a Ctrl-C in a notebook and a signal to the command stop a run the same way: no new
+    copy starts, those in flight end, what was done is recorded, the run is 'interrupted'."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+        self.exit_code = 128 + signum   # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        super().__init__(self.signame)
+
+
+def interruption_name(exc: BaseException) -> str:
+    """SIGTERM, SIGINT...: which signal stopped a run (a bare KeyboardInterrupt is a Ctrl-C)."""
+    return getattr(exc, "signame", "SIGINT")

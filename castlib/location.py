@@ -12,7 +12,10 @@ from .errors import ConfigError
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # Schemes whose URL path is absolute after a double slash: root://host//eos/exp
 _DOUBLE_SLASH_SCHEMES = {"root", "xroot", "roots", "xroots"}
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+# Where a URL starts inside free text (not in the middle of a word: `xs3://` is no URL).
+_URL_IN_TEXT = re.compile(r"(?<![a-zA-Z0-9+.-])[a-zA-Z][a-zA-Z0-9+.-]*://")
+_BRACKETED_HOST = re.compile(r"^\[[^\]]*\]")   # an IPv6 literal, whose colons are no password
+_HOST_PORT = re.compile(r"^(\[[^\]]*\]|[^:\[\]]*):[0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,11 @@ def parse_location(text: str, base_dir: str | None = None) -> LocationURL:
             path = os.path.join(base_dir, path)
         return LocationURL("file", "", _clean_local(os.path.abspath(path)))
     scheme = m.group(1).lower()
+    if _ambiguous_credentials(text[m.end():]):
+        raise ConfigError(
+            f"location {redact_url(text)!r} is ambiguous: write a '/', '?' or '#' of a password "
+            "as %2F, %3F, %23 (or an '@' of the path as %40), or give the password in the "
+            "location's options")
     parts = urlsplit(text)
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
@@ -105,9 +113,111 @@ def _clean_local(path: str) -> str:
     return path if path != "//" else "/"
 
 
-def redact(text: str) -> str:
-    """Hide `user:password@` in any URL inside `text` (for logs and error messages)."""
-    return _CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", str(text))
+# -- keeping credentials out of text ----------------------------------------------------------
+# One mechanism for every message, log line and run record: credentials are found by their
+# position in a URL (the userinfo before the authority's last '@'), and secrets given as
+# options by their exact value as a whole token; never by replacing a substring wherever it
+# happens to occur (a password "p" would turn "operation" into "o***eration").
+
+def _credentials_end(rest: str, whole: bool) -> int:
+    """In the text after `scheme://`, the index of the '@' that ends the userinfo, or -1.
+
+    The authority ends at the first '/', '?' or '#'; the userinfo is everything before its
+    last '@' (a password may hold an '@': user:p@ss@host). A password holding a raw '/',
+    '?' or '#' cuts the authority short (user:pa/ss@host): when the authority has a ':'
+    and no '@' while an '@' follows, everything up to the last '@' is taken as userinfo,
+    hiding too much rather than a password. Only in free text (`whole` false), where
+    castlib's own messages name files below a host:port (host:2222/data/a@b), a ':'
+    followed by digits alone is taken for a port: parse_location refuses that shape when
+    a user types it, so such a password never reaches a message of castlib's."""
+    cut = len(rest)
+    for c in "/?#":
+        i = rest.find(c)
+        if 0 <= i < cut:
+            cut = i
+    at = rest.rfind("@", 0, cut)
+    if at >= 0:
+        return at
+    if _ambiguous_credentials(rest, cut):
+        if whole or not _HOST_PORT.match(rest[:cut]):
+            return rest.rfind("@")
+    return -1
+
+
+def _ambiguous_credentials(rest: str, cut: int | None = None) -> bool:
+    """user:pa/ss@host and host:22/a@b are the same shape: a ':' in an authority without
+    '@', and an '@' after it. No position can tell a password from a port and a path."""
+    if cut is None:
+        cut = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
+    authority = rest[:cut]
+    return ("@" not in authority and "@" in rest[cut:]
+            and ":" in _BRACKETED_HOST.sub("", authority))
+
+
+def redact_url(url: str, whole: bool = True) -> str:
+    """The URL `url` (the whole text, spaces and all) with its userinfo replaced by ***."""
+    url = str(url)
+    m = _SCHEME.match(url)
+    if not m:
+        return url
+    rest = url[m.end():]
+    at = _credentials_end(rest, whole)
+    return url if at < 0 else url[:m.end()] + "***" + rest[at:]
+
+
+def redact(text: str, secrets=()) -> str:
+    """`text` fit to show or keep: the userinfo of every URL in it replaced by *** (a URL
+    in free text ends at white space), and each of `secrets` (option values: passwords,
+    secret keys) replaced where it stands as a whole token, raw or percent-encoded."""
+    text = str(text)
+    if "://" in text:
+        out, pos = [], 0
+        while True:
+            m = _URL_IN_TEXT.search(text, pos)
+            if not m:
+                break
+            end = m.end()
+            while end < len(text) and not text[end].isspace():
+                end += 1
+            at = _credentials_end(text[m.end():end], whole=False)
+            out.append(text[pos:m.end()])
+            if at >= 0:
+                out.append("***")
+            pos = m.end() + max(at, 0)   # on from there: a URL may follow without a space
+        out.append(text[pos:])
+        text = "".join(out)
+    for secret in sorted({f for s in secrets if isinstance(s, str) and s
+                          for f in (s, quote(s, safe=""))}, key=len, reverse=True):
+        if secret in text:
+            text = _token_pattern(secret).sub("***", text)
+    return text
+
+
+def _token_pattern(secret: str) -> re.Pattern:
+    """`secret` as a whole token: not continued by a letter or digit on a side where the
+    secret itself begins or ends with one (so "p" matches in "password: p" only)."""
+    before = r"(?<!\w)" if re.match(r"\w", secret) else ""
+    after = r"(?!\w)" if re.match(r"\w", secret[-1]) else ""
+    return re.compile(before + re.escape(secret) + after)
+
+
+def secret_values(options: dict | None, url: "LocationURL | None" = None) -> list[str]:
+    """The values a message about a location must never show: its URL's password and the
+    back-end options under secret-looking keys (password, secret, token, key...)."""
+    found = [url.password] if url is not None and url.password else []
+
+    def collect(value, secret: bool):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                collect(v, secret or (isinstance(k, str) and bool(_SECRET_KEY.search(k))))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v, secret)
+        elif secret and isinstance(value, str) and value:
+            found.append(value)
+
+    collect(options or {}, False)
+    return found
 
 
 _SECRET_KEY = re.compile(r"pass(word|phrase)?|secret|token|credential|(^|_)key$", re.I)
@@ -124,5 +234,6 @@ def scrub_secrets(value):
     if isinstance(value, (list, tuple)):
         return [scrub_secrets(v) for v in value]
     if isinstance(value, str):
-        return redact(value)
+        # a value that is a URL is one URL to its end, spaces and all
+        return redact_url(value) if _SCHEME.match(value) else redact(value)
     return value

@@ -1,6 +1,7 @@
 """Pipelines: a YAML list of stages over named locations, validated whole before anything runs."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import ExitStack
@@ -13,10 +14,12 @@ from .catalog import Catalog
 from .catalog.locks import location_lock, lock_key
 from .catalog.paths import printable
 from .config import UserConfig, load_user_config
-from .errors import CastlibError, ConfigError
+from .errors import CastlibError, ConfigError, interruption_name
 from .location import parse_location, redact, scrub_secrets
 from .stages import RunContext, Stage, StageOutcome, stage_class
 from .stages.base import StageParams
+
+log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = ("name", "description", "locations", "stages")
 
@@ -140,6 +143,8 @@ class Pipeline:
 
             text = ("# credentials removed by castlib\n"
                     + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True))
+        else:              # none in the data; a URL in a comment may still carry some
+            text = redact(text)
         pipeline = cls(specs, locations, options, source, text)
         pipeline.check_references(user_config or UserConfig(), err)
         return pipeline
@@ -211,32 +216,59 @@ class Pipeline:
                 self._lock_destinations(ctx, locks)
             for spec in self.stages:
                 started = utcnow()
+                stage = spec.cls(spec.params, ctx)
                 try:
-                    outcome = spec.cls(spec.params, ctx).run()
+                    outcome = stage.run()
                 except CastlibError as exc:
                     catalog.record_stage(report.run_id, spec.position, spec.cls.name,
                                          spec.params.id, _params_record(spec), "error", {},
-                                         [redact(str(exc))], started)
+                                         [redact(str(exc), ctx.secrets)], started)
+                    raise
+                except KeyboardInterrupt:
+                    self._record_interrupted(ctx, report, spec, stage, started)
                     raise
                 catalog.record_stage(report.run_id, spec.position, spec.cls.name,
                                      spec.params.id, _params_record(spec),
                                      "failed" if outcome.exit_code else "ok", outcome.counts,
-                                     [redact(e) for e in outcome.errors], started)
+                                     [redact(e, ctx.secrets) for e in outcome.errors], started)
                 if spec.params.id:
                     ctx.results[spec.params.id] = outcome.value
                 report.stages.append(StageRun(spec, outcome))
-                _print_outcome(outcome, ctx.err, quiet, show_errors)
+                _print_outcome(outcome, ctx.err, quiet, show_errors, ctx.secrets)
         except CastlibError as exc:
-            catalog.finish_run(report.run_id, "error", redact(str(exc)))
+            catalog.finish_run(report.run_id, "error", redact(str(exc), ctx.secrets))
+            raise
+        except KeyboardInterrupt as exc:
+            catalog.finish_run(report.run_id, "interrupted",
+                               f"interrupted by {interruption_name(exc)}")
+            exc.report = report   # what was done, for the command's last words
             raise
         except BaseException as exc:
-            catalog.finish_run(report.run_id, "error", f"{type(exc).__name__}: {exc}")
+            catalog.finish_run(report.run_id, "error",
+                               redact(f"{type(exc).__name__}: {exc}", ctx.secrets))
             raise
         finally:
             locks.close()
             ctx.close()
         catalog.finish_run(report.run_id, "failed" if report.exit_code else "ok")
         return report
+
+    def _record_interrupted(self, ctx: RunContext, report: RunReport, spec: StageSpec,
+                            stage: Stage, started) -> None:
+        """Record the stage a signal stopped, with what it did before it stopped."""
+        try:
+            partial = stage.outcome_so_far()
+        except Exception as exc:   # the record of the run matters more than its detail
+            partial = None
+            log.warning("could not record what the interrupted %s stage did: %s",
+                        spec.cls.name, redact(str(exc), ctx.secrets))
+        ctx.catalog.record_stage(
+            report.run_id, spec.position, spec.cls.name, spec.params.id, _params_record(spec),
+            "interrupted", partial.counts if partial else {},
+            [redact(e, ctx.secrets) for e in partial.errors] if partial else [], started)
+        if partial is not None:
+            report.stages.append(StageRun(spec, partial))
+            _print_outcome(partial, ctx.err, ctx.quiet, True, ctx.secrets)
 
     def _lock_destinations(self, ctx: RunContext, locks: ExitStack) -> None:
         """Hold, for the whole run, the lock of every location a stage will write into, so
@@ -260,9 +292,10 @@ def _a(stage_name: str) -> str:
     return f"{'an' if stage_name[0] in 'aeiou' else 'a'} {stage_name}"
 
 
-def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool, show_errors: bool) -> None:
+def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool, show_errors: bool,
+                   secrets=()) -> None:
     for line in outcome.errors[:MAX_ERRORS_SHOWN] if show_errors else ():
-        print(f"castlib: {printable(redact(line))}", file=err)
+        print(f"castlib: {printable(redact(line, secrets))}", file=err)
     if show_errors and len(outcome.errors) > MAX_ERRORS_SHOWN:
         print(f"castlib: ... and {len(outcome.errors) - MAX_ERRORS_SHOWN} more (castlib runs show)",
               file=err)
@@ -321,23 +354,119 @@ class _Errors:
         return ConfigError(message, file=self.source or "<pipeline>", line=self.line(path), key=key)
 
 
+# A pipeline is a few dozen lines; these bounds leave it room a hundred times over, and
+# refuse a "billion laughs" (aliases of aliases, expanding exponentially), an alias inside
+# its own anchor, and nesting deep enough to overflow the stack, before any Python object
+# is built from them.
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000      # nodes once every alias is expanded
+_SCALAR_NODE_BYTES = 1024     # a long string counts as one node per KiB
+
+
+def _bounded_loader():
+    import yaml
+
+    class YAMLRefused(yaml.MarkedYAMLError):
+        """Well-formed YAML that castlib will not expand."""
+
+    class BoundedLoader(yaml.SafeLoader):
+        """The safe loader, measuring while it composes: the depth of nesting, and each
+        node's size with its aliases expanded (computed once per node, so a bomb costs
+        what its text costs)."""
+
+        Refused = YAMLRefused
+
+        def __init__(self, stream):
+            super().__init__(stream)
+            self._depth = 0
+            self._sizes: dict[int, int] = {}   # id(node) -> expanded size, once complete
+
+        def fetch_flow_collection_start(self, TokenClass):
+            # the scanner reads a run of '[' or '{' ahead, in time quadratic in its length:
+            # stop it at the bound rather than after the whole run
+            if self.flow_level >= MAX_YAML_DEPTH:
+                raise YAMLRefused(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
+                                  "deep", self.get_mark())
+            super().fetch_flow_collection_start(TokenClass)
+
+        def add_indent(self, column):
+            if len(self.indents) >= MAX_YAML_DEPTH:
+                raise YAMLRefused(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
+                                  "deep", self.get_mark())
+            return super().add_indent(column)
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                target = self.anchors.get(event.anchor)
+                if target is not None and id(target) not in self._sizes:
+                    raise YAMLRefused(None, None, f"alias *{event.anchor} is inside the "
+                                      "node it names (a recursive structure)", event.start_mark)
+                return super().compose_node(parent, index)
+            self._depth += 1
+            try:
+                if self._depth > MAX_YAML_DEPTH:
+                    raise YAMLRefused(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
+                                      "deep", event.start_mark)
+                node = super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+            sizes = self._sizes
+            if isinstance(node, yaml.ScalarNode):
+                size = 1 + len(node.value) // _SCALAR_NODE_BYTES
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(sizes[id(n)] for n in node.value)
+            else:
+                size = 1 + sum(sizes[id(k)] + sizes[id(v)] for k, v in node.value)
+            if size > MAX_YAML_NODES:
+                raise YAMLRefused(None, None, f"aliases expand this to more than "
+                                  f"{MAX_YAML_NODES} nodes (a YAML bomb?)", node.start_mark)
+            sizes[id(node)] = size
+            return node
+
+    return BoundedLoader
+
+
 def _load_yaml_with_lines(text: str, source: str | None) -> tuple[Any, dict[tuple, int]]:
     """The YAML data, and the 1-based line of every mapping key and list item by path."""
     import yaml
 
+    Loader = _bounded_loader()
+    loader = Loader(text)
+
+    def load(step):
+        try:
+            return step()
+        except Loader.Refused as exc:
+            mark = exc.problem_mark
+            raise ConfigError(f"refused YAML: {exc.problem}", file=source or "<pipeline>",
+                              line=mark.line + 1 if mark else None) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"malformed YAML: {problem}", file=source or "<pipeline>",
+                              line=mark.line + 1 if mark else None) from None
+
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"malformed YAML: {problem}", file=source or "<pipeline>",
-                          line=mark.line + 1 if mark else None) from None
+        node = load(loader.get_single_node)
+        lines = _key_lines(node, source)   # before constructing: merge keys rewrite the nodes
+        data = load(lambda: loader.construct_document(node)) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _key_lines(node, source: str | None) -> dict[tuple, int]:
+    import yaml
+
     lines: dict[tuple, int] = {}
 
     def walk(n, path):
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
+                if not isinstance(k, yaml.ScalarNode):   # `? [a, b]`: no name to give it
+                    raise ConfigError("a key must be a plain name, not a list or mapping",
+                                      file=source or "<pipeline>", line=k.start_mark.line + 1)
                 key = k.value
                 if path + (key,) in lines:   # YAML keeps the last silently: a typo's mask
                     where = ".".join(str(p) for p in path + (key,))
@@ -353,4 +482,4 @@ def _load_yaml_with_lines(text: str, source: str | None) -> tuple[Any, dict[tupl
     if node is not None:
         lines[()] = node.start_mark.line + 1
         walk(node, ())
-    return data, lines
+    return lines

@@ -119,7 +119,9 @@ def run_cli_interrupted(*args: str, db: str | None, ready, interrupt, env: dict 
                         ready_within: float = 120, timeout: float = 300
                         ) -> subprocess.CompletedProcess:
     """Run `castlib ARGS...` in the background; once ready() says so (a first file has
-    landed), call interrupt() (stop a server, cut the line), then let the run end."""
+    landed), call interrupt() (stop a server, cut the line) or, if it is a signal number,
+    send the run that signal; then let the run end. The result's `ended_after` is the
+    seconds from the interruption to the end of the run."""
     import time
 
     proc = subprocess.Popen(castlib_command(*args, db=db), stdout=subprocess.PIPE,
@@ -130,10 +132,17 @@ def run_cli_interrupted(*args: str, db: str | None, ready, interrupt, env: dict 
             assert proc.poll() is None, "the run ended before it could be interrupted"
             assert time.monotonic() < deadline, f"not ready within {ready_within:g} s"
             time.sleep(0.02)
-        interrupt()
+        interrupted_at = time.monotonic()
+        if isinstance(interrupt, int):
+            proc.send_signal(interrupt)
+        else:
+            interrupt()
         out, err = proc.communicate(timeout=timeout)
+        ended_after = time.monotonic() - interrupted_at
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result.ended_after = ended_after
+    return result

@@ -4,7 +4,8 @@ import os
 import pytest
 
 from castlib.errors import ConfigError
-from castlib.location import parse_location, redact
+from castlib.location import parse_location, redact, redact_url, scrub_secrets
+from tests.helpers import last_json, run_cli
 
 
 def test_bare_path_becomes_absolute_file_url(tmp_path, monkeypatch):
@@ -45,6 +46,110 @@ def test_redact_hides_user_and_password_in_any_text():
     out = redact(text)
     assert "hunter2" not in out and "bob" not in out and ":v@" not in out
     assert "davs://***@dav.example.org/x" in out
+
+
+@pytest.mark.parametrize("url", [
+    "sftp://user:top@secret4@host.example/x",       # '@' in the password: up to the last '@'
+    "sftp://user:pa/secret4@host.example/x",        # a raw '/', '?' or '#' cuts the authority
+    "sftp://user:pa?secret4@host.example/x",
+    "sftp://user:pa#secret4@host.example/x",
+    "sftp://user:pa/se@cret4@host.example/x",
+    "sftp://user:12/secret4@host.example/x",        # could be host:port: hidden in a URL
+    "sftp://user:pa%2Fse%40cret4@host.example/x",   # percent-encoded
+    "sftp://user:pa%2Fse%40cret4@host.example/x?q=1",
+])
+def test_credentials_are_redacted_by_their_position_in_the_url(url):
+    assert redact_url(url) == "sftp://***@host.example/x" + ("?q=1" if "?q" in url else "")
+    if ":12/" in url:   # in free text, host:port/path@name (parse_location refuses it typed)
+        return
+    shown = redact(f"cannot reach {url}: refused, and 'ftp://a:b@c' too")
+    assert "secret4" not in shown and "cret4" not in shown and "pa" not in shown
+    assert shown.startswith("cannot reach sftp://***@host.example/x") and "'ftp://***@c'" in shown
+
+
+def test_every_url_of_a_text_is_redacted_even_without_spaces_between():
+    text = "['sftp://u:p1@h/x','s3://k:q2@b/y'] sftp://v:r3@h"
+    assert redact(text) == "['sftp://***@h/x','s3://***@b/y'] sftp://***@h"
+
+
+@pytest.mark.parametrize("text", [
+    "root://eos.example.org:1094//eos/exp/run@1.dat: not found",   # a port, and '@' in a name
+    "s3://bucket/user@example.com/f.dat: access denied",
+    "sftp://[::1]:2222/data/a@b: permission denied",
+    "a mail to k:v@b is no URL",
+    "operation unsupported on sftp://host.example/x",
+])
+def test_text_without_credentials_is_left_alone(text):
+    assert redact(text) == text
+
+
+def test_option_secrets_are_redacted_as_whole_tokens_only():
+    """A password "p" hides where it stands alone, not inside every word that has a p."""
+    assert redact("operation unsupported (endpoint https://h/p)", ["p"]) == \
+        "operation unsupported (endpoint https://h/***)"
+    assert redact("bad password p, or 'p'", ["p"]) == "bad password ***, or '***'"
+    assert redact("key=AKIA123&sig=AKIA1234", ["AKIA123"]) == "key=***&sig=AKIA1234"
+    assert redact("auth pa%2Fss failed for pa/ss", ["pa/ss"]) == "auth *** failed for ***"
+    assert redact("x!p@ss!y", ["p@ss!"]) == "x!***y"
+
+
+def test_parse_location_takes_the_userinfo_up_to_the_last_at():
+    url = parse_location("sftp://user:top@secret4@host.example:2222/x")
+    assert (url.user, url.password, url.host, url.path) == (
+        "user", "top@secret4", "host.example:2222", "/x")
+    url = parse_location("sftp://user:pa%2Fss%40x@host.example/x")
+    assert (url.password, url.host) == ("pa/ss@x", "host.example")
+
+
+@pytest.mark.parametrize("url", ["sftp://user:pa/secret4@host/x", "sftp://user:12/secret4@host/x",
+                                 "sftp://user:pa#secret4@host/x", "root://host:1094//eos/a@b"])
+def test_an_authority_that_may_hide_a_password_is_refused_without_showing_it(url):
+    with pytest.raises(ConfigError) as info:
+        parse_location(url)
+    message = str(info.value)
+    assert "ambiguous" in message and "%2F" in message and "%40" in message
+    assert "secret4" not in message
+
+
+def test_run_records_keep_a_url_whole_even_with_spaces():
+    kept = scrub_secrets({"location": "sftp://user:pa ss@host/x", "password": "pa ss",
+                          "errors": ["sftp://user:pa@host/x: refused"]})
+    assert kept == {"location": "sftp://***@host/x", "password": "***",
+                    "errors": ["sftp://***@host/x: refused"]}
+
+
+def test_credentials_stay_out_of_messages_json_and_run_history(tmp_path, db_url):
+    """`@` and `/` in a password, and a one-letter password that must not garble a word."""
+    from sqlalchemy import create_engine, text
+
+    from castlib.catalog.database import normalise_db_url
+
+    dst = str(tmp_path / "dst")
+    cases = [("sftp://na64:top@secret4@127.0.0.1:9/data", "sftp://***@127.0.0.1:9/data"),
+             ("sftp://na64:pa/secret4@127.0.0.1:9/data", "sftp://***@127.0.0.1:9/data"),
+             ("sftp://na64:a@127.0.0.1:9/data", "sftp://***@127.0.0.1:9/data")]
+    for run_id, (url, shown) in enumerate(cases, start=1):
+        r = run_cli("sync", url, dst, "--json", db=db_url)
+        assert r.returncode == 2, r.stderr
+        [line] = r.stderr.strip().splitlines()
+        error = last_json(r.stdout)["error"]
+        history = run_cli("runs", "show", str(run_id), db=db_url, check=0).stdout
+        for out in (line, error, history):
+            assert "secret4" not in out and "pa/" not in out
+            assert shown in out, out
+        assert line.count("***") == 1, line        # the userinfo, and no letter 'a' of a word
+        if url.endswith(":a@127.0.0.1:9/data"):
+            assert "connection refused" in line and "Connect call failed" in line
+    listing = run_cli("runs", db=db_url, check=0).stdout
+    assert "secret4" not in listing
+    engine = create_engine(normalise_db_url(db_url))
+    try:
+        with engine.connect() as conn:
+            stored = " ".join(str(row) for table in ("runs", "stage_results", "locations")
+                              for row in conn.execute(text(f"SELECT * FROM {table}")))
+    finally:
+        engine.dispose()
+    assert "secret4" not in stored and "pa/" not in stored
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "root:///no-host", "s3:/bucket-missing-slash",

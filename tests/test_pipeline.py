@@ -93,6 +93,8 @@ BAD = {
                              "  - sync: {from: i}\n",
                              r"pipeline.yaml:4: stages\[1\].sync.from: stage 'i' is an index: "
                              "sync reads the result of a diff"),
+    "complex key": ("locations: {a: /tmp}\n? [a]\n: 1\nstages: []\n",
+                    r"pipeline.yaml:2: a key must be a plain name"),
     "duplicate key": ("locations: {a: /tmp, b: /var}\nstages:\n  - index:\n      location: a\n"
                       "      location: b\n",
                       r"pipeline.yaml:5: stages.0.index.location: duplicate key 'location'"),
@@ -114,9 +116,109 @@ def test_bad_pipelines_give_one_line_with_file_line_and_key(tmp_path, db_url, ca
     assert lines[0].startswith("castlib: error: ")
 
 
+def _laughs(levels: int = 9) -> str:
+    """A "billion laughs": each level lists the one before nine times (9**levels laughs)."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    return "\n".join(lines) + f"\nstages: [*l{levels - 1}]\n"
+
+
+def _merge_laughs(levels: int = 25) -> str:
+    """The same through merge keys, which the loader flattens into every mapping."""
+    lines = ["m0: &m0 {k: lol}"]
+    for i in range(1, levels):
+        lines.append(f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 9)}], k{i}: lol}}")
+    return "\n".join(lines) + f"\nstages: [*m{levels - 1}]\n"
+
+
+HOSTILE_YAML = {
+    "billion laughs": (_laughs(), r"pipeline.yaml:\d+: refused YAML: aliases expand .* more than"),
+    "merge-key laughs": (_merge_laughs(), r"pipeline.yaml:\d+: refused YAML: aliases expand"),
+    "recursive list": ("stages: &s [*s]\n",
+                       r"pipeline.yaml:1: refused YAML: alias \*s is inside the node it names"),
+    "recursive mapping": ("locations: &l {a: *l}\nstages: []\n",
+                          r"pipeline.yaml:1: refused YAML: alias \*l is inside"),
+    "deep lists": ("stages: " + "[" * 200_000 + "]" * 200_000 + "\n",
+                   r"pipeline.yaml:1: refused YAML: nested more than \d+ levels deep"),
+    "deep flow mappings": ("stages: " + "{a: " * 200_000 + "1" + "}" * 200_000 + "\n",
+                           r"pipeline.yaml:1: refused YAML: nested more than \d+ levels deep"),
+    "deep mappings": ("stages:\n" + "".join("  " * i + f"- k{i}:\n" for i in range(2000)),
+                      r"pipeline.yaml:\d+: refused YAML: nested more than \d+ levels deep"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_YAML))
+def test_yaml_bombs_and_deep_nesting_are_refused_at_once(tmp_path, case):
+    """Refused while composing, before any Python object is built: no MemoryError after
+    gigabytes, no RecursionError; one line, in well under a second."""
+    import re
+    import time
+
+    from castlib.errors import ConfigError
+    from castlib.pipeline import Pipeline
+
+    text, pattern = HOSTILE_YAML[case]
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(text)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        Pipeline.from_file(str(p))
+    assert time.monotonic() - started < 0.5
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("case", ["billion laughs", "recursive list", "deep lists"])
+def test_yaml_bombs_exit_2_with_one_line(tmp_path, case):
+    text, pattern = HOSTILE_YAML[case]
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(text)
+    result = run_cli("run", str(p), db=f"sqlite:///{tmp_path / 'c.sqlite'}", check=2, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("castlib: error: "), result.stderr
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_anchors_and_merge_keys_within_bounds_still_work(tmp_path):
+    from castlib.pipeline import Pipeline
+
+    p = tmp_path / "pipeline.yaml"
+    p.write_text("locations: {a: /tmp, b: /var}\n"
+                 "stages:\n"
+                 "  - diff: &plan {id: d, ref: a, dst: b}\n"
+                 "  - sync: {from: d, <<: &opts {transfers: 2, retries: 1}}\n"
+                 "  - diff: {<<: *plan, id: e}\n"
+                 "  - sync: {from: e, <<: *opts}\n")
+    pipeline = Pipeline.from_file(str(p))
+    assert [s.params.id for s in pipeline.stages] == ["d", None, "e", None]
+    assert pipeline.stages[3].params.transfers == 2 and pipeline.stages[2].params.ref == "a"
+
+
 def test_missing_pipeline_file(tmp_path, db_url):
     result = run_cli("run", str(tmp_path / "nope.yaml"), db=db_url, check=2)
     assert "nope.yaml: cannot read pipeline: No such file or directory" in result.stderr
+
+
+def test_credentials_in_a_comment_of_a_pipeline_are_not_kept(tmp_path, db_url):
+    from castlib.catalog import Catalog
+
+    daq = make_tree(tmp_path / "daq", {"a.dat": b"a"})
+    p = write(tmp_path, f"""
+        # was: sftp://na64:Top@Secret5@daq.example/data
+        locations: {{daq: "{daq}"}}
+        stages:
+          - index: {{location: daq}}
+        """)
+    run_cli("run", str(p), db=db_url, check=0)
+    catalog = Catalog(db_url)
+    try:
+        run, _ = catalog.run_details(1)
+    finally:
+        catalog.close()
+    assert "# was: sftp://***@daq.example/data" in run["pipeline"]
+    assert "Secret5" not in run["pipeline"]
 
 
 def test_credentials_never_reach_the_run_history(tmp_path, db_url):

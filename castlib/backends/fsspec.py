@@ -21,7 +21,7 @@ import fsspec.asyn
 
 from ..checksum import CHUNK_SIZE
 from ..errors import NotFound, StorageError, TransientStorageError
-from ..location import LocationURL, redact
+from ..location import LocationURL, redact, secret_values
 from .base import (DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat,
                    walk_by_folder)
 
@@ -85,8 +85,7 @@ class FsspecBackend(Backend):
         self.connect_timeout = float(opts.pop("connect_timeout", CONNECT_TIMEOUT_S))
         self._storage_options = opts
         # Values that must never show in a message, whatever a library puts in its own.
-        self._secrets = [s for s in (url.password, opts.get("password"), opts.get("secret"),
-                                     opts.get("passphrase")) if isinstance(s, str) and s]
+        self._secrets = secret_values(self.options, url)
         self._fs = None
         self._generation = 0   # counts the connections made: which one a failure was on
         self._connect_lock = threading.RLock()   # a failed connect reports through _connection_failed
@@ -268,10 +267,7 @@ class FsspecBackend(Backend):
         return StorageError(message, path=path)
 
     def _scrub(self, text: str) -> str:
-        text = redact(" ".join(str(text).split()))
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text[:300]
+        return redact(" ".join(str(text).split()), self._secrets)[:300]
 
     # -- listing ---------------------------------------------------------------------------
     def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:

@@ -11,7 +11,7 @@ from ..backends import Backend, open_backend
 from ..catalog import Catalog, LocationRecord
 from ..config import UserConfig
 from ..errors import ConfigError
-from ..location import LocationURL, parse_location
+from ..location import LocationURL, parse_location, secret_values
 from ..progress import Progress
 
 
@@ -62,6 +62,8 @@ class RunContext:
     retries: int = 3
     retry_backoff_s: float = 1.0
     locked: set[str] = field(default_factory=set)   # lock keys (locks.lock_key) the run holds
+    # passwords and keys of the locations resolved: never in a message or a run record
+    secrets: set[str] = field(default_factory=set)
     _backends: dict[str, Backend] = field(default_factory=dict)
 
     def resolve(self, text: str) -> ResolvedLocation:
@@ -81,6 +83,7 @@ class RunContext:
         options = self.user_config.options_for(url)
         if name and name in self.location_options:
             options.update(self.location_options[name])
+        self.secrets.update(secret_values(options, url))
         record = self.catalog.location(url, name=name)
         return ResolvedLocation(name, url, options, record)
 
@@ -135,3 +138,8 @@ class Stage:
 
     def run(self) -> StageOutcome:
         raise NotImplementedError
+
+    def outcome_so_far(self) -> StageOutcome | None:
+        """After run() was interrupted (KeyboardInterrupt): what the stage had done, for
+        the run's record; None when it has nothing to tell."""
+        return None

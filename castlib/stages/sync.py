@@ -1,8 +1,10 @@
 """sync: make a destination match its reference, copying and verifying every byte written."""
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pydantic import Field
@@ -168,7 +170,7 @@ class SyncStage(Stage):
             self.errors.append(f"{d.path}: not copied: castlib verify found the reference's "
                                f"bytes corrupted; {_repair_hint(d)}")
         leftovers = getattr(ctx.index_results.get(diff.dst.record.id), "leftover_temp", [])
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         if p.dry_run or ctx.dry_run:
             self._print_plan(plan, leftovers)
             return self._outcome(started, dry_run=True)
@@ -214,6 +216,17 @@ class SyncStage(Stage):
             self._delete(d)
         self._record()
 
+    def outcome_so_far(self) -> StageOutcome | None:
+        """What an interrupted sync did: its copies (in the catalog by now) and errors."""
+        if not hasattr(self, "started"):
+            return None
+        try:
+            self._record()   # the copies an interruption left unrecorded
+        finally:
+            outcome = self._outcome(self.started)
+        outcome.summary = "interrupted: " + outcome.summary
+        return outcome
+
     # -- actions ---------------------------------------------------------------------------
     def _mkdir(self, d: Difference) -> None:
         try:
@@ -254,7 +267,7 @@ class SyncStage(Stage):
             dst_sum = d.dst.checksum or self.dst.checksum(path, algo)
             return d, ref_sum, dst_sum
 
-        with ThreadPoolExecutor(max_workers=self.params.transfers) as pool:
+        with _pool(self.params.transfers) as pool:
             futures = [pool.submit(compare, d) for d in plan.mtime_checks]
             for fut in as_completed(futures):
                 try:
@@ -289,47 +302,80 @@ class SyncStage(Stage):
         total = sum(d.ref.size or 0 for d, _ in jobs)
         progress = self.context.progress("sync", len(jobs), total)
         ctx = self.context
+        stop = threading.Event()   # set when the run is interrupted: no copy starts after it
+
+        def on_bytes(n: int) -> None:
+            if stop.is_set():       # a copy in flight: abandon it (its temporary file goes)
+                raise _Stopped()
+            progress.add_bytes(n)
+
+        def attempt(d: Difference, path: str):
+            if stop.is_set():
+                raise _Stopped()
+            return copy_file(self.src, path, self.dst, path, algorithm=self.algo,
+                             expected_size=d.ref.size, expected_checksum=d.ref.checksum,
+                             mtime_ns=d.ref.mtime_ns, temp_key=self.temp_key,
+                             on_bytes=on_bytes)
 
         def one(job):
             d, verb = job
             path = from_catalog(d.path)
-            result = with_retries(
-                lambda: copy_file(self.src, path, self.dst, path, algorithm=self.algo,
-                                  expected_size=d.ref.size, expected_checksum=d.ref.checksum,
-                                  mtime_ns=d.ref.mtime_ns, temp_key=self.temp_key,
-                                  on_bytes=progress.add_bytes),
-                retries=p.retries, backoff_s=ctx.retry_backoff_s, describe=path)
+            result = with_retries(lambda: attempt(d, path), retries=p.retries,
+                                  backoff_s=ctx.retry_backoff_s, describe=path)
             # the copy is in place: a glitch now must not count it failed
             final = with_retries(lambda: self.dst.stat(path), retries=p.retries,
                                  backoff_s=ctx.retry_backoff_s, describe=path)
             return d, verb, result, final
 
+        collected: set = set()
+
+        def collect(fut) -> None:
+            """Count and remember one finished copy (once, whenever it is looked at)."""
+            if fut in collected or fut.cancelled():
+                return
+            collected.add(fut)
+            d, verb = futures[fut]
+            try:
+                _, _, result, final = fut.result()
+            except _Stopped:
+                return                # abandoned when the run was interrupted: not a failure
+            except SourceChanged as exc:   # not a failure of the copy: the next run's index
+                self.counts["changed_during_copy"] += 1              # sees the change
+                self.errors.append(f"{d.path}: {exc}")
+                return
+            except StorageError as exc:
+                self._fail(d.path, str(exc))
+                return
+            progress.add_file()
+            self.counts[verb] += 1
+            self.counts["bytes"] += result.size or 0
+            digest = result.checksums.get(self.algo)
+            if d.ref.checksum is None and digest:
+                self.ref_sums.append((d.path, digest))
+            self._remember(d.path, FILE, final.size if final else result.size,
+                           final.mtime_ns if final else None, digest, None,
+                           final.mode if final else None)
+
+        pool = ThreadPoolExecutor(max_workers=p.transfers)
+        futures: dict = {}
         try:
-            with ThreadPoolExecutor(max_workers=p.transfers) as pool:
-                futures = {pool.submit(one, job): job for job in jobs}
-                for fut in as_completed(futures):
-                    d, verb = futures[fut]
-                    try:
-                        _, _, result, final = fut.result()
-                    except SourceChanged as exc:   # not a failure of the copy: the next run's
-                        self.counts["changed_during_copy"] += 1        # index sees the change
-                        self.errors.append(f"{d.path}: {exc}")
-                        continue
-                    except StorageError as exc:
-                        self._fail(d.path, str(exc))
-                        continue
-                    progress.add_file()
-                    self.counts[verb] += 1
-                    self.counts["bytes"] += result.size or 0
-                    digest = result.checksums.get(self.algo)
-                    if d.ref.checksum is None and digest:
-                        self.ref_sums.append((d.path, digest))
-                    self._remember(d.path, FILE, final.size if final else result.size,
-                                   final.mtime_ns if final else None, digest, None,
-                                   final.mode if final else None)
-                    if len(self.dst_rows) >= RECORD_BATCH:
-                        self._record()
+            futures.update((pool.submit(one, job), job) for job in jobs)
+            for fut in as_completed(futures):
+                collect(fut)
+                if len(self.dst_rows) >= RECORD_BATCH:
+                    self._record()
+        except BaseException:
+            # interrupted (a signal, Ctrl-C): queued copies never start, those in flight
+            # stop at their next block; the copies that did finish are counted, so that
+            # the run's record and the catalog say what is really on the destination
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for fut in list(futures):
+                if fut.done():
+                    collect(fut)
+            raise
         finally:
+            pool.shutdown(wait=True)
             progress.close()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -429,6 +475,24 @@ def _repair_hint(d: Difference) -> str:
                 "then castlib index the reference --checksum (or verify it)")
     return ("restore it, then castlib index it --checksum (or verify it); a rewritten file "
             "is taken as new")
+
+
+@contextmanager
+def _pool(workers: int):
+    """A thread pool that, when the run is interrupted, drops the jobs not yet started
+    rather than waiting for all of them (what leaving a plain `with` pool would do)."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+class _Stopped(Exception):
+    """A copy abandoned because the run was interrupted (not a failure of the copy)."""
 
 
 def _kind(side) -> str:
