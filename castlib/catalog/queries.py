@@ -274,10 +274,15 @@ class Catalog:
         """Bulk update by id (`b_id`) of the metadata columns of changed entries."""
         if not rows:
             return
-        keys = [k for k in rows[0] if k != "b_id"]
-        stmt = update(E).where(E.c.id == bindparam("b_id")).values(
-            {k: bindparam(k) for k in keys})
-        conn.execute(stmt, rows)
+        # one statement per set of columns: a row whose content changed also clears its
+        # checksums, one whose permission bits alone changed keeps them
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(tuple(k for k in r if k != "b_id"), []).append(r)
+        for keys, group in groups.items():
+            stmt = update(E).where(E.c.id == bindparam("b_id")).values(
+                {k: bindparam(k) for k in keys})
+            conn.execute(stmt, group)
 
     def set_checksums(self, conn, location_id: int, algo: str,
                       values: Iterable[tuple[str, str]]) -> None:
