@@ -51,12 +51,14 @@ def _filters(only: Iterable[str], ignore: Iterable[str]) -> dict:
 def diff(ref: str, dst: str, *, db=None, checksum: str | None = None,
          mtime_tolerance: float = 0, index: bool = True, force: bool = False,
          max_vanish: float = 50, only: Iterable[str] = (), ignore: Iterable[str] = (),
+         perms: bool = True,
          **run_options) -> RunReport:
     """Differences between two locations; `report.value.differences` lists them.
     Both locations are re-listed first unless index=False (catalog only). With `checksum`,
     that checksum is computed wherever the catalog lacks it (then compared); without it,
     the adler32 checksums the catalog already holds are compared. `only`/`ignore` globs
-    leave paths out of the comparison on both sides."""
+    leave paths out of the comparison on both sides. perms=False leaves permission bits
+    (kind `mode`) out, as rsync --no-perms."""
     stages = []
     globs = _filters(only, ignore)
     if index:
@@ -66,9 +68,9 @@ def diff(ref: str, dst: str, *, db=None, checksum: str | None = None,
                    ("index", {"location": dst, **guard, "checksum": checksum, **globs})]
     stages.append(("diff", {"id": "diff", "ref": ref, "dst": dst,
                             "checksum": checksum or DEFAULT_ALGORITHM,
-                            "mtime_tolerance": mtime_tolerance, **globs}))
+                            "mtime_tolerance": mtime_tolerance, "perms": perms, **globs}))
     args = {"ref": ref, "dst": dst, "checksum": checksum, "mtime_tolerance": mtime_tolerance,
-            "index": index, **globs}
+            "index": index, "perms": perms, **globs}
     return _run(Pipeline.from_stages(stages), db, "diff", args, force=force, **run_options)
 
 
@@ -76,14 +78,18 @@ def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = F
          max_delete: int | None = None, replace: bool = True, checksum: str | None = None,
          transfers: int = 4, index: str = "both", force: bool = False, retries: int = 3,
          mtime_tolerance: float = 0, lock_wait: float = 0, max_vanish: float = 50,
-         only: Iterable[str] = (), ignore: Iterable[str] = (), **run_options) -> RunReport:
+         only: Iterable[str] = (), ignore: Iterable[str] = (), perms: bool = True,
+         owner: bool = False, hard_links: bool = False, **run_options) -> RunReport:
     """Make `dst` match `ref`. index: "both" re-lists both sides, "ref" trusts the catalog
     for the destination, "none" trusts it for both. Copies are verified with `checksum`
     (adler32 by default); naming it explicitly also compares the content of files whose
     size and mtime agree (computing checksums the catalog lacks, as rsync -c would).
     `only`/`ignore` globs leave paths out on both sides: neither copied nor deleted.
     More than `max_vanish` percent of the files the catalog knew in a location gone since
-    its last listing stops the run before anything is touched, unless `force`."""
+    its last listing stops the run before anything is touched, unless `force`.
+    Metadata as rsync -a: permission bits (perms=False: left as they are), the mtimes of
+    files, folders and links; owner=True also owner and group (as root, on local
+    destinations); hard_links=True keeps the names of one file linked (rsync -H)."""
     if index not in ("both", "ref", "none"):
         from .errors import ConfigError
 
@@ -98,14 +104,15 @@ def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = F
                                  "checksum": checksum, **globs}))
     stages.append(("diff", {"id": "plan", "ref": ref, "dst": dst,
                             "checksum": checksum or DEFAULT_ALGORITHM,
-                            "mtime_tolerance": mtime_tolerance, **globs}))
+                            "mtime_tolerance": mtime_tolerance, "perms": perms, **globs}))
     stages.append(("sync", {"from": "plan", "delete": delete, "max_delete": max_delete,
                             "replace": replace, "transfers": transfers, "retries": retries,
-                            "dry_run": dry_run, "lock_wait": lock_wait}))
+                            "dry_run": dry_run, "lock_wait": lock_wait, "owner": owner,
+                            "hard_links": hard_links}))
     args = {"ref": ref, "dst": dst, "dry_run": dry_run, "delete": delete,
             "max_delete": max_delete, "replace": replace, "checksum": checksum,
             "transfers": transfers, "index": index, "force": force, "max_vanish": max_vanish,
-            **globs}
+            "perms": perms, "owner": owner, "hard_links": hard_links, **globs}
     return _run(Pipeline.from_stages(stages), db, "sync", args, dry_run=dry_run, force=force,
                 **run_options)
 

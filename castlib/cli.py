@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds mtimes may differ by")
     c.add_argument("--json", action="store_true", help="JSON Lines, one per difference")
     c.add_argument("--no-index", action="store_true", help="use the catalog as it is")
+    c.add_argument("--no-perms", action="store_true",
+                   help="leave permission bits out (no `mode` differences)")
     _filter_options(c)
     _vanish_options(c, "accept listings in which more files vanished than --max-vanish allows")
 
@@ -144,6 +146,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--lock-wait", metavar="S", type=_seconds, default=0,
                    help="wait up to S seconds for another sync into DST to finish "
                         "(default: refuse at once)")
+    c.add_argument("--no-perms", action="store_true",
+                   help="leave permission bits as they are (rsync -a sets them)")
+    c.add_argument("--owner", action="store_true",
+                   help="also set owner and group as REF has them (as root, local DST)")
+    c.add_argument("--hard-links", action="store_true",
+                   help="names of one file in REF are hard links in DST too, as rsync -H "
+                        "(local REF and DST; else each name is copied)")
     c.add_argument("--json", action="store_true", help="last line: JSON object of counts")
     _filter_options(c)
 
@@ -262,7 +271,7 @@ def cmd_diff(args) -> int:
     report = api.diff(args.ref, args.dst, checksum=args.checksum,
                       mtime_tolerance=args.mtime_tolerance, index=not args.no_index,
                       force=args.force, max_vanish=args.max_vanish, only=args.only,
-                      ignore=args.ignore, **_common(args))
+                      ignore=args.ignore, perms=not args.no_perms, **_common(args))
     differences = report.value.differences
     out = sys.stdout
     for d in differences:
@@ -280,8 +289,9 @@ def cmd_sync(args) -> int:
                       max_delete=args.max_delete, replace=not args.no_replace,
                       checksum=args.checksum, transfers=args.transfers, index=args.index,
                       force=args.force, lock_wait=args.lock_wait,
-                      max_vanish=args.max_vanish, only=args.only,
-                      ignore=args.ignore, **_common(args))
+                      max_vanish=args.max_vanish, only=args.only, ignore=args.ignore,
+                      perms=not args.no_perms, owner=args.owner,
+                      hard_links=args.hard_links, **_common(args))
     if args.json:
         print(json.dumps(report.counts))
     return report.exit_code

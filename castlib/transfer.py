@@ -71,7 +71,8 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
               algorithm: str, expected_size: int | None, expected_checksum: str | None,
               mtime_ns: int | None, temp_key: bytes,
               on_bytes: Callable[[int], None] | None = None,
-              chunk_size: int = CHUNK_SIZE) -> TransferResult:
+              chunk_size: int = CHUNK_SIZE,
+              before_rename: Callable[[str], None] | None = None) -> TransferResult:
     """Copy src_path to dst_path and verify every byte before it takes the final name.
 
     Verification: the bytes read match the size (and checksum, when known) the catalog
@@ -79,8 +80,10 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
     computes it (server-side, or by reading it back), match the bytes read; and the
     source's size and mtime are the same after the read as before it (SourceChanged if
     not: a file rewritten in place while it was read would give a torn copy whose
-    checksum matches itself, and so passes every other check). temp_key:
-    the catalog's key that tags the temporary name (catalog.settings.temp_name_key).
+    checksum matches itself, and so passes every other check). temp_key: the catalog's
+    key that tags the temporary name (catalog.settings.temp_name_key). before_rename
+    (temporary path) sets what else the file should have (owner, permission bits) while
+    it is still under its temporary name.
     """
     tmp = temp_path(dst_path, temp_key)
     published = False
@@ -120,6 +123,8 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
         if mtime_ns is not None and dst.capabilities.set_mtime:
             dst.set_mtime(tmp, mtime_ns)
             mtime_set = True
+        if before_rename is not None:
+            before_rename(tmp)
         dst.rename(tmp, dst_path)
         published = True
         return TransferResult(size, read, mtime_set, third_party)

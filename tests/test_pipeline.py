@@ -35,8 +35,8 @@ def test_pipeline_indexes_diffs_syncs_and_reports(tmp_path, db_url):
     assert {d["path"] for d in report["differences"]} == {"run1", "run1/a.dat", "c.dat"}
     assert report["counts"]["missing"] == 3
     assert (tmp_path / "after.csv").read_text().splitlines() == [
-        "path,kind,ref_type,ref_size,ref_mtime_ns,ref_checksum,dst_type,dst_size,dst_mtime_ns,"
-        "dst_checksum,ref_corrupted,dst_corrupted"]
+        "path,kind,ref_type,ref_size,ref_mtime_ns,ref_checksum,ref_mode,dst_type,dst_size,"
+        "dst_mtime_ns,dst_checksum,dst_mode,ref_corrupted,dst_corrupted"]
     assert not (archive / "run1" / "b.tmp").exists()
     assert (archive / "run1" / "a.dat").read_bytes() == b"a"
     runs = run_cli("runs", db=db_url, check=0).stdout

@@ -30,6 +30,9 @@ class Stat:
     link_target: str | None = None
     checksums: dict[str, str] | None = None   # provided by the server with the listing
     online: bool | None = None     # False: on tape only (nearline), must be staged to read
+    inode: tuple | None = None     # (device, inode) of a file with several names (hard links)
+    uid: int | None = None         # owner and group, where the back-end tells them
+    gid: int | None = None
 
     @property
     def name(self) -> str:
@@ -48,6 +51,12 @@ class Capabilities:
     empty_dirs: bool = True              # folders exist on their own (not on object stores)
     third_party_copy: bool = False       # can copy from another server of its kind directly
     tape: bool = False                   # files may be nearline and need staging
+    # Metadata rsync -a keeps, where the back-end can hold it (the sync sets only these):
+    permissions: bool = False            # keeps permission bits, and can set them (chmod)
+    dir_mtimes: bool = False             # can set the mtime of a folder
+    link_mtimes: bool = False            # can set the mtime of a link itself (lutimes)
+    owner: bool = False                  # can set owner and group (local: only as root)
+    hard_links: bool = False             # tells which files share one inode, and can link them
 
     def as_dict(self) -> dict:
         return {
@@ -59,6 +68,11 @@ class Capabilities:
             "empty_dirs": self.empty_dirs,
             "third_party_copy": self.third_party_copy,
             "tape": self.tape,
+            "permissions": self.permissions,
+            "dir_mtimes": self.dir_mtimes,
+            "link_mtimes": self.link_mtimes,
+            "owner": self.owner,
+            "hard_links": self.hard_links,
         }
 
 
@@ -184,6 +198,18 @@ class Backend(ABC):
 
     def symlink(self, path: str, target: str) -> None:
         raise Unsupported(f"{self.url.scheme}:// cannot hold symbolic links", path=path)
+
+    def chmod(self, path: str, mode: int) -> None:
+        """Set the permission bits of a file or folder (capabilities.permissions)."""
+        raise Unsupported(f"{self.url.scheme}:// cannot set permissions", path=path)
+
+    def chown(self, path: str, uid: int | None, gid: int | None) -> None:
+        """Set owner and group of an entry, links not followed (capabilities.owner)."""
+        raise Unsupported(f"{self.url.scheme}:// cannot set owners", path=path)
+
+    def hard_link(self, path: str, existing: str) -> None:
+        """Make `path` a new name of the file `existing` (capabilities.hard_links)."""
+        raise Unsupported(f"{self.url.scheme}:// cannot hold hard links", path=path)
 
     def stage(self, paths: list[str], timeout_s: float) -> None:
         """Bring nearline (tape) files online before reading them; a no-op on disk storage."""

@@ -33,8 +33,10 @@ SECOND_NS = 1_000_000_000
 CAPABILITIES: dict[str, Capabilities] = {
     "s3": Capabilities(set_mtime=False, atomic_rename=False, server_checksums=frozenset({"md5"}),
                        mtime_precision_ns=SECOND_NS, empty_dirs=False),
+    # SFTP v3 sets permission bits and folder mtimes; a link's own mtime needs an OpenSSH
+    # extension (lsetstat), and owners need root on the far side: not claimed
     "sftp": Capabilities(set_mtime=True, atomic_rename=True, mtime_precision_ns=SECOND_NS,
-                         symlinks=True, empty_dirs=True),
+                         symlinks=True, empty_dirs=True, permissions=True, dir_mtimes=True),
     "webdav": Capabilities(set_mtime=False, atomic_rename=False, mtime_precision_ns=SECOND_NS,
                            empty_dirs=True),
     "memory": Capabilities(set_mtime=False, atomic_rename=False, empty_dirs=True),
@@ -534,6 +536,13 @@ class FsspecBackend(Backend):
             return super().symlink(path, target)
         with self._errors(path):
             self._on_sftp(self._sftp.symlink, target, self._full(path))
+
+    def chmod(self, path: str, mode: int) -> None:
+        if self.protocol != "sftp":
+            return super().chmod(path, mode)
+        self.fs   # connected: the SFTP client comes with the connection
+        with self._errors(path):
+            self._on_sftp(self._sftp.chmod, self._full(path), mode & 0o7777)
 
 
 # -- errors ------------------------------------------------------------------------------------

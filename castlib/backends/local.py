@@ -1,6 +1,7 @@
 """Local file systems (`file://` URLs and bare paths), through os.scandir."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -29,12 +30,19 @@ class LocalBackend(Backend):
     description = "local or mounted file system"
     capabilities = Capabilities(
         set_mtime=True, atomic_rename=True, mtime_precision_ns=1, symlinks=True,
-        empty_dirs=True,
+        empty_dirs=True, permissions=True, dir_mtimes=True, link_mtimes=True, owner=False,
+        hard_links=True,
     )
+
+    @classmethod
+    def capabilities_for(cls, scheme: str) -> Capabilities:
+        """Owners can be given away by root only (chown(2)): asked of this process."""
+        return dataclasses.replace(cls.capabilities, owner=os.geteuid() == 0)
 
     def __init__(self, url, options=None):
         super().__init__(url, options)
         self.root = url.path
+        self.capabilities = self.capabilities_for(url.scheme)
 
     # -- identity: what a root is, whatever its spelling ----------------------------------
     @classmethod
@@ -89,7 +97,8 @@ class LocalBackend(Backend):
                     mode = st.st_mode
                     file_type = mode & IFMT
                     if file_type == IFREG:
-                        yield Stat(path, FILE, st.st_size, st.st_mtime_ns, mode & 0o7777)
+                        yield Stat(path, FILE, st.st_size, st.st_mtime_ns, mode & 0o7777,
+                                   inode=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None)
                     elif file_type == IFDIR:
                         yield Stat(path, DIR, 0, st.st_mtime_ns, mode & 0o7777)
                         subdirs.append((path, entry.path))
@@ -115,14 +124,17 @@ class LocalBackend(Backend):
             raise storage_error(exc, path) from None
         mode = st.st_mode
         if statmod.S_ISDIR(mode):
-            return Stat(path, DIR, 0, st.st_mtime_ns, mode & 0o7777)
+            return Stat(path, DIR, 0, st.st_mtime_ns, mode & 0o7777, uid=st.st_uid,
+                        gid=st.st_gid)
         if statmod.S_ISLNK(mode):
             try:
                 target = os.readlink(self._abs(path))
             except OSError:
                 target = None
-            return Stat(path, LINK, st.st_size, st.st_mtime_ns, mode & 0o7777, target)
-        return Stat(path, FILE, st.st_size, st.st_mtime_ns, mode & 0o7777)
+            return Stat(path, LINK, st.st_size, st.st_mtime_ns, mode & 0o7777, target,
+                        uid=st.st_uid, gid=st.st_gid)
+        return Stat(path, FILE, st.st_size, st.st_mtime_ns, mode & 0o7777, uid=st.st_uid,
+                    gid=st.st_gid, inode=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None)
 
     # -- data ----------------------------------------------------------------------------
     def open_read(self, path: str) -> BinaryIO:
@@ -169,6 +181,24 @@ class LocalBackend(Backend):
     def symlink(self, path: str, target: str) -> None:
         try:
             os.symlink(target, self._abs(path))
+        except OSError as exc:
+            raise storage_error(exc, path) from None
+
+    def chmod(self, path: str, mode: int) -> None:
+        try:
+            os.chmod(self._abs(path), mode & 0o7777)
+        except OSError as exc:
+            raise storage_error(exc, path) from None
+
+    def chown(self, path: str, uid: int | None, gid: int | None) -> None:
+        try:
+            os.lchown(self._abs(path), -1 if uid is None else uid, -1 if gid is None else gid)
+        except OSError as exc:
+            raise storage_error(exc, path) from None
+
+    def hard_link(self, path: str, existing: str) -> None:
+        try:
+            os.link(self._abs(existing), self._abs(path), follow_symlinks=False)
         except OSError as exc:
             raise storage_error(exc, path) from None
 

@@ -74,7 +74,7 @@ class Difference(NamedTuple):
     """One path that differs between a reference and a destination location."""
 
     path: str           # catalog form (see catalog.paths)
-    kind: str           # missing, extra, type, size, checksum, corrupted, mtime
+    kind: str           # missing, extra, type, size, checksum, corrupted, mtime, mode
     ref: Side | None
     dst: Side | None
 
@@ -84,15 +84,20 @@ class Difference(NamedTuple):
             if side is not None:
                 out[label] = {"type": {"f": "file", "d": "dir", "l": "link"}[side.kind],
                               "size": side.size, "mtime_ns": side.mtime_ns,
-                              "checksum": side.checksum}
+                              "checksum": side.checksum, "mode": _octal(side.mode)}
                 if side.corrupted:
                     out[label]["corrupted"] = True
         return out
 
 
+def _octal(mode: int | None) -> str | None:
+    return None if mode is None else f"{mode:04o}"
+
+
 # "corrupted": a file verify found rotten on either side (the catalog's checksums agree,
-# the bytes do not); above mtime, whose fix would keep the rotten bytes
-DIFFERENCE_KINDS = ("missing", "extra", "type", "size", "checksum", "corrupted", "mtime")
+# the bytes do not); above mtime, whose fix would keep the rotten bytes.
+# `mode`: the permission bits of a file or folder (links have none worth the name on POSIX)
+DIFFERENCE_KINDS = ("missing", "extra", "type", "size", "checksum", "corrupted", "mtime", "mode")
 INSERT_COLUMNS = ("location_id", "path", "name", "kind", "size", "mtime_ns", "mode", "link_target",
                   "adler32", "md5", "sha256", "online", "first_seen", "last_seen", "deleted")
 
@@ -280,10 +285,15 @@ class Catalog:
         """Bulk update by id (`b_id`) of the metadata columns of changed entries."""
         if not rows:
             return
-        keys = [k for k in rows[0] if k != "b_id"]
-        stmt = update(E).where(E.c.id == bindparam("b_id")).values(
-            {k: bindparam(k) for k in keys})
-        conn.execute(stmt, rows)
+        # one statement per set of columns: a row whose content changed also clears its
+        # checksums, one whose permission bits alone changed keeps them
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(tuple(k for k in r if k != "b_id"), []).append(r)
+        for keys, group in groups.items():
+            stmt = update(E).where(E.c.id == bindparam("b_id")).values(
+                {k: bindparam(k) for k in keys})
+            conn.execute(stmt, group)
 
     def set_checksums(self, conn, location_id: int, algo: str,
                       values: Iterable[tuple[str, str]]) -> None:
@@ -417,7 +427,8 @@ class Catalog:
         """Differences between two locations, computed in SQL over the unique
         (location, path) index. `mtime_tolerance_ns=None` leaves mtimes out.
         One Difference per path, the most significant kind first:
-        missing, extra, type, size, checksum, corrupted, mtime."""
+        missing, extra, type, size, checksum, corrupted, mtime, mode (the permission bits
+        of files and folders, where both sides know them)."""
         if algorithm not in CHECKSUM_COLUMNS:
             raise ConfigError(f"unknown checksum algorithm {algorithm!r}")
         kinds = set(kinds)
@@ -448,6 +459,9 @@ class Catalog:
         if "type" in kinds:   # a link pointing elsewhere is a different kind of thing
             conds.append(and_(present, r.c.kind == "l", d.c.kind == "l",
                               func.coalesce(r.c.link_target, "") != func.coalesce(d.c.link_target, "")))
+        if "mode" in kinds:   # NULL (a side that does not know) compares as no difference
+            conds.append(and_(present, r.c.kind == d.c.kind, r.c.kind != "l",
+                              r.c.mode != d.c.mode))
         side = lambda t, c: (t.c.kind, t.c.size, t.c.mtime_ns, c, t.c.link_target, t.c.mode)  # noqa: E731
         live_d = and_(d.c.location_id == dst_id, d.c.deleted == False)  # noqa: E712
         if prefix:
@@ -478,6 +492,62 @@ class Catalog:
                 for row in conn.execution_options(yield_per=BATCH).execute(q):
                     yield Difference(row[0], "extra", None,
                                      Side(*row[1:-1], corrupted=bool(row[-1])))
+
+    def mtime_drift(self, ref_id: int, dst_id: int, *, kinds: Iterable[str] = ("d", "l"),
+                    algorithm: str = "adler32", tolerance_ns: int = 0,
+                    prefix: str = "") -> Iterator[Difference]:
+        """Folders and links (of `kinds`) both locations hold alike whose mtimes differ by
+        more than tolerance_ns, as Difference(kind "mtime"). Not differences that a diff
+        reports (a folder's mtime moves whenever its content does), but metadata a sync
+        sets as rsync -a does. A link pointing elsewhere is a `type` difference instead."""
+        kinds = [k for k in kinds if k in ("d", "l")]
+        if not kinds:
+            return
+        r, d = E.alias("r"), E.alias("d")
+        live_r = and_(r.c.location_id == ref_id, r.c.deleted == False,  # noqa: E712
+                      r.c.kind.in_(kinds))
+        if prefix:
+            low, high = subtree_range(prefix)
+            live_r = and_(live_r, r.c.path >= low, r.c.path < high)
+        join_d = and_(d.c.location_id == dst_id, d.c.path == r.c.path,
+                      d.c.deleted == False, d.c.kind == r.c.kind,  # noqa: E712
+                      func.coalesce(r.c.link_target, "") == func.coalesce(d.c.link_target, ""))
+        side = lambda t: (t.c.kind, t.c.size, t.c.mtime_ns, t.c[algorithm],  # noqa: E731
+                          t.c.link_target, t.c.mode)
+        q = (select(r.c.path, *side(r), *side(d)).select_from(r.join(d, join_d))
+             .where(live_r, func.abs(r.c.mtime_ns - d.c.mtime_ns) > tolerance_ns)
+             .order_by(r.c.path))
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=BATCH).execute(q):
+                yield Difference(row[0], "mtime", Side(*row[1:7]), Side(*row[7:13]))
+
+    def lookup(self, location_id: int, paths: Iterable[str],
+               algorithm: str = "adler32") -> dict[str, Side]:
+        """The live entries at `paths` of a location, as Sides, by path."""
+        paths = list(paths)
+        out: dict[str, Side] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(paths), 1000):
+                for row in conn.execute(select(
+                        E.c.path, E.c.kind, E.c.size, E.c.mtime_ns, E.c[algorithm],
+                        E.c.link_target, E.c.mode).where(
+                        E.c.location_id == location_id, E.c.deleted == False,  # noqa: E712
+                        E.c.path.in_(paths[i:i + 1000]))):
+                    out[row[0]] = Side(*row[1:])
+        return out
+
+    def set_metadata(self, location_id: int, rows: list[tuple[str, int | None, int | None]]
+                     ) -> None:
+        """Record (path, mtime_ns, mode) that a sync set on entries in place (None: left
+        as is); sizes and checksums stay, as the bytes did."""
+        if not rows:
+            return
+        stmt = (update(E).where(E.c.location_id == location_id, E.c.path == bindparam("b_path"))
+                .values(mtime_ns=func.coalesce(bindparam("b_mtime", type_=E.c.mtime_ns.type),
+                                               E.c.mtime_ns),
+                        mode=func.coalesce(bindparam("b_mode", type_=E.c.mode.type), E.c.mode)))
+        with self.engine.begin() as conn:
+            conn.execute(stmt, [{"b_path": p, "b_mtime": m, "b_mode": md} for p, m, md in rows])
 
     @staticmethod
     def _no_extra(conn, live_r, live_d, r, d, missing: int) -> bool:
@@ -559,18 +629,20 @@ def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> 
     if ref.kind == "l":
         same = (ref.link_target or "") == (dst.link_target or "")
         return None if same or "type" not in kinds else "type"
-    if ref.kind != "f":
-        return None
-    if "size" in kinds and ref.size != dst.size:
-        return "size"
-    if ("checksum" in kinds and ref.checksum and dst.checksum
-            and ref.checksum != dst.checksum):
-        return "checksum"
-    if "corrupted" in kinds and (ref.corrupted or dst.corrupted):
-        return "corrupted"
-    if ("mtime" in kinds and tol is not None and ref.mtime_ns is not None
-            and dst.mtime_ns is not None and abs(ref.mtime_ns - dst.mtime_ns) > tol):
-        return "mtime"
+    if ref.kind == "f":
+        if "size" in kinds and ref.size != dst.size:
+            return "size"
+        if ("checksum" in kinds and ref.checksum and dst.checksum
+                and ref.checksum != dst.checksum):
+            return "checksum"
+        if "corrupted" in kinds and (ref.corrupted or dst.corrupted):
+            return "corrupted"
+        if ("mtime" in kinds and tol is not None and ref.mtime_ns is not None
+                and dst.mtime_ns is not None and abs(ref.mtime_ns - dst.mtime_ns) > tol):
+            return "mtime"
+    if ("mode" in kinds and ref.mode is not None and dst.mode is not None
+            and ref.mode != dst.mode):
+        return "mode"
     return None
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..backends.base import DIR, LINK
 from ..catalog import DIFFERENCE_KINDS, Difference
 from ..checksum import ALGORITHMS
 from ..filters import PathFilter
@@ -29,6 +30,8 @@ class DiffParams(StageParams):
     ignore: list[str] | None = Field(None, description="globs of entries to leave out on both "
                                      "sides (default: those this run's index of the reference "
                                      "left out)")
+    perms: bool = Field(True, description="compare permission bits (kind mode) where the "
+                        "destination keeps them; false: as rsync --no-perms")
 
 
 @dataclass
@@ -40,6 +43,11 @@ class DiffResult:
     algorithm: str
     mtime_tolerance_ns: int | None
     differences: list[Difference] = field(default_factory=list)
+    perms: bool = False        # permission bits compared, and to be set by a sync
+    # folders and links alike on both sides but for their mtime: not differences (a
+    # folder's mtime moves with its content), but what a sync sets as rsync -a does
+    mtimes_to_set: list[Difference] = field(default_factory=list)
+    filter: PathFilter | None = None   # what the comparison left out (only/ignore)
 
     def counts(self) -> dict[str, int]:
         c = Counter(d.kind for d in self.differences)
@@ -63,7 +71,7 @@ def effective_mtime_tolerance(user_s: float, ref_backend, dst_backend) -> int | 
 class DiffStage(Stage):
     name = "diff"
     description = ("compare two locations from the catalog: missing, extra, type, size, checksum, "
-                   "corrupted (found by verify), mtime")
+                   "corrupted (found by verify), mtime, mode")
     Params = DiffParams
     location_params = ("ref", "dst")
 
@@ -71,20 +79,33 @@ class DiffStage(Stage):
         p: DiffParams = self.params
         ctx = self.context
         ref, dst = ctx.resolve(p.ref), ctx.resolve(p.dst)
-        tolerance = effective_mtime_tolerance(p.mtime_tolerance, ctx.backend(ref), ctx.backend(dst))
-        result = DiffResult(ref, dst, p.checksum, tolerance)
+        ref_backend, dst_backend = ctx.backend(ref), ctx.backend(dst)
+        tolerance = effective_mtime_tolerance(p.mtime_tolerance, ref_backend, dst_backend)
+        caps = dst_backend.capabilities
+        perms = p.perms and caps.permissions   # a mode the destination cannot keep is noise
+        result = DiffResult(ref, dst, p.checksum, tolerance, perms=perms)
         result.differences = list(ctx.catalog.diff(
             ref.record.id, dst.record.id, algorithm=p.checksum,
-            mtime_tolerance_ns=tolerance, kinds=p.kinds))
-        flt = self._filter(ref)
+            mtime_tolerance_ns=tolerance, kinds=[k for k in p.kinds if k != "mode" or perms]))
+        settable = [k for k, can in ((DIR, caps.dir_mtimes), (LINK, caps.link_mtimes)) if can]
+        if settable and "mtime" in p.kinds:
+            result.mtimes_to_set = list(ctx.catalog.mtime_drift(
+                ref.record.id, dst.record.id, kinds=settable, algorithm=p.checksum,
+                tolerance_ns=tolerance or 0))
+        flt = result.filter = self._filter(ref)
         if flt.active:   # left out of the comparison: neither copied nor deleted (rsync's --exclude)
             result.differences = [d for d in result.differences
                                   if flt.covers(d.path, (d.ref or d.dst).kind)]
+            result.mtimes_to_set = [d for d in result.mtimes_to_set
+                                    if flt.covers(d.path, d.ref.kind)]
         counts = result.counts()
         total = len(result.differences)
         detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
         summary = (f"diff {ref.name or ref.record.url} -> {dst.name or dst.record.url}: "
                    + (f"{total} differences ({detail})" if total else "identical"))
+        if result.mtimes_to_set:
+            summary += (f"; {len(result.mtimes_to_set)} folder or link mtimes differ "
+                        "(a sync sets them)")
         counts["total"] = total
         return StageOutcome(counts, [], result, summary)
 

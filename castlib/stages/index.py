@@ -44,6 +44,8 @@ class IndexResult:
     unlisted: list[str] = field(default_factory=list)        # folders that could not be listed
     only: list[str] = field(default_factory=list)            # the listing's filters
     ignore: list[str] = field(default_factory=list)
+    # (device, inode) -> catalog paths, for files listed with more than one name
+    hard_links: dict[tuple, list[str]] = field(default_factory=dict)
 
 
 class IndexStage(Stage):
@@ -153,6 +155,8 @@ class IndexStage(Stage):
                         else to_catalog(storage_path))
                 if kind == LINK and st.link_target is not None:   # a target is a path too
                     st.link_target = to_catalog(st.link_target)
+                elif st.inode is not None:   # a file of several names: sync --hard-links
+                    result.hard_links.setdefault(st.inode, []).append(path)
                 old = pop_existing(path, None)
                 if old is None:
                     row = _new_row(loc_id, path, st, stamp)

@@ -63,8 +63,8 @@ class ReportStage(Stage):
         elif fmt == "csv":
             if isinstance(value, DiffResult):
                 fields = ["path", "kind", "ref_type", "ref_size", "ref_mtime_ns", "ref_checksum",
-                          "dst_type", "dst_size", "dst_mtime_ns", "dst_checksum",
-                          "ref_corrupted", "dst_corrupted"]   # true where verify found rot
+                          "ref_mode", "dst_type", "dst_size", "dst_mtime_ns", "dst_checksum",
+                          "dst_mode", "ref_corrupted", "dst_corrupted"]   # true where verify found rot
                 writer = csv.DictWriter(stream, fields)
                 writer.writeheader()
                 for r in rows:

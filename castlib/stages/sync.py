@@ -12,11 +12,11 @@ from pydantic import Field
 from ..backends.base import DIR, FILE, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_key
-from ..catalog.paths import from_catalog, to_catalog
+from ..catalog.paths import from_catalog, parent_of, to_catalog
 from ..catalog.settings import temp_name_key
-from ..errors import NotFound, SafetyRefusal, SourceChanged, StorageError
+from ..errors import ConfigError, NotFound, SafetyRefusal, SourceChanged, StorageError
 from ..progress import human_bytes
-from ..transfer import copy_file, with_retries
+from ..transfer import copy_file, temp_path, with_retries
 from .base import Stage, StageOutcome, StageParams
 from .diff import DiffResult
 
@@ -35,6 +35,11 @@ class SyncParams(StageParams):
     dry_run: bool = Field(False, description="print what would be done, change nothing")
     lock_wait: float = Field(0, ge=0, description="seconds to wait for another sync into the "
                                                   "same destination to finish")
+    owner: bool = Field(False, description="give entries the reference's owner and group "
+                                           "(as rsync -o -g; local destinations, as root)")
+    hard_links: bool = Field(False, description="files that are one file under several names in "
+                             "the reference are linked so on the destination (as rsync -H), "
+                             "instead of copied once per name")
 
 
 @dataclass
@@ -46,6 +51,7 @@ class TransferPlan:
     copies: list[Difference] = field(default_factory=list)
     replaces: list[Difference] = field(default_factory=list)
     mtime_checks: list[Difference] = field(default_factory=list)  # same size, other mtime
+    modes: list[Difference] = field(default_factory=list)         # permission bits only
     links: list[Difference] = field(default_factory=list)
     deletes: list[Difference] = field(default_factory=list)
     kept: list[Difference] = field(default_factory=list)          # differ, but --no-replace
@@ -110,6 +116,8 @@ def make_plan(diff: DiffResult, *, delete: bool, replace: bool, dst_symlinks: bo
             (plan.replaces if replace else plan.kept).append(d)
         elif d.kind == "mtime":
             plan.mtime_checks.append(d)
+        elif d.kind == "mode":
+            plan.modes.append(d)
     plan.mkdirs.sort(key=lambda d: d.path)
     # children before parents, so folders are empty when their turn comes
     plan.deletes.sort(key=lambda d: d.path, reverse=True)
@@ -143,7 +151,17 @@ class SyncStage(Stage):
         self.diff = diff
         self.algo = diff.algorithm
         self.temp_key = temp_name_key(ctx.catalog)
+        self.perms = diff.perms   # the diff compared modes: the sync sets them
         ref_index = ctx.index_results.get(diff.ref.record.id)
+        if p.owner and not self.dst.capabilities.owner:
+            raise ConfigError(f"{diff.dst.record.url} cannot take owners (a local destination "
+                              "can, when castlib runs as root)", key="owner")
+        self.hard_links = (p.hard_links and self.src.capabilities.hard_links
+                           and self.dst.capabilities.hard_links)   # else each name is copied
+        if self.hard_links and ref_index is None:
+            raise ConfigError("hard links are found while listing the reference: list it in "
+                              "the same run (not --index none)", key="hard_links")
+        self.ref_groups = getattr(ref_index, "hard_links", {})
         plan = make_plan(diff, delete=p.delete, replace=p.replace,
                          dst_symlinks=self.dst.capabilities.symlinks,
                          unlisted_ref=[to_catalog(u) for u in getattr(ref_index, "unlisted", [])])
@@ -153,9 +171,13 @@ class SyncStage(Stage):
                 f"{p.max_delete}; nothing was changed")
         self.counts = dict.fromkeys(
             ("copied", "replaced", "deleted", "failed", "bytes", "dirs_created", "links_created",
-             "mtime_fixed", "kept", "extras_kept", "conflicts", "skipped", "temp_removed",
-             "changed_during_copy", "ref_corrupted"), 0)
+             "hard_links_created", "mtime_fixed", "mode_fixed", "owner_fixed", "kept",
+             "extras_kept", "conflicts", "skipped", "temp_removed", "changed_during_copy",
+             "ref_corrupted"), 0)
         self.errors: list[str] = []
+        self.failed_paths: set[str] = set()
+        self.touched: set[str] = set()   # folders this run wrote into: their mtimes moved
+        self.meta_rows: list[tuple[str, int | None, int | None]] = []
         self.dst_rows: list[dict] = []
         self.ref_sums: list[tuple[str, str]] = []
         self.removed: list[str] = []
@@ -196,6 +218,7 @@ class SyncStage(Stage):
             except StorageError as exc:
                 raise StorageError(f"cannot create destination {self.diff.dst.record.url}: {exc}")
         for path in leftovers:   # temporary files of an earlier, interrupted run
+            self._touch(to_catalog(path))
             try:
                 self.dst.delete(path)
                 c["temp_removed"] += 1
@@ -209,12 +232,22 @@ class SyncStage(Stage):
             self._mkdir(d)
         if plan.mtime_checks:
             self._settle_mtimes(plan)
+        hard_links = self._plan_hard_links(plan) if self.hard_links else []
         self._transfer(plan.copies, plan.replaces, p)
         for d in plan.links:
             self._link(d)
+        for job in hard_links:
+            self._hard_link(*job)
         for d in plan.deletes:
             self._delete(d)
         self._record()
+        # Last, as rsync does: permission bits and mtimes that writing the content moved
+        # (a folder's mtime changes with each entry made or removed in it), deepest first.
+        self._settle_metadata(plan)
+        if p.owner:
+            self._settle_owners()
+        self.context.catalog.set_metadata(self.diff.dst.record.id, self.meta_rows)
+        self.meta_rows = []
 
     def outcome_so_far(self) -> StageOutcome | None:
         """What an interrupted sync did: its copies (in the catalog by now) and errors."""
@@ -229,6 +262,7 @@ class SyncStage(Stage):
 
     # -- actions ---------------------------------------------------------------------------
     def _mkdir(self, d: Difference) -> None:
+        self._touch(d.path)
         try:
             self.dst.mkdir(from_catalog(d.path))
             self.counts["dirs_created"] += 1
@@ -239,9 +273,12 @@ class SyncStage(Stage):
             self._fail(d.path, f"cannot create folder: {exc}")
 
     def _link(self, d: Difference) -> None:
+        self._touch(d.path)
         try:
             self.dst.symlink(from_catalog(d.path), from_catalog(d.ref.link_target or ""))
             self.counts["links_created"] += 1
+            if d.ref.mtime_ns is not None and self.dst.capabilities.link_mtimes:
+                self.dst.set_mtime(from_catalog(d.path), d.ref.mtime_ns)   # the link's own
             st = self.dst.stat(from_catalog(d.path))
             self._remember(d.path, LINK, st.size if st else None, st.mtime_ns if st else None,
                            None, d.ref.link_target, st.mode if st else None)
@@ -249,6 +286,7 @@ class SyncStage(Stage):
             self._fail(d.path, f"cannot create link: {exc}")
 
     def _delete(self, d: Difference) -> None:
+        self._touch(d.path)
         try:
             self.dst.delete(from_catalog(d.path))
             self.counts["deleted"] += 1
@@ -283,9 +321,13 @@ class SyncStage(Stage):
                     continue
                 try:
                     self.dst.set_mtime(from_catalog(d.path), d.ref.mtime_ns)
+                    mode = d.dst.mode
+                    if self._mode_to_set(d) is not None:
+                        self.dst.chmod(from_catalog(d.path), d.ref.mode)
+                        mode = d.ref.mode
                     self.counts["mtime_fixed"] += 1
                     self._remember(d.path, FILE, d.dst.size, d.ref.mtime_ns, dst_sum, None,
-                                   d.dst.mode)
+                                   mode)
                 except StorageError as exc:
                     self._fail(d.path, f"cannot set mtime: {exc}")
 
@@ -300,6 +342,8 @@ class SyncStage(Stage):
             except StorageError as exc:
                 self.errors.append(f"staging from tape: {exc}")
         total = sum(d.ref.size or 0 for d, _ in jobs)
+        for d, _ in jobs:   # even a failed copy made and removed a temporary file there
+            self._touch(d.path)
         progress = self.context.progress("sync", len(jobs), total)
         ctx = self.context
         stop = threading.Event()   # set when the run is interrupted: no copy starts after it
@@ -309,18 +353,21 @@ class SyncStage(Stage):
                 raise _Stopped()
             progress.add_bytes(n)
 
-        def attempt(d: Difference, path: str):
+        def attempt(d: Difference, path: str, finish):
             if stop.is_set():
                 raise _Stopped()
             return copy_file(self.src, path, self.dst, path, algorithm=self.algo,
                              expected_size=d.ref.size, expected_checksum=d.ref.checksum,
                              mtime_ns=d.ref.mtime_ns, temp_key=self.temp_key,
-                             on_bytes=on_bytes)
+                             on_bytes=on_bytes, before_rename=finish)
 
         def one(job):
             d, verb = job
             path = from_catalog(d.path)
-            result = with_retries(lambda: attempt(d, path), retries=p.retries,
+            mode = self._mode_to_set(d, new=True)
+            # the bits are set under the temporary name: a file never shows with others
+            finish = (lambda tmp: self.dst.chmod(tmp, mode)) if mode is not None else None
+            result = with_retries(lambda: attempt(d, path, finish), retries=p.retries,
                                   backoff_s=ctx.retry_backoff_s, describe=path)
             # the copy is in place: a glitch now must not count it failed
             final = with_retries(lambda: self.dst.stat(path), retries=p.retries,
@@ -378,6 +425,183 @@ class SyncStage(Stage):
             pool.shutdown(wait=True)
             progress.close()
 
+    # -- hard links --------------------------------------------------------------------------
+    def _plan_hard_links(self, plan: TransferPlan) -> list[tuple[Difference | None, str, str]]:
+        """(difference or None, path, leader): names of one reference file that become
+        links to one of them (the leader) on the destination instead of copies. The leader
+        is a name already right on the destination, else the first one copied; names right
+        in content but not linked to it are re-linked (None)."""
+        writes = {d.path: d for d in plan.copies + plan.replaces}
+        unusable = {d.path for d in self.diff.differences
+                    if d.kind in ("missing", "type", "size", "checksum")}
+        unusable |= {d.path for d in plan.kept} | self.failed_paths
+        jobs: list[tuple[Difference | None, str, str]] = []
+        linked: set[str] = set()
+        for paths in self.ref_groups.values():
+            if len(paths) < 2:
+                continue
+            paths = sorted(paths)
+            good = [p for p in paths if p not in writes and p not in unusable]
+            leader = good[0] if good else next((p for p in paths if p in writes), None)
+            if leader is None:
+                continue
+            leader_inode = self._dst_inode(leader) if good else None
+            for path in paths:
+                if path == leader:
+                    continue
+                if path in writes:
+                    jobs.append((writes[path], path, leader))
+                    linked.add(path)
+                elif path in good and (leader_inode is None
+                                       or self._dst_inode(path) != leader_inode):
+                    jobs.append((None, path, leader))
+        if linked:
+            plan.copies = [d for d in plan.copies if d.path not in linked]
+            plan.replaces = [d for d in plan.replaces if d.path not in linked]
+        return jobs
+
+    def _dst_inode(self, path: str):
+        try:
+            st = self.dst.stat(from_catalog(path))
+        except StorageError:
+            return None
+        return st.inode if st is not None else None
+
+    def _hard_link(self, d: Difference | None, path: str, leader: str) -> None:
+        """Give the leader's file the name `path`: linked under a temporary name, then
+        renamed over whatever was there (same bytes, or bytes being replaced)."""
+        self._touch(path)
+        if leader in self.failed_paths:
+            self._fail(path, f"not linked: {leader} (the same file) failed")
+            return
+        storage = from_catalog(path)
+        tmp = temp_path(storage, self.temp_key)
+        try:
+            self.dst.hard_link(tmp, from_catalog(leader))
+            try:
+                self.dst.rename(tmp, storage)
+            except StorageError:
+                self.dst.delete(tmp)
+                raise
+        except StorageError as exc:
+            self._fail(path, f"cannot link to {leader}: {exc}")
+            return
+        self.counts["hard_links_created"] += 1
+        if d is not None:   # a name the catalog did not have right: record it
+            st = self.dst.stat(storage)
+            self._remember(path, FILE, st.size if st else d.ref.size,
+                           st.mtime_ns if st else None, d.ref.checksum, None,
+                           st.mode if st else None)
+
+    # -- metadata ------------------------------------------------------------------------------
+    def _touch(self, path: str) -> None:
+        """Note that this run makes or removes an entry at `path`: its folder's mtime moves."""
+        self.touched.add(parent_of(path))
+
+    def _mode_to_set(self, d: Difference, new: bool = False) -> int | None:
+        """The permission bits to give the destination entry of `d`, if any."""
+        if not self.perms or d.ref is None or d.ref.mode is None:
+            return None
+        if new or d.dst is None or d.dst.mode != d.ref.mode:
+            return d.ref.mode
+        return None
+
+    def _settle_metadata(self, plan: TransferPlan) -> None:
+        """Permission bits that alone differ; folder and link mtimes that differ or that
+        this run moved; the folders' own permission bits. Folders last and deepest first,
+        after their content is written (a read-only folder, set first, would refuse it)."""
+        caps = self.dst.capabilities
+        folders: dict[str, object] = {}
+        counted: dict[str, set[str]] = {"mode_fixed": set(), "mtime_fixed": set()}
+        for d in plan.mkdirs:
+            if d.path not in self.failed_paths:
+                folders[d.path] = d.ref
+        for d in plan.modes:
+            counted["mode_fixed"].add(d.path)
+            if d.ref.kind == DIR:
+                folders[d.path] = d.ref
+                continue
+            try:
+                self.dst.chmod(from_catalog(d.path), d.ref.mode)
+                self.counts["mode_fixed"] += 1
+                self.meta_rows.append((d.path, None, d.ref.mode))
+            except StorageError as exc:
+                self._fail(d.path, f"cannot set permissions: {exc}")
+        for d in self.diff.mtimes_to_set:
+            counted["mtime_fixed"].add(d.path)
+            if d.ref.kind == DIR:
+                folders[d.path] = d.ref
+                continue
+            try:   # a link: its own mtime, not its target's
+                self.dst.set_mtime(from_catalog(d.path), d.ref.mtime_ns)
+                self.counts["mtime_fixed"] += 1
+                self.meta_rows.append((d.path, d.ref.mtime_ns, None))
+            except StorageError as exc:
+                self._fail(d.path, f"cannot set mtime: {exc}")
+        moved = [p for p in self.touched if p and p not in folders and p not in self.failed_paths]
+        for path, side in self.context.catalog.lookup(self.diff.ref.record.id, moved,
+                                                      self.algo).items():
+            if side.kind == DIR:
+                folders[path] = side
+        for path in sorted(folders, reverse=True):   # a folder's content sorts after it
+            side = folders[path]
+            mode = side.mode if self.perms else None
+            mtime = side.mtime_ns if caps.dir_mtimes else None
+            try:
+                if mode is not None:
+                    self.dst.chmod(from_catalog(path), mode)
+                if mtime is not None:
+                    self.dst.set_mtime(from_catalog(path), mtime)
+            except StorageError as exc:
+                self._fail(path, f"cannot set folder permissions or mtime: {exc}")
+                continue
+            for key, paths in counted.items():
+                self.counts[key] += path in paths
+            self.meta_rows.append((path, mtime, mode))
+        self._settle_root()
+
+    def _settle_root(self) -> None:
+        """The destination root is no catalog entry: its mtime and bits from a stat."""
+        caps = self.dst.capabilities
+        if not (self.perms or caps.dir_mtimes):
+            return
+        try:
+            ref, dst = self.src.stat(""), self.dst.stat("")
+            if ref is None or dst is None or ref.kind != DIR or dst.kind != DIR:
+                return
+            if self.perms and ref.mode is not None and ref.mode != dst.mode:
+                self.dst.chmod("", ref.mode)
+            tolerance = self.diff.mtime_tolerance_ns or 0
+            if (caps.dir_mtimes and ref.mtime_ns is not None and dst.mtime_ns is not None
+                    and abs(ref.mtime_ns - dst.mtime_ns) > tolerance):
+                self.dst.set_mtime("", ref.mtime_ns)
+        except StorageError as exc:
+            self._fail(".", f"cannot set the destination root's permissions or mtime: {exc}")
+
+    def _settle_owners(self) -> None:
+        """Owner and group as the reference has them, for every entry the comparison
+        covers (the catalog keeps no owners: both sides are asked). A chown clears the
+        set-user-ID and set-group-ID bits of a file: they are set again after it."""
+        flt = self.diff.filter
+        paths = [""] + [e["path"] for e in self.context.catalog.entries(self.diff.ref.record.id)
+                        if flt is None or flt.covers(e["path"], e["kind"])]
+        for path in paths:
+            if path in self.failed_paths:
+                continue
+            storage = from_catalog(path)
+            try:
+                ref, dst = self.src.stat(storage), self.dst.stat(storage)
+                if (ref is None or dst is None or ref.kind != dst.kind or ref.uid is None
+                        or (ref.uid, ref.gid) == (dst.uid, dst.gid)):
+                    continue
+                self.dst.chown(storage, ref.uid, ref.gid)
+                if (self.perms and ref.kind == FILE and ref.mode is not None
+                        and ref.mode & 0o6000):
+                    self.dst.chmod(storage, ref.mode)
+                self.counts["owner_fixed"] += 1
+            except StorageError as exc:
+                self._fail(path or ".", f"cannot set owner: {exc}")
+
     # -- bookkeeping -------------------------------------------------------------------------
     def _remember(self, path, kind, size, mtime_ns, checksum, link_target, mode=None) -> None:
         row = {"path": path, "name": path.rsplit("/", 1)[-1], "kind": kind, "size": size,
@@ -399,6 +623,7 @@ class SyncStage(Stage):
 
     def _fail(self, path: str, message: str) -> None:
         self.counts["failed"] += 1
+        self.failed_paths.add(path)
         self.errors.append(f"{path}: {message}")
 
     def _print_plan(self, plan: TransferPlan, leftovers: list[str]) -> None:
@@ -423,6 +648,12 @@ class SyncStage(Stage):
             c["bytes"] += d.ref.size or 0
         for d in plan.mtime_checks:
             print(f"would compare checksums of {d.path} (mtime differs)", file=out)
+        for d in plan.modes:
+            print(f"would set permissions of {d.path} to {d.ref.mode:04o}", file=out)
+            c["mode_fixed"] += 1
+        for d in self.diff.mtimes_to_set:
+            print(f"would set mtime of {d.path}", file=out)
+            c["mtime_fixed"] += 1
         for d in plan.links:
             print(f"would link {d.path} -> {d.ref.link_target}", file=out)
             c["links_created"] += 1
@@ -443,7 +674,9 @@ class SyncStage(Stage):
             summary += f" in {elapsed:.1f} s ({human_bytes(rate)}/s)"
         done = [f"{c[k]} {label}" for k, label in (
             ("dirs_created", "folders created"), ("links_created", "links created"),
-            ("mtime_fixed", "mtimes fixed"), ("temp_removed", "leftover temporary files removed"))
+            ("hard_links_created", "hard links made"), ("mtime_fixed", "mtimes fixed"),
+            ("mode_fixed", "permissions fixed"), ("owner_fixed", "owners fixed"),
+            ("temp_removed", "leftover temporary files removed"))
             if c[k]]
         if done:
             summary += "; " + ", ".join(done)

@@ -16,6 +16,7 @@ entry = st.fixed_dictionaries({
     "mtime_ns": st.sampled_from([0, 10**9, 2 * 10**9, 2 * 10**9 + 5]),
     "adler32": st.sampled_from([None, "00000001", "00000002"]),
     "link_target": st.sampled_from(["t1", "t2"]),
+    "mode": st.sampled_from([None, 0o644, 0o755]),
     "deleted": st.booleans(),
     "corrupted": st.sampled_from([False, False, True]),   # as verify marks it
 })
@@ -24,7 +25,8 @@ trees = st.dictionaries(paths, entry, max_size=9)
 
 def model(ref: dict, dst: dict, tol, kinds) -> dict[str, str]:
     """Each path is reported once, as the most significant of the kinds asked for that
-    apply to it: missing, type, size, checksum, corrupted (either side), mtime."""
+    apply to it: missing, type, size, checksum, corrupted (either side), mtime, mode (files
+    and folders whose sides both know their permission bits)."""
     ref = {p: e for p, e in ref.items() if not e["deleted"]}
     dst = {p: e for p, e in dst.items() if not e["deleted"]}
     out = {}
@@ -48,6 +50,9 @@ def model(ref: dict, dst: dict, tol, kinds) -> dict[str, str]:
                 applicable.append("corrupted")
             if tol is not None and abs(r["mtime_ns"] - d["mtime_ns"]) > tol:
                 applicable.append("mtime")
+        if (d is not None and r["kind"] == d["kind"] != "l" and None not in (r["mode"], d["mode"])
+                and r["mode"] != d["mode"]):
+            applicable.append("mode")
         chosen = [k for k in applicable if k in kinds]
         if chosen:
             out[p] = chosen[0]
@@ -60,7 +65,7 @@ def load(catalog: Catalog, tree: dict) -> int:
     loc = catalog.location(f"/model/{next(_counter)}")
     rows = []
     for path, e in tree.items():
-        row = dict(e, location_id=loc.id, path=path, name=path.rsplit("/", 1)[-1], mode=None,
+        row = dict(e, location_id=loc.id, path=path, name=path.rsplit("/", 1)[-1],
                    md5=None, sha256=None, online=None, first_seen=NOW, last_seen=NOW)
         if row["kind"] != "l":
             row["link_target"] = None
@@ -97,7 +102,7 @@ def _catalog(url: str) -> Catalog:
 def test_diff_of_a_subtree_only(db_url):
     catalog = _catalog(db_url)
     e = {"kind": "f", "size": 1, "mtime_ns": 0, "adler32": None, "link_target": None,
-         "deleted": False, "corrupted": False}
+         "deleted": False, "corrupted": False, "mode": None}
     ref = load(catalog, {"a/x": e, "b/x": e, "a-b": e})
     dst = load(catalog, {})
     got = {d.path for d in catalog.diff(ref, dst, prefix="a")}
