@@ -271,13 +271,19 @@ class Catalog:
         return conn.execute(select(func.max(E.c.id))).scalar() or 0
 
     def update_entries(self, conn, rows: list[dict]) -> None:
-        """Bulk update by id (`b_id`) of the metadata columns of changed entries."""
-        if not rows:
-            return
-        keys = [k for k in rows[0] if k != "b_id"]
-        stmt = update(E).where(E.c.id == bindparam("b_id")).values(
-            {k: bindparam(k) for k in keys})
-        conn.execute(stmt, rows)
+        """Bulk update by id (`b_id`) of the columns each row names; a column a row leaves
+        out keeps its value (a mode-only change keeps the checksums, a content change sets
+        them to None). An executemany binds every row to the columns of one statement, so
+        rows go in one statement per set of columns: a statement built from the first
+        row's columns silently dropped a later row's (a stale checksum kept) or demanded
+        them of a row that had none (the whole batch failed, at every later index)."""
+        groups: dict[frozenset, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(frozenset(row), []).append(row)
+        for keys, group in groups.items():
+            stmt = update(E).where(E.c.id == bindparam("b_id")).values(
+                {k: bindparam(k) for k in sorted(keys) if k != "b_id"})
+            conn.execute(stmt, group)
 
     def set_checksums(self, conn, location_id: int, algo: str,
                       values: Iterable[tuple[str, str]]) -> None:
