@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from ..errors import ConfigError
 from ..location import LocationURL, parse_location, scrub_secrets
 from .database import create_catalog_engine, default_db_url, upgrade
+from .index_lock import index_lock
 from .paths import parent_of, subtree_range
 from .schema import CHECKSUM_COLUMNS, Entry, Location, Run, StageResult, StorageNode
 
@@ -329,7 +330,8 @@ class Catalog:
         if not rows:
             return
         now = utcnow()
-        with self.engine.begin() as conn:
+        # an index of the location may be writing its entries: wait for it (index_lock)
+        with index_lock(self, location_id), self.engine.begin() as conn:
             paths = [r["path"] for r in rows]
             existing = {}
             for i in range(0, len(paths), 1000):
@@ -358,7 +360,7 @@ class Catalog:
         if not paths:
             return
         now = utcnow()
-        with self.engine.begin() as conn:
+        with index_lock(self, location_id), self.engine.begin() as conn:
             for i in range(0, len(paths), 1000):
                 conn.execute(update(E).where(E.c.location_id == location_id,
                                              E.c.path.in_(paths[i:i + 1000]))

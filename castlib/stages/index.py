@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..backends.base import DIR, FILE, LINK, Stat
+from ..catalog.index_lock import index_lock
 from ..catalog.paths import from_catalog, to_catalog
 from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
 from ..checksum import ALGORITHMS
@@ -49,13 +50,21 @@ class IndexStage(Stage):
     location_params = ("location",)
 
     def run(self) -> StageOutcome:
-        with _cyclic_gc_paused():
-            return self._index()
+        ctx = self.context
+        loc = ctx.resolve(self.params.location)
 
-    def _index(self) -> StageOutcome:
+        def waiting() -> None:
+            if not ctx.quiet:
+                print(f"castlib: waiting for another run writing the entries of "
+                      f"{loc.name or loc.record.url}", file=ctx.err)
+
+        # from the baseline read to the last write: see catalog.index_lock
+        with index_lock(ctx.catalog, loc.record.id, on_wait=waiting), _cyclic_gc_paused():
+            return self._index(loc)
+
+    def _index(self, loc) -> StageOutcome:
         p: IndexParams = self.params
         ctx = self.context
-        loc = ctx.resolve(p.location)
         backend = ctx.backend(loc)
         catalog = ctx.catalog
         loc_id = loc.record.id
