@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 
 from sqlalchemy import text
 
+from .database import driver_errors
+
 _INDEX_NAMESPACE = 0x0CA6   # locks.py uses 0x0CA5 for destinations
 
 
@@ -67,7 +69,8 @@ def _flock(catalog, location_id: int, on_wait) -> Iterator[None]:
     if not database or database == ":memory:":   # one process: nobody to wait for
         yield
         return
-    fd = os.open(f"{database}.index-lock-{location_id}", os.O_RDWR | os.O_CREAT, 0o644)
+    with driver_errors(catalog.engine):   # a read-only or full catalog folder: one line
+        fd = os.open(f"{database}.index-lock-{location_id}", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

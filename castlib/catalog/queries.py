@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConfigError
 from ..location import LocationURL, parse_location, scrub_secrets
-from .database import create_catalog_engine, default_db_url, upgrade
+from .database import create_catalog_engine, default_db_url, driver_errors, upgrade
 from .index_lock import index_lock
 from .paths import parent_of, subtree_range
 from .schema import CHECKSUM_COLUMNS, Entry, Location, Run, StageResult, StorageNode
@@ -202,7 +202,7 @@ class Catalog:
                f"sha256 FROM entries WHERE location_id = {marker}")
         make = IndexedEntry._make
         out: dict[str, IndexedEntry] = {}
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn, driver_errors(self.engine):
             cursor = conn.connection.cursor()   # the DBAPI cursor itself
             try:
                 cursor.execute(sql, (location_id,))
@@ -263,7 +263,8 @@ class Catalog:
                f"AND p.path = {marker}))")
         cursor = conn.connection.cursor()   # the DBAPI cursor, in conn's transaction:
         try:                                # SQLAlchemy would insist on tuples
-            cursor.executemany(sql, rows)
+            with driver_errors(self.engine):
+                cursor.executemany(sql, rows)
         finally:
             cursor.close()
 
