@@ -373,3 +373,39 @@ def test_catalog_follows_any_sequence_of_changes(tmp_path, db_url, steps, batch)
                         castlib.index(str(root), db=catalog, checksum=args[1], force=True)
                     except _Killed:
                         pass
+
+
+# -- --rehash without --checksum ----------------------------------------------------------------
+
+def _same_size_and_mtime(path, data: bytes) -> None:
+    st = os.stat(path)
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_rehash_without_checksum_recomputes_the_kinds_the_location_has(tmp_path, db_url):
+    """`index --rehash` alone did nothing at all: it recomputes the checksums the catalog
+    holds for the location (here adler32 and md5, not sha256)."""
+    import hashlib
+
+    root = make_tree(tmp_path / "t", {"a.dat": b"original", "b.dat": b"other"})
+    castlib.index(str(root), db=db_url, checksum="adler32")
+    castlib.index(str(root), db=db_url, checksum="md5")
+    _same_size_and_mtime(root / "a.dat", b"ORIGINAL")   # bit-rot, as far as an index sees
+    r = castlib.index(str(root), db=db_url, rehash=True)
+    assert r.exit_code == 0 and r.counts["hashed"] == 4   # two files, two algorithms
+    e = entries(db_url, root)
+    assert e["a.dat"]["adler32"] == _adler(b"ORIGINAL")
+    assert e["a.dat"]["md5"] == hashlib.md5(b"ORIGINAL").hexdigest()
+    assert e["a.dat"]["sha256"] is None and e["b.dat"]["adler32"] == _adler(b"other")
+
+
+def test_rehash_without_checksum_of_a_location_without_any_is_refused(tmp_path, db_url):
+    from tests.helpers import run_cli
+
+    root = make_tree(tmp_path / "t", {"a.dat": b"a"})
+    run_cli("index", str(root), db=db_url, check=0)
+    r = run_cli("index", str(root), "--rehash", db=db_url, check=2)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "--rehash" in lines[0] and "--checksum" in lines[0], r.stderr
+    assert str(root) in lines[0]
