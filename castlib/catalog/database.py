@@ -74,7 +74,8 @@ def catalog_fault(engine: Engine, exc: BaseException) -> CatalogError | None:
     full = ((code is not None and code & 0xFF == _SQLITE_FULL) or state == _PG_DISK_FULL
             or errno_ in (errno.ENOSPC, errno.EDQUOT))
     read_only = ((code is not None and code & 0xFF == _SQLITE_READONLY)
-                 or state == _PG_READ_ONLY or errno_ == errno.EROFS)
+                 or state == _PG_READ_ONLY
+                 or errno_ in (errno.EROFS, errno.EACCES, errno.EPERM))
     if not (full or read_only):
         return None
     where = _where(engine)
@@ -212,8 +213,8 @@ def _refuse_empty(database: str) -> None:
 def _writable(database: str) -> bool:
     """Whether the catalog file (or, for a new one, its folder) can be written: False on
     a read-only mount, whoever asks."""
-    return os.access(database if os.path.exists(database) else os.path.dirname(database),
-                     os.W_OK)
+    return os.access(database if os.path.exists(database)
+                     else os.path.dirname(database) or ".", os.W_OK)
 
 
 def _create_sqlite_file(engine: Engine, database: str) -> None:

@@ -324,7 +324,8 @@ def _assert_catalog_is_disk(catalog, root) -> None:
     assert set(live) == set(disk)
     for path, (kind, size, mtime_ns, mode, data) in disk.items():
         e = live[path]
-        assert (e["kind"], e["size"], e["mtime_ns"], e["mode"]) == (kind, size, mtime_ns, mode), path
+        got = (e["kind"], e["size"], e["mtime_ns"], e["mode"])
+        assert got == (kind, size, mtime_ns, mode), path
         if data is None:
             continue
         truth = {"adler32": _adler(data), "md5": hashlib.md5(data).hexdigest(),
