@@ -1,5 +1,6 @@
 """Several writers on one catalog at once: parallel indexes, racing location registration,
-and the per-destination sync lock, including one held by a process that was killed."""
+the per-destination sync lock (including one held by a process that was killed), and
+writers of one location's entries taking turns (the index lock)."""
 import os
 import signal
 import subprocess
@@ -256,6 +257,6 @@ def test_an_index_of_a_destination_while_a_sync_fills_it(tmp_path, db_url):
             indexes += 1
         out, err = sync.communicate()
         assert sync.returncode == 0, f"round {rnd}: sync: {err}"
-        assert indexes > 1, "the sync ended before an index could run beside it"
+        assert indexes, "the sync ended before an index could run beside it"
         run_cli("index", str(dst), db=db_url, check=0)
         _assert_same_in_catalog(db_url, ref, dst, extra_ok=True)
