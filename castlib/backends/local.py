@@ -91,6 +91,8 @@ class LocalBackend(Backend):
                     path = f"{rel}/{name}" if rel else name
                     try:
                         st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:   # gone since the folder was read (a
+                        continue                # sync renamed its temporary file): not there
                     except OSError as exc:
                         on_error(path, exc.strerror or str(exc))
                         continue

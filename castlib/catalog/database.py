@@ -1,8 +1,9 @@
 """Opening a catalog: the database URL, connection settings, and schema upgrades on open."""
 from __future__ import annotations
 
+import errno
 import os
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -56,6 +57,61 @@ def _sqlite_pragmas(dbapi_conn, _record):
     cur.close()
 
 
+# SQLite's primary result codes (the low byte of an extended code) and PostgreSQL's
+# SQLSTATEs for a catalog that cannot take a write: the user can act on these, they are
+# not castlib's bugs
+_SQLITE_READONLY, _SQLITE_FULL = 8, 13
+_PG_DISK_FULL, _PG_READ_ONLY = "53100", "25006"
+
+
+def catalog_fault(engine: Engine, exc: BaseException) -> CatalogError | None:
+    """The one line to say for a catalog that is full or read-only, or None: `exc` from
+    the database driver (or an OSError about the catalog's own files)."""
+    orig = getattr(exc, "orig", None) or exc
+    code = getattr(orig, "sqlite_errorcode", None)
+    state = getattr(orig, "sqlstate", None)
+    errno_ = getattr(orig, "errno", None) if isinstance(orig, OSError) else None
+    full = ((code is not None and code & 0xFF == _SQLITE_FULL) or state == _PG_DISK_FULL
+            or errno_ in (errno.ENOSPC, errno.EDQUOT))
+    read_only = ((code is not None and code & 0xFF == _SQLITE_READONLY)
+                 or state == _PG_READ_ONLY
+                 or errno_ in (errno.EROFS, errno.EACCES, errno.EPERM))
+    if not (full or read_only):
+        return None
+    where = _where(engine)
+    if full:
+        return CatalogError(f"catalog: disk full ({where}): the run stopped; free some space "
+                            "and run again")
+    return CatalogError(f"catalog is read-only ({where}): castlib records every run and "
+                        "listing in it, so it needs write access")
+
+
+def _where(engine: Engine) -> str:
+    if engine.dialect.name == "sqlite" and engine.url.database:
+        return engine.url.database
+    return redact(str(engine.url))
+
+
+def _translate_fault(context) -> None:
+    """SQLAlchemy's handle_error hook: a full or read-only catalog is said in one line."""
+    fault = catalog_fault(context.engine, context.original_exception)
+    if fault is not None:
+        raise fault
+
+
+@contextmanager
+def driver_errors(engine: Engine) -> Iterator[None]:
+    """The same for code that drives the DBAPI cursor itself (the hot paths of indexing),
+    which SQLAlchemy's hook never sees."""
+    try:
+        yield
+    except Exception as exc:
+        fault = catalog_fault(engine, exc)
+        if fault is None:
+            raise
+        raise fault from None
+
+
 def create_catalog_engine(url: str) -> Engine:
     url = normalise_db_url(url)
     try:
@@ -80,6 +136,7 @@ def create_catalog_engine(url: str) -> Engine:
         raise ConfigError(f"cannot use database {redact(url)!r}: {exc}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "handle_error", _translate_fault)
     return engine
 
 
@@ -95,46 +152,93 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
 
     Several processes may open a new catalog at once (indexers on several hosts, cron jobs
     starting together): the check and the migration run under one lock, so none of them
-    sees another's half-made schema. A new SQLite file is locked from the first connection
-    on: turning it to WAL mode needs the file to itself."""
-    with ExitStack() as lock:
-        new_file = _new_sqlite_file(engine)
-        if new_file:
-            lock.enter_context(_upgrade_lock(engine))
-        try:
-            before = current_revision(engine)
-        except SQLAlchemyError as exc:   # unreachable server, refused login, not a database...
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"]
-            raise CatalogError(f"cannot open catalog {redact(str(engine.url))}: "
-                               f"{reason[0]}") from None
+    sees another's half-made schema. A new SQLite catalog is made whole under a temporary
+    name and renamed into place, so a catalog file is never empty: an empty one was
+    truncated (or is not castlib's), and is refused rather than started afresh."""
+    database = _sqlite_file(engine)
+    if database is not None:
+        _refuse_empty(database)
+        if not os.path.exists(database):
+            with _upgrade_lock(engine):
+                if not os.path.exists(database):   # not made by another process meanwhile
+                    _create_sqlite_file(engine, database)
+                    return None, HEAD_REVISION
+    try:
+        before = current_revision(engine)
+    except CatalogError:
+        raise
+    except SQLAlchemyError as exc:   # unreachable server, refused login, not a database...
+        if database is not None and not _writable(database):
+            raise catalog_fault(engine, OSError(errno.EROFS, "read-only")) from None
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"]
+        raise CatalogError(f"cannot open catalog {redact(str(engine.url))}: "
+                           f"{reason[0]}") from None
+    if before == HEAD_REVISION:
+        return before, before
+    with _upgrade_lock(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(7305114)"))
+        before = current_revision_conn(conn)   # another process may have done it meanwhile
         if before == HEAD_REVISION:
             return before, before
-        if not new_file:
-            lock.enter_context(_upgrade_lock(engine))
-        with engine.begin() as conn:
-            if engine.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(7305114)"))
-            before = current_revision_conn(conn)   # another process may have done it meanwhile
-            if before == HEAD_REVISION:
-                return before, before
-            if before is None:
-                if inspect(conn).has_table("entries"):
-                    raise CatalogError("the database holds castlib-like tables but no schema "
-                                       "version; refusing to touch it")
-                create_schema(conn)
-                return before, HEAD_REVISION
-            head = run_migrations(conn, before)
+        if before is None:
+            if inspect(conn).has_table("entries"):
+                raise CatalogError("the database holds castlib-like tables but no schema "
+                                   "version; refusing to touch it")
+            create_schema(conn)
+            return before, HEAD_REVISION
+        head = run_migrations(conn, before)
     return before, head
 
 
-def _new_sqlite_file(engine: Engine) -> bool:
+def _sqlite_file(engine: Engine) -> str | None:
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:":
-        return False
+        return None
+    return database
+
+
+def _refuse_empty(database: str) -> None:
     try:
-        return os.path.getsize(database) == 0
+        size = os.path.getsize(database)
     except OSError:
-        return True
+        return
+    if size == 0:
+        raise CatalogError(
+            f"catalog {database} is an empty file (0 bytes): castlib never leaves one, so it "
+            "was truncated or is not a catalog; refusing to start a new catalog over it "
+            "(restore it from a backup, or remove it to start afresh)")
+
+
+def _writable(database: str) -> bool:
+    """Whether the catalog file (or, for a new one, its folder) can be written: False on
+    a read-only mount, whoever asks."""
+    return os.access(database if os.path.exists(database)
+                     else os.path.dirname(database) or ".", os.W_OK)
+
+
+def _create_sqlite_file(engine: Engine, database: str) -> None:
+    """A new SQLite catalog: schema and WAL mode under a temporary name, then renamed to
+    `database` (the caller holds the upgrade lock and saw nothing there). SQLite would
+    otherwise create an empty file at the first connection, which another process could
+    not tell from a truncated catalog."""
+    temporary = f"{database}.new-{os.getpid()}"
+    scratch = create_engine(f"sqlite:///{temporary}", future=True,
+                            connect_args={"timeout": 60})
+    event.listen(scratch, "connect", _sqlite_pragmas)
+    try:
+        with driver_errors(engine), scratch.begin() as conn:
+            create_schema(conn)
+        scratch.dispose()   # the last connection gone, SQLite folds its WAL into the file
+        os.rename(temporary, database)
+    except BaseException:
+        scratch.dispose()
+        for leftover in (temporary, temporary + "-wal", temporary + "-shm"):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+        raise
 
 
 def create_schema(conn) -> None:
@@ -180,7 +284,8 @@ def _upgrade_lock(engine: Engine) -> Iterator[None]:
         return
     import fcntl
 
-    fd = os.open(f"{database}.upgrade-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    with driver_errors(engine):
+        fd = os.open(f"{database}.upgrade-lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)   # released by the kernel if this process dies
         yield

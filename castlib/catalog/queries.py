@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConfigError
 from ..location import LocationURL, parse_location, scrub_secrets
-from .database import create_catalog_engine, default_db_url, upgrade
+from .database import create_catalog_engine, default_db_url, driver_errors, upgrade
+from .index_lock import index_lock
 from .paths import parent_of, subtree_range
 from .schema import CHECKSUM_COLUMNS, Entry, Location, Run, StageResult, StorageNode
 
@@ -212,7 +213,7 @@ class Catalog:
                f"sha256, corrupted FROM entries WHERE location_id = {marker}")
         make = IndexedEntry._make
         out: dict[str, IndexedEntry] = {}
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn, driver_errors(self.engine):
             cursor = conn.connection.cursor()   # the DBAPI cursor itself
             try:
                 cursor.execute(sql, (location_id,))
@@ -273,7 +274,8 @@ class Catalog:
                f"AND p.path = {marker}))")
         cursor = conn.connection.cursor()   # the DBAPI cursor, in conn's transaction:
         try:                                # SQLAlchemy would insist on tuples
-            cursor.executemany(sql, rows)
+            with driver_errors(self.engine):
+                cursor.executemany(sql, rows)
         finally:
             cursor.close()
 
@@ -282,17 +284,18 @@ class Catalog:
         return conn.execute(select(func.max(E.c.id))).scalar() or 0
 
     def update_entries(self, conn, rows: list[dict]) -> None:
-        """Bulk update by id (`b_id`) of the metadata columns of changed entries."""
-        if not rows:
-            return
-        # one statement per set of columns: a row whose content changed also clears its
-        # checksums, one whose permission bits alone changed keeps them
-        groups: dict[tuple, list[dict]] = {}
-        for r in rows:
-            groups.setdefault(tuple(k for k in r if k != "b_id"), []).append(r)
+        """Bulk update by id (`b_id`) of the columns each row names; a column a row leaves
+        out keeps its value (a mode-only change keeps the checksums, a content change sets
+        them to None). An executemany binds every row to the columns of one statement, so
+        rows go in one statement per set of columns: a statement built from the first
+        row's columns silently dropped a later row's (a stale checksum kept) or demanded
+        them of a row that had none (the whole batch failed, at every later index)."""
+        groups: dict[frozenset, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(frozenset(row), []).append(row)
         for keys, group in groups.items():
             stmt = update(E).where(E.c.id == bindparam("b_id")).values(
-                {k: bindparam(k) for k in keys})
+                {k: bindparam(k) for k in sorted(keys) if k != "b_id"})
             conn.execute(stmt, group)
 
     def set_checksums(self, conn, location_id: int, algo: str,
@@ -339,7 +342,8 @@ class Catalog:
         if not rows:
             return
         now = utcnow()
-        with self.engine.begin() as conn:
+        # an index of the location may be writing its entries: wait for it (index_lock)
+        with index_lock(self, location_id), self.engine.begin() as conn:
             paths = [r["path"] for r in rows]
             existing = {}
             for i in range(0, len(paths), 1000):
@@ -392,7 +396,7 @@ class Catalog:
         if not paths:
             return
         now = utcnow()
-        with self.engine.begin() as conn:
+        with index_lock(self, location_id), self.engine.begin() as conn:
             for i in range(0, len(paths), 1000):
                 conn.execute(update(E).where(E.c.location_id == location_id,
                                              E.c.path.in_(paths[i:i + 1000]))

@@ -10,11 +10,12 @@ from typing import Literal
 from pydantic import Field
 
 from ..backends.base import DIR, FILE, LINK, Stat
+from ..catalog.index_lock import index_lock
 from ..catalog.paths import from_catalog, to_catalog
 from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
 from ..catalog.settings import temp_name_key
 from ..checksum import ALGORITHMS
-from ..errors import LocationMissing, SafetyRefusal, StorageError
+from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
 from ..transfer import TEMP_MARK, is_temp_name
 from .base import Stage, StageOutcome, StageParams
@@ -26,7 +27,9 @@ class IndexParams(StageParams):
         None, description="also compute this checksum for new or changed files")
     only: list[str] = Field(default_factory=list, description="globs of files to include")
     ignore: list[str] = Field(default_factory=list, description="globs of entries to leave out")
-    rehash: bool = Field(False, description="recompute checksums even when size and mtime agree")
+    rehash: bool = Field(False, description="recompute checksums even when size and mtime "
+                                            "agree (without checksum: every kind the "
+                                            "location has)")
     workers: int = Field(4, ge=1, le=64, description="parallel checksum computations")
     force: bool = Field(False, description="accept a listing in which more of the files the "
                                            "catalog knew vanished than max_vanish allows")
@@ -55,13 +58,21 @@ class IndexStage(Stage):
     location_params = ("location",)
 
     def run(self) -> StageOutcome:
-        with _cyclic_gc_paused():
-            return self._index()
+        ctx = self.context
+        loc = ctx.resolve(self.params.location)
 
-    def _index(self) -> StageOutcome:
+        def waiting() -> None:
+            if not ctx.quiet:
+                print(f"castlib: waiting for another run writing the entries of "
+                      f"{loc.name or loc.record.url}", file=ctx.err)
+
+        # from the baseline read to the last write: see catalog.index_lock
+        with index_lock(ctx.catalog, loc.record.id, on_wait=waiting), _cyclic_gc_paused():
+            return self._index(loc)
+
+    def _index(self, loc) -> StageOutcome:
         p: IndexParams = self.params
         ctx = self.context
-        loc = ctx.resolve(p.location)
         backend = ctx.backend(loc)
         catalog = ctx.catalog
         loc_id = loc.record.id
@@ -83,6 +94,13 @@ class IndexStage(Stage):
 
         existing = catalog.load_entries(loc_id)
         known_files = sum(1 for e in existing.values() if e.kind == FILE and not e.deleted)
+        algos = [p.checksum] if p.checksum else []
+        if p.rehash and not algos:   # recompute the checksums the location has
+            algos = _algorithms_held(existing)
+            if not algos:
+                raise ConfigError(
+                    f"--rehash: the catalog holds no checksums of {loc.record.url} to "
+                    f"recompute; name one with --checksum ({', '.join(ALGORITHMS)})")
         root_exists = backend.root_exists()
         forced = p.force or ctx.force
         if not root_exists and not (p.missing_ok and (known_files == 0 or forced)):
@@ -97,36 +115,47 @@ class IndexStage(Stage):
         inserts: list[list] = []   # rows in INSERT_COLUMNS order
         updates: list[dict] = []
         to_hash: list[tuple[str, str, int]] = []   # (catalog path, storage path, size)
-        algo = p.checksum
+        algo = algos[0] if algos else None   # the one a listing may provide (see flush)
         progress = ctx.progress(f"index {loc.name or loc.record.url}")
         listed_sums: dict[str, str] = {}   # checksums the listing itself provided
         recheck: dict[str, str] = {}   # files marked corrupted, re-read: their good checksum
         pending_writes = 0
         sum_at = INSERT_COLUMNS.index(algo) if algo else None
+        columns = {a: INSERT_COLUMNS.index(a) for a in algos}
         first_new_id: int | None = None
 
         def flush() -> None:
             nonlocal inserts, updates, to_hash, pending_writes, first_new_id
-            hashed = self._hash(backend, algo, to_hash, p.workers, counts, errors, progress)
+            # each algorithm reads the files again: more than one only for a --rehash of
+            # a location holding several kinds of checksum
+            hashed_by = {a: self._hash(backend, a, to_hash, p.workers, counts, errors, progress)
+                         for a in algos}
             sound = []   # a re-read of a corrupted file is compared, never recorded
             for path, good in recheck.items():
-                if hashed.pop(path, None) == good:
+                if hashed_by[algo].pop(path, None) == good:
                     sound.append(path)
+                for other in algos[1:]:
+                    hashed_by[other].pop(path, None)
             recheck.clear()
             counts["corrupted_cleared"] += len(sound)
-            hashed.update(listed_sums)
+            if algo:
+                hashed_by[algo].update(listed_sums)
             listed_sums.clear()
-            for row in inserts:
-                if row[1] in hashed:
-                    row[sum_at] = hashed.pop(row[1])
+            for a, hashed in hashed_by.items():
+                if hashed:
+                    at = columns[a]
+                    for row in inserts:
+                        if row[1] in hashed:
+                            row[at] = hashed.pop(row[1])
             with catalog.engine.begin() as conn:
                 if inserts:
                     if first_new_id is None:
                         first_new_id = catalog.max_entry_id(conn)
                     catalog.insert_entry_rows(conn, inserts)
                 catalog.update_entries(conn, updates)
-                if hashed:
-                    catalog.set_checksums(conn, loc_id, algo, hashed.items())
+                for a, hashed in hashed_by.items():
+                    if hashed:
+                        catalog.set_checksums(conn, loc_id, a, hashed.items())
                 if sound:
                     catalog.clear_corrupted(conn, loc_id, sound)
             inserts, updates, to_hash, pending_writes = [], [], [], 0
@@ -163,7 +192,7 @@ class IndexStage(Stage):
                     inserts.append(row)
                     counts["new"] += 1
                     if algo and kind == FILE:
-                        if st.checksums and st.checksums.get(algo):
+                        if st.checksums and st.checksums.get(algo) and not algos[1:]:
                             row[sum_at] = st.checksums[algo]
                         else:
                             to_hash.append((path, st.path, st.size or 0))
@@ -235,8 +264,8 @@ class IndexStage(Stage):
         summary = (f"indexed {loc.name or loc.record.url}: {counts['files']} files, "
                    f"{counts['dirs']} folders; {counts['new']} new, {counts['changed']} changed, "
                    f"{counts['deleted']} vanished")
-        if algo:
-            summary += f"; {counts['hashed']} hashed ({algo})"
+        if algos:
+            summary += f"; {counts['hashed']} hashed ({', '.join(algos)})"
         if result.unlisted:
             summary += f"; {len(result.unlisted)} folders unreadable"
         if counts["corrupted_cleared"]:
@@ -320,6 +349,12 @@ def _refuse_mass_vanish(url: str, unseen: dict, flt: PathFilter, unlisted: list[
         f"({gone * 100 / known:.0f} %, more than --max-vanish {max_vanish:g} %){empty}: is "
         "the disk mounted? nothing was changed (use --force, or a higher --max-vanish, to "
         "accept)")
+
+
+def _algorithms_held(existing: dict) -> list[str]:
+    """The checksum algorithms of which the catalog holds a value for some live file."""
+    return [a for a in ALGORITHMS if any(e.kind == FILE and not e.deleted and e.checksum(a)
+                                         for e in existing.values())]
 
 
 def _below_any(path: str, folders: list[str]) -> bool:

@@ -1,5 +1,6 @@
 """Several writers on one catalog at once: parallel indexes, racing location registration,
-and the per-destination sync lock, including one held by a process that was killed."""
+the per-destination sync lock (including one held by a process that was killed), and
+writers of one location's entries taking turns (the index lock)."""
 import os
 import signal
 import subprocess
@@ -7,9 +8,10 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import pytest
 from sqlalchemy import text
 
-from castlib.catalog import Catalog
+from castlib.catalog import DIFFERENCE_KINDS, Catalog
 from castlib.catalog.database import HEAD_REVISION
 from castlib.catalog.locks import location_lock
 from tests.helpers import REPO_ROOT, cli_env, make_tree, run_cli
@@ -111,7 +113,7 @@ def test_second_sync_into_a_locked_destination_refuses_with_one_line(tmp_path, d
 
 HOLD_LOCK = """
 import sys, time
-from castlib.catalog import Catalog
+from castlib.catalog import DIFFERENCE_KINDS, Catalog
 from castlib.catalog.locks import location_lock
 catalog = Catalog(sys.argv[1])
 loc = catalog.location(sys.argv[2])
@@ -140,3 +142,121 @@ def test_a_lock_held_by_a_killed_process_is_released(tmp_path, db_url):
         time.sleep(0.5)
     assert r.returncode == 0, r.stderr
     assert (dst / "a.dat").read_bytes() == b"a"
+
+
+def _start(*args, db_url):
+    return subprocess.Popen([sys.executable, "-m", "castlib", "--db", db_url, *args],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _start_together(db_url, *commands):
+    """Processes that go on together, as cron jobs of one minute do: started while the
+    catalog's runs table is held, each waits at its first write (recording its run) and
+    all go on the moment it is released. Python's start-up (a second, under load) would
+    otherwise keep them apart by more than the race lasts."""
+    catalog = Catalog(db_url)
+    try:
+        if catalog.dialect == "sqlite":
+            import sqlite3
+
+            gate = sqlite3.connect(catalog.engine.url.database, isolation_level=None)
+            gate.execute("BEGIN IMMEDIATE")   # the write lock: readers go on, writers wait
+        else:
+            gate = catalog.engine.raw_connection()
+            gate.cursor().execute("LOCK TABLE runs IN SHARE ROW EXCLUSIVE MODE")
+        procs = [_start(*c, db_url=db_url) for c in commands]
+        deadline = time.monotonic() + 60
+        while not _all_waiting(catalog, procs) and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), "a run ended before the gate opened"
+            time.sleep(0.05)
+        gate.rollback() if catalog.dialect != "sqlite" else gate.execute("ROLLBACK")
+        gate.close()
+        return procs
+    finally:
+        catalog.close()
+
+
+def _all_waiting(catalog, procs) -> bool:
+    if catalog.dialect == "postgresql":
+        with catalog.engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted "
+                                     "AND relation = 'runs'::regclass")).scalar() == len(procs)
+    # SQLite shows no waiters: a process that has the catalog open is a moment from its
+    # first write
+    database = os.path.realpath(catalog.engine.url.database)
+    for p in procs:
+        try:
+            fds = os.listdir(f"/proc/{p.pid}/fd")
+        except FileNotFoundError:
+            return False
+        if not any(_readlink(f"/proc/{p.pid}/fd/{fd}") == database for fd in fds):
+            return False
+    time.sleep(0.5)
+    return True
+
+
+def _readlink(path):
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+@pytest.mark.slow
+def test_one_reference_synced_into_two_destinations_at_once(tmp_path, db_url):
+    """Two cron jobs from one reference start together: both list the reference into the
+    catalog. Two writers of one location's entries inserted the same new paths, and one
+    died of a UNIQUE constraint. The destinations already hold the files (copies with
+    their mtimes): the race is in listing, and copying would only slow the test."""
+    import shutil
+
+    Catalog(db_url).close()
+    for rnd in range(3):
+        ref = _tree(tmp_path / f"ref{rnd}", n_dirs=4, n_files=250)   # new to the catalog
+        dsts = [tmp_path / f"dst{rnd}-{i}" for i in range(2)]
+        for d in dsts:
+            shutil.copytree(ref, d)
+        procs = _start_together(db_url, *[("sync", str(ref), str(d)) for d in dsts])
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, f"round {rnd}: {err}"
+        _assert_same_in_catalog(db_url, ref, *dsts)
+
+
+def _assert_same_in_catalog(db_url, ref, *dsts, extra_ok=False):
+    catalog = Catalog(db_url)
+    kinds = [k for k in DIFFERENCE_KINDS if not (extra_ok and k == "extra")]
+    try:
+        ref_id = catalog.find_location(str(ref)).id
+        assert catalog.live_count(ref_id) == len([f for f in ref.rglob("*") if f.is_file()])
+        for d in dsts:
+            dst_id = catalog.find_location(str(d)).id
+            assert list(catalog.diff(ref_id, dst_id, kinds=kinds)) == [], d
+    finally:
+        catalog.close()
+
+
+@pytest.mark.slow
+def test_an_index_of_a_destination_while_a_sync_fills_it(tmp_path, db_url):
+    """The sync records what it copied (every 500 files) while the index lists what it
+    finds: both wrote the destination's new entries, and one of them died of a UNIQUE
+    constraint. The destination's other files make each listing last long enough for
+    the sync to record a batch meanwhile. Neither may crash; the catalog ends up right."""
+    dst = _tree(tmp_path / "dst", n_dirs=10, n_files=1000)   # files the reference lacks
+    run_cli("index", str(dst), db=db_url, check=0)
+    for rnd in range(2):
+        ref = make_tree(tmp_path / f"ref{rnd}", {f"new{rnd}/d{d}/f{f}.dat": f"{rnd}{d}{f}"
+                                                  for d in range(3) for f in range(400)})
+        sync = _start("sync", str(ref), str(dst), "--transfers", "1", db_url=db_url)
+        indexes = 0
+        while sync.poll() is None:
+            # rehashing every file: a listing that lasts, as a large destination's would
+            r = run_cli("index", str(dst), "--checksum", "adler32", "--rehash", db=db_url)
+            assert r.returncode == 0, f"round {rnd}: index: {r.stderr}"
+            indexes += 1
+        out, err = sync.communicate()
+        assert sync.returncode == 0, f"round {rnd}: sync: {err}"
+        assert indexes, "the sync ended before an index could run beside it"
+        run_cli("index", str(dst), db=db_url, check=0)
+        _assert_same_in_catalog(db_url, ref, dst, extra_ok=True)
