@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -19,9 +20,10 @@ from urllib.parse import quote
 import fsspec
 import fsspec.asyn
 
-from ..checksum import CHUNK_SIZE
-from ..errors import NotFound, StorageError, TransientStorageError
+from ..checksum import CHUNK_SIZE, checksum_stream
+from ..errors import NotFound, StorageError, TransientStorageError, Unsupported
 from ..location import LocationURL, redact
+from ..transfer import is_temp_name, temp_path
 from .base import (DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat,
                    walk_by_folder)
 
@@ -92,6 +94,7 @@ class FsspecBackend(Backend):
         self._connect_lock = threading.RLock()   # a failed connect reports through _connection_failed
         self._sftp = None
         self._dav = None
+        self._setstat_policy: bool | None = None   # see _setstat_denied_by_policy
         self.root = self._root_path()
 
     # -- connecting ------------------------------------------------------------------------
@@ -148,6 +151,7 @@ class FsspecBackend(Backend):
             opts.setdefault("known_hosts", ())
             opts.setdefault("connect_timeout", self.connect_timeout)
             opts.setdefault("login_timeout", self.connect_timeout)
+            opts.setdefault("encryption_algs", _sftp_cipher_preference())
             if self.url.password and "password" not in opts:
                 opts["password"] = self.url.password
             if self.url.user:
@@ -184,6 +188,11 @@ class FsspecBackend(Backend):
         if self.protocol == "memory":
             return fsspec.filesystem("memory")
         return fsspec.filesystem(self.url.scheme, skip_instance_cache=True, **opts)
+
+    def _client(self):
+        """The SFTP client, connected (a back-end's first call may be any of them)."""
+        self.fs
+        return self._sftp
 
     def _on_sftp(self, call, *args, **kwargs):
         """Run one of the SFTP client's coroutines on the file system's loop, and wait for
@@ -263,6 +272,8 @@ class FsspecBackend(Backend):
         message = f"{where}: {kind}" + (f" ({detail})" if detail and detail != kind else "")
         if kind == "not found":
             return NotFound(message, path=path)
+        if kind == "operation unsupported":
+            return Unsupported(message, path=path)
         if kind in _TRANSIENT_KINDS:
             return TransientStorageError(message, path=path)
         return StorageError(message, path=path)
@@ -391,7 +402,7 @@ class FsspecBackend(Backend):
         try:
             with self._errors(path):
                 try:
-                    attrs = self._on_sftp(self._sftp.lstat, self._full(path))
+                    attrs = self._on_sftp(self._client().lstat, self._full(path))
                 except asyncssh.SFTPNoSuchFile:
                     return None
         except NotFound:
@@ -406,12 +417,12 @@ class FsspecBackend(Backend):
 
     def _readlink(self, path: str) -> str | None:
         try:
-            return self._on_sftp(self._sftp.readlink, self._full(path))
+            return self._on_sftp(self._client().readlink, self._full(path))
         except Exception:  # a link we cannot read is still listed, without its target
             return None
 
     # -- data ------------------------------------------------------------------------------
-    def open_read(self, path: str) -> BinaryIO:
+    def open_read(self, path: str, exact: bool = False) -> BinaryIO:
         with self._errors(path):
             if self.protocol == "webdav":
                 return _Reader(self, path, self._dav_get(path))
@@ -420,7 +431,7 @@ class FsspecBackend(Backend):
                 f = self.fs.open(self._full(path), "rb", block_size=self.block_size,
                                  cache_type="none")
             elif self.protocol == "sftp":
-                f = _SftpFile(self, path, "rb")
+                f = _SftpFile(self, path, "rb", exact=exact)
             else:
                 f = self.fs.open(self._full(path), "rb", block_size=self.block_size)
             return _Reader(self, path, f)
@@ -465,6 +476,12 @@ class FsspecBackend(Backend):
             md5 = _etag_md5(info.get("ETag"))
             if md5:
                 return md5
+        if self.protocol == "sftp" and is_temp_name(posixpath.basename(path)):
+            # the read-back of a temporary file castlib just wrote, under a name nobody
+            # else uses: the size it had when opened is the size it has
+            with self.open_read(path, exact=True) as stream:
+                digests, _ = checksum_stream(stream, (algorithm,), CHUNK_SIZE)
+            return digests[algorithm]
         return super().checksum(path, algorithm)
 
     # -- namespace -------------------------------------------------------------------------
@@ -477,8 +494,7 @@ class FsspecBackend(Backend):
     def rename(self, src: str, dst: str) -> None:
         with self._errors(src):
             if self.protocol == "sftp":
-                self._on_sftp(self._sftp.posix_rename,
-                                 self._full(src), self._full(dst))
+                self._sftp_rename(src, dst)
             elif self.protocol == "webdav":
                 if _DESTINATION_UNSAFE.intersection(dst):
                     return self._dav_copy_and_delete(src, dst)
@@ -487,6 +503,41 @@ class FsspecBackend(Backend):
                 # copy + delete, file by file: fs.mv would read "?" and "[" as glob patterns
                 self.fs.cp_file(self._full(src), self._full(dst))
                 self.fs.rm_file(self._full(src))
+
+    def _sftp_rename(self, src: str, dst: str) -> None:
+        """posix-rename@openssh.com replaces the target in one step. A server without it
+        (learned at the first refusal) gets SFTP v3's plain rename, which refuses an
+        existing target: that one is moved aside first, and back if the rename fails."""
+        import asyncssh
+
+        if self.capabilities.atomic_rename:
+            try:
+                self._on_sftp(self._client().posix_rename, self._full(src), self._full(dst))
+                return
+            except asyncssh.SFTPOpUnsupported:
+                self._learn_refusal("atomic_rename", "posix-rename")
+        try:
+            self._on_sftp(self._client().rename, self._full(src), self._full(dst))
+            return
+        except asyncssh.SFTPError:
+            existing = self._sftp_lstat(dst)
+            if existing is None or existing.kind == DIR:
+                raise
+        aside = temp_path(dst)   # a castlib temporary name: a killed run's next sync removes it
+        self._on_sftp(self._client().rename, self._full(dst), self._full(aside))
+        try:
+            self._on_sftp(self._client().rename, self._full(src), self._full(dst))
+        except BaseException:
+            self._on_sftp(self._client().rename, self._full(aside), self._full(dst))
+            raise
+        self._on_sftp(self._client().remove, self._full(aside))
+
+    def _learn_refusal(self, capability: str, what: str) -> None:
+        """A server refused what the protocol's capabilities promised: this location does
+        without it from now on (the sync engine asks the capabilities, and skips)."""
+        if getattr(self.capabilities, capability):
+            log.info("%s: the server refuses %s; doing without", self._where(), what)
+            self.capabilities = dataclasses.replace(self.capabilities, **{capability: False})
 
     def _dav_copy_and_delete(self, src: str, dst: str) -> None:
         """Rename by streaming the bytes through: WsgiDAV (and others) unquote a MOVE's
@@ -504,7 +555,7 @@ class FsspecBackend(Backend):
         with self._errors(path):
             if st.kind != DIR:
                 if self.protocol == "sftp":
-                    self._on_sftp(self._sftp.remove, self._full(path))
+                    self._on_sftp(self._client().remove, self._full(path))
                 elif self.protocol == "webdav":
                     self.fs.client.remove(self._full(path))
                 else:
@@ -521,23 +572,66 @@ class FsspecBackend(Backend):
                 self.fs.client.remove(self._full(path))
                 return
             if self.protocol == "sftp":
-                self._on_sftp(self._sftp.rmdir, self._full(path))
+                self._on_sftp(self._client().rmdir, self._full(path))
             else:
                 self.fs.rmdir(self._full(path))
 
     def set_mtime(self, path: str, mtime_ns: int) -> None:
-        if self.protocol != "sftp":
+        if self.protocol != "sftp" or not self.capabilities.set_mtime:
             return super().set_mtime(path, mtime_ns)
+        import asyncssh
+
         seconds = mtime_ns // SECOND_NS   # SFTP v3 keeps whole seconds
-        with self._errors(path):
-            self._on_sftp(self._sftp.utime, self._full(path),
-                             (seconds, seconds))
+        try:
+            with self._errors(path):
+                try:
+                    self._on_sftp(self._client().utime, self._full(path), (seconds, seconds))
+                except asyncssh.SFTPPermissionDenied:
+                    if not self._setstat_denied_by_policy(path):
+                        raise
+                    raise asyncssh.SFTPOpUnsupported("set-stat refused") from None
+        except Unsupported:
+            self._learn_refusal("set_mtime", "setting modification times")
+            raise Unsupported(f"{self._where(path)}: the server cannot set modification "
+                              "times", path=path) from None
+
+    def _setstat_denied_by_policy(self, path: str) -> bool:
+        """Whether a 'permission denied' to set a time is the server's policy (sftp-server
+        -P setstat) rather than this file's permissions. The owner of a file may always
+        set its times, and castlib owns the temporary files it writes: a denial on one of
+        those is policy. For any other file, a temporary file written beside it tells
+        (once per location)."""
+        import asyncssh
+
+        if is_temp_name(posixpath.basename(path)):
+            return True
+        if self._setstat_policy is None:
+            probe = temp_path(path)
+            try:
+                with self._errors(probe):
+                    f = self._on_sftp(self._client().open, self._full(probe), "wb")
+                    self._on_sftp(f.close)
+                    try:
+                        self._on_sftp(self._client().utime, self._full(probe), (0, 0))
+                        self._setstat_policy = False
+                    except asyncssh.SFTPPermissionDenied:
+                        self._setstat_policy = True
+                    finally:
+                        self._on_sftp(self._client().remove, self._full(probe))
+            except StorageError:   # not even a file can be written there: its permissions
+                return False
+        return self._setstat_policy
 
     def symlink(self, path: str, target: str) -> None:
-        if self.protocol != "sftp":
+        if self.protocol != "sftp" or not self.capabilities.symlinks:
             return super().symlink(path, target)
-        with self._errors(path):
-            self._on_sftp(self._sftp.symlink, target, self._full(path))
+        try:
+            with self._errors(path):
+                self._on_sftp(self._client().symlink, target, self._full(path))
+        except Unsupported:
+            self._learn_refusal("symlinks", "symbolic links")
+            raise Unsupported(f"{self._where(path)}: the server cannot hold links",
+                              path=path) from None
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -589,6 +683,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             return "permission denied", detail
         if name == "SFTPNoSpaceOnFilesystem":
             return "no space left", detail
+        if name == "SFTPOpUnsupported":
+            return "operation unsupported", detail
     if isinstance(exc, PermissionError):
         if module.startswith("sshfs") or "Permission denied for user" in detail:
             return "authentication failed", ""
@@ -664,6 +760,21 @@ async def _next_items(agen, count: int) -> list:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+_FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _sftp_cipher_preference() -> list[str]:
+    """asyncssh's default ciphers with AES-GCM first. The client's order decides, and
+    asyncssh puts chacha20-poly1305 first, which it runs as two calls into `cryptography`
+    per packet; AES-GCM is one, in hardware on any recent CPU. A server that offers no
+    AES-GCM still gets the rest of the list."""
+    from asyncssh.encryption import get_default_encryption_algs
+
+    defaults = [alg.decode() for alg in get_default_encryption_algs()]
+    fast = [alg for alg in _FAST_CIPHERS if alg in defaults]
+    return fast + [alg for alg in defaults if alg not in fast]
+
+
 def _quiet_background_errors(loop) -> None:
     """When a connection drops, the library's own background tasks (asyncssh's pipelined
     requests) end with errors nobody awaits, and asyncio prints each with a traceback when
@@ -771,15 +882,51 @@ class _Writer:
 
 class _SftpFile:
     """A remote file through the SFTP client itself, each wait bounded (see _on_sftp).
-    asyncssh pipelines the requests of one large read or write."""
 
-    def __init__(self, backend: FsspecBackend, path: str, mode: str):
+    A read knows the file's size (stat'ed alongside the open, in the same round trip) and
+    never asks for more: asyncssh splits a read of n bytes into n / (the server's largest
+    read) requests, up to 128 in flight, whatever the file holds, so a 4 MiB read of a
+    4 KiB file cost some 256 encrypted requests, and the read that finds the end as many
+    again. Up to the known size, requests are pipelined over exactly the bytes there are;
+    at the known end one request looks whether the file grew since (unless `exact`: a file
+    castlib just wrote itself and nobody else touches, as the read-back of a temporary
+    file)."""
+
+    def __init__(self, backend: FsspecBackend, path: str, mode: str, exact: bool = False):
         self._backend = backend
         backend.fs   # connected: the SFTP client comes with the connection
-        self._file = backend._on_sftp(backend._sftp.open, backend._full(path), mode)
+        self._pos = 0
+        self._size: int | None = None
+        self._exact = exact
+        if "r" in mode:
+            self._file, self._size = backend._on_sftp(_sftp_open_sized, backend._client(),
+                                                      backend._full(path))
+        else:
+            self._file = backend._on_sftp(backend._client().open, backend._full(path), mode)
 
     def read(self, size: int = -1) -> bytes:
-        return self._backend._on_sftp(self._file.read, -1 if size is None or size < 0 else size)
+        if size is None or size < 0:
+            size = -1
+        known = self._size
+        if known is None:   # no size to go by: asyncssh's own way
+            want = size
+        elif self._pos < known:
+            want = known - self._pos if size < 0 else min(size, known - self._pos)
+        elif self._exact:
+            return b""
+        else:
+            # at the size the file had when opened: one request tells whether it grew
+            # since (then it is read on without a known size)
+            want = self._file.read_len or CHUNK_SIZE
+            if size >= 0:
+                want = min(want, size)
+        if want == 0:
+            return b""
+        data = self._backend._on_sftp(self._file.read, want, self._pos)
+        if known is not None and self._pos >= known and data:
+            self._size = None   # it grew: no size to trust any more
+        self._pos += len(data)
+        return data
 
     def write(self, data) -> int:
         self._backend._on_sftp(self._file.write, bytes(data))
@@ -793,6 +940,24 @@ class _SftpFile:
     @property
     def closed(self) -> bool:
         return self._file is None
+
+
+async def _sftp_open_sized(sftp, path: str):
+    """(an open file, its size) in one round trip: the open and a stat of the same path go
+    out together. A size that is off (the file changed in between) costs an extra request
+    or two in _SftpFile.read, never a wrong byte."""
+    import asyncssh
+
+    opened, attrs = await asyncio.gather(sftp.open(path, "rb"), sftp.stat(path),
+                                         return_exceptions=True)
+    if isinstance(opened, BaseException):
+        raise opened
+    if isinstance(attrs, BaseException):
+        if not isinstance(attrs, asyncssh.SFTPError):
+            await opened.close()
+            raise attrs
+        return opened, None   # opened, yet no stat: read without a known size
+    return opened, attrs.size
 
 
 class _IterStream:

@@ -11,7 +11,7 @@ from ..backends.base import DIR, FILE, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock
 from ..catalog.paths import from_catalog, to_catalog
-from ..errors import NotFound, SafetyRefusal, StorageError
+from ..errors import NotFound, SafetyRefusal, StorageError, Unsupported
 from ..progress import human_bytes
 from ..transfer import copy_file, with_retries
 from .base import Stage, StageOutcome, StageParams
@@ -143,7 +143,12 @@ class SyncStage(Stage):
                 f"{p.max_delete}; nothing was changed")
         self.counts = dict.fromkeys(
             ("copied", "replaced", "deleted", "failed", "bytes", "dirs_created", "links_created",
-             "mtime_fixed", "kept", "extras_kept", "conflicts", "skipped", "temp_removed"), 0)
+             "mtime_fixed", "kept", "extras_kept", "conflicts", "skipped", "temp_removed",
+             "mtime_skipped"), 0)
+        # what the destination's server refused although its protocol promised it: said
+        # once in the summary, {what: count}; those entries stay differences
+        self.refused: dict[str, int] = {}
+        self.mtime_promised = self.dst.capabilities.set_mtime
         self.errors: list[str] = []
         self.dst_rows: list[dict] = []
         self.ref_sums: list[tuple[str, str]] = []
@@ -212,13 +217,23 @@ class SyncStage(Stage):
         except StorageError as exc:
             self._fail(d.path, f"cannot create folder: {exc}")
 
+    def _refusal(self, what: str) -> None:
+        """One entry the destination's server refused (links it cannot hold, mtimes it
+        cannot set): learned at the first refusal, counted, not a failure."""
+        self.refused[what] = self.refused.get(what, 0) + 1
+        self.counts["skipped" if what == "links" else "mtime_skipped"] += 1
+
     def _link(self, d: Difference) -> None:
+        if not self.dst.capabilities.symlinks:   # the server refused an earlier one
+            return self._refusal("links")
         try:
             self.dst.symlink(from_catalog(d.path), from_catalog(d.ref.link_target or ""))
             self.counts["links_created"] += 1
             st = self.dst.stat(from_catalog(d.path))
             self._remember(d.path, LINK, st.size if st else None, st.mtime_ns if st else None,
                            None, d.ref.link_target, st.mode if st else None)
+        except Unsupported:
+            self._refusal("links")
         except StorageError as exc:
             self._fail(d.path, f"cannot create link: {exc}")
 
@@ -256,10 +271,14 @@ class SyncStage(Stage):
                     self.counts["kept"] += 0 if self.params.replace else 1
                     continue
                 try:
+                    if not self.dst.capabilities.set_mtime:   # refused earlier
+                        raise Unsupported("cannot set modification times")
                     self.dst.set_mtime(from_catalog(d.path), d.ref.mtime_ns)
                     self.counts["mtime_fixed"] += 1
                     self._remember(d.path, FILE, d.dst.size, d.ref.mtime_ns, dst_sum, None,
                                    d.dst.mode)
+                except Unsupported:
+                    self._refusal("mtimes")
                 except StorageError as exc:
                     self._fail(d.path, f"cannot set mtime: {exc}")
 
@@ -302,6 +321,8 @@ class SyncStage(Stage):
                         continue
                     progress.add_file()
                     self.counts[verb] += 1
+                    if self.mtime_promised and d.ref.mtime_ns is not None and not result.mtime_set:
+                        self._refusal("mtimes")
                     self.counts["bytes"] += result.size or 0
                     digest = result.checksums.get(self.algo)
                     if d.ref.checksum is None and digest:
@@ -384,8 +405,12 @@ class SyncStage(Stage):
             summary += "; " + ", ".join(done)
         if c["conflicts"]:
             summary += f"; {c['conflicts']} type conflicts (file vs folder: --delete resolves)"
-        if c["skipped"]:
-            summary += f"; {c['skipped']} skipped"
+        if c["skipped"] - self.refused.get("links", 0):
+            summary += f"; {c['skipped'] - self.refused.get('links', 0)} skipped"
+        for what, reason in (("links", "links skipped: the server cannot hold links"),
+                             ("mtimes", "mtimes not set: the server cannot set them")):
+            if self.refused.get(what):
+                summary += f"; {self.refused[what]} {reason}"
         if c["extras_kept"]:
             summary += f"; {c['extras_kept']} extra kept (no --delete)"
         if c["kept"]:
