@@ -883,31 +883,49 @@ class _Writer:
 class _SftpFile:
     """A remote file through the SFTP client itself, each wait bounded (see _on_sftp).
 
-    A read knows the file's size (stat'ed alongside the open, in the same round trip) and
-    never asks for more: asyncssh splits a read of n bytes into n / (the server's largest
-    read) requests, up to 128 in flight, whatever the file holds, so a 4 MiB read of a
-    4 KiB file cost some 256 encrypted requests, and the read that finds the end as many
-    again. Up to the known size, requests are pipelined over exactly the bytes there are;
-    at the known end one request looks whether the file grew since (unless `exact`: a file
-    castlib just wrote itself and nobody else touches, as the read-back of a temporary
-    file)."""
+    Every call from a transfer thread to the event loop costs a thread switch or two, and
+    every request a round trip: small files go in as few of both as their bytes allow.
+
+    Reading, the file's size is known (stat'ed alongside the open, in the same round trip)
+    and no more is asked for: asyncssh splits a read of n bytes into n / (the server's
+    largest read) requests, up to 128 in flight, whatever the file holds, so a 4 MiB read
+    of a 4 KiB file cost some 256 encrypted requests, and the read that found the end as
+    many again. A file up to PREFETCH bytes comes with the open, in the same call. At the
+    known end, one request looks whether the file grew since, unless `exact`: a file
+    castlib just wrote itself and nobody else touches (the read-back of a temporary file),
+    which is then closed in that same call too.
+
+    Writing, the open waits for the second write or the close: a file of one write goes
+    out as open, write and close in one call."""
+
+    PREFETCH = CHUNK_SIZE
 
     def __init__(self, backend: FsspecBackend, path: str, mode: str, exact: bool = False):
         self._backend = backend
-        backend.fs   # connected: the SFTP client comes with the connection
+        self._path = backend._full(path)
+        self._mode = mode
         self._pos = 0
         self._size: int | None = None
         self._exact = exact
+        self._buffer = b""           # read: prefetched bytes; write: the first write's
+        self._file = None
+        self._closed = False
         if "r" in mode:
-            self._file, self._size = backend._on_sftp(_sftp_open_sized, backend._client(),
-                                                      backend._full(path))
-        else:
-            self._file = backend._on_sftp(backend._client().open, backend._full(path), mode)
+            self._file, self._size, self._buffer = backend._on_sftp(
+                _sftp_open_sized, backend._client(), self._path, self.PREFETCH, exact)
 
+    # -- reading -------------------------------------------------------------------------------
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             size = -1
+        if self._buffer:
+            n = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+            data, self._buffer = self._buffer[:n], self._buffer[n:]
+            self._pos += n
+            return data
         known = self._size
+        if self._file is None:   # read whole and closed with the open
+            return b""
         if known is None:   # no size to go by: asyncssh's own way
             want = size
         elif self._pos < known:
@@ -928,24 +946,54 @@ class _SftpFile:
         self._pos += len(data)
         return data
 
+    # -- writing -------------------------------------------------------------------------------
     def write(self, data) -> int:
-        self._backend._on_sftp(self._file.write, bytes(data))
+        data = bytes(data)
+        if not data:
+            return 0
+        if self._file is None and not self._buffer:
+            self._buffer = data   # the open waits: this may be the only write
+            return len(data)
+        if self._file is None:
+            self._file = self._backend._on_sftp(_sftp_open_write, self._backend._client(),
+                                                self._path, self._mode, self._buffer)
+            self._buffer = b""
+        self._backend._on_sftp(self._file.write, data)
         return len(data)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         f, self._file = self._file, None
-        if f is not None:
+        if "r" in self._mode:
+            if f is not None:
+                self._backend._on_sftp(f.close)
+            return
+        data, self._buffer = self._buffer, b""
+        if f is None:   # one write or none: open, write and close in one call
+            self._backend._on_sftp(_sftp_write_whole, self._backend._client(), self._path,
+                                   self._mode, data)
+        else:
             self._backend._on_sftp(f.close)
+
+    def discard(self) -> None:
+        """Stop writing (an aborted upload): what was not sent is not."""
+        self._buffer = b""
+        if self._file is not None:
+            self.close()
+        self._closed = True
 
     @property
     def closed(self) -> bool:
-        return self._file is None
+        return self._closed
 
 
-async def _sftp_open_sized(sftp, path: str):
-    """(an open file, its size) in one round trip: the open and a stat of the same path go
-    out together. A size that is off (the file changed in between) costs an extra request
-    or two in _SftpFile.read, never a wrong byte."""
+async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
+    """(the open file, its size, its first bytes) in one call. The open and a stat go out
+    together; a file of up to `prefetch` bytes is read at once, and closed as well when
+    `exact` (then no open file is returned). A size that is off (the file changed in
+    between) costs an extra request or two in _SftpFile.read, never a wrong byte."""
     import asyncssh
 
     opened, attrs = await asyncio.gather(sftp.open(path, "rb"), sftp.stat(path),
@@ -956,8 +1004,40 @@ async def _sftp_open_sized(sftp, path: str):
         if not isinstance(attrs, asyncssh.SFTPError):
             await opened.close()
             raise attrs
-        return opened, None   # opened, yet no stat: read without a known size
-    return opened, attrs.size
+        return opened, None, b""   # opened, yet no stat: read without a known size
+    size = attrs.size
+    data = b""
+    if size is not None and 0 < size <= prefetch:
+        try:
+            data = await opened.read(size, 0)
+        except BaseException:
+            await opened.close()
+            raise
+    if exact and size is not None and size <= prefetch and len(data) == size:
+        await opened.close()
+        return None, size, data
+    return opened, size, data
+
+
+async def _sftp_open_write(sftp, path: str, mode: str, first: bytes):
+    """Open a file for writing and write its first bytes, in one call."""
+    f = await sftp.open(path, mode)
+    try:
+        await f.write(first)
+    except BaseException:
+        await f.close()
+        raise
+    return f
+
+
+async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes) -> None:
+    """A file of one write: open, write, close, in one call."""
+    f = await sftp.open(path, mode)
+    try:
+        if data:
+            await f.write(data)
+    finally:
+        await f.close()
 
 
 class _IterStream:
