@@ -52,6 +52,7 @@ _DESTINATION_UNSAFE = frozenset("?;")
 # Options castlib itself reads; every other option goes to the fsspec file system as is.
 DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024   # one S3 part / one buffered upload block
 CONNECT_TIMEOUT_S = 10
+MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels (MaxSessions)
 READ_TIMEOUT_S = 120
 
 
@@ -92,7 +93,10 @@ class FsspecBackend(Backend):
         self._fs = None
         self._generation = 0   # counts the connections made: which one a failure was on
         self._connect_lock = threading.RLock()   # a failed connect reports through _connection_failed
-        self._sftp = None
+        self._sftp = None             # the connection's first SFTP session
+        self._sessions: list = []     # [session, thread using it], the first one included
+        self._more_sessions = True    # False once the server refused a channel
+        self._sftp_kwargs: dict = {}
         self._dav = None
         self._setstat_policy: bool | None = None   # see _setstat_denied_by_policy
         self.root = self._root_path()
@@ -164,6 +168,9 @@ class FsspecBackend(Backend):
                                      sftp_client_kwargs=sftp_kwargs, **opts)
             self._sftp = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client,
                                           timeout=READ_TIMEOUT_S, **sftp_kwargs)
+            self._sftp_kwargs = sftp_kwargs
+            self._sessions = [[self._sftp, threading.current_thread()]]
+            self._more_sessions = True
             return fs
         if self.protocol == "webdav":
             import httpx
@@ -190,9 +197,45 @@ class FsspecBackend(Backend):
         return fsspec.filesystem(self.url.scheme, skip_instance_cache=True, **opts)
 
     def _client(self):
-        """The SFTP client, connected (a back-end's first call may be any of them)."""
+        """This thread's SFTP session, connected (a back-end's first call may be any).
+
+        Each transfer thread gets a session of its own on the location's one connection
+        (up to MAX_SFTP_SESSIONS; a session whose thread has ended is handed on), so that
+        parallel transfers do not queue behind one another on the server: OpenSSH runs
+        one sftp-server process a session, rclone runs a session's commands one at a
+        time. Beyond that, or once the server refuses another channel (OpenSSH's
+        MaxSessions), threads share the first session."""
         self.fs
-        return self._sftp
+        me = threading.current_thread()
+        with self._connect_lock:
+            generation, first, fs = self._generation, self._sftp, self._fs
+            free = None
+            for entry in self._sessions:
+                if entry[1] is me:
+                    return entry[0]
+                if free is None and not entry[1].is_alive():
+                    free = entry
+            if free is not None:
+                free[1] = me
+                return free[0]
+            if not self._more_sessions or len(self._sessions) >= MAX_SFTP_SESSIONS:
+                return first
+            entry = [first, me]   # reserved; the session itself comes below, unlocked
+            self._sessions.append(entry)
+        try:
+            session = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client,
+                                       timeout=READ_TIMEOUT_S, **self._sftp_kwargs)
+        except Exception as exc:  # no channel for it: share the first session
+            log.debug("%s: no further SFTP session (%s); sharing one", self._where(), exc)
+            with self._connect_lock:
+                self._more_sessions = False
+                if entry in self._sessions:
+                    self._sessions.remove(entry)
+            return first
+        with self._connect_lock:
+            if generation == self._generation:
+                entry[0] = session
+        return session
 
     def _on_sftp(self, call, *args, **kwargs):
         """Run one of the SFTP client's coroutines on the file system's loop, and wait for
@@ -210,6 +253,7 @@ class FsspecBackend(Backend):
             if generation == self._generation and self._fs is not None:
                 self._generation += 1
                 self._fs = self._sftp = None
+                self._sessions, self._more_sessions = [], True
 
     def close(self) -> None:
         fs, self._fs = self._fs, None
@@ -217,15 +261,12 @@ class FsspecBackend(Backend):
             if self._dav is not None:
                 self._dav.http.close()
             if self._sftp is not None and fs is not None:
-                fsspec.asyn.sync(fs.loop, self._close_ssh, fs.client, timeout=5)
+                sessions = [entry[0] for entry in self._sessions] or [self._sftp]
+                fsspec.asyn.sync(fs.loop, _close_ssh, sessions, fs.client, timeout=5)
         except Exception:  # closing is best effort: the connection may be gone already
             pass
         self._dav = self._sftp = None
-
-    async def _close_ssh(self, client) -> None:
-        self._sftp.exit()
-        client.close()
-        await client.wait_closed()
+        self._sessions = []
 
     # -- paths -----------------------------------------------------------------------------
     def _full(self, path: str) -> str:
@@ -747,6 +788,13 @@ class _Translate:
         if error.transient:
             self.backend._connection_failed(self.generation)
         raise error from None
+
+
+async def _close_ssh(sessions, client) -> None:
+    for session in set(sessions):
+        session.exit()
+    client.close()
+    await client.wait_closed()
 
 
 async def _next_items(agen, count: int) -> list:

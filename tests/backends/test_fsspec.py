@@ -579,3 +579,56 @@ def test_sftp_upload_abandoned_before_close_publishes_nothing_partial(sftp_serve
     assert st is None if writes == 1 else st.size <= 3000
     write(b, "f", b"after")   # the back-end goes on working
     assert read(b, "f") == b"after"
+
+
+def _in_threads(count: int, work) -> list:
+    """work(i) in `count` threads that all run at once; their results."""
+    import threading
+
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def run(i):
+        barrier.wait()
+        results[i] = work(i)
+        barrier.wait()   # no thread ends before all have worked
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_sftp_transfer_threads_get_sessions_of_their_own(sftp_server):
+    """Parallel transfers do not queue behind one another in one server-side session:
+    each thread has its own SFTP session on the one connection; a thread that ended hands
+    its session on to the next."""
+    b = open_backend(sftp_server.url, sftp_server.options)
+    assert listing(b) == []
+
+    def work(i):
+        write(b, f"f{i}", b"x" * i)
+        assert read(b, f"f{i}") == b"x" * i
+        return b._client()
+
+    sessions = _in_threads(4, work)
+    assert len({id(s) for s in sessions}) == 4
+    assert b._client() not in sessions   # the calling thread kept its own
+    later = _in_threads(4, work)
+    assert {id(s) for s in later} == {id(s) for s in sessions}   # handed on, none new
+    b.close()
+
+
+def test_sftp_server_allowing_few_sessions_is_shared(sftp_two_sessions_server):
+    """A server that opens no more channels (MaxSessions 2 here) still serves every
+    thread: those without a session of their own share the first one."""
+    server = sftp_two_sessions_server
+    b = open_backend(server.url, server.options)
+    assert listing(b) == []
+    results = _in_threads(5, lambda i: (write(b, f"f{i}", bytes([i]) * 1000),
+                                        read(b, f"f{i}"))[1])
+    assert results == [bytes([i]) * 1000 for i in range(5)]
+    assert {st.path for st in listing(b)} == {f"f{i}" for i in range(5)}
+    b.close()

@@ -87,9 +87,10 @@ def _wait_banner(port: int, proc: subprocess.Popen, timeout_s: float = 20) -> No
     raise RuntimeError(f"sshd did not answer on port {port} within {timeout_s} s")
 
 
-def _sshd(sftp_args: str = ""):
+def _sshd(sftp_args: str = "", max_sessions: int = 10):
     """sshd -D on 127.0.0.1 on a free port with its own host key and one client key;
-    `sftp_args` go to its sftp-server (e.g. `-P symlink` to refuse links)."""
+    `sftp_args` go to its sftp-server (e.g. `-P symlink` to refuse links); at most
+    `max_sessions` channels a connection (OpenSSH's default: 10)."""
     # not below pytest's private temporary tree: sshd reads authorized_keys as the user
     conf_dir = Path(tempfile.mkdtemp(prefix="castlib-sshd-"))
     os.chmod(conf_dir, 0o755)
@@ -115,6 +116,7 @@ PermitRootLogin prohibit-password
 StrictModes no
 UsePAM no
 MaxStartups 50
+MaxSessions {max_sessions}
 LogLevel ERROR
 Subsystem sftp {sftp_server} {sftp_args}
 """)
@@ -152,6 +154,17 @@ def sftp_restricted_session():
     """sshd whose sftp-server refuses set-stat and posix-rename (`-P`), as locked
     down or minimal servers do."""
     yield from _sshd(f"-P {RESTRICTED_REQUESTS}")
+
+
+@pytest.fixture(scope="session")
+def sftp_two_sessions_session():
+    """sshd that opens at most two channels a connection (MaxSessions 2)."""
+    yield from _sshd(max_sessions=2)
+
+
+@pytest.fixture
+def sftp_two_sessions_server(sftp_two_sessions_session) -> SftpServer:
+    yield from _fresh_folder(sftp_two_sessions_session)
 
 
 def _fresh_folder(session: SftpServer) -> Iterator[SftpServer]:
