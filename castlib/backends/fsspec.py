@@ -1037,6 +1037,21 @@ class _SftpFile:
         return self._closed
 
 
+# Bytes a read or write request: what the server says (the limits extension), else just
+# under 32 KiB, which every server takes (the SFTP drafts: packets of at least 34000
+# bytes), and which leaves room for the request's header (a handle is at most 256 bytes)
+# in one SSH channel packet (32 KiB, OpenSSH's and Go's). asyncssh's own fallback is
+# 16 KiB: twice the requests, each packets to encrypt in Python; a full 32 KiB takes two
+# channel packets a request.
+SFTP_BLOCK_WITHOUT_LIMITS = 32 * 1024 - 512
+
+
+def _sftp_block_size(sftp) -> int:
+    if sftp.limits.max_packet_len:   # advertised (OpenSSH): asyncssh uses it
+        return -1
+    return SFTP_BLOCK_WITHOUT_LIMITS
+
+
 async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
     """(the open file, its size, its first bytes) in one call. The open and a stat go out
     together; a file of up to `prefetch` bytes is read at once, and closed as well when
@@ -1044,8 +1059,8 @@ async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
     between) costs an extra request or two in _SftpFile.read, never a wrong byte."""
     import asyncssh
 
-    opened, attrs = await asyncio.gather(sftp.open(path, "rb"), sftp.stat(path),
-                                         return_exceptions=True)
+    opened, attrs = await asyncio.gather(sftp.open(path, "rb", block_size=_sftp_block_size(sftp)),
+                                         sftp.stat(path), return_exceptions=True)
     if isinstance(opened, BaseException):
         raise opened
     if isinstance(attrs, BaseException):
@@ -1069,7 +1084,7 @@ async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
 
 async def _sftp_open_write(sftp, path: str, mode: str, first: bytes):
     """Open a file for writing and write its first bytes, in one call."""
-    f = await sftp.open(path, mode)
+    f = await sftp.open(path, mode, block_size=_sftp_block_size(sftp))
     try:
         await f.write(first)
     except BaseException:
@@ -1080,7 +1095,7 @@ async def _sftp_open_write(sftp, path: str, mode: str, first: bytes):
 
 async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes) -> None:
     """A file of one write: open, write, close, in one call."""
-    f = await sftp.open(path, mode)
+    f = await sftp.open(path, mode, block_size=_sftp_block_size(sftp))
     try:
         if data:
             await f.write(data)

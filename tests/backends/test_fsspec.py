@@ -632,3 +632,21 @@ def test_sftp_server_allowing_few_sessions_is_shared(sftp_two_sessions_server):
     assert results == [bytes([i]) * 1000 for i in range(5)]
     assert {st.path for st in listing(b)} == {f"f{i}" for i in range(5)}
     b.close()
+
+
+def test_sftp_requests_carry_32k_on_a_server_that_names_no_limit(rclone_sftp_server, monkeypatch):
+    """rclone serve sftp does not say how large a request may be: castlib sends just under
+    32 KiB a request (asyncssh alone would send 16 KiB: twice the requests and packets)."""
+    import asyncssh.sftp
+
+    b = open_backend(rclone_sftp_server.url, rclone_sftp_server.options)
+    data = os.urandom(3 * MIB)
+    b.stat("")
+    counter = _RequestCounter(monkeypatch)
+    write(b, "big", data)
+    assert read(b, "big") == data
+    per_request = 32 * 1024 - 512
+    blocks = -(-len(data) // per_request)
+    assert counter.counts[asyncssh.sftp.FXP_WRITE] == blocks
+    assert counter.counts[asyncssh.sftp.FXP_READ] <= blocks + 1
+    b.close()
