@@ -87,10 +87,11 @@ class SftpBackend(FsspecBackend):
         one sftp-server process a session, rclone runs a session's commands one at a
         time. Beyond that, or once the server refuses another channel (OpenSSH's
         MaxSessions), threads share the first session."""
-        self.fs
         me = threading.current_thread()
         with self._connect_lock:
-            generation, first, fs = self._generation, self._sftp, self._fs
+            # connected, again if another thread saw the line drop since (a reentrant lock)
+            fs = self.fs
+            generation, first = self._generation, self._sftp
             free = None
             for entry in self._sessions:
                 if entry[1] is me:
