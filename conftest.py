@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.servers.s3",
     "tests.servers.sftp",
     "tests.servers.webdav",
+    "tests.servers.rclone",     # rclone serve sftp / webdav: other implementations
     "tests.servers.xrootd",
     "tests.servers.castor",     # CASTOR's tools, over the xrootd server
     "tests.servers.postgres",   # after xrootd: it borrows that module's test user

@@ -472,6 +472,158 @@ def _upload(b: Bench, key: str, xrdcp_extra: list[str], title: str) -> Result:
     return ratio_result(key, title, 1.0, castlib, peer, runs)
 
 
+class SftpServers:
+    """Two SFTP servers on 127.0.0.1, free ports, over scratch folders (stopped on exit):
+    OpenSSH's sshd (key login as the current user, as tests/servers/sftp.py starts it)
+    and `rclone serve sftp` (password login)."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.procs: list[subprocess.Popen] = []
+        self.user = __import__("getpass").getuser()
+        self.password = "castlib-bench"
+
+    def __enter__(self):
+        remove_tree(self.base)
+        os.makedirs(self.base)
+        os.chmod(self.base, 0o755)
+        self.key = os.path.join(self.base, "client_key")
+        host_key = os.path.join(self.base, "host_key")
+        for key in (self.key, host_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key],
+                           check=True)
+        shutil.copy(self.key + ".pub", os.path.join(self.base, "authorized_keys"))
+        self.openssh_data = os.path.join(self.base, "openssh-data")
+        self.rclone_data = os.path.join(self.base, "rclone-data")
+        os.makedirs(self.openssh_data)
+        os.makedirs(self.rclone_data)
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        sftp_server = next((p for p in ("/usr/lib/openssh/sftp-server",
+                                        "/usr/libexec/sftp-server") if os.path.exists(p)),
+                           "internal-sftp")
+        self.openssh_port, self.rclone_port = free_port(), free_port()
+        config = os.path.join(self.base, "sshd_config")
+        with open(config, "w") as f:
+            f.write(f"ListenAddress 127.0.0.1\nPort {self.openssh_port}\nHostKey {host_key}\n"
+                    f"PidFile {self.base}/sshd.pid\n"
+                    f"AuthorizedKeysFile {self.base}/authorized_keys\n"
+                    "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                    "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+                    f"MaxStartups 50\nLogLevel ERROR\nSubsystem sftp {sftp_server}\n")
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        self.procs.append(subprocess.Popen([sshd, "-D", "-e", "-f", config],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.procs.append(subprocess.Popen(
+            ["rclone", "serve", "sftp", self.rclone_data, "--addr",
+             f"127.0.0.1:{self.rclone_port}", "--user", self.user, "--pass", self.password,
+             "--key", host_key, "--config", os.path.join(self.base, "rclone.conf"),
+             "--log-level", "ERROR"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in (self.openssh_port, self.rclone_port):
+            self._wait(port)
+        self.config = os.path.join(self.base, "castlib.yaml")
+        with open(self.config, "w") as f:
+            json.dump({"storage": {   # YAML is a superset of JSON
+                self.url("openssh", ""): {"client_keys": [self.key], "known_hosts": None},
+                self.url("rclone", ""): {"password": self.password, "known_hosts": None}}}, f)
+        self.obscured = subprocess.run(["rclone", "obscure", self.password], check=True,
+                                       capture_output=True, text=True).stdout.strip()
+        return self
+
+    def _wait(self, port: int) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise BenchmarkError("an SFTP server exited at start")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    if s.recv(64).startswith(b"SSH-"):
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise BenchmarkError(f"no SFTP server answered on port {port} within 30 s")
+
+    def data(self, server: str) -> str:
+        return self.openssh_data if server == "openssh" else self.rclone_data
+
+    def url(self, server: str, folder: str) -> str:
+        """castlib's URL of a folder on a server (the root for folder "")."""
+        if server == "openssh":
+            return (f"sftp://{self.user}@127.0.0.1:{self.openssh_port}"
+                    f"{os.path.join(self.openssh_data, folder).rstrip('/')}")
+        return f"sftp://{self.user}@127.0.0.1:{self.rclone_port}/{folder}".rstrip("/")
+
+    def rclone_remote(self, server: str, folder: str) -> str:
+        """rclone's on-the-fly remote for the same folder."""
+        if server == "openssh":
+            return (f":sftp,host=127.0.0.1,port={self.openssh_port},user={self.user},"
+                    f"key_file={self.key}:{os.path.join(self.openssh_data, folder)}")
+        return (f":sftp,host=127.0.0.1,port={self.rclone_port},user={self.user},"
+                f"pass={self.obscured}:{folder}")
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        remove_tree(self.base)
+
+
+def sc_upload_sftp(b: Bench) -> Result:
+    return _upload_sftp(b, "upload-sftp", "openssh", "OpenSSH sshd")
+
+
+def sc_upload_sftp_rclone(b: Bench) -> Result:
+    return _upload_sftp(b, "upload-sftp-rclone", "rclone", "rclone serve sftp")
+
+
+def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str) -> Result:
+    """A first sync of small files to an SFTP server on loopback, each copy read back and
+    verified by castlib, against `rclone copy` of the same tree to the same server. Each
+    run writes into a folder of its own (rclone serve sftp caches folder listings)."""
+    tree = b.tree("small-300")
+    files = b.trees["small-300"].files
+    runs = b.runs(5)
+    title = f"upload {files} small files (0-8 KiB) to {server_name}"
+    with SftpServers(os.path.join(b.work, "sftp")) as servers:
+        data = servers.data(server_kind)
+        saved = os.environ.get("CASTLIB_CONFIG")
+        os.environ["CASTLIB_CONFIG"] = servers.config   # the runs inherit it (_env)
+        try:
+            def prepare(side):
+                def clear(i):
+                    for name in os.listdir(data):
+                        if name.startswith(side):
+                            remove_tree(os.path.join(data, name))
+                    if side == "castlib":
+                        fresh_db(b.work, "upload-sftp")
+                return clear
+
+            castlib = Side("castlib", lambda i: CASTLIB + [
+                "--db", db_url(b.work, "upload-sftp"), "-q", "sync", tree,
+                servers.url(server_kind, f"castlib-{i + 1}"), "--json"],
+                prepare=prepare("castlib"), check=expect_counts(copied=files, failed=0))
+            peer = Side("rclone", lambda i: ["rclone", "copy", "-q", tree,
+                                             servers.rclone_remote(server_kind, f"rclone-{i + 1}"),
+                                             "--config", os.path.join(servers.base, "rclone.conf")],
+                        prepare=prepare("rclone"))
+            interleave(castlib, peer, runs, b.work, b.log)
+        finally:
+            if saved is None:
+                os.environ.pop("CASTLIB_CONFIG", None)
+            else:
+                os.environ["CASTLIB_CONFIG"] = saved
+    r = ratio_result(key, title, 1.0, castlib, peer, runs)
+    r.note = ("castlib also starts Python, indexes both sides into its catalog and reads "
+              "every copy back to verify it; rclone copy checks sizes, and md5 where it can "
+              "run md5sum on the server (OpenSSH: one `ssh exec` a file, its main cost there)")
+    return r
+
+
 def _million_tree(b: Bench) -> str:
     return b.tree("empty-1m")
 
@@ -540,6 +692,8 @@ SCENARIOS = {
     "adler32-1g-api": sc_adler32_1g_api,
     "upload-xrootd": sc_upload_xrootd,
     "upload-xrootd-cksum": sc_upload_xrootd_cksum,
+    "upload-sftp": sc_upload_sftp,
+    "upload-sftp-rclone": sc_upload_sftp_rclone,
     "diff-1m": sc_diff_1m,
     "catalog-1m": sc_catalog_1m,
     "startup": sc_startup,

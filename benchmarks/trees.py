@@ -101,6 +101,7 @@ TREES = {
     "copy-1k": TreeSpec("copy-1k", 1_000, 100, 10, 256 << 10, 768 << 10),
     "one-1g": TreeSpec("one-1g", 1, 1, 1, 1 << 30, 1 << 30),
     "upload-200": TreeSpec("upload-200", 200, 50, 4, 256 << 10, 2 << 20),
+    "small-300": TreeSpec("small-300", 300, 50, 3, 0, 8 << 10),
     "empty-1m": TreeSpec("empty-1m", 1_000_000, 1000, 100, 0, 0),
 }
 QUICK_TREES = {
@@ -108,5 +109,6 @@ QUICK_TREES = {
     "copy-1k": TreeSpec("quick-copy", 50, 25, 2, 64 << 10, 192 << 10),
     "one-1g": TreeSpec("quick-one", 1, 1, 1, 32 << 20, 32 << 20),
     "upload-200": TreeSpec("quick-upload", 20, 10, 2, 64 << 10, 256 << 10),
+    "small-300": TreeSpec("quick-small-300", 60, 20, 3, 0, 8 << 10),
     "empty-1m": TreeSpec("quick-empty", 10_000, 1000, 10, 0, 0),
 }

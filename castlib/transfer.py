@@ -16,7 +16,7 @@ from typing import Callable
 
 from .backends.base import Backend
 from .checksum import CHUNK_SIZE, Hasher
-from .errors import NotFound, SourceChanged, StorageError, VerificationFailed
+from .errors import NotFound, SourceChanged, StorageError, Unsupported, VerificationFailed
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,11 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
                 f"written {algorithm} {dst_sum} != read {read[algorithm]}", path=dst_path)
         mtime_set = False
         if mtime_ns is not None and dst.capabilities.set_mtime:
-            dst.set_mtime(tmp, mtime_ns)
-            mtime_set = True
+            try:
+                dst.set_mtime(tmp, mtime_ns)
+                mtime_set = True
+            except Unsupported:   # the server refused (the back-end learned it): the copy stands
+                pass
         if before_rename is not None:
             before_rename(tmp)
         dst.rename(tmp, dst_path)

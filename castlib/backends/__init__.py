@@ -35,7 +35,7 @@ _builtin(["file"], "castlib.backends.local:LocalBackend")
 _builtin(["root", "xroot", "roots", "xroots"], "castlib.backends.xrootd:XRootDBackend", "xrootd", "XRootD")
 _builtin(["castor"], "castlib.backends.castor:CastorBackend")
 _builtin(["s3"], "castlib.backends.fsspec:FsspecBackend", "s3", "s3fs")
-_builtin(["sftp", "ssh"], "castlib.backends.fsspec:FsspecBackend", "sftp", "sshfs")
+_builtin(["sftp", "ssh"], "castlib.backends.sftp:SftpBackend", "sftp", "sshfs")
 _builtin(["webdav", "webdavs", "dav", "davs"], "castlib.backends.fsspec:FsspecBackend", "webdav", "webdav4")
 _builtin(["memory"], "castlib.backends.fsspec:FsspecBackend", "fsspec", "fsspec")
 

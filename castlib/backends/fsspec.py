@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -9,7 +10,6 @@ import posixpath
 import queue
 import socket
 import ssl
-import stat as statmod
 import threading
 from datetime import datetime
 from http import HTTPStatus
@@ -20,7 +20,7 @@ import fsspec
 import fsspec.asyn
 
 from ..checksum import CHUNK_SIZE
-from ..errors import NotFound, StorageError, TransientStorageError
+from ..errors import NotFound, StorageError, TransientStorageError, Unsupported
 from ..location import LocationURL, redact, secret_values
 from .base import (DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat,
                    walk_by_folder)
@@ -62,14 +62,12 @@ class FsspecBackend(Backend):
     - all: `block_size` (bytes buffered per upload part, default 8 MiB), `connect_timeout` (s)
     - s3: `key`, `secret`, `endpoint_url`, `client_kwargs`, ... (s3fs; the AWS_* environment
       variables work too); `etag_is_md5: false` for stores whose ETag is no md5 (SSE-KMS)
-    - sftp: `client_keys` (or `key_filename`), `password`, `passphrase`; host keys are
-      checked against ~/.ssh/known_hosts unless `known_hosts` names another file, or is
-      null to check nothing
+    - sftp: see castlib/backends/sftp.py (SftpBackend builds on this class)
     - webdav/davs: `user`, `password` (or in the URL), `verify` (a CA file for https)
     """
 
-    schemes = ("s3", "sftp", "ssh", "webdav", "webdavs", "dav", "davs", "memory")
-    description = "S3, SFTP, WebDAV and any other fsspec protocol"
+    schemes = ("s3", "webdav", "webdavs", "dav", "davs", "memory")
+    description = "S3, WebDAV and any other fsspec protocol"
     extra = "fsspec"
 
     @classmethod
@@ -91,7 +89,6 @@ class FsspecBackend(Backend):
         self._fs = None
         self._generation = 0   # counts the connections made: which one a failure was on
         self._connect_lock = threading.RLock()   # a failed connect reports through _connection_failed
-        self._sftp = None
         self._dav = None
         self.root = self._root_path()
 
@@ -136,32 +133,6 @@ class FsspecBackend(Backend):
             # on an unreachable endpoint, and the sync engine retries transient errors itself
             fs.retries = 1
             return fs
-        if self.protocol == "sftp":
-            import sshfs
-
-            if "key_filename" in opts:
-                keys = opts.pop("key_filename")
-                opts.setdefault("client_keys", [keys] if isinstance(keys, str) else list(keys))
-            if isinstance(opts.get("client_keys"), str):
-                opts["client_keys"] = [opts["client_keys"]]
-            # asyncssh's own default (~/.ssh/known_hosts) unless the options say otherwise;
-            # sshfs would silently turn host key checking off.
-            opts.setdefault("known_hosts", ())
-            opts.setdefault("connect_timeout", self.connect_timeout)
-            opts.setdefault("login_timeout", self.connect_timeout)
-            if self.url.password and "password" not in opts:
-                opts["password"] = self.url.password
-            if self.url.user:
-                opts.setdefault("username", self.url.user)
-            if self.url.port:
-                opts.setdefault("port", self.url.port)
-            # names that are not UTF-8 round-trip as surrogate escapes, as local names do
-            sftp_kwargs = {"path_encoding": "utf-8", "path_errors": "surrogateescape"}
-            fs = sshfs.SSHFileSystem(self.url.hostname, skip_instance_cache=True,
-                                     sftp_client_kwargs=sftp_kwargs, **opts)
-            self._sftp = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client,
-                                          timeout=READ_TIMEOUT_S, **sftp_kwargs)
-            return fs
         if self.protocol == "webdav":
             import httpx
             from webdav4.fsspec import WebdavFileSystem
@@ -186,38 +157,18 @@ class FsspecBackend(Backend):
             return fsspec.filesystem("memory")
         return fsspec.filesystem(self.url.scheme, skip_instance_cache=True, **opts)
 
-    def _on_sftp(self, call, *args, **kwargs):
-        """Run one of the SFTP client's coroutines on the file system's loop, and wait for
-        it a bounded time: a request on a connection that died under it may never be
-        answered (fsspec's own SSHFile waits for ever there)."""
-        return fsspec.asyn.sync(self.fs.loop, call, *args, timeout=READ_TIMEOUT_S, **kwargs)
-
     def _connection_failed(self, generation: int) -> None:
-        """An SSH connection that dropped stays dropped (every later call fails with 'not
-        open'): forget it, so the engine's retry connects afresh. Once per connection,
-        however many transfer threads saw it fail. HTTP clients reconnect by themselves."""
-        if self.protocol != "sftp":
-            return
-        with self._connect_lock:
-            if generation == self._generation and self._fs is not None:
-                self._generation += 1
-                self._fs = self._sftp = None
+        """A connection that dropped (SFTP's, which stays dropped: see sftp.py); HTTP
+        clients reconnect by themselves."""
 
     def close(self) -> None:
-        fs, self._fs = self._fs, None
+        self._fs = None
         try:
             if self._dav is not None:
                 self._dav.http.close()
-            if self._sftp is not None and fs is not None:
-                fsspec.asyn.sync(fs.loop, self._close_ssh, fs.client, timeout=5)
         except Exception:  # closing is best effort: the connection may be gone already
             pass
-        self._dav = self._sftp = None
-
-    async def _close_ssh(self, client) -> None:
-        self._sftp.exit()
-        client.close()
-        await client.wait_closed()
+        self._dav = None
 
     # -- paths -----------------------------------------------------------------------------
     def _full(self, path: str) -> str:
@@ -264,6 +215,8 @@ class FsspecBackend(Backend):
         message = f"{where}: {kind}" + (f" ({detail})" if detail and detail != kind else "")
         if kind == "not found":
             return NotFound(message, path=path)
+        if kind == "operation unsupported":
+            return Unsupported(message, path=path)
         if kind in _TRANSIENT_KINDS:
             return TransientStorageError(message, path=path)
         return StorageError(message, path=path)
@@ -337,9 +290,6 @@ class FsspecBackend(Backend):
         with self._errors(folder):
             infos = self.fs.ls(self._full(folder), detail=True)
             entries = [self._stat_from_info(self._child(folder, info), info) for info in infos]
-            for st in entries:
-                if st.kind == LINK and self._sftp is not None:
-                    st.link_target = self._readlink(st.path)
         entries.sort(key=lambda st: st.path)
         return entries
 
@@ -361,8 +311,6 @@ class FsspecBackend(Backend):
                     checksums=checksums)
 
     def stat(self, path: str) -> Stat | None:
-        if self.protocol == "sftp":
-            return self._sftp_lstat(path)
         try:
             with self._errors(path):
                 info = self.fs.info(self._full(path))
@@ -382,32 +330,6 @@ class FsspecBackend(Backend):
             exists = self.fs.exists(bucket)
         return Stat("", DIR, 0) if exists else None
 
-    def _sftp_lstat(self, path: str) -> Stat | None:
-        import asyncssh
-
-        self.fs   # connected: the SFTP client comes with the connection
-        try:
-            with self._errors(path):
-                try:
-                    attrs = self._on_sftp(self._sftp.lstat, self._full(path))
-                except asyncssh.SFTPNoSuchFile:
-                    return None
-        except NotFound:
-            return None
-        perms = attrs.permissions or 0
-        kind = DIR if statmod.S_ISDIR(perms) else LINK if statmod.S_ISLNK(perms) else FILE
-        st = Stat(path, kind, 0 if kind == DIR else attrs.size,
-                  attrs.mtime * SECOND_NS if attrs.mtime is not None else None, perms & 0o7777)
-        if kind == LINK:
-            st.link_target = self._readlink(path)
-        return st
-
-    def _readlink(self, path: str) -> str | None:
-        try:
-            return self._on_sftp(self._sftp.readlink, self._full(path))
-        except Exception:  # a link we cannot read is still listed, without its target
-            return None
-
     # -- data ------------------------------------------------------------------------------
     def open_read(self, path: str) -> BinaryIO:
         with self._errors(path):
@@ -417,8 +339,6 @@ class FsspecBackend(Backend):
                 # no read-ahead cache: each read(n) is one ranged GET of n bytes
                 f = self.fs.open(self._full(path), "rb", block_size=self.block_size,
                                  cache_type="none")
-            elif self.protocol == "sftp":
-                f = _SftpFile(self, path, "rb")
             else:
                 f = self.fs.open(self._full(path), "rb", block_size=self.block_size)
             return _Reader(self, path, f)
@@ -427,10 +347,7 @@ class FsspecBackend(Backend):
         with self._errors(path):
             if self.protocol == "webdav":
                 return _Writer(self, path, self._dav_put(path))
-            if self.protocol == "sftp":
-                f = _SftpFile(self, path, "wb")
-            else:
-                f = self.fs.open(self._full(path), "wb", block_size=self.block_size)
+            f = self.fs.open(self._full(path), "wb", block_size=self.block_size)
             return _Writer(self, path, f)
 
     def _dav_get(self, path: str):
@@ -474,10 +391,7 @@ class FsspecBackend(Backend):
 
     def rename(self, src: str, dst: str) -> None:
         with self._errors(src):
-            if self.protocol == "sftp":
-                self._on_sftp(self._sftp.posix_rename,
-                                 self._full(src), self._full(dst))
-            elif self.protocol == "webdav":
+            if self.protocol == "webdav":
                 if _DESTINATION_UNSAFE.intersection(dst):
                     return self._dav_copy_and_delete(src, dst)
                 self.fs.client.move(self._full(src), self._full(dst), overwrite=True)
@@ -485,6 +399,13 @@ class FsspecBackend(Backend):
                 # copy + delete, file by file: fs.mv would read "?" and "[" as glob patterns
                 self.fs.cp_file(self._full(src), self._full(dst))
                 self.fs.rm_file(self._full(src))
+
+    def _learn_refusal(self, capability: str, what: str) -> None:
+        """A server refused what the protocol's capabilities promised: this location does
+        without it from now on (the sync engine asks the capabilities, and skips)."""
+        if getattr(self.capabilities, capability):
+            log.info("%s: the server refuses %s; doing without", self._where(), what)
+            self.capabilities = dataclasses.replace(self.capabilities, **{capability: False})
 
     def _dav_copy_and_delete(self, src: str, dst: str) -> None:
         """Rename by streaming the bytes through: WsgiDAV (and others) unquote a MOVE's
@@ -501,9 +422,7 @@ class FsspecBackend(Backend):
             raise NotFound(f"{self._where(path)}: not found", path=path)
         with self._errors(path):
             if st.kind != DIR:
-                if self.protocol == "sftp":
-                    self._on_sftp(self._sftp.remove, self._full(path))
-                elif self.protocol == "webdav":
+                if self.protocol == "webdav":
                     self.fs.client.remove(self._full(path))
                 else:
                     self.fs.rm_file(self._full(path))
@@ -518,24 +437,7 @@ class FsspecBackend(Backend):
                     raise OSError(errno.ENOTEMPTY, "folder not empty")
                 self.fs.client.remove(self._full(path))
                 return
-            if self.protocol == "sftp":
-                self._on_sftp(self._sftp.rmdir, self._full(path))
-            else:
-                self.fs.rmdir(self._full(path))
-
-    def set_mtime(self, path: str, mtime_ns: int) -> None:
-        if self.protocol != "sftp":
-            return super().set_mtime(path, mtime_ns)
-        seconds = mtime_ns // SECOND_NS   # SFTP v3 keeps whole seconds
-        with self._errors(path):
-            self._on_sftp(self._sftp.utime, self._full(path),
-                             (seconds, seconds))
-
-    def symlink(self, path: str, target: str) -> None:
-        if self.protocol != "sftp":
-            return super().symlink(path, target)
-        with self._errors(path):
-            self._on_sftp(self._sftp.symlink, target, self._full(path))
+            self.fs.rmdir(self._full(path))
 
     def chmod(self, path: str, mode: int) -> None:
         if self.protocol != "sftp":
@@ -594,6 +496,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             return "permission denied", detail
         if name == "SFTPNoSpaceOnFilesystem":
             return "no space left", detail
+        if name == "SFTPOpUnsupported":
+            return "operation unsupported", detail
     if isinstance(exc, PermissionError):
         if module.startswith("sshfs") or "Permission denied for user" in detail:
             return "authentication failed", ""
@@ -772,32 +676,6 @@ class _Writer:
             self.abort()
         else:
             self.close()
-
-
-class _SftpFile:
-    """A remote file through the SFTP client itself, each wait bounded (see _on_sftp).
-    asyncssh pipelines the requests of one large read or write."""
-
-    def __init__(self, backend: FsspecBackend, path: str, mode: str):
-        self._backend = backend
-        backend.fs   # connected: the SFTP client comes with the connection
-        self._file = backend._on_sftp(backend._sftp.open, backend._full(path), mode)
-
-    def read(self, size: int = -1) -> bytes:
-        return self._backend._on_sftp(self._file.read, -1 if size is None or size < 0 else size)
-
-    def write(self, data) -> int:
-        self._backend._on_sftp(self._file.write, bytes(data))
-        return len(data)
-
-    def close(self) -> None:
-        f, self._file = self._file, None
-        if f is not None:
-            self._backend._on_sftp(f.close)
-
-    @property
-    def closed(self) -> bool:
-        return self._file is None
 
 
 class _IterStream:

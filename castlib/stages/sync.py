@@ -14,7 +14,8 @@ from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_key
 from ..catalog.paths import from_catalog, parent_of, to_catalog
 from ..catalog.settings import temp_name_key
-from ..errors import ConfigError, NotFound, SafetyRefusal, SourceChanged, StorageError
+from ..errors import (ConfigError, NotFound, SafetyRefusal, SourceChanged, StorageError,
+                      Unsupported)
 from ..progress import human_bytes
 from ..transfer import copy_file, temp_path, with_retries
 from .base import Stage, StageOutcome, StageParams
@@ -173,7 +174,11 @@ class SyncStage(Stage):
             ("copied", "replaced", "deleted", "failed", "bytes", "dirs_created", "links_created",
              "hard_links_created", "mtime_fixed", "mode_fixed", "owner_fixed", "kept",
              "extras_kept", "conflicts", "skipped", "temp_removed", "changed_during_copy",
-             "ref_corrupted"), 0)
+             "ref_corrupted", "mtime_skipped"), 0)
+        # what the destination's server refused although its protocol promised it: said
+        # once in the summary, {what: count}; those entries stay differences
+        self.refused: dict[str, int] = {}
+        self.mtime_promised = self.dst.capabilities.set_mtime
         self.errors: list[str] = []
         self.failed_paths: set[str] = set()
         self.touched: set[str] = set()   # folders this run wrote into: their mtimes moved
@@ -272,8 +277,16 @@ class SyncStage(Stage):
         except StorageError as exc:
             self._fail(d.path, f"cannot create folder: {exc}")
 
+    def _refusal(self, what: str) -> None:
+        """One entry the destination's server refused (links it cannot hold, mtimes it
+        cannot set): learned at the first refusal, counted, not a failure."""
+        self.refused[what] = self.refused.get(what, 0) + 1
+        self.counts["skipped" if what == "links" else "mtime_skipped"] += 1
+
     def _link(self, d: Difference) -> None:
         self._touch(d.path)
+        if not self.dst.capabilities.symlinks:   # the server refused an earlier one
+            return self._refusal("links")
         try:
             self.dst.symlink(from_catalog(d.path), from_catalog(d.ref.link_target or ""))
             self.counts["links_created"] += 1
@@ -282,6 +295,8 @@ class SyncStage(Stage):
             st = self.dst.stat(from_catalog(d.path))
             self._remember(d.path, LINK, st.size if st else None, st.mtime_ns if st else None,
                            None, d.ref.link_target, st.mode if st else None)
+        except Unsupported:
+            self._refusal("links")
         except StorageError as exc:
             self._fail(d.path, f"cannot create link: {exc}")
 
@@ -320,6 +335,8 @@ class SyncStage(Stage):
                     self.counts["kept"] += 0 if self.params.replace else 1
                     continue
                 try:
+                    if not self.dst.capabilities.set_mtime:   # refused earlier
+                        raise Unsupported("cannot set modification times")
                     self.dst.set_mtime(from_catalog(d.path), d.ref.mtime_ns)
                     mode = d.dst.mode
                     if self._mode_to_set(d) is not None:
@@ -328,6 +345,8 @@ class SyncStage(Stage):
                     self.counts["mtime_fixed"] += 1
                     self._remember(d.path, FILE, d.dst.size, d.ref.mtime_ns, dst_sum, None,
                                    mode)
+                except Unsupported:
+                    self._refusal("mtimes")
                 except StorageError as exc:
                     self._fail(d.path, f"cannot set mtime: {exc}")
 
@@ -395,6 +414,8 @@ class SyncStage(Stage):
                 return
             progress.add_file()
             self.counts[verb] += 1
+            if self.mtime_promised and d.ref.mtime_ns is not None and not result.mtime_set:
+                self._refusal("mtimes")
             self.counts["bytes"] += result.size or 0
             digest = result.checksums.get(self.algo)
             if d.ref.checksum is None and digest:
@@ -510,7 +531,6 @@ class SyncStage(Stage):
         """Permission bits that alone differ; folder and link mtimes that differ or that
         this run moved; the folders' own permission bits. Folders last and deepest first,
         after their content is written (a read-only folder, set first, would refuse it)."""
-        caps = self.dst.capabilities
         folders: dict[str, object] = {}
         counted: dict[str, set[str]] = {"mode_fixed": set(), "mtime_fixed": set()}
         for d in plan.mkdirs:
@@ -546,12 +566,20 @@ class SyncStage(Stage):
         for path in sorted(folders, reverse=True):   # a folder's content sorts after it
             side = folders[path]
             mode = side.mode if self.perms else None
-            mtime = side.mtime_ns if caps.dir_mtimes else None
+            # capabilities are read each time: a server's first refusal turns one off
+            mtime = side.mtime_ns if self.dst.capabilities.dir_mtimes else None
+            if mtime is not None and not self.dst.capabilities.set_mtime:
+                mtime = None
+                self._refusal("mtimes")
             try:
                 if mode is not None:
                     self.dst.chmod(from_catalog(path), mode)
                 if mtime is not None:
-                    self.dst.set_mtime(from_catalog(path), mtime)
+                    try:
+                        self.dst.set_mtime(from_catalog(path), mtime)
+                    except Unsupported:   # refused by the server: learned, said once
+                        mtime = None
+                        self._refusal("mtimes")
             except StorageError as exc:
                 self._fail(path, f"cannot set folder permissions or mtime: {exc}")
                 continue
@@ -572,9 +600,11 @@ class SyncStage(Stage):
             if self.perms and ref.mode is not None and ref.mode != dst.mode:
                 self.dst.chmod("", ref.mode)
             tolerance = self.diff.mtime_tolerance_ns or 0
-            if (caps.dir_mtimes and ref.mtime_ns is not None and dst.mtime_ns is not None
-                    and abs(ref.mtime_ns - dst.mtime_ns) > tolerance):
+            if (caps.dir_mtimes and caps.set_mtime and ref.mtime_ns is not None
+                    and dst.mtime_ns is not None and abs(ref.mtime_ns - dst.mtime_ns) > tolerance):
                 self.dst.set_mtime("", ref.mtime_ns)
+        except Unsupported:   # refused by the server: learned, said once
+            self._refusal("mtimes")
         except StorageError as exc:
             self._fail(".", f"cannot set the destination root's permissions or mtime: {exc}")
 
@@ -682,8 +712,12 @@ class SyncStage(Stage):
             summary += "; " + ", ".join(done)
         if c["conflicts"]:
             summary += f"; {c['conflicts']} type conflicts (file vs folder: --delete resolves)"
-        if c["skipped"]:
-            summary += f"; {c['skipped']} skipped"
+        if c["skipped"] - self.refused.get("links", 0):
+            summary += f"; {c['skipped'] - self.refused.get('links', 0)} skipped"
+        for what, reason in (("links", "links skipped: the server cannot hold links"),
+                             ("mtimes", "mtimes not set: the server cannot set them")):
+            if self.refused.get(what):
+                summary += f"; {self.refused[what]} {reason}"
         if c["extras_kept"]:
             summary += f"; {c['extras_kept']} extra kept (no --delete)"
         if c["kept"]:

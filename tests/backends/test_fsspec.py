@@ -1,5 +1,6 @@
-"""The back-end contract of the fsspec bridge against real servers: S3 (moto), SFTP (sshd),
-WebDAV (wsgidav), and fsspec's in-memory file system."""
+"""The back-end contract of the fsspec bridge (and of the SFTP back-end built on it) against
+real servers: S3 (moto), SFTP (sshd and `rclone serve sftp`), WebDAV (wsgidav and
+`rclone serve webdav`), and fsspec's in-memory file system. SFTP specifics: test_sftp.py."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,7 @@ from castlib.checksum import Hasher
 from castlib.errors import NotFound, StorageError, TransientStorageError
 from tests.servers.common import free_port
 
-PROTOCOLS = ["memory", "s3", "sftp", "webdav", "davs"]
+PROTOCOLS = ["memory", "s3", "sftp", "webdav", "davs", "rclone-sftp", "rclone-webdav"]
 MIB = 1024 * 1024
 
 
@@ -34,8 +35,8 @@ def store(request, tmp_path):
     elif request.param == "s3":
         bucket = request.getfixturevalue("s3_bucket")
         url, options = f"{bucket.url}/some/prefix", bucket.options
-    elif request.param == "sftp":
-        server = request.getfixturevalue("sftp_server")
+    elif request.param in ("sftp", "rclone-sftp", "rclone-webdav"):
+        server = request.getfixturevalue(request.param.replace("-", "_") + "_server")
         url, options = server.url, server.options
     else:
         server = request.getfixturevalue("webdav_server" if request.param == "webdav"
@@ -464,3 +465,4 @@ def test_capabilities_are_declared_per_protocol(s3_bucket, sftp_server, webdav_s
     assert (sftp.set_mtime, sftp.atomic_rename, sftp.symlinks) == (True, True, True)
     assert dav.set_mtime is False
     assert s3.mtime_precision_ns == sftp.mtime_precision_ns == 10**9
+

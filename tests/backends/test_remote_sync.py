@@ -1,5 +1,5 @@
-"""castlib sync between local folders and real S3 (moto), SFTP (sshd) and WebDAV (wsgidav)
-servers, as a user runs it: byte-exact copies, and a second sync that finds nothing to do."""
+"""castlib sync between local folders and real S3 (moto), SFTP (sshd, `rclone serve sftp`)
+and WebDAV (wsgidav, `rclone serve webdav`) servers, as a user runs it: byte-exact copies, and a second sync that finds nothing to do."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from castlib.backends import DIR, FILE, open_backend
-from tests.helpers import (castlib_command, cli_env, last_json, make_tree, run_cli,
+from tests.helpers import (castlib_command, cli_env, json_lines, last_json, make_tree, run_cli,
                            run_cli_interrupted, tree_digest)
 
 MIB = 1024 * 1024
@@ -66,12 +66,9 @@ def remotes(request, tmp_path):
             if kind == "s3":
                 bucket = request.getfixturevalue("s3_bucket")
                 made[kind] = (f"{bucket.url}/archive", bucket.options)
-            elif kind == "sftp":
-                server = request.getfixturevalue("sftp_server")
-                made[kind] = (server.url + "/archive", server.options)
-            elif kind == "webdav":
-                server = request.getfixturevalue("webdav_server")
-                made[kind] = (server.url + "/archive", server.options)
+            elif kind in ("sftp", "webdav", "rclone-sftp", "rclone-webdav"):
+                server = request.getfixturevalue(kind.replace("-", "_") + "_server")
+                made[kind] = (server.url.rstrip("/") + "/archive", server.options)
             elif kind == "xrootd":
                 made[kind] = (request.getfixturevalue("xrootd_folder").url, {})
             else:
@@ -97,7 +94,10 @@ def files_only(digest: dict[str, str]) -> dict[str, str]:
 
 
 MATRIX = [("local", "s3"), ("s3", "local"), ("local", "sftp"), ("sftp", "local"),
-          ("local", "webdav"), ("webdav", "local"), ("s3", "sftp"), ("xrootd", "s3")]
+          ("local", "webdav"), ("webdav", "local"), ("s3", "sftp"), ("xrootd", "s3"),
+          # other servers of the same protocols: rclone's
+          ("local", "rclone-sftp"), ("rclone-sftp", "local"), ("local", "rclone-webdav"),
+          ("rclone-webdav", "local"), ("rclone-sftp", "rclone-webdav")]
 
 
 @pytest.mark.parametrize("src_kind,dst_kind", MATRIX, ids=[f"{a}-to-{b}" for a, b in MATRIX])
@@ -131,7 +131,7 @@ def test_sync_copies_byte_exact_and_second_sync_is_a_no_op(remotes, db_url, tmp_
         second.stdout
 
 
-@pytest.mark.parametrize("dst_kind", ["s3", "sftp", "webdav"])
+@pytest.mark.parametrize("dst_kind", ["s3", "sftp", "webdav", "rclone-sftp", "rclone-webdav"])
 def test_sync_replaces_a_changed_file_and_deletes_on_request(remotes, db_url, dst_kind):
     src_url, _ = remotes("local")
     dst_url, dst_opts = remotes(dst_kind)
@@ -175,7 +175,7 @@ def _final_names(url: str, options: dict) -> set[str]:
         backend.close()
 
 
-@pytest.mark.parametrize("kind", ["s3", "sftp", "webdav"])
+@pytest.mark.parametrize("kind", ["s3", "sftp", "webdav", "rclone-sftp", "rclone-webdav"])
 def test_line_cut_mid_sync_leaves_no_partial_file_and_rerun_completes(
         request, kind, outage_proxy, db_url, tmp_path):
     """The server drops off the network during a sync (every connection cut, new ones
@@ -190,8 +190,8 @@ def test_line_cut_mid_sync_leaves_no_partial_file_and_rerun_completes(
         via_proxy = dict(real, endpoint_url=f"http://127.0.0.1:{proxy.port}")
         real_url = url
     else:
-        server = request.getfixturevalue(f"{kind}_server")
-        real_url, real = server.url + "/archive", server.options
+        server = request.getfixturevalue(kind.replace("-", "_") + "_server")
+        real_url, real = server.url.rstrip("/") + "/archive", server.options
         proxy = outage_proxy(server.port)
         url, via_proxy = real_url.replace(f":{server.port}/", f":{proxy.port}/", 1), real
     config = tmp_path / "castlib.yaml"
@@ -255,3 +255,70 @@ def test_remote_to_remote_streams_in_bounded_memory_without_a_local_copy(remotes
     assert files_only(remote_digest(dst_url, dst_opts)) == {
         "small.raw": hashlib.sha256(small).hexdigest(),
         "big.raw": hashlib.sha256(big).hexdigest()}
+
+
+# -- servers that refuse what their protocol promises -----------------------------------------
+def test_links_to_a_server_that_cannot_hold_them_are_skipped_and_said_once(remotes, db_url):
+    """`rclone serve sftp` answers every symlink request SSH_FX_OP_UNSUPPORTED: the sync
+    learns it at the first, skips the others without asking, says so once in its summary
+    and exits 0; the links stay differences for diff, and the next sync does the same."""
+    src_url, _ = remotes("local")
+    dst_url, dst_opts = remotes("rclone-sftp")
+    make_tree(src_url, {"data/a.raw": b"a", "data/b.raw": b"bb"})
+    links = ["data/to-a", "data/to-b", "data/dangling", "absolute"]
+    for path, target in zip(links, ["a.raw", "b.raw", "nothing-here", "/etc/hostname"]):
+        os.symlink(target, os.path.join(src_url, path))
+    env = remotes.env()
+
+    for attempt in range(2):
+        proc = run_cli("sync", src_url, dst_url, "--json", db=db_url, env=env)
+        assert proc.returncode == 0, proc.stderr
+        counts = last_json(proc.stdout)
+        assert (counts["copied"], counts["failed"], counts["skipped"],
+                counts["links_created"]) == ((2, 0, 4, 0) if attempt == 0 else (0, 0, 4, 0))
+        assert "4 links skipped: the server cannot hold links" in proc.stderr
+        assert not [l for l in proc.stderr.splitlines() if l.startswith("castlib:")], proc.stderr
+
+        diff = run_cli("diff", src_url, dst_url, "--json", db=db_url, env=env)
+        assert diff.returncode == 1
+        assert sorted((d["path"], d["kind"]) for d in json_lines(diff.stdout)) == \
+            sorted((p, "missing") for p in links)
+    assert files_only(remote_digest(dst_url, dst_opts)) == {
+        "data/a.raw": hashlib.sha256(b"a").hexdigest(),
+        "data/b.raw": hashlib.sha256(b"bb").hexdigest()}
+
+
+def test_a_server_that_refuses_mtimes_and_posix_rename_still_gets_verified_copies(
+        remotes, db_url, sftp_restricted_server):
+    """OpenSSH's sftp-server with `-P setstat,posix-rename,...` (a locked-down server):
+    times cannot be set (said once, counted, exit 0) and files are replaced through plain
+    rename, the old file moved aside first."""
+    src_url, _ = remotes("local")
+    dst_url, dst_opts = sftp_restricted_server.url + "/archive", sftp_restricted_server.options
+    make_tree(src_url, {f"d/{i}.raw": f"first {i}".encode() for i in range(5)})
+    for i in range(5):   # times the copies cannot have: they keep the time of the upload
+        os.utime(os.path.join(src_url, f"d/{i}.raw"), (1_600_000_000, 1_600_000_000))
+    env = {"CASTLIB_CONFIG": str(remotes.env()["CASTLIB_CONFIG"])}
+    config = yaml.safe_load(open(env["CASTLIB_CONFIG"]))
+    config["storage"][dst_url] = dst_opts
+    with open(env["CASTLIB_CONFIG"], "w") as f:
+        yaml.safe_dump(config, f)
+
+    first = run_cli("sync", src_url, dst_url, "--json", db=db_url, env=env)
+    assert first.returncode == 0, first.stderr
+    counts = last_json(first.stdout)
+    assert (counts["copied"], counts["failed"], counts["mtime_skipped"]) == (5, 0, 5)
+    assert "5 mtimes not set: the server cannot set them" in first.stderr
+
+    make_tree(src_url, {"d/0.raw": b"second version, longer", "d/1.raw": b"v2"})
+    second = run_cli("sync", src_url, dst_url, "--json", db=db_url, env=env)
+    assert second.returncode == 0, second.stderr
+    counts = last_json(second.stdout)
+    # the 3 files of other mtime: checksums equal, time refused; the 2 replaced: refused
+    assert (counts["replaced"], counts["failed"], counts["mtime_skipped"]) == (2, 0, 5), \
+        second.stderr
+    assert "5 mtimes not set: the server cannot set them" in second.stderr
+    expected = {f"d/{i}.raw": hashlib.sha256(f"first {i}".encode()).hexdigest() for i in range(5)}
+    expected["d/0.raw"] = hashlib.sha256(b"second version, longer").hexdigest()
+    expected["d/1.raw"] = hashlib.sha256(b"v2").hexdigest()
+    assert files_only(remote_digest(dst_url, dst_opts)) == expected   # nothing set aside left

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -86,9 +87,10 @@ def _wait_banner(port: int, proc: subprocess.Popen, timeout_s: float = 20) -> No
     raise RuntimeError(f"sshd did not answer on port {port} within {timeout_s} s")
 
 
-@pytest.fixture(scope="session")
-def sftp_server_session():
-    """sshd -D on 127.0.0.1 on a free port with its own host key and one client key."""
+def _sshd(sftp_args: str = "", max_sessions: int = 10):
+    """sshd -D on 127.0.0.1 on a free port with its own host key and one client key;
+    `sftp_args` go to its sftp-server (e.g. `-P symlink` to refuse links); at most
+    `max_sessions` channels a connection (OpenSSH's default: 10)."""
     # not below pytest's private temporary tree: sshd reads authorized_keys as the user
     conf_dir = Path(tempfile.mkdtemp(prefix="castlib-sshd-"))
     os.chmod(conf_dir, 0o755)
@@ -114,8 +116,9 @@ PermitRootLogin prohibit-password
 StrictModes no
 UsePAM no
 MaxStartups 50
+MaxSessions {max_sessions}
 LogLevel ERROR
-Subsystem sftp {sftp_server}
+Subsystem sftp {sftp_server} {sftp_args}
 """)
     log = open(conf_dir / "sshd.log", "wb")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log,
@@ -135,16 +138,56 @@ Subsystem sftp {sftp_server}
         shutil.rmtree(conf_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def sftp_server_session():
+    """OpenSSH's sshd and sftp-server, as they come."""
+    yield from _sshd()
+
+
+# What a restricted server refuses: setting times (SSH_FX_PERMISSION_DENIED), and the
+# atomic rename extension (not offered at all).
+RESTRICTED_REQUESTS = "setstat,fsetstat,lsetstat,posix-rename"
+
+
+@pytest.fixture(scope="session")
+def sftp_restricted_session():
+    """sshd whose sftp-server refuses set-stat and posix-rename (`-P`), as locked
+    down or minimal servers do."""
+    yield from _sshd(f"-P {RESTRICTED_REQUESTS}")
+
+
+@pytest.fixture(scope="session")
+def sftp_two_sessions_session():
+    """sshd that opens at most two channels a connection (MaxSessions 2)."""
+    yield from _sshd(max_sessions=2)
+
+
+@pytest.fixture
+def sftp_two_sessions_server(sftp_two_sessions_session) -> SftpServer:
+    yield from _fresh_folder(sftp_two_sessions_session)
+
+
+def _fresh_folder(session: SftpServer) -> Iterator[SftpServer]:
+    """The session's server, with a fresh folder for one test, owned by the login user and
+    outside pytest's private temporary tree, which it cannot enter."""
+    user = pwd.getpwnam(session.user)
+    folder = Path(tempfile.mkdtemp(prefix="castlib-sftp-"))
+    os.chmod(folder, 0o755)
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    try:
+        yield SftpServer(session.host, session.port, session.user, session.client_key, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def sftp_restricted_server(sftp_restricted_session) -> SftpServer:
+    """The restricted server, with a fresh folder for this test."""
+    yield from _fresh_folder(sftp_restricted_session)
+
+
 @pytest.fixture
 def sftp_server(sftp_server_session) -> SftpServer:
     """The session's sshd, with a fresh folder for this test (`.folder`, in `.url`), owned
     by the login user and outside pytest's private temporary tree, which it cannot enter."""
-    user = pwd.getpwnam(sftp_server_session.user)
-    folder = Path(tempfile.mkdtemp(prefix="castlib-sftp-"))
-    os.chmod(folder, 0o755)
-    os.chown(folder, user.pw_uid, user.pw_gid)
-    s = sftp_server_session
-    try:
-        yield SftpServer(s.host, s.port, s.user, s.client_key, folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    yield from _fresh_folder(sftp_server_session)

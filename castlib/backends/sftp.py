@@ -1,0 +1,501 @@
+"""SFTP: SSH hosts, through asyncssh (data, names) and sshfs (listings, folders).
+
+Options (from the config file's `storage:` or a pipeline's `locations:`): `client_keys`
+(or `key_filename`), `password`, `passphrase`; host keys are checked against
+~/.ssh/known_hosts unless `known_hosts` names another file, or is null to check nothing;
+any other asyncssh connection option goes to asyncssh as it is.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+import stat as statmod
+import threading
+from typing import BinaryIO
+
+import fsspec
+import fsspec.asyn
+
+from ..checksum import CHUNK_SIZE, checksum_stream
+from ..errors import NotFound, StorageError, Unsupported
+from ..transfer import is_temp_name, temp_path
+from .base import DIR, FILE, LINK, Stat
+from .fsspec import (READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _quiet_background_errors,
+                     _Reader, _Writer)
+
+log = logging.getLogger(__name__)
+MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels (MaxSessions)
+
+
+class SftpBackend(FsspecBackend):
+    """One location on an SSH host. Listings and folders go through sshfs; every other
+    call goes to asyncssh's SFTP client itself, each wait bounded (see _on_sftp)."""
+
+    schemes = ("sftp", "ssh")
+    description = "SSH hosts over SFTP (asyncssh)"
+    extra = "sftp"
+
+    def __init__(self, url, options: dict | None = None):
+        super().__init__(url, options)
+        self._sftp = None             # the connection's first SFTP session
+        self._sessions: list = []     # [session, thread using it], the first one included
+        self._more_sessions = True    # False once the server refused a channel
+        self._sftp_kwargs: dict = {}
+        self._setstat_policy: bool | None = None   # see _setstat_denied_by_policy
+
+    # -- connecting ------------------------------------------------------------------------
+    def _connect(self):
+        import sshfs
+
+        _quiet_background_errors(fsspec.asyn.get_loop())
+        opts = dict(self._storage_options)
+        if "key_filename" in opts:
+            keys = opts.pop("key_filename")
+            opts.setdefault("client_keys", [keys] if isinstance(keys, str) else list(keys))
+        if isinstance(opts.get("client_keys"), str):
+            opts["client_keys"] = [opts["client_keys"]]
+        # asyncssh's own default (~/.ssh/known_hosts) unless the options say otherwise;
+        # sshfs would silently turn host key checking off.
+        opts.setdefault("known_hosts", ())
+        opts.setdefault("connect_timeout", self.connect_timeout)
+        opts.setdefault("login_timeout", self.connect_timeout)
+        opts.setdefault("encryption_algs", _sftp_cipher_preference())
+        if self.url.password and "password" not in opts:
+            opts["password"] = self.url.password
+        if self.url.user:
+            opts.setdefault("username", self.url.user)
+        if self.url.port:
+            opts.setdefault("port", self.url.port)
+        # names that are not UTF-8 round-trip as surrogate escapes, as local names do
+        sftp_kwargs = {"path_encoding": "utf-8", "path_errors": "surrogateescape"}
+        fs = sshfs.SSHFileSystem(self.url.hostname, skip_instance_cache=True,
+                                 sftp_client_kwargs=sftp_kwargs, **opts)
+        self._sftp = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client,
+                                      timeout=READ_TIMEOUT_S, **sftp_kwargs)
+        self._sftp_kwargs = sftp_kwargs
+        self._sessions = [[self._sftp, threading.current_thread()]]
+        self._more_sessions = True
+        return fs
+
+    def _client(self):
+        """This thread's SFTP session, connected (a back-end's first call may be any).
+
+        Each transfer thread gets a session of its own on the location's one connection
+        (up to MAX_SFTP_SESSIONS; a session whose thread has ended is handed on), so that
+        parallel transfers do not queue behind one another on the server: OpenSSH runs
+        one sftp-server process a session, rclone runs a session's commands one at a
+        time. Beyond that, or once the server refuses another channel (OpenSSH's
+        MaxSessions), threads share the first session."""
+        me = threading.current_thread()
+        with self._connect_lock:
+            # connected, again if another thread saw the line drop since (a reentrant lock)
+            fs = self.fs
+            generation, first = self._generation, self._sftp
+            free = None
+            for entry in self._sessions:
+                if entry[1] is me:
+                    return entry[0]
+                if free is None and not entry[1].is_alive():
+                    free = entry
+            if free is not None:
+                free[1] = me
+                return free[0]
+            if not self._more_sessions or len(self._sessions) >= MAX_SFTP_SESSIONS:
+                return first
+            entry = [first, me]   # reserved; the session itself comes below, unlocked
+            self._sessions.append(entry)
+        try:
+            session = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client,
+                                       timeout=READ_TIMEOUT_S, **self._sftp_kwargs)
+        except Exception as exc:  # no channel for it: share the first session
+            log.debug("%s: no further SFTP session (%s); sharing one", self._where(), exc)
+            with self._connect_lock:
+                self._more_sessions = False
+                if entry in self._sessions:
+                    self._sessions.remove(entry)
+            return first
+        with self._connect_lock:
+            if generation == self._generation:
+                entry[0] = session
+        return session
+
+    def _on_sftp(self, call, *args, **kwargs):
+        """Run one of the SFTP client's coroutines on the file system's loop, and wait for
+        it a bounded time: a request on a connection that died under it may never be
+        answered (fsspec's own SSHFile waits for ever there)."""
+        return fsspec.asyn.sync(self.fs.loop, call, *args, timeout=READ_TIMEOUT_S, **kwargs)
+
+    def _connection_failed(self, generation: int) -> None:
+        """An SSH connection that dropped stays dropped (every later call fails with 'not
+        open'): forget it, so the engine's retry connects afresh. Once per connection,
+        however many transfer threads saw it fail."""
+        with self._connect_lock:
+            if generation == self._generation and self._fs is not None:
+                self._generation += 1
+                self._fs = self._sftp = None
+                self._sessions, self._more_sessions = [], True
+
+    def close(self) -> None:
+        fs, self._fs = self._fs, None
+        try:
+            if self._sftp is not None and fs is not None:
+                sessions = [entry[0] for entry in self._sessions] or [self._sftp]
+                fsspec.asyn.sync(fs.loop, _close_ssh, sessions, fs.client, timeout=5)
+        except Exception:  # closing is best effort: the connection may be gone already
+            pass
+        self._sftp = None
+        self._sessions = []
+
+    # -- listing -------------------------------------------------------------------------
+    def _list_folder(self, folder: str) -> list[Stat]:
+        entries = super()._list_folder(folder)
+        for st in entries:
+            if st.kind == LINK:
+                st.link_target = self._readlink(st.path)
+        return entries
+
+    def stat(self, path: str) -> Stat | None:
+        return self._sftp_lstat(path)
+
+    def _sftp_lstat(self, path: str) -> Stat | None:
+        import asyncssh
+
+        self.fs   # connected: the SFTP client comes with the connection
+        try:
+            with self._errors(path):
+                try:
+                    attrs = self._on_sftp(self._client().lstat, self._full(path))
+                except asyncssh.SFTPNoSuchFile:
+                    return None
+        except NotFound:
+            return None
+        perms = attrs.permissions or 0
+        kind = DIR if statmod.S_ISDIR(perms) else LINK if statmod.S_ISLNK(perms) else FILE
+        st = Stat(path, kind, 0 if kind == DIR else attrs.size,
+                  attrs.mtime * SECOND_NS if attrs.mtime is not None else None, perms & 0o7777)
+        if kind == LINK:
+            st.link_target = self._readlink(path)
+        return st
+
+    def _readlink(self, path: str) -> str | None:
+        try:
+            return self._on_sftp(self._client().readlink, self._full(path))
+        except Exception:  # a link we cannot read is still listed, without its target
+            return None
+
+    # -- data ----------------------------------------------------------------------------
+    def open_read(self, path: str, exact: bool = False) -> BinaryIO:
+        with self._errors(path):
+            return _Reader(self, path, _SftpFile(self, path, "rb", exact=exact))
+
+    def open_write(self, path: str) -> BinaryIO:
+        with self._errors(path):
+            return _Writer(self, path, _SftpFile(self, path, "wb"))
+
+    def checksum(self, path: str, algorithm: str) -> str:
+        if is_temp_name(posixpath.basename(path)):
+            # the read-back of a temporary file castlib just wrote, under a name nobody
+            # else uses: the size it had when opened is the size it has
+            with self.open_read(path, exact=True) as stream:
+                digests, _ = checksum_stream(stream, (algorithm,), CHUNK_SIZE)
+            return digests[algorithm]
+        return super().checksum(path, algorithm)
+
+    # -- namespace -------------------------------------------------------------------------
+    def rename(self, src: str, dst: str) -> None:
+        with self._errors(src):
+            self._sftp_rename(src, dst)
+
+    def _sftp_rename(self, src: str, dst: str) -> None:
+        """posix-rename@openssh.com replaces the target in one step. A server without it
+        (learned at the first refusal) gets SFTP v3's plain rename, which refuses an
+        existing target: that one is moved aside first, and back if the rename fails."""
+        import asyncssh
+
+        if self.capabilities.atomic_rename:
+            try:
+                self._on_sftp(self._client().posix_rename, self._full(src), self._full(dst))
+                return
+            except asyncssh.SFTPOpUnsupported:
+                self._learn_refusal("atomic_rename", "posix-rename")
+        try:
+            self._on_sftp(self._client().rename, self._full(src), self._full(dst))
+            return
+        except asyncssh.SFTPError:
+            existing = self._sftp_lstat(dst)
+            if existing is None or existing.kind == DIR:
+                raise
+        aside = temp_path(dst)   # a castlib temporary name: a killed run's next sync removes it
+        self._on_sftp(self._client().rename, self._full(dst), self._full(aside))
+        try:
+            self._on_sftp(self._client().rename, self._full(src), self._full(dst))
+        except BaseException:
+            self._on_sftp(self._client().rename, self._full(aside), self._full(dst))
+            raise
+        self._on_sftp(self._client().remove, self._full(aside))
+
+    def delete(self, path: str) -> None:
+        st = self.stat(path)
+        if st is None:
+            raise NotFound(f"{self._where(path)}: not found", path=path)
+        with self._errors(path):
+            if st.kind == DIR:
+                self._on_sftp(self._client().rmdir, self._full(path))
+            else:
+                self._on_sftp(self._client().remove, self._full(path))
+
+    def set_mtime(self, path: str, mtime_ns: int) -> None:
+        if not self.capabilities.set_mtime:
+            return super().set_mtime(path, mtime_ns)
+        import asyncssh
+
+        seconds = mtime_ns // SECOND_NS   # SFTP v3 keeps whole seconds
+        try:
+            with self._errors(path):
+                try:
+                    self._on_sftp(self._client().utime, self._full(path), (seconds, seconds))
+                except asyncssh.SFTPPermissionDenied:
+                    if not self._setstat_denied_by_policy(path):
+                        raise
+                    raise asyncssh.SFTPOpUnsupported("set-stat refused") from None
+        except Unsupported:
+            self._learn_refusal("set_mtime", "setting modification times")
+            raise Unsupported(f"{self._where(path)}: the server cannot set modification "
+                              "times", path=path) from None
+
+    def _setstat_denied_by_policy(self, path: str) -> bool:
+        """Whether a 'permission denied' to set a time is the server's policy (sftp-server
+        -P setstat) rather than this file's permissions. The owner of a file may always
+        set its times, and castlib owns the temporary files it writes: a denial on one of
+        those is policy. For any other file, a temporary file written beside it tells
+        (once per location)."""
+        import asyncssh
+
+        if is_temp_name(posixpath.basename(path)):
+            return True
+        if self._setstat_policy is None:
+            probe = temp_path(path)
+            try:
+                with self._errors(probe):
+                    f = self._on_sftp(self._client().open, self._full(probe), "wb")
+                    self._on_sftp(f.close)
+                    try:
+                        self._on_sftp(self._client().utime, self._full(probe), (0, 0))
+                        self._setstat_policy = False
+                    except asyncssh.SFTPPermissionDenied:
+                        self._setstat_policy = True
+                    finally:
+                        self._on_sftp(self._client().remove, self._full(probe))
+            except StorageError:   # not even a file can be written there: its permissions
+                return False
+        return self._setstat_policy
+
+    def symlink(self, path: str, target: str) -> None:
+        if not self.capabilities.symlinks:
+            return super().symlink(path, target)
+        try:
+            with self._errors(path):
+                self._on_sftp(self._client().symlink, target, self._full(path))
+        except Unsupported:
+            self._learn_refusal("symlinks", "symbolic links")
+            raise Unsupported(f"{self._where(path)}: the server cannot hold links",
+                              path=path) from None
+
+
+# -- helpers ----------------------------------------------------------------------------------
+_FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _sftp_cipher_preference() -> list[str]:
+    """asyncssh's default ciphers with AES-GCM first. The client's order decides, and
+    asyncssh puts chacha20-poly1305 first, which it runs as two calls into `cryptography`
+    per packet; AES-GCM is one, in hardware on any recent CPU. A server that offers no
+    AES-GCM still gets the rest of the list."""
+    from asyncssh.encryption import get_default_encryption_algs
+
+    defaults = [alg.decode() for alg in get_default_encryption_algs()]
+    fast = [alg for alg in _FAST_CIPHERS if alg in defaults]
+    return fast + [alg for alg in defaults if alg not in fast]
+
+
+async def _close_ssh(sessions, client) -> None:
+    for session in set(sessions):
+        session.exit()
+    client.close()
+    await client.wait_closed()
+
+
+class _SftpFile:
+    """A remote file through the SFTP client itself, each wait bounded (see _on_sftp).
+
+    Every call from a transfer thread to the event loop costs a thread switch or two, and
+    every request a round trip: small files go in as few of both as their bytes allow.
+
+    Reading, the file's size is known (stat'ed alongside the open, in the same round trip)
+    and no more is asked for: asyncssh splits a read of n bytes into n / (the server's
+    largest read) requests, up to 128 in flight, whatever the file holds, so a 4 MiB read
+    of a 4 KiB file cost some 256 encrypted requests, and the read that found the end as
+    many again. A file up to PREFETCH bytes comes with the open, in the same call. At the
+    known end, one request looks whether the file grew since, unless `exact`: a file
+    castlib just wrote itself and nobody else touches (the read-back of a temporary file),
+    which is then closed in that same call too.
+
+    Writing, the open waits for the second write or the close: a file of one write goes
+    out as open, write and close in one call."""
+
+    PREFETCH = CHUNK_SIZE
+
+    def __init__(self, backend: FsspecBackend, path: str, mode: str, exact: bool = False):
+        self._backend = backend
+        self._path = backend._full(path)
+        self._mode = mode
+        self._pos = 0
+        self._size: int | None = None
+        self._exact = exact
+        self._buffer = b""           # read: prefetched bytes; write: the first write's
+        self._file = None
+        self._closed = False
+        if "r" in mode:
+            self._file, self._size, self._buffer = backend._on_sftp(
+                _sftp_open_sized, backend._client(), self._path, self.PREFETCH, exact)
+
+    # -- reading -------------------------------------------------------------------------------
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = -1
+        if self._buffer:
+            n = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+            data, self._buffer = self._buffer[:n], self._buffer[n:]
+            self._pos += n
+            return data
+        known = self._size
+        if self._file is None:   # read whole and closed with the open
+            return b""
+        if known is None:   # no size to go by: asyncssh's own way
+            want = size
+        elif self._pos < known:
+            want = known - self._pos if size < 0 else min(size, known - self._pos)
+        elif self._exact:
+            return b""
+        else:
+            # at the size the file had when opened: one request tells whether it grew
+            # since (then it is read on without a known size)
+            want = self._file.read_len or CHUNK_SIZE
+            if size >= 0:
+                want = min(want, size)
+        if want == 0:
+            return b""
+        data = self._backend._on_sftp(self._file.read, want, self._pos)
+        if known is not None and self._pos >= known and data:
+            self._size = None   # it grew: no size to trust any more
+        self._pos += len(data)
+        return data
+
+    # -- writing -------------------------------------------------------------------------------
+    def write(self, data) -> int:
+        data = bytes(data)
+        if not data:
+            return 0
+        if self._file is None and not self._buffer:
+            self._buffer = data   # the open waits: this may be the only write
+            return len(data)
+        if self._file is None:
+            self._file = self._backend._on_sftp(_sftp_open_write, self._backend._client(),
+                                                self._path, self._mode, self._buffer)
+            self._buffer = b""
+        self._backend._on_sftp(self._file.write, data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        f, self._file = self._file, None
+        if "r" in self._mode:
+            if f is not None:
+                self._backend._on_sftp(f.close)
+            return
+        data, self._buffer = self._buffer, b""
+        if f is None:   # one write or none: open, write and close in one call
+            self._backend._on_sftp(_sftp_write_whole, self._backend._client(), self._path,
+                                   self._mode, data)
+        else:
+            self._backend._on_sftp(f.close)
+
+    def discard(self) -> None:
+        """Stop writing (an aborted upload): what was not sent is not."""
+        self._buffer = b""
+        if self._file is not None:
+            self.close()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+# Bytes a read or write request: what the server says (the limits extension), else just
+# under 32 KiB, which every server takes (the SFTP drafts: packets of at least 34000
+# bytes), and which leaves room for the request's header (a handle is at most 256 bytes)
+# in one SSH channel packet (32 KiB, OpenSSH's and Go's). asyncssh's own fallback is
+# 16 KiB: twice the requests, each packets to encrypt in Python; a full 32 KiB takes two
+# channel packets a request.
+SFTP_BLOCK_WITHOUT_LIMITS = 32 * 1024 - 512
+
+
+def _sftp_block_size(sftp) -> int:
+    if sftp.limits.max_packet_len:   # advertised (OpenSSH): asyncssh uses it
+        return -1
+    return SFTP_BLOCK_WITHOUT_LIMITS
+
+
+async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
+    """(the open file, its size, its first bytes) in one call. The open and a stat go out
+    together; a file of up to `prefetch` bytes is read at once, and closed as well when
+    `exact` (then no open file is returned). A size that is off (the file changed in
+    between) costs an extra request or two in _SftpFile.read, never a wrong byte."""
+    import asyncssh
+
+    opened, attrs = await asyncio.gather(sftp.open(path, "rb", block_size=_sftp_block_size(sftp)),
+                                         sftp.stat(path), return_exceptions=True)
+    if isinstance(opened, BaseException):
+        raise opened
+    if isinstance(attrs, BaseException):
+        if not isinstance(attrs, asyncssh.SFTPError):
+            await opened.close()
+            raise attrs
+        return opened, None, b""   # opened, yet no stat: read without a known size
+    size = attrs.size
+    data = b""
+    if size is not None and 0 < size <= prefetch:
+        try:
+            data = await opened.read(size, 0)
+        except BaseException:
+            await opened.close()
+            raise
+    if exact and size is not None and size <= prefetch and len(data) == size:
+        await opened.close()
+        return None, size, data
+    return opened, size, data
+
+
+async def _sftp_open_write(sftp, path: str, mode: str, first: bytes):
+    """Open a file for writing and write its first bytes, in one call."""
+    f = await sftp.open(path, mode, block_size=_sftp_block_size(sftp))
+    try:
+        await f.write(first)
+    except BaseException:
+        await f.close()
+        raise
+    return f
+
+
+async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes) -> None:
+    """A file of one write: open, write, close, in one call."""
+    f = await sftp.open(path, mode, block_size=_sftp_block_size(sftp))
+    try:
+        if data:
+            await f.write(data)
+    finally:
+        await f.close()
