@@ -1,6 +1,7 @@
 """The contract every storage back-end implements, and the capabilities it declares as data."""
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -128,6 +129,12 @@ class Backend(ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     description: ClassVar[str] = ""
     extra: ClassVar[str | None] = None   # the pip extra that installs its dependency
+    # The key that tags castlib's temporary names (transfer.temp_path): the run that opens
+    # a back-end gives it the catalog's (catalog.settings.temp_name_key), so the temporaries
+    # a back-end makes on its own (a file moved aside, a probe) are known as castlib's by
+    # the next run. Without a catalog, a key of this process: its temporaries are shaped
+    # like castlib's but claimed by no catalog.
+    temp_key: bytes = os.urandom(32)
 
     def __init__(self, url: LocationURL, options: dict | None = None):
         self.url = url

@@ -439,13 +439,6 @@ class FsspecBackend(Backend):
                 return
             self.fs.rmdir(self._full(path))
 
-    def chmod(self, path: str, mode: int) -> None:
-        if self.protocol != "sftp":
-            return super().chmod(path, mode)
-        self.fs   # connected: the SFTP client comes with the connection
-        with self._errors(path):
-            self._on_sftp(self._sftp.chmod, self._full(path), mode & 0o7777)
-
 
 # -- errors ------------------------------------------------------------------------------------
 _TRANSIENT_KINDS = {"connection refused", "timed out", "connection lost", "server busy",

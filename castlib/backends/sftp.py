@@ -194,7 +194,7 @@ class SftpBackend(FsspecBackend):
             return _Writer(self, path, _SftpFile(self, path, "wb"))
 
     def checksum(self, path: str, algorithm: str) -> str:
-        if is_temp_name(posixpath.basename(path)):
+        if is_temp_name(posixpath.basename(path), self.temp_key):
             # the read-back of a temporary file castlib just wrote, under a name nobody
             # else uses: the size it had when opened is the size it has
             with self.open_read(path, exact=True) as stream:
@@ -226,7 +226,7 @@ class SftpBackend(FsspecBackend):
             existing = self._sftp_lstat(dst)
             if existing is None or existing.kind == DIR:
                 raise
-        aside = temp_path(dst)   # a castlib temporary name: a killed run's next sync removes it
+        aside = temp_path(dst, self.temp_key)   # a castlib temporary name: a killed run's next sync removes it
         self._on_sftp(self._client().rename, self._full(dst), self._full(aside))
         try:
             self._on_sftp(self._client().rename, self._full(src), self._full(dst))
@@ -264,6 +264,24 @@ class SftpBackend(FsspecBackend):
             raise Unsupported(f"{self._where(path)}: the server cannot set modification "
                               "times", path=path) from None
 
+    def chmod(self, path: str, mode: int) -> None:
+        if not self.capabilities.permissions:
+            return super().chmod(path, mode)
+        import asyncssh
+
+        try:
+            with self._errors(path):
+                try:
+                    self._on_sftp(self._client().chmod, self._full(path), mode & 0o7777)
+                except asyncssh.SFTPPermissionDenied:
+                    if not self._setstat_denied_by_policy(path):
+                        raise
+                    raise asyncssh.SFTPOpUnsupported("set-stat refused") from None
+        except Unsupported:
+            self._learn_refusal("permissions", "setting permission bits")
+            raise Unsupported(f"{self._where(path)}: the server cannot set permission "
+                              "bits", path=path) from None
+
     def _setstat_denied_by_policy(self, path: str) -> bool:
         """Whether a 'permission denied' to set a time is the server's policy (sftp-server
         -P setstat) rather than this file's permissions. The owner of a file may always
@@ -272,10 +290,10 @@ class SftpBackend(FsspecBackend):
         (once per location)."""
         import asyncssh
 
-        if is_temp_name(posixpath.basename(path)):
+        if is_temp_name(posixpath.basename(path), self.temp_key):
             return True
         if self._setstat_policy is None:
-            probe = temp_path(path)
+            probe = temp_path(path, self.temp_key)
             try:
                 with self._errors(probe):
                     f = self._on_sftp(self._client().open, self._full(probe), "wb")

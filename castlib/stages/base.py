@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..backends import Backend, open_backend
 from ..catalog import Catalog, LocationRecord
+from ..catalog.settings import temp_name_key
 from ..config import UserConfig
 from ..errors import ConfigError
 from ..location import LocationURL, parse_location, secret_values
@@ -91,7 +92,9 @@ class RunContext:
         """One back-end object per location for the whole run (connections are reused)."""
         key = location.record.url
         if key not in self._backends:
-            self._backends[key] = open_backend(location.url, location.options)
+            backend = open_backend(location.url, location.options)
+            backend.temp_key = temp_name_key(self.catalog)
+            self._backends[key] = backend
         return self._backends[key]
 
     def progress(self, label: str, total_files: int = 0, total_bytes: int = 0) -> Progress:

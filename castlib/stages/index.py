@@ -13,7 +13,6 @@ from ..backends.base import DIR, FILE, LINK, Stat
 from ..catalog.index_lock import index_lock
 from ..catalog.paths import from_catalog, to_catalog
 from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
-from ..catalog.settings import temp_name_key
 from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
@@ -162,7 +161,7 @@ class IndexStage(Stage):
 
         # The loop below runs once per entry (millions): locals, no avoidable calls.
         filtering, accepts, pop_existing = flt.active, flt.accepts, existing.pop
-        temp_key = temp_name_key(catalog)   # only castlib's own temporaries are left out
+        temp_key = backend.temp_key   # the catalog's: only castlib's own temporaries are left out
         unreported = 0   # entries not yet added to the progress counter (it takes a lock)
         try:
             for st in (backend.walk(on_error) if root_exists else ()):

@@ -13,7 +13,6 @@ from ..backends.base import DIR, FILE, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_key
 from ..catalog.paths import from_catalog, parent_of, to_catalog
-from ..catalog.settings import temp_name_key
 from ..errors import (ConfigError, NotFound, SafetyRefusal, SourceChanged, StorageError,
                       Unsupported)
 from ..progress import human_bytes
@@ -151,7 +150,7 @@ class SyncStage(Stage):
         _refuse_overlap(self.src, self.dst)
         self.diff = diff
         self.algo = diff.algorithm
-        self.temp_key = temp_name_key(ctx.catalog)
+        self.temp_key = self.dst.temp_key   # the catalog's (RunContext.backend)
         self.perms = diff.perms   # the diff compared modes: the sync sets them
         ref_index = ctx.index_results.get(diff.ref.record.id)
         if p.owner and not self.dst.capabilities.owner:
@@ -174,7 +173,7 @@ class SyncStage(Stage):
             ("copied", "replaced", "deleted", "failed", "bytes", "dirs_created", "links_created",
              "hard_links_created", "mtime_fixed", "mode_fixed", "owner_fixed", "kept",
              "extras_kept", "conflicts", "skipped", "temp_removed", "changed_during_copy",
-             "ref_corrupted", "mtime_skipped"), 0)
+             "ref_corrupted", "mtime_skipped", "mode_skipped"), 0)
         # what the destination's server refused although its protocol promised it: said
         # once in the summary, {what: count}; those entries stay differences
         self.refused: dict[str, int] = {}
@@ -278,10 +277,25 @@ class SyncStage(Stage):
             self._fail(d.path, f"cannot create folder: {exc}")
 
     def _refusal(self, what: str) -> None:
-        """One entry the destination's server refused (links it cannot hold, mtimes it
-        cannot set): learned at the first refusal, counted, not a failure."""
+        """One entry the destination's server refused (links it cannot hold, mtimes or
+        permission bits it cannot set): learned at the first refusal, counted, not a
+        failure."""
         self.refused[what] = self.refused.get(what, 0) + 1
-        self.counts["skipped" if what == "links" else "mtime_skipped"] += 1
+        self.counts[{"links": "skipped", "mtimes": "mtime_skipped",
+                     "modes": "mode_skipped"}[what]] += 1
+
+    def _set_mode(self, storage_path: str, mode: int) -> bool:
+        """chmod, unless the server refuses permission bits (learned once, said once):
+        False then. Any other error is raised."""
+        if not self.dst.capabilities.permissions:
+            self._refusal("modes")
+            return False
+        try:
+            self.dst.chmod(storage_path, mode)
+            return True
+        except Unsupported:
+            self._refusal("modes")
+            return False
 
     def _link(self, d: Difference) -> None:
         self._touch(d.path)
@@ -339,8 +353,8 @@ class SyncStage(Stage):
                         raise Unsupported("cannot set modification times")
                     self.dst.set_mtime(from_catalog(d.path), d.ref.mtime_ns)
                     mode = d.dst.mode
-                    if self._mode_to_set(d) is not None:
-                        self.dst.chmod(from_catalog(d.path), d.ref.mode)
+                    if (self._mode_to_set(d) is not None
+                            and self._set_mode(from_catalog(d.path), d.ref.mode)):
                         mode = d.ref.mode
                     self.counts["mtime_fixed"] += 1
                     self._remember(d.path, FILE, d.dst.size, d.ref.mtime_ns, dst_sum, None,
@@ -385,7 +399,7 @@ class SyncStage(Stage):
             path = from_catalog(d.path)
             mode = self._mode_to_set(d, new=True)
             # the bits are set under the temporary name: a file never shows with others
-            finish = (lambda tmp: self.dst.chmod(tmp, mode)) if mode is not None else None
+            finish = (lambda tmp: self._set_mode(tmp, mode)) if mode is not None else None
             result = with_retries(lambda: attempt(d, path, finish), retries=p.retries,
                                   backoff_s=ctx.retry_backoff_s, describe=path)
             # the copy is in place: a glitch now must not count it failed
@@ -542,9 +556,9 @@ class SyncStage(Stage):
                 folders[d.path] = d.ref
                 continue
             try:
-                self.dst.chmod(from_catalog(d.path), d.ref.mode)
-                self.counts["mode_fixed"] += 1
-                self.meta_rows.append((d.path, None, d.ref.mode))
+                if self._set_mode(from_catalog(d.path), d.ref.mode):
+                    self.counts["mode_fixed"] += 1
+                    self.meta_rows.append((d.path, None, d.ref.mode))
             except StorageError as exc:
                 self._fail(d.path, f"cannot set permissions: {exc}")
         for d in self.diff.mtimes_to_set:
@@ -572,8 +586,8 @@ class SyncStage(Stage):
                 mtime = None
                 self._refusal("mtimes")
             try:
-                if mode is not None:
-                    self.dst.chmod(from_catalog(path), mode)
+                if mode is not None and not self._set_mode(from_catalog(path), mode):
+                    mode = None
                 if mtime is not None:
                     try:
                         self.dst.set_mtime(from_catalog(path), mtime)
@@ -598,7 +612,7 @@ class SyncStage(Stage):
             if ref is None or dst is None or ref.kind != DIR or dst.kind != DIR:
                 return
             if self.perms and ref.mode is not None and ref.mode != dst.mode:
-                self.dst.chmod("", ref.mode)
+                self._set_mode("", ref.mode)
             tolerance = self.diff.mtime_tolerance_ns or 0
             if (caps.dir_mtimes and caps.set_mtime and ref.mtime_ns is not None
                     and dst.mtime_ns is not None and abs(ref.mtime_ns - dst.mtime_ns) > tolerance):
@@ -715,7 +729,8 @@ class SyncStage(Stage):
         if c["skipped"] - self.refused.get("links", 0):
             summary += f"; {c['skipped'] - self.refused.get('links', 0)} skipped"
         for what, reason in (("links", "links skipped: the server cannot hold links"),
-                             ("mtimes", "mtimes not set: the server cannot set them")):
+                             ("mtimes", "mtimes not set: the server cannot set them"),
+                             ("modes", "permissions not set: the server cannot set them")):
             if self.refused.get(what):
                 summary += f"; {self.refused[what]} {reason}"
         if c["extras_kept"]:

@@ -307,17 +307,19 @@ def test_a_server_that_refuses_mtimes_and_posix_rename_still_gets_verified_copie
     first = run_cli("sync", src_url, dst_url, "--json", db=db_url, env=env)
     assert first.returncode == 0, first.stderr
     counts = last_json(first.stdout)
-    assert (counts["copied"], counts["failed"], counts["mtime_skipped"]) == (5, 0, 5)
-    assert "5 mtimes not set: the server cannot set them" in first.stderr
+    # five files and their folder: folders get their reference mtime too (rsync -a)
+    assert (counts["copied"], counts["failed"], counts["mtime_skipped"]) == (5, 0, 6)
+    assert "6 mtimes not set: the server cannot set them" in first.stderr
 
     make_tree(src_url, {"d/0.raw": b"second version, longer", "d/1.raw": b"v2"})
     second = run_cli("sync", src_url, dst_url, "--json", db=db_url, env=env)
     assert second.returncode == 0, second.stderr
     counts = last_json(second.stdout)
-    # the 3 files of other mtime: checksums equal, time refused; the 2 replaced: refused
-    assert (counts["replaced"], counts["failed"], counts["mtime_skipped"]) == (2, 0, 5), \
+    # the 3 files of other mtime: checksums equal, time refused; the 2 replaced and
+    # their folder: refused
+    assert (counts["replaced"], counts["failed"], counts["mtime_skipped"]) == (2, 0, 6), \
         second.stderr
-    assert "5 mtimes not set: the server cannot set them" in second.stderr
+    assert "6 mtimes not set: the server cannot set them" in second.stderr
     expected = {f"d/{i}.raw": hashlib.sha256(f"first {i}".encode()).hexdigest() for i in range(5)}
     expected["d/0.raw"] = hashlib.sha256(b"second version, longer").hexdigest()
     expected["d/1.raw"] = hashlib.sha256(b"v2").hexdigest()

@@ -10,6 +10,7 @@ import pytest
 
 from castlib.backends import open_backend
 from castlib.checksum import Hasher
+from castlib.transfer import temp_path
 from tests.backends.test_fsspec import MIB, listing, read, write
 
 
@@ -41,7 +42,7 @@ def test_sftp_reads_of_small_files_ask_only_for_their_bytes(request, kind, monke
     server = request.getfixturevalue(kind.replace("-", "_") + "_server")
     b = open_backend(server.url, server.options)
     small, big = os.urandom(5000), os.urandom(5 * MIB + 3)
-    temp = ".small.castlib-part-0123456789ab"   # a temporary file, as a sync writes it
+    temp = temp_path("small", b.temp_key)   # a temporary file, as a sync writes it
     for path, data in (("small", small), (temp, small), ("big", big)):
         write(b, path, data)
     counter = _RequestCounter(monkeypatch)
