@@ -12,7 +12,7 @@ from pydantic import Field
 from ..backends.base import DIR, FILE, LINK, Stat
 from ..catalog.index_lock import index_lock
 from ..catalog.paths import from_catalog, to_catalog
-from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
+from ..catalog.catalog import BATCH, INSERT_COLUMNS, utcnow
 from ..catalog.settings import temp_name_key
 from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError

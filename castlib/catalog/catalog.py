@@ -1,4 +1,6 @@
-"""The catalog as a Python object: locations, bulk index updates, set-based diffs in SQL."""
+"""The Catalog: the one way into the catalog database. Locations, bulk index writes,
+set-based diffs in SQL, entries after a transfer, run history, summaries for the CLI.
+No stage, command or pipeline opens a connection or writes SQL of its own."""
 from __future__ import annotations
 
 import getpass
