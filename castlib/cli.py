@@ -365,6 +365,7 @@ def cmd_backends(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    from .backends.base import FILE
     from .catalog import Catalog
     from .catalog.paths import printable, to_catalog
     from .errors import ConfigError
@@ -388,7 +389,7 @@ def cmd_ls(args) -> int:
     for e in catalog.entries(loc.id, prefix, include_deleted=args.deleted):
         mtime = (datetime.fromtimestamp(e["mtime_ns"] / 1e9, timezone.utc)
                  .strftime("%Y-%m-%d %H:%M:%S") if e["mtime_ns"] is not None else "-")
-        kind = {"f": "-", "d": "d", "l": "l"}[e["kind"]]
+        kind = "-" if e["kind"] == FILE else e["kind"]   # ls -l's type column: d, l as kept
         mark = " (deleted)" if e["deleted"] else ""
         size = e["size"] if e["size"] is not None else "-"
         print(f"{kind} {size:>14} {mtime} {e['adler32'] or '-':>8} {printable(e['path'])}{mark}")

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, NamedTuple
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from ..backends.base import DIR, KIND_NAMES
 from ..errors import ConfigError
 from ..location import LocationURL, parse_location, scrub_secrets
 from .database import create_catalog_engine, default_db_url, driver_errors, upgrade
@@ -85,12 +86,17 @@ class Difference(NamedTuple):
         out = {"path": self.path, "kind": self.kind}
         for label, side in (("ref", self.ref), ("dst", self.dst)):
             if side is not None:
-                out[label] = {"type": {"f": "file", "d": "dir", "l": "link"}[side.kind],
+                out[label] = {"type": _JSON_TYPES[side.kind],
                               "size": side.size, "mtime_ns": side.mtime_ns,
                               "checksum": side.checksum, "mode": _octal(side.mode)}
                 if side.corrupted:
                     out[label]["corrupted"] = True
         return out
+
+
+# what --json calls each kind: a folder is "dir" there, as it always was (scripts parse it);
+# messages say "folder" (KIND_NAMES)
+_JSON_TYPES = {**KIND_NAMES, DIR: "dir"}
 
 
 def _octal(mode: int | None) -> str | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from ..backends.base import DIR, FILE, LINK
+from ..backends.base import DIR, FILE, KIND_NAMES, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_key
 from ..catalog.paths import from_catalog, parent_of, to_catalog
@@ -729,7 +729,7 @@ class _Stopped(Exception):
 
 
 def _kind(side) -> str:
-    return {"f": "file", "d": "folder", "l": "link"}[side.kind]
+    return KIND_NAMES[side.kind]
 
 
 def _refuse_overlap(src, dst) -> None:
