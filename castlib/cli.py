@@ -367,23 +367,15 @@ def cmd_backends(args) -> int:
 def cmd_ls(args) -> int:
     from .backends.base import FILE
     from .catalog import Catalog
-    from .catalog.paths import printable, to_catalog
+    from .catalog.paths import printable
     from .errors import ConfigError
-    from .location import parse_location
 
     catalog = Catalog(args.db)
-    loc = catalog.find_location(args.location)
-    prefix = ""
-    if loc is None:
-        target = str(parse_location(args.location))
-        for known in sorted(catalog.locations(), key=lambda r: -len(r["url"])):
-            if target.startswith(known["url"].rstrip("/") + "/"):
-                loc = catalog.find_location(known["url"])
-                prefix = to_catalog(target[len(known["url"].rstrip("/")) + 1:])
-                break
-    if loc is None:
+    found = catalog.location_holding(args.location)
+    if found is None:
         raise ConfigError(f"no location in the catalog holds {args.location!r} "
                           "(castlib locations lists them)")
+    loc, prefix = found
     from datetime import datetime, timezone
 
     for e in catalog.entries(loc.id, prefix, include_deleted=args.deleted):
@@ -451,7 +443,6 @@ def cmd_runs(args) -> int:
 
 def cmd_db(args) -> int:
     from .catalog import Catalog
-    from .location import redact
 
     catalog = Catalog(args.db)
     if args.action == "upgrade":
@@ -460,28 +451,17 @@ def cmd_db(args) -> int:
         else:
             print(f"catalog is at the newest schema, {catalog.revision}")
         return EXIT_OK
-    from sqlalchemy import text
-
-    locations = catalog.locations()
-    with catalog.engine.connect() as conn:
-        entries, deleted = conn.execute(text(
-            "SELECT count(*), count(CASE WHEN deleted THEN 1 END) FROM entries")).one()
-        runs = conn.execute(text("SELECT count(*) FROM runs")).scalar()
-        if catalog.dialect == "postgresql":
-            size = conn.execute(text("SELECT pg_database_size(current_database())")).scalar()
-        else:   # the file, plus its write-ahead log when one is pending
-            import os
-            db_file = catalog.engine.url.database or ""
-            size = sum(os.path.getsize(p) for p in (db_file, db_file + "-wal")
-                       if p and os.path.exists(p))
-    print(f"database: {redact(str(catalog.engine.url))}")
-    print(f"schema version: {catalog.revision}")
+    info = catalog.info()
+    locations = info["locations"]
+    size = info["size"]
+    print(f"database: {info['database']}")
+    print(f"schema version: {info['revision']}")
     print(f"size: {size} bytes ({size / 2**20:.1f} MiB)")
     print(f"locations: {len(locations)}")
-    print(f"entries: {entries} ({deleted} marked deleted)")
+    print(f"entries: {info['entries']} ({info['deleted']} marked deleted)")
     print(f"live files: {sum(r['files'] for r in locations)}, live folders: "
           f"{sum(r['dirs'] for r in locations)}, bytes: {sum(r['bytes'] for r in locations)}")
-    print(f"runs: {runs}")
+    print(f"runs: {info['runs']}")
     return EXIT_OK
 
 

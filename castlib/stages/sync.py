@@ -617,8 +617,7 @@ class SyncStage(Stage):
         catalog.record_entries(self.diff.dst.record.id, self.dst_rows)
         catalog.forget_entries(self.diff.dst.record.id, self.removed)
         if self.ref_sums:
-            with catalog.engine.begin() as conn:
-                catalog.set_checksums(conn, self.diff.ref.record.id, self.algo, self.ref_sums)
+            catalog.record_checksums(self.diff.ref.record.id, self.algo, self.ref_sums)
         self.dst_rows, self.removed, self.ref_sums = [], [], []
 
     def _fail(self, path: str, message: str) -> None:
