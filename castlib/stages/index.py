@@ -4,7 +4,6 @@ from __future__ import annotations
 import gc
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import Field
@@ -18,7 +17,7 @@ from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
 from ..transfer import TEMP_MARK, is_temp_name
-from .base import Stage, StageOutcome, StageParams
+from .base import IndexResult, Stage, StageOutcome, StageParams
 
 
 class IndexParams(StageParams):
@@ -38,17 +37,6 @@ class IndexParams(StageParams):
         "the run (a location it knew with fewer than 10 files: only when all vanish)"))
     missing_ok: bool = Field(False, description="a root that does not exist lists as empty "
                                                 "(a destination not created yet)")
-
-
-@dataclass
-class IndexResult:
-    location_id: int
-    leftover_temp: list[str] = field(default_factory=list)   # castlib's own temporaries
-    unlisted: list[str] = field(default_factory=list)        # folders that could not be listed
-    only: list[str] = field(default_factory=list)            # the listing's filters
-    ignore: list[str] = field(default_factory=list)
-    # (device, inode) -> catalog paths, for files listed with more than one name
-    hard_links: dict[tuple, list[str]] = field(default_factory=dict)
 
 
 class IndexStage(Stage):
@@ -237,7 +225,7 @@ class IndexStage(Stage):
                     and not _below_any(path, unlisted)]
         counts["deleted"] = len(vanished)
         writer.finish(vanished)
-        ctx.index_results[loc_id] = result
+        ctx.listings[loc_id] = result
         summary = (f"indexed {loc.name or loc.record.url}: {counts['files']} files, "
                    f"{counts['dirs']} folders; {counts['new']} new, {counts['changed']} changed, "
                    f"{counts['deleted']} vanished")
