@@ -240,6 +240,9 @@ class Catalog:
                 "locations": self.locations()}
 
     # -- index -----------------------------------------------------------------------------
+    # Methods that take `conn` are steps of one transaction, for the catalog's own writers
+    # (IndexWriter, record_entries, record_verify) and for tests; stages and commands call
+    # the methods that open their own.
     def live_count(self, location_id: int) -> int:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).where(

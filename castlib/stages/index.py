@@ -129,7 +129,8 @@ class IndexStage(Stage):
             updates, to_hash, pending_writes = [], [], 0
 
         # The loop below runs once per entry (millions): locals, no avoidable calls.
-        filtering, accepts, pop_existing, add_new = flt.active, flt.accepts, existing.pop, writer.add
+        filtering, accepts, pop_existing = flt.active, flt.accepts, existing.pop
+        add_new = writer.add
         one_algo = algo if not algos[1:] else None   # a listed checksum is used for it
         temp_key = temp_name_key(catalog)   # only castlib's own temporaries are left out
         unreported = 0   # entries not yet added to the progress counter (it takes a lock)
