@@ -365,30 +365,23 @@ def cmd_backends(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    from .backends.base import FILE
     from .catalog import Catalog
-    from .catalog.paths import printable, to_catalog
+    from .catalog.paths import printable
     from .errors import ConfigError
-    from .location import parse_location
 
     catalog = Catalog(args.db)
-    loc = catalog.find_location(args.location)
-    prefix = ""
-    if loc is None:
-        target = str(parse_location(args.location))
-        for known in sorted(catalog.locations(), key=lambda r: -len(r["url"])):
-            if target.startswith(known["url"].rstrip("/") + "/"):
-                loc = catalog.find_location(known["url"])
-                prefix = to_catalog(target[len(known["url"].rstrip("/")) + 1:])
-                break
-    if loc is None:
+    found = catalog.location_holding(args.location)
+    if found is None:
         raise ConfigError(f"no location in the catalog holds {args.location!r} "
                           "(castlib locations lists them)")
+    loc, prefix = found
     from datetime import datetime, timezone
 
     for e in catalog.entries(loc.id, prefix, include_deleted=args.deleted):
         mtime = (datetime.fromtimestamp(e["mtime_ns"] / 1e9, timezone.utc)
                  .strftime("%Y-%m-%d %H:%M:%S") if e["mtime_ns"] is not None else "-")
-        kind = {"f": "-", "d": "d", "l": "l"}[e["kind"]]
+        kind = "-" if e["kind"] == FILE else e["kind"]   # ls -l's type column: d, l as kept
         mark = " (deleted)" if e["deleted"] else ""
         size = e["size"] if e["size"] is not None else "-"
         print(f"{kind} {size:>14} {mtime} {e['adler32'] or '-':>8} {printable(e['path'])}{mark}")
@@ -450,7 +443,6 @@ def cmd_runs(args) -> int:
 
 def cmd_db(args) -> int:
     from .catalog import Catalog
-    from .location import redact
 
     catalog = Catalog(args.db)
     if args.action == "upgrade":
@@ -459,28 +451,17 @@ def cmd_db(args) -> int:
         else:
             print(f"catalog is at the newest schema, {catalog.revision}")
         return EXIT_OK
-    from sqlalchemy import text
-
-    locations = catalog.locations()
-    with catalog.engine.connect() as conn:
-        entries, deleted = conn.execute(text(
-            "SELECT count(*), count(CASE WHEN deleted THEN 1 END) FROM entries")).one()
-        runs = conn.execute(text("SELECT count(*) FROM runs")).scalar()
-        if catalog.dialect == "postgresql":
-            size = conn.execute(text("SELECT pg_database_size(current_database())")).scalar()
-        else:   # the file, plus its write-ahead log when one is pending
-            import os
-            db_file = catalog.engine.url.database or ""
-            size = sum(os.path.getsize(p) for p in (db_file, db_file + "-wal")
-                       if p and os.path.exists(p))
-    print(f"database: {redact(str(catalog.engine.url))}")
-    print(f"schema version: {catalog.revision}")
+    info = catalog.info()
+    locations = info["locations"]
+    size = info["size"]
+    print(f"database: {info['database']}")
+    print(f"schema version: {info['revision']}")
     print(f"size: {size} bytes ({size / 2**20:.1f} MiB)")
     print(f"locations: {len(locations)}")
-    print(f"entries: {entries} ({deleted} marked deleted)")
+    print(f"entries: {info['entries']} ({info['deleted']} marked deleted)")
     print(f"live files: {sum(r['files'] for r in locations)}, live folders: "
           f"{sum(r['dirs'] for r in locations)}, bytes: {sum(r['bytes'] for r in locations)}")
-    print(f"runs: {runs}")
+    print(f"runs: {info['runs']}")
     return EXIT_OK
 
 

@@ -23,6 +23,18 @@ def test_diff_exit_codes_and_json_lines(tmp_path, db_url):
     assert err.stderr.count("\n") >= 1 and "does not exist" in err.stderr
 
 
+def test_diff_json_keeps_its_type_names(tmp_path, db_url):
+    """--json is a format scripts parse: a folder's "type" is "dir" there, as it always
+    was, though messages say "folder" (backends.base.KIND_NAMES)."""
+    a = make_tree(tmp_path / "a", {"sub/x.dat": b"x"})
+    os.symlink("sub/x.dat", a / "ln")
+    b = make_tree(tmp_path / "b", {})
+    out = run_cli("diff", str(a), str(b), "--json", db=db_url, check=1)
+    rows = {r["path"]: r for r in json_lines(out.stdout)}
+    assert {p: r["ref"]["type"] for p, r in rows.items()} == {
+        "sub": "dir", "sub/x.dat": "file", "ln": "link"}
+
+
 def test_diff_no_index_uses_the_catalog_as_it_is(tmp_path, db_url):
     a = make_tree(tmp_path / "a", {"x.dat": b"x"})
     run_cli("sync", str(a), str(tmp_path / "b"), db=db_url, check=0)

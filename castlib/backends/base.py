@@ -12,6 +12,9 @@ from ..errors import LocationMissing, NotFound, StorageError, Unsupported
 from ..location import LocationURL
 
 FILE, DIR, LINK = "f", "d", "l"
+# The one word for each kind in messages ("folder", never "dir"). JSON output spells a
+# folder "dir" (Difference.as_dict): a format users parse, kept as it is.
+KIND_NAMES = {FILE: "file", DIR: "folder", LINK: "link"}
 
 ListingErrorHandler = Callable[[str, str], None]
 """Called as on_error(relative_path, message) for a folder that could not be listed."""

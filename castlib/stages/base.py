@@ -36,6 +36,20 @@ class StageOutcome:
 
 
 @dataclass
+class IndexResult:
+    """What an index stage found besides the entries it wrote: the value of its outcome,
+    and what later stages of the run read of the location (RunContext.listing)."""
+
+    location_id: int
+    leftover_temp: list[str] = field(default_factory=list)   # castlib's own temporaries
+    unlisted: list[str] = field(default_factory=list)        # folders that could not be listed
+    only: list[str] = field(default_factory=list)            # the listing's filters
+    ignore: list[str] = field(default_factory=list)
+    # (device, inode) -> catalog paths, for files listed with more than one name
+    hard_links: dict[tuple, list[str]] = field(default_factory=dict)
+
+
+@dataclass
 class ResolvedLocation:
     name: str | None
     url: LocationURL
@@ -56,7 +70,9 @@ class RunContext:
     location_options: dict[str, dict] = field(default_factory=dict)
     user_config: UserConfig = field(default_factory=UserConfig)
     results: dict[str, Any] = field(default_factory=dict)        # stage id -> value
-    index_results: dict[int, Any] = field(default_factory=dict)  # location id -> IndexResult
+    # location id -> this run's latest index of it: a diff takes its only/ignore, a sync
+    # its unlisted folders, hard links and leftover temporaries (see listing())
+    listings: dict[int, IndexResult] = field(default_factory=dict)
     base_dir: str = "."
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
@@ -100,6 +116,11 @@ class RunContext:
     def progress(self, label: str, total_files: int = 0, total_bytes: int = 0) -> Progress:
         enabled = not self.quiet and hasattr(self.err, "isatty") and self.err.isatty()
         return Progress(label, total_files, total_bytes, enabled=enabled, stream=self.err)
+
+    def listing(self, location: ResolvedLocation) -> IndexResult | None:
+        """What this run's index of `location` found, or None when the run did not list
+        it (--index none, or a pipeline without an index of it)."""
+        return self.listings.get(location.record.id)
 
     def result(self, stage_id: str, wanted: type, key: str = "from") -> Any:
         if stage_id not in self.results:

@@ -55,7 +55,8 @@ class DiffResult:
 
 
 def _inherited(ctx, ref, name: str) -> list[str]:
-    return list(getattr(ctx.index_results.get(ref.record.id), name, None) or [])
+    listing = ctx.listing(ref)
+    return list(getattr(listing, name)) if listing is not None else []
 
 
 def effective_mtime_tolerance(user_s: float, ref_backend, dst_backend) -> int | None:

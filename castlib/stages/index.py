@@ -4,20 +4,19 @@ from __future__ import annotations
 import gc
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import Field
 
-from ..backends.base import DIR, FILE, LINK, Stat
+from ..backends.base import DIR, FILE, LINK
 from ..catalog.index_lock import index_lock
 from ..catalog.paths import from_catalog, to_catalog
-from ..catalog.queries import BATCH, INSERT_COLUMNS, utcnow
+from ..catalog.catalog import BATCH, utcnow
 from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
 from ..transfer import TEMP_MARK, is_temp_name
-from .base import Stage, StageOutcome, StageParams
+from .base import IndexResult, Stage, StageOutcome, StageParams
 
 
 class IndexParams(StageParams):
@@ -37,17 +36,6 @@ class IndexParams(StageParams):
         "the run (a location it knew with fewer than 10 files: only when all vanish)"))
     missing_ok: bool = Field(False, description="a root that does not exist lists as empty "
                                                 "(a destination not created yet)")
-
-
-@dataclass
-class IndexResult:
-    location_id: int
-    leftover_temp: list[str] = field(default_factory=list)   # castlib's own temporaries
-    unlisted: list[str] = field(default_factory=list)        # folders that could not be listed
-    only: list[str] = field(default_factory=list)            # the listing's filters
-    ignore: list[str] = field(default_factory=list)
-    # (device, inode) -> catalog paths, for files listed with more than one name
-    hard_links: dict[tuple, list[str]] = field(default_factory=dict)
 
 
 class IndexStage(Stage):
@@ -110,8 +98,7 @@ class IndexStage(Stage):
             raise LocationMissing(f"location {loc.record.url} does not exist or cannot be reached")
 
         now = utcnow()
-        stamp = catalog.timestamp_param(now)   # converted once, not once per row
-        inserts: list[list] = []   # rows in INSERT_COLUMNS order
+        writer = catalog.index_writer(loc_id, now)   # holds the new entries until flush
         updates: list[dict] = []
         to_hash: list[tuple[str, str, int]] = []   # (catalog path, storage path, size)
         algo = algos[0] if algos else None   # the one a listing may provide (see flush)
@@ -119,12 +106,9 @@ class IndexStage(Stage):
         listed_sums: dict[str, str] = {}   # checksums the listing itself provided
         recheck: dict[str, str] = {}   # files marked corrupted, re-read: their good checksum
         pending_writes = 0
-        sum_at = INSERT_COLUMNS.index(algo) if algo else None
-        columns = {a: INSERT_COLUMNS.index(a) for a in algos}
-        first_new_id: int | None = None
 
         def flush() -> None:
-            nonlocal inserts, updates, to_hash, pending_writes, first_new_id
+            nonlocal updates, to_hash, pending_writes
             # each algorithm reads the files again: more than one only for a --rehash of
             # a location holding several kinds of checksum
             hashed_by = {a: self._hash(backend, a, to_hash, p.workers, counts, errors, progress)
@@ -140,27 +124,13 @@ class IndexStage(Stage):
             if algo:
                 hashed_by[algo].update(listed_sums)
             listed_sums.clear()
-            for a, hashed in hashed_by.items():
-                if hashed:
-                    at = columns[a]
-                    for row in inserts:
-                        if row[1] in hashed:
-                            row[at] = hashed.pop(row[1])
-            with catalog.engine.begin() as conn:
-                if inserts:
-                    if first_new_id is None:
-                        first_new_id = catalog.max_entry_id(conn)
-                    catalog.insert_entry_rows(conn, inserts)
-                catalog.update_entries(conn, updates)
-                for a, hashed in hashed_by.items():
-                    if hashed:
-                        catalog.set_checksums(conn, loc_id, a, hashed.items())
-                if sound:
-                    catalog.clear_corrupted(conn, loc_id, sound)
-            inserts, updates, to_hash, pending_writes = [], [], [], 0
+            writer.write(updates, hashed_by, sound)
+            updates, to_hash, pending_writes = [], [], 0
 
         # The loop below runs once per entry (millions): locals, no avoidable calls.
         filtering, accepts, pop_existing = flt.active, flt.accepts, existing.pop
+        add_new = writer.add
+        one_algo = algo if not algos[1:] else None   # a listed checksum is used for it
         temp_key = backend.temp_key   # the catalog's: only castlib's own temporaries are left out
         unreported = 0   # entries not yet added to the progress counter (it takes a lock)
         try:
@@ -187,14 +157,14 @@ class IndexStage(Stage):
                     result.hard_links.setdefault(st.inode, []).append(path)
                 old = pop_existing(path, None)
                 if old is None:
-                    row = _new_row(loc_id, path, st, stamp)
-                    inserts.append(row)
                     counts["new"] += 1
                     if algo and kind == FILE:
-                        if st.checksums and st.checksums.get(algo) and not algos[1:]:
-                            row[sum_at] = st.checksums[algo]
-                        else:
+                        listed_sum = st.checksums.get(algo) if st.checksums and one_algo else None
+                        add_new(path, st, algo, listed_sum)
+                        if not listed_sum:
                             to_hash.append((path, st.path, st.size or 0))
+                    else:
+                        add_new(path, st)
                 else:
                     same_content = (old.kind == kind and old.size == st.size
                                     and old.mtime_ns == st.mtime_ns)
@@ -254,12 +224,8 @@ class IndexStage(Stage):
                     if not e.deleted and flt.covers(path, e.kind)
                     and not _below_any(path, unlisted)]
         counts["deleted"] = len(vanished)
-        with catalog.engine.begin() as conn:
-            catalog.mark_deleted(conn, vanished, now)
-            if first_new_id is not None:   # a folder listed after its content, if any
-                catalog.link_parents(conn, loc_id, since_id=first_new_id)
-            catalog.touch_location(conn, loc_id, now)
-        ctx.index_results[loc_id] = result
+        writer.finish(vanished)
+        ctx.listings[loc_id] = result
         summary = (f"indexed {loc.name or loc.record.url}: {counts['files']} files, "
                    f"{counts['dirs']} folders; {counts['new']} new, {counts['changed']} changed, "
                    f"{counts['deleted']} vanished")
@@ -309,14 +275,6 @@ def _cyclic_gc_paused():
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _new_row(loc_id: int, path: str, st: Stat, stamp) -> list:
-    """An entries row as insert_entry_rows takes it: INSERT_COLUMNS, then the location id
-    and the parent's path (a list: a checksum may be filled in later)."""
-    parent, _, name = path.rpartition("/")
-    return [loc_id, path, name, st.kind, st.size, st.mtime_ns, st.mode,
-            st.link_target, None, None, None, st.online, stamp, stamp, False, loc_id, parent]
 
 
 SMALL_LOCATION = 10   # known files below which only "every one vanished" stops a run

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from ..backends.base import DIR, FILE, LINK
+from ..backends.base import DIR, FILE, KIND_NAMES, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_key
 from ..catalog.paths import from_catalog, parent_of, to_catalog
@@ -152,7 +152,7 @@ class SyncStage(Stage):
         self.algo = diff.algorithm
         self.temp_key = self.dst.temp_key   # the catalog's (RunContext.backend)
         self.perms = diff.perms   # the diff compared modes: the sync sets them
-        ref_index = ctx.index_results.get(diff.ref.record.id)
+        ref_index = ctx.listing(diff.ref)
         if p.owner and not self.dst.capabilities.owner:
             raise ConfigError(f"{diff.dst.record.url} cannot take owners (a local destination "
                               "can, when castlib runs as root)", key="owner")
@@ -161,10 +161,11 @@ class SyncStage(Stage):
         if self.hard_links and ref_index is None:
             raise ConfigError("hard links are found while listing the reference: list it in "
                               "the same run (not --index none)", key="hard_links")
-        self.ref_groups = getattr(ref_index, "hard_links", {})
+        self.ref_groups = ref_index.hard_links if ref_index is not None else {}
         plan = make_plan(diff, delete=p.delete, replace=p.replace,
                          dst_symlinks=self.dst.capabilities.symlinks,
-                         unlisted_ref=[to_catalog(u) for u in getattr(ref_index, "unlisted", [])])
+                         unlisted_ref=[to_catalog(u) for u in
+                                       (ref_index.unlisted if ref_index is not None else [])])
         if p.max_delete is not None and plan.deletion_count > p.max_delete:
             raise SafetyRefusal(
                 f"sync would delete {plan.deletion_count} entries, more than --max-delete "
@@ -195,7 +196,8 @@ class SyncStage(Stage):
         for d in plan.corrupt_refs:
             self.errors.append(f"{d.path}: not copied: castlib verify found the reference's "
                                f"bytes corrupted; {_repair_hint(d)}")
-        leftovers = getattr(ctx.index_results.get(diff.dst.record.id), "leftover_temp", [])
+        dst_index = ctx.listing(diff.dst)
+        leftovers = dst_index.leftover_temp if dst_index is not None else []
         started = self.started = time.monotonic()
         if p.dry_run or ctx.dry_run:
             self._print_plan(plan, leftovers)
@@ -661,8 +663,7 @@ class SyncStage(Stage):
         catalog.record_entries(self.diff.dst.record.id, self.dst_rows)
         catalog.forget_entries(self.diff.dst.record.id, self.removed)
         if self.ref_sums:
-            with catalog.engine.begin() as conn:
-                catalog.set_checksums(conn, self.diff.ref.record.id, self.algo, self.ref_sums)
+            catalog.record_checksums(self.diff.ref.record.id, self.algo, self.ref_sums)
         self.dst_rows, self.removed, self.ref_sums = [], [], []
 
     def _fail(self, path: str, message: str) -> None:
@@ -778,7 +779,7 @@ class _Stopped(Exception):
 
 
 def _kind(side) -> str:
-    return {"f": "file", "d": "folder", "l": "link"}[side.kind]
+    return KIND_NAMES[side.kind]
 
 
 def _refuse_overlap(src, dst) -> None:

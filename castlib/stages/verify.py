@@ -120,12 +120,8 @@ class VerifyStage(Stage):
                     result.problems.append(Problem(entry["path"], problem, detail))
         finally:
             progress.close()
-        if baseline or found_rotten or found_sound:
-            with ctx.catalog.engine.begin() as conn:
-                # first verification of these files: their checksums become the reference
-                ctx.catalog.set_checksums(conn, loc.record.id, algo, baseline)
-                ctx.catalog.mark_corrupted(conn, loc.record.id, found_rotten)
-                ctx.catalog.clear_corrupted(conn, loc.record.id, found_sound)
+        # baseline: first verification of these files, their checksums become the reference
+        ctx.catalog.record_verify(loc.record.id, algo, baseline, found_rotten, found_sound)
         result.problems.sort(key=lambda pr: (PROBLEMS.index(pr.kind), pr.path))
         bad = len(result.problems)
         summary = (f"verified {loc.name or loc.record.url}: {counts['ok']} ok, "

@@ -48,3 +48,81 @@ def _rows(catalog, loc_id):
     with catalog.engine.connect() as conn:
         return conn.execute(select(Entry.id, Entry.path, Entry.mode, Entry.mtime_ns,
                                    Entry.adler32).where(Entry.location_id == loc_id)).all()
+
+
+def test_the_index_writer_lays_out_rows_fills_checksums_and_ends_a_listing(db_url):
+    """Catalog.index_writer owns the layout of a new entry's row: a listed checksum goes
+    in with the row, a computed one into the row while it waits for its batch or by path
+    once written; finish() marks the vanished, links a folder listed after its content
+    and records when the location was listed."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from castlib.backends.base import DIR, FILE, Stat
+    from castlib.catalog.schema import Entry
+
+    catalog = Catalog(db_url)
+    try:
+        loc = catalog.location("/t")
+        first = catalog.index_writer(loc.id, NOW)
+        first.add("gone.dat", Stat("gone.dat", FILE, 1, 10, 0o644))
+        first.write([], {})
+        first.finish([])
+        gone = next(e.id for e in catalog.load_entries(loc.id).values())
+
+        later = NOW + timedelta(hours=1)
+        w = catalog.index_writer(loc.id, later)
+        w.add("d/a.dat", Stat("d/a.dat", FILE, 1, 20, 0o600), "adler32", "0000000a")
+        w.add("d/b.dat", Stat("d/b.dat", FILE, 2, 20, 0o644))
+        w.write([], {"md5": {"d/b.dat": "b" * 32}})
+        w.add("d", Stat("d", DIR, None, 30, 0o755))   # after its content
+        w.add("ln", Stat("ln", "l", None, 40, None, link_target="d/a.dat"))
+        w.write([], {"adler32": {"d/b.dat": "0000000b"}})   # written in the batch before
+        w.finish([gone])
+
+        rows = {e["path"]: e for e in catalog.entries(loc.id, include_deleted=True)}
+        assert {p: (e["kind"], e["size"], e["mtime_ns"], e["mode"], e["link_target"],
+                    e["adler32"], e["md5"], e["deleted"]) for p, e in rows.items()} == {
+            "gone.dat": ("f", 1, 10, 0o644, None, None, None, True),
+            "d": ("d", None, 30, 0o755, None, None, None, False),
+            "d/a.dat": ("f", 1, 20, 0o600, None, "0000000a", None, False),
+            "d/b.dat": ("f", 2, 20, 0o644, None, "0000000b", "b" * 32, False),
+            "ln": ("l", None, 40, None, "d/a.dat", None, None, False)}
+        with catalog.engine.connect() as conn:
+            ids = dict(conn.execute(select(Entry.path, Entry.id)
+                                    .where(Entry.location_id == loc.id)).all())
+            parents = dict(conn.execute(select(Entry.path, Entry.parent_id)
+                                        .where(Entry.location_id == loc.id)).all())
+        assert parents["d/a.dat"] == parents["d/b.dat"] == ids["d"]
+        assert parents["d"] is None and parents["ln"] is None
+        assert catalog.find_location("/t").indexed_at.replace(tzinfo=timezone.utc) == later
+    finally:
+        catalog.close()
+
+
+def test_ls_finds_the_location_holding_a_path_and_info_counts(db_url, tmp_path):
+    """Catalog.location_holding (castlib ls) and Catalog.info (castlib db info)."""
+    from castlib.backends.base import FILE, Stat
+
+    catalog = Catalog(db_url)
+    try:
+        root = tmp_path / "data"
+        loc = catalog.location(str(root), name="data")
+        w = catalog.index_writer(loc.id, NOW)
+        for path in ("a.dat", "sub/b.dat"):
+            w.add(path, Stat(path, FILE, 3, 1, 0o644))
+        w.write([], {})
+        w.finish([])
+        holding = {}
+        for text in ("data", str(root), str(root / "sub"), str(tmp_path / "else")):
+            found = catalog.location_holding(text)
+            holding[text] = (found[0].id, found[1]) if found else None
+        assert holding == {"data": (loc.id, ""), str(root): (loc.id, ""),
+                           str(root / "sub"): (loc.id, "sub"), str(tmp_path / "else"): None}
+        info = catalog.info()
+        assert (info["entries"], info["deleted"], info["runs"]) == (2, 0, 0)
+        assert [(r["files"], r["bytes"]) for r in info["locations"]] == [(2, 6)]
+        assert info["revision"] == catalog.revision and info["size"] > 0
+    finally:
+        catalog.close()

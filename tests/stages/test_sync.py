@@ -87,6 +87,10 @@ def test_type_conflicts_need_delete(tmp_path, db_url):
     r = sync(ref, dst, db_url)
     assert r.counts["failed"] == r.counts["conflicts"] == 2 and r.exit_code == 1
     assert any("type conflict" in e and "--delete" in e for e in r.errors)
+    # the kinds by their one human name (backends.base.KIND_NAMES): "folder", never "dir"
+    errors = "\n".join(r.errors)
+    assert "thing: type conflict: reference has a folder, destination a file" in errors
+    assert "flat: type conflict: reference has a file, destination a folder" in errors
     assert (dst / "thing").read_bytes() == b"a file"
     r = sync(ref, dst, db_url, delete=True)
     assert r.counts["failed"] == 0

@@ -1,4 +1,6 @@
-"""The catalog as a Python object: locations, bulk index updates, set-based diffs in SQL."""
+"""The Catalog: the one way into the catalog database. Locations, bulk index writes,
+set-based diffs in SQL, entries after a transfer, run history, summaries for the CLI.
+No stage, command or pipeline opens a connection or writes SQL of its own."""
 from __future__ import annotations
 
 import getpass
@@ -9,14 +11,15 @@ from operator import itemgetter
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, NamedTuple
 
-from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from ..backends.base import DIR, KIND_NAMES
 from ..errors import ConfigError
-from ..location import LocationURL, parse_location, scrub_secrets
+from ..location import LocationURL, parse_location, redact, scrub_secrets
 from .database import create_catalog_engine, default_db_url, driver_errors, upgrade
 from .index_lock import index_lock
-from .paths import parent_of, subtree_range
+from .paths import parent_of, subtree_range, to_catalog
 from .schema import CHECKSUM_COLUMNS, Entry, Location, Run, StageResult, StorageNode
 
 E = Entry.__table__
@@ -83,12 +86,17 @@ class Difference(NamedTuple):
         out = {"path": self.path, "kind": self.kind}
         for label, side in (("ref", self.ref), ("dst", self.dst)):
             if side is not None:
-                out[label] = {"type": {"f": "file", "d": "dir", "l": "link"}[side.kind],
+                out[label] = {"type": _JSON_TYPES[side.kind],
                               "size": side.size, "mtime_ns": side.mtime_ns,
                               "checksum": side.checksum, "mode": _octal(side.mode)}
                 if side.corrupted:
                     out[label]["corrupted"] = True
         return out
+
+
+# what --json calls each kind: a folder is "dir" there, as it always was (scripts parse it);
+# messages say "folder" (KIND_NAMES)
+_JSON_TYPES = {**KIND_NAMES, DIR: "dir"}
 
 
 def _octal(mode: int | None) -> str | None:
@@ -198,7 +206,43 @@ class Catalog:
                                        size.label("bytes")).order_by(L.c.id)).mappings().all()
         return [dict(r) for r in rows]
 
+    def location_holding(self, text_: str) -> tuple[LocationRecord, str] | None:
+        """The location `text_` names (name or URL), or else the one whose tree holds that
+        URL or path (the longest such), with the catalog path below its root ("" for the
+        root itself); None when no location holds it."""
+        loc = self.find_location(text_)
+        if loc is not None:
+            return loc, ""
+        target = str(parse_location(text_))
+        for known in sorted(self.locations(), key=lambda r: -len(r["url"])):
+            root = known["url"].rstrip("/") + "/"
+            if target.startswith(root):
+                return self.find_location(known["url"]), to_catalog(target[len(root):])
+        return None
+
+    def info(self) -> dict:
+        """What `castlib db info` shows: the database (its URL without password), schema
+        revision, size in bytes, counts of entries (and of those marked deleted), runs,
+        and every location as locations() gives it."""
+        with self.engine.connect() as conn:
+            entries, deleted = conn.execute(select(
+                func.count(), func.count(case((E.c.deleted == True, 1))))  # noqa: E712
+                .select_from(E)).one()
+            runs = conn.execute(select(func.count()).select_from(R)).scalar_one()
+            if self.dialect == "postgresql":
+                size = conn.execute(text("SELECT pg_database_size(current_database())")).scalar()
+            else:   # the file, plus its write-ahead log when one is pending
+                db_file = self.engine.url.database or ""
+                size = sum(os.path.getsize(p) for p in (db_file, db_file + "-wal")
+                           if p and os.path.exists(p))
+        return {"database": redact(str(self.engine.url)), "revision": self.revision,
+                "size": size, "entries": entries, "deleted": deleted, "runs": runs,
+                "locations": self.locations()}
+
     # -- index -----------------------------------------------------------------------------
+    # Methods that take `conn` are steps of one transaction, for the catalog's own writers
+    # (IndexWriter, record_entries, record_verify) and for tests; stages and commands call
+    # the methods that open their own.
     def live_count(self, location_id: int) -> int:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).where(
@@ -226,6 +270,10 @@ class Catalog:
             finally:
                 cursor.close()
         return out
+
+    def index_writer(self, location_id: int, now: datetime) -> IndexWriter:
+        """The writer of one index of a location listed at `now` (see IndexWriter)."""
+        return IndexWriter(self, location_id, now)
 
     def insert_entries(self, conn, rows: list[dict]) -> None:
         """Bulk insert of new entries: dicts with the Entry columns but id and parent_id
@@ -336,6 +384,28 @@ class Catalog:
         conn.execute(update(L).where(L.c.id == location_id).values(indexed_at=now))
 
     # -- entries after a transfer ------------------------------------------------------------
+    def record_checksums(self, location_id: int, algo: str,
+                         values: Iterable[tuple[str, str]]) -> None:
+        """Record checksums of `algo` by catalog path, learned outside an index (a sync
+        reads the reference's bytes as it copies them)."""
+        values = list(values)
+        if values:
+            with self.engine.begin() as conn:
+                self.set_checksums(conn, location_id, algo, values)
+
+    def record_verify(self, location_id: int, algo: str, baseline: list[tuple[str, str]],
+                      rotten: list[tuple[str, int | None, int | None]],
+                      sound: list[str]) -> None:
+        """What a verify of a location found, in one transaction: checksums of `algo`
+        computed for the first time (path, value), files whose bytes differ from their
+        checksum (see mark_corrupted) and files marked corrupted found sound again."""
+        if not (baseline or rotten or sound):
+            return
+        with self.engine.begin() as conn:
+            self.set_checksums(conn, location_id, algo, baseline)
+            self.mark_corrupted(conn, location_id, rotten)
+            self.clear_corrupted(conn, location_id, sound)
+
     def record_entries(self, location_id: int, rows: list[dict]) -> None:
         """Upsert entries that a sync wrote or changed (dicts with path, name, kind, size,
         mtime_ns, mode, link_target and checksum columns)."""
@@ -623,6 +693,80 @@ class Catalog:
             stages = conn.execute(select(S).where(S.c.run_id == run_id)
                                   .order_by(S.c.position)).mappings().all()
         return dict(run), [dict(s) for s in stages]
+
+
+class IndexWriter:
+    """What one index of one location writes, batch by batch, each batch in one
+    transaction; then finish(). The row layout of a new entry (INSERT_COLUMNS, then the
+    location id and the parent's path, as insert_entry_rows takes it) is known here only.
+
+    add() is the hot path of indexing, once per new entry: it builds a plain list (a
+    checksum may be filled in later, when the file has been read) and keeps it until the
+    next write()."""
+
+    _SUM_AT = {a: INSERT_COLUMNS.index(a) for a in CHECKSUM_COLUMNS}
+
+    def __init__(self, catalog: Catalog, location_id: int, now: datetime):
+        self.catalog = catalog
+        self.location_id = location_id
+        self.now = now
+        self._stamp = catalog.timestamp_param(now)   # converted once, not once per row
+        self._inserts: list[list] = []
+        self._first_new_id: int | None = None
+
+    def add(self, path: str, st, algo: str | None = None, checksum: str | None = None) -> None:
+        """A new entry at catalog path `path`, from a Stat-like `st` (kind, size,
+        mtime_ns, mode, link_target, online), with the checksum of `algo` if known."""
+        parent, _, name = path.rpartition("/")
+        loc_id, stamp = self.location_id, self._stamp
+        row = [loc_id, path, name, st.kind, st.size, st.mtime_ns, st.mode, st.link_target,
+               None, None, None, st.online, stamp, stamp, False, loc_id, parent]
+        if checksum:
+            row[self._SUM_AT[algo]] = checksum
+        self._inserts.append(row)
+
+    def write(self, updates: list[dict], checksums: dict[str, dict[str, str]],
+              sound: Iterable[str] = ()) -> None:
+        """One batch, in one transaction: the entries add()ed since the last write, with
+        the checksums of `checksums` (algorithm -> {catalog path: value}) that belong to
+        them filled in; `updates` by id (see Catalog.update_entries); the other
+        checksums by path; and the corrupted marks of the `sound` paths cleared."""
+        catalog, loc_id, inserts = self.catalog, self.location_id, self._inserts
+        rest: dict[str, dict[str, str]] = {}
+        for algo, values in checksums.items():
+            if not values:
+                continue
+            values = dict(values)
+            if inserts:
+                at = self._SUM_AT[algo]
+                for row in inserts:
+                    if row[1] in values:
+                        row[at] = values.pop(row[1])
+            rest[algo] = values
+        sound = list(sound)
+        with catalog.engine.begin() as conn:
+            if inserts:
+                if self._first_new_id is None:
+                    self._first_new_id = catalog.max_entry_id(conn)
+                catalog.insert_entry_rows(conn, inserts)
+            catalog.update_entries(conn, updates)
+            for algo, values in rest.items():
+                if values:
+                    catalog.set_checksums(conn, loc_id, algo, values.items())
+            if sound:
+                catalog.clear_corrupted(conn, loc_id, sound)
+        self._inserts = []
+
+    def finish(self, vanished: list[int]) -> None:
+        """The end of the listing, in one transaction: the entries of ids `vanished`
+        marked deleted, parents linked for folders listed after their content, and the
+        location's indexed_at set to the listing's time."""
+        catalog, loc_id = self.catalog, self.location_id
+        with catalog.engine.begin() as conn:
+            catalog.mark_deleted(conn, vanished, self.now)
+            if self._first_new_id is not None:   # a folder listed after its content, if any
+                catalog.link_parents(conn, loc_id, since_id=self._first_new_id)
+            catalog.touch_location(conn, loc_id, self.now)
 
 
 def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> str | None:
