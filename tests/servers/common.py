@@ -1,8 +1,14 @@
-"""Fixtures every test may use: a throwaway catalog and helpers to run the CLI."""
+"""Fixtures every test may use (a throwaway catalog), and the one way the server
+fixtures start a server process, wait for it to answer and stop it."""
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -12,6 +18,64 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def answers_on(port: int, banner: bytes | None = None) -> Callable[[], bool]:
+    """A readiness check: something accepts TCP connections on 127.0.0.1:port (and, with
+    `banner`, greets with it: sshd's "SSH-" comes only once it can serve)."""
+    def check() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            return banner is None or s.recv(64).startswith(banner)
+    return check
+
+
+def wait_until_ready(name: str, proc: subprocess.Popen, ready: Callable[[], bool], *,
+                     log_path: Path | None = None, timeout_s: float = 30) -> None:
+    """Poll `ready()` (an OSError counts as not yet) until it says yes; a server that
+    exits meanwhile, or never answers, fails the fixture with the end of its log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}{_log_tail(log_path)}")
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not answer within {timeout_s} s{_log_tail(log_path)}")
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not ended after `grace_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def server_process(name: str, argv: list[str], log_path: Path, ready: Callable[[], bool], *,
+                   env: dict | None = None, cwd: Path | None = None,
+                   timeout_s: float = 30) -> Iterator[subprocess.Popen]:
+    """A server process for the length of the block: started with its output in
+    `log_path`, ready when the block begins, stopped when it ends."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        try:
+            wait_until_ready(name, proc, ready, log_path=log_path, timeout_s=timeout_s)
+            yield proc
+        finally:
+            stop_process(proc)
+
+
+def _log_tail(log_path: Path | None) -> str:
+    if log_path is None or not Path(log_path).exists():
+        return ""
+    return ":\n" + Path(log_path).read_text(errors="replace")[-2000:]
 
 
 # CASTLIB_TEST_DB=sqlite (or postgresql) runs the catalog tests on one database only,

@@ -11,16 +11,14 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .common import free_port
+from .common import answers_on, free_port, server_process
 from .webdav import WebdavServer
 
 RCLONE = shutil.which("rclone") or "/usr/bin/rclone"
@@ -56,21 +54,6 @@ class RcloneSftpServer:
                                 folder)
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, what: str, banner: bytes | None,
-                    timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rclone serve {what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                if banner is None or s.recv(64).startswith(banner):
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"rclone serve {what} did not answer on port {port} within {timeout_s} s")
-
-
 def _serve(tmp_path_factory, what: str):
     """rclone serve WHAT on 127.0.0.1:free port over a fresh folder; (port, password, root).
     No directory cache: tests look at and change the folder behind the server's back."""
@@ -87,19 +70,11 @@ def _serve(tmp_path_factory, what: str):
                         str(conf / "host_key")], check=True)
         argv += ["--key", str(conf / "host_key")]
     env = dict(os.environ, RCLONE_CONFIG=str(conf / "rclone.conf"))
-    log = open(conf / "rclone.log", "wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        _wait_listening(port, proc, what, b"SSH-" if what == "sftp" else None)
-        yield port, password, root
+        with server_process(f"rclone serve {what}", argv, conf / "rclone.log",
+                            answers_on(port, b"SSH-" if what == "sftp" else None), env=env):
+            yield port, password, root
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         shutil.rmtree(conf, ignore_errors=True)
 
 

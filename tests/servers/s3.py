@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 
 import pytest
 
-from .common import free_port
+from .common import free_port, server_process
 
 # The authenticating server answers the first few requests without authentication: the
 # fixture spends them on creating a user, its policy and its access key. From then on every
@@ -62,20 +60,6 @@ class S3Bucket:
         return self.server.options
 
 
-def _wait_listening(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}")
-        try:
-            # moto's own dashboard path: not an AWS action, does not use up a free request
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"moto_server did not answer on {url} within {timeout_s} s")
-
-
 def _run_moto(tmp_path_factory, auth: bool):
     import boto3
 
@@ -87,11 +71,14 @@ def _run_moto(tmp_path_factory, auth: bool):
         env.pop(var, None)
     if auth:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_SETUP_ACTIONS)
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_listening(endpoint, proc)
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+    def answers() -> bool:   # moto's own dashboard: no AWS action, uses up no free request
+        urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).read()
+        return True
+
+    with server_process("moto_server", argv, tmp_path_factory.mktemp("moto") / "moto.log",
+                        answers, env=env):
         if auth:
             iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
                                aws_access_key_id="setup", aws_secret_access_key="setup")
@@ -101,14 +88,6 @@ def _run_moto(tmp_path_factory, auth: bool):
             yield S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
         else:
             yield S3Server(endpoint, "castlib-test-key", secrets.token_urlsafe(16))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,17 +11,15 @@ import getpass
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .common import free_port
+from .common import answers_on, free_port, server_process
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 TEST_USER = "castlibtest"
@@ -73,20 +71,6 @@ def _keygen(path: Path) -> None:
                     "-f", str(path)], check=True)
 
 
-def _wait_banner(port: int, proc: subprocess.Popen, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sshd exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                if s.recv(64).startswith(b"SSH-"):
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"sshd did not answer on port {port} within {timeout_s} s")
-
-
 def _sshd(sftp_args: str = "", max_sessions: int = 10):
     """sshd -D on 127.0.0.1 on a free port with its own host key and one client key;
     `sftp_args` go to its sftp-server (e.g. `-P symlink` to refuse links); at most
@@ -120,21 +104,12 @@ MaxSessions {max_sessions}
 LogLevel ERROR
 Subsystem sftp {sftp_server} {sftp_args}
 """)
-    log = open(conf_dir / "sshd.log", "wb")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log,
-                            stderr=subprocess.STDOUT)
     try:
-        _wait_banner(port, proc)
-        yield SftpServer("127.0.0.1", port, _login_user().pw_name,
-                         str(conf_dir / "client_key"), conf_dir)
+        with server_process("sshd", [SSHD, "-D", "-e", "-f", str(config)],
+                            conf_dir / "sshd.log", answers_on(port, b"SSH-")):
+            yield SftpServer("127.0.0.1", port, _login_user().pw_name,
+                             str(conf_dir / "client_key"), conf_dir)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         shutil.rmtree(conf_dir, ignore_errors=True)
 
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from .common import free_port
+from .common import answers_on, free_port, stop_process, wait_until_ready
 
 XROOTD = shutil.which("xrootd") or "/usr/bin/xrootd"
 TEST_USER = "castlibtest"
@@ -101,34 +99,16 @@ ofs.tpc pgm /usr/bin/xrdcp --server -f
             cmd += ["-R", self.user.pw_name]
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                       cwd=self.work_dir)
-        _wait_port(self.port, self._proc, self.work_dir)
+        wait_until_ready("xrootd", self._proc, answers_on(self.port),
+                         log_path=self.work_dir / "xrootd.log", timeout_s=20)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc)
         if self._log is not None:
             self._log.close()
             self._log = None
-
-
-def _wait_port(port: int, proc: subprocess.Popen, work_dir: Path, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log = (work_dir / "xrootd.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"xrootd exited with {proc.returncode}:\n{log}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"xrootd did not answer on port {port} within {timeout_s} s")
 
 
 @pytest.fixture(scope="session")
