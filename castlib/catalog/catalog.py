@@ -190,8 +190,11 @@ class Catalog:
                     canonical = str(parse_location(text_))
                 except ConfigError:
                     return None
+                # the URL as stored, too: a local one recorded before links were resolved
+                # in the canonical form (or whose link moved since) parses to another text
                 row = conn.execute(select(L.c.id, L.c.url, L.c.name, L.c.indexed_at)
-                                   .where(L.c.url == canonical)).first()
+                                   .where(L.c.url.in_({canonical, text_}))
+                                   .order_by((L.c.url == canonical).desc())).first()
         return LocationRecord(*row) if row else None
 
     def locations(self) -> list[dict]:
