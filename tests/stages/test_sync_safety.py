@@ -322,3 +322,47 @@ def test_the_vanish_guard_holds_under_another_spelling_of_the_reference(tmp_path
             assert r.returncode == 2, (spelling, r.stdout, r.stderr)
             assert "20 of the 20 files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
             assert tree_digest(dst) == before
+
+
+def test_a_destination_mounted_below_the_reference_is_refused(tmp_path, db_url):
+    """`mount --bind D R/sub; sync R D --delete`: the reference holds the destination under
+    another path; each run nested D/sub/sub/... deeper, and --delete removed D's files,
+    which are the reference's R/sub files."""
+    make_tree(tmp_path / "R", {"rfile": b"r", "sub/.keep": b""})
+    make_tree(tmp_path / "D", {"dfile": b"d"})
+    (tmp_path / "R" / "sub" / ".keep").unlink()
+    with bind_mount(tmp_path / "D", tmp_path / "R" / "sub"):
+        before = tree_digest(tmp_path / "D")
+        for args in (("R", "D"), ("R", "D", "--delete"), ("D", "R", "--delete")):
+            r = run_cli("-q", "sync", *args, db=db_url, cwd=str(tmp_path))
+            assert r.returncode == 2, (args, r.stdout, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "mount" in r.stderr and str(tmp_path / "R" / "sub") in r.stderr
+            assert tree_digest(tmp_path / "D") == before
+        # a mount below the destination of something else than the reference is no overlap
+        make_tree(tmp_path / "other", {"o": b"o"})
+        run_cli("-q", "sync", "other", "R/copy", db=db_url, cwd=str(tmp_path), check=0)
+        assert (tmp_path / "R" / "copy" / "o").read_bytes() == b"o"
+
+
+def test_a_destination_under_an_overlay_below_the_reference_is_refused(tmp_path, db_url):
+    """An overlay mounted below the reference whose upper (written) folder is the
+    destination: its device is the overlay's, only its options name the destination."""
+    make_tree(tmp_path / "R", {"rfile": b"r"})
+    make_tree(tmp_path / "D", {"dfile": b"d"})
+    make_tree(tmp_path / "low", {"l": b"l"})
+    (tmp_path / "work").mkdir()
+    (tmp_path / "R" / "ov").mkdir()
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={tmp_path}/low,upperdir={tmp_path}/D,workdir={tmp_path}/work",
+                        str(tmp_path / "R" / "ov")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount -t overlay refused here: {r.stderr.strip() or r.returncode}")
+    try:
+        before = tree_digest(tmp_path / "D")
+        r = run_cli("-q", "sync", "R", "D", "--delete", db=db_url, cwd=str(tmp_path))
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "overlay" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert tree_digest(tmp_path / "D") == before
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "R" / "ov")], check=True)
