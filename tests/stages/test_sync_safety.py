@@ -324,6 +324,20 @@ def test_the_vanish_guard_holds_under_another_spelling_of_the_reference(tmp_path
             assert tree_digest(dst) == before
 
 
+def test_the_vanish_guard_holds_through_a_bind_mount_of_the_reference(tmp_path, db_url):
+    ref = make_tree(tmp_path / "V" / "ref", {f"f{i}": str(i) for i in range(20)})
+    dst = tmp_path / "V" / "dst"
+    run_cli("-q", "sync", str(ref), str(dst), "--delete", db=db_url, check=0)
+    before = tree_digest(dst)
+    with tmpfs_over(ref):   # then the alias, made now, shows the blank disk too
+        with bind_mount(ref, tmp_path / "V" / "alias"):
+            r = run_cli("sync", str(tmp_path / "V" / "alias"), str(dst), "--delete",
+                        db=db_url)
+            assert r.returncode == 2, (r.stdout, r.stderr)
+            assert "20 of the 20 files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+            assert tree_digest(dst) == before
+
+
 def test_a_destination_mounted_below_the_reference_is_refused(tmp_path, db_url):
     """`mount --bind D R/sub; sync R D --delete`: the reference holds the destination under
     another path; each run nested D/sub/sub/... deeper, and --delete removed D's files,
