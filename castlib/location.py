@@ -75,7 +75,7 @@ def parse_location(text: str, base_dir: str | None = None) -> LocationURL:
         path = os.path.expanduser(text)
         if base_dir and not os.path.isabs(path):
             path = os.path.join(base_dir, path)
-        return LocationURL("file", "", _clean_local(os.path.abspath(path)))
+        return LocationURL("file", "", _clean_local(path))
     scheme = m.group(1).lower()
     if _ambiguous_credentials(text[m.end():]):
         raise ConfigError(
@@ -109,7 +109,18 @@ def parse_location(text: str, base_dir: str | None = None) -> LocationURL:
 
 
 def _clean_local(path: str) -> str:
-    path = os.path.normpath(path)
+    """The canonical path of a local location: the path as the kernel resolves it
+    (os.path.realpath: links followed one component at a time, so `lnk/..` is the parent
+    of where lnk points, as for open(2) and rsync, never the folder holding lnk; a part
+    not created yet is kept as written, below its nearest existing ancestor).
+
+    The catalog keys a location on this text, so it names the folder that really holds
+    the files, not the way to it: two spellings of one folder (a link to it, `..` after a
+    link) are one location with one history, which the vanish guard and the lock rely
+    on, and a root that is a link to a folder (followed, as the README says) is recorded
+    as what it points to. A link later pointed elsewhere is then another location, as it
+    is another tree of files."""
+    path = os.path.realpath(path)
     return path if path != "//" else "/"
 
 

@@ -158,6 +158,12 @@ class Backend(ABC):
         pa, pb = a.path.rstrip("/") + "/", b.path.rstrip("/") + "/"
         return pa.startswith(pb) or pb.startswith(pa)
 
+    @classmethod
+    def mount_overlap(cls, a: LocationURL, b: LocationURL) -> str | None:
+        """A mount below root `a` that shows (part of) root `b`, described for a message,
+        or None. Only a back-end with mounts (local) has any."""
+        return None
+
     # -- listing -----------------------------------------------------------------------
     @abstractmethod
     def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:

@@ -59,6 +59,32 @@ class LocalBackend(Backend):
             return True
         return _ancestor_is(a.path, b.path) or _ancestor_is(b.path, a.path)
 
+    @classmethod
+    def mount_overlap(cls, a: LocationURL, b: LocationURL) -> str | None:
+        """A mount point below root `a` whose source overlaps root `b`: `mount --bind D R/sub`
+        puts the destination D inside the reference R under a path that neither the real
+        paths nor the ancestors' (device, inode) show, so a sync of R into D would copy D
+        into itself (D/sub/sub/...) and --delete would remove D's files, which are R's. The
+        source of a mount is its device and the folder inside that file system it shows
+        (as file_system_identity gives for `b`); an overlay also shows its lower and upper
+        folders. The mount table is read once per call."""
+        table = _mount_table()
+        if not table:
+            return None
+        real_a = os.path.realpath(a.path)
+        id_b = file_system_identity(b.path, table)
+        below = real_a.rstrip("/") + "/"
+        for device, root, point, fstype, options in table:
+            if not point.startswith(below):
+                continue
+            sources = [f"{device}:{root}"]
+            if fstype == "overlay":
+                sources += [file_system_identity(d, table) for d in _overlay_dirs(options)]
+            for src in sources:
+                if _inside(src, id_b) or _inside(id_b, src):
+                    return f"{point} ({fstype} {src})"
+        return None
+
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
 
@@ -205,15 +231,16 @@ class LocalBackend(Backend):
             raise storage_error(exc, path) from None
 
 
-def file_system_identity(path: str) -> str:
+def file_system_identity(path: str, table: list | None = None) -> str:
     """Where a local path really is: its file system (device numbers) and its path inside
     that file system. Links resolve (os.path.realpath), and the mount table maps every
     mount of one file system, bind mounts too, to the same answer. A path that does not
     exist yet is its nearest existing ancestor's identity plus the rest, which is what it
     will have once created: a lock keyed on it stays the same lock across the creation.
-    Without a mount table (not Linux) the real path is the answer."""
+    Without a mount table (not Linux) the real path is the answer. `table`: the mount
+    table already read (_mount_table), to read it once for many paths."""
     real = os.path.realpath(path)
-    mount = _mount_of(real)
+    mount = _mount_of(real, _mount_table() if table is None else table)
     if mount is None:
         return real
     device, point, root = mount
@@ -222,25 +249,50 @@ def file_system_identity(path: str) -> str:
     return f"{device}:{inside}"
 
 
-def _mount_of(real: str) -> tuple[str, str, str] | None:
-    """(device, mount point, root inside the file system) of the mount holding `real`:
-    the longest mount point above it, the last mounted where several share one."""
+def _mount_table() -> list[tuple[str, str, str, str, str]]:
+    """/proc/self/mountinfo as (device, root inside the fs, mount point, fs type, super
+    options), in mount order; empty where there is none (not Linux)."""
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             lines = f.read().split(b"\n")
     except OSError:
-        return None
-    best = None
+        return []
+    table = []
     for line in lines:
         fields = line.split(b" ")
         if len(fields) < 5:
             continue
-        device, root, point = (_unescape(fields[2]), _unescape(fields[3]),
-                               _unescape(fields[4]))
+        try:   # optional fields, then "-", fs type, source, super options
+            dash = fields.index(b"-", 6)
+            fstype = _unescape(fields[dash + 1])
+            options = _unescape(fields[dash + 3]) if len(fields) > dash + 3 else ""
+        except (ValueError, IndexError):
+            fstype = options = ""
+        table.append((_unescape(fields[2]), _unescape(fields[3]), _unescape(fields[4]),
+                      fstype, options))
+    return table
+
+
+def _mount_of(real: str, table: list) -> tuple[str, str, str] | None:
+    """(device, mount point, root inside the file system) of the mount holding `real`:
+    the longest mount point above it, the last mounted where several share one."""
+    best = None
+    for device, root, point, _fstype, _options in table:
         if point == real or real.startswith(point.rstrip("/") + "/"):
             if best is None or len(point) >= len(best[1]):
                 best = (device, point, root)
     return best
+
+
+def _overlay_dirs(options: str) -> list[str]:
+    """The lower and upper folders an overlay mount shows (lowerdir=a:b,upperdir=c): a
+    ',' or ':' inside one of them is written with a backslash."""
+    dirs = []
+    for opt in re.split(r"(?<!\\),", options):
+        key, _, value = opt.partition("=")
+        if key in ("lowerdir", "upperdir", "lowerdir+"):
+            dirs += [re.sub(r"\\(.)", r"\1", d) for d in re.split(r"(?<!\\):", value) if d]
+    return dirs
 
 
 def _unescape(field: bytes) -> str:

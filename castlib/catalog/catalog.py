@@ -190,9 +190,23 @@ class Catalog:
                     canonical = str(parse_location(text_))
                 except ConfigError:
                     return None
+                # the URL as stored, too: a local one recorded before links were resolved
+                # in the canonical form (or whose link moved since) parses to another text
                 row = conn.execute(select(L.c.id, L.c.url, L.c.name, L.c.indexed_at)
-                                   .where(L.c.url == canonical)).first()
+                                   .where(L.c.url.in_({canonical, text_}))
+                                   .order_by((L.c.url == canonical).desc())).first()
         return LocationRecord(*row) if row else None
+
+    def listed_locations_of(self, scheme: str, host: str) -> list[LocationRecord]:
+        """The locations of one storage (scheme and host) listed at least once: those that
+        may be another spelling of a folder (index: a new location's history)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(L.c.id, L.c.url, L.c.name, L.c.indexed_at)
+                                .join(N, N.c.id == L.c.node_id)
+                                .where(N.c.scheme == scheme, N.c.host == host,
+                                       L.c.indexed_at.is_not(None))
+                                .order_by(L.c.id)).all()
+        return [LocationRecord(*r) for r in rows]
 
     def locations(self) -> list[dict]:
         """Every location with its counts of live files, folders and bytes."""

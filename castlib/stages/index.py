@@ -15,6 +15,7 @@ from ..catalog.catalog import BATCH, utcnow
 from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
+from ..location import parse_location
 from ..transfer import TEMP_MARK, is_temp_name
 from .base import IndexResult, Stage, StageOutcome, StageParams
 
@@ -90,6 +91,11 @@ class IndexStage(Stage):
                     f"recompute; name one with --checksum ({', '.join(ALGORITHMS)})")
         root_exists = backend.root_exists()
         forced = p.force or ctx.force
+        # A location without history may be another spelling of a known folder (a bind
+        # mount of it): its history then judges this listing, or a blank disk mounted
+        # there would pass the vanish guard under the new spelling.
+        twins = ([] if known_files or forced or not root_exists
+                 else _same_folder_known(catalog, backend, loc.record))
         if not root_exists and not (p.missing_ok and (known_files == 0 or forced)):
             if known_files and p.missing_ok:
                 raise SafetyRefusal(
@@ -129,6 +135,12 @@ class IndexStage(Stage):
 
         # The loop below runs once per entry (millions): locals, no avoidable calls.
         filtering, accepts, pop_existing = flt.active, flt.accepts, existing.pop
+        if twins:   # the twins' entries seen are popped too: what is left vanished
+            def pop_existing(path, default, _own=existing.pop,
+                             _twins=[t.pop for _, t, _ in twins]):
+                for pop in _twins:
+                    pop(path, None)
+                return _own(path, default)
         add_new = writer.add
         one_algo = algo if not algos[1:] else None   # a listed checksum is used for it
         temp_key = backend.temp_key   # the catalog's: only castlib's own temporaries are left out
@@ -219,6 +231,10 @@ class IndexStage(Stage):
         if known_files and not forced:   # before the catalog marks anything vanished
             _refuse_mass_vanish(loc.record.url, existing, flt, unlisted, known_files,
                                 p.max_vanish, listed)
+        for twin, unseen, twin_files in twins:   # forced: none were looked for
+            _refuse_mass_vanish(f"{loc.record.url} (the folder the catalog knows as "
+                                f"{twin.url})", unseen, flt, unlisted, twin_files,
+                                p.max_vanish, listed)
         flush()
         vanished = [e.id for path, e in existing.items()
                     if not e.deleted and flt.covers(path, e.kind)
@@ -306,6 +322,32 @@ def _refuse_mass_vanish(url: str, unseen: dict, flt: PathFilter, unlisted: list[
         f"({gone * 100 / known:.0f} %, more than --max-vanish {max_vanish:g} %){empty}: is "
         "the disk mounted? nothing was changed (use --force, or a higher --max-vanish, to "
         "accept)")
+
+
+def _same_folder_known(catalog, backend, record) -> list[tuple]:
+    """The listed locations of the same storage that are the same folder as `record` by
+    identity (Backend.identity: for local ones, the file system and the path inside it,
+    so a bind mount of a known folder is found), each as (record, its entries, its live
+    files), those with files only. Looked for once, when a location has no history."""
+    identity = type(backend).identity
+    try:
+        own = identity(backend.url)
+    except OSError:
+        return []
+    twins = []
+    for other in catalog.listed_locations_of(backend.url.scheme, backend.url.host):
+        if other.id == record.id:
+            continue
+        try:
+            if identity(parse_location(other.url)) != own:
+                continue
+        except (ConfigError, OSError):
+            continue
+        entries = catalog.load_entries(other.id)
+        files = sum(1 for e in entries.values() if e.kind == FILE and not e.deleted)
+        if files:
+            twins.append((other, entries, files))
+    return twins
 
 
 def _algorithms_held(existing: dict) -> list[str]:

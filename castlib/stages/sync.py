@@ -793,3 +793,11 @@ def _refuse_overlap(src, dst) -> None:
     if type(dst).overlaps(ref, dst_url):
         raise SafetyRefusal(f"reference {ref} and destination {dst_url} overlap (one is "
                             "inside the other, or both are one folder); nothing was changed")
+    # a mount below one root showing (part of) the other: mount --bind D R/sub
+    for root, other, role, other_role in ((ref, dst_url, "reference", "destination"),
+                                          (dst_url, ref, "destination", "reference")):
+        mount = type(dst).mount_overlap(root, other)
+        if mount:
+            raise SafetyRefusal(f"reference {ref} and destination {dst_url} overlap: the mount "
+                                f"at {mount} below the {role} shows the {other_role}; "
+                                "nothing was changed")

@@ -272,3 +272,111 @@ def test_a_reference_whose_root_is_a_link_to_a_folder_is_followed_links_below_ar
     (real / "c.dat").write_bytes(b"c")
     r = sync(tmp_path / "ref", tmp_path / "dst-link", db_url)
     assert r.counts["copied"] == 1 and (tmp_path / "dst" / "c.dat").read_bytes() == b"c"
+
+
+# -- a local path means what the kernel makes of it -----------------------------------------
+
+def test_dotdot_after_a_symlink_goes_where_the_kernel_goes(tmp_path, db_url):
+    """`sync S2 P/home/lnk/.. --delete`, lnk -> P/real/deep: the OS (and rsync) take the
+    destination as P/real; collapsing `lnk/..` as text made it P/home, and --delete removed
+    the user's thesis there."""
+    make_tree(tmp_path / "P", {"real/deep/x.dat": b"x", "home/thesis.txt": b"precious"})
+    os.symlink(tmp_path / "P" / "real" / "deep", tmp_path / "P" / "home" / "lnk")
+    make_tree(tmp_path / "S2", {"new.txt": b"n"})
+    home = tree_digest(tmp_path / "P" / "home")
+    r = run_cli("sync", "S2", "P/home/lnk/..", "--delete", db=db_url, cwd=str(tmp_path),
+                check=0)
+    assert tree_digest(tmp_path / "P" / "home") == home
+    assert (tmp_path / "P" / "home" / "thesis.txt").read_bytes() == b"precious"
+    assert sorted(os.listdir(tmp_path / "P" / "real")) == ["new.txt"]
+    assert str(castlib.location.parse_location(str(tmp_path / "P/home/lnk/.."))) == \
+        "file://" + str(tmp_path / "P" / "real")
+
+
+@contextmanager
+def tmpfs_over(target):
+    """A blank tmpfs mounted on `target` (what a fresh disk mounted there shows: lost+found
+    only); skips, with the reason, where the kernel or the container refuses it."""
+    r = subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount -t tmpfs refused here: {r.stderr.strip() or r.returncode}")
+    try:
+        os.mkdir(os.path.join(target, "lost+found"))
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+def test_the_vanish_guard_holds_under_another_spelling_of_the_reference(tmp_path, db_url):
+    """The guard judges a location by its history: a symlink to the reference, or a bind
+    mount of it, must not be a new location without one."""
+    ref = make_tree(tmp_path / "V" / "ref", {f"f{i}": str(i) for i in range(20)})
+    dst = tmp_path / "V" / "dst"
+    os.symlink(ref, tmp_path / "V" / "refln")
+    run_cli("-q", "sync", str(ref), str(dst), "--delete", db=db_url, check=0)
+    before = tree_digest(dst)
+    with tmpfs_over(ref):
+        for spelling in (ref, tmp_path / "V" / "refln"):
+            r = run_cli("sync", str(spelling), str(dst), "--delete", db=db_url)
+            assert r.returncode == 2, (spelling, r.stdout, r.stderr)
+            assert "20 of the 20 files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+            assert tree_digest(dst) == before
+
+
+def test_the_vanish_guard_holds_through_a_bind_mount_of_the_reference(tmp_path, db_url):
+    ref = make_tree(tmp_path / "V" / "ref", {f"f{i}": str(i) for i in range(20)})
+    dst = tmp_path / "V" / "dst"
+    run_cli("-q", "sync", str(ref), str(dst), "--delete", db=db_url, check=0)
+    before = tree_digest(dst)
+    with tmpfs_over(ref):   # then the alias, made now, shows the blank disk too
+        with bind_mount(ref, tmp_path / "V" / "alias"):
+            r = run_cli("sync", str(tmp_path / "V" / "alias"), str(dst), "--delete",
+                        db=db_url)
+            assert r.returncode == 2, (r.stdout, r.stderr)
+            assert "20 of the 20 files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+            assert tree_digest(dst) == before
+
+
+def test_a_destination_mounted_below_the_reference_is_refused(tmp_path, db_url):
+    """`mount --bind D R/sub; sync R D --delete`: the reference holds the destination under
+    another path; each run nested D/sub/sub/... deeper, and --delete removed D's files,
+    which are the reference's R/sub files."""
+    make_tree(tmp_path / "R", {"rfile": b"r", "sub/.keep": b""})
+    make_tree(tmp_path / "D", {"dfile": b"d"})
+    (tmp_path / "R" / "sub" / ".keep").unlink()
+    with bind_mount(tmp_path / "D", tmp_path / "R" / "sub"):
+        before = tree_digest(tmp_path / "D")
+        for args in (("R", "D"), ("R", "D", "--delete"), ("D", "R", "--delete")):
+            r = run_cli("-q", "sync", *args, db=db_url, cwd=str(tmp_path))
+            assert r.returncode == 2, (args, r.stdout, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "mount" in r.stderr and str(tmp_path / "R" / "sub") in r.stderr
+            assert tree_digest(tmp_path / "D") == before
+        # a mount below the destination of something else than the reference is no overlap
+        make_tree(tmp_path / "other", {"o": b"o"})
+        run_cli("-q", "sync", "other", "R/copy", db=db_url, cwd=str(tmp_path), check=0)
+        assert (tmp_path / "R" / "copy" / "o").read_bytes() == b"o"
+
+
+def test_a_destination_under_an_overlay_below_the_reference_is_refused(tmp_path, db_url):
+    """An overlay mounted below the reference whose upper (written) folder is the
+    destination: its device is the overlay's, only its options name the destination."""
+    make_tree(tmp_path / "R", {"rfile": b"r"})
+    make_tree(tmp_path / "D", {"dfile": b"d"})
+    make_tree(tmp_path / "low", {"l": b"l"})
+    (tmp_path / "work").mkdir()
+    (tmp_path / "R" / "ov").mkdir()
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={tmp_path}/low,upperdir={tmp_path}/D,workdir={tmp_path}/work",
+                        str(tmp_path / "R" / "ov")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount -t overlay refused here: {r.stderr.strip() or r.returncode}")
+    try:
+        before = tree_digest(tmp_path / "D")
+        r = run_cli("-q", "sync", "R", "D", "--delete", db=db_url, cwd=str(tmp_path))
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "overlay" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert tree_digest(tmp_path / "D") == before
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "R" / "ov")], check=True)
