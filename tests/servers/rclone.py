@@ -57,13 +57,13 @@ class RcloneSftpServer:
 
 
 def _wait_listening(port: int, proc: subprocess.Popen, what: str, banner: bytes | None,
-                    timeout_s: float = 30) -> None:
+                    timeout_s: float = 30, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"rclone serve {what} exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            with socket.create_connection((host, port), timeout=1) as s:
                 if banner is None or s.recv(64).startswith(banner):
                     return
         except OSError:
@@ -71,14 +71,15 @@ def _wait_listening(port: int, proc: subprocess.Popen, what: str, banner: bytes 
     raise RuntimeError(f"rclone serve {what} did not answer on port {port} within {timeout_s} s")
 
 
-def _serve(tmp_path_factory, what: str):
-    """rclone serve WHAT on 127.0.0.1:free port over a fresh folder; (port, password, root).
+def _serve(tmp_path_factory, what: str, host: str = "127.0.0.1"):
+    """rclone serve WHAT on host (127.0.0.1, or ::1) at a free port over a fresh folder;
+    (port, password, root).
     No directory cache: tests look at and change the folder behind the server's back."""
     root = tmp_path_factory.mktemp(f"rclone-{what}")
     conf = Path(tempfile.mkdtemp(prefix=f"castlib-rclone-{what}-"))
     password = secrets.token_urlsafe(12)
     port = free_port()
-    argv = [RCLONE, "serve", what, str(root), "--addr", f"127.0.0.1:{port}", "--user", USER,
+    argv = [RCLONE, "serve", what, str(root), "--addr", f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "--user", USER,
             "--pass", password, "--dir-cache-time", "0s", "--poll-interval", "0",
             "--config", str(conf / "rclone.conf"), "--cache-dir", str(conf / "cache"),
             "--log-level", "ERROR"]
@@ -90,7 +91,7 @@ def _serve(tmp_path_factory, what: str):
     log = open(conf / "rclone.log", "wb")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        _wait_listening(port, proc, what, b"SSH-" if what == "sftp" else None)
+        _wait_listening(port, proc, what, b"SSH-" if what == "sftp" else None, host=host)
         yield port, password, root
     finally:
         proc.terminate()
@@ -113,6 +114,18 @@ def rclone_sftp_session(tmp_path_factory):
 def rclone_webdav_session(tmp_path_factory):
     for port, password, root in _serve(tmp_path_factory, "webdav"):
         yield WebdavServer("127.0.0.1", port, USER, password, root)
+
+
+@pytest.fixture(scope="session")
+def rclone_sftp_ipv6_session(tmp_path_factory):
+    """`rclone serve sftp` on the IPv6 loopback [::1] (skipped where it has no ::1)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    for port, password, root in _serve(tmp_path_factory, "sftp", host="::1"):
+        yield RcloneSftpServer("[::1]", port, USER, password, root)
 
 
 @pytest.fixture
