@@ -17,7 +17,8 @@ _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, er
 
 def storage_error(exc: OSError, path: str) -> StorageError:
     """Translate an OSError into castlib's error types, keeping the message short."""
-    msg = f"{exc.strerror or exc}: {path!r}"
+    # the root itself ("") is named by the location in the caller's message
+    msg = f"{exc.strerror or exc}: {path!r}" if path else f"{exc.strerror or exc}"
     if isinstance(exc, FileNotFoundError):
         return NotFound(msg, path=path)
     if exc.errno in _TRANSIENT_ERRNOS:

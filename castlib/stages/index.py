@@ -38,6 +38,20 @@ class IndexParams(StageParams):
                                                 "(a destination not created yet)")
 
 
+def _refuse_a_root_that_is_no_folder(backend, url: str) -> None:
+    """A location is a folder: a file there is neither listed as a tree nor created over
+    (`sync a /etc/passwd` would fail later as "File exists"), and "does not exist" would
+    send the user looking for the wrong thing."""
+    try:
+        st = backend.stat("")
+    except StorageError:
+        return   # the caller's "cannot be reached" says it
+    if st is not None and st.kind != DIR:
+        kind = {FILE: "a file", LINK: "a link"}.get(st.kind, st.kind)
+        raise ConfigError(f"location {url} is {kind}, not a folder: castlib syncs folders "
+                          "(name the folder that holds it)")
+
+
 class IndexStage(Stage):
     name = "index"
     description = "list a location into the catalog (new, changed and vanished entries)"
@@ -89,6 +103,8 @@ class IndexStage(Stage):
                     f"--rehash: the catalog holds no checksums of {loc.record.url} to "
                     f"recompute; name one with --checksum ({', '.join(ALGORITHMS)})")
         root_exists = backend.root_exists()
+        if not root_exists:
+            _refuse_a_root_that_is_no_folder(backend, loc.record.url)
         forced = p.force or ctx.force
         if not root_exists and not (p.missing_ok and (known_files == 0 or forced)):
             if known_files and p.missing_ok:
