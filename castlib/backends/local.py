@@ -26,6 +26,10 @@ def storage_error(exc: OSError, path: str) -> StorageError:
     return StorageError(msg, path=path)
 
 
+_SPECIAL_KINDS = {statmod.S_IFIFO: "fifo", statmod.S_IFSOCK: "socket",
+                  statmod.S_IFCHR: "character device", statmod.S_IFBLK: "block device"}
+
+
 class LocalBackend(Backend):
     schemes = ("file",)
     description = "local or mounted file system"
@@ -69,6 +73,7 @@ class LocalBackend(Backend):
             raise LocationMissing(f"folder does not exist: {self.root}", path="")
         # An explicit stack instead of recursion: deep trees, and one tight loop.
         stack = [("", self.root)]
+        self.specials_skipped = []
         # file types compared as numbers: S_ISDIR() and friends are calls, once per entry
         IFMT, IFDIR, IFLNK, IFREG = 0o170000, statmod.S_IFDIR, statmod.S_IFLNK, statmod.S_IFREG
         while stack:
@@ -111,7 +116,10 @@ class LocalBackend(Backend):
                         except OSError:
                             target = None
                         yield Stat(path, LINK, st.st_size, st.st_mtime_ns, mode & 0o7777, target)
-                    # sockets, fifos and devices are not data: not catalogued
+                    else:   # sockets, fifos and devices are not data: not catalogued,
+                        # but said (rsync -a would recreate them)
+                        self.specials_skipped.append((path, _SPECIAL_KINDS.get(
+                            file_type, "special")))
             stack.extend(reversed(subdirs))
 
     def stat(self, path: str) -> Stat | None:

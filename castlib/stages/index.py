@@ -249,6 +249,16 @@ class IndexStage(Stage):
             summary += f"; {counts['hashed']} hashed ({', '.join(algos)})"
         if result.unlisted:
             summary += f"; {len(result.unlisted)} folders unreadable"
+        specials = [(path, kind) for path, kind in backend.specials_skipped
+                    if not filtering or accepts(path, FILE)]
+        counts["specials_skipped"] = len(specials)
+        if specials:
+            kinds: dict[str, int] = {}
+            for _, kind in specials:
+                kinds[kind] = kinds.get(kind, 0) + 1
+            what = ", ".join(f"{n} {k}" if len(kinds) > 1 else k for k, n in kinds.items())
+            summary += (f"; {len(specials)} special file{'s' if len(specials) > 1 else ''} "
+                        f"skipped ({what}): castlib copies files, folders and links")
         if counts["corrupted_cleared"]:
             summary += (f"; {counts['corrupted_cleared']} found corrupted earlier read back "
                         "as catalogued (mark cleared)")
