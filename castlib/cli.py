@@ -184,6 +184,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "db", None) is not None and not args.db.strip():
+        # not the default catalog in its place: an unset variable in a script (--db "$DB")
+        # would quietly index into, and sync from, another catalog
+        print("castlib: error: --db is empty: give a catalog (a path, sqlite:///path or "
+              "postgresql://user@host/db), or leave --db out for the default", file=sys.stderr)
+        return EXIT_ERROR
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="castlib: %(levelname)s: %(message)s")
     from .errors import CastlibError

@@ -43,21 +43,29 @@ class LocationURL:
 
     @property
     def hostname(self) -> str:
-        return self.host.rsplit(":", 1)[0] if self.host.count(":") == 1 else self.host
+        """The bare host name or address, as a socket library wants it: no port, and an
+        IPv6 literal without its brackets (`host` keeps them, as URLs need)."""
+        return _split_host(self.host)[0]
 
     @property
     def port(self) -> int | None:
-        if self.host.count(":") == 1:
-            try:
-                return int(self.host.rsplit(":", 1)[1])
-            except ValueError:
-                return None
-        return None
+        return _split_host(self.host)[1]
 
     def child(self, relpath: str) -> "LocationURL":
         """The URL of a path below this root."""
         path = posixpath.join(self.path, relpath) if relpath else self.path
         return LocationURL(self.scheme, self.host, path, self.user, self.password, self.query)
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    """`host` ("name", "name:port", "[v6]", "[v6]:port") as (bare name or address, port)."""
+    m = re.fullmatch(r"\[([^\]]*)\](?::([0-9]+))?|([^:]*)(?::([0-9]+))?", host)
+    if not m:   # an unbracketed IPv6 address, as older catalogs may hold: no port in it
+        return host, None
+    port = m.group(2) or m.group(4)
+    if m.group(1) is not None:   # a zone id is percent-encoded in a URL: [fe80::1%25eth0]
+        return unquote(m.group(1)), int(port) if port else None
+    return m.group(3), int(port) if port else None
 
 
 def parse_location(text: str, base_dir: str | None = None) -> LocationURL:
@@ -79,13 +87,19 @@ def parse_location(text: str, base_dir: str | None = None) -> LocationURL:
     scheme = m.group(1).lower()
     if _ambiguous_credentials(text[m.end():]):
         raise ConfigError(
-            f"location {redact_url(text)!r} is ambiguous: write a '/', '?' or '#' of a password "
-            "as %2F, %3F, %23 (or an '@' of the path as %40), or give the password in the "
-            "location's options")
-    parts = urlsplit(text)
+            f"location {redact_url(text)!r} is ambiguous: percent-encode a '/', '?', '#' or '@' "
+            "of a password as %2F, %3F, %23, %40 (and an '@' of the path as %40), or give "
+            "the password in the location's options")
+    try:
+        parts = urlsplit(text)
+    except ValueError:   # an unclosed or stray '[' of an IPv6 address
+        raise ConfigError(f"malformed location URL {redact_url(text)!r}: an IPv6 address goes "
+                          "whole in brackets (sftp://[::1]:2222/path)") from None
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     host = parts.hostname or ""
+    if ":" in host:   # an IPv6 literal keeps its brackets, or its last group reads as a port
+        host = f"[{host}]"
     try:
         port = parts.port
     except ValueError:
@@ -147,6 +161,8 @@ def _credentials_end(rest: str, whole: bool) -> int:
         if 0 <= i < cut:
             cut = i
     at = rest.rfind("@", 0, cut)
+    if at >= 0 and "@" in rest[cut:]:   # user:p@ss/w@rd@host: hide up to the last '@'
+        return rest.rfind("@")
     if at >= 0:
         return at
     if _ambiguous_credentials(rest, cut):
@@ -157,12 +173,15 @@ def _credentials_end(rest: str, whole: bool) -> int:
 
 def _ambiguous_credentials(rest: str, cut: int | None = None) -> bool:
     """user:pa/ss@host and host:22/a@b are the same shape: a ':' in an authority without
-    '@', and an '@' after it. No position can tell a password from a port and a path."""
+    '@', and an '@' after it. So are user:p@ss/w@rd@host/x and user@host/w@rd: a userinfo
+    in the authority and an '@' after it. No position can tell a password from a port and
+    a path, or from a host and a path."""
     if cut is None:
         cut = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
     authority = rest[:cut]
-    return ("@" not in authority and "@" in rest[cut:]
-            and ":" in _BRACKETED_HOST.sub("", authority))
+    if "@" not in rest[cut:]:
+        return False
+    return "@" in authority or ":" in _BRACKETED_HOST.sub("", authority)
 
 
 def redact_url(url: str, whole: bool = True) -> str:
@@ -190,6 +209,9 @@ def redact(text: str, secrets=()) -> str:
             end = m.end()
             while end < len(text) and not text[end].isspace():
                 end += 1
+            following = _URL_IN_TEXT.search(text, m.end(), end)   # no '@' of the next URL
+            if following:
+                end = following.start()
             at = _credentials_end(text[m.end():end], whole=False)
             out.append(text[pos:m.end()])
             if at >= 0:

@@ -157,6 +157,11 @@ def test_ls_and_locations(tmp_path, db_url):
     (["diff", "a", "b", "--mtime-tolerance", "-5"], "argument --mtime-tolerance: must be 0 or"),
     (["verify", "a", "--checksum", "crc32"], "argument --checksum: invalid choice: 'crc32'"),
     (["sync", "a", "b", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["sync", "sftp://[::1", "q"], "malformed location URL 'sftp://[::1': an IPv6 address"),
+    (["index", "sftp://u:p@ss/w@rd@host/x"], "location 'sftp://***@host/x' is ambiguous: "
+                                             "percent-encode"),
+    (["sync", "/etc/passwd", "q"], "location file:///etc/passwd is a file, not a folder"),
+    (["index", "/dev/null"], "location file:///dev/null is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, db_url, args, message):
     r = run_cli(*args, db=db_url, check=2, cwd=str(tmp_path))
@@ -190,6 +195,54 @@ def test_bad_database_url_is_one_line(tmp_path):
     r = run_cli("locations", db=str(tmp_path / "notes.txt"), check=2)
     assert r.stderr == (f"castlib: error: cannot open catalog sqlite:///{tmp_path}/notes.txt: "
                         "file is not a database\n")
+
+
+def test_a_destination_that_cannot_be_created_is_named(tmp_path, db_url):
+    src = make_tree(tmp_path / "src", {"a.dat": b"a"})
+    r = run_cli("sync", str(src), "/proc/self/q", db=db_url, check=2)
+    assert r.stderr.strip().splitlines()[-1] == (
+        "castlib: error: cannot create destination file:///proc/self/q: "
+        "No such file or directory"), r.stderr
+
+
+@pytest.mark.parametrize("db", ["", " "])
+def test_an_empty_db_is_refused_not_the_default_catalog(tmp_path, db):
+    """--db "$DB" with DB unset must not index into, and sync from, the default catalog."""
+    src = make_tree(tmp_path / "src", {"a.dat": b"a"})
+    home = tmp_path / "home"
+    r = run_cli("--db", db, "sync", str(src), str(tmp_path / "dst"), check=2, cwd=str(tmp_path),
+                env={"HOME": str(home), "XDG_DATA_HOME": str(home / "data"), "CASTLIB_DB": ""})
+    assert r.stderr.startswith("castlib: error: --db is empty") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "dst").exists() and not (home / "data").exists()
+
+
+def test_an_unsupported_catalog_database_is_named(tmp_path):
+    r = run_cli("locations", db="mysql://root:pw@127.0.0.1/castlib", check=2)
+    assert r.stderr == ("castlib: error: catalog 'mysql://***@127.0.0.1/castlib': only "
+                        "sqlite:// and postgresql:// catalogs are supported\n")
+
+
+def test_a_type_clash_names_the_kinds_that_clash(tmp_path, db_url):
+    ref = make_tree(tmp_path / "ref", {"target.dat": b"t", "sub/x.dat": b"x"})
+    os.symlink("target.dat", ref / "ln")
+    dst = make_tree(tmp_path / "dst", {"ln": b"a file", "sub": b"a file too"})
+    r = run_cli("sync", str(ref), str(dst), db=db_url, check=1)
+    assert ("2 type conflicts, reference vs destination (1 folder vs file, 1 link vs file: "
+            "--delete resolves)") in r.stderr, r.stderr
+
+
+def test_an_ambiguous_password_is_neither_shown_nor_stored(tmp_path, db_url):
+    r = run_cli("sync", "sftp://u:p@ss/w@rd4@127.0.0.1:1/x", str(tmp_path / "q"), db=db_url,
+                check=2)
+    assert "rd4" not in r.stderr and "ss/" not in r.stderr and "%40" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    from castlib.catalog import Catalog
+
+    catalog = Catalog(db_url)
+    assert all("rd4" not in loc["url"] and "ss/" not in loc["url"]
+               for loc in catalog.locations())
+    history = run_cli("runs", db=db_url, check=0).stdout
+    assert "rd4" not in history
 
 
 def test_credentials_never_reach_the_catalog_or_messages(tmp_path, db_url):

@@ -164,3 +164,47 @@ def test_non_utf8_local_path_round_trips(tmp_path):
     raw = os.fsencode(str(tmp_path)) + b"/caf\xe9"
     url = parse_location(os.fsdecode(raw))
     assert os.fsencode(url.path) == raw
+
+
+@pytest.mark.parametrize("text,host,hostname,port", [
+    ("sftp://[::1]:1/x", "[::1]:1", "::1", 1),
+    ("root://[::1]:1//x", "[::1]:1", "::1", 1),
+    ("davs://[::1]:1/x", "[::1]:1", "::1", 1),
+    ("sftp://[::1]/x", "[::1]", "::1", None),
+    ("sftp://u:p@[2001:DB8::5]:2222/x", "[2001:db8::5]:2222", "2001:db8::5", 2222),
+    ("sftp://[fe80::1%25eth0]:22/x", "[fe80::1%25eth0]:22", "fe80::1%eth0", 22),
+])
+def test_an_ipv6_host_keeps_its_brackets_and_its_port(text, host, hostname, port):
+    """The canonical URL keeps [..] (else ::1:1 reads as host ::1, port 1 or a bad port);
+    socket libraries get the bare address and the port apart."""
+    url = parse_location(text)
+    assert (url.host, url.hostname, url.port) == (host, hostname, port)
+    assert str(url) == text.replace("u:p@", "").replace("DB8", "db8")
+    assert parse_location(str(url)) == url
+
+
+def test_the_urls_ipv6_back_ends_are_given_keep_the_brackets():
+    """XRootD and WebDAV take a URL (brackets kept); SFTP takes host and port apart."""
+    from castlib.backends import open_backend
+    assert open_backend("root://[::1]:1//x")._server == "root://[::1]:1/"
+    assert str(open_backend("davs://[::1]:1/x").fs.client.base_url) == "https://[::1]:1"
+    sftp = open_backend("sftp://[::1]:1/x")
+    assert (sftp.url.hostname, sftp.url.port) == ("::1", 1)
+
+
+def test_an_unclosed_ipv6_bracket_is_a_malformed_location():
+    with pytest.raises(ConfigError, match=r"malformed location URL 'sftp://\[::1'.*brackets"):
+        parse_location("sftp://[::1")
+
+
+@pytest.mark.parametrize("url", ["sftp://u:p@ss/w@rd4@host/x", "sftp://u@ss/w:rd4@host/x",
+                                 "sftp://u:p@ss?w@rd4@host/x"])
+def test_a_userinfo_with_an_at_later_in_the_url_is_refused_without_showing_it(url):
+    """user:p@ss/w@rd@host/x read as host 'ss' and path '/w@rd@host/x' would show and
+    store part of the password."""
+    with pytest.raises(ConfigError) as info:
+        parse_location(url)
+    message = str(info.value)
+    assert "ambiguous" in message and "%2F" in message and "%40" in message
+    assert "rd4" not in message and "ss/" not in message and "ss?" not in message
+    assert redact(f"error at {url}: refused") == "error at sftp://***@host/x: refused"

@@ -139,6 +139,11 @@ class Backend(ABC):
     # like castlib's but claimed by no catalog.
     temp_key: bytes = os.urandom(32)
 
+    # what the last walk() saw and left out because no back-end can hold it (fifos,
+    # sockets, devices): [(path, kind name)], for the index to report; a class default,
+    # so that a back-end whose listings have no such entries need not know of it
+    specials_skipped: "list[tuple[str, str]] | tuple" = ()
+
     def __init__(self, url: LocationURL, options: dict | None = None):
         self.url = url
         self.options = dict(options or {})

@@ -17,12 +17,17 @@ _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, er
 
 def storage_error(exc: OSError, path: str) -> StorageError:
     """Translate an OSError into castlib's error types, keeping the message short."""
-    msg = f"{exc.strerror or exc}: {path!r}"
+    # the root itself ("") is named by the location in the caller's message
+    msg = f"{exc.strerror or exc}: {path!r}" if path else f"{exc.strerror or exc}"
     if isinstance(exc, FileNotFoundError):
         return NotFound(msg, path=path)
     if exc.errno in _TRANSIENT_ERRNOS:
         return TransientStorageError(msg, path=path)
     return StorageError(msg, path=path)
+
+
+_SPECIAL_KINDS = {statmod.S_IFIFO: "fifo", statmod.S_IFSOCK: "socket",
+                  statmod.S_IFCHR: "character device", statmod.S_IFBLK: "block device"}
 
 
 class LocalBackend(Backend):
@@ -94,6 +99,7 @@ class LocalBackend(Backend):
             raise LocationMissing(f"folder does not exist: {self.root}", path="")
         # An explicit stack instead of recursion: deep trees, and one tight loop.
         stack = [("", self.root)]
+        self.specials_skipped = []
         # file types compared as numbers: S_ISDIR() and friends are calls, once per entry
         IFMT, IFDIR, IFLNK, IFREG = 0o170000, statmod.S_IFDIR, statmod.S_IFLNK, statmod.S_IFREG
         while stack:
@@ -136,7 +142,10 @@ class LocalBackend(Backend):
                         except OSError:
                             target = None
                         yield Stat(path, LINK, st.st_size, st.st_mtime_ns, mode & 0o7777, target)
-                    # sockets, fifos and devices are not data: not catalogued
+                    else:   # sockets, fifos and devices are not data: not catalogued,
+                        # but said (rsync -a would recreate them)
+                        self.specials_skipped.append((path, _SPECIAL_KINDS.get(
+                            file_type, "special")))
             stack.extend(reversed(subdirs))
 
     def stat(self, path: str) -> Stat | None:

@@ -118,6 +118,9 @@ def create_catalog_engine(url: str) -> Engine:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigError(f"not a database URL: {redact(url)!r}") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(f"catalog {redact(url)!r}: only sqlite:// and postgresql:// "
+                          "catalogs are supported")
     kwargs: dict = {"future": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

@@ -39,6 +39,20 @@ class IndexParams(StageParams):
                                                 "(a destination not created yet)")
 
 
+def _refuse_a_root_that_is_no_folder(backend, url: str) -> None:
+    """A location is a folder: a file there is neither listed as a tree nor created over
+    (`sync a /etc/passwd` would fail later as "File exists"), and "does not exist" would
+    send the user looking for the wrong thing."""
+    try:
+        st = backend.stat("")
+    except StorageError:
+        return   # the caller's "cannot be reached" says it
+    if st is not None and st.kind != DIR:
+        kind = {FILE: "a file", LINK: "a link"}.get(st.kind, st.kind)
+        raise ConfigError(f"location {url} is {kind}, not a folder: castlib syncs folders "
+                          "(name the folder that holds it)")
+
+
 class IndexStage(Stage):
     name = "index"
     description = "list a location into the catalog (new, changed and vanished entries)"
@@ -90,6 +104,8 @@ class IndexStage(Stage):
                     f"--rehash: the catalog holds no checksums of {loc.record.url} to "
                     f"recompute; name one with --checksum ({', '.join(ALGORITHMS)})")
         root_exists = backend.root_exists()
+        if not root_exists:
+            _refuse_a_root_that_is_no_folder(backend, loc.record.url)
         forced = p.force or ctx.force
         # A location without history may be another spelling of a known folder (a bind
         # mount of it): its history then judges this listing, or a blank disk mounted
@@ -249,6 +265,16 @@ class IndexStage(Stage):
             summary += f"; {counts['hashed']} hashed ({', '.join(algos)})"
         if result.unlisted:
             summary += f"; {len(result.unlisted)} folders unreadable"
+        specials = [(path, kind) for path, kind in backend.specials_skipped
+                    if not filtering or accepts(path, FILE)]
+        counts["specials_skipped"] = len(specials)
+        if specials:
+            kinds: dict[str, int] = {}
+            for _, kind in specials:
+                kinds[kind] = kinds.get(kind, 0) + 1
+            what = ", ".join(f"{n} {k}" if len(kinds) > 1 else k for k, n in kinds.items())
+            summary += (f"; {len(specials)} special file{'s' if len(specials) > 1 else ''} "
+                        f"skipped ({what}): castlib copies files, folders and links")
         if counts["corrupted_cleared"]:
             summary += (f"; {counts['corrupted_cleared']} found corrupted earlier read back "
                         "as catalogued (mark cleared)")

@@ -189,7 +189,11 @@ class SyncStage(Stage):
         c = self.counts
         c["kept"], c["extras_kept"] = len(plan.kept), len(plan.extras_kept)
         c["skipped"], c["conflicts"] = len(plan.skipped), len(plan.conflicts)
+        # the kinds that clash, for the summary: "link vs file", not always "file vs folder"
+        self.conflict_kinds: dict[str, int] = {}
         for d in plan.conflicts:
+            pair = f"{_kind(d.ref)} vs {_kind(d.dst)}"
+            self.conflict_kinds[pair] = self.conflict_kinds.get(pair, 0) + 1
             self._fail(d.path, f"type conflict: reference has a {_kind(d.ref)}, destination a "
                                f"{_kind(d.dst)}; use --delete to replace it")
         c["ref_corrupted"] = len(plan.corrupt_refs)
@@ -726,7 +730,9 @@ class SyncStage(Stage):
         if done:
             summary += "; " + ", ".join(done)
         if c["conflicts"]:
-            summary += f"; {c['conflicts']} type conflicts (file vs folder: --delete resolves)"
+            kinds = ", ".join(f"{n} {pair}" for pair, n in sorted(self.conflict_kinds.items()))
+            summary += (f"; {c['conflicts']} type conflicts, reference vs destination "
+                        f"({kinds}: --delete resolves)")
         if c["skipped"] - self.refused.get("links", 0):
             summary += f"; {c['skipped'] - self.refused.get('links', 0)} skipped"
         for what, reason in (("links", "links skipped: the server cannot hold links"),

@@ -196,3 +196,28 @@ def test_sftp_requests_carry_32k_on_a_server_that_names_no_limit(rclone_sftp_ser
     assert counter.counts[asyncssh.sftp.FXP_WRITE] == blocks
     assert counter.counts[asyncssh.sftp.FXP_READ] <= blocks + 1
     b.close()
+
+
+def test_sftp_to_an_ipv6_loopback_server_keeps_host_and_port(rclone_sftp_ipv6_session, tmp_path):
+    """sftp://[::1]:PORT/x reaches ::1 at PORT (it once went to host '::1:PORT', port 22),
+    and the catalog and messages name it with its brackets."""
+    import yaml
+
+    from tests.helpers import run_cli
+
+    server = rclone_sftp_ipv6_session.for_test()
+    db_url = f"sqlite:///{tmp_path}/catalog.sqlite"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.dat").write_bytes(b"ipv6 " * 1000)
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {server.url: server.options}}))
+    dst = server.url + "/archive"
+    assert dst.startswith("sftp://castlib@[::1]:")
+    r = run_cli("sync", str(src), dst, db=db_url, env={"CASTLIB_CONFIG": str(config)}, check=0)
+    shown = f"sftp://[::1]:{server.port}/{server.folder}/archive"
+    assert f"synced file://{src} -> {shown}: 1 copied" in r.stderr, r.stderr
+    assert (server.path / "archive" / "a.dat").read_bytes() == b"ipv6 " * 1000
+    r = run_cli("verify", dst, db=db_url, env={"CASTLIB_CONFIG": str(config)}, check=0)
+    out = r.stdout + r.stderr
+    assert shown in out and "::1:" not in out.replace("[::1]:", ""), out

@@ -20,11 +20,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def answers_on(port: int, banner: bytes | None = None) -> Callable[[], bool]:
-    """A readiness check: something accepts TCP connections on 127.0.0.1:port (and, with
+def answers_on(port: int, banner: bytes | None = None,
+               host: str = "127.0.0.1") -> Callable[[], bool]:
+    """A readiness check: something accepts TCP connections on host:port (and, with
     `banner`, greets with it: sshd's "SSH-" comes only once it can serve)."""
     def check() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        with socket.create_connection((host, port), timeout=1) as s:
             return banner is None or s.recv(64).startswith(banner)
     return check
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -54,14 +55,15 @@ class RcloneSftpServer:
                                 folder)
 
 
-def _serve(tmp_path_factory, what: str):
-    """rclone serve WHAT on 127.0.0.1:free port over a fresh folder; (port, password, root).
+def _serve(tmp_path_factory, what: str, host: str = "127.0.0.1"):
+    """rclone serve WHAT on host (127.0.0.1, or ::1) at a free port over a fresh folder;
+    (port, password, root).
     No directory cache: tests look at and change the folder behind the server's back."""
     root = tmp_path_factory.mktemp(f"rclone-{what}")
     conf = Path(tempfile.mkdtemp(prefix=f"castlib-rclone-{what}-"))
     password = secrets.token_urlsafe(12)
     port = free_port()
-    argv = [RCLONE, "serve", what, str(root), "--addr", f"127.0.0.1:{port}", "--user", USER,
+    argv = [RCLONE, "serve", what, str(root), "--addr", f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "--user", USER,
             "--pass", password, "--dir-cache-time", "0s", "--poll-interval", "0",
             "--config", str(conf / "rclone.conf"), "--cache-dir", str(conf / "cache"),
             "--log-level", "ERROR"]
@@ -72,7 +74,8 @@ def _serve(tmp_path_factory, what: str):
     env = dict(os.environ, RCLONE_CONFIG=str(conf / "rclone.conf"))
     try:
         with server_process(f"rclone serve {what}", argv, conf / "rclone.log",
-                            answers_on(port, b"SSH-" if what == "sftp" else None), env=env):
+                            answers_on(port, b"SSH-" if what == "sftp" else None, host=host),
+                            env=env):
             yield port, password, root
     finally:
         shutil.rmtree(conf, ignore_errors=True)
@@ -88,6 +91,18 @@ def rclone_sftp_session(tmp_path_factory):
 def rclone_webdav_session(tmp_path_factory):
     for port, password, root in _serve(tmp_path_factory, "webdav"):
         yield WebdavServer("127.0.0.1", port, USER, password, root)
+
+
+@pytest.fixture(scope="session")
+def rclone_sftp_ipv6_session(tmp_path_factory):
+    """`rclone serve sftp` on the IPv6 loopback [::1] (skipped where it has no ::1)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    for port, password, root in _serve(tmp_path_factory, "sftp", host="::1"):
+        yield RcloneSftpServer("[::1]", port, USER, password, root)
 
 
 @pytest.fixture

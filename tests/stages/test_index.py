@@ -411,3 +411,24 @@ def test_rehash_without_checksum_of_a_location_without_any_is_refused(tmp_path, 
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "--rehash" in lines[0] and "--checksum" in lines[0], r.stderr
     assert str(root) in lines[0]
+
+
+def test_fifos_and_sockets_are_counted_and_said_once_not_catalogued(tmp_path, db_url):
+    """rsync -a would recreate them; castlib does not, and says so instead of nothing."""
+    import socket
+
+    root = make_tree(tmp_path / "t", {"a.dat": b"1", "sub/b.dat": b"2"})
+    os.mkfifo(root / "sub" / "fifo")
+    os.mkfifo(root / "fifo2")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(root / "sock"))
+        r = castlib.index(str(root), db=db_url)
+        assert r.counts["specials_skipped"] == 3 and r.counts["files"] == 2
+        assert r.last.summary.endswith("; 3 special files skipped (2 fifo, 1 socket): castlib "
+                                       "copies files, folders and links"), r.last.summary
+        assert set(entries(db_url, root)) == {"a.dat", "sub", "sub/b.dat"}
+        r = castlib.index(str(root), db=db_url, ignore=["sock", "fifo2"])
+        assert r.counts["specials_skipped"] == 1
+        assert r.last.summary.endswith("; 1 special file skipped (fifo): castlib copies files, "
+                                       "folders and links"), r.last.summary
+    assert castlib.index(str(tmp_path / "t" / "sub"), db=db_url).counts["specials_skipped"] == 1
