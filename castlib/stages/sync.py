@@ -11,7 +11,7 @@ from pydantic import Field
 
 from ..backends.base import DIR, FILE, KIND_NAMES, LINK
 from ..catalog import Difference
-from ..catalog.locks import location_lock, lock_key
+from ..catalog.locks import location_lock, lock_covered
 from ..catalog.paths import from_catalog, parent_of, to_catalog
 from ..errors import (ConfigError, NotFound, SafetyRefusal, SourceChanged, StorageError,
                       Unsupported)
@@ -203,7 +203,7 @@ class SyncStage(Stage):
         if p.dry_run or ctx.dry_run:
             self._print_plan(plan, leftovers)
             return self._outcome(started, dry_run=True)
-        if lock_key(diff.dst.url) in ctx.locked:  # held by the pipeline for the whole run
+        if lock_covered(diff.dst.url, ctx.locked):  # held by the pipeline for the whole run
             self._execute(plan, leftovers, p)
         else:
             with location_lock(ctx.catalog, diff.dst.record.id, diff.dst.record.url, p.lock_wait):
