@@ -11,7 +11,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from .catalog import Catalog
-from .catalog.locks import location_lock, lock_key
+from .catalog.locks import location_lock, lock_covered, lock_key, lock_keys_above
 from .catalog.paths import printable
 from .config import UserConfig, load_user_config
 from .errors import CastlibError, ConfigError, interruption_name
@@ -274,15 +274,21 @@ class Pipeline:
         """Hold, for the whole run, the lock of every location a stage will write into, so
         that two runs never interleave their listings and copies in one destination."""
         earlier: dict[str, StageSpec] = {}
+        targets = []
         for spec in self.stages:
             for target, wait_s in spec.cls.destinations(spec.params, earlier):
                 resolved = ctx.resolve(target)
-                key, record = lock_key(resolved.url), resolved.record
-                if key not in ctx.locked:
-                    locks.enter_context(location_lock(ctx.catalog, record.id, record.url, wait_s))
-                    ctx.locked.add(key)
+                targets.append((len(lock_keys_above(resolved.url)), resolved, wait_s))
             if spec.params.id:
                 earlier[spec.params.id] = spec
+        # outermost first: a destination inside another of this run is covered by the
+        # outer one's lock, and taking its own would wait on this run's own shared hold
+        # of the outer key (see catalog.locks)
+        for _, resolved, wait_s in sorted(targets, key=lambda t: t[0]):
+            record = resolved.record
+            if not lock_covered(resolved.url, ctx.locked):
+                locks.enter_context(location_lock(ctx.catalog, record.id, record.url, wait_s))
+                ctx.locked.add(lock_key(resolved.url))
 
 
 MAX_ERRORS_SHOWN = 50

@@ -86,7 +86,7 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
     it is still under its temporary name.
     """
     tmp = temp_path(dst_path, temp_key)
-    published = False
+    published = made = False
     before = src.stat(src_path)
     if before is None:
         raise NotFound("source vanished before it could be copied", path=src_path)
@@ -100,6 +100,7 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
                 on_bytes(size)
         else:
             read, size = _stream(src, src_path, dst, tmp, algorithm, on_bytes, chunk_size)
+        made = True
         _check_unchanged(src, src_path, before)
         if expected_size is not None and size != expected_size:
             raise VerificationFailed(
@@ -110,9 +111,10 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
                 f"source {algorithm} {read[algorithm]} differs from the catalog's "
                 f"{expected_checksum} (changed or corrupted since it was indexed)", path=src_path)
         written = dst.stat(tmp)
-        if written is None or (size is not None and written.size != size):
-            raise VerificationFailed(
-                f"written size {None if written is None else written.size} != {size}", path=dst_path)
+        if written is None:
+            raise _temp_gone(tmp, dst_path)
+        if size is not None and written.size != size:
+            raise VerificationFailed(f"written size {written.size} != {size}", path=dst_path)
         if size is None:
             size = written.size
         dst_sum = dst.checksum(tmp, algorithm)
@@ -131,9 +133,21 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
         dst.rename(tmp, dst_path)
         published = True
         return TransferResult(size, read, mtime_set, third_party)
+    except NotFound:
+        if made and not published and dst.stat(tmp) is None:   # not the source: ours
+            raise _temp_gone(tmp, dst_path) from None
+        raise
     finally:
         if not published:
             _remove_quietly(dst, tmp)
+
+
+def _temp_gone(tmp: str, dst_path: str) -> VerificationFailed:
+    """The temporary file vanished between its writing and its rename: something else
+    removed it (a run that took it for a leftover, a user's cleanup). Said as such, not as
+    a size mismatch."""
+    return VerificationFailed(f"temporary file {tmp} removed by another process while it "
+                              "was written; not published", path=dst_path)
 
 
 def _check_unchanged(src: Backend, src_path: str, before) -> None:

@@ -1,10 +1,11 @@
 """YAML pipelines: a full run end to end, and bad pipelines refused with one precise line."""
 import json
+import os
 import textwrap
 
 import pytest
 
-from tests.helpers import make_tree, run_cli
+from tests.helpers import make_tree, run_cli, tree_digest
 
 
 def write(tmp_path, text: str):
@@ -251,3 +252,36 @@ def test_credentials_never_reach_the_run_history(tmp_path, db_url):
         engine.dispose()
     assert "TopSecret" not in stored
     assert "credentials removed by castlib" in stored and "index" in stored
+
+
+def test_a_missing_reference_listed_with_missing_ok_is_refused_not_taken_as_empty(
+        tmp_path, db_url):
+    # missing_ok is for a destination not created yet: on the reference it must not turn
+    # an unmounted or mistyped folder into "delete everything on the destination"
+    archive = make_tree(tmp_path / "dst", {f"f{i:02}.dat": b"x" * i for i in range(20)})
+    before = tree_digest(archive)
+    p = write(tmp_path, f"""
+        locations:
+          daq2: {tmp_path / 'ref2'}
+          archive: {archive}
+        stages:
+          - index: {{location: daq2, missing_ok: true}}
+          - index: {{location: archive}}
+          - diff: {{id: d, ref: daq2, dst: archive}}
+          - sync: {{from: d, delete: true}}
+        """)
+    r = run_cli("run", str(p), db=db_url, check=2)
+    refusal = [line for line in r.stderr.splitlines() if "does not exist" in line]
+    assert len(refusal) == 1 and "ref2" in refusal[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert tree_digest(archive) == before
+
+
+def test_a_reference_never_indexed_is_refused_under_index_none(tmp_path, db_url):
+    archive = make_tree(tmp_path / "dst", {"a.dat": b"a", "b.dat": b"b"})
+    run_cli("index", str(archive), db=db_url, check=0)
+    (tmp_path / "ref").mkdir()
+    r = run_cli("sync", str(tmp_path / "ref"), str(archive), "--delete", "--index", "none",
+                db=db_url, check=2)
+    assert "never indexed" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(archive)) == ["a.dat", "b.dat"]

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable, ClassVar, Iterator
 
 from ..checksum import CHUNK_SIZE, checksum_stream
@@ -154,6 +155,17 @@ class Backend(ABC):
         """What a root is, whatever its spelling: the key of a destination's lock. Here the
         canonical URL; a back-end that can see through aliases (links, mounts) does better."""
         return str(url)
+
+    @classmethod
+    def identities_above(cls, url: LocationURL) -> list[str]:
+        """The identities of the folders containing the root, outermost first: a lock on
+        the root holds them shared, so that a sync into a folder around it waits (see
+        catalog.locks). Here the URL's parent paths."""
+        out, path = [], url.path.rstrip("/")
+        while path:
+            path = posixpath.dirname(path).rstrip("/")
+            out.append(cls.identity(replace(url, path=path or "/")))
+        return out[::-1]
 
     @classmethod
     def overlaps(cls, a: LocationURL, b: LocationURL) -> bool:

@@ -55,6 +55,15 @@ class LocalBackend(Backend):
         return "file:" + file_system_identity(url.path)
 
     @classmethod
+    def identities_above(cls, url: LocationURL) -> list[str]:
+        """The folders the root is really in (links resolved), each by its identity."""
+        out, path = [], os.path.realpath(url.path)
+        while path != "/":
+            path = os.path.dirname(path)
+            out.append(cls.identity(dataclasses.replace(url, path=path)))
+        return out[::-1]
+
+    @classmethod
     def overlaps(cls, a: LocationURL, b: LocationURL) -> bool:
         """Through links (real paths) and bind mounts, or two mounts of one file system
         (the path inside the file system, and the (device, inode) of every existing

@@ -47,6 +47,9 @@ class IndexResult:
     ignore: list[str] = field(default_factory=list)
     # (device, inode) -> catalog paths, for files listed with more than one name
     hard_links: dict[tuple, list[str]] = field(default_factory=dict)
+    # the root did not exist and was listed as empty (missing_ok: a destination not created
+    # yet): as a reference it is no word on what the destination should hold (see sync)
+    root_missing: bool = False
 
 
 @dataclass

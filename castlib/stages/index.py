@@ -118,6 +118,7 @@ class IndexStage(Stage):
                     f"location {loc.record.url} does not exist, but the catalog knows "
                     f"{known_files} files there: is it mounted? (use --force to accept)")
             raise LocationMissing(f"location {loc.record.url} does not exist or cannot be reached")
+        result.root_missing = not root_exists
 
         now = utcnow()
         writer = catalog.index_writer(loc_id, now)   # holds the new entries until flush

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from ..backends.base import DIR, FILE, KIND_NAMES, LINK
 from ..catalog import Difference
-from ..catalog.locks import location_lock, lock_key
+from ..catalog.locks import location_lock, lock_covered
 from ..catalog.paths import from_catalog, parent_of, to_catalog
 from ..errors import (ConfigError, NotFound, SafetyRefusal, SourceChanged, StorageError,
                       Unsupported)
@@ -153,6 +153,7 @@ class SyncStage(Stage):
         self.temp_key = self.dst.temp_key   # the catalog's (RunContext.backend)
         self.perms = diff.perms   # the diff compared modes: the sync sets them
         ref_index = ctx.listing(diff.ref)
+        _refuse_unknown_reference(diff.ref, ref_index)
         if p.owner and not self.dst.capabilities.owner:
             raise ConfigError(f"{diff.dst.record.url} cannot take owners (a local destination "
                               "can, when castlib runs as root)", key="owner")
@@ -206,7 +207,7 @@ class SyncStage(Stage):
         if p.dry_run or ctx.dry_run:
             self._print_plan(plan, leftovers)
             return self._outcome(started, dry_run=True)
-        if lock_key(diff.dst.url) in ctx.locked:  # held by the pipeline for the whole run
+        if lock_covered(diff.dst.url, ctx.locked):  # held by the pipeline for the whole run
             self._execute(plan, leftovers, p)
         else:
             with location_lock(ctx.catalog, diff.dst.record.id, diff.dst.record.url, p.lock_wait):
@@ -786,6 +787,21 @@ class _Stopped(Exception):
 
 def _kind(side) -> str:
     return KIND_NAMES[side.kind]
+
+
+def _refuse_unknown_reference(ref, ref_index) -> None:
+    """A reference that does not exist is no word on what the destination should hold: an
+    index with missing_ok (meant for a destination not created yet) lists a missing root
+    as empty, and a sync with --delete would then empty the destination. Refused when this
+    run's listing of the reference found its root missing, and when the run did not list it
+    (--index none) and the catalog never has."""
+    name = f"{ref.name} ({ref.record.url})" if ref.name else ref.record.url
+    if ref_index is not None and ref_index.root_missing:
+        raise SafetyRefusal(f"reference {name} does not exist (its listing found no root); "
+                            "nothing was changed")
+    if ref_index is None and ref.record.indexed_at is None:
+        raise SafetyRefusal(f"reference {name} was never indexed: index it first; nothing "
+                            "was changed")
 
 
 def _refuse_overlap(src, dst) -> None:

@@ -380,3 +380,31 @@ def test_a_destination_under_an_overlay_below_the_reference_is_refused(tmp_path,
         assert tree_digest(tmp_path / "D") == before
     finally:
         subprocess.run(["umount", "-l", str(tmp_path / "R" / "ov")], check=True)
+
+
+@pytest.mark.parametrize("when", ["while written", "before the rename"])
+def test_a_temporary_removed_under_a_copy_is_said_so(tmp_path, when):
+    from castlib.backends import open_backend
+    from castlib.errors import VerificationFailed
+    from castlib.transfer import copy_file
+
+    make_tree(tmp_path / "src", {"f.dat": b"data"})
+    (tmp_path / "dst").mkdir()
+    src, dst = open_backend(str(tmp_path / "src")), open_backend(str(tmp_path / "dst"))
+    key = b"k" * 32
+    removed = []
+
+    def another_process_removes(tmp=None):   # as a second run taking it for a leftover did
+        if removed:
+            return
+        tmp = tmp or next(n for n in os.listdir(tmp_path / "dst"))
+        os.unlink(tmp_path / "dst" / tmp)
+        removed.append(tmp)
+
+    hook = ({"on_bytes": lambda n: another_process_removes()} if when == "while written"
+            else {"before_rename": another_process_removes})
+    with pytest.raises(VerificationFailed, match="removed by another process") as info:
+        copy_file(src, "f.dat", dst, "f.dat", algorithm="adler32", expected_size=4,
+                  expected_checksum=None, mtime_ns=None, temp_key=key, **hook)
+    assert removed and removed[0] in str(info.value) and "None" not in str(info.value)
+    assert os.listdir(tmp_path / "dst") == []
