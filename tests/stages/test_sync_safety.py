@@ -284,7 +284,7 @@ def test_dotdot_after_a_symlink_goes_where_the_kernel_goes(tmp_path, db_url):
     os.symlink(tmp_path / "P" / "real" / "deep", tmp_path / "P" / "home" / "lnk")
     make_tree(tmp_path / "S2", {"new.txt": b"n"})
     home = tree_digest(tmp_path / "P" / "home")
-    r = run_cli("sync", "S2", "P/home/lnk/..", "--delete", db=db_url, cwd=str(tmp_path),
+    run_cli("sync", "S2", "P/home/lnk/..", "--delete", db=db_url, cwd=str(tmp_path),
                 check=0)
     assert tree_digest(tmp_path / "P" / "home") == home
     assert (tmp_path / "P" / "home" / "thesis.txt").read_bytes() == b"precious"
