@@ -248,39 +248,33 @@ class SftpBackend(FsspecBackend):
     def set_mtime(self, path: str, mtime_ns: int) -> None:
         if not self.capabilities.set_mtime:
             return super().set_mtime(path, mtime_ns)
-        import asyncssh
-
         seconds = mtime_ns // SECOND_NS   # SFTP v3 keeps whole seconds
-        try:
-            with self._errors(path):
-                try:
-                    self._on_sftp(self._client().utime, self._full(path), (seconds, seconds))
-                except asyncssh.SFTPPermissionDenied:
-                    if not self._setstat_denied_by_policy(path):
-                        raise
-                    raise asyncssh.SFTPOpUnsupported("set-stat refused") from None
-        except Unsupported:
-            self._learn_refusal("set_mtime", "setting modification times")
-            raise Unsupported(f"{self._where(path)}: the server cannot set modification "
-                              "times", path=path) from None
+        self._setstat(path, "set_mtime", "modification times",
+                      lambda client: client.utime(self._full(path), (seconds, seconds)))
 
     def chmod(self, path: str, mode: int) -> None:
         if not self.capabilities.permissions:
             return super().chmod(path, mode)
+        self._setstat(path, "permissions", "permission bits",
+                      lambda client: client.chmod(self._full(path), mode & 0o7777))
+
+    def _setstat(self, path: str, capability: str, what: str, request) -> None:
+        """One set-stat request (times, bits): a server that refuses set-stat as policy
+        (not for this file's permissions) is learned to lack `capability`, once."""
         import asyncssh
 
         try:
             with self._errors(path):
                 try:
-                    self._on_sftp(self._client().chmod, self._full(path), mode & 0o7777)
+                    self._on_sftp(request, self._client())
                 except asyncssh.SFTPPermissionDenied:
                     if not self._setstat_denied_by_policy(path):
                         raise
                     raise asyncssh.SFTPOpUnsupported("set-stat refused") from None
         except Unsupported:
-            self._learn_refusal("permissions", "setting permission bits")
-            raise Unsupported(f"{self._where(path)}: the server cannot set permission "
-                              "bits", path=path) from None
+            self._learn_refusal(capability, f"setting {what}")
+            raise Unsupported(f"{self._where(path)}: the server cannot set {what}",
+                              path=path) from None
 
     def _setstat_denied_by_policy(self, path: str) -> bool:
         """Whether a 'permission denied' to set a time is the server's policy (sftp-server
