@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import random
 import re
 import secrets
 import time
@@ -199,9 +200,14 @@ def _remove_quietly(dst: Backend, path: str) -> None:
         log.debug("could not remove temporary %s: %s", path, exc)
 
 
+MAX_BACKOFF_S = 60.0   # the longest wait between two attempts
+
+
 def with_retries(action: Callable[[], object], *, retries: int, backoff_s: float,
                  describe: str) -> object:
-    """Run action, retrying transient storage errors with exponential backoff."""
+    """Run action, retrying transient storage errors with exponential backoff, capped at
+    MAX_BACKOFF_S (20 retries would otherwise end in a wait of days) and jittered (half
+    to all of it), so the transfer threads that met one outage do not retry in step."""
     attempt = 0
     while True:
         try:
@@ -209,7 +215,7 @@ def with_retries(action: Callable[[], object], *, retries: int, backoff_s: float
         except StorageError as exc:
             if not exc.transient or attempt >= retries:
                 raise
-            delay = backoff_s * (2 ** attempt)
+            delay = min(MAX_BACKOFF_S, backoff_s * (2 ** attempt)) * random.uniform(0.5, 1.0)
             log.warning("%s: %s; retrying in %.1f s", describe, exc, delay)
             time.sleep(delay)
             attempt += 1

@@ -91,3 +91,27 @@ def test_a_plugin_backend_is_found_through_its_entry_point(tmp_path, db_url):
                   db=db_url, env=env, check=0)
     assert '"copied": 1' in out.stdout
     assert "demo plugin" in run_cli("backends", env=env, check=0).stdout
+
+
+def test_backoff_is_capped_and_jittered(monkeypatch):
+    """--retries 20 with a 1 s backoff once waited 2**19 s (six days) before its last try:
+    each wait is now at most MAX_BACKOFF_S, and jittered so that threads meeting one outage
+    do not all retry at the same instant."""
+    import castlib.transfer as transfer
+
+    waits: list[float] = []
+    monkeypatch.setattr(transfer.time, "sleep", waits.append)   # the clock, not a server
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) <= 20:
+            raise TransientStorageError("connection reset")
+        return "done"
+
+    assert with_retries(flaky, retries=20, backoff_s=1.0, describe="f") == "done"
+    assert len(waits) == 20
+    assert max(waits) <= transfer.MAX_BACKOFF_S
+    assert min(waits[10:]) >= transfer.MAX_BACKOFF_S / 2      # capped, not shrunk
+    assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0   # exponential below the cap
+    assert len(set(waits[10:])) > 1                             # jittered
