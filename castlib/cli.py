@@ -359,8 +359,7 @@ def cmd_backends(args) -> int:
         except BackendUnavailable as exc:
             print(f"{line} unavailable: {exc}")
             continue
-        caps = getattr(cls, "capabilities_for", None)
-        caps = caps(scheme) if caps else cls.capabilities
+        caps = cls.capabilities_for(scheme)
         flags = [k for k, v in caps.as_dict().items() if v is True]
         sums = ",".join(sorted(caps.server_checksums)) or "-"
         extra = f" (castlib[{spec.extra}], installed)" if spec.extra else ""

@@ -92,7 +92,7 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
     if before is None:
         raise NotFound("source vanished before it could be copied", path=src_path)
     try:
-        third_party = dst.copy_from(src, src_path, tmp)
+        third_party = dst.capabilities.third_party_copy and dst.copy_from(src, src_path, tmp)
         if third_party:
             source_sum = expected_checksum or src.checksum(src_path, algorithm)
             read = {algorithm: source_sum}
@@ -166,30 +166,21 @@ def _check_unchanged(src: Backend, src_path: str, before) -> None:
 
 
 def _stream(src, src_path, dst, tmp, algorithm, on_bytes, chunk_size):
+    """Source to temporary, hashing. The write stream commits only at the clean end of
+    its block: a read error (or an interruption) aborts it, so no upload is completed
+    with the bytes read so far (the temporary, if any is left, is removed by the caller
+    or the next sync)."""
     hasher = Hasher((algorithm,))
-    with src.open_read(src_path) as reader:
-        writer = dst.open_write(tmp)
-        try:
-            while True:
-                chunk = reader.read(chunk_size)
-                if not chunk:
-                    break
-                hasher.update(chunk)
-                writer.write(chunk)
-                if on_bytes:
-                    on_bytes(len(chunk))
-        except BaseException:
-            _close_quietly(writer)
-            raise
-        writer.close()
+    with src.open_read(src_path) as reader, dst.open_write(tmp) as writer:
+        while True:
+            chunk = reader.read(chunk_size)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            writer.write(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
     return hasher.hexdigests(), hasher.size
-
-
-def _close_quietly(writer) -> None:
-    try:
-        writer.close()
-    except Exception:  # the original error is the one worth reporting
-        pass
 
 
 def _remove_quietly(dst: Backend, path: str) -> None:

@@ -34,10 +34,10 @@ def _builtin(schemes, target, extra=None, requires=None):
 _builtin(["file"], "castlib.backends.local:LocalBackend")
 _builtin(["root", "xroot", "roots", "xroots"], "castlib.backends.xrootd:XRootDBackend", "xrootd", "XRootD")
 _builtin(["castor"], "castlib.backends.castor:CastorBackend")
-_builtin(["s3"], "castlib.backends.fsspec:FsspecBackend", "s3", "s3fs")
+_builtin(["s3"], "castlib.backends.s3:S3Backend", "s3", "s3fs")
 _builtin(["sftp", "ssh"], "castlib.backends.sftp:SftpBackend", "sftp", "sshfs")
-_builtin(["webdav", "webdavs", "dav", "davs"], "castlib.backends.fsspec:FsspecBackend", "webdav", "webdav4")
-_builtin(["memory"], "castlib.backends.fsspec:FsspecBackend", "fsspec", "fsspec")
+_builtin(["webdav", "webdavs", "dav", "davs"], "castlib.backends.webdav:WebdavBackend", "webdav", "webdav4")
+_builtin(["memory"], "castlib.backends.fsspec:MemoryBackend", "fsspec", "fsspec")
 
 
 def _entry_points() -> dict[str, BackendSpec]:
@@ -78,7 +78,7 @@ def backend_class(scheme: str) -> type[Backend]:
 
 
 def _fsspec_fallback(scheme: str):
-    """Any other protocol fsspec knows goes through the fsspec bridge."""
+    """Any other protocol fsspec knows goes through the generic fsspec bridge."""
     try:
         from fsspec.registry import known_implementations
     except ImportError:

@@ -1,6 +1,7 @@
 """The contract every storage back-end implements, and the capabilities it declares as data."""
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import time
@@ -8,8 +9,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable, ClassVar, Iterator
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from ..checksum import CHUNK_SIZE, checksum_stream
-from ..errors import LocationMissing, NotFound, StorageError, Unsupported
+from ..errors import ConfigError, LocationMissing, NotFound, StorageError, Unsupported
 from ..location import LocationURL
 
 FILE, DIR, LINK = "f", "d", "l"
@@ -49,12 +52,12 @@ class Capabilities:
     """What a back-end can do. The sync engine asks these; it never tests the scheme."""
 
     set_mtime: bool = False
-    atomic_rename: bool = False          # rename replaces the target in one step
     server_checksums: frozenset[str] = frozenset()  # computed by the server, no download
     mtime_precision_ns: int = 1          # 60e9 for storage that keeps minutes only
     symlinks: bool = False
-    empty_dirs: bool = True              # folders exist on their own (not on object stores)
-    third_party_copy: bool = False       # can copy from another server of its kind directly
+    empty_dirs: bool = True              # folders exist on their own (not on object stores):
+                                         # else the sync makes none, and skips empty ones
+    third_party_copy: bool = False       # copy_from can have servers move the bytes directly
     tape: bool = False                   # files may be nearline and need staging
     # Metadata rsync -a keeps, where the back-end can hold it (the sync sets only these):
     permissions: bool = False            # keeps permission bits, and can set them (chmod)
@@ -66,7 +69,6 @@ class Capabilities:
     def as_dict(self) -> dict:
         return {
             "set_mtime": self.set_mtime,
-            "atomic_rename": self.atomic_rename,
             "server_checksums": sorted(self.server_checksums),
             "mtime_precision_s": self.mtime_precision_ns / 1e9,
             "symlinks": self.symlinks,
@@ -121,6 +123,98 @@ def wait_for_staging(pending: list[str], still_offline: Callable[[list[str]], li
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
+class BackendOptions(BaseModel):
+    """The options a back-end accepts (the config file's `storage:`, a pipeline's
+    `locations:`): each back-end declares its own as `Options`, a subclass. An unknown
+    option or a wrong value is one line naming it and the location (parse_options)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_options(model: type[BackendOptions], options: dict, url: LocationURL):
+    """The options as `model` reads them, or a ConfigError naming the first wrong one."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = ".".join(str(part) for part in error["loc"]) or "options"
+        if error["type"] == "extra_forbidden":
+            known = ", ".join(model.model_fields) or "none"
+            message = f"unknown option (known: {known})"
+        else:
+            message = error["msg"]
+            if "input" in error and not isinstance(error["input"], (dict, list)):
+                message += f", not {error['input']!r}"
+        raise ConfigError(f"{url}: option {name}: {message}") from None
+
+
+class WriteStream:
+    """The one write life cycle of every back-end: write(), then either a commit (close(),
+    or the clean end of a `with` block) or an abort (abort(), or a `with` block left on an
+    exception). A commit returns only once the bytes are stored, and raises if they are
+    not; an abort leaves nothing under the name written (or at most a castlib temporary,
+    which the next sync removes) and never raises: the error that made the caller stop is
+    the one worth reporting. A commit that fails is aborted too. Subclasses implement
+    _write, _commit and _abort only."""
+
+    _done = False
+
+    def write(self, data) -> int:
+        if self._done:
+            raise ValueError("write to a closed stream")
+        return self._write(data)
+
+    def close(self) -> None:
+        """Commit (once; a second close does nothing)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._commit()
+        except BaseException:
+            self._abort_quietly()
+            raise
+
+    def abort(self) -> None:
+        """Give the write up (once; after a commit, nothing)."""
+        if self._done:
+            return
+        self._done = True
+        self._abort_quietly()
+
+    def _abort_quietly(self) -> None:
+        try:
+            self._abort()
+        except Exception as exc:  # the error that made the caller abort is the one to report
+            logging.getLogger(__name__).debug("aborting a write: %s", exc)
+
+    @property
+    def closed(self) -> bool:
+        return self._done
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    # -- what a back-end's stream implements -------------------------------------------------
+    def _write(self, data) -> int:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        """Make the bytes durable under the name, or raise."""
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        """Stop writing and leave no file under the name (a temporary may remain)."""
+        raise NotImplementedError
+
+
 class Backend(ABC):
     """One storage root reached through one protocol.
 
@@ -129,10 +223,9 @@ class Backend(ABC):
     retry), Unsupported; never a library's own exception type.
     """
 
-    schemes: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[Capabilities] = Capabilities()
     description: ClassVar[str] = ""
-    extra: ClassVar[str | None] = None   # the pip extra that installs its dependency
+    Options: ClassVar[type[BackendOptions]] = BackendOptions   # what it accepts: none here
     # The key that tags castlib's temporary names (transfer.temp_path): the run that opens
     # a back-end gives it the catalog's (catalog.settings.temp_name_key), so the temporaries
     # a back-end makes on its own (a file moved aside, a probe) are known as castlib's by
@@ -145,9 +238,16 @@ class Backend(ABC):
     # so that a back-end whose listings have no such entries need not know of it
     specials_skipped: "list[tuple[str, str]] | tuple" = ()
 
+    @classmethod
+    def capabilities_for(cls, scheme: str) -> Capabilities:
+        """What a URL scheme's back-end can do, before any location is opened (for
+        `castlib backends`)."""
+        return cls.capabilities
+
     def __init__(self, url: LocationURL, options: dict | None = None):
         self.url = url
         self.options = dict(options or {})
+        self.settings = parse_options(self.Options, self.options, url)
 
     # -- identity ----------------------------------------------------------------------
     @classmethod
@@ -202,9 +302,10 @@ class Backend(ABC):
         """A readable binary stream (context manager) of the file's bytes."""
 
     @abstractmethod
-    def open_write(self, path: str) -> BinaryIO:
-        """A writable binary stream that creates or truncates the file. The bytes are
-        durable once close() returns without error."""
+    def open_write(self, path: str) -> "WriteStream":
+        """A WriteStream that creates or truncates the file: the bytes are durable once
+        close() (or a `with` block's clean end) returns without error; leaving the block
+        on an exception aborts, and no partial file is published."""
 
     def checksum(self, path: str, algorithm: str) -> str:
         """The file's checksum: from the server when it computes `algorithm` itself,
@@ -220,7 +321,9 @@ class Backend(ABC):
 
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:
-        """Move src to dst, replacing dst if it is a file."""
+        """Move src to dst, replacing dst if it is a file. Where the protocol cannot
+        replace in one step, the back-end moves the target aside first and back if the
+        rename fails: the only copy under dst is never lost (see xrootd.py, sftp.py)."""
 
     @abstractmethod
     def delete(self, path: str) -> None:
@@ -249,7 +352,8 @@ class Backend(ABC):
 
     def copy_from(self, source: "Backend", src_path: str, dst_path: str) -> bool:
         """Third-party copy: have the servers move the bytes directly. Returns False when
-        not possible between these two, and the caller streams instead."""
+        not possible between these two, and the caller streams instead. Asked only of a
+        back-end whose capabilities say third_party_copy."""
         return False
 
     def close(self) -> None:

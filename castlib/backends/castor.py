@@ -38,12 +38,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Iterator
 
+from pydantic import ConfigDict
+
 from ..checksum import normalise
 from ..errors import (BackendUnavailable, ConfigError, NotFound, StorageError,
                       TransientStorageError)
 from ..location import LocationURL
-from .base import (DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat,
-                   wait_for_staging, walk_by_folder)
+from .base import (DIR, FILE, LINK, Backend, BackendOptions, Capabilities,
+                   ListingErrorHandler, Stat, WriteStream, wait_for_staging, walk_by_folder)
 
 MINUTE_NS = 60_000_000_000
 
@@ -71,8 +73,15 @@ _OPTIONS = {"mode", "tools", "env", "timeout", "transfer_timeout", "stage_poll",
 _STAGER_BATCH = 200          # paths per stager command line
 _ONLINE_STATES = {"STAGED", "CANBEMIGR"}
 
+class _CastorOptions(BackendOptions):
+    """Checked by CastorBackend itself (_OPTIONS, _seconds, _check_template), with
+    messages the tests pin; a pydantic model of them is left to do."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
 TOOLS_CAPABILITIES = Capabilities(
-    set_mtime=False, atomic_rename=False, server_checksums=frozenset({"adler32"}),
+    set_mtime=False, server_checksums=frozenset({"adler32"}),
     mtime_precision_ns=MINUTE_NS, symlinks=False, empty_dirs=True, third_party_copy=False,
     tape=True)
 
@@ -85,11 +94,10 @@ def xrootd_url(url: LocationURL) -> LocationURL:
 class CastorBackend(Backend):
     """A CASTOR location; `mode: xrootd` (default) hands it to the XRootD back-end."""
 
-    schemes = ("castor",)
     description = ("CASTOR tape storage: through its XRootD gateway (default), or its "
                    "name-server and stager tools (option mode: tools)")
-    extra = "xrootd"
     capabilities = TOOLS_CAPABILITIES
+    Options = _CastorOptions
 
     @classmethod
     def capabilities_for(cls, scheme: str) -> Capabilities:
@@ -243,7 +251,13 @@ class CastorBackend(Backend):
         if self.tools["stage_put"]:
             self._stager("stage_put", [path])
         return _ToolStream(self._argv("write", path=self._abs(path), url=self._data_url(path)),
-                           "write", self._where(path), self.env, self.transfer_timeout)
+                           "write", self._where(path), self.env, self.transfer_timeout,
+                           discard=lambda: self._discard(path))
+
+    def _discard(self, path: str) -> None:
+        """What an aborted write left (xrdcp creates the file before its first byte)."""
+        if self.stat(path) is not None:
+            self.delete(path)
 
     def _data_url(self, path: str) -> str:
         return self._data_server + self._abs(path)
@@ -562,14 +576,18 @@ def parse_stager_request(text: str) -> StagerRequest:
 
 # -- streaming through xrdcp ------------------------------------------------------------------
 
-class _ToolStream:
+class _ToolStream(WriteStream):
     """A read or write stream through a child process's stdout or stdin (xrdcp to or from
-    '-'), in bounded memory. close() waits for the process and raises unless it succeeded,
-    so a failed transfer is never taken for a complete one. A watchdog kills a transfer
-    that outlives transfer_timeout."""
+    '-'), in bounded memory. close() (the commit) waits for the process and raises unless
+    it succeeded, so a failed transfer is never taken for a complete one; an abort (a
+    `with` block left on an error) kills it. Reads share the life cycle: a clean close
+    of an abandoned read stops it too. A watchdog kills a transfer that outlives
+    transfer_timeout."""
 
-    def __init__(self, argv: list[str], direction: str, where: str, env: dict, timeout_s: float):
+    def __init__(self, argv: list[str], direction: str, where: str, env: dict, timeout_s: float,
+                 discard=None):
         self._where, self._direction, self._argv0 = where, direction, argv[0]
+        self._discard = discard
         self._stderr = tempfile.TemporaryFile()
         pipes = ({"stdout": subprocess.PIPE, "stdin": subprocess.DEVNULL} if direction == "read"
                  else {"stdin": subprocess.PIPE, "stdout": subprocess.DEVNULL})
@@ -595,7 +613,7 @@ class _ToolStream:
             self._finish()
         return data
 
-    def write(self, data) -> int:
+    def _write(self, data) -> int:
         try:
             self._proc.stdin.write(data)
         except BrokenPipeError:
@@ -629,30 +647,25 @@ class _ToolStream:
         raise error(f"cannot {verb} {self._where}: {self._argv0} failed: {reason}",
                     path=self._where)
 
-    def close(self) -> None:
-        if self._proc.returncode is None:
-            if self._direction == "read" and self._proc.stdout and not self._proc.stdout.closed:
-                self._proc.stdout.close()   # an abandoned read: stop the transfer
-                self._proc.kill()
-                self._proc.wait()
-                self._watchdog.cancel()
-            else:
-                self._finish()
-        self._stderr.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._proc.returncode is not None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *rest):
-        if exc_type is None:
-            self.close()
-        else:   # the copy failed: stop the transfer, the original error is what matters
+    def _commit(self) -> None:
+        try:
             if self._proc.returncode is None:
-                self._proc.kill()
-                self._proc.wait()
-            self._watchdog.cancel()
+                if self._direction == "read" and self._proc.stdout and not self._proc.stdout.closed:
+                    self._proc.stdout.close()   # an abandoned read: stop the transfer
+                    self._proc.kill()
+                    self._proc.wait()
+                    self._watchdog.cancel()
+                else:
+                    self._finish()
+        finally:
             self._stderr.close()
+
+    def _abort(self) -> None:
+        """The copy failed: stop the transfer; the original error is what matters."""
+        if self._proc.returncode is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._watchdog.cancel()
+        self._stderr.close()
+        if self._discard is not None:
+            self._discard()

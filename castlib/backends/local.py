@@ -10,7 +10,8 @@ from typing import BinaryIO, Iterator
 
 from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError
 from ..location import LocationURL
-from .base import DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat
+from .base import (DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat,
+                   WriteStream)
 
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.EIO}
 
@@ -31,10 +32,9 @@ _SPECIAL_KINDS = {statmod.S_IFIFO: "fifo", statmod.S_IFSOCK: "socket",
 
 
 class LocalBackend(Backend):
-    schemes = ("file",)
     description = "local or mounted file system"
     capabilities = Capabilities(
-        set_mtime=True, atomic_rename=True, mtime_precision_ns=1, symlinks=True,
+        set_mtime=True, mtime_precision_ns=1, symlinks=True,
         empty_dirs=True, permissions=True, dir_mtimes=True, link_mtimes=True, owner=False,
         hard_links=True,
     )
@@ -344,7 +344,7 @@ def _ancestor_is(path: str, other: str) -> bool:
         current = parent
 
 
-class _DurableFile:
+class _DurableFile(WriteStream):
     """A file opened for writing whose close() flushes it to disk (fsync) before returning,
     so that a verified rename never publishes bytes still in flight.
 
@@ -354,6 +354,7 @@ class _DurableFile:
     zeros, so the bytes, and the read-back verification, are the same."""
 
     def __init__(self, path: str):
+        self._path = path
         self._f = open(path, "wb", buffering=0)
         # a hole can only be as fine as the file system's block
         self._block = max(512, min(os.fstat(self._f.fileno()).st_blksize or 4096, 1 << 20))
@@ -361,7 +362,7 @@ class _DurableFile:
         self._pos = 0               # where the next byte goes
         self._hole_at_end = False   # the last bytes were skipped: close() sets the size
 
-    def write(self, data) -> int:
+    def _write(self, data) -> int:
         if not isinstance(data, (bytes, bytearray)):
             data = bytes(data)
         if self._zero not in data:   # no block of zeros at all: the usual case, one write
@@ -395,9 +396,7 @@ class _DurableFile:
         self._pos += length
         self._hole_at_end = True
 
-    def close(self) -> None:
-        if self._f.closed:
-            return
+    def _commit(self) -> None:
         try:
             if self._hole_at_end:   # a seek alone does not make the file longer
                 os.ftruncate(self._f.fileno(), self._pos)
@@ -405,15 +404,10 @@ class _DurableFile:
         finally:
             self._f.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._f.closed
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *rest):
-        if exc_type is not None:
-            self._f.close()
-        else:
-            self.close()
+    def _abort(self) -> None:
+        """Close and remove the half-written file: no partial file stays under its name."""
+        self._f.close()
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass

@@ -20,7 +20,7 @@ import fsspec.asyn
 from ..checksum import CHUNK_SIZE, checksum_stream
 from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
-from .base import DIR, FILE, LINK, Stat
+from .base import DIR, FILE, LINK, Capabilities, Stat
 from .fsspec import (READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _quiet_background_errors,
                      _Reader, _Writer)
 
@@ -32,9 +32,11 @@ class SftpBackend(FsspecBackend):
     """One location on an SSH host. Listings and folders go through sshfs; every other
     call goes to asyncssh's SFTP client itself, each wait bounded (see _on_sftp)."""
 
-    schemes = ("sftp", "ssh")
     description = "SSH hosts over SFTP (asyncssh)"
-    extra = "sftp"
+    # SFTP v3 sets permission bits and folder mtimes; a link's own mtime needs an OpenSSH
+    # extension (lsetstat), and owners need root on the far side: not claimed
+    capabilities = Capabilities(set_mtime=True, mtime_precision_ns=SECOND_NS, symlinks=True,
+                                empty_dirs=True, permissions=True, dir_mtimes=True)
 
     def __init__(self, url, options: dict | None = None):
         super().__init__(url, options)
@@ -43,8 +45,12 @@ class SftpBackend(FsspecBackend):
         self._more_sessions = True    # False once the server refused a channel
         self._sftp_kwargs: dict = {}
         self._setstat_policy: bool | None = None   # see _setstat_denied_by_policy
+        self.posix_rename = True      # False once the server refused it (see _sftp_rename)
 
     # -- connecting ------------------------------------------------------------------------
+    def _root_path(self) -> str:
+        return self.url.path.rstrip("/") or "/"
+
     def _connect(self):
         import sshfs
 
@@ -148,6 +154,9 @@ class SftpBackend(FsspecBackend):
         self._sessions = []
 
     # -- listing -------------------------------------------------------------------------
+    def walk(self, on_error):
+        return self._walk_by_folder(on_error)
+
     def _list_folder(self, folder: str) -> list[Stat]:
         entries = super()._list_folder(folder)
         for st in entries:
@@ -213,12 +222,13 @@ class SftpBackend(FsspecBackend):
         existing target: that one is moved aside first, and back if the rename fails."""
         import asyncssh
 
-        if self.capabilities.atomic_rename:
+        if self.posix_rename:
             try:
                 self._on_sftp(self._client().posix_rename, self._full(src), self._full(dst))
                 return
             except asyncssh.SFTPOpUnsupported:
-                self._learn_refusal("atomic_rename", "posix-rename")
+                log.info("%s: the server refuses posix-rename; renaming in steps", self._where())
+                self.posix_rename = False
         try:
             self._on_sftp(self._client().rename, self._full(src), self._full(dst))
             return

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Iterator
 
+from pydantic import NonNegativeInt, PositiveInt
 from XRootD import client
 from XRootD.client.flags import (DirListFlags, MkDirFlags, OpenFlags, PrepareFlags,
                                  QueryCode, StatInfoFlags)
@@ -34,8 +35,8 @@ from ..checksum import normalise
 from ..errors import (NotFound, StorageError, TransientStorageError,
                       Unsupported)
 from ..location import redact
-from .base import (DIR, FILE, Backend, Capabilities, ListingErrorHandler, Stat,
-                   wait_for_staging, walk_by_folder)
+from .base import (DIR, FILE, Backend, BackendOptions, Capabilities, ListingErrorHandler, Stat,
+                   WriteStream, wait_for_staging, walk_by_folder)
 
 # A dead server is reported after ConnectionWindow x ConnectionRetry seconds, not the
 # client's default of 120 s x 5 tries.
@@ -60,17 +61,20 @@ _TPC_MIN_SIZE = 16 * 1024 * 1024
 _CHECKSUM_QUERIES = 2
 
 
+class XRootDOptions(BackendOptions):
+    checksum_queries: PositiveInt = _CHECKSUM_QUERIES   # checksum queries in flight a location
+    tpc_min_size: NonNegativeInt = _TPC_MIN_SIZE        # bytes: smaller files are streamed
+
+
 class XRootDBackend(Backend):
-    schemes = ("root", "xroot", "roots", "xroots")
     description = "XRootD servers: EOS, CTA tape, dCache, xrootd"
-    extra = "xrootd"
-    # atomic_rename: xrootd's POSIX storage (and EOS) replace the target in one mv; only
-    # the fallback in rename() for a server that refuses is two steps
     capabilities = Capabilities(
-        set_mtime=False, atomic_rename=True, server_checksums=frozenset({"adler32"}),
+        set_mtime=False, server_checksums=frozenset({"adler32"}),
         mtime_precision_ns=1_000_000_000, symlinks=False, empty_dirs=True,
         third_party_copy=True, tape=True,
     )
+
+    Options = XRootDOptions
 
     def __init__(self, url, options=None):
         super().__init__(url, options)
@@ -78,7 +82,7 @@ class XRootDBackend(Backend):
         self._server = f"{url.scheme}://{user}{url.host}/"
         self._fs = client.FileSystem(self._server)
         self._checksum_slots = threading.BoundedSemaphore(
-            int(self.options.get("checksum_queries", _CHECKSUM_QUERIES)))
+            self.settings.checksum_queries)
 
     def _abs(self, path: str) -> str:
         if "?" in path:   # the server would cut the name there and act on another file
@@ -139,8 +143,7 @@ class XRootDBackend(Backend):
 
     def open_write(self, path: str):
         # DELETE: create or truncate; MAKEPATH: create missing parent folders
-        return _XRootDWriter(self._open(path, OpenFlags.DELETE | OpenFlags.MAKEPATH),
-                             self._where(path))
+        return _XRootDWriter(self, path, self._open(path, OpenFlags.DELETE | OpenFlags.MAKEPATH))
 
     def _open(self, path: str, flags: int) -> client.File:
         handle = client.File()
@@ -229,7 +232,7 @@ class XRootDBackend(Backend):
         src_stat = source.stat(src_path)
         if src_stat is None:
             raise NotFound(f"no such file: {source._where(src_path)}", path=src_path)
-        if src_stat.size < int(self.options.get("tpc_min_size", _TPC_MIN_SIZE)):
+        if src_stat.size < self.settings.tpc_min_size:
             return False
         process = client.CopyProcess()
         process.add_job(source._full_url(src_path), self._full_url(dst_path), force=True,
@@ -283,14 +286,16 @@ class _XRootDReader:
         self.close()
 
 
-class _XRootDWriter:
-    """Writes sequentially; close() syncs and closes, and raises if the server did not
-    take every byte, so a failed write is never published."""
+class _XRootDWriter(WriteStream):
+    """Writes sequentially; the commit syncs and closes, and raises if the server did not
+    take every byte, so a failed write is never published. An abort closes the file and
+    removes what was written."""
 
-    def __init__(self, handle: client.File, where: str):
-        self._handle, self._where, self._offset = handle, where, 0
+    def __init__(self, backend: "XRootDBackend", path: str, handle: client.File):
+        self._backend, self._path, self._handle, self._offset = backend, path, handle, 0
+        self._where = backend._where(path)
 
-    def write(self, data) -> int:
+    def _write(self, data) -> int:
         size = memoryview(data).nbytes   # the bindings take any buffer: no copy
         status, _ = self._handle.write(data, self._offset)
         if not status.ok:
@@ -298,29 +303,16 @@ class _XRootDWriter:
         self._offset += size
         return size
 
-    def close(self) -> None:
-        if self._handle is None:
-            return
-        handle, self._handle = self._handle, None
-        status, _ = handle.sync()
-        close_status, _ = handle.close()
+    def _commit(self) -> None:
+        status, _ = self._handle.sync()
+        close_status, _ = self._handle.close()
         for s in (status, close_status):
             if not s.ok:
                 raise _storage_error(s, "cannot finish writing", self._where)
 
-    @property
-    def closed(self) -> bool:
-        return self._handle is None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *rest):
-        if exc_type is None:
-            self.close()
-        elif self._handle is not None:
-            handle, self._handle = self._handle, None
-            handle.close()
+    def _abort(self) -> None:
+        self._handle.close()
+        self._backend._fs.rm(self._backend._abs(self._path))
 
 
 def _to_stat(path: str, info) -> Stat:

@@ -66,10 +66,12 @@ class TransferPlan:
 
 
 def make_plan(diff: DiffResult, *, delete: bool, replace: bool, dst_symlinks: bool,
-              unlisted_ref: list[str] = ()) -> TransferPlan:
+              unlisted_ref: list[str] = (), dst_empty_dirs: bool = True) -> TransferPlan:
     """What to do about each difference. `unlisted_ref`: catalog paths of reference folders
     this run could not list; nothing below them is deleted or replaced on the word of a
-    listing that never looked there."""
+    listing that never looked there. `dst_empty_dirs` False (an object store): no folder
+    is made; one with entries to copy comes with them, an empty one is skipped (counted,
+    not a failure: such a destination cannot hold it)."""
     plan = TransferPlan()
     clashes = [d.path for d in diff.differences if d.kind == "type"]
     clash_prefixes = tuple(p + "/" for p in clashes)
@@ -118,11 +120,35 @@ def make_plan(diff: DiffResult, *, delete: bool, replace: bool, dst_symlinks: bo
             plan.mtime_checks.append(d)
         elif d.kind == "mode":
             plan.modes.append(d)
+    if not dst_empty_dirs and plan.mkdirs:
+        _leave_folders_to_their_content(plan)
     plan.mkdirs.sort(key=lambda d: d.path)
     # children before parents, so folders are empty when their turn comes
     plan.deletes.sort(key=lambda d: d.path, reverse=True)
     plan.clear_first.sort(key=lambda d: d.path, reverse=True)
     return plan
+
+
+_EMPTY_FOLDER = "empty folder"
+
+
+def _leave_folders_to_their_content(plan: TransferPlan) -> None:
+    """A destination without folders of its own (S3) has a folder exactly when it has an
+    entry below it: folders the copies fill are left to them, empty ones are skipped. A
+    marker object ("folder/") would keep those, but other tools read such markers each
+    their own way, and it would cost a request a folder on every sync: castlib keeps the
+    files, and says which empty folders it could not keep."""
+    filled: set[str] = set()
+    for d in plan.copies + plan.links:
+        parent = d.path.rpartition("/")[0]
+        while parent and parent not in filled:
+            filled.add(parent)
+            parent = parent.rpartition("/")[0]
+    for d in plan.mkdirs:
+        if d.path not in filled:
+            plan.skipped.append((d, _EMPTY_FOLDER + ": the destination keeps no folders "
+                                    "of its own (an object store)"))
+    plan.mkdirs = []
 
 
 def _plan_create(plan: TransferPlan, d: Difference, dst_symlinks: bool) -> None:
@@ -165,6 +191,7 @@ class SyncStage(Stage):
         self.ref_groups = ref_index.hard_links if ref_index is not None else {}
         plan = make_plan(diff, delete=p.delete, replace=p.replace,
                          dst_symlinks=self.dst.capabilities.symlinks,
+                         dst_empty_dirs=self.dst.capabilities.empty_dirs,
                          unlisted_ref=[to_catalog(u) for u in
                                        (ref_index.unlisted if ref_index is not None else [])])
         if p.max_delete is not None and plan.deletion_count > p.max_delete:
@@ -190,6 +217,7 @@ class SyncStage(Stage):
         c = self.counts
         c["kept"], c["extras_kept"] = len(plan.kept), len(plan.extras_kept)
         c["skipped"], c["conflicts"] = len(plan.skipped), len(plan.conflicts)
+        self.empty_folders = sum(1 for _, why in plan.skipped if why.startswith(_EMPTY_FOLDER))
         # the kinds that clash, for the summary: "link vs file", not always "file vs folder"
         self.conflict_kinds: dict[str, int] = {}
         for d in plan.conflicts:
@@ -734,8 +762,12 @@ class SyncStage(Stage):
             kinds = ", ".join(f"{n} {pair}" for pair, n in sorted(self.conflict_kinds.items()))
             summary += (f"; {c['conflicts']} type conflicts, reference vs destination "
                         f"({kinds}: --delete resolves)")
-        if c["skipped"] - self.refused.get("links", 0):
-            summary += f"; {c['skipped'] - self.refused.get('links', 0)} skipped"
+        others = c["skipped"] - self.refused.get("links", 0) - self.empty_folders
+        if others:
+            summary += f"; {others} skipped"
+        if self.empty_folders:
+            summary += (f"; {self.empty_folders} empty folders skipped: the destination keeps "
+                        "no folders of its own")
         for what, reason in (("links", "links skipped: the server cannot hold links"),
                              ("mtimes", "mtimes not set: the server cannot set them"),
                              ("modes", "permissions not set: the server cannot set them")):

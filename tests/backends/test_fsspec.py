@@ -462,7 +462,7 @@ def test_capabilities_are_declared_per_protocol(s3_bucket, sftp_server, webdav_s
     sftp = open_backend(sftp_server.url, sftp_server.options).capabilities
     dav = open_backend(webdav_server.url, webdav_server.options).capabilities
     assert (s3.set_mtime, s3.empty_dirs, s3.server_checksums) == (False, False, {"md5"})
-    assert (sftp.set_mtime, sftp.atomic_rename, sftp.symlinks) == (True, True, True)
+    assert (sftp.set_mtime, sftp.symlinks) == (True, True)
     assert dav.set_mtime is False
     assert s3.mtime_precision_ns == sftp.mtime_precision_ns == 10**9
 

@@ -86,13 +86,13 @@ def test_sftp_refusals_are_learned_and_rename_replaces_without_posix_rename(
     from castlib.errors import Unsupported
 
     b = open_backend(sftp_restricted_server.url, sftp_restricted_server.options)
-    assert b.capabilities.set_mtime and b.capabilities.atomic_rename   # what SFTP promises
+    assert b.capabilities.set_mtime and b.posix_rename   # what SFTP promises
     write(b, "final", b"old")
     write(b, "new.tmp", b"new bytes")
     b.rename("new.tmp", "final")
     assert read(b, "final") == b"new bytes" and b.stat("new.tmp") is None
     assert sorted(os.listdir(sftp_restricted_server.folder)) == ["final"]   # nothing aside
-    assert not b.capabilities.atomic_rename
+    assert not b.posix_rename
     with pytest.raises(Unsupported, match="cannot set modification times"):
         b.set_mtime("final", 1_600_000_000 * 10**9)
     assert not b.capabilities.set_mtime
