@@ -324,3 +324,20 @@ def test_a_server_that_refuses_mtimes_and_posix_rename_still_gets_verified_copie
     expected["d/0.raw"] = hashlib.sha256(b"second version, longer").hexdigest()
     expected["d/1.raw"] = hashlib.sha256(b"v2").hexdigest()
     assert files_only(remote_digest(dst_url, dst_opts)) == expected   # nothing set aside left
+
+
+def test_empty_folders_to_s3_are_skipped_and_counted_not_made(remotes, db_url):
+    """S3 keeps no folders (empty_dirs False): a folder with files comes with them, an
+    empty one is skipped and said so, on every run; none is claimed created, and none is
+    a failure."""
+    src_url, _ = remotes("local")
+    dst_url, dst_opts = remotes("s3")
+    make_tree(src_url, {"full/f.txt": b"f", "empty/": None, "deep/er/": None})
+    env = remotes.env()
+    for _ in range(2):
+        proc = run_cli("sync", src_url, dst_url, "--json", db=db_url, env=env, check=0)
+        counts = last_json(proc.stdout)
+        assert (counts["dirs_created"], counts["skipped"], counts["failed"]) == (0, 3, 0), counts
+        assert "3 empty folders skipped: the destination keeps no folders" in proc.stderr + proc.stdout
+    assert remote_digest(dst_url, dst_opts) == {
+        "full": "dir", "full/f.txt": hashlib.sha256(b"f").hexdigest()}
