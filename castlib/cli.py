@@ -478,7 +478,8 @@ def cmd_runs(args) -> int:
             took = (s["finished_at"] - s["started_at"]).total_seconds() if s["finished_at"] else 0
             print(f"  stage {s['position'] + 1} {s['stage']}"
                   f"{' (' + s['stage_id'] + ')' if s['stage_id'] else ''}: {s['status']} "
-                  f"in {took:.1f} s {json.dumps(s['counts'])}")
+                  f"in {took:.1f} s" + (f" on {s['hostname']}" if s.get("hostname") else "")
+                  + f" {json.dumps(s['counts'])}")
             for e in (s["errors"] or [])[:20]:
                 print(f"    {e}")
         return EXIT_OK

@@ -193,10 +193,20 @@ def wait(catalog: Catalog, run_id: int, *, quiet: bool = False, verbose: int = 0
     """Follow a run in the catalog until it ends: stage summaries as they are recorded,
     the progress line of the stage running (on a terminal; with -v, as log lines). Ctrl-C
     stops the waiting, not the run (castlib runs cancel ID stops that)."""
+    err = err or sys.stderr
+    try:
+        return _follow(catalog, run_id, quiet, verbose, show_errors, err, poll_s)
+    except KeyboardInterrupt:
+        print(f"\ncastlib: stopped waiting; run {run_id} goes on (castlib runs show {run_id}, "
+              f"castlib runs cancel {run_id})", file=err)
+        raise
+
+
+def _follow(catalog: Catalog, run_id: int, quiet: bool, verbose: int, show_errors: bool,
+            err, poll_s: float) -> RunReport:
     from .catalog.paths import printable
     from .progress import human_bytes
 
-    err = err or sys.stderr
     tty = hasattr(err, "isatty") and err.isatty()
     report = RunReport(run_id)
     shown_stages = 0

@@ -115,6 +115,16 @@ stages:
     assert (counts["copied"], counts["failed"]) == (30, 0), r.stderr
     assert "castlib: sync: " in r.stderr and "/30 files" in r.stderr, r.stderr
     assert tree_digest(xrootd_folder.path / "big") == tree_digest(big)
+    # diff and verify on the workers: their summary and exit code, as at home
+    r = cluster.cli("diff", "--on-workers", f"file://daq01{big}", f"{xrootd_folder.url}/big",
+                    check=0)
+    assert "identical" in r.stderr, r.stderr
+    (big / "f00.dat").write_bytes(b"changed")
+    r = cluster.cli("diff", "--on-workers", f"file://daq01{big}", f"{xrootd_folder.url}/big",
+                    check=1)
+    assert "1 differences (1 size)" in r.stderr, r.stderr
+    r = cluster.cli("verify", "--on-workers", f"file://daq02{b}", check=0)
+    assert cluster.run(cluster.last_run_id())[1][0]["hostname"] == "daq02"
 
 
 def test_a_worker_killed_mid_sync_leaves_a_died_run_and_a_rerun_finishes(
@@ -219,3 +229,24 @@ def test_a_missing_broker_is_one_line(tmp_path, postgres_url):
     r = run_cli("index", "--on-workers", str(src), db=f"sqlite:///{tmp_path}/c.sqlite",
                 check=2, timeout=60)
     assert "needs a catalog the workers share" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_destination_lock_holds_across_hosts(cluster, tmp_path, xrootd_folder):
+    """A sync into the archive held by another machine (here: this test's process, as the
+    host `client`, through the shared catalog's advisory lock) is refused on daq01's worker;
+    once released the same command goes through."""
+    from castlib.catalog.locks import location_lock
+
+    src = make_tree(tmp_path / "src", {"a.dat": b"a" * 1000})
+    dst = f"{xrootd_folder.url}/locked"
+    args = ("sync", "--on-workers", f"file://daq01{src}", dst, "--json")
+    with Catalog(cluster.db) as catalog:
+        record = catalog.location(dst)
+        with location_lock(catalog, record.id, record.url):
+            r = cluster.cli(*args, check=2)
+    assert "another run is syncing into" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert "(run " in r.stderr and "on daq01)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (xrootd_folder.path / "locked" / "a.dat").exists()
+    counts = last_json(cluster.cli(*args, check=0).stdout)
+    assert counts["copied"] == 1
