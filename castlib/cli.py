@@ -460,6 +460,7 @@ def cmd_runs(args) -> int:
     from .errors import ConfigError
 
     catalog = Catalog(args.db)
+    catalog.mark_dead_runs()   # a worker killed, a machine stopped: said here, not 'running'
     if args.action == "cancel":
         return _cancel_run(catalog, args)
     if args.action == "show":

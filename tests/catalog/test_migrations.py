@@ -214,6 +214,9 @@ INSERT INTO locations (id, node_id, url, root_path, name, created_at) VALUES
 INSERT INTO entries (id, location_id, path, name, kind, size, first_seen, last_seen, deleted)
 VALUES (1, 3, 'a.dat', 'a.dat', 'f', 3, '2026-01-02 10:00:03', '2026-01-02 10:00:03', {false});
 """)
+    if _dialect(db_url) == "postgresql":   # ids were given explicitly: move the sequences past them
+        _execute_script(db_url, "SELECT setval('nodes_id_seq', 2); SELECT setval('runs_id_seq', 3);"
+                                "SELECT setval('locations_id_seq', 5); SELECT setval('entries_id_seq', 1);")
     monkeypatch.setenv("CASTLIB_HOSTNAME", "migrator")
     catalog = Catalog(db_url)
     try:
