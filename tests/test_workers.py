@@ -22,7 +22,8 @@ TEMP = ".castlib-part-"
 # a worker's run counts as died once its heartbeat is this old (it beats 4 times as often)
 HEARTBEAT_LIMIT = "6"
 
-pytestmark = pytest.mark.slow
+# worker start-ups and real copies on a shared machine: more than the suite's 300 s default
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
