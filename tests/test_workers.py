@@ -251,3 +251,37 @@ def test_the_destination_lock_holds_across_hosts(cluster, tmp_path, xrootd_folde
     assert not (xrootd_folder.path / "locked" / "a.dat").exists()
     counts = last_json(cluster.cli(*args, check=0).stdout)
     assert counts["copied"] == 1
+
+
+def test_a_broker_restart_loses_no_finished_result(postgres_url, tmp_path):
+    """The broker only carries the order: a run done is in the catalog; after the broker
+    restarted (empty: nothing saved), the worker reconnects and takes the next run."""
+    from tests.servers.common import free_port
+    from tests.servers.redis import redis_server
+
+    db = fresh_database(postgres_url)
+    port = free_port()
+    broker = f"redis://127.0.0.1:{port}/0"
+    env = worker_env("client", db, broker)
+    src = make_tree(tmp_path / "src", {"a.dat": b"a", "b.dat": b"b"})
+    with redis_server(port):
+        daq04 = Worker("daq04", worker_env("daq04", db, broker), tmp_path / "w.log").start()
+        try:
+            r = run_cli("sync", "--on-workers", f"file://daq04{src}",
+                        f"file://daq04{tmp_path}/dst1", "--json", env=env, check=0)
+            first = int(r.stderr.split("castlib: run ")[1].split()[0])
+        except BaseException:
+            daq04.stop()
+            raise
+    try:
+        with redis_server(port):   # the same address, nothing of the old one kept
+            with Catalog(db) as catalog:
+                assert catalog.run_details(first)[0]["status"] == "ok"
+            r = run_cli("sync", "--on-workers", f"file://daq04{src}",
+                        f"file://daq04{tmp_path}/dst2", "--json", env=env, check=0,
+                        timeout=180)
+            assert last_json(r.stdout)["copied"] == 2, daq04.log
+            assert tree_digest(tmp_path / "dst2") == tree_digest(src)
+            assert daq04.proc.poll() is None
+    finally:
+        daq04.stop()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -23,11 +24,18 @@ REDIS_SERVER = "/usr/bin/redis-server"
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A Redis on a free loopback port for the session, nothing kept on disk."""
+    with redis_server() as url:
+        yield url
+
+
+@contextmanager
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """A Redis server for the block (on `port`, or a free one): its URL."""
     if not os.path.exists(REDIS_SERVER):
         raise RuntimeError(f"{REDIS_SERVER} not found (scripts/install-test-deps installs "
                            "the redis-server package)")
     folder = Path(tempfile.mkdtemp(prefix="castlib-redis-"))
-    port = free_port()
+    port = port or free_port()
 
     def pong() -> bool:
         import socket
