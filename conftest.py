@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.servers.xrootd",
     "tests.servers.castor",     # CASTOR's tools, over the xrootd server
     "tests.servers.postgres",   # after xrootd: it borrows that module's test user
+    "tests.servers.redis",      # the workers' broker, and castlib worker processes
 ]

@@ -23,9 +23,19 @@ def open_catalog(db: str | Catalog | None = None) -> Catalog:
     return db if isinstance(db, Catalog) else Catalog(db)
 
 
-def _run(pipeline: Pipeline, db, command: str, args: dict, **run_options) -> RunReport:
+def _run(pipeline: Pipeline, db, command: str, args: dict, *, on_workers: bool = False,
+         **run_options) -> RunReport:
+    """Run here, or with on_workers=True (or `workers: true` in the pipeline) on the
+    workers next to the data (castlib.dispatch: also `detach`, `broker`, `verbose`)."""
     catalog = open_catalog(db)
+    worker_options = {k: run_options.pop(k) for k in ("detach", "broker", "verbose")
+                      if k in run_options}
     try:
+        if on_workers or pipeline.workers:
+            from .dispatch import submit
+
+            return submit(pipeline, catalog, command=command, args=args,
+                          **worker_options, **run_options)
         return pipeline.run(catalog, command=command, args=args, **run_options)
     finally:
         if not isinstance(db, Catalog):

@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rehash", action="store_true", help="recompute checksums already known")
     _vanish_options(c, "accept a listing in which more files vanished than --max-vanish "
                        "allows")
+    _worker_options(c)
 
     c = command("diff", help="compare two locations (exit 1 when they differ)")
     c.add_argument("ref")
@@ -125,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="leave permission bits out (no `mode` differences)")
     _filter_options(c)
     _vanish_options(c, "accept listings in which more files vanished than --max-vanish allows")
+    _worker_options(c)
 
     c = command("sync", help="make DST match REF, verifying every copy")
     c.add_argument("ref")
@@ -155,16 +157,19 @@ def _parser() -> argparse.ArgumentParser:
                         "(local REF and DST; else each name is copied)")
     c.add_argument("--json", action="store_true", help="last line: JSON object of counts")
     _filter_options(c)
+    _worker_options(c)
 
     c = command("verify", help="re-read files and compare with the catalog")
     c.add_argument("location")
     c.add_argument("--checksum", metavar="ALGO", default="adler32", choices=CHECKSUMS)
     c.add_argument("--json", action="store_true", help="JSON Lines, one per problem")
+    _worker_options(c)
 
     c = command("run", help="run a YAML pipeline")
     c.add_argument("pipeline")
     c.add_argument("--dry-run", action="store_true")
     c.add_argument("--force", action="store_true")
+    _worker_options(c)
 
     command("stages", help="list the stages a pipeline can use")
     command("backends", help="list the URL schemes and what each can do")
@@ -173,12 +178,38 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--deleted", action="store_true", help="include vanished entries")
     command("locations", help="list the locations in the catalog")
     c = command("runs", help="list recent runs, or show one")
-    c.add_argument("action", nargs="?", choices=("show",))
+    c.add_argument("action", nargs="?", choices=("show", "cancel"))
     c.add_argument("run_id", nargs="?", type=int)
     c.add_argument("--limit", type=int, default=20)
+    c.add_argument("--broker", metavar="URL", help="for cancel: the broker of the workers")
     c = command("db", help="catalog database: info, upgrade")
     c.add_argument("action", choices=("info", "upgrade"))
+    _worker_command(command)
     return p
+
+
+def _worker_options(c: argparse.ArgumentParser) -> None:
+    """Sending a command's stages to the workers next to the data (castlib.dispatch)."""
+    c.add_argument("--on-workers", action="store_true",
+                   help="run each stage on the worker of the host that holds its data "
+                        "(castlib worker; needs a PostgreSQL catalog and a broker)")
+    c.add_argument("--detach", action="store_true",
+                   help="with --on-workers: print the run id and return at once")
+    c.add_argument("--broker", metavar="URL",
+                   help="the workers' broker (default: $CASTLIB_BROKER, broker: in the "
+                        "config, else redis://localhost:6379/0)")
+
+
+def _worker_command(command) -> None:
+    c = command("worker", help="run the stages sent to this host (a Celery worker)")
+    c.add_argument("--queue", metavar="NAME", action="append", default=[],
+                   help="also take the stages of this queue (e.g. eos); repeatable. The "
+                        "queue named after this host is always taken")
+    c.add_argument("--concurrency", metavar="N", type=_count(1), default=1,
+                   help="runs taken at once (default 1)")
+    c.add_argument("--broker", metavar="URL",
+                   help="default: $CASTLIB_BROKER, broker: in the config, else "
+                        "redis://localhost:6379/0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +289,15 @@ def _interrupted(args, exc: KeyboardInterrupt) -> int:
 
 
 def _common(args) -> dict:
-    return {"db": args.db, "quiet": args.quiet}
+    common = {"db": args.db, "quiet": args.quiet}
+    if getattr(args, "on_workers", False):
+        common.update(on_workers=True, detach=args.detach, broker=args.broker,
+                      verbose=args.verbose)
+    elif getattr(args, "detach", False):
+        from .errors import ConfigError
+
+        raise ConfigError("--detach goes with --on-workers")
+    return common
 
 
 def cmd_index(args) -> int:
@@ -278,6 +317,8 @@ def cmd_diff(args) -> int:
                       mtime_tolerance=args.mtime_tolerance, index=not args.no_index,
                       force=args.force, max_vanish=args.max_vanish, only=args.only,
                       ignore=args.ignore, perms=not args.no_perms, **_common(args))
+    if report.value is None:   # ran on a worker (or --detach): its summary was the output
+        return _worker_exit(report)
     differences = report.value.differences
     out = sys.stdout
     for d in differences:
@@ -308,14 +349,23 @@ def cmd_verify(args) -> int:
     from .catalog.paths import printable
 
     # the problems are this command's output (stdout), not also stderr noise
-    report = api.verify(args.location, checksum=args.checksum, show_errors=False,
-                        **_common(args))
+    report = api.verify(args.location, checksum=args.checksum,
+                        show_errors=bool(getattr(args, "on_workers", False)), **_common(args))
+    if report.value is None:   # ran on a worker: the problems were shown as its errors
+        return report.exit_code
     for problem in report.value.problems:
         if args.json:
             print(json.dumps(problem.as_dict(), ensure_ascii=False))
         else:
             print(f"{problem.kind:<10} {printable(problem.path)}: {printable(problem.detail)}")
     return report.exit_code
+
+
+def _worker_exit(report) -> int:
+    """A diff run on a worker: exit 1 when its counts say the locations differ."""
+    counts = report.counts or {}
+    differ = any(v for k, v in counts.items() if k != "bytes" and isinstance(v, int))
+    return max(report.exit_code, EXIT_DIFFERENT if report.stages and differ else EXIT_OK)
 
 
 def cmd_run(args) -> int:
@@ -409,6 +459,9 @@ def cmd_runs(args) -> int:
     from .errors import ConfigError
 
     catalog = Catalog(args.db)
+    catalog.mark_dead_runs()   # a worker killed, a machine stopped: said here, not 'running'
+    if args.action == "cancel":
+        return _cancel_run(catalog, args)
     if args.action == "show":
         if args.run_id is None:
             raise ConfigError("runs show needs a run id")
@@ -425,7 +478,8 @@ def cmd_runs(args) -> int:
             took = (s["finished_at"] - s["started_at"]).total_seconds() if s["finished_at"] else 0
             print(f"  stage {s['position'] + 1} {s['stage']}"
                   f"{' (' + s['stage_id'] + ')' if s['stage_id'] else ''}: {s['status']} "
-                  f"in {took:.1f} s {json.dumps(s['counts'])}")
+                  f"in {took:.1f} s" + (f" on {s['hostname']}" if s.get("hostname") else "")
+                  + f" {json.dumps(s['counts'])}")
             for e in (s["errors"] or [])[:20]:
                 print(f"    {e}")
         return EXIT_OK
@@ -442,8 +496,26 @@ def cmd_runs(args) -> int:
         if r["error"]:
             what.append(r["error"][:80])
         print(f"{r['id']:>5} {r['started_at']:%Y-%m-%d %H:%M:%S} {r['command']:<7} "
-              f"{r['status']:<8} {'-' if took is None else f'{took:.1f} s':>8}  {', '.join(what)}")
+              f"{r['status']:<11} {r['hostname'] or '-':<12} "
+              f"{'-' if took is None else f'{took:.1f} s':>8}  {', '.join(what)}")
     return EXIT_OK
+
+
+def _cancel_run(catalog, args) -> int:
+    from .config import load_user_config
+    from .dispatch import cancel
+    from .errors import ConfigError
+
+    if args.run_id is None:
+        raise ConfigError("runs cancel needs a run id")
+    print(cancel(catalog, args.run_id, args.broker, load_user_config()), file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_worker(args) -> int:
+    from .worker import main as worker_main
+
+    return worker_main(args)
 
 
 def cmd_db(args) -> int:
@@ -472,4 +544,5 @@ def cmd_db(args) -> int:
 
 COMMANDS = {"index": cmd_index, "diff": cmd_diff, "sync": cmd_sync, "verify": cmd_verify,
             "run": cmd_run, "stages": cmd_stages, "backends": cmd_backends, "ls": cmd_ls,
-            "locations": cmd_locations, "runs": cmd_runs, "db": cmd_db}
+            "locations": cmd_locations, "runs": cmd_runs, "db": cmd_db,
+            "worker": cmd_worker}

@@ -7,6 +7,12 @@
     locations:
       daq: /data/cdr
       archive: root://eos.example.org//eos/exp/cdr
+    # several hosts (README, "Several hosts"): this machine's name in file:// locations,
+    # the broker workers take stages from, and the queue that serves a remote storage
+    hostname: daq01
+    broker: redis://broker.example.org:6379/0
+    queues:
+      "root://eos.example.org": eos
 
 Options apply to every location whose URL starts with the key (the longest key wins).
 Secrets belong here or in the environment, never in the catalog: the catalog stores URLs
@@ -27,6 +33,9 @@ class UserConfig:
     path: str | None = None
     storage: dict[str, dict] = field(default_factory=dict)
     locations: dict[str, str] = field(default_factory=dict)
+    hostname: str | None = None
+    broker: str | None = None
+    queues: dict[str, str] = field(default_factory=dict)   # URL prefix -> worker queue
 
     def options_for(self, url: LocationURL) -> dict:
         """Back-end options for a URL: the entry with the longest matching prefix."""
@@ -40,6 +49,15 @@ class UserConfig:
             if (target == key or target.startswith(key.rstrip("/") + "/")) and len(key) > best_len:
                 best, best_len = options, len(key)
         return dict(best)
+
+    def queue_for(self, url: LocationURL) -> str | None:
+        """The worker queue `queues:` maps a (remote) location to: the longest prefix."""
+        target = str(url)
+        best, best_len = None, -1
+        for prefix, queue in self.queues.items():
+            if target.startswith(prefix.rstrip("/")) and len(prefix) > best_len:
+                best, best_len = queue, len(prefix)
+        return best
 
 
 def config_path() -> Path:
@@ -73,9 +91,9 @@ def load_user_config() -> UserConfig:
                           line=mark.line + 1 if mark else None) from None
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping with 'storage' and 'locations'", file=str(path))
-    unknown = set(data) - {"storage", "locations"}
+    unknown = set(data) - set(CONFIG_KEYS)
     if unknown:
-        raise ConfigError("unknown key (expected storage, locations)", file=str(path),
+        raise ConfigError(f"unknown key (expected {', '.join(CONFIG_KEYS)})", file=str(path),
                           key=sorted(unknown)[0])
     storage = data.get("storage") or {}
     locations = data.get("locations") or {}
@@ -84,4 +102,16 @@ def load_user_config() -> UserConfig:
                           key="storage")
     if not isinstance(locations, dict) or not all(isinstance(v, str) for v in locations.values()):
         raise ConfigError("'locations' must map names to URLs", file=str(path), key="locations")
-    return UserConfig(str(path), storage, locations)
+    for key in ("hostname", "broker"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ConfigError(f"'{key}' must be a string", file=str(path), key=key)
+    queues = data.get("queues") or {}
+    if not isinstance(queues, dict) or not all(isinstance(v, str) and v
+                                               for v in queues.values()):
+        raise ConfigError("'queues' must map URL prefixes to queue names", file=str(path),
+                          key="queues")
+    return UserConfig(str(path), storage, locations, data.get("hostname"), data.get("broker"),
+                      {str(k): v for k, v in queues.items()})
+
+
+CONFIG_KEYS = ("storage", "locations", "hostname", "broker", "queues")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
 from .errors import ConfigError
+from .hosts import check_hostname, local_hostname
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # Schemes whose URL path is absolute after a double slash: root://host//eos/exp
@@ -34,8 +35,8 @@ class LocationURL:
     query: str = ""
 
     def __str__(self) -> str:
-        if self.scheme == "file":
-            return "file://" + quote(self.path, safe="/:@!$&'()*+,;=-._~")
+        if self.scheme == "file":   # the host of a local location: the machine it is on
+            return f"file://{self.host}" + quote(self.path, safe="/:@!$&'()*+,;=-._~")
         sep = "/" if self.scheme in _DOUBLE_SLASH_SCHEMES else ""
         path = quote(self.path, safe="/:@!$&'()*+,;=-._~")
         q = f"?{self.query}" if self.query else ""
@@ -83,7 +84,7 @@ def parse_location(text: str, base_dir: str | None = None) -> LocationURL:
         path = os.path.expanduser(text)
         if base_dir and not os.path.isabs(path):
             path = os.path.join(base_dir, path)
-        return LocationURL("file", "", _clean_local(path))
+        return LocationURL("file", local_hostname(), _clean_local(path))
     scheme = m.group(1).lower()
     if _ambiguous_credentials(text[m.end():]):
         raise ConfigError(
@@ -108,10 +109,21 @@ def parse_location(text: str, base_dir: str | None = None) -> LocationURL:
         host = f"{host}:{port}"
     path = unquote(parts.path, errors="surrogateescape")
     if scheme == "file":
-        if host and host != "localhost":
-            raise ConfigError(f"file:// location {redact(text)!r} names host {host!r}; "
-                              "use file:///absolute/path")
-        return LocationURL("file", "", _clean_local(path or "/"))
+        # file:///p and file://localhost/p are on this host; file://daq02/p on daq02,
+        # whose folders this machine cannot resolve (links, mounts): its path is kept
+        # as written, normalised
+        if port or user or password:
+            raise ConfigError(f"file:// location {redact(text)!r}: a local location names "
+                              "a host, never a port or a user")
+        here = local_hostname()
+        host = check_hostname(host, f"location {redact(text)!r}") if host else here
+        if host == "localhost":
+            host = here
+        if host == here:
+            return LocationURL("file", host, _clean_local(path or "/"))
+        if not path.startswith("/"):
+            raise ConfigError(f"file:// location {redact(text)!r} has no absolute path")
+        return LocationURL("file", host, posixpath.normpath(path) if path != "/" else "/")
     if not host and scheme not in ("memory",):
         raise ConfigError(f"location {redact(text)!r} has no host")
     if scheme in _DOUBLE_SLASH_SCHEMES and path.startswith("//"):

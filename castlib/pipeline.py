@@ -21,7 +21,7 @@ from .stages.base import StageParams
 
 log = logging.getLogger(__name__)
 
-TOP_LEVEL_KEYS = ("name", "description", "locations", "stages")
+TOP_LEVEL_KEYS = ("name", "description", "locations", "stages", "workers")
 
 
 @dataclass
@@ -79,6 +79,7 @@ class Pipeline:
     location_options: dict[str, dict] = field(default_factory=dict)
     source: str | None = None        # the file it came from
     text: str | None = None          # the YAML, kept in the run record
+    workers: bool = False            # `workers: true`: its stages run on workers (dispatch)
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
@@ -145,7 +146,10 @@ class Pipeline:
                     + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True))
         else:              # none in the data; a URL in a comment may still carry some
             text = redact(text)
-        pipeline = cls(specs, locations, options, source, text)
+        workers = data.get("workers", False)
+        if not isinstance(workers, bool):
+            raise err.at(("workers",), "must be true or false", key="workers")
+        pipeline = cls(specs, locations, options, source, text, workers)
         pipeline.check_references(user_config or UserConfig(), err)
         return pipeline
 
@@ -195,19 +199,26 @@ class Pipeline:
             dry_run: bool = False, force: bool = False, quiet: bool = True,
             out: TextIO | None = None, err: TextIO | None = None,
             user_config: UserConfig | None = None, retry_backoff_s: float = 1.0,
-            show_errors: bool = True) -> RunReport:
+            show_errors: bool = True, run_id: int | None = None, finish: bool = True,
+            on_context=None) -> RunReport:
         """Run the stages in order, recording the run and each stage in the catalog. A
         stage that raises stops the pipeline; the error is recorded, then re-raised.
         show_errors=False leaves the stages' per-item errors to the caller to print (a
-        command whose result they are), though they are recorded all the same."""
+        command whose result they are), though they are recorded all the same.
+        A worker (castlib.dispatch) runs one segment of a run already recorded: `run_id`
+        is that run, `finish=False` leaves it open for the next segment when this one
+        ends well, and `on_context` is given the RunContext (its progress) first."""
         ctx = RunContext(
             catalog=catalog, dry_run=dry_run, force=force, quiet=quiet,
             locations=self.locations, location_options=self.location_options,
             user_config=user_config if user_config is not None else load_user_config(),
             base_dir=os.path.dirname(os.path.abspath(self.source)) if self.source else os.getcwd(),
             out=out or sys.stdout, err=err or sys.stderr, retry_backoff_s=retry_backoff_s)
-        report = RunReport(catalog.start_run(command, args, self.text))
+        report = RunReport(run_id if run_id is not None
+                           else catalog.start_run(command, args, self.text))
         ctx.run_id = report.run_id
+        if on_context is not None:
+            on_context(ctx)
         from .catalog.catalog import utcnow
 
         locks = ExitStack()
@@ -230,7 +241,8 @@ class Pipeline:
                 catalog.record_stage(report.run_id, spec.position, spec.cls.name,
                                      spec.params.id, _params_record(spec),
                                      "failed" if outcome.exit_code else "ok", outcome.counts,
-                                     [redact(e, ctx.secrets) for e in outcome.errors], started)
+                                     [redact(e, ctx.secrets) for e in outcome.errors], started,
+                                     summary=redact(outcome.summary or "", ctx.secrets))
                 if spec.params.id:
                     ctx.results[spec.params.id] = outcome.value
                 report.stages.append(StageRun(spec, outcome))
@@ -250,7 +262,8 @@ class Pipeline:
         finally:
             locks.close()
             ctx.close()
-        catalog.finish_run(report.run_id, "failed" if report.exit_code else "ok")
+        if finish or report.exit_code:
+            catalog.finish_run(report.run_id, "failed" if report.exit_code else "ok")
         return report
 
     def _record_interrupted(self, ctx: RunContext, report: RunReport, spec: StageSpec,

@@ -5,7 +5,10 @@ import pytest
 
 import castlib
 
+from castlib.hosts import local_hostname
 from tests.helpers import json_lines, last_json, make_tree, run_cli
+
+HOST = local_hostname()   # local locations name their host: file://HOST/path
 
 
 def test_diff_exit_codes_and_json_lines(tmp_path, db_url):
@@ -160,8 +163,8 @@ def test_ls_and_locations(tmp_path, db_url):
     (["sync", "sftp://[::1", "q"], "malformed location URL 'sftp://[::1': an IPv6 address"),
     (["index", "sftp://u:p@ss/w@rd@host/x"], "location 'sftp://***@host/x' is ambiguous: "
                                              "percent-encode"),
-    (["sync", "/etc/passwd", "q"], "location file:///etc/passwd is a file, not a folder"),
-    (["index", "/dev/null"], "location file:///dev/null is a file, not a folder"),
+    (["sync", "/etc/passwd", "q"], f"location file://{HOST}/etc/passwd is a file, not a folder"),
+    (["index", "/dev/null"], f"location file://{HOST}/dev/null is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, db_url, args, message):
     r = run_cli(*args, db=db_url, check=2, cwd=str(tmp_path))
@@ -201,7 +204,7 @@ def test_a_destination_that_cannot_be_created_is_named(tmp_path, db_url):
     src = make_tree(tmp_path / "src", {"a.dat": b"a"})
     r = run_cli("sync", str(src), "/proc/1/q", db=db_url, check=2)   # /proc takes no folder
     assert r.stderr.strip().splitlines()[-1] == (
-        "castlib: error: cannot create destination file:///proc/1/q: "
+        f"castlib: error: cannot create destination file://{HOST}/proc/1/q: "
         "No such file or directory"), r.stderr
 
 

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from castlib.errors import ConfigError
+from castlib.hosts import local_hostname
 from castlib.location import parse_location, redact, redact_url, scrub_secrets
 from tests.helpers import last_json, run_cli
 
@@ -13,7 +14,8 @@ def test_bare_path_becomes_absolute_file_url(tmp_path, monkeypatch):
     url = parse_location("data/cdr/")
     assert url.scheme == "file"
     assert url.path == str(tmp_path / "data" / "cdr")
-    assert str(url) == f"file://{tmp_path}/data/cdr"
+    # a local location names the machine it is on (tests/test_hosts.py)
+    assert str(url) == f"file://{local_hostname()}{tmp_path}/data/cdr"
 
 
 def test_file_url_and_bare_path_are_the_same_location(tmp_path):
@@ -153,7 +155,8 @@ def test_credentials_stay_out_of_messages_json_and_run_history(tmp_path, db_url)
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "root:///no-host", "s3:/bucket-missing-slash",
-                                 "root://host:notaport//x", "file://otherhost/data"])
+                                 "root://host:notaport//x", "file://daq02:22/data",
+                                 "file://user@daq02/data", "file://bad_host/data"])
 def test_bad_locations_raise_one_line_config_errors(bad):
     with pytest.raises(ConfigError) as info:
         parse_location(bad)

@@ -9,6 +9,7 @@ import stat as statmod
 from typing import BinaryIO, Iterator
 
 from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError
+from ..hosts import elsewhere, is_here, local_hostname
 from ..location import LocationURL
 from .base import (DIR, FILE, LINK, Backend, Capabilities, ListingErrorHandler, Stat,
                    WriteStream)
@@ -45,6 +46,8 @@ class LocalBackend(Backend):
         return dataclasses.replace(cls.capabilities, owner=os.geteuid() == 0)
 
     def __init__(self, url, options=None):
+        if not is_here(url):   # another machine's disk: its worker reads it (README)
+            raise elsewhere(url)
         super().__init__(url, options)
         self.root = url.path
         self.capabilities = self.capabilities_for(url.scheme)
@@ -52,12 +55,18 @@ class LocalBackend(Backend):
     # -- identity: what a root is, whatever its spelling ----------------------------------
     @classmethod
     def identity(cls, url: LocationURL) -> str:
-        return "file:" + file_system_identity(url.path)
+        """The host, then the file system and the path inside it: device numbers repeat
+        from machine to machine, and the lock of daq01's /data is not daq02's. Another
+        host's folder is named by its path (this machine cannot stat it)."""
+        if not is_here(url):
+            return f"file://{url.host}:{url.path}"
+        return f"file://{url.host or local_hostname()}:" + file_system_identity(url.path)
 
     @classmethod
     def identities_above(cls, url: LocationURL) -> list[str]:
         """The folders the root is really in (links resolved), each by its identity."""
-        out, path = [], os.path.realpath(url.path)
+        out = []
+        path = os.path.realpath(url.path) if is_here(url) else url.path
         while path != "/":
             path = os.path.dirname(path)
             out.append(cls.identity(dataclasses.replace(url, path=path)))
@@ -68,6 +77,10 @@ class LocalBackend(Backend):
         """Through links (real paths) and bind mounts, or two mounts of one file system
         (the path inside the file system, and the (device, inode) of every existing
         ancestor compared with the other root), even for a root not created yet."""
+        if (a.host or local_hostname()) != (b.host or local_hostname()):
+            return False   # two machines' disks
+        if not is_here(a):
+            return a.path == b.path or _inside(a.path, b.path) or _inside(b.path, a.path)
         ida, idb = file_system_identity(a.path), file_system_identity(b.path)
         if _inside(ida, idb) or _inside(idb, ida):
             return True
@@ -83,7 +96,7 @@ class LocalBackend(Backend):
         (as file_system_identity gives for `b`); an overlay also shows its lower and upper
         folders. The mount table is read once per call."""
         table = _mount_table()
-        if not table:
+        if not table or not is_here(a) or not is_here(b):
             return None
         real_a = os.path.realpath(a.path)
         id_b = file_system_identity(b.path, table)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import getpass
 import os
-import socket
 from dataclasses import dataclass
 from operator import itemgetter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Iterable, Iterator, NamedTuple
 
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
@@ -16,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..backends.base import DIR, KIND_NAMES
 from ..errors import ConfigError
+from ..hosts import local_hostname
 from ..location import LocationURL, parse_location, redact, scrub_secrets
 from .database import create_catalog_engine, default_db_url, driver_errors, upgrade
 from .index_lock import index_lock
@@ -650,34 +650,107 @@ class Catalog:
     # -- runs ----------------------------------------------------------------------------------
     def start_run(self, command: str, args: dict | None = None, pipeline: str | None = None) -> int:
         """Record a run starting. Credentials never reach the catalog: `args` are scrubbed
-        here, and `pipeline` must already be (Pipeline.text is). Runs of this host that
-        were killed before they could say so are marked 'died' on the way."""
+        here, and `pipeline` must already be (Pipeline.text is). Runs that ended without
+        saying so are marked 'died' on the way (see mark_dead_runs)."""
         with self.engine.begin() as conn:
-            host = socket.gethostname()
-            dead = [r.id for r in conn.execute(select(R.c.id, R.c.pid).where(
-                R.c.status == "running", R.c.hostname == host)) if not _process_alive(r.pid)]
-            if dead:
-                conn.execute(update(R).where(R.c.id.in_(dead)).values(
-                    status="died", error="the process ended without finishing the run "
-                                         "(killed, or the machine stopped)"))
+            self._mark_dead_runs(conn)
             return conn.execute(insert(R).values(
-                command=command, args=scrub_secrets(args), pipeline=pipeline, hostname=socket.gethostname(),
-                username=_username(), pid=os.getpid(), started_at=utcnow(),
-                status="running")).inserted_primary_key[0]
+                command=command, args=scrub_secrets(args), pipeline=pipeline,
+                hostname=local_hostname(), username=_username(), pid=os.getpid(),
+                started_at=utcnow(), status="running")).inserted_primary_key[0]
+
+    def mark_dead_runs(self) -> None:
+        with self.engine.begin() as conn:
+            self._mark_dead_runs(conn)
+
+    def _mark_dead_runs(self, conn) -> None:
+        """Runs still 'running' whose process is gone: on this host, a pid that no longer
+        exists; on any host, a worker's heartbeat older than HEARTBEAT_LIMIT_S (a worker
+        killed, or its machine stopped: it cannot say so itself)."""
+        host = local_hostname()
+        stale = utcnow() - timedelta(seconds=heartbeat_limit_s())
+        rows = conn.execute(select(R.c.id, R.c.pid, R.c.hostname, R.c.heartbeat_at).where(
+            R.c.status == "running")).all()
+        dead = [r.id for r in rows
+                if (r.hostname == host and not _process_alive(r.pid))
+                or (r.heartbeat_at is not None and _aware(r.heartbeat_at) < stale)]
+        if dead:
+            conn.execute(update(R).where(R.c.id.in_(dead), R.c.status == "running").values(
+                status="died", finished_at=utcnow(),
+                error="the process ended without finishing the run (killed, or the machine "
+                      "stopped)"))
+
+    def queue_run(self, command: str, args: dict | None, pipeline: str | None,
+                  host: str) -> int:
+        """Record a run sent to workers: 'queued' until a worker claims it (claim_run).
+        `host` is where it is meant to run (the first stage's queue)."""
+        with self.engine.begin() as conn:
+            return conn.execute(insert(R).values(
+                command=command, args=scrub_secrets(args), pipeline=pipeline, hostname=host,
+                username=_username(), started_at=utcnow(), status="queued")
+            ).inserted_primary_key[0]
+
+    def set_run_tasks(self, run_id: int, task_ids: list[str]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(R).where(R.c.id == run_id).values(tasks=list(task_ids)))
+
+    def claim_run(self, run_id: int, first_position: int) -> bool:
+        """A worker takes the run for its segment (stages from `first_position` on). False
+        when the run is no longer that worker's to do: cancelled, died, finished, or that
+        segment done or taken already (a message the broker delivered twice): the
+        catalog decides, not the broker."""
+        done_already = select(S.c.id).where(S.c.run_id == run_id,
+                                            S.c.position >= first_position).exists()
+        with self.engine.begin() as conn:
+            self._mark_dead_runs(conn)
+            done = conn.execute(update(R).where(
+                R.c.id == run_id, R.c.status == "queued",
+                R.c.cancel_requested == False, ~done_already).values(  # noqa: E712
+                status="running", hostname=local_hostname(), pid=os.getpid(),
+                heartbeat_at=utcnow(), progress=None))
+            return done.rowcount == 1
+
+    def hand_over_run(self, run_id: int, host: str) -> None:
+        """A segment ended well and the next one goes to `host`'s worker: the run is
+        queued again until that worker claims it."""
+        with self.engine.begin() as conn:
+            conn.execute(update(R).where(R.c.id == run_id, R.c.status == "running")
+                         .values(status="queued", hostname=host, pid=None, progress=None))
+
+    def heartbeat(self, run_id: int, progress: dict | None) -> bool:
+        """A worker's sign of life, with its progress; True when a cancel was asked for."""
+        with self.engine.begin() as conn:
+            conn.execute(update(R).where(R.c.id == run_id, R.c.status == "running")
+                         .values(heartbeat_at=utcnow(), progress=progress))
+            return bool(conn.execute(select(R.c.cancel_requested)
+                                     .where(R.c.id == run_id)).scalar())
+
+    def request_cancel(self, run_id: int) -> dict | None:
+        """Ask a run to stop: a queued one is cancelled at once (no worker will take it), a
+        running one is told through its heartbeat. The run as it stands, or None."""
+        with self.engine.begin() as conn:
+            conn.execute(update(R).where(R.c.id == run_id, R.c.status == "queued").values(
+                status="cancelled", finished_at=utcnow(), cancel_requested=True,
+                error="cancelled before a worker took it"))
+            conn.execute(update(R).where(R.c.id == run_id, R.c.status == "running")
+                         .values(cancel_requested=True))
+            row = conn.execute(select(R).where(R.c.id == run_id)).mappings().first()
+        return dict(row) if row else None
 
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(R).where(R.c.id == run_id).values(
-                finished_at=utcnow(), status=status, error=error))
+                finished_at=utcnow(), status=status, error=error, pid=None, progress=None))
 
     def record_stage(self, run_id: int, position: int, stage: str, stage_id: str | None,
                      params: dict, status: str, counts: dict, errors: list,
-                     started_at: datetime) -> None:
+                     started_at: datetime, summary: str | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(insert(S).values(
                 run_id=run_id, position=position, stage=stage, stage_id=stage_id,
                 params=scrub_secrets(params), status=status, counts=counts, errors=errors[:1000],
-                started_at=started_at, finished_at=utcnow()))
+                started_at=started_at, finished_at=utcnow(), hostname=local_hostname(),
+                summary=summary or None))
 
     def runs(self, limit: int = 20) -> list[dict]:
         """The latest runs, newest first, each with `totals` summed over its stages:
@@ -806,6 +879,22 @@ def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> 
             and ref.mode != dst.mode):
         return "mode"
     return None
+
+
+def heartbeat_limit_s() -> float:
+    """How old a worker's last heartbeat may be before its run counts as died: many
+    heartbeats (HEARTBEAT_S) missed, not one slow commit. $CASTLIB_HEARTBEAT_LIMIT sets it."""
+    try:
+        return float(os.environ.get("CASTLIB_HEARTBEAT_LIMIT", "") or 120)
+    except ValueError:
+        return 120.0
+
+
+HEARTBEAT_S = 5.0
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def _process_alive(pid: int | None) -> bool:

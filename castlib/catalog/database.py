@@ -15,7 +15,7 @@ from ..errors import CastlibError, ConfigError
 from ..location import redact
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD_REVISION = "0003"   # kept equal to the newest file in migrations/versions (tested)
+HEAD_REVISION = "0004"   # kept equal to the newest file in migrations/versions (tested)
 
 
 class CatalogError(CastlibError):

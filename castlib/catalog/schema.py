@@ -101,8 +101,17 @@ class Run(Base):
     pid: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    status: Mapped[str] = mapped_column(String(16))        # running, ok, failed, error
+    # queued (sent to a worker), running, ok, failed, error, interrupted, died, cancelled
+    status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
+    # a run on a worker (castlib.dispatch): the worker's sign of life, where its current
+    # stage is (files, bytes, totals) for the client waiting, `castlib runs cancel`'s
+    # request, and the broker's ids of its tasks (revoked on cancel)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    progress: Mapped[dict | None] = mapped_column(JSON)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                   server_default=false())
+    tasks: Mapped[list | None] = mapped_column(JSON)
 
 
 class StageResult(Base):
@@ -122,6 +131,8 @@ class StageResult(Base):
     errors: Mapped[list | None] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    hostname: Mapped[str | None] = mapped_column(String(255))   # where it ran
+    summary: Mapped[str | None] = mapped_column(Text)             # its closing line(s)
 
 
 class Setting(Base):

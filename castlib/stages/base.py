@@ -85,6 +85,8 @@ class RunContext:
     # passwords and keys of the locations resolved: never in a message or a run record
     secrets: set[str] = field(default_factory=set)
     _backends: dict[str, Backend] = field(default_factory=dict)
+    # the progress of the stage running now: what a worker reports to the client waiting
+    current_progress: Progress | None = None
 
     def resolve(self, text: str) -> ResolvedLocation:
         """A location by pipeline name, configured name, catalog name, or URL/path."""
@@ -118,7 +120,9 @@ class RunContext:
 
     def progress(self, label: str, total_files: int = 0, total_bytes: int = 0) -> Progress:
         enabled = not self.quiet and hasattr(self.err, "isatty") and self.err.isatty()
-        return Progress(label, total_files, total_bytes, enabled=enabled, stream=self.err)
+        self.current_progress = Progress(label, total_files, total_bytes, enabled=enabled,
+                                         stream=self.err)
+        return self.current_progress
 
     def listing(self, location: ResolvedLocation) -> IndexResult | None:
         """What this run's index of `location` found, or None when the run did not list

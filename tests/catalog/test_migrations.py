@@ -51,8 +51,8 @@ VALUES (1, 1, 'sub', NULL, 'sub', 'd', NULL, 1700000000000000000, 493, NULL,
         '2026-01-01 00:00:00', '2026-01-01 00:00:00', {false}),
        (3, 1, 'gone.dat', NULL, 'gone.dat', 'f', 5, 1700000000000000000, 420, NULL,
         '2026-01-01 00:00:00', '2026-01-01 00:00:00', {true});
-INSERT INTO runs (id, command, args, started_at, finished_at, status)
-VALUES (1, 'index', '{{"location": "daq"}}', '2026-01-01 00:00:00', '2026-01-01 00:01:00', 'ok');
+INSERT INTO runs (id, command, args, hostname, started_at, finished_at, status)
+VALUES (1, 'index', '{{"location": "daq"}}', 'daq07', '2026-01-01 00:00:00', '2026-01-01 00:01:00', 'ok');
 """
 
 
@@ -70,7 +70,8 @@ def test_a_catalog_at_the_first_schema_upgrades_with_its_data(db_url):
         assert catalog.upgraded_from == "0001"
         assert catalog.revision == HEAD_REVISION
         loc = catalog.find_location("daq")
-        assert loc is not None and loc.url == "file:///data/run1"
+        # the local location is on the host of the run that made it (0004)
+        assert loc is not None and loc.url == "file://daq07/data/run1"
         live = list(catalog.entries(loc.id))
         assert [(e["path"], e["kind"], e["size"], e["adler32"], e["corrupted"]) for e in live] == [
             ("sub", "d", None, None, False), ("sub/a.dat", "f", 1234, "0a1b2c3d", False)]
@@ -78,7 +79,7 @@ def test_a_catalog_at_the_first_schema_upgrades_with_its_data(db_url):
                 if e["deleted"]] == ["gone.dat"]
         assert catalog.runs()[0]["args"] == {"location": "daq"}
         # and the upgraded catalog takes new records next to the old ones
-        assert catalog.location("file:///data/run2").id == 2
+        assert catalog.location("file://daq07/data/run2").id == 2
     finally:
         catalog.close()
 
@@ -173,3 +174,66 @@ def test_migrations_from_an_empty_database_give_the_schema_a_new_catalog_gets(db
         assert differences == []
     finally:
         engine.dispose()
+
+
+def _catalog_at(db_url: str, revision: str) -> None:
+    """An empty catalog as the castlib of `revision` made it."""
+    from alembic import command
+
+    engine = create_engine(normalise_db_url(db_url))
+    try:
+        with engine.begin() as conn:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def test_local_locations_move_to_the_host_of_the_run_that_created_them(db_url, tmp_path,
+                                                                       monkeypatch):
+    """0004 on a catalog the code of 0003 filled: two machines indexed /data/cdr into one
+    catalog and got ONE location (file:///data/cdr); a third folder was made by daq02
+    later. Each local location gets the host of the latest run started before it was
+    created; remote ones stay as they were; the entries stay with their location."""
+    _catalog_at(db_url, "0003")
+    false = "0" if _dialect(db_url) == "sqlite" else "false"
+    _execute_script(db_url, f"""
+INSERT INTO nodes (id, scheme, host) VALUES (1, 'file', ''), (2, 'root', 'eos.example.org');
+INSERT INTO runs (id, command, hostname, started_at, status) VALUES
+  (1, 'index', 'DAQ01', '2026-01-01 10:00:00', 'ok'),
+  (2, 'sync', 'daq02', '2026-01-02 10:00:00', 'ok'),
+  (3, 'index', 'not a host!', '2026-01-03 10:00:00', 'ok');
+INSERT INTO locations (id, node_id, url, root_path, name, created_at) VALUES
+  (1, 1, 'file:///data/cdr', '/data/cdr', 'cdr', '2026-01-01 10:00:01'),
+  (2, 2, 'root://eos.example.org//eos/cdr', '/eos/cdr', NULL, '2026-01-02 10:00:01'),
+  (3, 1, 'file:///data/other', '/data/other', NULL, '2026-01-02 10:00:02'),
+  (4, 1, 'file:///scratch', '/scratch', NULL, '2026-01-03 10:00:01'),
+  (5, 1, 'file:///early', '/early', NULL, '2025-12-31 00:00:00');
+INSERT INTO entries (id, location_id, path, name, kind, size, first_seen, last_seen, deleted)
+VALUES (1, 3, 'a.dat', 'a.dat', 'f', 3, '2026-01-02 10:00:03', '2026-01-02 10:00:03', {false});
+""")
+    if _dialect(db_url) == "postgresql":   # ids were given explicitly: move the sequences past them
+        _execute_script(db_url, "SELECT setval('nodes_id_seq', 2); SELECT setval('runs_id_seq', 3);"
+                                "SELECT setval('locations_id_seq', 5); SELECT setval('entries_id_seq', 1);")
+    monkeypatch.setenv("CASTLIB_HOSTNAME", "migrator")
+    catalog = Catalog(db_url)
+    try:
+        assert catalog.upgraded_from == "0003"
+        urls = {r["id"]: r["url"] for r in catalog.locations()}
+        assert urls == {1: "file://daq01/data/cdr", 2: "root://eos.example.org//eos/cdr",
+                        3: "file://daq02/data/other",
+                        4: "file://migrator/scratch",    # its run's host is no host name
+                        5: "file://migrator/early"}      # no run before it
+        assert [e["path"] for e in catalog.entries(3)] == ["a.dat"]
+        # the host is the storage node: daq01's and daq02's disks are two nodes
+        assert catalog.find_location("file://daq02/data/other").id == 3
+        with catalog.engine.connect() as conn:
+            nodes = set(conn.execute(text("SELECT scheme, host FROM nodes")).all())
+        assert nodes == {("file", "daq01"), ("file", "daq02"), ("file", "migrator"),
+                         ("root", "eos.example.org")}
+        # and the same path indexed on another host now is another location
+        assert catalog.location("file://daq02/data/cdr").id not in urls
+    finally:
+        catalog.close()

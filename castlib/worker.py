@@ -1,0 +1,253 @@
+"""`castlib worker`: a Celery worker that runs the stages sent to its host (castlib.dispatch).
+
+Celery is imported here only, when a worker starts or a run is sent: every other command
+starts without it, and an installation without `castlib[worker]` says so in one line.
+
+A worker consumes the queue named after its host (castlib.hosts.local_hostname), the
+default queue, and any --queue given (`eos` for the worker next to the archive). A task is
+one segment of a run: the worker claims the run in the catalog (a task delivered twice, or
+for a run cancelled or died meanwhile, is skipped there), runs its stages as a local run
+would, beating a heartbeat into the run record with the progress of the stage, and reads
+back from it whether `castlib runs cancel` asked it to stop.
+
+Delivery settings, and why:
+- task_acks_late with a prefetch of one: the message is acknowledged when the segment
+  ended, so a worker that dies before it could start a task it had taken leaves it to the
+  next worker instead of losing it. A task that had started and whose worker died is
+  redelivered too, later; the catalog then has the run 'died' (heartbeat, or the pid gone)
+  and the claim refuses it: nothing runs twice, and a re-run is the user's call.
+- visibility_timeout of 7 days (Redis): Redis gives an unacknowledged message to another
+  worker once it is older than this, *even while its worker is still copying*. An hour (the
+  default) would start a second copy of every sync longer than an hour; the claim would
+  refuse it, but the first worker's late acknowledgement would then find its message gone.
+  So: longer than any sync. The cost: a message whose worker was killed comes back after
+  7 days, where the claim refuses it.
+- worker_cancel_long_running_tasks_on_connection_loss off: a broker restart does not stop
+  a running sync; it ends and records its result in the catalog, which is where results
+  are (no result backend: the broker keeps nothing that matters once a run is taken).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .errors import CastlibError, ConfigError
+
+log = logging.getLogger(__name__)
+
+VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+TASK_NAME = "castlib.run_segment"
+
+
+class BrokerUnreachable(CastlibError):
+    """The broker cannot be reached: a worker cannot start, a run cannot be sent."""
+
+
+def _celery():
+    try:
+        import celery  # noqa: F401
+        import kombu  # noqa: F401
+    except ImportError:
+        raise ConfigError("workers need Celery and redis-py: pip install 'castlib[worker]'"
+                          ) from None
+    return celery
+
+
+def make_app(broker: str, db: str | None = None):
+    """The Celery application of castlib: made on demand, never at import."""
+    celery = _celery()
+    app = celery.Celery("castlib", broker=broker, set_as_current=False)
+    from .dispatch import DEFAULT_QUEUE
+
+    app.conf.update(
+        task_default_queue=DEFAULT_QUEUE,
+        task_serializer="json", accept_content=["json"],
+        task_ignore_result=True, result_backend=None,
+        task_acks_late=True, worker_prefetch_multiplier=1,
+        task_reject_on_worker_lost=False,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_publish_retry=False,
+    )
+    app.conf.castlib_db = db
+    app.task(name=TASK_NAME, acks_late=True)(_run_segment_task)
+    return app
+
+
+def check_broker(broker: str, timeout_s: float = 5) -> None:
+    """One line, exit 2, when the broker cannot be reached (not a traceback, not a
+    worker retrying forever)."""
+    _celery()
+    from kombu import Connection
+
+    from .location import redact
+
+    try:
+        with Connection(broker, connect_timeout=timeout_s) as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout_s)
+    except Exception as exc:   # kombu raises the transport's own errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BrokerUnreachable(f"cannot reach the broker {redact(broker)}: {redact(reason)} "
+                                "(--broker, $CASTLIB_BROKER or broker: in the config)"
+                                ) from None
+
+
+def send_chain(broker: str, run_id: int, command: str, payload: dict, segments,
+               dry_run: bool, force: bool) -> list[str]:
+    """Queue the segments of a run as one chain (each starts when the one before ended);
+    the task ids, for revoke."""
+    from uuid import uuid4
+
+    from celery import chain
+
+    app = make_app(broker)
+    sigs, ids = [], []
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        body = {"run_id": run_id, "command": command, **payload, "positions": seg.positions,
+                "last": last, "next_queue": None if last else segments[i + 1].queue,
+                "dry_run": dry_run, "force": force}
+        task_id = str(uuid4())
+        ids.append(task_id)
+        sigs.append(app.signature(TASK_NAME, args=(body,), queue=seg.queue, immutable=True,
+                                  task_id=task_id))
+    with app.connection_for_write() as conn:
+        chain(*sigs).apply_async(connection=conn)
+    return ids
+
+
+def revoke(broker: str, task_ids: list[str]) -> None:
+    check_broker(broker)
+    make_app(broker).control.revoke(task_ids)
+
+
+# -- the worker's side -------------------------------------------------------------------------
+_catalogs: dict[tuple, object] = {}
+
+
+def _catalog(db):
+    from .catalog import Catalog
+
+    key = (os.getpid(), db)   # one engine per process: a forked pool child makes its own
+    if key not in _catalogs:
+        _catalogs[key] = Catalog(db)
+    return _catalogs[key]
+
+
+def _run_segment_task(body: dict) -> str:
+    from celery import current_app
+
+    return run_segment(body, current_app.conf.castlib_db)
+
+
+def run_segment(body: dict, db: str | None) -> str:
+    """Run one segment of a run recorded in the catalog; what happened, in a word."""
+    from .catalog.catalog import HEARTBEAT_S, heartbeat_limit_s
+    from .errors import Interrupted
+    from .hosts import local_hostname
+    from .pipeline import Pipeline
+
+    catalog = _catalog(db)
+    run_id, positions = body["run_id"], body["positions"]
+    if not catalog.claim_run(run_id, positions[0]):
+        log.warning("run %s: not mine to run (cancelled, died, ended, or taken already)",
+                    run_id)
+        return "skipped"
+    log.warning("run %s: stages %s on %s", run_id, [p + 1 for p in positions],
+                local_hostname())
+    pipeline = Pipeline.from_stages([tuple(s) for s in body["stages"]], body["locations"])
+    pipeline.location_options = body.get("location_options") or {}
+    pipeline.stages = [s for s in pipeline.stages if s.position in positions]
+
+    contexts = []
+    stop = threading.Event()
+    cancelled = []
+    main = threading.main_thread().ident
+
+    def beat():
+        every = min(HEARTBEAT_S, heartbeat_limit_s() / 4)
+        while not stop.wait(every):
+            progress = None
+            p = contexts[0].current_progress if contexts else None
+            if p is not None:
+                progress = {"label": p.label, "files": p.files, "bytes": p.bytes,
+                            "total_files": p.total_files, "total_bytes": p.total_bytes}
+            try:
+                if catalog.heartbeat(run_id, progress) and not cancelled:
+                    cancelled.append(True)
+                    signal.pthread_kill(main, signal.SIGTERM)   # the clean stop of a run
+            except Exception as exc:   # a catalog hiccup: the next beat tries again
+                log.warning("run %s: heartbeat failed: %s", run_id, exc)
+
+    stopping = []
+
+    def on_sigterm(signum, frame):
+        if stopping:   # a second one: the worker is being stopped for good
+            return
+        stopping.append(signum)
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    thread = threading.Thread(target=beat, name=f"castlib-heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        report = pipeline.run(catalog, command=body["command"], run_id=run_id,
+                              finish=body["last"], dry_run=body.get("dry_run", False),
+                              force=body.get("force", False), quiet=False,
+                              on_context=contexts.append)
+    except KeyboardInterrupt:
+        if cancelled:
+            catalog.finish_run(run_id, "cancelled", "cancelled by castlib runs cancel")
+            return "cancelled"
+        # the worker itself was told to stop (systemctl stop): the run is recorded
+        # 'interrupted'; the signal goes on to Celery's own handler (warm shutdown)
+        signal.signal(signal.SIGTERM, previous)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return "interrupted"
+    except CastlibError:
+        return "error"   # recorded by the pipeline
+    finally:
+        stop.set()
+        thread.join()
+        signal.signal(signal.SIGTERM, previous)
+    if not body["last"] and not report.exit_code:
+        catalog.hand_over_run(run_id, body["next_queue"])
+    return "failed" if report.exit_code else "ok"
+
+
+def main(args) -> int:
+    """`castlib worker`: refuse what cannot work (an SQLite catalog, no broker) in one
+    line, then run the Celery worker until it is stopped (SIGTERM: warm shutdown)."""
+    from .catalog.database import default_db_url, normalise_db_url
+    from .config import load_user_config
+    from .dispatch import DEFAULT_QUEUE, broker_url
+    from .hosts import local_hostname
+
+    db = args.db or default_db_url()
+    if normalise_db_url(db).startswith("sqlite"):
+        raise ConfigError("workers need a shared catalog: give --db postgresql://... (an "
+                          "SQLite catalog is a file on one machine)")
+    user_config = load_user_config()
+    broker = broker_url(args.broker, user_config)
+    host = local_hostname()
+    check_broker(broker)
+    from .catalog import Catalog
+
+    Catalog(db).close()   # reachable and at the newest schema, before any task comes
+    queues = list(dict.fromkeys([host, DEFAULT_QUEUE, *args.queue]))
+    app = make_app(broker, db)
+    print(f"castlib worker {host}: queues {', '.join(queues)}; concurrency "
+          f"{args.concurrency}", file=sys.stderr, flush=True)
+    worker = app.Worker(hostname=f"castlib@{host}", queues=queues,
+                        concurrency=args.concurrency,
+                        pool="solo" if args.concurrency == 1 else "prefork",
+                        loglevel="INFO" if args.verbose else "WARNING",
+                        without_heartbeat=True, without_mingle=True, without_gossip=True)
+    worker.start()
+    return worker.exitcode or 0

@@ -1,0 +1,103 @@
+"""A throwaway Redis server (Debian's redis-server) on 127.0.0.1, the broker of the worker
+tests; and `castlib worker` processes standing for several hosts on this one machine."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.helpers import castlib_command, cli_env
+from tests.servers.common import answers_on, free_port, server_process
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis on a free loopback port for the session, nothing kept on disk."""
+    with redis_server() as url:
+        yield url
+
+
+@contextmanager
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """A Redis server for the block (on `port`, or a free one): its URL."""
+    if not os.path.exists(REDIS_SERVER):
+        raise RuntimeError(f"{REDIS_SERVER} not found (scripts/install-test-deps installs "
+                           "the redis-server package)")
+    folder = Path(tempfile.mkdtemp(prefix="castlib-redis-"))
+    port = port or free_port()
+
+    def pong() -> bool:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    with server_process("redis-server", [REDIS_SERVER, "--port", str(port), "--bind",
+                                         "127.0.0.1", "--save", "", "--appendonly", "no",
+                                         "--dir", str(folder)],
+                        folder / "redis.log", pong):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@dataclass
+class Worker:
+    """A `castlib worker` process playing host `name` (CASTLIB_HOSTNAME)."""
+
+    name: str
+    env: dict
+    log_path: Path
+    args: tuple = ()
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self, ready_within: float = 90) -> "Worker":
+        log = open(self.log_path, "ab")
+        # a session of its own: SIGKILL to the group takes the pool's children too
+        self.proc = subprocess.Popen(castlib_command("-v", "worker", *self.args),
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     env=cli_env(self.env), start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + ready_within
+        while b"ready." not in self.log_path.read_bytes():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited {self.proc.returncode}:\n"
+                                   + self.log_path.read_text(errors="replace")[-3000:])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.name} not ready in {ready_within:g} s:\n"
+                                   + self.log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.1)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, the worker and its children at once: a machine that stops."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def worker_env(name: str, db: str, broker: str, **extra) -> dict:
+    return {"CASTLIB_HOSTNAME": name, "CASTLIB_DB": db, "CASTLIB_BROKER": broker, **extra}

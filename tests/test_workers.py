@@ -1,0 +1,287 @@
+"""Several hosts on one machine: a real Redis, a real PostgreSQL catalog, `castlib worker`
+processes playing daq01, daq02 and daq03 (CASTLIB_HOSTNAME), a client playing a fourth
+machine, and a real XRootD server as the archive. Each stage must run on the worker of the
+host that holds its data; the catalog's run record is the truth about every run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from castlib.catalog import Catalog
+from tests.helpers import (castlib_command, cli_env, last_json, make_tree, run_cli,
+                           tree_digest)
+from tests.servers.postgres import fresh_database
+from tests.servers.redis import Worker, worker_env
+
+MIB = 1024 * 1024
+TEMP = ".castlib-part-"
+# a worker's run counts as died once its heartbeat is this old (it beats 4 times as often)
+HEARTBEAT_LIMIT = "6"
+
+# worker start-ups and real copies on a shared machine: more than the suite's 300 s default
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres_url, redis_url, tmp_path_factory):
+    """One catalog, one broker, workers daq01 and daq02 for the module; the client's
+    environment (host `client`)."""
+    db = fresh_database(postgres_url)
+    Catalog(db).close()   # the schema, once, before three processes open it at once
+    logs = tmp_path_factory.mktemp("workers")
+    workers = {}
+    try:
+        for name in ("daq01", "daq02"):
+            workers[name] = Worker(name, worker_env(name, db, redis_url,
+                                                    CASTLIB_HEARTBEAT_LIMIT=HEARTBEAT_LIMIT),
+                                   logs / f"{name}.log").start()
+        yield _Cluster(db, redis_url, workers, logs)
+    finally:
+        for w in workers.values():
+            w.stop()
+
+
+class _Cluster:
+    def __init__(self, db, broker, workers, logs):
+        self.db, self.broker, self.workers, self.logs = db, broker, workers, logs
+
+    def client_env(self, **extra) -> dict:
+        return worker_env("client", self.db, self.broker,
+                          CASTLIB_HEARTBEAT_LIMIT=HEARTBEAT_LIMIT, **extra)
+
+    def cli(self, *args, check=None, timeout=300):
+        return run_cli(*args, env=self.client_env(), check=check, timeout=timeout)
+
+    def worker(self, name: str) -> Worker:
+        return Worker(name, worker_env(name, self.db, self.broker,
+                                       CASTLIB_HEARTBEAT_LIMIT=HEARTBEAT_LIMIT),
+                      self.logs / f"{name}.log")
+
+    def run(self, run_id: int):
+        with Catalog(self.db) as catalog:
+            return catalog.run_details(run_id)
+
+    def last_run_id(self) -> int:
+        with Catalog(self.db) as catalog:
+            return catalog.runs(1)[0]["id"]
+
+
+def test_each_stage_runs_on_the_host_of_its_data(cluster, tmp_path, xrootd_folder):
+    """A pipeline typed on a fourth machine: daq01's and daq02's disks indexed each by its
+    own worker, then daq01's disk synced into a real XRootD server by daq01's worker; the
+    client shows the summaries and the progress fed from the catalog."""
+    a = make_tree(tmp_path / "daq01-disk", {f"run{i}.dat": os.urandom(2 * MIB + i)
+                                           for i in range(12)} | {"sub/x.txt": b"x"})
+    b = make_tree(tmp_path / "daq02-disk", {"other.dat": b"on daq02"})
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"""
+workers: true
+locations:
+  cdr: file://daq01{a}
+  spare: file://daq02{b}
+  archive: {xrootd_folder.url}/cdr
+stages:
+  - index: {{location: cdr}}
+  - index: {{location: spare}}
+  - index: {{location: archive, missing_ok: true}}
+  - diff: {{id: plan, ref: cdr, dst: archive}}
+  - sync: {{from: plan, transfers: 1}}
+""")
+    r = cluster.cli("-v", "run", str(pipeline), check=0)
+    assert "Traceback" not in r.stderr
+    assert "run " in r.stderr and "running on daq01" in r.stderr and "running on daq02" in r.stderr
+    assert f"indexed cdr" in r.stderr or "indexed file://daq01" in r.stderr, r.stderr
+    assert "synced" in r.stderr and "13 copied" in r.stderr, r.stderr
+    assert tree_digest(xrootd_folder.path / "cdr") == tree_digest(a)
+
+    run, stages = cluster.run(cluster.last_run_id())
+    assert run["status"] == "ok" and run["hostname"] == "daq01"
+    assert [(s["stage"], s["hostname"]) for s in stages] == [
+        ("index", "daq01"), ("index", "daq02"), ("index", "daq01"), ("diff", "daq01"),
+        ("sync", "daq01")]
+    listed = cluster.cli("runs", check=0).stdout.splitlines()[0]
+    assert " ok " in listed and "daq01" in listed
+
+    # a command with --on-workers: the bare path typed on the client is the client's, so
+    # daq01's disk is named by its host; progress comes as log lines with -v (no tty)
+    big = make_tree(tmp_path / "daq01-big", {f"f{i:02d}.dat": os.urandom(6 * MIB)
+                                             for i in range(30)})
+    r = cluster.cli("-v", "sync", "--on-workers", f"file://daq01{big}",
+                    f"{xrootd_folder.url}/big", "--transfers", "1", "--json", check=0)
+    counts = last_json(r.stdout)
+    assert (counts["copied"], counts["failed"]) == (30, 0), r.stderr
+    assert "castlib: sync: " in r.stderr and "/30 files" in r.stderr, r.stderr
+    assert tree_digest(xrootd_folder.path / "big") == tree_digest(big)
+    # diff and verify on the workers: their summary and exit code, as at home
+    r = cluster.cli("diff", "--on-workers", f"file://daq01{big}", f"{xrootd_folder.url}/big",
+                    check=0)
+    assert "identical" in r.stderr, r.stderr
+    (big / "f00.dat").write_bytes(b"changed")
+    r = cluster.cli("diff", "--on-workers", f"file://daq01{big}", f"{xrootd_folder.url}/big",
+                    check=1)
+    assert "1 differences (1 size)" in r.stderr, r.stderr
+    r = cluster.cli("verify", "--on-workers", f"file://daq02{b}", check=0)
+    assert cluster.run(cluster.last_run_id())[1][0]["hostname"] == "daq02"
+
+
+def test_a_worker_killed_mid_sync_leaves_a_died_run_and_a_rerun_finishes(
+        cluster, tmp_path):
+    daq03 = cluster.worker("daq03").start()
+    try:
+        ref = tmp_path / "ref"
+        ref.mkdir()
+        for i in range(4):
+            with open(ref / f"run{i}.dat", "wb") as f:
+                for _ in range(48):
+                    f.write(os.urandom(MIB))
+        dst = tmp_path / "dst"
+        args = ["sync", "--on-workers", f"file://daq03{ref}", f"file://daq03{dst}",
+                "--transfers", "1", "--json"]
+        client = subprocess.Popen(castlib_command(*args), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=cli_env(cluster.client_env()))
+        deadline = time.monotonic() + 120
+        while not (dst.is_dir() and any(TEMP in n for n in os.listdir(dst))):
+            assert client.poll() is None, client.communicate()
+            assert time.monotonic() < deadline, "no copy started"
+            time.sleep(0.001)
+        daq03.kill()
+        out, err = client.communicate(timeout=120)
+        assert client.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert "died on daq03" in lines[-1] and "Traceback" not in err, err
+        run, _ = cluster.run(cluster.last_run_id())
+        assert run["status"] == "died"
+        # nothing under a final name is partial
+        for name in os.listdir(dst):
+            if TEMP not in name:
+                assert (dst / name).read_bytes() == (ref / name).read_bytes()
+
+        daq03 = cluster.worker("daq03").start()
+        r = cluster.cli(*args, check=0)
+        counts = last_json(r.stdout)
+        assert counts["failed"] == 0 and counts["temp_removed"] >= 1, counts
+        assert tree_digest(dst) == tree_digest(ref)
+        assert not any(TEMP in n for n in os.listdir(dst))
+    finally:
+        daq03.stop()
+
+
+def test_cancel_stops_the_worker_cleanly(cluster, tmp_path):
+    ref = make_tree(tmp_path / "ref", {f"f{i:03d}.dat": os.urandom(4 * MIB)
+                                       for i in range(80)})
+    dst = tmp_path / "dst"
+    r = cluster.cli("sync", "--on-workers", "--detach", f"file://daq02{ref}",
+                    f"file://daq02{dst}", "--transfers", "1", check=0)
+    run_id = int(r.stdout.strip())
+    deadline = time.monotonic() + 120
+    while not (dst.is_dir() and len([n for n in os.listdir(dst) if TEMP not in n]) >= 2):
+        assert time.monotonic() < deadline, cluster.run(run_id)
+        time.sleep(0.01)
+    r = cluster.cli("runs", "cancel", str(run_id), check=0)
+    assert f"run {run_id} on daq02: asked to stop" in r.stderr
+    deadline = time.monotonic() + 60
+    while cluster.run(run_id)[0]["status"] == "running":
+        assert time.monotonic() < deadline, "the run did not stop"
+        time.sleep(0.2)
+    run, stages = cluster.run(run_id)
+    assert run["status"] == "cancelled", run
+    published = [n for n in os.listdir(dst) if TEMP not in n]
+    assert 2 <= len(published) < 80
+    assert not any(TEMP in n for n in os.listdir(dst)), "a temporary was left behind"
+    for name in published:
+        assert (dst / name).read_bytes() == (ref / name).read_bytes()
+    assert stages[-1]["stage"] == "sync" and stages[-1]["status"] == "interrupted"
+    assert stages[-1]["counts"]["copied"] == len(published)
+    listed = cluster.cli("runs", check=0).stdout
+    assert any(l.split()[0] == str(run_id) and "cancelled" in l and "daq02" in l
+               for l in listed.splitlines())
+    # the worker lives on and takes the next run
+    r = cluster.cli("index", "--on-workers", f"file://daq02{ref}", check=0)
+    assert cluster.run(cluster.last_run_id())[0]["status"] == "ok"
+
+
+def test_a_worker_refuses_an_sqlite_catalog(tmp_path, redis_url):
+    r = run_cli("worker", db=f"sqlite:///{tmp_path}/c.sqlite",
+                env={"CASTLIB_BROKER": redis_url}, check=2, timeout=60)
+    assert r.stderr.strip() == ("castlib: error: workers need a shared catalog: give --db "
+                                "postgresql://... (an SQLite catalog is a file on one machine)")
+
+
+def test_a_missing_broker_is_one_line(tmp_path, postgres_url):
+    from tests.servers.common import free_port
+
+    db = fresh_database(postgres_url)
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    r = run_cli("worker", "--broker", nobody, db=db, check=2, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"castlib: error: cannot reach the broker {nobody}: "), r.stderr
+    src = make_tree(tmp_path / "src", {"a": b"a"})
+    r = run_cli("index", "--on-workers", "--broker", nobody, str(src), db=db, check=2,
+                timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the broker" in lines[0], r.stderr
+    # on an SQLite catalog nothing is sent: the workers could not read it
+    r = run_cli("index", "--on-workers", str(src), db=f"sqlite:///{tmp_path}/c.sqlite",
+                check=2, timeout=60)
+    assert "needs a catalog the workers share" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_destination_lock_holds_across_hosts(cluster, tmp_path, xrootd_folder):
+    """A sync into the archive held by another machine (here: this test's process, as the
+    host `client`, through the shared catalog's advisory lock) is refused on daq01's worker;
+    once released the same command goes through."""
+    from castlib.catalog.locks import location_lock
+
+    src = make_tree(tmp_path / "src", {"a.dat": b"a" * 1000})
+    dst = f"{xrootd_folder.url}/locked"
+    args = ("sync", "--on-workers", f"file://daq01{src}", dst, "--json")
+    with Catalog(cluster.db) as catalog:
+        record = catalog.location(dst)
+        with location_lock(catalog, record.id, record.url):
+            r = cluster.cli(*args, check=2)
+    assert "another run is syncing into" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert "(run " in r.stderr and "on daq01)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (xrootd_folder.path / "locked" / "a.dat").exists()
+    counts = last_json(cluster.cli(*args, check=0).stdout)
+    assert counts["copied"] == 1
+
+
+def test_a_broker_restart_loses_no_finished_result(postgres_url, tmp_path):
+    """The broker only carries the order: a run done is in the catalog; after the broker
+    restarted (empty: nothing saved), the worker reconnects and takes the next run."""
+    from tests.servers.common import free_port
+    from tests.servers.redis import redis_server
+
+    db = fresh_database(postgres_url)
+    port = free_port()
+    broker = f"redis://127.0.0.1:{port}/0"
+    env = worker_env("client", db, broker)
+    src = make_tree(tmp_path / "src", {"a.dat": b"a", "b.dat": b"b"})
+    with redis_server(port):
+        daq04 = Worker("daq04", worker_env("daq04", db, broker), tmp_path / "w.log").start()
+        try:
+            r = run_cli("sync", "--on-workers", f"file://daq04{src}",
+                        f"file://daq04{tmp_path}/dst1", "--json", env=env, check=0)
+            first = int(r.stderr.split("castlib: run ")[1].split()[0])
+        except BaseException:
+            daq04.stop()
+            raise
+    try:
+        with redis_server(port):   # the same address, nothing of the old one kept
+            with Catalog(db) as catalog:
+                assert catalog.run_details(first)[0]["status"] == "ok"
+            r = run_cli("sync", "--on-workers", f"file://daq04{src}",
+                        f"file://daq04{tmp_path}/dst2", "--json", env=env, check=0,
+                        timeout=180)
+            assert last_json(r.stdout)["copied"] == 2, daq04.log
+            assert tree_digest(tmp_path / "dst2") == tree_digest(src)
+            assert daq04.proc.poll() is None
+    finally:
+        daq04.stop()
