@@ -8,6 +8,6 @@ pytest_plugins = [
     "tests.servers.rclone",     # rclone serve sftp / webdav: other implementations
     "tests.servers.xrootd",
     "tests.servers.castor",     # CASTOR's tools, over the xrootd server
-    "tests.servers.postgres",   # after xrootd: it borrows that module's test user
+    "tests.servers.postgres",
     "tests.servers.redis",      # the workers' broker, and castlib worker processes
 ]

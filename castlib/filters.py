@@ -10,9 +10,10 @@ from .catalog.paths import parent_of
 
 class PathFilter:
     """only/ignore globs, with rsync's wildcards: `*` and `?` stop at "/", `**` crosses it,
-    `[...]` is a character class. A glob with "/" or "**" matches the whole relative path
-    (a leading "/" is allowed), any other glob the name alone; a trailing "/" matches
-    folders only. An ignored folder hides its subtree; `only` selects files (folders are
+    `[...]` is a character class. A glob with "/" or "**" matches the end of the relative
+    path from a folder boundary (rsync's "any portion of a path from the starting
+    directory on down"), or, with a leading "/", the whole of it; any other glob the name
+    alone; a trailing "/" matches folders only. An ignored folder hides its subtree; `only` selects files (folders are
     kept)."""
 
     def __init__(self, only: list[str], ignore: list[str]):
@@ -68,7 +69,11 @@ def _compile(glob: str) -> _Glob:
     folders_only = glob.endswith("/") and len(glob) > 1
     body = glob.rstrip("/") if folders_only else glob
     whole = "/" in body or "**" in body
-    return _Glob(whole, folders_only, re.compile(_translate(body.lstrip("/")), re.S))
+    regex = _translate(body.lstrip("/"))
+    if whole and not body.startswith("/"):
+        # unanchored, as rsync matches it: at the end of the path, from any folder down
+        regex = "(?:.*/)?" + regex
+    return _Glob(whole, folders_only, re.compile(regex, re.S))
 
 
 def _translate(glob: str) -> str:

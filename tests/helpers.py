@@ -43,6 +43,31 @@ def tree_digest(root: Path | str) -> dict[str, str]:
     return out
 
 
+def backend_write(backend, path: str, data: bytes, chunk: int = 4 * 1024 * 1024) -> None:
+    """Write `data` to `path` through a back-end's open_write, `chunk` bytes a write."""
+    with backend.open_write(path) as f:
+        for start in range(0, len(data), chunk):
+            f.write(data[start:start + chunk])
+
+
+def backend_read(backend, path: str, chunk: int = 1024 * 1024) -> bytes:
+    """A file's bytes through a back-end's open_read, `chunk` bytes a read (never more)."""
+    with backend.open_read(path) as f:
+        chunks = []
+        while part := f.read(chunk):
+            assert len(part) <= chunk
+            chunks.append(part)
+    return b"".join(chunks)
+
+
+def backend_listing(backend) -> list:
+    """A back-end's walk, which must report no folder it could not list."""
+    errors = []
+    entries = list(backend.walk(lambda path, msg: errors.append((path, msg))))
+    assert errors == []
+    return entries
+
+
 def cli_env(extra: dict | None = None) -> dict:
     """The environment for a castlib subprocess: the castlib under test comes first on
     PYTHONPATH, whatever else is installed."""

@@ -12,6 +12,10 @@ def ignored(glob: str, path: str, kind: str = FILE) -> bool:
 @pytest.mark.parametrize("glob, path, expected", [
     ("data/*.dat", "data/x.dat", True),
     ("data/*.dat", "data/sub/x.dat", False),        # "*" does not cross "/" (rsync, not fnmatch)
+    ("data/*.dat", "run/data/x.dat", True),         # unanchored: from any folder down, as rsync
+    ("/data/*.dat", "run/data/x.dat", False),       # anchored: from the root only
+    ("sub/b.dat", "data/sub/b.dat", True),
+    ("ub/b.dat", "data/sub/b.dat", False),          # from a folder boundary, not inside a name
     ("data/**.dat", "data/sub/x.dat", True),        # "**" does
     ("data/**", "data/a/b/c", True),
     ("/data/*.dat", "data/x.dat", True),             # a leading "/" anchors, as in rsync
@@ -59,3 +63,49 @@ def test_no_globs_accepts_everything():
     flt = PathFilter([], [])
     assert not flt.active
     assert flt.accepts("any/thing", FILE) and flt.covers("any/thing", FILE)
+
+
+# -- rsync itself as the oracle -----------------------------------------------------------
+ORACLE_TREE = ["data/", "data/a.dat", "data/a.log", "data/sub/", "data/sub/b.dat",
+               "data/sub/deep/", "data/sub/deep/c.dat", "x/", "x/data/", "x/data/d.dat",
+               "x/cache/", "x/cache/g", "cache/", "cache/f", "top.dat", "t1.dat", "t22.dat",
+               "run1/", "run1/x", "runA/", "runA/x", "cachefile"]
+ORACLE_GLOBS = [
+    "data/*.dat",                                    # "*" stops at "/"
+    "data/**",                                       # "**" crosses it (not "data" itself)
+    "data/**.dat",
+    "**/c.dat",
+    "/data",                                         # anchored at the root
+    "/data/*.dat",
+    "data",                                          # a name, at any depth
+    "cache/",                                        # folders only
+    "cache",                                         # folders and files
+    "cache*",
+    "*.dat",
+    "t?.dat",                                        # "?" is one character
+    "run[0-9]",                                      # classes
+    "run[!0-9]",
+    "sub/b.dat",
+    "data/sub/",
+]
+
+
+def _rsync_keeps(tmp_path, glob: str) -> list[str]:
+    import subprocess
+
+    src = tmp_path / "src"
+    for entry in ORACLE_TREE:
+        (src / entry).mkdir(parents=True) if entry.endswith("/") else (src / entry).write_bytes(b"")
+    out = subprocess.run(["rsync", "-rn", "--out-format=%n", f"--exclude={glob}", f"{src}/",
+                          str(tmp_path / "dst")], capture_output=True, text=True, check=True)
+    return sorted(line.rstrip("/") for line in out.stdout.splitlines() if line not in ("./", ""))
+
+
+@pytest.mark.parametrize("glob", ORACLE_GLOBS)
+def test_ignore_keeps_what_rsync_exclude_keeps(tmp_path, glob):
+    flt = PathFilter([], [glob])
+    listed = [(e.rstrip("/"), DIR if e.endswith("/") else FILE) for e in ORACLE_TREE]
+    ours = sorted(p for p, kind in listed if flt.accepts(p, kind))   # parents come first
+    assert ours == _rsync_keeps(tmp_path, glob)
+    covered = sorted(p for p, kind in listed if PathFilter([], [glob]).covers(p, kind))
+    assert covered == ours

@@ -12,17 +12,14 @@ waits here: the other index finishes, and listing again after it costs little.
 The lock is never held while another index lock is taken, nor inside a transaction, so
 no two writers can wait on each other. Like the destination locks it dies with its
 process: a PostgreSQL session advisory lock (other keys than locks.py's), or an flock on
-a file beside an SQLite catalog.
+a file beside an SQLite catalog (catalog/process_locks.py).
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from sqlalchemy import text
-
-from .database import driver_errors
+from .process_locks import LockKey, hold
 
 _INDEX_NAMESPACE = 0x0CA6   # locks.py uses 0x0CA5 for destinations
 
@@ -32,55 +29,6 @@ def index_lock(catalog, location_id: int,
                on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the index lock of a location, waiting as long as another writer holds it;
     on_wait() is called once if this has to wait."""
-    if catalog.dialect == "postgresql":
-        with _advisory(catalog, location_id, on_wait):
-            yield
-    elif catalog.dialect == "sqlite":
-        with _flock(catalog, location_id, on_wait):
-            yield
-    else:  # pragma: no cover - only the two supported databases reach here
+    key = LockKey(pg=(_INDEX_NAMESPACE, location_id), file=f"index-lock-{location_id}")
+    with hold(catalog, [key], timeout_s=None, on_wait=on_wait):
         yield
-
-
-@contextmanager
-def _advisory(catalog, location_id: int, on_wait) -> Iterator[None]:
-    key = {"ns": _INDEX_NAMESPACE, "id": location_id}
-    conn = catalog.engine.connect()
-    try:
-        if not conn.execute(text("SELECT pg_try_advisory_lock(:ns, :id)"), key).scalar():
-            if on_wait:
-                on_wait()
-            conn.execute(text("SELECT pg_advisory_lock(:ns, :id)"), key)
-        conn.commit()   # a session lock: it outlives this transaction, held by the session
-        try:
-            yield
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:ns, :id)"), key)
-            conn.commit()
-    finally:
-        conn.close()
-
-
-@contextmanager
-def _flock(catalog, location_id: int, on_wait) -> Iterator[None]:
-    import fcntl
-
-    database = catalog.engine.url.database
-    if not database or database == ":memory:":   # one process: nobody to wait for
-        yield
-        return
-    with driver_errors(catalog.engine):   # a read-only or full catalog folder: one line
-        fd = os.open(f"{database}.index-lock-{location_id}", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(fd, fcntl.LOCK_EX)   # per open file: other threads wait too
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)

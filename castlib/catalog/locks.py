@@ -2,7 +2,7 @@
 
 PostgreSQL: a session advisory lock on a connection held for the run (the server drops it
 when the connection goes). SQLite: an fcntl lock on a file beside the database (the kernel
-drops it when the process goes). Either way a crashed run never blocks the next forever.
+drops it when the process goes). Either way a crashed run never blocks the next forever (catalog/process_locks.py).
 
 The key is what the destination is, not how it was spelled: two spellings of one folder (a
 link, a bind mount, a trailing path through either) are two catalog locations but one
@@ -20,14 +20,11 @@ D, run side by side.
 from __future__ import annotations
 
 import hashlib
-import os
-import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import text
-
 from ..errors import LockBusy
+from .process_locks import LockKey, hold
 
 _LOCK_NAMESPACE = 0x0CA5  # keeps castlib's advisory keys apart from other applications'
 
@@ -82,15 +79,19 @@ def location_lock(catalog, location_id: int, url: str, timeout_s: float = 0) -> 
     catalog row of one spelling of the location, and another spelling has another row."""
     above = list(dict.fromkeys(lock_keys_above(url)))
     own = lock_key(url)
-    wanted = [(_digest(k), True) for k in above if k != own] + [(_digest(own), False)]
-    if catalog.dialect == "postgresql":
-        with _advisory_lock(catalog, wanted, url, timeout_s):
-            yield
-    elif catalog.dialect == "sqlite":
-        with _file_lock(catalog, wanted, url, timeout_s):
-            yield
-    else:  # pragma: no cover - only the two supported databases reach here
+    wanted = [_lock_key(k, shared=True) for k in above if k != own] + [_lock_key(own, False)]
+    with hold(catalog, wanted, timeout_s=timeout_s, busy=lambda key: _busy(url, key.shared)):
         yield
+
+
+def _lock_key(identity: str, shared: bool) -> LockKey:
+    # PostgreSQL: two int4 keys, 16 bits of castlib's namespace and 48 bits of the
+    # identity's hash (a collision could only make syncs into two destinations wait for
+    # each other, never let two syncs into one destination). SQLite: a file named by the hash.
+    digest = _digest(identity)
+    high = int.from_bytes(_LOCK_NAMESPACE.to_bytes(2, "big") + digest[:2], "big", signed=True)
+    return LockKey(pg=(high, int.from_bytes(digest[2:6], "big", signed=True)),
+                   file=f"lock-{digest[:8].hex()}", shared=shared)
 
 
 def _busy(url: str, shared: bool) -> LockBusy:
@@ -99,65 +100,3 @@ def _busy(url: str, shared: bool) -> LockBusy:
                         "later")
     return LockBusy(f"another run is syncing into {url} (or into a folder inside it); try "
                     "again later")
-
-
-@contextmanager
-def _advisory_lock(catalog, wanted, url, timeout_s):
-    # two int4 keys: 16 bits of castlib's namespace and 48 bits of the identity's hash (a
-    # collision could only make syncs into two destinations wait for each other, never
-    # let two syncs into one destination). All on one connection, held for the run.
-    conn = catalog.engine.connect()
-    taken: list[tuple[dict, bool]] = []
-    try:
-        deadline = time.monotonic() + timeout_s
-        for digest, shared in wanted:
-            high = int.from_bytes(_LOCK_NAMESPACE.to_bytes(2, "big") + digest[:2], "big",
-                                  signed=True)
-            keys = {"ns": high, "id": int.from_bytes(digest[2:6], "big", signed=True)}
-            mode = "_shared" if shared else ""
-            while not conn.execute(text(f"SELECT pg_try_advisory_lock{mode}(:ns, :id)"),
-                                   keys).scalar():
-                conn.rollback()
-                if time.monotonic() >= deadline:
-                    raise _busy(url, shared)
-                time.sleep(0.5)
-            conn.commit()
-            taken.append((keys, shared))
-        yield
-    finally:
-        try:
-            for keys, shared in reversed(taken):
-                mode = "_shared" if shared else ""
-                conn.execute(text(f"SELECT pg_advisory_unlock{mode}(:ns, :id)"), keys)
-            conn.commit()
-        finally:
-            conn.close()   # the server drops whatever the session still held
-
-
-@contextmanager
-def _file_lock(catalog, wanted, url, timeout_s):
-    import fcntl
-
-    database = catalog.engine.url.database
-    if not database or database == ":memory:":
-        yield
-        return
-    fds: list[int] = []
-    try:
-        deadline = time.monotonic() + timeout_s
-        for digest, shared in wanted:
-            path = f"{database}.lock-{digest[:8].hex()}"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            fds.append(fd)
-            while True:
-                try:
-                    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise _busy(url, shared) from None
-                    time.sleep(0.2)
-        yield
-    finally:
-        for fd in reversed(fds):
-            os.close(fd)   # closing the last descriptor of a file releases its flock

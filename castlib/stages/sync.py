@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pydantic import Field
 
@@ -63,6 +64,13 @@ class TransferPlan:
     @property
     def deletion_count(self) -> int:
         return len(self.deletes) + len(self.clear_first)
+
+    def refuse_deletions_beyond(self, max_delete: int | None) -> None:
+        """--max-delete: refuse the whole plan, before anything is touched."""
+        if max_delete is not None and self.deletion_count > max_delete:
+            raise SafetyRefusal(
+                f"sync would delete {self.deletion_count} entries, more than --max-delete "
+                f"{max_delete}; nothing was changed")
 
 
 def make_plan(diff: DiffResult, *, delete: bool, replace: bool, dst_symlinks: bool,
@@ -151,6 +159,43 @@ def _leave_folders_to_their_content(plan: TransferPlan) -> None:
     plan.mkdirs = []
 
 
+def plan_hard_links(plan: TransferPlan, differences: list[Difference],
+                    ref_groups: dict, failed_paths: set[str],
+                    dst_inode: Callable[[str], object]) -> list[tuple[Difference | None, str, str]]:
+    """(difference or None, path, leader): names of one reference file that become
+    links to one of them (the leader) on the destination instead of copies. The leader
+    is a name already right on the destination, else the first one copied; names right
+    in content but not linked to it are re-linked (None)."""
+    writes = {d.path: d for d in plan.copies + plan.replaces}
+    unusable = {d.path for d in differences
+                if d.kind in ("missing", "type", "size", "checksum")}
+    unusable |= {d.path for d in plan.kept} | failed_paths
+    jobs: list[tuple[Difference | None, str, str]] = []
+    linked: set[str] = set()
+    for paths in ref_groups.values():
+        if len(paths) < 2:
+            continue
+        paths = sorted(paths)
+        good = [p for p in paths if p not in writes and p not in unusable]
+        leader = good[0] if good else next((p for p in paths if p in writes), None)
+        if leader is None:
+            continue
+        leader_inode = dst_inode(leader) if good else None
+        for path in paths:
+            if path == leader:
+                continue
+            if path in writes:
+                jobs.append((writes[path], path, leader))
+                linked.add(path)
+            elif path in good and (leader_inode is None
+                                   or dst_inode(path) != leader_inode):
+                jobs.append((None, path, leader))
+    if linked:
+        plan.copies = [d for d in plan.copies if d.path not in linked]
+        plan.replaces = [d for d in plan.replaces if d.path not in linked]
+    return jobs
+
+
 def _plan_create(plan: TransferPlan, d: Difference, dst_symlinks: bool) -> None:
     if d.ref.kind == DIR:
         plan.mkdirs.append(d)
@@ -194,10 +239,7 @@ class SyncStage(Stage):
                          dst_empty_dirs=self.dst.capabilities.empty_dirs,
                          unlisted_ref=[to_catalog(u) for u in
                                        (ref_index.unlisted if ref_index is not None else [])])
-        if p.max_delete is not None and plan.deletion_count > p.max_delete:
-            raise SafetyRefusal(
-                f"sync would delete {plan.deletion_count} entries, more than --max-delete "
-                f"{p.max_delete}; nothing was changed")
+        plan.refuse_deletions_beyond(p.max_delete)
         self.counts = dict.fromkeys(
             ("copied", "replaced", "deleted", "failed", "bytes", "dirs_created", "links_created",
              "hard_links_created", "mtime_fixed", "mode_fixed", "owner_fixed", "kept",
@@ -497,38 +539,8 @@ class SyncStage(Stage):
 
     # -- hard links --------------------------------------------------------------------------
     def _plan_hard_links(self, plan: TransferPlan) -> list[tuple[Difference | None, str, str]]:
-        """(difference or None, path, leader): names of one reference file that become
-        links to one of them (the leader) on the destination instead of copies. The leader
-        is a name already right on the destination, else the first one copied; names right
-        in content but not linked to it are re-linked (None)."""
-        writes = {d.path: d for d in plan.copies + plan.replaces}
-        unusable = {d.path for d in self.diff.differences
-                    if d.kind in ("missing", "type", "size", "checksum")}
-        unusable |= {d.path for d in plan.kept} | self.failed_paths
-        jobs: list[tuple[Difference | None, str, str]] = []
-        linked: set[str] = set()
-        for paths in self.ref_groups.values():
-            if len(paths) < 2:
-                continue
-            paths = sorted(paths)
-            good = [p for p in paths if p not in writes and p not in unusable]
-            leader = good[0] if good else next((p for p in paths if p in writes), None)
-            if leader is None:
-                continue
-            leader_inode = self._dst_inode(leader) if good else None
-            for path in paths:
-                if path == leader:
-                    continue
-                if path in writes:
-                    jobs.append((writes[path], path, leader))
-                    linked.add(path)
-                elif path in good and (leader_inode is None
-                                       or self._dst_inode(path) != leader_inode):
-                    jobs.append((None, path, leader))
-        if linked:
-            plan.copies = [d for d in plan.copies if d.path not in linked]
-            plan.replaces = [d for d in plan.replaces if d.path not in linked]
-        return jobs
+        return plan_hard_links(plan, self.diff.differences, self.ref_groups, self.failed_paths,
+                               self._dst_inode)
 
     def _dst_inode(self, path: str):
         try:

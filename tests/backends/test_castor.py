@@ -13,7 +13,7 @@ import yaml
 from castlib.backends import DIR, FILE, LINK, open_backend
 from castlib.backends.castor import (CastorBackend, parse_nsls_line, parse_rfstat,
                                      parse_stager_qry, parse_stager_request, rfstat_mtime_ns)
-from castlib.errors import BackendUnavailable, ConfigError, NotFound, StorageError
+from castlib.errors import BackendUnavailable, ConfigError, StorageError
 from tests.helpers import last_json, make_tree, run_cli, tree_digest
 
 NOW = datetime(2017, 11, 20, 10, 0)
@@ -200,24 +200,6 @@ def test_tools_walk_stat_and_checksums(tools_backend, xrootd_folder, castor_tool
     before = len(castor_tools.calls())
     assert tools_backend.checksum("-dash.dat", "adler32") == adler32(b"d")
     assert [c[0] for c in castor_tools.calls()[before:]] == ["nsls"]
-
-
-def test_tools_read_write_rename_delete(tools_backend, xrootd_folder):
-    data = os.urandom(5 * 1024 * 1024 + 3)
-    tools_backend.mkdir("a/b")
-    with tools_backend.open_write("a/b/.tmp") as w:
-        for i in range(0, len(data), 1 << 20):
-            w.write(data[i:i + (1 << 20)])
-    tools_backend.rename("a/b/.tmp", "a/b/final.dat")
-    assert (xrootd_folder.path / "a/b/final.dat").read_bytes() == data
-    with tools_backend.open_read("a/b/final.dat") as r:
-        got = b"".join(iter(lambda: r.read(1 << 20), b""))
-    assert got == data
-    tools_backend.delete("a/b/final.dat")
-    tools_backend.delete("a/b")
-    assert not (xrootd_folder.path / "a/b").exists()
-    with pytest.raises(NotFound):
-        tools_backend.delete("a/b")
 
 
 def test_tools_read_of_a_missing_file_fails_cleanly(tools_backend):

@@ -1,118 +1,37 @@
-"""The back-end contract of the fsspec bridge (and of the SFTP back-end built on it) against
-real servers: S3 (moto), SFTP (sshd and `rclone serve sftp`), WebDAV (wsgidav and
-`rclone serve webdav`), and fsspec's in-memory file system. SFTP specifics: test_sftp.py."""
+"""What is particular to the fsspec bridge's back-ends (S3, SFTP, WebDAV, memory) against
+real servers: URLs, protocol specifics, credentials and failures. The contract every
+back-end keeps is tests/backends/test_contract.py; SFTP's own: test_sftp.py."""
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 
 import pytest
 
 from castlib.backends import DIR, FILE, LINK, open_backend
-from castlib.backends.fsspec import FsspecBackend
-from castlib.checksum import Hasher
-from castlib.errors import NotFound, StorageError, TransientStorageError
+from castlib.errors import StorageError, TransientStorageError
+from tests.backends.test_contract import BACKENDS, Location
+from tests.helpers import backend_listing as listing
+from tests.helpers import backend_read as read
+from tests.helpers import backend_write as write
 from tests.servers.common import free_port
 
-PROTOCOLS = ["memory", "s3", "sftp", "webdav", "davs", "rclone-sftp", "rclone-webdav"]
-MIB = 1024 * 1024
+# the contract suite's back-ends that go through fsspec (and SFTP, which began there)
+FSSPEC_KINDS = [k for k in BACKENDS if k.name in
+                ("memory", "s3", "sftp", "rclone-sftp", "webdav", "davs", "rclone-webdav")]
 
 
-@dataclass
-class Store:
-    protocol: str
-    url: str
-    options: dict
-    backend: FsspecBackend
+@pytest.fixture(params=FSSPEC_KINDS, ids=lambda k: k.name)
+def store(request) -> Location:
+    """An empty location on one of the servers."""
+    return request.param.location(request)
 
 
-@pytest.fixture(params=PROTOCOLS)
-def store(request, tmp_path):
-    """An empty location on one of the servers, and the back-end serving it."""
-    if request.param == "memory":
-        url, options = f"memory://castlib-tests/{tmp_path.name}", {}
-    elif request.param == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        url, options = f"{bucket.url}/some/prefix", bucket.options
-    elif request.param in ("sftp", "rclone-sftp", "rclone-webdav"):
-        server = request.getfixturevalue(request.param.replace("-", "_") + "_server")
-        url, options = server.url, server.options
-    else:
-        server = request.getfixturevalue("webdav_server" if request.param == "webdav"
-                                         else "webdavs_server")
-        url, options = server.url, server.options
-    backend = open_backend(url, options)
-    assert isinstance(backend, FsspecBackend)
-    try:
-        yield Store(request.param, url, options, backend)
-    finally:
-        backend.close()
-
-
-def write(backend, path: str, data: bytes) -> None:
-    with backend.open_write(path) as f:
-        for start in range(0, len(data), 4 * MIB):
-            f.write(data[start:start + 4 * MIB])
-
-
-def read(backend, path: str) -> bytes:
-    with backend.open_read(path) as f:
-        chunks = []
-        while chunk := f.read(MIB):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def listing(backend) -> list:
-    errors = []
-    entries = list(backend.walk(lambda path, msg: errors.append((path, msg))))
-    assert errors == []
-    return entries
-
-
-# -- listing --------------------------------------------------------------------------------
-def test_walk_lists_nested_tree_parents_first(store):
-    b = store.backend
-    for path, data in {"top.txt": b"t", "a/x.txt": b"", "a/b/c.txt": b"hello",
-                       "a/b/d/deep.bin": b"\0" * 10}.items():
-        b.mkdir(path.rpartition("/")[0])
-        write(b, path, data)
-    b.mkdir("empty")
-    b.mkdir("a/empty2")
-
-    entries = listing(b)
-    found = {st.path: (st.kind, st.size) for st in entries}
-    expected = {"top.txt": (FILE, 1), "a": (DIR, 0), "a/x.txt": (FILE, 0), "a/b": (DIR, 0),
-                "a/b/c.txt": (FILE, 5), "a/b/d": (DIR, 0), "a/b/d/deep.bin": (FILE, 10)}
-    if b.capabilities.empty_dirs:
-        expected.update({"empty": (DIR, 0), "a/empty2": (DIR, 0)})
-    assert found == expected
-    order = [st.path for st in entries]
-    for path in order:
-        if "/" in path:
-            assert order.index(path.rpartition("/")[0]) < order.index(path), order
-    assert all(st.mtime_ns for st in entries if st.kind == FILE)
-
-
-def test_stat_of_missing_entry_is_none(store):
-    b = store.backend
-    assert b.stat("nope") is None
-    assert b.stat("no/such/file.txt") is None
-    write(b, "here.txt", b"1")
-    st = b.stat("here.txt")
-    assert (st.path, st.kind, st.size) == ("here.txt", FILE, 1)
-    assert b.root_exists()
-
-
-def test_empty_location_root_exists_once_created(store):
-    store.backend.mkdir("")
-    assert store.backend.root_exists()
-    assert listing(store.backend) == []
-
-
-def test_mkdir_of_root_creates_a_missing_location_with_its_parents(store):
-    url = f"{store.url}/new root %231%3F/deeper"    # '#' and '?', quoted as a URL needs
+# -- URLs -----------------------------------------------------------------------------------
+def test_mkdir_of_root_creates_a_missing_location_whose_url_quotes_hash_and_question(store):
+    """The generic contract (test_contract.py) makes a plain new root; an fsspec URL also
+    carries '#' and '?' quoted, as a URL needs."""
+    url = f"{store.url}/new root %231%3F/deeper"
     b = open_backend(url, store.options)
     if b.capabilities.empty_dirs:
         assert not b.root_exists()
@@ -120,95 +39,6 @@ def test_mkdir_of_root_creates_a_missing_location_with_its_parents(store):
     assert b.root_exists()
     write(b, "f", b"in a new place")
     assert read(open_backend(store.url, store.options), "new root #1?/deeper/f") == b"in a new place"
-
-
-# -- data -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("size", [0, 1, 12 * MIB + 17], ids=["empty", "one-byte", "12MiB"])
-def test_write_read_round_trip_is_byte_exact(store, size):
-    data = os.urandom(size)
-    write(store.backend, "data.bin", data)
-    assert store.backend.stat("data.bin").size == size
-    assert read(store.backend, "data.bin") == data
-
-
-def test_write_replaces_existing_file(store):
-    write(store.backend, "f", b"old content, longer")
-    write(store.backend, "f", b"new")
-    assert read(store.backend, "f") == b"new"
-
-
-def test_read_of_missing_file_is_not_found(store):
-    with pytest.raises(NotFound):
-        read(store.backend, "missing.bin")
-
-
-@pytest.mark.parametrize("algorithm", ["adler32", "md5", "sha256"])
-def test_checksum_equals_castlib_computation(store, algorithm):
-    data = os.urandom(3 * MIB + 5)
-    write(store.backend, "sum.bin", data)
-    hasher = Hasher((algorithm,))
-    hasher.update(data)
-    assert store.backend.checksum("sum.bin", algorithm) == hasher.hexdigests()[algorithm]
-
-
-# -- namespace ------------------------------------------------------------------------------
-def test_rename_replaces_target(store):
-    b = store.backend
-    write(b, "new.tmp", b"fresh bytes")
-    write(b, "final.dat", b"stale")
-    b.rename("new.tmp", "final.dat")
-    assert b.stat("new.tmp") is None
-    assert read(b, "final.dat") == b"fresh bytes"
-
-
-def test_rename_into_subfolder(store):
-    b = store.backend
-    b.mkdir("sub")
-    write(b, "x", b"x")
-    b.rename("x", "sub/y")
-    assert read(b, "sub/y") == b"x" and b.stat("x") is None
-
-
-def test_delete_file_and_empty_folder(store):
-    b = store.backend
-    b.mkdir("d")
-    write(b, "d/f", b"1")
-    b.delete("d/f")
-    assert b.stat("d/f") is None
-    if b.capabilities.empty_dirs:   # on S3 the folder went with its last key
-        assert b.stat("d").kind == DIR
-        b.delete("d")
-    assert b.stat("d") is None
-    with pytest.raises(NotFound):
-        b.delete("d/f")
-
-
-def test_delete_refuses_a_folder_with_content(store):
-    b = store.backend
-    b.mkdir("full")
-    write(b, "full/keep", b"keep me")
-    with pytest.raises(StorageError):
-        b.delete("full")
-    assert read(b, "full/keep") == b"keep me"
-
-
-HOSTILE_NAMES = ["with space.txt", "quote'and\"double", "-leading-dash", "ünïcödé-名前.dat",
-                 "hash#tag", "per%25cent%", "what?.txt", "semi;colon&amp", "plus+sign"]
-
-
-@pytest.mark.parametrize("name", HOSTILE_NAMES)
-def test_hostile_names(store, name):
-    b = store.backend
-    b.mkdir(f"dir {name}")
-    path = f"dir {name}/{name}"
-    write(b, path, name.encode())
-    assert b.stat(path).kind == FILE
-    assert read(b, path) == name.encode()
-    assert {st.path for st in listing(b)} == {f"dir {name}", path}
-    b.rename(path, f"dir {name}/renamed {name}")
-    assert read(b, f"dir {name}/renamed {name}") == name.encode()
-    b.delete(f"dir {name}/renamed {name}")
-    assert b.stat(f"dir {name}/renamed {name}") is None
 
 
 @pytest.mark.parametrize("protocol", ["s3", "sftp", "webdav"])
@@ -326,18 +156,6 @@ def test_sftp_unlistable_folder_is_reported_and_the_walk_goes_on(sftp_server):
     assert [path for path, _ in errors] == ["closed"]
     assert "permission denied" in errors[0][1]
     assert not isinstance(info.value, TransientStorageError)
-
-
-def test_sftp_names_that_are_not_utf8_round_trip(sftp_server):
-    raw = b"latin1-\xe9t\xe9.txt"
-    with open(os.path.join(os.fsencode(sftp_server.folder), raw), "wb") as f:
-        f.write(b"caf\xe9")
-    b = open_backend(sftp_server.url, sftp_server.options)
-    [entry] = listing(b)
-    assert entry.path == os.fsdecode(raw)
-    assert read(b, entry.path) == b"caf\xe9"
-    write(b, entry.path + ".copy", b"again")
-    assert os.path.exists(os.path.join(os.fsencode(sftp_server.folder), raw + b".copy"))
 
 
 def test_sftp_password_from_url_is_never_shown(sftp_server):

@@ -1,4 +1,4 @@
-"""What the SFTP back-end does beyond the contract (tests/backends/test_fsspec.py runs that
+"""What the SFTP back-end does beyond the contract (tests/backends/test_contract.py runs that
 against OpenSSH and `rclone serve sftp` too): how many requests a file costs, the ciphers
 it asks for, sessions per transfer thread, and what it does when a server refuses links,
 set-stat or posix-rename."""
@@ -11,7 +11,10 @@ import pytest
 from castlib.backends import open_backend
 from castlib.checksum import Hasher
 from castlib.transfer import temp_path
-from tests.backends.test_fsspec import MIB, listing, read, write
+from tests.backends.test_contract import MIB
+from tests.helpers import backend_listing as listing
+from tests.helpers import backend_read as read
+from tests.helpers import backend_write as write
 
 
 class _RequestCounter:

@@ -1,8 +1,8 @@
-"""The XRootD back-end against a real xrootd server: listing, data, checksums, namespace,
-third-party copy and the errors a user sees."""
+"""What is particular to the XRootD back-end, against a real xrootd server: its schemes,
+server checksums, third-party copy, tape staging and the errors a user sees. The contract
+every back-end keeps is tests/backends/test_contract.py."""
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import threading
@@ -10,11 +10,13 @@ import time
 
 import pytest
 
-from castlib.backends import DIR, FILE, open_backend
+from castlib.backends import FILE, open_backend
 from castlib.checksum import Hasher
 from castlib.errors import NotFound, StorageError, Unsupported
 from castlib.backends.xrootd import XRootDBackend
-from tests.helpers import make_tree, tree_digest
+from tests.helpers import backend_read as read
+from tests.helpers import backend_write as write
+from tests.helpers import make_tree
 from tests.servers.common import free_port
 
 MIB = 1024 * 1024
@@ -37,16 +39,6 @@ def backend(xrootd_folder):
     b.close()
 
 
-def write(backend, path, data: bytes) -> None:
-    with backend.open_write(path) as f:
-        f.write(data)
-
-
-def read(backend, path) -> bytes:
-    with backend.open_read(path) as f:
-        return f.read()
-
-
 def test_registry_serves_every_xrootd_scheme(xrootd_folder):
     for scheme in ("root", "xroot"):
         url = xrootd_folder.url.replace("root://", f"{scheme}://", 1)
@@ -55,29 +47,13 @@ def test_registry_serves_every_xrootd_scheme(xrootd_folder):
         assert b.root_exists()
 
 
-def test_walk_lists_nested_and_empty_folders_parents_first(backend, xrootd_folder):
-    make_tree(xrootd_folder.path, {"a.txt": b"abc", "d/e/f.bin": b"12345", "empty/": None,
-                                   "d/empty2/": None})
-    entries = list(backend.walk(no_listing_errors))
-    kinds = {st.path: st.kind for st in entries}
-    assert kinds == {"a.txt": FILE, "d": DIR, "d/e": DIR, "d/e/f.bin": FILE, "empty": DIR,
-                     "d/empty2": DIR}
-    order = [st.path for st in entries]
-    for path in order:
-        if "/" in path:
-            assert order.index(path.rsplit("/", 1)[0]) < order.index(path)
-    by_path = {st.path: st for st in entries}
-    assert by_path["d/e/f.bin"].size == 5
+def test_listed_mtimes_are_the_files_to_the_second_and_files_on_disk_are_online(
+        backend, xrootd_folder):
+    make_tree(xrootd_folder.path, {"a.txt": b"abc", "d/e/f.bin": b"12345"})
+    by_path = {st.path: st for st in backend.walk(no_listing_errors)}
     local_mtime = os.stat(xrootd_folder.path / "d/e/f.bin").st_mtime_ns
     assert by_path["d/e/f.bin"].mtime_ns == local_mtime // 10**9 * 10**9
     assert by_path["a.txt"].online is True
-
-
-def test_walk_of_missing_root_says_so(xrootd_folder):
-    b = open_backend(xrootd_folder.url + "/not-there")
-    assert not b.root_exists()
-    with pytest.raises(StorageError, match="does not exist"):
-        list(b.walk(no_listing_errors))
 
 
 def test_walk_reports_unlistable_folder_and_goes_on(backend, xrootd_folder):
@@ -91,43 +67,6 @@ def test_walk_reports_unlistable_folder_and_goes_on(backend, xrootd_folder):
     assert {"closed", "open", "open/ok"} <= paths and "closed/secret" not in paths
     assert [p for p, _ in errors] == ["closed"]
     assert "\n" not in errors[0][1]
-
-
-def test_stat_of_missing_path_is_none(backend):
-    assert backend.stat("nope") is None
-    assert backend.stat("no/such/dir/file") is None
-    assert backend.stat("").kind == DIR
-
-
-@pytest.mark.parametrize("size", [0, 1, 5 * MIB + 17])
-def test_write_read_round_trip_byte_exact(backend, xrootd_folder, size):
-    data = os.urandom(size)
-    write(backend, "sub/dir/file.bin", data)   # parents made on the way
-    assert (xrootd_folder.path / "sub/dir/file.bin").read_bytes() == data
-    assert read(backend, "sub/dir/file.bin") == data
-    assert backend.stat("sub/dir/file.bin").size == size
-
-
-def test_read_streams_in_requested_chunks(backend):
-    data = os.urandom(3 * MIB + 5)
-    write(backend, "f", data)
-    with backend.open_read("f") as f:
-        chunks = []
-        while chunk := f.read(MIB):
-            assert len(chunk) <= MIB
-            chunks.append(chunk)
-    assert b"".join(chunks) == data and len(chunks) == 4
-
-
-def test_open_write_truncates_existing_file(backend, xrootd_folder):
-    write(backend, "f", b"a much longer first version")
-    write(backend, "f", b"short")
-    assert (xrootd_folder.path / "f").read_bytes() == b"short"
-
-
-def test_read_of_missing_file_is_not_found(backend):
-    with pytest.raises(NotFound, match="nope"):
-        backend.open_read("nope")
 
 
 def test_server_adler32_matches_castlib_xrdadler32_and_xrdfs(backend, xrootd_folder):
@@ -144,87 +83,6 @@ def test_server_adler32_matches_castlib_xrdadler32_and_xrdfs(backend, xrootd_fol
     assert query == ["adler32", ours]
 
 
-def test_checksum_of_small_values_is_zero_padded(backend):
-    write(backend, "empty", b"")
-    assert backend.checksum("empty", "adler32") == "00000001"
-
-
-def test_other_algorithms_are_computed_by_reading(backend):
-    write(backend, "f", b"hello")
-    assert backend.checksum("f", "sha256") == hashlib.sha256(b"hello").hexdigest()
-    assert backend.checksum("f", "md5") == hashlib.md5(b"hello").hexdigest()
-
-
-def test_checksum_of_missing_file_is_not_found(backend):
-    with pytest.raises(NotFound):
-        backend.checksum("nope", "adler32")
-
-
-def test_mkdir_makes_parents_and_tolerates_existing(backend, xrootd_folder):
-    backend.mkdir("x/y/z")
-    backend.mkdir("x/y/z")
-    assert (xrootd_folder.path / "x/y/z").is_dir()
-
-
-def test_rename_replaces_target(backend, xrootd_folder):
-    write(backend, "new", b"new bytes")
-    write(backend, "dir/old", b"old bytes")
-    backend.rename("new", "dir/old")
-    assert tree_digest(xrootd_folder.path).keys() == {"dir", "dir/old"}
-    assert (xrootd_folder.path / "dir/old").read_bytes() == b"new bytes"
-
-
-def test_rename_of_missing_source_fails_and_keeps_target(backend, xrootd_folder):
-    write(backend, "target", b"keep me")
-    with pytest.raises(StorageError):
-        backend.rename("missing", "target")
-    assert (xrootd_folder.path / "target").read_bytes() == b"keep me"
-
-
-def test_delete_file_and_empty_folder(backend, xrootd_folder):
-    make_tree(xrootd_folder.path, {"f": b"x", "empty/": None, "full/g": b"y"})
-    backend.delete("f")
-    backend.delete("empty")
-    with pytest.raises(StorageError):
-        backend.delete("full")   # never recursive
-    with pytest.raises(NotFound):
-        backend.delete("f")
-    assert tree_digest(xrootd_folder.path).keys() == {"full", "full/g"}
-
-
-HOSTILE = ["with space.txt", "quote'd\".txt", "-leading-dash", "ünïcödé ✓.txt",
-           "semi;colon&amp", "#hash", "percent%20.txt", "tab\there"]
-
-
-def test_hostile_names_round_trip(backend, xrootd_folder):
-    for i, name in enumerate(HOSTILE):
-        write(backend, f"d/{name}", f"content {i}".encode())
-    assert sorted(os.listdir(xrootd_folder.path / "d")) == sorted(HOSTILE)
-    listed = {st.path for st in backend.walk(no_listing_errors)}
-    assert listed == {"d"} | {f"d/{n}" for n in HOSTILE}
-    for i, name in enumerate(HOSTILE):
-        assert read(backend, f"d/{name}") == f"content {i}".encode()
-        assert backend.checksum(f"d/{name}", "adler32") == adler32(f"content {i}".encode())
-        backend.rename(f"d/{name}", f"d/{name}.moved")
-    assert len(os.listdir(xrootd_folder.path / "d")) == len(HOSTILE)
-
-
-def test_question_mark_is_not_part_of_a_name(backend, xrootd_folder):
-    # XRootD reads '?' as the start of opaque information: the server would write "what"
-    with pytest.raises(Unsupported, match="cannot contain"):
-        write(backend, "what?.txt", b"x")
-    assert os.listdir(xrootd_folder.path) == []
-
-
-def test_names_that_are_not_utf8_are_refused_clearly(backend, xrootd_folder):
-    name = os.fsdecode(b"raw\xffbytes")   # how a local walk reports such a name
-    with pytest.raises(Unsupported, match="UTF-8"):
-        write(backend, name, b"x")
-    with pytest.raises(Unsupported, match="UTF-8"):
-        backend.stat(name)
-    assert os.listdir(xrootd_folder.path) == []
-
-
 def test_folder_holding_a_non_utf8_name_is_reported_and_skipped(backend, xrootd_folder):
     make_tree(xrootd_folder.path, {"ok/a": b"a", "bad/": None})
     (xrootd_folder.path / "bad" / os.fsdecode(b"raw\xffbytes")).write_bytes(b"x")
@@ -234,11 +92,9 @@ def test_folder_holding_a_non_utf8_name_is_reported_and_skipped(backend, xrootd_
     assert len(errors) == 1 and errors[0][0] == "bad" and "UTF-8" in errors[0][1]
 
 
-def test_set_mtime_is_unsupported(backend):
-    write(backend, "f", b"x")
-    assert backend.capabilities.set_mtime is False
-    with pytest.raises(Unsupported):
-        backend.set_mtime("f", 10**18)
+def test_stat_of_a_name_that_is_not_utf8_is_refused_clearly(backend):
+    with pytest.raises(Unsupported, match="UTF-8"):
+        backend.stat(os.fsdecode(b"raw\xffbytes"))
 
 
 def test_unreachable_server_fails_quickly_with_one_line(tmp_path):

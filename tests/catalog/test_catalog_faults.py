@@ -109,11 +109,11 @@ def test_a_full_disk_under_a_postgresql_catalog(tmp_path, postgres_url):
     import psycopg
 
     from tests.servers.postgres import admin_execute
-    from tests.servers.xrootd import _server_user
+    from tests.servers.common import unprivileged_user
 
     import tempfile
 
-    user = _server_user()
+    user = unprivileged_user()
     tree = _many_files(tmp_path / "t", 6000)
     name = f"full{os.getpid()}"
     outer = Path(tempfile.mkdtemp(prefix="castlib-pgfull-"))   # the server's user reaches it

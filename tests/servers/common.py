@@ -2,7 +2,10 @@
 fixtures start a server process, wait for it to answer and stop it."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import pwd
+import secrets
 import socket
 import subprocess
 import time
@@ -11,6 +14,41 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+
+
+TEST_USER = "castlibtest"
+_USERADD_EXISTS = 9   # useradd's exit status when another run created the user first
+
+
+def unprivileged_user() -> pwd.struct_passwd:
+    """The account servers run as and tests log in as: castlibtest (created if missing)
+    when we are root, whom servers such as xrootd and PostgreSQL refuse; else ourselves."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid())
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        done = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                               "/nonexistent", "--shell", "/usr/sbin/nologin", TEST_USER],
+                              capture_output=True, text=True)
+        if done.returncode not in (0, _USERADD_EXISTS):
+            raise RuntimeError(f"useradd {TEST_USER} failed: {done.stderr.strip()}")
+        return pwd.getpwnam(TEST_USER)
+
+
+class FolderPerTest:
+    """For a server dataclass with `root` (what it serves at /) and `folder` (one test's
+    folder below it): a session's server, seen by each test through a folder of its own."""
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.folder
+
+    def for_test(self):
+        """The same server with a fresh folder for one test."""
+        folder = f"t-{secrets.token_hex(6)}"
+        (self.root / folder).mkdir()
+        return dataclasses.replace(self, folder=folder)
 
 
 def free_port() -> int:

@@ -12,9 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.servers.common import free_port
-# the XRootD fixture's unprivileged user (created on first use): PostgreSQL refuses root
-from tests.servers.xrootd import _server_user
+from tests.servers.common import free_port, unprivileged_user   # PostgreSQL refuses root
 
 
 
@@ -31,7 +29,7 @@ def _bin(name: str) -> str:
 def _as_test_user(cmd: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return cmd
-    return ["runuser", "-u", _server_user().pw_name, "--", *cmd]
+    return ["runuser", "-u", unprivileged_user().pw_name, "--", *cmd]
 
 
 @contextmanager
@@ -41,7 +39,7 @@ def postgres_server() -> Iterator[str]:
     folder = tempfile.mkdtemp(prefix="castlib-pg-")
     data = os.path.join(folder, "data")
     if os.geteuid() == 0:
-        user = _server_user()
+        user = unprivileged_user()
         os.chown(folder, user.pw_uid, user.pw_gid)
     port = free_port()
     subprocess.run(_as_test_user([_bin("initdb"), "-D", data, "-U", "castlib", "--locale=C",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .common import answers_on, free_port, server_process
+from .common import FolderPerTest, answers_on, free_port, server_process
 from .webdav import WebdavServer
 
 RCLONE = shutil.which("rclone") or "/usr/bin/rclone"
@@ -27,7 +27,7 @@ USER = "castlib"
 
 
 @dataclass(frozen=True)
-class RcloneSftpServer:
+class RcloneSftpServer(FolderPerTest):
     host: str
     port: int
     user: str
@@ -43,16 +43,6 @@ class RcloneSftpServer:
     def options(self) -> dict:
         # host key checking off: the server's key is made up for this session
         return {"password": self.password, "known_hosts": None}
-
-    @property
-    def path(self) -> Path:
-        return self.root / self.folder
-
-    def for_test(self) -> "RcloneSftpServer":
-        folder = f"t-{secrets.token_hex(6)}"
-        (self.root / folder).mkdir()
-        return RcloneSftpServer(self.host, self.port, self.user, self.password, self.root,
-                                folder)
 
 
 def _serve(tmp_path_factory, what: str, host: str = "127.0.0.1"):

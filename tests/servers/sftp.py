@@ -7,7 +7,6 @@ because the host key and authorized_keys live under the world-writable /tmp.
 """
 from __future__ import annotations
 
-import getpass
 import os
 import pwd
 import shutil
@@ -19,11 +18,9 @@ from typing import Iterator
 
 import pytest
 
-from .common import answers_on, free_port, server_process
+from .common import TEST_USER, answers_on, free_port, server_process, unprivileged_user
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-TEST_USER = "castlibtest"
-_USERADD_EXISTS = 9   # useradd's exit status when another run created the user first
 
 
 @dataclass(frozen=True)
@@ -45,18 +42,10 @@ class SftpServer:
 
 
 def _login_user() -> pwd.struct_passwd:
-    """The account the tests log in as (created or made able to log in, when root)."""
+    """The account the tests log in as (made able to log in, when root)."""
+    user = unprivileged_user()
     if os.geteuid() != 0:
-        return pwd.getpwnam(getpass.getuser())
-    try:
-        user = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        done = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                               "/nonexistent", "--shell", "/bin/sh", TEST_USER],
-                              capture_output=True, text=True)
-        if done.returncode not in (0, _USERADD_EXISTS):
-            raise RuntimeError(f"useradd {TEST_USER} failed: {done.stderr.strip()}")
-        user = pwd.getpwnam(TEST_USER)
+        return user
     # password '*': no password login, yet not locked ('!', useradd's default), which
     # sshd refuses even for keys; and a shell, which runs the sftp subsystem
     change = ["--password", "*"]

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from .common import free_port
+from .common import FolderPerTest, free_port
 
 USER = "davuser"
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class WebdavServer:
+class WebdavServer(FolderPerTest):
     host: str
     port: int
     user: str
@@ -39,17 +39,6 @@ class WebdavServer:
         if self.ca_file:
             options["verify"] = self.ca_file   # passed on to the HTTP client
         return options
-
-    @property
-    def path(self) -> Path:
-        return self.root / self.folder
-
-    def for_test(self) -> "WebdavServer":
-        """The same server with a fresh folder for one test."""
-        folder = f"t-{secrets.token_hex(6)}"
-        (self.root / folder).mkdir()
-        return WebdavServer(self.host, self.port, self.user, self.password, self.root, folder,
-                            self.ca_file)
 
 
 def _self_signed_certificate(folder: Path) -> tuple[str, str]:

@@ -17,28 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from .common import answers_on, free_port, stop_process, wait_until_ready
+from .common import (answers_on, free_port, stop_process, unprivileged_user,
+                     wait_until_ready)
 
 XROOTD = shutil.which("xrootd") or "/usr/bin/xrootd"
-TEST_USER = "castlibtest"
-_USERADD_EXISTS = 9   # useradd's exit status when another run created the user first
-
-
-def _server_user() -> pwd.struct_passwd:
-    """The account xrootd runs as: castlibtest when we are root, else ourselves."""
-    if os.geteuid() != 0:
-        return pwd.getpwuid(os.geteuid())
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        done = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                               "/nonexistent", "--shell", "/usr/sbin/nologin", TEST_USER],
-                              capture_output=True, text=True)
-        if done.returncode not in (0, _USERADD_EXISTS):
-            raise RuntimeError(f"useradd {TEST_USER} failed: {done.stderr.strip()}")
-        return pwd.getpwnam(TEST_USER)
-
-
 def _chown_for(user: pwd.struct_passwd, *paths: Path) -> None:
     for p in paths:
         os.chmod(p, 0o755)
@@ -115,7 +97,7 @@ ofs.tpc pgm /usr/bin/xrdcp --server -f
 def xrootd_server():
     """xrootd on 127.0.0.1 on a free port, exporting `data_dir` (and the whole namespace,
     as EOS would: URLs carry absolute paths)."""
-    user = _server_user()
+    user = unprivileged_user()
     # not below pytest's private temporary tree, which the server's user cannot enter
     work_dir = Path(tempfile.mkdtemp(prefix="castlib-xrootd-"))
     data_dir = work_dir / "data"
@@ -169,7 +151,7 @@ def xrootd_tape_server():
     folder listings come out empty (this xrootd lists such an export through the
     gateway's dlist, which it does not answer usefully), so it serves stat and staging
     tests, not listings or syncs."""
-    user = _server_user()
+    user = unprivileged_user()
     work_dir = Path(tempfile.mkdtemp(prefix="castlib-xrootd-tape-"))
     data_dir, tape_dir = work_dir / "data", work_dir / "tape"
     for d in (data_dir, tape_dir, work_dir / "admin", work_dir / "run"):

@@ -1,0 +1,122 @@
+"""The lock primitive under the destination locks (locks.py) and the index locks
+(index_lock.py): named locks that die with their process, so a crashed run never blocks
+the next one.
+
+PostgreSQL: session advisory locks on one connection held for the block (the server drops
+them when the connection goes). SQLite: flock on files beside the database (the kernel
+drops them when the process goes). An in-memory SQLite catalog has one process: nothing to
+lock against.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from sqlalchemy import text
+
+from .database import driver_errors
+
+
+@dataclass(frozen=True)
+class LockKey:
+    pg: tuple[int, int]   # the two int4 keys of a PostgreSQL advisory lock
+    file: str             # the lock file's suffix beside an SQLite catalog: "{db}.{file}"
+    shared: bool = False
+
+
+@contextmanager
+def hold(catalog, keys: list[LockKey], *, timeout_s: float | None,
+         on_wait: Callable[[], None] | None = None,
+         busy: Callable[[LockKey], Exception] | None = None) -> Iterator[None]:
+    """Hold every lock of `keys`, taken in their order (give everyone one order, and no two
+    holders wait on each other in a cycle), released in reverse when the block ends.
+    A lock someone else holds: on_wait() once, then wait for it, for ever (timeout_s None)
+    or until timeout_s have passed, when busy(key) is raised."""
+    if catalog.dialect == "postgresql":
+        take, release = _advisory(catalog)
+    elif catalog.dialect == "sqlite":
+        database = catalog.engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        take, release = _flock(catalog, database)
+    else:  # pragma: no cover - only the two supported databases reach here
+        yield
+        return
+    try:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waited = False
+        for key in keys:
+            if take(key, False):
+                continue
+            if on_wait and not waited:
+                on_wait()
+                waited = True
+            if deadline is None:
+                take(key, True)
+                continue
+            while not take(key, False):
+                if time.monotonic() >= deadline:
+                    raise busy(key)
+                time.sleep(0.2)
+        yield
+    finally:
+        release()
+
+
+def _advisory(catalog):
+    conn = catalog.engine.connect()
+    taken: list[LockKey] = []
+
+    def take(key: LockKey, block: bool) -> bool:
+        mode = "_shared" if key.shared else ""
+        args = {"ns": key.pg[0], "id": key.pg[1]}
+        if block:
+            conn.execute(text(f"SELECT pg_advisory_lock{mode}(:ns, :id)"), args)
+            got = True
+        else:
+            got = conn.execute(text(f"SELECT pg_try_advisory_lock{mode}(:ns, :id)"),
+                               args).scalar()
+        # a session lock outlives the transaction; ending it keeps no snapshot open
+        conn.commit() if got else conn.rollback()
+        if got:
+            taken.append(key)
+        return bool(got)
+
+    def release() -> None:
+        try:
+            for key in reversed(taken):
+                mode = "_shared" if key.shared else ""
+                conn.execute(text(f"SELECT pg_advisory_unlock{mode}(:ns, :id)"),
+                             {"ns": key.pg[0], "id": key.pg[1]})
+            conn.commit()
+        finally:
+            conn.close()   # the server drops whatever the session still held
+
+    return take, release
+
+
+def _flock(catalog, database: str):
+    import fcntl
+
+    fds: dict[LockKey, int] = {}
+
+    def take(key: LockKey, block: bool) -> bool:
+        if key not in fds:
+            with driver_errors(catalog.engine):   # a read-only or full catalog folder: one line
+                fds[key] = os.open(f"{database}.{key.file}", os.O_RDWR | os.O_CREAT, 0o644)
+        mode = fcntl.LOCK_SH if key.shared else fcntl.LOCK_EX
+        try:   # flock is per open file: other threads of this process wait too
+            fcntl.flock(fds[key], mode if block else mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release() -> None:
+        for fd in reversed(fds.values()):
+            os.close(fd)   # closing the last descriptor of a file releases its flock
+
+    return take, release
