@@ -793,6 +793,20 @@ class Catalog:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q.order_by(E.c.path).limit(limit)).mappings()]
 
+    def entries_by_key(self, location_id: int, *, prefix: str = "", after: str | None = None,
+                       updated_after: datetime | None = None, page: int = 2000
+                       ) -> Iterator[dict]:
+        """Every entry entries_page selects, page after page, each its own short query:
+        memory bounded by one page, and no connection held open between pages (a slow
+        reader of a stream of millions holds no transaction)."""
+        while True:
+            rows = self.entries_page(location_id, prefix=prefix, after=after,
+                                     updated_after=updated_after, limit=page)
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1]["path"]
+
     def entry(self, location_id: int, path: str) -> dict | None:
         """One entry (live or deleted) of a location by catalog path."""
         rows = self.entries_page(location_id, exact=path, limit=1)

@@ -2,50 +2,21 @@
 locations, runs, a diff's page, the plots' series. No SQL here (tests/test_boundaries.py)."""
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 
 from fastapi import HTTPException
 
 from ..catalog import Catalog
-from ..catalog.catalog import DIFFERENCE_KINDS, JSON_TYPES
+from ..catalog.catalog import DIFFERENCE_KINDS
+from ..catalog.export import adler32_hex, entry_document, iso, iso_ns
+
+__all__ = ["adler32_hex", "iso", "iso_ns"]
 
 MAX_LIMIT = 5000          # entries, runs or differences in one page
 STREAM_PAGE = 2000        # entries per catalog query when streaming (bounded memory)
-_HEX8 = re.compile(r"[0-9a-fA-F]{1,8}")
 
 
-def iso(value: datetime | None) -> str | None:
-    """A timestamp in ISO 8601, UTC, with its Z (SQLite hands them back without a zone:
-    the catalog writes UTC)."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def iso_ns(ns: int | None) -> str | None:
-    if ns is None:
-        return None
-    return iso(datetime.fromtimestamp(ns / 1e9, timezone.utc))
-
-
-def adler32_hex(value: str | None) -> str | None:
-    """adler32 as 8 lower-case hex digits, whatever the catalog was handed."""
-    if value is None:
-        return None
-    return f"{int(value, 16):08x}" if _HEX8.fullmatch(value) else value
-
-
-def entry_json(e: dict) -> dict:
-    return {"path": e["path"], "name": e["name"], "kind": JSON_TYPES.get(e["kind"], e["kind"]),
-            "size": e["size"], "mtime": iso_ns(e["mtime_ns"]), "mtime_ns": e["mtime_ns"],
-            "mode": None if e["mode"] is None else f"{e['mode']:04o}",
-            "link_target": e["link_target"], "adler32": adler32_hex(e["adler32"]),
-            "md5": e["md5"], "sha256": e["sha256"], "online": e["online"],
-            "first_seen": iso(e["first_seen"]), "last_seen": iso(e["last_seen"]),
-            "deleted": bool(e["deleted"]), "corrupted": bool(e["corrupted"])}
+entry_json = entry_document
 
 
 def location_json(r: dict) -> dict:
@@ -122,13 +93,8 @@ def iter_entries(catalog: Catalog, location_id: int, *, prefix: str = "",
                  after: str | None = None, updated_after: datetime | None = None):
     """Every entry, page by page (each page its own short query, by key): memory bounded
     by one page however many millions the location holds."""
-    while True:
-        page = catalog.entries_page(location_id, prefix=prefix, after=after,
-                                    updated_after=updated_after, limit=STREAM_PAGE)
-        yield from page
-        if len(page) < STREAM_PAGE:
-            return
-        after = page[-1]["path"]
+    return catalog.entries_by_key(location_id, prefix=prefix, after=after,
+                                  updated_after=updated_after, page=STREAM_PAGE)
 
 
 # -- diffs ---------------------------------------------------------------------------------
