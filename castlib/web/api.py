@@ -64,10 +64,8 @@ def entries(request: Request, location_id: int,
         return StreamingResponse(_metalink(catalog, loc, prefix, after, since),
                                  media_type="application/metalink4+xml")
     if format == "ndjson" or NDJSON in request.headers.get("accept", ""):
-        lines = (json.dumps(views.entry_json(e)) + "\n"
-                 for e in views.iter_entries(catalog, loc.id, prefix=prefix, after=after,
-                                             updated_after=since))
-        return StreamingResponse(lines, media_type=NDJSON)
+        return StreamingResponse(_ndjson(catalog, loc.id, prefix, after, since),
+                                 media_type=NDJSON)
     page = catalog.entries_page(loc.id, prefix=prefix, after=after, updated_after=since,
                                 limit=limit + 1)
     more = len(page) > limit
@@ -77,12 +75,27 @@ def entries(request: Request, location_id: int,
             "next_after": page[-1]["path"] if more else None}
 
 
+def _ndjson(catalog, location_id, prefix, after, since):
+    """The entries as NDJSON, one chunk a catalog page: a chunk a line costs the server
+    (and the client) a send each, and made the stream 10x slower."""
+    lines: list[str] = []
+    for e in views.iter_entries(catalog, location_id, prefix=prefix, after=after,
+                                updated_after=since):
+        lines.append(json.dumps(views.entry_json(e)))
+        if len(lines) == views.STREAM_PAGE:
+            yield "\n".join(lines) + "\n"
+            lines = []
+    if lines:
+        yield "\n".join(lines) + "\n"
+
+
 def _metalink(catalog, loc, prefix, after, since):
     """A Metalink 4 (RFC 5854) document of the location's files, written as it is read."""
     yield ('<?xml version="1.0" encoding="UTF-8"?>\n'
            '<metalink xmlns="urn:ietf:params:xml:ns:metalink">\n'
            f"  <generator>castlib/{escape(__version__)}</generator>\n")
     root = loc.url.rstrip("/")
+    chunk: list[str] = []
     for e in views.iter_entries(catalog, loc.id, prefix=prefix, after=after,
                                 updated_after=since):
         if e["kind"] != "f" or e["deleted"]:
@@ -96,8 +109,11 @@ def _metalink(catalog, loc, prefix, after, since):
             if value:
                 parts.append(f'    <hash type="{name}">{escape(value)}</hash>\n')
         parts.append(f"    <url>{escape(url)}</url>\n  </file>\n")
-        yield "".join(parts)
-    yield "</metalink>\n"
+        chunk.append("".join(parts))
+        if len(chunk) == views.STREAM_PAGE:   # one send a page, as _ndjson
+            yield "".join(chunk)
+            chunk = []
+    yield "".join(chunk) + "</metalink>\n"
 
 
 @router.get("/diff", summary="Differences between two locations, from the catalog")
