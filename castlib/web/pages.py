@@ -136,7 +136,8 @@ def _run_context(request: Request, run_id: int) -> dict:
     if details is None:
         raise HTTPException(404, f"no run with id {run_id}")
     r, stages = details
-    return {"run": views.run_json(r), "stages": [views.stage_json(s) for s in stages]}
+    return {"run": views.run_json(r), "stages": [views.stage_json(s) for s in stages],
+            "progress": views.run_progress(_catalog(request), run_id)}
 
 
 @router.get("/runs/{run_id}")

@@ -6,7 +6,10 @@ from datetime import datetime, timezone
 
 from fastapi import HTTPException
 
+import json
+
 from ..catalog import Catalog
+from ..catalog.settings import get_setting, run_progress_key
 from ..catalog.catalog import DIFFERENCE_KINDS
 from ..catalog.export import adler32_hex, entry_document, iso, iso_ns
 
@@ -54,6 +57,14 @@ def stage_json(s: dict) -> dict:
             "errors": s["errors"] or [], "started_at": iso(s["started_at"]),
             "finished_at": iso(s["finished_at"]),
             "duration_s": duration_s(s["started_at"], s["finished_at"])}
+
+
+def run_progress(catalog: Catalog, run_id: int) -> dict | None:
+    """The latest counters of a run started from the web view (files, bytes, rate, ETA
+    of its current stage), as its process records them about once a second; None for
+    other runs (the command line's runs do not publish theirs)."""
+    said = get_setting(catalog, run_progress_key(run_id))
+    return json.loads(said) if said else None
 
 
 def check_path(value: str | None, what: str) -> str:

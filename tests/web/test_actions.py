@@ -47,6 +47,13 @@ def test_a_sync_started_with_the_token_runs_to_the_end(server, tmp_path):
     sync = [s for s in done["stages"] if s["stage"] == "sync"][0]
     assert sync["counts"]["copied"] == 5
     assert tree_digest(target) == tree_digest(ref)
+    # the counters its process published (every second while it ran, and at the end)
+    progress = done["progress"]
+    assert progress["label"] == "sync" and progress["files"] == progress["total_files"] == 5
+    assert progress["bytes"] == progress["total_bytes"] == sum(
+        f.stat().st_size for f in ref.rglob("*") if f.is_file())
+    page = http.get(body["url"]).text
+    assert 'id="live-files">5<' in page
 
 
 def test_a_dry_run_sync_copies_nothing_and_says_its_plan(server, tmp_path):
