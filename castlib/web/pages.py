@@ -10,7 +10,7 @@ from ..catalog.catalog import DIFFERENCE_KINDS
 from ..catalog.paths import printable
 from ..progress import human_bytes
 from . import views
-from .actions import STAGES, ActionRefused, RunRequest, list_pipelines, parse_request
+from .actions import STAGES, ActionRefused, list_pipelines, parse_request
 from .auth import COOKIE
 
 router = APIRouter(include_in_schema=False)
@@ -136,8 +136,24 @@ def _run_context(request: Request, run_id: int) -> dict:
     if details is None:
         raise HTTPException(404, f"no run with id {run_id}")
     r, stages = details
-    return {"run": views.run_json(r), "stages": [views.stage_json(s) for s in stages],
-            "progress": views.run_progress(_catalog(request), run_id)}
+    run = views.run_json(r)
+    return {"run": run, "stages": [views.stage_json(s) for s in stages],
+            "progress": views.run_progress(_catalog(request), run_id),
+            "plan": _plan(request, run)}
+
+
+def _plan(request: Request, run: dict) -> dict | None:
+    """What a finished dry-run sync would do, from the listings it just made: the
+    differences between its two locations (the first page of them)."""
+    args = run.get("args") or {}
+    if run["command"] != "sync" or not args.get("dry_run") or run["status"] == "running":
+        return None
+    catalog = _catalog(request)
+    ref, dst = catalog.find_location(args.get("ref") or ""), catalog.find_location(
+        args.get("dst") or "")
+    if ref is None or dst is None:
+        return None
+    return views.diff_page(catalog, ref.id, dst.id, limit=50)
 
 
 @router.get("/runs/{run_id}")
@@ -219,5 +235,3 @@ def logout():
     response.delete_cookie(COOKIE)
     return response
 
-
-__all__ = ["router", "common", "RunRequest"]

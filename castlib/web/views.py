@@ -13,6 +13,7 @@ from ..catalog.settings import get_setting, run_progress_key
 from ..catalog.catalog import DIFFERENCE_KINDS
 from ..catalog.export import adler32_hex, entry_document, iso, iso_ns
 
+# the pages' templates format with these (pages.common)
 __all__ = ["adler32_hex", "iso", "iso_ns"]
 
 MAX_LIMIT = 5000          # entries, runs or differences in one page

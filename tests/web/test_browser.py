@@ -124,6 +124,9 @@ def test_a_sync_started_with_the_token_is_watched_to_its_end(page, site, tmp_pat
     page.wait_for_url(re.compile(r".*/runs/\d+$"))
     page.wait_for_selector("#run-status:text-is('ok')", timeout=120_000)
     assert not target.exists()                                  # only a plan
+    assert page.inner_text("#plan td[data-plan=missing]") == "8"  # 5 files, 3 folders
+    assert page.locator("tr.plan-item").count() == 8
+    shot(page, "run-plan")
     page.click("#sync-for-real button")
     page.wait_for_url(re.compile(r".*/runs/\d+$"))
     shot(page, "run-running")
