@@ -185,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     c = command("db", help="catalog database: info, upgrade")
     c.add_argument("action", choices=("info", "upgrade"))
     _worker_command(command)
+    _web_command(command)
     return p
 
 
@@ -542,7 +543,61 @@ def cmd_db(args) -> int:
     return EXIT_OK
 
 
+def _web_command(command) -> None:
+    c = command("web", help="serve the web view and the HTTP API (pip install castlib[web])")
+    c.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    c.add_argument("--port", type=_count(1), default=8080, help="port (default 8080)")
+    c.add_argument("--token-file", metavar="FILE",
+                   help="file holding the token that allows actions (starting runs); "
+                        "without it the server is read-only")
+    c.add_argument("--pipelines", metavar="DIR",
+                   help="folder of pipeline files that actions may start by name")
+
+
+def cmd_web(args) -> int:
+    import os
+    import socket
+
+    from .errors import ConfigError
+
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file: {exc.strerror}",
+                              file=args.token_file) from None
+        except UnicodeDecodeError:
+            raise ConfigError("the token file is not text", file=args.token_file) from None
+        if not token:
+            raise ConfigError("the token file is empty", file=args.token_file)
+    if args.pipelines and not os.path.isdir(args.pipelines):
+        raise ConfigError("not a folder", key="--pipelines", file=args.pipelines)
+    try:
+        import uvicorn
+
+        from .web import create_app
+    except ImportError as exc:
+        raise ConfigError(f"castlib web needs {exc.name}: pip install 'castlib[web]'") from None
+    try:   # a port in use is one line here, not uvicorn's log and exit
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: "
+                          f"{exc.strerror or exc}") from None
+    app = create_app(args.db, token, pipelines_dir=args.pipelines)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"castlib web: http://{host}:{args.port}/ "
+          f"({'actions need the token' if token else 'read-only: no --token-file'})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
 COMMANDS = {"index": cmd_index, "diff": cmd_diff, "sync": cmd_sync, "verify": cmd_verify,
             "run": cmd_run, "stages": cmd_stages, "backends": cmd_backends, "ls": cmd_ls,
             "locations": cmd_locations, "runs": cmd_runs, "db": cmd_db,
-            "worker": cmd_worker}
+            "worker": cmd_worker,
+            "web": cmd_web}

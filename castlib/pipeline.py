@@ -169,6 +169,8 @@ class Pipeline:
             params = spec.params
             for pname in spec.cls.location_params:
                 value = getattr(params, pname)
+                if value is None:   # an optional one left out (http-push: location or from)
+                    continue
                 if value in self.locations or value in user_config.locations:
                     continue
                 if "://" in value or value.startswith(("/", "./", "../", "~")):
@@ -178,6 +180,8 @@ class Pipeline:
                              key=f"stages[{spec.position}].{spec.cls.name}.{pname}")
             for pname, readable in spec.cls.reads_results.items():
                 value = getattr(params, pname)
+                if value is None:
+                    continue
                 alias = spec.cls.Params.model_fields[pname].alias or pname
                 where = (("stages", spec.position, spec.cls.name, alias),)
                 key = f"stages[{spec.position}].{spec.cls.name}.{alias}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from typing import Callable, ClassVar
 
 
 def human_bytes(n: float) -> str:
@@ -17,6 +18,12 @@ def human_bytes(n: float) -> str:
 class Progress:
     """Thread-safe counters shown as one refreshing line on stderr while enabled."""
 
+    # A process-wide watcher of every Progress, called with snapshot() about once a second
+    # and at close: a run started from the web view records its counters in the catalog
+    # this way, for its page (castlib/web/runner.py). None: nobody watches.
+    observer: ClassVar[Callable[[dict], None] | None] = None
+    OBSERVE_EVERY_S = 1.0
+
     def __init__(self, label: str, total_files: int = 0, total_bytes: int = 0,
                  enabled: bool = False, stream=None):
         self.label, self.total_files, self.total_bytes = label, total_files, total_bytes
@@ -28,7 +35,9 @@ class Progress:
         self._start = time.monotonic()
         self._stop = threading.Event()
         self._thread = None
-        if enabled:
+        self._observer = Progress.observer
+        self._observed = 0.0
+        if enabled or self._observer is not None:
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
 
@@ -40,9 +49,30 @@ class Progress:
         with self._lock:
             self.files += n
 
+    def snapshot(self) -> dict:
+        """The counters now: files, bytes (of their totals where known), rate, ETA."""
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        rate = self.bytes / elapsed
+        eta = (max(self.total_bytes - self.bytes, 0) / rate
+               if self.total_bytes and rate > 0 else None)
+        return {"label": self.label, "files": self.files, "total_files": self.total_files,
+                "bytes": self.bytes, "total_bytes": self.total_bytes,
+                "elapsed_s": round(elapsed, 3), "rate": rate, "eta_s": eta}
+
+    def _observe(self) -> None:
+        try:
+            self._observer(self.snapshot())
+        except Exception:   # a watcher's failure never stops the work it watches
+            pass
+
     def _loop(self) -> None:
         while not self._stop.wait(0.25):
-            self._render()
+            if self._enabled:
+                self._render()
+            if self._observer is not None and (
+                    time.monotonic() - self._observed >= self.OBSERVE_EVERY_S):
+                self._observed = time.monotonic()
+                self._observe()
 
     def _render(self, final: bool = False) -> None:
         elapsed = max(time.monotonic() - self._start, 1e-6)
@@ -63,5 +93,8 @@ class Progress:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self._render(final=True)
+            if self._enabled:
+                self._render(final=True)
+            if self._observer is not None:
+                self._observe()
             self._thread = None

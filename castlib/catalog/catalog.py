@@ -97,6 +97,7 @@ class Difference(NamedTuple):
 # what --json calls each kind: a folder is "dir" there, as it always was (scripts parse it);
 # messages say "folder" (KIND_NAMES)
 _JSON_TYPES = {**KIND_NAMES, DIR: "dir"}
+JSON_TYPES = _JSON_TYPES   # the web API and http-push say kinds as --json does
 
 
 def _octal(mode: int | None) -> str | None:
@@ -752,12 +753,24 @@ class Catalog:
                 started_at=started_at, finished_at=utcnow(), hostname=local_hostname(),
                 summary=summary or None))
 
-    def runs(self, limit: int = 20) -> list[dict]:
+    def runs(self, limit: int = 20, *, status: str | None = None, command: str | None = None,
+             before_id: int | None = None, since: datetime | None = None) -> list[dict]:
         """The latest runs, newest first, each with `totals` summed over its stages:
-        files copied and replaced, bytes, deletions, failures, and errors recorded."""
+        files copied and replaced, bytes, deletions, failures, and errors recorded.
+        Filters (the web view's): a status, a command, ids below `before_id` (the next
+        page, by key), started at or after `since`."""
+        q = select(R)
+        if status:
+            q = q.where(R.c.status == status)
+        if command:
+            q = q.where(R.c.command == command)
+        if before_id is not None:
+            q = q.where(R.c.id < before_id)
+        if since is not None:
+            q = q.where(R.c.started_at >= since)
         with self.engine.connect() as conn:
             runs = [dict(r) for r in conn.execute(
-                select(R).order_by(R.c.id.desc()).limit(limit)).mappings()]
+                q.order_by(R.c.id.desc()).limit(limit)).mappings()]
             stages = conn.execute(select(S.c.run_id, S.c.stage, S.c.counts, S.c.errors).where(
                 S.c.run_id.in_([r["id"] for r in runs]))).all() if runs else []
         totals = {r["id"]: dict.fromkeys(("copied", "replaced", "deleted", "failed", "bytes",
@@ -780,6 +793,139 @@ class Catalog:
             stages = conn.execute(select(S).where(S.c.run_id == run_id)
                                   .order_by(S.c.position)).mappings().all()
         return dict(run), [dict(s) for s in stages]
+
+    # -- the web view and its API (castlib/web) --------------------------------------------
+    def location_by_id(self, location_id: int) -> LocationRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(L.c.id, L.c.url, L.c.name, L.c.indexed_at)
+                               .where(L.c.id == location_id)).first()
+        return LocationRecord(*row) if row else None
+
+    def location_overview(self) -> list[dict]:
+        """Every location with its storage (scheme, host), last listing, and live counts:
+        files, folders, links, bytes, and the files and bytes on tape only (offline).
+        One grouped pass over the entries rather than a subquery per count."""
+        live = E.c.deleted == False  # noqa: E712
+        is_file = and_(live, E.c.kind == "f")
+        offline = and_(is_file, E.c.online == False)  # noqa: E712
+        sums = (select(E.c.location_id,
+                       func.count(case((is_file, 1))).label("files"),
+                       func.count(case((and_(live, E.c.kind == "d"), 1))).label("dirs"),
+                       func.count(case((and_(live, E.c.kind == "l"), 1))).label("links"),
+                       func.coalesce(func.sum(case((is_file, E.c.size))), 0).label("bytes"),
+                       func.count(case((offline, 1))).label("offline_files"),
+                       func.coalesce(func.sum(case((offline, E.c.size))), 0)
+                       .label("offline_bytes"))
+                .group_by(E.c.location_id).subquery())
+        zero = lambda c: func.coalesce(c, 0).label(c.name)  # noqa: E731
+        q = (select(L.c.id, L.c.name, L.c.url, L.c.indexed_at, L.c.created_at, N.c.scheme,
+                    N.c.host, *(zero(sums.c[k]) for k in ("files", "dirs", "links", "bytes",
+                                                          "offline_files", "offline_bytes")))
+             .join(N, N.c.id == L.c.node_id).outerjoin(sums, sums.c.location_id == L.c.id)
+             .order_by(L.c.id))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    _PAGE_COLUMNS = (E.c.path, E.c.name, E.c.kind, E.c.size, E.c.mtime_ns, E.c.mode,
+                     E.c.link_target, E.c.adler32, E.c.md5, E.c.sha256, E.c.deleted,
+                     E.c.online, E.c.first_seen, E.c.corrupted)
+
+    def entries_page(self, location_id: int, *, prefix: str = "", folder: str | None = None,
+                     after: str | None = None, updated_after: datetime | None = None,
+                     limit: int = 100, exact: str | None = None) -> list[dict]:
+        """One page of a location's entries in path order, paginated by key: those whose
+        path comes after `after` (the last path of the previous page), never by OFFSET,
+        so a page costs the same at the start and the end of millions of entries.
+        `prefix`: paths starting with that text (a search, not only a folder);
+        `folder`: only the entries directly in that folder ("" the root);
+        `updated_after`: only entries created, changed or found vanished since then,
+        deleted ones included (marked), so a reader learns what went too.
+        `last_seen` of a live entry is the later of its own and its location's last index."""
+        q = (select(*self._PAGE_COLUMNS,
+                    case((E.c.deleted == True, E.c.last_seen),  # noqa: E712
+                         (L.c.indexed_at > E.c.last_seen, L.c.indexed_at),
+                         else_=E.c.last_seen).label("last_seen"))
+             .join(L, L.c.id == E.c.location_id).where(E.c.location_id == location_id))
+        if prefix:
+            q = q.where(E.c.path >= prefix, E.c.path < prefix_end(prefix))
+        if folder is not None:
+            if folder:
+                low, high = subtree_range(folder)
+                q = q.where(E.c.path >= low, E.c.path < high)
+            # nothing below a further "/": the folder's own entries, in the same range scan
+            q = q.where(~func.substr(E.c.path, len(folder.rstrip("/")) + (2 if folder else 1))
+                        .contains("/"))
+        if after:
+            q = q.where(E.c.path > after)
+        if updated_after is not None:
+            q = q.where(E.c.last_seen > updated_after)
+        elif not exact:
+            q = q.where(E.c.deleted == False)  # noqa: E712
+        if exact is not None:
+            q = q.where(E.c.path == exact)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(E.c.path).limit(limit)).mappings()]
+
+    def entries_by_key(self, location_id: int, *, prefix: str = "", after: str | None = None,
+                       updated_after: datetime | None = None, page: int = 2000
+                       ) -> Iterator[dict]:
+        """Every entry entries_page selects, page after page, each its own short query:
+        memory bounded by one page, and no connection held open between pages (a slow
+        reader of a stream of millions holds no transaction)."""
+        while True:
+            rows = self.entries_page(location_id, prefix=prefix, after=after,
+                                     updated_after=updated_after, limit=page)
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1]["path"]
+
+    def entry(self, location_id: int, path: str) -> dict | None:
+        """One entry (live or deleted) of a location by catalog path."""
+        rows = self.entries_page(location_id, exact=path, limit=1)
+        return rows[0] if rows else None
+
+    def same_path_elsewhere(self, location_id: int, path: str) -> list[dict]:
+        """The entries at the same relative path in the other locations: where copies of
+        a file are, and whether they agree."""
+        q = (select(L.c.id.label("location_id"), L.c.name, L.c.url, E.c.kind, E.c.size,
+                    E.c.mtime_ns, E.c.adler32, E.c.deleted, E.c.corrupted, E.c.first_seen,
+                    E.c.last_seen)
+             .join(L, L.c.id == E.c.location_id)
+             .where(E.c.path == path, E.c.location_id != location_id).order_by(L.c.id))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def stage_history(self, stage: str, limit: int = 500) -> list[dict]:
+        """The latest results of one stage (newest first) with their run's command:
+        what the plots draw (index: bytes per location over time; sync: throughput)."""
+        q = (select(S.c.run_id, S.c.stage, S.c.params, S.c.status, S.c.counts,
+                    S.c.started_at, S.c.finished_at, R.c.command)
+             .join(R, R.c.id == S.c.run_id).where(S.c.stage == stage)
+             .order_by(S.c.id.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def files_per_day(self, location_id: int, limit_days: int = 366) -> list[dict]:
+        """Files arriving in a location per day (their first listing), with their bytes:
+        the latest `limit_days` days that had any, oldest first."""
+        day = func.date(E.c.first_seen).label("day")
+        q = (select(day, func.count().label("files"),
+                    func.coalesce(func.sum(E.c.size), 0).label("bytes"))
+             .where(E.c.location_id == location_id, E.c.kind == "f")
+             .group_by(day).order_by(day.desc()).limit(limit_days))
+        with self.engine.connect() as conn:
+            rows = [{"day": str(r.day), "files": r.files, "bytes": int(r.bytes)}
+                    for r in conn.execute(q)]
+        return rows[::-1]
+
+
+def prefix_end(prefix: str) -> str:
+    """The least text above every text starting with `prefix` (paths compare by code
+    point on both databases: see schema.PathText)."""
+    while prefix and ord(prefix[-1]) == 0x10FFFF:
+        prefix = prefix[:-1]
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
 
 
 class IndexWriter:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import secrets
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .database import CatalogError
@@ -29,3 +29,27 @@ def temp_name_key(catalog) -> bytes:
         except IntegrityError:
             pass   # another run made it at the same moment: read theirs
     raise CatalogError("the catalog's temporary-name key can be neither read nor made")
+
+
+def get_setting(catalog, name: str) -> str | None:
+    """A catalog-wide value by name (None when never set): the state a stage keeps
+    between runs, such as what http-push last sent."""
+    with catalog.engine.connect() as conn:
+        return conn.execute(select(S.c.value).where(S.c.name == name)).scalar()
+
+
+def set_setting(catalog, name: str, value: str) -> None:
+    """Set a catalog-wide value, made if new."""
+    with catalog.engine.begin() as conn:
+        if conn.execute(update(S).where(S.c.name == name).values(value=value)).rowcount:
+            return
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(S).values(name=name, value=value))
+        except IntegrityError:   # made meanwhile by another run: ours is the later word
+            conn.execute(update(S).where(S.c.name == name).values(value=value))
+
+
+def run_progress_key(run_id: int) -> str:
+    """The setting a run started from the web view keeps its latest counters under."""
+    return f"progress:{run_id}"

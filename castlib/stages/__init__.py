@@ -14,6 +14,7 @@ _BUILTIN = {
     "sync": "castlib.stages.sync:SyncStage",
     "verify": "castlib.stages.verify:VerifyStage",
     "report": "castlib.stages.report:ReportStage",
+    "http-push": "castlib.stages.http_push:HttpPushStage",
 }
 
 

@@ -22,6 +22,21 @@ class ReportParams(StageParams):
     out: str = Field("-", description="file to write (relative to the pipeline file), - for stdout")
 
 
+# a diff as CSV (the report stage's and the web view's download)
+DIFF_CSV_FIELDS = ["path", "kind", "ref_type", "ref_size", "ref_mtime_ns", "ref_checksum",
+                   "ref_mode", "dst_type", "dst_size", "dst_mtime_ns", "dst_checksum",
+                   "dst_mode", "ref_corrupted", "dst_corrupted"]   # true where verify found rot
+
+
+def flat_difference(r: dict) -> dict:
+    """A Difference.as_dict() as one CSV row of DIFF_CSV_FIELDS."""
+    flat = {"path": r["path"], "kind": r["kind"]}
+    for side in ("ref", "dst"):
+        for k, v in (r.get(side) or {}).items():
+            flat[f"{side}_{k}"] = v
+    return flat
+
+
 class ReportStage(Stage):
     name = "report"
     description = "write a diff's or a verify's result as text, JSON or CSV"
@@ -62,17 +77,10 @@ class ReportStage(Stage):
             stream.write("\n")
         elif fmt == "csv":
             if isinstance(value, DiffResult):
-                fields = ["path", "kind", "ref_type", "ref_size", "ref_mtime_ns", "ref_checksum",
-                          "ref_mode", "dst_type", "dst_size", "dst_mtime_ns", "dst_checksum",
-                          "dst_mode", "ref_corrupted", "dst_corrupted"]   # true where verify found rot
-                writer = csv.DictWriter(stream, fields)
+                writer = csv.DictWriter(stream, DIFF_CSV_FIELDS)
                 writer.writeheader()
                 for r in rows:
-                    flat = {"path": r["path"], "kind": r["kind"]}
-                    for side in ("ref", "dst"):
-                        for k, v in (r.get(side) or {}).items():
-                            flat[f"{side}_{k}"] = v
-                    writer.writerow(flat)
+                    writer.writerow(flat_difference(r))
             else:
                 writer = csv.DictWriter(stream, ["path", "kind", "detail"])
                 writer.writeheader()

@@ -1,0 +1,135 @@
+"""Actions: POST /api/v1/runs and the page forms start runs in a child process of the
+server, with the token only; the run is in the catalog when the answer comes."""
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import tree_digest
+from tests.web.conftest import TOKEN
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _wait_finished(http: httpx.Client, run_id: int, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = http.get(f"/api/v1/runs/{run_id}").json()
+        if got["run"]["status"] != "running":
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} still running after {timeout_s} s")
+
+
+@pytest.fixture
+def server(two_trees, web_server, tmp_path):
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    db_url, ref, dst = two_trees
+    (pipelines / "nightly.yaml").write_text(
+        f"locations: {{ref: {ref}}}\nstages:\n  - index: {{location: ref}}\n")
+    base = web_server(db_url, token=TOKEN, pipelines=str(pipelines))
+    with httpx.Client(base_url=base, timeout=120) as http:
+        yield http, ref, dst
+
+
+def test_a_sync_started_with_the_token_runs_to_the_end(server, tmp_path):
+    http, ref, _ = server
+    target = tmp_path / "copy"
+    r = http.post("/api/v1/runs", headers=AUTH,
+                  json={"stage": "sync", "params": {"ref": str(ref), "dst": str(target)}})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["url"] == f"/runs/{body['run_id']}"
+    assert r.headers["location"] == f"/api/v1/runs/{body['run_id']}"
+    done = _wait_finished(http, body["run_id"])
+    assert done["run"]["status"] == "ok" and done["run"]["command"] == "sync"
+    sync = [s for s in done["stages"] if s["stage"] == "sync"][0]
+    assert sync["counts"]["copied"] == 5
+    assert tree_digest(target) == tree_digest(ref)
+    # the counters its process published (every second while it ran, and at the end)
+    progress = done["progress"]
+    assert progress["label"] == "sync" and progress["files"] == progress["total_files"] == 5
+    assert progress["bytes"] == progress["total_bytes"] == sum(
+        f.stat().st_size for f in ref.rglob("*") if f.is_file())
+    assert 'id="run-live"' not in http.get(body["url"]).text   # the page: while running only
+
+
+def test_a_dry_run_sync_copies_nothing_and_says_its_plan(server, tmp_path):
+    http, ref, _ = server
+    target = tmp_path / "plan-only"
+    r = http.post("/api/v1/runs", headers=AUTH, json={
+        "stage": "sync", "params": {"ref": str(ref), "dst": str(target)}, "dry_run": True})
+    assert r.status_code == 202, r.text
+    done = _wait_finished(http, r.json()["run_id"])
+    assert done["run"]["args"]["dry_run"] is True and done["run"]["status"] == "ok"
+    assert not target.exists()
+
+
+def test_a_pipeline_by_name_from_the_configured_folder(server):
+    http, _, _ = server
+    r = http.post("/api/v1/runs", headers=AUTH, json={"pipeline": "nightly.yaml"})
+    assert r.status_code == 202, r.text
+    done = _wait_finished(http, r.json()["run_id"])
+    assert done["run"]["command"] == "run" and done["stages"][0]["stage"] == "index"
+
+
+FORGED = [
+    {},
+    {"Authorization": "Bearer wrong-token"},
+    {"Authorization": f"Basic {TOKEN}"},
+    {"Authorization": f"Bearer {TOKEN}x"},
+    {"Authorization": "Bearer"},
+    {"Cookie": f"castlib_session={TOKEN}"},     # the cookie is not the token itself
+    {"Cookie": "castlib_session=0000"},
+]
+
+
+def test_without_the_token_nothing_is_started(server, tmp_path):
+    http, ref, _ = server
+    before = http.get("/api/v1/runs").json()["runs"]
+    target = tmp_path / "never"
+    for headers in FORGED:
+        r = http.post("/api/v1/runs", headers=headers,
+                      json={"stage": "sync", "params": {"ref": str(ref), "dst": str(target)}})
+        assert r.status_code == 401 and "token" in r.json()["error"], headers
+        assert r.headers.get("www-authenticate") == "Bearer"
+        page = http.post("/actions", headers=headers, data={"stage": "sync", "ref": str(ref),
+                                                             "dst": str(target)})
+        assert page.status_code == 401, headers
+    time.sleep(0.5)
+    assert http.get("/api/v1/runs").json()["runs"] == before and not target.exists()
+
+
+BAD_REQUESTS = [
+    ({"stage": "rm -rf", "params": {}}, 422, "unknown stage"),
+    ({"stage": "sync", "params": {"ref": "/a"}}, 422, "'dst' must name a location"),
+    ({"stage": "index", "params": {"location": "/tmp", "db": "sqlite:////tmp/other"}}, 422,
+     "unknown parameter 'db'"),
+    ({"stage": "index", "params": {"location": "/tmp", "nope": 1}}, 422, "unknown parameter"),
+    ({"pipeline": "../../etc/passwd.yaml"}, 422, "file name in the pipeline folder"),
+    ({"pipeline": "missing.yaml"}, 404, "no pipeline"),
+    ({"stage": "index", "pipeline": "nightly.yaml"}, 422, "either"),
+    ([1, 2], 422, "JSON object"),
+    ({"stage": "verify", "params": {"location": "/tmp/x\u0000y"}}, 422, "must name a location"),
+    ({"stage": "index", "params": {"location": "/tmp"}, "dry_run": True}, 422, "dry_run"),
+]
+
+
+def test_a_bad_request_is_refused_with_one_line(server):
+    http, _, _ = server
+    before = http.get("/api/v1/runs").json()["runs"]
+    for body, status, words in BAD_REQUESTS:
+        r = http.post("/api/v1/runs", headers=AUTH, json=body)
+        assert r.status_code == status and words in r.json()["error"], (body, r.text)
+    assert http.get("/api/v1/runs").json()["runs"] == before
+
+
+def test_a_refusal_of_castlib_itself_comes_back_as_422_and_not_json_as_400(server, tmp_path):
+    http, _, _ = server
+    r = http.post("/api/v1/runs", headers=AUTH, json={
+        "stage": "index", "params": {"location": str(tmp_path / "ref"), "checksum": "crc99"}})
+    assert r.status_code == 422 and "checksum" in r.json()["error"]
+    r = http.post("/api/v1/runs", headers={**AUTH, "Content-Type": "application/json"},
+                  content=b"{not json")
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
