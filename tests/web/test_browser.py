@@ -1,6 +1,6 @@
 """The pages in a real browser: Playwright driving Debian's /usr/bin/chromium (headless),
 against `castlib web` on a free port. Screenshots of each page go to
-test-artefacts/web/ (linked from the README)."""
+test-artefacts/web/ (ignored by git; copies of a run are in docs/screenshots/, linked from the README)."""
 from __future__ import annotations
 
 import os
