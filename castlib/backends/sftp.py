@@ -12,12 +12,13 @@ import logging
 import posixpath
 import stat as statmod
 import threading
+import time
 from typing import BinaryIO
 
 import fsspec
 import fsspec.asyn
 
-from ..checksum import CHUNK_SIZE, checksum_stream
+from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
 from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
 from .base import DIR, FILE, LINK, Stat
@@ -43,6 +44,11 @@ class SftpBackend(FsspecBackend):
         self._more_sessions = True    # False once the server refused a channel
         self._sftp_kwargs: dict = {}
         self._setstat_policy: bool | None = None   # see _setstat_denied_by_policy
+        # What a small file's upload already told (see _SftpFile and copy_file's steps):
+        self._read_back: dict[str, bytes] = {}   # temporary path -> its bytes, read back
+        self._pending_attrs: dict[str, dict] = {}   # temporary path -> set-stat at rename
+        self._setstat_proven: set[str] = set()   # set-stat kinds the server has done here
+        self._published = threading.local()      # .entry: (path, Stat, when) of a rename
 
     # -- connecting ------------------------------------------------------------------------
     def _connect(self):
@@ -156,6 +162,14 @@ class SftpBackend(FsspecBackend):
         return entries
 
     def stat(self, path: str) -> Stat | None:
+        back = self._read_back.get(path)
+        if back is not None:   # a temporary file just written and read back whole
+            return Stat(path, FILE, len(back), None, None)
+        entry = getattr(self._published, "entry", None)
+        if entry is not None:
+            self._published.entry = None
+            if entry[0] == path and time.monotonic() - entry[2] < PUBLISHED_STAT_S:
+                return entry[1]
         return self._sftp_lstat(path)
 
     def _sftp_lstat(self, path: str) -> Stat | None:
@@ -170,11 +184,8 @@ class SftpBackend(FsspecBackend):
                     return None
         except NotFound:
             return None
-        perms = attrs.permissions or 0
-        kind = DIR if statmod.S_ISDIR(perms) else LINK if statmod.S_ISLNK(perms) else FILE
-        st = Stat(path, kind, 0 if kind == DIR else attrs.size,
-                  attrs.mtime * SECOND_NS if attrs.mtime is not None else None, perms & 0o7777)
-        if kind == LINK:
+        st = _stat_from_attrs(path, attrs)
+        if st.kind == LINK:
             st.link_target = self._readlink(path)
         return st
 
@@ -190,10 +201,21 @@ class SftpBackend(FsspecBackend):
             return _Reader(self, path, _SftpFile(self, path, "rb", exact=exact))
 
     def open_write(self, path: str) -> BinaryIO:
+        # castlib's own temporary files are read back as soon as they are written (see
+        # _SftpFile.close), for the verification that follows
+        read_back = is_temp_name(posixpath.basename(path), self.temp_key)
         with self._errors(path):
-            return _Writer(self, path, _SftpFile(self, path, "wb"))
+            return _Writer(self, path, _SftpFile(self, path, "wb", read_back=read_back))
 
     def checksum(self, path: str, algorithm: str) -> str:
+        back = self._read_back.pop(path, None)
+        if back is not None:
+            # The bytes of a temporary file as the server gave them back, read by a new
+            # open after the writing handle was closed: what it stored, not what was sent
+            # (see _sftp_write_whole). Nobody else writes under a castlib temporary name.
+            hasher = Hasher((algorithm,))
+            hasher.update(back)
+            return hasher.hexdigests()[algorithm]
         if is_temp_name(posixpath.basename(path), self.temp_key):
             # the read-back of a temporary file castlib just wrote, under a name nobody
             # else uses: the size it had when opened is the size it has
@@ -204,7 +226,22 @@ class SftpBackend(FsspecBackend):
 
     # -- namespace -------------------------------------------------------------------------
     def rename(self, src: str, dst: str) -> None:
+        self._read_back.pop(src, None)
+        pending = self._pending_attrs.pop(src, None)
         with self._errors(src):
+            if self.capabilities.atomic_rename:
+                # a copy's last steps in one call: its times and bits (see set_mtime), the
+                # rename, and a stat of the result, which the engine asks for next
+                attrs, renamed = self._on_sftp(_sftp_publish, self._client(), self._full(src),
+                                               self._full(dst), pending)
+                if renamed:
+                    if attrs is not None:
+                        self._published.entry = (dst, _stat_from_attrs(dst, attrs),
+                                                 time.monotonic())
+                    return
+                self._learn_refusal("atomic_rename", "posix-rename")
+            elif pending:
+                self._on_sftp(self._client().setstat, self._full(src), _attrs(pending))
             self._sftp_rename(src, dst)
 
     def _sftp_rename(self, src: str, dst: str) -> None:
@@ -236,6 +273,8 @@ class SftpBackend(FsspecBackend):
         self._on_sftp(self._client().remove, self._full(aside))
 
     def delete(self, path: str) -> None:
+        self._read_back.pop(path, None)
+        self._pending_attrs.pop(path, None)
         st = self.stat(path)
         if st is None:
             raise NotFound(f"{self._where(path)}: not found", path=path)
@@ -249,14 +288,31 @@ class SftpBackend(FsspecBackend):
         if not self.capabilities.set_mtime:
             return super().set_mtime(path, mtime_ns)
         seconds = mtime_ns // SECOND_NS   # SFTP v3 keeps whole seconds
+        if self._defer_setstat(path, "set_mtime", mtime=seconds):
+            return
         self._setstat(path, "set_mtime", "modification times",
                       lambda client: client.utime(self._full(path), (seconds, seconds)))
 
     def chmod(self, path: str, mode: int) -> None:
         if not self.capabilities.permissions:
             return super().chmod(path, mode)
+        if self._defer_setstat(path, "permissions", permissions=mode & 0o7777):
+            return
         self._setstat(path, "permissions", "permission bits",
                       lambda client: client.chmod(self._full(path), mode & 0o7777))
+
+    def _defer_setstat(self, path: str, capability: str, **attrs) -> bool:
+        """Whether a set-stat of a temporary file can wait for its rename, to go out with
+        it in one call (see rename). Only once the server did that kind of set-stat on a
+        file of this location: whether it refuses one (policy, a server that cannot) is
+        learned at an immediate request, whose refusal the engine counts as such. A
+        deferred one that fails after all fails the rename, and so the copy: never a
+        copy said to have times or bits it has not."""
+        if capability not in self._setstat_proven or \
+                not is_temp_name(posixpath.basename(path), self.temp_key):
+            return False
+        self._pending_attrs.setdefault(path, {}).update(attrs)
+        return True
 
     def _setstat(self, path: str, capability: str, what: str, request) -> None:
         """One set-stat request (times, bits): a server that refuses set-stat as policy
@@ -267,6 +323,7 @@ class SftpBackend(FsspecBackend):
             with self._errors(path):
                 try:
                     self._on_sftp(request, self._client())
+                    self._setstat_proven.add(capability)
                 except asyncssh.SFTPPermissionDenied:
                     if not self._setstat_denied_by_policy(path):
                         raise
@@ -316,6 +373,51 @@ class SftpBackend(FsspecBackend):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+# How long after a rename the stat of its target may be answered by the stat taken in the
+# rename's own call: the engine asks at once, from the same thread (SftpBackend.stat).
+PUBLISHED_STAT_S = 5.0
+# The largest file read back at its close (see _SftpFile.close); bigger ones are read
+# back by checksum() in blocks, not held in memory.
+READ_BACK_MAX = CHUNK_SIZE
+
+
+def _stat_from_attrs(path: str, attrs) -> Stat:
+    perms = attrs.permissions or 0
+    kind = DIR if statmod.S_ISDIR(perms) else LINK if statmod.S_ISLNK(perms) else FILE
+    return Stat(path, kind, 0 if kind == DIR else attrs.size,
+                attrs.mtime * SECOND_NS if attrs.mtime is not None else None, perms & 0o7777)
+
+
+def _attrs(pending: dict):
+    """SFTP attributes for deferred set-stats: mtime (atime too, as utime sets both) and
+    permission bits, one request for both."""
+    import asyncssh
+
+    attrs = asyncssh.SFTPAttrs()
+    if "mtime" in pending:
+        attrs.atime = attrs.mtime = pending["mtime"]
+    if "permissions" in pending:
+        attrs.permissions = pending["permissions"]
+    return attrs
+
+
+async def _sftp_publish(sftp, src: str, dst: str, pending: dict | None):
+    """A copy's last steps, in one call: the set-stats that waited for it, the
+    posix-rename, and an lstat of the target (None if that fails: the engine then asks
+    itself). Returns (attributes, whether renamed); not renamed when the server has no
+    posix-rename (the caller renames another way)."""
+    import asyncssh
+
+    if pending:
+        await sftp.setstat(src, _attrs(pending))
+    try:
+        await sftp.posix_rename(src, dst)
+    except asyncssh.SFTPOpUnsupported:
+        return None, False
+    try:
+        return await sftp.lstat(dst), True
+    except asyncssh.SFTPError:
+        return None, True
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
@@ -358,8 +460,11 @@ class _SftpFile:
 
     PREFETCH = CHUNK_SIZE
 
-    def __init__(self, backend: FsspecBackend, path: str, mode: str, exact: bool = False):
+    def __init__(self, backend: FsspecBackend, path: str, mode: str, exact: bool = False,
+                 read_back: bool = False):
         self._backend = backend
+        self._rel = path
+        self._read_back = read_back
         self._path = backend._full(path)
         self._mode = mode
         self._pos = 0
@@ -430,8 +535,11 @@ class _SftpFile:
             return
         data, self._buffer = self._buffer, b""
         if f is None:   # one write or none: open, write and close in one call
-            self._backend._on_sftp(_sftp_write_whole, self._backend._client(), self._path,
-                                   self._mode, data)
+            back = self._backend._on_sftp(_sftp_write_whole, self._backend._client(),
+                                          self._path, self._mode, data,
+                                          self._read_back and len(data) <= READ_BACK_MAX)
+            if back is not None:
+                self._backend._read_back[self._rel] = back
         else:
             self._backend._on_sftp(f.close)
 
@@ -503,11 +611,30 @@ async def _sftp_open_write(sftp, path: str, mode: str, first: bytes):
     return f
 
 
-async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes) -> None:
-    """A file of one write: open, write, close, in one call."""
+async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: bool):
+    """A file of one write: open, write, close, in one call; and when `read_back`, its
+    bytes as the server then has them (None if they are not as many as were written: the
+    verification then looks for itself, by stat and read-back).
+
+    The read-back opens the file anew after the writing handle is closed, and asks for
+    one byte more than was written: the server answers from what it stored (on disk, or
+    its cache of the disk), not from anything the client sent, so the checksum of these
+    bytes verifies the copy as a separate read-back would; the extra byte's absence
+    shows the file ends where it should, without a stat."""
     f = await sftp.open(path, mode, block_size=_sftp_block_size(sftp))
     try:
         if data:
             await f.write(data)
     finally:
         await f.close()
+    if not read_back:
+        return None
+    # one read request when the bytes fit in one (block size 0: asyncssh's parallel
+    # reader would ask again after a short answer), else asyncssh's parallel reads
+    one = len(data) < (sftp.limits.max_read_len or SFTP_BLOCK_WITHOUT_LIMITS)
+    f = await sftp.open(path, "rb", block_size=0 if one else _sftp_block_size(sftp))
+    try:
+        back = await f.read(len(data) + 1, 0)
+    finally:
+        await f.close()
+    return back if len(back) == len(data) else None
