@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import posixpath
+import re
+import shlex
 import stat as statmod
 import threading
 import time
@@ -49,6 +51,7 @@ class SftpBackend(FsspecBackend):
         self._pending_attrs: dict[str, dict] = {}   # temporary path -> set-stat at rename
         self._setstat_proven: set[str] = set()   # set-stat kinds the server has done here
         self._published = threading.local()      # .entry: (path, Stat, when) of a rename
+        self._server_md5: bool | None = None     # md5sum runs on the host (see below)
 
     # -- connecting ------------------------------------------------------------------------
     def _connect(self):
@@ -207,6 +210,62 @@ class SftpBackend(FsspecBackend):
         with self._errors(path):
             return _Writer(self, path, _SftpFile(self, path, "wb", read_back=read_back))
 
+    # -- verification by the server's md5sum ----------------------------------------------
+    # A large file is verified by `md5sum` run on the host over `ssh exec`, against the md5
+    # of the bytes read from the source, instead of being read back through SFTP (as many
+    # bytes again, each encrypted and decrypted in Python). md5sum opens the file the
+    # server stored and reads all of it: the same guarantee as a read-back, at the
+    # server's disk speed. Only OpenSSH is asked, where the command is the host's own
+    # md5sum run by the user's shell: other servers answer `md5sum` themselves, and
+    # rclone serve sftp answers it from the hash it computed as the upload came in (a
+    # file changed on its disk, mtime kept, still gets the old md5): a hash of what was
+    # sent, not of what is stored. A host that runs no commands (ForceCommand
+    # internal-sftp, no md5sum, no shell) is learned at its first refusal: read-back.
+
+    def server_checksum_algorithm(self, size: int | None) -> str | None:
+        """The algorithm copy_file should verify a file of `size` bytes in, if not the
+        catalog's (see transfer.copy_file): md5, for large files on an OpenSSH host."""
+        if size is None or size <= READ_BACK_MAX or self._server_md5 is False:
+            return None
+        return "md5" if self._runs_commands() else None
+
+    def _runs_commands(self) -> bool:
+        version = self.fs.client.get_extra_info("server_version") or ""
+        return version.startswith("SSH-2.0-OpenSSH")
+
+    def _md5_on_server(self, path: str, size: int | None) -> str | None:
+        """md5sum of `path` run on the host; None where it cannot tell (the caller reads
+        the file back instead), learned for the location when the host runs no commands."""
+        import asyncssh
+
+        full = self._full(path)
+        try:
+            full.encode("utf-8")   # a name that is not UTF-8 cannot go in a command line
+        except UnicodeEncodeError:
+            return None
+        # md5sum reads at disk speed: a bound on its wait that grows with the size
+        timeout = READ_TIMEOUT_S + (size or 0) / (20 * 1024 * 1024)
+        try:
+            result = fsspec.asyn.sync(self.fs.loop, self.fs.client.run,
+                                      f"md5sum -- {shlex.quote(full)}", check=False,
+                                      timeout=timeout)
+        except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions): this file
+            log.debug("%s: no channel for md5sum (%s)", self._where(path), exc)
+            return None
+        line = result.stdout if isinstance(result.stdout, str) else ""
+        match = _MD5SUM_LINE.match(line)
+        if result.exit_status == 0 and match:
+            self._server_md5 = True
+            return match.group(1)
+        if result.exit_status == 1 and not line:
+            return None   # md5sum ran, and could not read this file: the read-back says why
+        # no md5sum, no shell, or a host that answers every command with its own words
+        # ("This service allows sftp connections only."): not asked again
+        log.debug("%s: no md5sum on the host (exit %s: %s); verifying by read-back",
+                  self._where(), result.exit_status, (line or result.stderr or "").strip()[:200])
+        self._server_md5 = False
+        return None
+
     def checksum(self, path: str, algorithm: str) -> str:
         back = self._read_back.pop(path, None)
         if back is not None:
@@ -217,6 +276,10 @@ class SftpBackend(FsspecBackend):
             hasher.update(back)
             return hasher.hexdigests()[algorithm]
         if is_temp_name(posixpath.basename(path), self.temp_key):
+            if algorithm == "md5" and self._server_md5 is not False and self._runs_commands():
+                digest = self._md5_on_server(path, None)
+                if digest is not None:
+                    return digest
             # the read-back of a temporary file castlib just wrote, under a name nobody
             # else uses: the size it had when opened is the size it has
             with self.open_read(path, exact=True) as stream:
@@ -379,6 +442,11 @@ PUBLISHED_STAT_S = 5.0
 # The largest file read back at its close (see _SftpFile.close); bigger ones are read
 # back by checksum() in blocks, not held in memory.
 READ_BACK_MAX = CHUNK_SIZE
+
+
+# md5sum's line: the digest (after a backslash when the name has one escaped), two
+# spaces or a space and '*', the name
+_MD5SUM_LINE = re.compile(r"\\?([0-9a-f]{32}) [ *]")
 
 
 def _stat_from_attrs(path: str, attrs) -> Stat:

@@ -239,7 +239,8 @@ def _copy(src, dst, name: str, mtime_ns: int, mode: int | None = None):
     from castlib.transfer import copy_file
 
     finish = (lambda tmp: dst.chmod(tmp, mode)) if mode is not None else None
-    return copy_file(src, name, dst, name, algorithm="adler32", expected_size=None,
+    # the size the catalog knows, as in a sync
+    return copy_file(src, name, dst, name, algorithm="adler32", expected_size=src.stat(name).size,
                      expected_checksum=None, mtime_ns=mtime_ns, temp_key=dst.temp_key,
                      before_rename=finish)
 
@@ -306,7 +307,7 @@ def test_sftp_copy_stored_wrong_is_caught_and_not_published(request, kind, size,
         return await original(self, data, offset)
 
     monkeypatch.setattr(asyncssh.SFTPClientFile, "write", corrupting)
-    with pytest.raises(VerificationFailed, match="written adler32"):
+    with pytest.raises(VerificationFailed, match="written (adler32|md5)"):
         _copy(src, dst, "f", 1_600_000_000 * 10**9)
     assert dst.stat("f") is None
     assert os.listdir(_server_folder(server)) == []   # the temporary removed
@@ -347,4 +348,82 @@ def test_sftp_copy_to_a_server_refusing_set_stat_and_posix_rename(sftp_restricte
         assert dst.stat(name).size == len(data)
         assert (server.folder / name).read_bytes() == data
     assert sorted(os.listdir(server.folder)) == sorted(files)
+    dst.close()
+
+
+def _corrupt_before_md5sum(monkeypatch, folder):
+    """Change one byte of every file md5sum is about to hash, on the server's disk, its
+    size and mtime kept: what md5sum then reads is not what was sent."""
+    from castlib.backends.sftp import SftpBackend
+
+    original = SftpBackend._md5_on_server
+
+    def corrupting(self, path, size):
+        local = folder / path
+        st = local.stat()
+        with open(local, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 1]))
+        os.utime(local, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return original(self, path, size)
+
+    monkeypatch.setattr(SftpBackend, "_md5_on_server", corrupting)
+
+
+def test_sftp_large_copy_is_verified_by_md5sum_on_the_host(sftp_server, tmp_path, monkeypatch):
+    """A large file to an OpenSSH host is verified by md5sum run there (no byte read back
+    through SFTP), against the md5 of the bytes read from the source; md5sum reads the
+    stored file, so a byte changed on the server's disk after the upload (size and mtime
+    kept) fails the copy, and nothing is published."""
+    import asyncssh
+
+    from castlib.errors import VerificationFailed
+
+    dst = open_backend(sftp_server.url, sftp_server.options)
+    data = os.urandom(5 * MIB + 3)
+    src = _local_source(tmp_path, {"f": data, "g": data})
+    counter = _RequestCounter(monkeypatch)
+    result = _copy(src, dst, "f", 1_600_000_000 * 10**9)
+    assert result.size == len(data) and (sftp_server.folder / "f").read_bytes() == data
+    assert counter.counts.get(asyncssh.sftp.FXP_READ, 0) == 0, counter.counts
+    assert dst._server_md5 is True
+    _corrupt_before_md5sum(monkeypatch, sftp_server.folder)
+    with pytest.raises(VerificationFailed, match="written md5"):
+        _copy(src, dst, "g", 1_600_000_000 * 10**9)
+    assert sorted(os.listdir(sftp_server.folder)) == ["f"]
+    dst.close()
+
+
+def test_sftp_host_that_runs_no_commands_is_verified_by_read_back(sftp_no_exec_server,
+                                                                  tmp_path, monkeypatch):
+    """A host that runs no commands (ForceCommand internal-sftp answers md5sum with a
+    refusal) is learned at the first large copy: it and every later one is read back
+    instead, which still catches a byte the server stored wrong."""
+    import asyncssh
+
+    from castlib.errors import VerificationFailed
+
+    server = sftp_no_exec_server
+    dst = open_backend(server.url, server.options)
+    data = os.urandom(5 * MIB + 3)
+    src = _local_source(tmp_path, {"f": data, "g": data, "h": data})
+    counter = _RequestCounter(monkeypatch)
+    for name in ("f", "g"):
+        counter.counts.clear()
+        assert _copy(src, dst, name, 1_600_000_000 * 10**9).size == len(data)
+        assert counter.counts.get(asyncssh.sftp.FXP_READ, 0) > 0, counter.counts   # read back
+        assert (server.folder / name).read_bytes() == data
+    assert dst._server_md5 is False
+    assert dst.server_checksum_algorithm(len(data)) is None   # asked once, not again
+    original = asyncssh.SFTPClientFile.write
+
+    async def corrupting(self, chunk, offset=None):
+        chunk = bytes([chunk[0] ^ 1]) + bytes(chunk[1:]) if offset in (0, None) else chunk
+        return await original(self, chunk, offset)
+
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", corrupting)
+    with pytest.raises(VerificationFailed, match="written adler32"):
+        _copy(src, dst, "h", 1_600_000_000 * 10**9)
+    assert sorted(os.listdir(server.folder)) == ["f", "g"]
     dst.close()
