@@ -8,6 +8,7 @@ any other asyncssh connection option goes to asyncssh as it is.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import posixpath
 import re
@@ -19,6 +20,7 @@ from typing import BinaryIO
 
 import fsspec
 import fsspec.asyn
+from fsspec.exceptions import FSTimeoutError
 
 from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
 from ..errors import NotFound, StorageError, Unsupported
@@ -540,6 +542,7 @@ class _SftpFile:
         self._exact = exact
         self._buffer = b""           # read: prefetched bytes; write: the first write's
         self._file = None
+        self._in_flight = None       # write: the block being sent (see write)
         self._closed = False
         if "r" in mode:
             self._file, self._size, self._buffer = backend._on_sftp(
@@ -589,8 +592,24 @@ class _SftpFile:
             self._file = self._backend._on_sftp(_sftp_open_write, self._backend._client(),
                                                 self._path, self._mode, self._buffer)
             self._buffer = b""
-        self._backend._on_sftp(self._file.write, data)
+        self._wait_written()
+        # One write in flight while the caller reads and hashes the next block (asyncssh
+        # has up to 128 requests of it out at once): the next write, or the close, waits
+        # for it and raises its error. Before, each block was read, then sent and waited
+        # for, then the next read: the line idle while the source was read.
+        self._in_flight = asyncio.run_coroutine_threadsafe(self._file.write(data),
+                                                           self._backend.fs.loop)
         return len(data)
+
+    def _wait_written(self) -> None:
+        fut, self._in_flight = self._in_flight, None
+        if fut is None:
+            return
+        try:
+            fut.result(timeout=READ_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise FSTimeoutError(f"no answer to a write within {READ_TIMEOUT_S} s") from None
 
     def close(self) -> None:
         if self._closed:
@@ -609,11 +628,18 @@ class _SftpFile:
             if back is not None:
                 self._backend._read_back[self._rel] = back
         else:
-            self._backend._on_sftp(f.close)
+            try:
+                self._wait_written()
+            finally:
+                self._backend._on_sftp(f.close)
 
     def discard(self) -> None:
         """Stop writing (an aborted upload): what was not sent is not."""
         self._buffer = b""
+        try:
+            self._wait_written()
+        except Exception:  # the error that made the caller abort is the one to report
+            pass
         if self._file is not None:
             self.close()
         self._closed = True

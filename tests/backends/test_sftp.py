@@ -427,3 +427,24 @@ def test_sftp_host_that_runs_no_commands_is_verified_by_read_back(sftp_no_exec_s
         _copy(src, dst, "h", 1_600_000_000 * 10**9)
     assert sorted(os.listdir(server.folder)) == ["f", "g"]
     dst.close()
+
+
+def test_sftp_write_in_flight_when_the_line_drops_fails_the_upload(sftp_server, outage_proxy):
+    """A block is sent while the next is read (one write in flight): when the line drops
+    under it, the upload still fails with a storage error (at the next write or the
+    close), never a success with bytes missing (copy_file then removes its temporary)."""
+    from castlib.errors import StorageError
+
+    proxy = outage_proxy(sftp_server.port)
+    url = sftp_server.url.replace(f":{sftp_server.port}/", f":{proxy.port}/", 1)
+    b = open_backend(url, sftp_server.options)
+    assert b.stat("") is not None
+    block = os.urandom(MIB)
+    with pytest.raises(StorageError):
+        with b.open_write("f") as f:
+            f.write(block)
+            f.write(block)   # the file opened, the first block written, this one in flight
+            proxy.cut()
+            f.write(block)
+    assert (sftp_server.folder / "f").stat().st_size < 3 * MIB
+    b.close()
