@@ -247,13 +247,14 @@ class SftpBackend(FsspecBackend):
             return None
         # md5sum reads at disk speed: a bound on its wait that grows with the size
         timeout = READ_TIMEOUT_S + (size or 0) / (20 * 1024 * 1024)
-        try:
-            result = fsspec.asyn.sync(self.fs.loop, self.fs.client.run,
-                                      f"md5sum -- {shlex.quote(full)}", check=False,
-                                      timeout=timeout)
-        except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions): this file
-            log.debug("%s: no channel for md5sum (%s)", self._where(path), exc)
-            return None
+        with self._errors(path):   # a line that drops is a storage error, as elsewhere
+            try:
+                result = fsspec.asyn.sync(self.fs.loop, self.fs.client.run,
+                                          f"md5sum -- {shlex.quote(full)}", check=False,
+                                          timeout=timeout)
+            except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions)
+                log.debug("%s: no channel for md5sum (%s)", self._where(path), exc)
+                return None
         line = result.stdout if isinstance(result.stdout, str) else ""
         match = _MD5SUM_LINE.match(line)
         if result.exit_status == 0 and match:
@@ -279,7 +280,8 @@ class SftpBackend(FsspecBackend):
             return hasher.hexdigests()[algorithm]
         if is_temp_name(posixpath.basename(path), self.temp_key):
             if algorithm == "md5" and self._server_md5 is not False and self._runs_commands():
-                digest = self._md5_on_server(path, None)
+                st = self._sftp_lstat(path)   # its size bounds md5sum's wait
+                digest = self._md5_on_server(path, st.size if st else None)
                 if digest is not None:
                     return digest
             # the read-back of a temporary file castlib just wrote, under a name nobody
