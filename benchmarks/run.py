@@ -581,14 +581,27 @@ def sc_upload_sftp_rclone(b: Bench) -> Result:
     return _upload_sftp(b, "upload-sftp-rclone", "rclone", "rclone serve sftp")
 
 
-def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str) -> Result:
-    """A first sync of small files to an SFTP server on loopback, each copy read back and
-    verified by castlib, against `rclone copy` of the same tree to the same server. Each
-    run writes into a folder of its own (rclone serve sftp caches folder listings)."""
-    tree = b.tree("small-300")
-    files = b.trees["small-300"].files
-    runs = b.runs(5)
-    title = f"upload {files} small files (0-8 KiB) to {server_name}"
+def sc_upload_sftp_big(b: Bench) -> Result:
+    return _upload_sftp(b, "upload-sftp-big", "openssh", "OpenSSH sshd", "one-256m")
+
+
+def sc_upload_sftp_big_rclone(b: Bench) -> Result:
+    return _upload_sftp(b, "upload-sftp-big-rclone", "rclone", "rclone serve sftp", "one-256m")
+
+
+def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
+                 tree_key: str = "small-300") -> Result:
+    """A first sync to an SFTP server on loopback, each copy verified by castlib (read
+    back, or md5sum on an OpenSSH host for a large file), against `rclone copy` of the
+    same tree to the same server. Each run writes into a folder of its own (rclone serve
+    sftp caches folder listings)."""
+    tree = b.tree(tree_key)
+    spec = b.trees[tree_key]
+    files = spec.files
+    runs = b.runs(5 if tree_key == "small-300" else 3)
+    what = (f"{files} small files (0-{spec.max_size >> 10} KiB)" if tree_key == "small-300"
+            else f"one {spec.max_size >> 20} MiB file")
+    title = f"upload {what} to {server_name}"
     with SftpServers(os.path.join(b.work, "sftp")) as servers:
         data = servers.data(server_kind)
         saved = os.environ.get("CASTLIB_CONFIG")
@@ -618,9 +631,11 @@ def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str) -> Resu
             else:
                 os.environ["CASTLIB_CONFIG"] = saved
     r = ratio_result(key, title, 1.0, castlib, peer, runs)
-    r.note = ("castlib also starts Python, indexes both sides into its catalog and reads "
-              "every copy back to verify it; rclone copy checks sizes, and md5 where it can "
-              "run md5sum on the server (OpenSSH: one `ssh exec` a file, its main cost there)")
+    r.note = ("castlib also starts Python, indexes both sides into its catalog and verifies "
+              "every copy (read back as it is closed; a large one to OpenSSH by md5sum on the "
+              "host); rclone copy checks sizes, and md5 where it can run md5sum on the "
+              "server (OpenSSH: one `ssh exec` a file, its main cost there; rclone serve "
+              "sftp answers from the md5 it took as the upload came in)")
     return r
 
 
@@ -694,6 +709,8 @@ SCENARIOS = {
     "upload-xrootd-cksum": sc_upload_xrootd_cksum,
     "upload-sftp": sc_upload_sftp,
     "upload-sftp-rclone": sc_upload_sftp_rclone,
+    "upload-sftp-big": sc_upload_sftp_big,
+    "upload-sftp-big-rclone": sc_upload_sftp_big_rclone,
     "diff-1m": sc_diff_1m,
     "catalog-1m": sc_catalog_1m,
     "startup": sc_startup,

@@ -81,7 +81,10 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
     computes it (server-side, or by reading it back), match the bytes read; and the
     source's size and mtime are the same after the read as before it (SourceChanged if
     not: a file rewritten in place while it was read would give a torn copy whose
-    checksum matches itself, and so passes every other check). temp_key: the catalog's
+    checksum matches itself, and so passes every other check). A destination that can have
+    its server hash the stored file in another algorithm than the catalog's (its
+    `server_checksum_algorithm(size)`, e.g. md5sum on an SSH host) gets the source bytes
+    hashed in that one too, and is verified in it: no read-back. temp_key: the catalog's
     key that tags the temporary name (catalog.settings.temp_name_key). before_rename
     (temporary path) sets what else the file should have (owner, permission bits) while
     it is still under its temporary name.
@@ -91,16 +94,21 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
     before = src.stat(src_path)
     if before is None:
         raise NotFound("source vanished before it could be copied", path=src_path)
+    # the algorithm the destination verifies in, when not the catalog's (see above)
+    server_algorithm = getattr(dst, "server_checksum_algorithm", None)
+    verify_in = (server_algorithm(expected_size) if server_algorithm else None) or algorithm
     try:
         third_party = dst.capabilities.third_party_copy and dst.copy_from(src, src_path, tmp)
         if third_party:
             source_sum = expected_checksum or src.checksum(src_path, algorithm)
             read = {algorithm: source_sum}
+            verify_in = algorithm
             size = expected_size
             if on_bytes and size:
                 on_bytes(size)
         else:
-            read, size = _stream(src, src_path, dst, tmp, algorithm, on_bytes, chunk_size)
+            read, size = _stream(src, src_path, dst, tmp, (algorithm, verify_in), on_bytes,
+                                 chunk_size)
         made = True
         _check_unchanged(src, src_path, before)
         if expected_size is not None and size != expected_size:
@@ -118,10 +126,10 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
             raise VerificationFailed(f"written size {written.size} != {size}", path=dst_path)
         if size is None:
             size = written.size
-        dst_sum = dst.checksum(tmp, algorithm)
-        if dst_sum != read[algorithm]:
+        dst_sum = dst.checksum(tmp, verify_in)
+        if dst_sum != read[verify_in]:
             raise VerificationFailed(
-                f"written {algorithm} {dst_sum} != read {read[algorithm]}", path=dst_path)
+                f"written {verify_in} {dst_sum} != read {read[verify_in]}", path=dst_path)
         mtime_set = False
         if mtime_ns is not None and dst.capabilities.set_mtime:
             try:
@@ -165,12 +173,12 @@ def _check_unchanged(src: Backend, src_path: str, before) -> None:
                             "moved): copy discarded, left for the next run", path=src_path)
 
 
-def _stream(src, src_path, dst, tmp, algorithm, on_bytes, chunk_size):
+def _stream(src, src_path, dst, tmp, algorithms, on_bytes, chunk_size):
     """Source to temporary, hashing. The write stream commits only at the clean end of
     its block: a read error (or an interruption) aborts it, so no upload is completed
     with the bytes read so far (the temporary, if any is left, is removed by the caller
     or the next sync)."""
-    hasher = Hasher((algorithm,))
+    hasher = Hasher(algorithms)
     with src.open_read(src_path) as reader, dst.open_write(tmp) as writer:
         while True:
             chunk = reader.read(chunk_size)

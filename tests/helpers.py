@@ -171,3 +171,11 @@ def run_cli_interrupted(*args: str, db: str | None, ready, interrupt, env: dict 
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     result.ended_after = ended_after
     return result
+
+
+def local_url(path) -> str:
+    """How castlib names a local folder of this machine: file://HOST/path (HOST is this
+    machine's name, or $CASTLIB_HOSTNAME: local locations belong to a host)."""
+    from castlib.hosts import local_hostname
+
+    return f"file://{local_hostname()}{path}"

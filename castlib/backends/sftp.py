@@ -8,16 +8,21 @@ any other asyncssh connection option goes to asyncssh as it is.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import posixpath
+import re
+import shlex
 import stat as statmod
 import threading
+import time
 from typing import BinaryIO
 
 import fsspec
 import fsspec.asyn
+from fsspec.exceptions import FSTimeoutError
 
-from ..checksum import CHUNK_SIZE, checksum_stream
+from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
 from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
 from .base import DIR, FILE, LINK, Capabilities, Stat
@@ -46,6 +51,12 @@ class SftpBackend(FsspecBackend):
         self._sftp_kwargs: dict = {}
         self._setstat_policy: bool | None = None   # see _setstat_denied_by_policy
         self.posix_rename = True      # False once the server refused it (see _sftp_rename)
+        # What a small file's upload already told (see _SftpFile and copy_file's steps):
+        self._read_back: dict[str, bytes] = {}   # temporary path -> its bytes, read back
+        self._pending_attrs: dict[str, dict] = {}   # temporary path -> set-stat at rename
+        self._setstat_proven: set[str] = set()   # set-stat kinds the server has done here
+        self._published = threading.local()      # .entry: (path, Stat, when) of a rename
+        self._server_md5: bool | None = None     # md5sum runs on the host (see below)
 
     # -- connecting ------------------------------------------------------------------------
     def _root_path(self) -> str:
@@ -165,6 +176,14 @@ class SftpBackend(FsspecBackend):
         return entries
 
     def stat(self, path: str) -> Stat | None:
+        back = self._read_back.get(path)
+        if back is not None:   # a temporary file just written and read back whole
+            return Stat(path, FILE, len(back), None, None)
+        entry = getattr(self._published, "entry", None)
+        if entry is not None:
+            self._published.entry = None
+            if entry[0] == path and time.monotonic() - entry[2] < PUBLISHED_STAT_S:
+                return entry[1]
         return self._sftp_lstat(path)
 
     def _sftp_lstat(self, path: str) -> Stat | None:
@@ -179,11 +198,8 @@ class SftpBackend(FsspecBackend):
                     return None
         except NotFound:
             return None
-        perms = attrs.permissions or 0
-        kind = DIR if statmod.S_ISDIR(perms) else LINK if statmod.S_ISLNK(perms) else FILE
-        st = Stat(path, kind, 0 if kind == DIR else attrs.size,
-                  attrs.mtime * SECOND_NS if attrs.mtime is not None else None, perms & 0o7777)
-        if kind == LINK:
+        st = _stat_from_attrs(path, attrs)
+        if st.kind == LINK:
             st.link_target = self._readlink(path)
         return st
 
@@ -199,11 +215,84 @@ class SftpBackend(FsspecBackend):
             return _Reader(self, path, _SftpFile(self, path, "rb", exact=exact))
 
     def open_write(self, path: str) -> BinaryIO:
+        # castlib's own temporary files are read back as soon as they are written (see
+        # _SftpFile.close), for the verification that follows
+        read_back = is_temp_name(posixpath.basename(path), self.temp_key)
         with self._errors(path):
-            return _Writer(self, path, _SftpFile(self, path, "wb"))
+            return _Writer(self, path, _SftpFile(self, path, "wb", read_back=read_back))
+
+    # -- verification by the server's md5sum ----------------------------------------------
+    # A large file is verified by `md5sum` run on the host over `ssh exec`, against the md5
+    # of the bytes read from the source, instead of being read back through SFTP (as many
+    # bytes again, each encrypted and decrypted in Python). md5sum opens the file the
+    # server stored and reads all of it: the same guarantee as a read-back, at the
+    # server's disk speed. Only OpenSSH is asked, where the command is the host's own
+    # md5sum run by the user's shell: other servers answer `md5sum` themselves, and
+    # rclone serve sftp answers it from the hash it computed as the upload came in (a
+    # file changed on its disk, mtime kept, still gets the old md5): a hash of what was
+    # sent, not of what is stored. A host that runs no commands (ForceCommand
+    # internal-sftp, no md5sum, no shell) is learned at its first refusal: read-back.
+
+    def server_checksum_algorithm(self, size: int | None) -> str | None:
+        """The algorithm copy_file should verify a file of `size` bytes in, if not the
+        catalog's (see transfer.copy_file): md5, for large files on an OpenSSH host."""
+        if size is None or size <= READ_BACK_MAX or self._server_md5 is False:
+            return None
+        return "md5" if self._runs_commands() else None
+
+    def _runs_commands(self) -> bool:
+        version = self.fs.client.get_extra_info("server_version") or ""
+        return version.startswith("SSH-2.0-OpenSSH")
+
+    def _md5_on_server(self, path: str, size: int | None) -> str | None:
+        """md5sum of `path` run on the host; None where it cannot tell (the caller reads
+        the file back instead), learned for the location when the host runs no commands."""
+        import asyncssh
+
+        full = self._full(path)
+        try:
+            full.encode("utf-8")   # a name that is not UTF-8 cannot go in a command line
+        except UnicodeEncodeError:
+            return None
+        # md5sum reads at disk speed: a bound on its wait that grows with the size
+        timeout = READ_TIMEOUT_S + (size or 0) / (20 * 1024 * 1024)
+        with self._errors(path):   # a line that drops is a storage error, as elsewhere
+            try:
+                result = fsspec.asyn.sync(self.fs.loop, self.fs.client.run,
+                                          f"md5sum -- {shlex.quote(full)}", check=False,
+                                          timeout=timeout)
+            except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions)
+                log.debug("%s: no channel for md5sum (%s)", self._where(path), exc)
+                return None
+        line = result.stdout if isinstance(result.stdout, str) else ""
+        match = _MD5SUM_LINE.match(line)
+        if result.exit_status == 0 and match:
+            self._server_md5 = True
+            return match.group(1)
+        if result.exit_status == 1 and not line:
+            return None   # md5sum ran, and could not read this file: the read-back says why
+        # no md5sum, no shell, or a host that answers every command with its own words
+        # ("This service allows sftp connections only."): not asked again
+        log.debug("%s: no md5sum on the host (exit %s: %s); verifying by read-back",
+                  self._where(), result.exit_status, (line or result.stderr or "").strip()[:200])
+        self._server_md5 = False
+        return None
 
     def checksum(self, path: str, algorithm: str) -> str:
+        back = self._read_back.pop(path, None)
+        if back is not None:
+            # The bytes of a temporary file as the server gave them back, read by a new
+            # open after the writing handle was closed: what it stored, not what was sent
+            # (see _sftp_write_whole). Nobody else writes under a castlib temporary name.
+            hasher = Hasher((algorithm,))
+            hasher.update(back)
+            return hasher.hexdigests()[algorithm]
         if is_temp_name(posixpath.basename(path), self.temp_key):
+            if algorithm == "md5" and self._server_md5 is not False and self._runs_commands():
+                st = self._sftp_lstat(path)   # its size bounds md5sum's wait
+                digest = self._md5_on_server(path, st.size if st else None)
+                if digest is not None:
+                    return digest
             # the read-back of a temporary file castlib just wrote, under a name nobody
             # else uses: the size it had when opened is the size it has
             with self.open_read(path, exact=True) as stream:
@@ -213,7 +302,24 @@ class SftpBackend(FsspecBackend):
 
     # -- namespace -------------------------------------------------------------------------
     def rename(self, src: str, dst: str) -> None:
+        self._read_back.pop(src, None)
+        pending = self._pending_attrs.pop(src, None)
         with self._errors(src):
+            if self.posix_rename:
+                # a copy's last steps in one call: its times and bits (see set_mtime), the
+                # rename, and a stat of the result, which the engine asks for next
+                attrs, renamed = self._on_sftp(_sftp_publish, self._client(), self._full(src),
+                                               self._full(dst), pending)
+                if renamed:
+                    if attrs is not None:
+                        self._published.entry = (dst, _stat_from_attrs(dst, attrs),
+                                                 time.monotonic())
+                    return
+                # the set-stats went out before the refused rename
+                log.info("%s: the server refuses posix-rename; renaming in steps", self._where())
+                self.posix_rename = False
+            elif pending:
+                self._on_sftp(self._client().setstat, self._full(src), _attrs(pending))
             self._sftp_rename(src, dst)
 
     def _sftp_rename(self, src: str, dst: str) -> None:
@@ -246,6 +352,8 @@ class SftpBackend(FsspecBackend):
         self._on_sftp(self._client().remove, self._full(aside))
 
     def delete(self, path: str) -> None:
+        self._read_back.pop(path, None)
+        self._pending_attrs.pop(path, None)
         st = self.stat(path)
         if st is None:
             raise NotFound(f"{self._where(path)}: not found", path=path)
@@ -259,14 +367,31 @@ class SftpBackend(FsspecBackend):
         if not self.capabilities.set_mtime:
             return super().set_mtime(path, mtime_ns)
         seconds = mtime_ns // SECOND_NS   # SFTP v3 keeps whole seconds
+        if self._defer_setstat(path, "set_mtime", mtime=seconds):
+            return
         self._setstat(path, "set_mtime", "modification times",
                       lambda client: client.utime(self._full(path), (seconds, seconds)))
 
     def chmod(self, path: str, mode: int) -> None:
         if not self.capabilities.permissions:
             return super().chmod(path, mode)
+        if self._defer_setstat(path, "permissions", permissions=mode & 0o7777):
+            return
         self._setstat(path, "permissions", "permission bits",
                       lambda client: client.chmod(self._full(path), mode & 0o7777))
+
+    def _defer_setstat(self, path: str, capability: str, **attrs) -> bool:
+        """Whether a set-stat of a temporary file can wait for its rename, to go out with
+        it in one call (see rename). Only once the server did that kind of set-stat on a
+        file of this location: whether it refuses one (policy, a server that cannot) is
+        learned at an immediate request, whose refusal the engine counts as such. A
+        deferred one that fails after all fails the rename, and so the copy: never a
+        copy said to have times or bits it has not."""
+        if capability not in self._setstat_proven or \
+                not is_temp_name(posixpath.basename(path), self.temp_key):
+            return False
+        self._pending_attrs.setdefault(path, {}).update(attrs)
+        return True
 
     def _setstat(self, path: str, capability: str, what: str, request) -> None:
         """One set-stat request (times, bits): a server that refuses set-stat as policy
@@ -277,6 +402,7 @@ class SftpBackend(FsspecBackend):
             with self._errors(path):
                 try:
                     self._on_sftp(request, self._client())
+                    self._setstat_proven.add(capability)
                 except asyncssh.SFTPPermissionDenied:
                     if not self._setstat_denied_by_policy(path):
                         raise
@@ -326,6 +452,58 @@ class SftpBackend(FsspecBackend):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+# How long after a rename the stat of its target may be answered by the stat taken in the
+# rename's own call: the engine asks at once, from the same thread (SftpBackend.stat).
+PUBLISHED_STAT_S = 5.0
+# The largest file read back at its close (see _SftpFile.close); bigger ones are read
+# back by checksum() in blocks, not held in memory.
+READ_BACK_MAX = CHUNK_SIZE
+
+
+# md5sum's line: the digest (after a backslash when the name has one escaped), two
+# spaces or a space and '*', the name
+_MD5SUM_LINE = re.compile(r"\\?([0-9a-f]{32}) [ *]")
+
+
+def _stat_from_attrs(path: str, attrs) -> Stat:
+    perms = attrs.permissions or 0
+    kind = DIR if statmod.S_ISDIR(perms) else LINK if statmod.S_ISLNK(perms) else FILE
+    return Stat(path, kind, 0 if kind == DIR else attrs.size,
+                attrs.mtime * SECOND_NS if attrs.mtime is not None else None, perms & 0o7777)
+
+
+def _attrs(pending: dict):
+    """SFTP attributes for deferred set-stats: mtime (atime too, as utime sets both) and
+    permission bits, one request for both."""
+    import asyncssh
+
+    attrs = asyncssh.SFTPAttrs()
+    if "mtime" in pending:
+        attrs.atime = attrs.mtime = pending["mtime"]
+    if "permissions" in pending:
+        attrs.permissions = pending["permissions"]
+    return attrs
+
+
+async def _sftp_publish(sftp, src: str, dst: str, pending: dict | None):
+    """A copy's last steps, in one call: the set-stats that waited for it, the
+    posix-rename, and an lstat of the target (None if that fails: the engine then asks
+    itself). Returns (attributes, whether renamed); not renamed when the server has no
+    posix-rename (the caller renames another way)."""
+    import asyncssh
+
+    if pending:
+        await sftp.setstat(src, _attrs(pending))
+    try:
+        await sftp.posix_rename(src, dst)
+    except asyncssh.SFTPOpUnsupported:
+        return None, False
+    try:
+        return await sftp.lstat(dst), True
+    except asyncssh.SFTPError:
+        return None, True
+
+
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
@@ -368,8 +546,11 @@ class _SftpFile:
 
     PREFETCH = CHUNK_SIZE
 
-    def __init__(self, backend: FsspecBackend, path: str, mode: str, exact: bool = False):
+    def __init__(self, backend: FsspecBackend, path: str, mode: str, exact: bool = False,
+                 read_back: bool = False):
         self._backend = backend
+        self._rel = path
+        self._read_back = read_back
         self._path = backend._full(path)
         self._mode = mode
         self._pos = 0
@@ -377,6 +558,7 @@ class _SftpFile:
         self._exact = exact
         self._buffer = b""           # read: prefetched bytes; write: the first write's
         self._file = None
+        self._in_flight = None       # write: the block being sent (see write)
         self._closed = False
         if "r" in mode:
             self._file, self._size, self._buffer = backend._on_sftp(
@@ -426,8 +608,24 @@ class _SftpFile:
             self._file = self._backend._on_sftp(_sftp_open_write, self._backend._client(),
                                                 self._path, self._mode, self._buffer)
             self._buffer = b""
-        self._backend._on_sftp(self._file.write, data)
+        self._wait_written()
+        # One write in flight while the caller reads and hashes the next block (asyncssh
+        # has up to 128 requests of it out at once): the next write, or the close, waits
+        # for it and raises its error. Before, each block was read, then sent and waited
+        # for, then the next read: the line idle while the source was read.
+        self._in_flight = asyncio.run_coroutine_threadsafe(self._file.write(data),
+                                                           self._backend.fs.loop)
         return len(data)
+
+    def _wait_written(self) -> None:
+        fut, self._in_flight = self._in_flight, None
+        if fut is None:
+            return
+        try:
+            fut.result(timeout=READ_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise FSTimeoutError(f"no answer to a write within {READ_TIMEOUT_S} s") from None
 
     def close(self) -> None:
         if self._closed:
@@ -440,14 +638,24 @@ class _SftpFile:
             return
         data, self._buffer = self._buffer, b""
         if f is None:   # one write or none: open, write and close in one call
-            self._backend._on_sftp(_sftp_write_whole, self._backend._client(), self._path,
-                                   self._mode, data)
+            back = self._backend._on_sftp(_sftp_write_whole, self._backend._client(),
+                                          self._path, self._mode, data,
+                                          self._read_back and len(data) <= READ_BACK_MAX)
+            if back is not None:
+                self._backend._read_back[self._rel] = back
         else:
-            self._backend._on_sftp(f.close)
+            try:
+                self._wait_written()
+            finally:
+                self._backend._on_sftp(f.close)
 
     def discard(self) -> None:
         """Stop writing (an aborted upload): what was not sent is not."""
         self._buffer = b""
+        try:
+            self._wait_written()
+        except Exception:  # the error that made the caller abort is the one to report
+            pass
         if self._file is not None:
             self.close()
         self._closed = True
@@ -513,11 +721,30 @@ async def _sftp_open_write(sftp, path: str, mode: str, first: bytes):
     return f
 
 
-async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes) -> None:
-    """A file of one write: open, write, close, in one call."""
+async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: bool):
+    """A file of one write: open, write, close, in one call; and when `read_back`, its
+    bytes as the server then has them (None if they are not as many as were written: the
+    verification then looks for itself, by stat and read-back).
+
+    The read-back opens the file anew after the writing handle is closed, and asks for
+    one byte more than was written: the server answers from what it stored (on disk, or
+    its cache of the disk), not from anything the client sent, so the checksum of these
+    bytes verifies the copy as a separate read-back would; the extra byte's absence
+    shows the file ends where it should, without a stat."""
     f = await sftp.open(path, mode, block_size=_sftp_block_size(sftp))
     try:
         if data:
             await f.write(data)
     finally:
         await f.close()
+    if not read_back:
+        return None
+    # one read request when the bytes fit in one (block size 0: asyncssh's parallel
+    # reader would ask again after a short answer), else asyncssh's parallel reads
+    one = len(data) < (sftp.limits.max_read_len or SFTP_BLOCK_WITHOUT_LIMITS)
+    f = await sftp.open(path, "rb", block_size=0 if one else _sftp_block_size(sftp))
+    try:
+        back = await f.read(len(data) + 1, 0)
+    finally:
+        await f.close()
+    return back if len(back) == len(data) else None

@@ -60,10 +60,11 @@ def _keygen(path: Path) -> None:
                     "-f", str(path)], check=True)
 
 
-def _sshd(sftp_args: str = "", max_sessions: int = 10):
+def _sshd(sftp_args: str = "", max_sessions: int = 10, extra: str = ""):
     """sshd -D on 127.0.0.1 on a free port with its own host key and one client key;
     `sftp_args` go to its sftp-server (e.g. `-P symlink` to refuse links); at most
-    `max_sessions` channels a connection (OpenSSH's default: 10)."""
+    `max_sessions` channels a connection (OpenSSH's default: 10); `extra`: more lines of
+    sshd_config."""
     # not below pytest's private temporary tree: sshd reads authorized_keys as the user
     conf_dir = Path(tempfile.mkdtemp(prefix="castlib-sshd-"))
     os.chmod(conf_dir, 0o755)
@@ -92,7 +93,7 @@ MaxStartups 50
 MaxSessions {max_sessions}
 LogLevel ERROR
 Subsystem sftp {sftp_server} {sftp_args}
-""")
+{extra}""")
     try:
         with server_process("sshd", [SSHD, "-D", "-e", "-f", str(config)],
                             conf_dir / "sshd.log", answers_on(port, b"SSH-")):
@@ -124,6 +125,18 @@ def sftp_restricted_session():
 def sftp_two_sessions_session():
     """sshd that opens at most two channels a connection (MaxSessions 2)."""
     yield from _sshd(max_sessions=2)
+
+
+@pytest.fixture(scope="session")
+def sftp_no_exec_session():
+    """sshd that runs no commands: every session is its sftp-server (ForceCommand
+    internal-sftp), as on hosts that offer SFTP and nothing else."""
+    yield from _sshd(extra="ForceCommand internal-sftp\n")
+
+
+@pytest.fixture
+def sftp_no_exec_server(sftp_no_exec_session) -> SftpServer:
+    yield from _fresh_folder(sftp_no_exec_session)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import castlib
 from castlib.catalog import Catalog
 from castlib.config import UserConfig
 from castlib.pipeline import Pipeline
-from tests.helpers import make_tree
+from tests.helpers import make_tree, local_url
 
 TOKEN = "push-token-123"
 
@@ -92,7 +92,7 @@ def test_entries_go_as_ndjson_batches_with_the_bearer_token(db_url, indexed, ser
     assert set(lines) == {"a.dat", "sub", "sub/b.dat", "sub/c.dat"}
     a = lines["a.dat"]
     assert a["kind"] == "file" and a["size"] == 100 and a["adler32"] == _adler(b"a" * 100)
-    assert a["mtime"].endswith("Z") and a["location"] == f"file://{indexed}"
+    assert a["mtime"].endswith("Z") and a["location"] == local_url(indexed)
 
 
 def test_each_run_sends_only_what_changed(db_url, indexed, service):

@@ -7,7 +7,7 @@ import pytest
 import castlib
 from castlib.catalog import Catalog
 from castlib.errors import CastlibError, LocationMissing, SafetyRefusal
-from tests.helpers import in_unprivileged_child, make_tree, tree_digest
+from tests.helpers import in_unprivileged_child, make_tree, tree_digest, local_url
 
 
 def sync(ref, dst, db, **kw):
@@ -175,7 +175,7 @@ def test_an_unreadable_reference_root_is_an_error_before_any_change(open_base):
         return "no error"
 
     message = in_unprivileged_child(sync_as_plain_user)
-    assert message.startswith(f"cannot list location file://{ref}: Permission denied")
+    assert message.startswith(f"cannot list location {local_url(ref)}: Permission denied")
     assert sorted(os.listdir(dst)) == ["a.dat", "b.dat"]
 
 

@@ -7,6 +7,7 @@ import httpx
 
 from castlib.catalog import Catalog
 from tests.web.conftest import REF_FILES, location_ids
+from tests.helpers import local_url
 
 ML = "{urn:ietf:params:xml:ns:metalink}"
 
@@ -88,7 +89,7 @@ def test_metalink_lists_files_with_size_hash_and_url(client, two_trees):
     assert a.find(f"{ML}size").text == "1000"
     assert a.find(f"{ML}hash").get("type") == "adler32"
     assert a.find(f"{ML}hash").text == _adler(b"a" * 1000)
-    assert a.find(f"{ML}url").text == f"file://{two_trees[1]}/run1/a.dat"
+    assert a.find(f"{ML}url").text == local_url(two_trees[1]) + "/run1/a.dat"
 
 
 def test_diff_counts_and_pages(client):

@@ -9,7 +9,7 @@ import re
 import httpx
 import pytest
 
-from tests.helpers import tree_digest
+from tests.helpers import tree_digest, local_url
 from tests.web.conftest import ARTEFACTS, REF_FILES, TOKEN
 
 CHROMIUM = "/usr/bin/chromium"
@@ -57,7 +57,7 @@ def shot(page, name: str) -> None:
 def test_browse_to_a_file(page, site):
     page.goto("/locations")
     shot(page, "locations")
-    page.click(f'#locations a:text-is("file://{site[2]}")')
+    page.click(f'#locations a:text-is("{local_url(site[2])}")')
     page.click("text=run1/")
     assert page.inner_text("#crumbs").endswith("run1")
     shot(page, "entries")
@@ -71,7 +71,7 @@ def test_browse_to_a_file(page, site):
 def test_a_diff_chosen_in_the_page_is_kept_in_the_url(page, site):
     base, _, ref, dst = site
     ids = {r["url"]: r["id"] for r in httpx.get(f"{base}/api/v1/locations").json()["locations"]}
-    ref_id, dst_id = ids[f"file://{ref}"], ids[f"file://{dst}"]
+    ref_id, dst_id = ids[local_url(ref)], ids[local_url(dst)]
     page.goto("/diff")
     page.select_option("#diff-ref", str(ref_id))
     page.select_option("#diff-dst", str(dst_id))
