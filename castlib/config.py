@@ -15,18 +15,37 @@ without credentials.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import ConfigError
 from .location import LocationURL, parse_location
 
 
-@dataclass
-class UserConfig:
-    path: str | None = None
-    storage: dict[str, dict] = field(default_factory=dict)
-    locations: dict[str, str] = field(default_factory=dict)
+class UserConfig(BaseModel):
+    """The configuration file's keys (each one line here: a new key is a new field)."""
+
+    model_config = ConfigDict(extra="forbid")
+    storage: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="back-end options by URL prefix (the longest wins)")
+    locations: dict[str, str] = Field(default_factory=dict,
+                                      description="names for URLs, as a pipeline's locations")
+    _path: str | None = PrivateAttr(None)
+
+    @field_validator("storage", "locations", mode="before")
+    @classmethod
+    def _mapping(cls, value):
+        if value is None:   # `storage:` with nothing under it
+            return {}
+        # a name YAML reads as a number (2017:) is still a name
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @property
+    def path(self) -> str | None:
+        """The file it was read from (None: no file)."""
+        return self._path
 
     def options_for(self, url: LocationURL) -> dict:
         """Back-end options for a URL: the entry with the longest matching prefix."""
@@ -40,6 +59,18 @@ class UserConfig:
             if (target == key or target.startswith(key.rstrip("/") + "/")) and len(key) > best_len:
                 best, best_len = options, len(key)
         return dict(best)
+
+
+def _explain(loc: tuple, kind: str, message: str) -> str | None:
+    if not loc:
+        return "expected a mapping with 'storage' and 'locations'"
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return f"unknown key (expected {', '.join(UserConfig.model_fields)})"
+    if loc[0] == "storage":
+        return "'storage' must map URL prefixes to option mappings"
+    if loc[0] == "locations":
+        return "'locations' must map names to URLs"
+    return None
 
 
 def config_path() -> Path:
@@ -61,27 +92,18 @@ def load_user_config() -> UserConfig:
         if os.environ.get("CASTLIB_CONFIG"):
             raise ConfigError("configuration file does not exist", file=str(path))
         return UserConfig()
-    import yaml
+    from .yamlfile import KeyLines, load_with_lines
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"malformed YAML: {getattr(exc, 'problem', exc)}", file=str(path),
-                          line=mark.line + 1 if mark else None) from None
-    if not isinstance(data, dict):
-        raise ConfigError("expected a mapping with 'storage' and 'locations'", file=str(path))
-    unknown = set(data) - {"storage", "locations"}
-    if unknown:
-        raise ConfigError("unknown key (expected storage, locations)", file=str(path),
-                          key=sorted(unknown)[0])
-    storage = data.get("storage") or {}
-    locations = data.get("locations") or {}
-    if not isinstance(storage, dict) or not all(isinstance(v, dict) for v in storage.values()):
-        raise ConfigError("'storage' must map URL prefixes to option mappings", file=str(path),
-                          key="storage")
-    if not isinstance(locations, dict) or not all(isinstance(v, str) for v in locations.values()):
-        raise ConfigError("'locations' must map names to URLs", file=str(path), key="locations")
-    return UserConfig(str(path), storage, locations)
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", file=str(path)) from None
+    data, lines = load_with_lines(text, str(path))
+    try:
+        config = UserConfig.model_validate({} if data is None else data)
+    except ValidationError as exc:
+        raise KeyLines(str(path), lines).invalid(exc, _explain) from None
+    config._path = str(path)
+    return config

@@ -285,3 +285,25 @@ def test_a_reference_never_indexed_is_refused_under_index_none(tmp_path, db_url)
                 db=db_url, check=2)
     assert "never indexed" in r.stderr and "Traceback" not in r.stderr
     assert sorted(os.listdir(archive)) == ["a.dat", "b.dat"]
+
+
+def test_top_level_keys_read_through_the_model(tmp_path):
+    """Names YAML reads as numbers stay names; an empty `locations:` is none; a location
+    with options keeps them."""
+    from castlib.pipeline import Pipeline
+
+    p = write(tmp_path, """
+        name: 2024
+        description: nightly
+        locations:
+          2017: /tmp
+          eos: {url: "root://eos.example.org//eos/x", options: {timeout: 30}}
+        stages:
+          - index: {location: "2017"}
+          - index: {location: eos}
+        """)
+    pipeline = Pipeline.from_file(str(p))
+    assert pipeline.locations == {"2017": "/tmp", "eos": "root://eos.example.org//eos/x"}
+    assert pipeline.location_options == {"eos": {"timeout": 30}}
+    p = write(tmp_path, "locations:\nstages:\n  - index: {location: /tmp}\n")
+    assert Pipeline.from_file(str(p)).locations == {}
