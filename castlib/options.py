@@ -5,9 +5,11 @@ is declared: its name, type, default, bounds and help. From it come
 
 - the pipeline's keys (the model itself validates them),
 - the command line: `add_arguments()` turns each field of the stages a command runs into an
-  argparse option (`--max-vanish PCT`, `--perms/--no-perms`, `--checksum {adler32,...}`),
-- the Python API: `signature()` and `doc()` give `castlib.api.sync` a readable signature
-  and docstring, and `bind()` checks the keywords it is called with.
+  argparse option (`--max-vanish PCT`, `--perms/--no-perms`, `--checksum ALGO`),
+- the Python API: `castlib.api` gives `sync()` etc. a signature and docstring listing the
+  same options (`command_options()`), and checks the keywords it is called with.
+
+The derivation itself (Params field -> Option) is castlib/stages/params.py.
 
 `COMMANDS` says which stages each command runs and the few things the command decides
 itself: its positional arguments (the stages' location parameters), the options no stage
@@ -128,15 +130,23 @@ def tables() -> dict[str, tuple[list[Option], list[Option]]]:
                 data = json.load(f)
         except (OSError, ValueError):
             pass
-        if not isinstance(data, dict) or data.get("key") != key:
+        try:
+            if data["key"] != key:
+                raise ValueError("stale")
+            _tables = _from_json(data)
+        except (KeyError, TypeError, ValueError):   # none, stale or damaged: derive again
             from .stages.params import derive
 
             data = {"key": key, "commands": {
                 name: [[o.as_dict() for o in part] for part in derive(name)] for name in COMMANDS}}
             _write(path, data)
-        _tables = {name: tuple([Option(**o) for o in part] for part in parts)
-                   for name, parts in data["commands"].items()}
+            _tables = _from_json(data)
     return _tables
+
+
+def _from_json(data: dict) -> dict:
+    return {name: tuple([Option(**o) for o in part] for part in parts)
+            for name, parts in data["commands"].items()}
 
 
 def command_options(name: str) -> list[Option]:

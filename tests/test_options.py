@@ -194,3 +194,18 @@ def test_an_unwritable_cache_costs_time_not_correctness(tmp_path):
                        env=cli_env({"XDG_CACHE_HOME": str(blocker)}), capture_output=True,
                        text=True)
     assert r.returncode == 0 and "--transfers N" in r.stdout and not r.stderr
+
+
+@pytest.mark.parametrize("content", ["not json at all", '{"key": 1}', '{"commands": []}', "[]"])
+def test_a_damaged_cache_is_derived_again(tmp_path, content):
+    cache = tmp_path / "cache" / "castlib"
+    cache.mkdir(parents=True)
+    env = cli_env({"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    subprocess.run([sys.executable, "-m", "castlib", "sync", "--help"], env=env, check=True,
+                   capture_output=True)
+    (kept,) = cache.iterdir()
+    kept.write_text(content)
+    r = subprocess.run([sys.executable, "-m", "castlib", "sync", "--help"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--transfers N" in r.stdout and not r.stderr
+    assert '"transfers"' in kept.read_text()
