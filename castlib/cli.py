@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from . import __version__, options
+from . import __version__
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
@@ -47,6 +47,18 @@ class _Commands(argparse._SubParsersAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def _add_stage_options(c: argparse.ArgumentParser, name: str) -> None:
+    from . import options   # only for the command run: `castlib --help` needs none
+
+    options.add_arguments(c, name)
+
+
+def _stage_options(args, name: str) -> dict:
+    from . import options
+
+    return options.values(args, name)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     _global_options(common, argparse.SUPPRESS)
@@ -65,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         its api function runs (options.COMMANDS), derived from their Params."""
         c = sub.add_parser(name, parents=[common], **kwargs)
         if stage_options:
-            sub.deferred[name] = lambda: options.add_arguments(c, name)
+            sub.deferred[name] = lambda: _add_stage_options(c, name)
         return c
 
     # index, diff, sync and verify: what is added here is presentation only
@@ -180,7 +192,7 @@ def _common(args) -> dict:
 def cmd_index(args) -> int:
     from . import api
 
-    report = api.index(args.location, **options.values(args, "index"), **_common(args))
+    report = api.index(args.location, **_stage_options(args, "index"), **_common(args))
     return report.exit_code
 
 
@@ -188,7 +200,7 @@ def cmd_diff(args) -> int:
     from . import api
     from .catalog.paths import printable
 
-    report = api.diff(args.ref, args.dst, **options.values(args, "diff"), **_common(args))
+    report = api.diff(args.ref, args.dst, **_stage_options(args, "diff"), **_common(args))
     differences = report.value.differences
     out = sys.stdout
     for d in differences:
@@ -202,7 +214,7 @@ def cmd_diff(args) -> int:
 def cmd_sync(args) -> int:
     from . import api
 
-    report = api.sync(args.ref, args.dst, **options.values(args, "sync"), **_common(args))
+    report = api.sync(args.ref, args.dst, **_stage_options(args, "sync"), **_common(args))
     if args.json:
         print(json.dumps(report.counts))
     return report.exit_code
@@ -213,7 +225,7 @@ def cmd_verify(args) -> int:
     from .catalog.paths import printable
 
     # the problems are this command's output (stdout), not also stderr noise
-    report = api.verify(args.location, **options.values(args, "verify"), show_errors=False,
+    report = api.verify(args.location, **_stage_options(args, "verify"), show_errors=False,
                         **_common(args))
     for problem in report.value.problems:
         if args.json:
