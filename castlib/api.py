@@ -12,10 +12,15 @@ carries that RunReport as its `report`.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import difflib
+import inspect
+import textwrap
+import typing
 
+from . import options
 from .catalog import Catalog
 from .checksum import DEFAULT_ALGORITHM
+from .errors import ConfigError
 from .pipeline import Pipeline, RunReport
 
 
@@ -42,54 +47,124 @@ def _run(pipeline: Pipeline, db, command: str, args: dict, *, on_workers: bool =
             catalog.close()
 
 
-def index(location: str, *, db=None, checksum: str | None = None, only: Iterable[str] = (),
-          ignore: Iterable[str] = (), rehash: bool = False, force: bool = False,
-          max_vanish: float = 50, **run_options) -> RunReport:
+# Each command's options are its stages' parameters (castlib/options.py): the functions
+# below take them as keywords, and their signature and docstring list them, generated from
+# the stages' models; what a function adds is how it puts its stages together.
+_RUN_OPTIONS = [name for name in inspect.signature(Pipeline.run).parameters
+                if name not in ("self", "catalog", "command", "args", "dry_run", "force")]
+
+
+def _annotation(o):
+    base = {"bool": bool, "int": int, "float": float, "str": str}.get(o.kind, str)
+    if o.choices:
+        base = typing.Literal[tuple(o.choices)]
+    if o.kind == "list":
+        base = list[base]
+    return base | None if o.optional else base
+
+
+def _signature(name: str, positional: list[str]) -> inspect.Signature:
+    """The signature of the api function of a command: its arguments, db, its options
+    with their defaults, and **run_options."""
+    P = inspect.Parameter
+    params = [P(p, P.POSITIONAL_OR_KEYWORD, annotation=str) for p in positional]
+    params.append(P("db", P.KEYWORD_ONLY, default=None))
+    params += [P(o.name, P.KEYWORD_ONLY, default=o.default, annotation=_annotation(o))
+               for o in options.command_options(name)]
+    params.append(P("run_options", P.VAR_KEYWORD))
+    return inspect.Signature(params)
+
+
+def _doc(name: str, text: str) -> str:
+    out = [inspect.cleandoc(text), "", f"Options (those of `castlib {name}`, and the keys of "
+           "its stages in a pipeline):"]
+    for o in options.command_options(name):
+        out.append(textwrap.fill(f"{o.name} = {o.default!r}: {o.help}", 88,
+                                 initial_indent="    ", subsequent_indent="        "))
+    out += ["", f"run_options: {', '.join(_RUN_OPTIONS)} (see Pipeline.run)."]
+    return "\n".join(out)
+
+
+def _bind(name: str, given: dict) -> tuple[dict, dict]:
+    """(the command's options, defaults filled in; the run options) from an api call's
+    keywords. A keyword that is neither is a TypeError naming it, as Python's own."""
+    known = {o.name: o for o in options.command_options(name)}
+    values = {n: list(o.default) if isinstance(o.default, list) else o.default
+              for n, o in known.items()}
+    run = {}
+    for key, value in given.items():
+        if key in known:
+            if known[key].kind == "list" and not isinstance(value, (str, bytes, type(None))):
+                value = list(value)   # any iterable, taken once (it goes to several stages)
+            values[key] = value
+        elif key in _RUN_OPTIONS:
+            run[key] = value
+        else:
+            near = difflib.get_close_matches(key, [*known, *_RUN_OPTIONS], 1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}{hint}")
+    for key, o in known.items():
+        if o.choices and o.kind != "list" and not o.stages and values[key] not in o.choices:
+            # a command's own option: no stage model checks it
+            raise ConfigError(f"must be {', '.join(map(str, o.choices[:-1]))} or "
+                              f"{o.choices[-1]}, not {values[key]!r}", key=key)
+    return values, run
+
+
+def _for_stage(values: dict, name: str, stage: str) -> dict:
+    """The options of a command that a stage of it takes."""
+    return {o.name: values[o.name] for o in options.command_options(name) if stage in o.stages}
+
+
+def _command(name: str):
+    """Give an api function the signature and docstring of its command's options."""
+    def decorate(function):
+        arguments = [p for p in inspect.signature(function).parameters
+                     if p not in ("db", "params")]
+        function.__signature__ = _signature(name, arguments)
+        function.__doc__ = _doc(name, function.__doc__ or "")
+        return function
+    return decorate
+
+
+@_command("index")
+def index(location: str, *, db=None, **params) -> RunReport:
     """List a location into the catalog; `checksum` also computes that checksum. More than
     `max_vanish` percent of the files the catalog knew there gone at once stops it (an
     unmounted or blank disk), unless `force`."""
-    params = {"location": location, "checksum": checksum, "only": list(only),
-              "ignore": list(ignore), "rehash": rehash, "force": force,
-              "max_vanish": max_vanish}
-    return _run(Pipeline.from_stages([("index", params)]), db, "index", params, **run_options)
+    p, run_options = _bind("index", params)
+    stage = {"location": location, **_for_stage(p, "index", "index")}
+    return _run(Pipeline.from_stages([("index", stage)]), db, "index", stage, **run_options)
 
 
-def _filters(only: Iterable[str], ignore: Iterable[str]) -> dict:
-    return {"only": list(only), "ignore": list(ignore)}
-
-
-def diff(ref: str, dst: str, *, db=None, checksum: str | None = None,
-         mtime_tolerance: float = 0, index: bool = True, force: bool = False,
-         max_vanish: float = 50, only: Iterable[str] = (), ignore: Iterable[str] = (),
-         perms: bool = True,
-         **run_options) -> RunReport:
+@_command("diff")
+def diff(ref: str, dst: str, *, db=None, **params) -> RunReport:
     """Differences between two locations; `report.value.differences` lists them.
     Both locations are re-listed first unless index=False (catalog only). With `checksum`,
     that checksum is computed wherever the catalog lacks it (then compared); without it,
     the adler32 checksums the catalog already holds are compared. `only`/`ignore` globs
     leave paths out of the comparison on both sides. perms=False leaves permission bits
     (kind `mode`) out, as rsync --no-perms."""
+    p, run_options = _bind("diff", params)
     stages = []
-    globs = _filters(only, ignore)
-    if index:
+    if p["index"]:
         # a destination that does not exist is more likely a typo than an empty archive
-        guard = {"force": force, "max_vanish": max_vanish}
-        stages += [("index", {"location": ref, **guard, "checksum": checksum, **globs}),
-                   ("index", {"location": dst, **guard, "checksum": checksum, **globs})]
+        listing = _for_stage(p, "diff", "index")
+        stages += [("index", {"location": ref, **listing}),
+                   ("index", {"location": dst, **listing})]
     stages.append(("diff", {"id": "diff", "ref": ref, "dst": dst,
-                            "checksum": checksum or DEFAULT_ALGORITHM,
-                            "mtime_tolerance": mtime_tolerance, "perms": perms, **globs}))
-    args = {"ref": ref, "dst": dst, "checksum": checksum, "mtime_tolerance": mtime_tolerance,
-            "index": index, "perms": perms, **globs}
-    return _run(Pipeline.from_stages(stages), db, "diff", args, force=force, **run_options)
+                            **_diff_params(_for_stage(p, "diff", "diff"))}))
+    return _run(Pipeline.from_stages(stages), db, "diff", {"ref": ref, "dst": dst, **p},
+                force=p["force"], **run_options)
 
 
-def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = False,
-         max_delete: int | None = None, replace: bool = True, checksum: str | None = None,
-         transfers: int = 4, index: str = "both", force: bool = False, retries: int = 3,
-         mtime_tolerance: float = 0, lock_wait: float = 0, max_vanish: float = 50,
-         only: Iterable[str] = (), ignore: Iterable[str] = (), perms: bool = True,
-         owner: bool = False, hard_links: bool = False, **run_options) -> RunReport:
+def _diff_params(params: dict) -> dict:
+    # no checksum named: compare the adler32 the catalog holds (and compute none)
+    return {**params, "checksum": params["checksum"] or DEFAULT_ALGORITHM}
+
+
+@_command("sync")
+def sync(ref: str, dst: str, *, db=None, **params) -> RunReport:
     """Make `dst` match `ref`. index: "both" re-lists both sides, "ref" trusts the catalog
     for the destination, "none" trusts it for both. Copies are verified with `checksum`
     (adler32 by default); naming it explicitly also compares the content of files whose
@@ -100,38 +175,26 @@ def sync(ref: str, dst: str, *, db=None, dry_run: bool = False, delete: bool = F
     Metadata as rsync -a: permission bits (perms=False: left as they are), the mtimes of
     files, folders and links; owner=True also owner and group (as root, on local
     destinations); hard_links=True keeps the names of one file linked (rsync -H)."""
-    if index not in ("both", "ref", "none"):
-        from .errors import ConfigError
-
-        raise ConfigError(f"index must be both, ref or none, not {index!r}", key="index")
+    p, run_options = _bind("sync", params)
     stages = []
-    globs = _filters(only, ignore)
-    guard = {"force": force, "max_vanish": max_vanish}
-    if index in ("both", "ref"):
-        stages.append(("index", {"location": ref, **guard, "checksum": checksum, **globs}))
-    if index == "both":
-        stages.append(("index", {"location": dst, **guard, "missing_ok": True,
-                                 "checksum": checksum, **globs}))
+    listing = _for_stage(p, "sync", "index")
+    if p["index"] in ("both", "ref"):
+        stages.append(("index", {"location": ref, **listing}))
+    if p["index"] == "both":
+        stages.append(("index", {"location": dst, **listing, "missing_ok": True}))
     stages.append(("diff", {"id": "plan", "ref": ref, "dst": dst,
-                            "checksum": checksum or DEFAULT_ALGORITHM,
-                            "mtime_tolerance": mtime_tolerance, "perms": perms, **globs}))
-    stages.append(("sync", {"from": "plan", "delete": delete, "max_delete": max_delete,
-                            "replace": replace, "transfers": transfers, "retries": retries,
-                            "dry_run": dry_run, "lock_wait": lock_wait, "owner": owner,
-                            "hard_links": hard_links}))
-    args = {"ref": ref, "dst": dst, "dry_run": dry_run, "delete": delete,
-            "max_delete": max_delete, "replace": replace, "checksum": checksum,
-            "transfers": transfers, "index": index, "force": force, "max_vanish": max_vanish,
-            "perms": perms, "owner": owner, "hard_links": hard_links, **globs}
-    return _run(Pipeline.from_stages(stages), db, "sync", args, dry_run=dry_run, force=force,
-                **run_options)
+                            **_diff_params(_for_stage(p, "sync", "diff"))}))
+    stages.append(("sync", {"from": "plan", **_for_stage(p, "sync", "sync")}))
+    return _run(Pipeline.from_stages(stages), db, "sync", {"ref": ref, "dst": dst, **p},
+                dry_run=p["dry_run"], force=p["force"], **run_options)
 
 
-def verify(location: str, *, db=None, checksum: str = "adler32", prefix: str = "",
-           **run_options) -> RunReport:
+@_command("verify")
+def verify(location: str, *, db=None, **params) -> RunReport:
     """Re-read a location's files and compare them with the catalog's checksums."""
-    params = {"location": location, "checksum": checksum, "prefix": prefix}
-    return _run(Pipeline.from_stages([("verify", params)]), db, "verify", params, **run_options)
+    p, run_options = _bind("verify", params)
+    stage = {"location": location, **_for_stage(p, "verify", "verify")}
+    return _run(Pipeline.from_stages([("verify", stage)]), db, "verify", stage, **run_options)
 
 
 def run_pipeline(path: str, *, db=None, dry_run: bool = False, force: bool = False,

@@ -24,8 +24,32 @@ def _global_options(p: argparse.ArgumentParser, default) -> None:
                            help="no progress and no summary; errors only")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line naming the option, and where to read more; no usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"castlib: error: {message} (see {self.prog} --help)\n")
+
+
+class _Commands(argparse._SubParsersAction):
+    """The subcommands; a command's stage options (castlib/options.py) are added only
+    when it is the one chosen, so that `castlib --help` and one command's parsing build
+    no other command's options."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deferred: dict = {}
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        add = self.deferred.pop(values[0], None)
+        if add is not None:
+            add()
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _count(minimum: int):
-    """An argparse type: an integer of at least `minimum`."""
+    """An argparse type for the CLI's own options (workers, web): an integer of at least
+    `minimum`. Stage options get theirs from their Params (castlib.options)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -37,51 +61,16 @@ def _count(minimum: int):
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
-    return value
+def _add_stage_options(c: argparse.ArgumentParser, name: str) -> None:
+    from . import options   # only for the command run: `castlib --help` needs none
+
+    options.add_arguments(c, name)
 
 
-def _percent(text: str) -> float:
-    try:
-        value = float(text.removesuffix("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, not {text}")
-    return value
+def _stage_options(args, name: str) -> dict:
+    from . import options
 
-
-def _vanish_options(c: argparse.ArgumentParser, force_help: str) -> None:
-    c.add_argument("--force", action="store_true", help=force_help)
-    c.add_argument("--max-vanish", metavar="PCT", type=_percent, default=50.0,
-                   help="stop (exit 2, nothing changed) when more than PCT percent of the "
-                        "files the catalog knew in a location vanished since its last listing: "
-                        "an unmounted or blank disk (default 50; a location known with fewer "
-                        "than 10 files stops only when all vanished; 100 turns it off)")
-
-
-CHECKSUMS = ("adler32", "md5", "sha256")   # castlib.checksum.ALGORITHMS (not imported: start-up)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad usage is one line naming the option, and where to read more; no usage dump."""
-
-    def error(self, message: str):
-        self.exit(EXIT_ERROR, f"castlib: error: {message} (see {self.prog} --help)\n")
-
-
-def _filter_options(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--only", metavar="GLOB", action="append", default=[],
-                   help="compare only files matching (repeatable)")
-    c.add_argument("--ignore", metavar="GLOB", action="append", default=[],
-                   help="leave out entries matching, on both sides: neither copied nor "
-                        "deleted (repeatable)")
+    return options.values(args, name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,74 +83,27 @@ def _parser() -> argparse.ArgumentParser:
                "configuration error or refusal.")
     _global_options(p, None)
     p.add_argument("--version", action="version", version=f"castlib {__version__}")
+    p.register("action", "parsers", _Commands)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kwargs)
+    def command(name: str, stage_options: bool = False, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand; stage_options: its arguments and options are those of the stages
+        its api function runs (options.COMMANDS), derived from their Params."""
+        c = sub.add_parser(name, parents=[common], **kwargs)
+        if stage_options:
+            sub.deferred[name] = lambda: _add_stage_options(c, name)
+        return c
 
-    c = command("index", help="list a location into the catalog")
-    c.add_argument("location")
-    c.add_argument("--checksum", metavar="ALGO", choices=CHECKSUMS,
-                   help="also compute adler32, md5 or sha256")
-    c.add_argument("--only", metavar="GLOB", action="append", default=[],
-                   help="include only files matching (repeatable)")
-    c.add_argument("--ignore", metavar="GLOB", action="append", default=[],
-                   help="leave out entries matching (repeatable)")
-    c.add_argument("--rehash", action="store_true", help="recompute checksums already known")
-    _vanish_options(c, "accept a listing in which more files vanished than --max-vanish "
-                       "allows")
+    # index, diff, sync and verify: what is added here is presentation only
+    c = command("index", True, help="list a location into the catalog")
     _worker_options(c)
-
-    c = command("diff", help="compare two locations (exit 1 when they differ)")
-    c.add_argument("ref")
-    c.add_argument("dst")
-    c.add_argument("--checksum", metavar="ALGO", choices=CHECKSUMS,
-                   help="compute this checksum where the catalog lacks it and compare "
-                        "(default: compare the adler32 checksums already catalogued)")
-    c.add_argument("--mtime-tolerance", metavar="S", type=_seconds, default=0.0,
-                   help="seconds mtimes may differ by")
+    c = command("diff", True, help="compare two locations (exit 1 when they differ)")
     c.add_argument("--json", action="store_true", help="JSON Lines, one per difference")
-    c.add_argument("--no-index", action="store_true", help="use the catalog as it is")
-    c.add_argument("--no-perms", action="store_true",
-                   help="leave permission bits out (no `mode` differences)")
-    _filter_options(c)
-    _vanish_options(c, "accept listings in which more files vanished than --max-vanish allows")
     _worker_options(c)
-
-    c = command("sync", help="make DST match REF, verifying every copy")
-    c.add_argument("ref")
-    c.add_argument("dst")
-    c.add_argument("--dry-run", action="store_true", help="print what would be done")
-    c.add_argument("--delete", action="store_true", help="delete what REF does not have")
-    c.add_argument("--max-delete", metavar="N", type=_count(0),
-                   help="refuse to run if more than N deletions are needed")
-    c.add_argument("--no-replace", action="store_true", help="keep differing DST files")
-    c.add_argument("--checksum", metavar="ALGO", choices=CHECKSUMS,
-                   help="verify copies with ALGO and compare the content of files whose "
-                        "size and mtime agree, like rsync -c (default: adler32, copies only)")
-    c.add_argument("--transfers", metavar="N", type=_count(1), default=4,
-                   help="parallel copies (default 4)")
-    c.add_argument("--index", choices=("both", "ref", "none"), default="both",
-                   help="what to re-list first (ref: trust the catalog for DST)")
-    _vanish_options(c, "act even if more files vanished than --max-vanish allows (an empty "
-                       "or blank reference where files were)")
-    c.add_argument("--lock-wait", metavar="S", type=_seconds, default=0,
-                   help="wait up to S seconds for another sync into DST to finish "
-                        "(default: refuse at once)")
-    c.add_argument("--no-perms", action="store_true",
-                   help="leave permission bits as they are (rsync -a sets them)")
-    c.add_argument("--owner", action="store_true",
-                   help="also set owner and group as REF has them (as root, local DST)")
-    c.add_argument("--hard-links", action="store_true",
-                   help="names of one file in REF are hard links in DST too, as rsync -H "
-                        "(local REF and DST; else each name is copied)")
+    c = command("sync", True, help="make DST match REF, verifying every copy")
     c.add_argument("--json", action="store_true", help="last line: JSON object of counts")
-    _filter_options(c)
     _worker_options(c)
-
-    c = command("verify", help="re-read files and compare with the catalog")
-    c.add_argument("location")
-    c.add_argument("--checksum", metavar="ALGO", default="adler32", choices=CHECKSUMS)
+    c = command("verify", True, help="re-read files and compare with the catalog")
     c.add_argument("--json", action="store_true", help="JSON Lines, one per problem")
     _worker_options(c)
 
@@ -304,9 +246,7 @@ def _common(args) -> dict:
 def cmd_index(args) -> int:
     from . import api
 
-    report = api.index(args.location, checksum=args.checksum, only=args.only,
-                       ignore=args.ignore, rehash=args.rehash, force=args.force,
-                       max_vanish=args.max_vanish, **_common(args))
+    report = api.index(args.location, **_stage_options(args, "index"), **_common(args))
     return report.exit_code
 
 
@@ -314,10 +254,7 @@ def cmd_diff(args) -> int:
     from . import api
     from .catalog.paths import printable
 
-    report = api.diff(args.ref, args.dst, checksum=args.checksum,
-                      mtime_tolerance=args.mtime_tolerance, index=not args.no_index,
-                      force=args.force, max_vanish=args.max_vanish, only=args.only,
-                      ignore=args.ignore, perms=not args.no_perms, **_common(args))
+    report = api.diff(args.ref, args.dst, **_stage_options(args, "diff"), **_common(args))
     if report.value is None:   # ran on a worker (or --detach): its summary was the output
         return _worker_exit(report)
     differences = report.value.differences
@@ -333,13 +270,7 @@ def cmd_diff(args) -> int:
 def cmd_sync(args) -> int:
     from . import api
 
-    report = api.sync(args.ref, args.dst, dry_run=args.dry_run, delete=args.delete,
-                      max_delete=args.max_delete, replace=not args.no_replace,
-                      checksum=args.checksum, transfers=args.transfers, index=args.index,
-                      force=args.force, lock_wait=args.lock_wait,
-                      max_vanish=args.max_vanish, only=args.only, ignore=args.ignore,
-                      perms=not args.no_perms, owner=args.owner,
-                      hard_links=args.hard_links, **_common(args))
+    report = api.sync(args.ref, args.dst, **_stage_options(args, "sync"), **_common(args))
     if args.json:
         print(json.dumps(report.counts))
     return report.exit_code
@@ -350,7 +281,7 @@ def cmd_verify(args) -> int:
     from .catalog.paths import printable
 
     # the problems are this command's output (stdout), not also stderr noise
-    report = api.verify(args.location, checksum=args.checksum,
+    report = api.verify(args.location, **_stage_options(args, "verify"),
                         show_errors=bool(getattr(args, "on_workers", False)), **_common(args))
     if report.value is None:   # ran on a worker: the problems were shown as its errors
         return report.exit_code

@@ -21,21 +21,43 @@ without credentials.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError,
+                      field_validator)
 
 from .errors import ConfigError
 from .location import LocationURL, parse_location
 
 
-@dataclass
-class UserConfig:
-    path: str | None = None
-    storage: dict[str, dict] = field(default_factory=dict)
-    locations: dict[str, str] = field(default_factory=dict)
-    hostname: str | None = None
-    broker: str | None = None
-    queues: dict[str, str] = field(default_factory=dict)   # URL prefix -> worker queue
+class UserConfig(BaseModel):
+    """The configuration file's keys (each one line here: a new key is a new field)."""
+
+    model_config = ConfigDict(extra="forbid")
+    storage: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="back-end options by URL prefix (the longest wins)")
+    locations: dict[str, str] = Field(default_factory=dict,
+                                      description="names for URLs, as a pipeline's locations")
+    hostname: str | None = Field(None, description="this machine's name in local locations "
+                                 "(file://HOST/path); default: $CASTLIB_HOSTNAME, else the system's")
+    broker: str | None = Field(None, description="the workers' broker URL (README, Several hosts)")
+    queues: dict[str, Annotated[str, StringConstraints(min_length=1)]] = Field(
+        default_factory=dict, description="URL prefix -> the worker queue that serves it")
+    _path: str | None = PrivateAttr(None)
+
+    @field_validator("storage", "locations", "queues", mode="before")
+    @classmethod
+    def _mapping(cls, value):
+        if value is None:   # `storage:` with nothing under it
+            return {}
+        # a name YAML reads as a number (2017:) is still a name
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @property
+    def path(self) -> str | None:
+        """The file it was read from (None: no file)."""
+        return self._path
 
     def options_for(self, url: LocationURL) -> dict:
         """Back-end options for a URL: the entry with the longest matching prefix."""
@@ -60,6 +82,18 @@ class UserConfig:
         return best
 
 
+def _explain(loc: tuple, kind: str, message: str) -> str | None:
+    if not loc:
+        return "expected a mapping with 'storage' and 'locations'"
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return f"unknown key (expected {', '.join(UserConfig.model_fields)})"
+    if loc[0] == "storage":
+        return "'storage' must map URL prefixes to option mappings"
+    if loc[0] == "locations":
+        return "'locations' must map names to URLs"
+    return None
+
+
 def config_path() -> Path:
     env = os.environ.get("CASTLIB_CONFIG")
     if env:
@@ -79,39 +113,18 @@ def load_user_config() -> UserConfig:
         if os.environ.get("CASTLIB_CONFIG"):
             raise ConfigError("configuration file does not exist", file=str(path))
         return UserConfig()
-    import yaml
+    from .yamlfile import KeyLines, load_with_lines
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"malformed YAML: {getattr(exc, 'problem', exc)}", file=str(path),
-                          line=mark.line + 1 if mark else None) from None
-    if not isinstance(data, dict):
-        raise ConfigError("expected a mapping with 'storage' and 'locations'", file=str(path))
-    unknown = set(data) - set(CONFIG_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown key (expected {', '.join(CONFIG_KEYS)})", file=str(path),
-                          key=sorted(unknown)[0])
-    storage = data.get("storage") or {}
-    locations = data.get("locations") or {}
-    if not isinstance(storage, dict) or not all(isinstance(v, dict) for v in storage.values()):
-        raise ConfigError("'storage' must map URL prefixes to option mappings", file=str(path),
-                          key="storage")
-    if not isinstance(locations, dict) or not all(isinstance(v, str) for v in locations.values()):
-        raise ConfigError("'locations' must map names to URLs", file=str(path), key="locations")
-    for key in ("hostname", "broker"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise ConfigError(f"'{key}' must be a string", file=str(path), key=key)
-    queues = data.get("queues") or {}
-    if not isinstance(queues, dict) or not all(isinstance(v, str) and v
-                                               for v in queues.values()):
-        raise ConfigError("'queues' must map URL prefixes to queue names", file=str(path),
-                          key="queues")
-    return UserConfig(str(path), storage, locations, data.get("hostname"), data.get("broker"),
-                      {str(k): v for k, v in queues.items()})
-
-
-CONFIG_KEYS = ("storage", "locations", "hostname", "broker", "queues")
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", file=str(path)) from None
+    data, lines = load_with_lines(text, str(path))
+    try:
+        config = UserConfig.model_validate({} if data is None else data)
+    except ValidationError as exc:
+        raise KeyLines(str(path), lines).invalid(exc, _explain) from None
+    config._path = str(path)
+    return config

@@ -6,9 +6,11 @@ import os
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Annotated, Any, TextIO
 
-from pydantic import ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from .catalog import Catalog
 from .catalog.locks import location_lock, lock_covered, lock_key, lock_keys_above
@@ -18,10 +20,78 @@ from .errors import CastlibError, ConfigError, interruption_name
 from .location import parse_location, redact, scrub_secrets
 from .stages import RunContext, Stage, StageOutcome, stage_class
 from .stages.base import StageParams
+from .yamlfile import KeyLines, load_with_lines
 
 log = logging.getLogger(__name__)
 
-TOP_LEVEL_KEYS = ("name", "description", "locations", "stages", "workers")
+
+class LocationEntry(BaseModel):
+    """A location of a pipeline: a URL or path, or {url, options} with back-end options
+    (over those the user's config gives its URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(description="URL or path")
+    options: dict[str, Any] = Field(default_factory=dict, description="back-end options")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_alone(cls, value):
+        if isinstance(value, str):
+            return {"url": value}
+        if not isinstance(value, dict):
+            raise PydanticCustomError("location", "a location is a URL or a path")
+        if set(value) - {"url", "options"} or "url" not in value:
+            raise PydanticCustomError("location", "a location is a URL or {url, options}")
+        return {**value, "options": value.get("options") or {}}
+
+
+def _one_stage(value):
+    if not isinstance(value, dict) or len(value) != 1:
+        raise PydanticCustomError("stage", "each stage is a one-key mapping like "
+                                  "'- index: {location: daq}'")
+    return value
+
+
+class PipelineFile(BaseModel):
+    """The top level of a pipeline file. Each stage's parameters are its own Params."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    name: str | None = Field(None, description="what the pipeline is called")
+    description: str | None = Field(None, description="what it is for")
+    locations: dict[str, LocationEntry] = Field(
+        default_factory=dict, description="names for the URLs and paths the stages use")
+    workers: StrictBool = Field(False, description="send each stage to a worker on the host of its "
+                          "data (README, Several hosts)")
+    stages: list[Annotated[dict[str, Any], BeforeValidator(_one_stage)]] = Field(
+        min_length=1, description="the stages, run in order: '- NAME: {parameters}'")
+
+    @field_validator("locations", mode="before")
+    @classmethod
+    def _names(cls, value):
+        if value is None:   # `locations:` with nothing under it
+            return {}
+        # a name YAML reads as a number (2017:) is still a name
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _explain(loc: tuple, kind: str, message: str) -> str | None:
+    """A pipeline's top-level errors in castlib's words (those the model's own words
+    would leave a user to decode)."""
+    if not loc:
+        return "a pipeline is a mapping with 'locations' and 'stages'"
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return f"unknown key (expected one of {', '.join(PipelineFile.model_fields)})"
+    if loc == ("locations",):
+        return "must map names to URLs"
+    if loc == ("stages",):
+        return "expected a non-empty list of stages"
+    if loc == ("workers",):
+        return "must be true or false"
+    if loc[0] == "locations" and loc[-1] == "url":
+        return "a location is a URL or a path"
+    if loc[0] == "locations" and loc[-1] == "options":
+        return "options must be a mapping"
+    return None
 
 
 @dataclass
@@ -96,46 +166,23 @@ class Pipeline:
     @classmethod
     def from_yaml(cls, text: str, source: str | None = None,
                   user_config: UserConfig | None = None) -> "Pipeline":
-        data, lines = _load_yaml_with_lines(text, source)
-        err = _Errors(source, lines)
-        if not isinstance(data, dict):
-            raise err.at((), "a pipeline is a mapping with 'locations' and 'stages'")
-        for key in data:
-            if key not in TOP_LEVEL_KEYS:
-                raise err.at((key,), f"unknown key (expected one of {', '.join(TOP_LEVEL_KEYS)})",
-                             key=str(key))
+        data, lines = load_with_lines(text, source)
+        err = KeyLines(source, lines)
+        try:
+            top = PipelineFile.model_validate(data)
+        except ValidationError as exc:
+            raise err.invalid(exc, _explain) from None
         locations, options = {}, {}
-        raw_locations = data.get("locations") or {}
-        if not isinstance(raw_locations, dict):
-            raise err.at(("locations",), "must map names to URLs", key="locations")
-        for name, value in raw_locations.items():
-            key = f"locations.{name}"
-            url = value
-            if isinstance(value, dict):
-                extra = set(value) - {"url", "options"}
-                if extra or "url" not in value:
-                    raise err.at(("locations", name), "a location is a URL or {url, options}",
-                                 key=key)
-                url = value["url"]
-                if not isinstance(value.get("options") or {}, dict):
-                    raise err.at(("locations", name, "options"), "options must be a mapping",
-                                 key=f"{key}.options")
-                options[str(name)] = dict(value.get("options") or {})
-            if not isinstance(url, str):
-                raise err.at(("locations", name), "a location is a URL or a path", key=key)
+        for name, entry in top.locations.items():
             try:
-                parse_location(url)
+                parse_location(entry.url)
             except ConfigError as exc:
-                raise err.at(("locations", name), exc.message, key=key) from None
-            locations[str(name)] = url
-        raw_stages = data.get("stages")
-        if not isinstance(raw_stages, list) or not raw_stages:
-            raise err.at(("stages",), "expected a non-empty list of stages", key="stages")
+                raise err.at(("locations", name), exc.message, key=f"locations.{name}") from None
+            locations[name] = entry.url
+            if entry.options:
+                options[name] = dict(entry.options)
         specs = []
-        for i, item in enumerate(raw_stages):
-            if not isinstance(item, dict) or len(item) != 1:
-                raise err.at(("stages", i), "each stage is a one-key mapping like "
-                             "'- index: {location: daq}'", key=f"stages[{i}]")
+        for i, item in enumerate(top.stages):
             (name, params), = item.items()
             specs.append(_stage_spec(str(name), params, i, err))
         kept = scrub_secrets(data)
@@ -146,10 +193,7 @@ class Pipeline:
                     + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True))
         else:              # none in the data; a URL in a comment may still carry some
             text = redact(text)
-        workers = data.get("workers", False)
-        if not isinstance(workers, bool):
-            raise err.at(("workers",), "must be true or false", key="workers")
-        pipeline = cls(specs, locations, options, source, text, workers)
+        pipeline = cls(specs, locations, options, source, text, top.workers)
         pipeline.check_references(user_config or UserConfig(), err)
         return pipeline
 
@@ -157,11 +201,11 @@ class Pipeline:
     def from_stages(cls, stages: list[tuple[str, dict]], locations: dict[str, str] | None = None
                     ) -> "Pipeline":
         """A pipeline built in code (what the CLI's commands do)."""
-        err = _Errors(None, {})
+        err = KeyLines(None, {})
         specs = [_stage_spec(name, params, i, err) for i, (name, params) in enumerate(stages)]
         return cls(specs, dict(locations or {}))
 
-    def check_references(self, user_config: UserConfig, err: "_Errors") -> None:
+    def check_references(self, user_config: UserConfig, err: KeyLines) -> None:
         """Every location parameter names a known location or is a URL/absolute path;
         every `from` names an earlier stage's id; ids are unique."""
         ids: dict[str, str] = {}   # id -> the name of the stage that has it
@@ -330,7 +374,7 @@ def _params_record(spec: StageSpec) -> dict:
     return spec.params.model_dump(mode="json", by_alias=True, exclude_defaults=True)
 
 
-def _stage_spec(name: str, params: Any, position: int, err: "_Errors") -> StageSpec:
+def _stage_spec(name: str, params: Any, position: int, err: KeyLines) -> StageSpec:
     path = ("stages", position, name)
     try:
         cls = stage_class(name)
@@ -354,155 +398,3 @@ def _stage_spec(name: str, params: Any, position: int, err: "_Errors") -> StageS
             msg = "required parameter is missing"
         raise err.at(path + loc[:1], msg, key=f"stages[{position}].{name}.{key}") from None
     return StageSpec(cls, model, position, err.line(path))
-
-
-class _Errors:
-    """Builds ConfigErrors that name the pipeline file and the line of a key."""
-
-    def __init__(self, source: str | None, lines: dict[tuple, int]):
-        self.source, self.lines = source, lines
-
-    def line(self, path: tuple) -> int | None:
-        while True:
-            if path in self.lines:
-                return self.lines[path]
-            if not path:
-                return None
-            path = path[:-1]
-
-    def at(self, path: tuple, message: str, key: str | None = None) -> ConfigError:
-        if self.source is None and not self.lines:
-            # built in code from a command's or a function's arguments: name the argument
-            return ConfigError(message, key=key.rsplit(".", 1)[-1] if key else None)
-        return ConfigError(message, file=self.source or "<pipeline>", line=self.line(path), key=key)
-
-
-# A pipeline is a few dozen lines; these bounds leave it room a hundred times over, and
-# refuse a "billion laughs" (aliases of aliases, expanding exponentially), an alias inside
-# its own anchor, and nesting deep enough to overflow the stack, before any Python object
-# is built from them.
-MAX_YAML_DEPTH = 64
-MAX_YAML_NODES = 100_000      # nodes once every alias is expanded
-_SCALAR_NODE_BYTES = 1024     # a long string counts as one node per KiB
-
-
-def _bounded_loader():
-    import yaml
-
-    class YAMLRefused(yaml.MarkedYAMLError):
-        """Well-formed YAML that castlib will not expand."""
-
-    class BoundedLoader(yaml.SafeLoader):
-        """The safe loader, measuring while it composes: the depth of nesting, and each
-        node's size with its aliases expanded (computed once per node, so a bomb costs
-        what its text costs)."""
-
-        Refused = YAMLRefused
-
-        def __init__(self, stream):
-            super().__init__(stream)
-            self._depth = 0
-            self._sizes: dict[int, int] = {}   # id(node) -> expanded size, once complete
-
-        def fetch_flow_collection_start(self, TokenClass):
-            # the scanner reads a run of '[' or '{' ahead, in time quadratic in its length:
-            # stop it at the bound rather than after the whole run
-            if self.flow_level >= MAX_YAML_DEPTH:
-                raise YAMLRefused(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
-                                  "deep", self.get_mark())
-            super().fetch_flow_collection_start(TokenClass)
-
-        def add_indent(self, column):
-            if len(self.indents) >= MAX_YAML_DEPTH:
-                raise YAMLRefused(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
-                                  "deep", self.get_mark())
-            return super().add_indent(column)
-
-        def compose_node(self, parent, index):
-            event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent):
-                target = self.anchors.get(event.anchor)
-                if target is not None and id(target) not in self._sizes:
-                    raise YAMLRefused(None, None, f"alias *{event.anchor} is inside the "
-                                      "node it names (a recursive structure)", event.start_mark)
-                return super().compose_node(parent, index)
-            self._depth += 1
-            try:
-                if self._depth > MAX_YAML_DEPTH:
-                    raise YAMLRefused(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
-                                      "deep", event.start_mark)
-                node = super().compose_node(parent, index)
-            finally:
-                self._depth -= 1
-            sizes = self._sizes
-            if isinstance(node, yaml.ScalarNode):
-                size = 1 + len(node.value) // _SCALAR_NODE_BYTES
-            elif isinstance(node, yaml.SequenceNode):
-                size = 1 + sum(sizes[id(n)] for n in node.value)
-            else:
-                size = 1 + sum(sizes[id(k)] + sizes[id(v)] for k, v in node.value)
-            if size > MAX_YAML_NODES:
-                raise YAMLRefused(None, None, f"aliases expand this to more than "
-                                  f"{MAX_YAML_NODES} nodes (a YAML bomb?)", node.start_mark)
-            sizes[id(node)] = size
-            return node
-
-    return BoundedLoader
-
-
-def _load_yaml_with_lines(text: str, source: str | None) -> tuple[Any, dict[tuple, int]]:
-    """The YAML data, and the 1-based line of every mapping key and list item by path."""
-    import yaml
-
-    Loader = _bounded_loader()
-    loader = Loader(text)
-
-    def load(step):
-        try:
-            return step()
-        except Loader.Refused as exc:
-            mark = exc.problem_mark
-            raise ConfigError(f"refused YAML: {exc.problem}", file=source or "<pipeline>",
-                              line=mark.line + 1 if mark else None) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"malformed YAML: {problem}", file=source or "<pipeline>",
-                              line=mark.line + 1 if mark else None) from None
-
-    try:
-        node = load(loader.get_single_node)
-        lines = _key_lines(node, source)   # before constructing: merge keys rewrite the nodes
-        data = load(lambda: loader.construct_document(node)) if node is not None else None
-    finally:
-        loader.dispose()
-    return data, lines
-
-
-def _key_lines(node, source: str | None) -> dict[tuple, int]:
-    import yaml
-
-    lines: dict[tuple, int] = {}
-
-    def walk(n, path):
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                if not isinstance(k, yaml.ScalarNode):   # `? [a, b]`: no name to give it
-                    raise ConfigError("a key must be a plain name, not a list or mapping",
-                                      file=source or "<pipeline>", line=k.start_mark.line + 1)
-                key = k.value
-                if path + (key,) in lines:   # YAML keeps the last silently: a typo's mask
-                    where = ".".join(str(p) for p in path + (key,))
-                    raise ConfigError(f"duplicate key {key!r}", file=source or "<pipeline>",
-                                      line=k.start_mark.line + 1, key=where)
-                lines[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                lines[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
-
-    if node is not None:
-        lines[()] = node.start_mark.line + 1
-        walk(node, ())
-    return lines

@@ -232,7 +232,9 @@ def test_credentials_never_reach_the_run_history(tmp_path, db_url):
     daq = make_tree(tmp_path / "daq", {"a.dat": b"a"})
     p = write(tmp_path, f"""
         locations:
-          daq: {{url: "{daq}", options: {{password: TopSecret1, token: TopSecret2}}}}
+          daq: "{daq}"
+          # named, not used: its options are checked by its back-end only when it is
+          vault: {{url: "sftp://na64@127.0.0.1:9/x", options: {{password: TopSecret1, token: TopSecret2}}}}
         stages:
           - index: {{location: daq}}
         """)
@@ -285,3 +287,25 @@ def test_a_reference_never_indexed_is_refused_under_index_none(tmp_path, db_url)
                 db=db_url, check=2)
     assert "never indexed" in r.stderr and "Traceback" not in r.stderr
     assert sorted(os.listdir(archive)) == ["a.dat", "b.dat"]
+
+
+def test_top_level_keys_read_through_the_model(tmp_path):
+    """Names YAML reads as numbers stay names; an empty `locations:` is none; a location
+    with options keeps them."""
+    from castlib.pipeline import Pipeline
+
+    p = write(tmp_path, """
+        name: 2024
+        description: nightly
+        locations:
+          2017: /tmp
+          eos: {url: "root://eos.example.org//eos/x", options: {timeout: 30}}
+        stages:
+          - index: {location: "2017"}
+          - index: {location: eos}
+        """)
+    pipeline = Pipeline.from_file(str(p))
+    assert pipeline.locations == {"2017": "/tmp", "eos": "root://eos.example.org//eos/x"}
+    assert pipeline.location_options == {"eos": {"timeout": 30}}
+    p = write(tmp_path, "locations:\nstages:\n  - index: {location: /tmp}\n")
+    assert Pipeline.from_file(str(p)).locations == {}

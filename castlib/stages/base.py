@@ -3,17 +3,27 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TextIO
+from typing import Annotated, Any, ClassVar, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..backends import Backend, open_backend
 from ..catalog import Catalog, LocationRecord
 from ..catalog.settings import temp_name_key
+from ..checksum import ALGORITHMS
 from ..config import UserConfig
 from ..errors import ConfigError
 from ..location import LocationURL, parse_location, secret_values
+from ..options import Cli
 from ..progress import Progress
+
+
+# Types of stage parameters that say how they read on the command line (castlib/options.py):
+# a command offers every parameter of its stages as an option, derived from the model.
+Seconds = Annotated[float, Cli(unit="seconds", metavar="S")]
+Percent = Annotated[float, Cli(unit="percent", metavar="PCT")]
+Globs = Annotated[list[str], Cli(metavar="GLOB")]
+ChecksumName = Annotated[Literal[ALGORITHMS], Cli(metavar="ALGO")]  # type: ignore[valid-type]
 
 
 class StageParams(BaseModel):

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from ..backends.base import DIR, LINK
 from ..catalog import DIFFERENCE_KINDS, Difference
-from ..checksum import ALGORITHMS
 from ..filters import PathFilter
-from .base import ResolvedLocation, Stage, StageOutcome, StageParams
+from ..options import Cli
+from .base import ChecksumName, Globs, ResolvedLocation, Seconds, Stage, StageOutcome, StageParams
 
 DifferenceKind = Literal[DIFFERENCE_KINDS]  # type: ignore[valid-type]
 
@@ -19,19 +19,20 @@ DifferenceKind = Literal[DIFFERENCE_KINDS]  # type: ignore[valid-type]
 class DiffParams(StageParams):
     ref: str = Field(description="reference location (name or URL)")
     dst: str = Field(description="destination location (name or URL)")
-    checksum: Literal[ALGORITHMS] = Field(  # type: ignore[valid-type]
+    checksum: ChecksumName = Field(
         "adler32", description="checksum algorithm compared where both sides have one")
-    mtime_tolerance: float = Field(
+    mtime_tolerance: Seconds = Field(
         0.0, ge=0, description="seconds two mtimes may differ by (storage may keep minutes only)")
-    kinds: list[DifferenceKind] = Field(default_factory=lambda: list(DIFFERENCE_KINDS),
+    kinds: Annotated[list[DifferenceKind], Cli(metavar="KIND")] = Field(default_factory=lambda: list(DIFFERENCE_KINDS),
                                         description="which kinds of difference to report")
-    only: list[str] | None = Field(None, description="globs of files to compare (default: "
+    only: Globs | None = Field(None, description="globs of files to compare (default: "
                                    "those this run's index of the reference took)")
-    ignore: list[str] | None = Field(None, description="globs of entries to leave out on both "
+    ignore: Globs | None = Field(None, description="globs of entries to leave out on both "
                                      "sides (default: those this run's index of the reference "
                                      "left out)")
     perms: bool = Field(True, description="compare permission bits (kind mode) where the "
-                        "destination keeps them; false: as rsync --no-perms")
+                        "destination keeps them, and set them as rsync -a does (false, "
+                        "--no-perms: leave them out, as rsync --no-perms)")
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gc
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Literal
 
 from pydantic import Field
 
@@ -17,24 +16,27 @@ from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
 from ..location import parse_location
 from ..transfer import TEMP_MARK, is_temp_name
-from .base import IndexResult, Stage, StageOutcome, StageParams
+from .base import ChecksumName, Globs, IndexResult, Percent, Stage, StageOutcome, StageParams
 
 
 class IndexParams(StageParams):
     location: str = Field(description="location name or URL to list")
-    checksum: Literal[ALGORITHMS] | None = Field(  # type: ignore[valid-type]
-        None, description="also compute this checksum for new or changed files")
-    only: list[str] = Field(default_factory=list, description="globs of files to include")
-    ignore: list[str] = Field(default_factory=list, description="globs of entries to leave out")
+    checksum: ChecksumName | None = Field(
+        None, description="also compute this checksum (adler32, md5 or sha256) for new or "
+                          "changed files")
+    only: Globs = Field(default_factory=list, description="include only files matching")
+    ignore: Globs = Field(default_factory=list, description="leave out entries matching")
     rehash: bool = Field(False, description="recompute checksums even when size and mtime "
                                             "agree (without checksum: every kind the "
                                             "location has)")
     workers: int = Field(4, ge=1, le=64, description="parallel checksum computations")
     force: bool = Field(False, description="accept a listing in which more of the files the "
                                            "catalog knew vanished than max_vanish allows")
-    max_vanish: float = Field(50, ge=0, le=100, description=(
-        "percent of the files the catalog knew that may vanish in one listing; more stops "
-        "the run (a location it knew with fewer than 10 files: only when all vanish)"))
+    max_vanish: Percent = Field(50, ge=0, le=100, description=(
+        "stop (exit 2, nothing changed) when more than this percent of the files the "
+        "catalog knew in a location vanished since its last listing: an unmounted or blank "
+        "disk (a location known with fewer than 10 files stops only when all vanished; "
+        "100 turns it off)"))
     missing_ok: bool = Field(False, description="a root that does not exist lists as empty "
                                                 "(a destination not created yet)")
 

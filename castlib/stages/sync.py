@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Callable
 
 from pydantic import Field
 
@@ -18,7 +18,8 @@ from ..errors import (ConfigError, NotFound, SafetyRefusal, SourceChanged, Stora
                       Unsupported)
 from ..progress import human_bytes
 from ..transfer import copy_file, temp_path, with_retries
-from .base import Stage, StageOutcome, StageParams
+from ..options import Cli
+from .base import Seconds, Stage, StageOutcome, StageParams
 from .diff import DiffResult
 
 RECORD_BATCH = 500
@@ -27,15 +28,17 @@ RECORD_BATCH = 500
 class SyncParams(StageParams):
     from_: str = Field(alias="from", description="id of the diff stage whose differences to fix")
     delete: bool = Field(False, description="delete entries the reference does not have")
-    max_delete: int | None = Field(None, ge=0, description="refuse to run if more deletions "
-                                                           "than this would be needed")
-    replace: bool = Field(True, description="replace destination files whose content differs")
+    max_delete: Annotated[int, Cli(metavar="N")] | None = Field(
+        None, ge=0, description="refuse to run if more deletions than this would be needed")
+    replace: bool = Field(True, description="replace destination files whose content differs "
+                                            "(--no-replace: keep them)")
     transfers: int = Field(4, ge=1, le=256, description="files copied in parallel")
     retries: int = Field(3, ge=0, le=20, description="retries of a transient failure, with backoff")
-    stage_timeout: float = Field(3600, gt=0, description="seconds to wait for tape recalls")
+    stage_timeout: Seconds = Field(3600, gt=0, description="seconds to wait for tape recalls")
     dry_run: bool = Field(False, description="print what would be done, change nothing")
-    lock_wait: float = Field(0, ge=0, description="seconds to wait for another sync into the "
-                                                  "same destination to finish")
+    lock_wait: Seconds = Field(0, ge=0, description="seconds to wait for another sync into the "
+                                                    "same destination to finish (default: "
+                                                    "refuse at once)")
     owner: bool = Field(False, description="give entries the reference's owner and group "
                                            "(as rsync -o -g; local destinations, as root)")
     hard_links: bool = Field(False, description="files that are one file under several names in "

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import Field
 
 from ..backends.base import FILE
 from ..catalog.paths import from_catalog
-from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, StorageError
-from .base import Stage, StageOutcome, StageParams
+from .base import ChecksumName, Stage, StageOutcome, StageParams
 
 # What verify can find, worst first
 PROBLEMS = ("corrupted", "missing", "changed", "unreadable")
@@ -19,8 +17,7 @@ PROBLEMS = ("corrupted", "missing", "changed", "unreadable")
 
 class VerifyParams(StageParams):
     location: str = Field(description="location name or URL to re-read")
-    checksum: Literal[ALGORITHMS] = Field(  # type: ignore[valid-type]
-        "adler32", description="checksum algorithm to compare")
+    checksum: ChecksumName = Field("adler32", description="checksum algorithm to compare")
     prefix: str = Field("", description="only verify below this relative folder")
     workers: int = Field(4, ge=1, le=64, description="files read in parallel")
 
