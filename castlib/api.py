@@ -52,6 +52,9 @@ def _run(pipeline: Pipeline, db, command: str, args: dict, *, on_workers: bool =
 # the stages' models; what a function adds is how it puts its stages together.
 _RUN_OPTIONS = [name for name in inspect.signature(Pipeline.run).parameters
                 if name not in ("self", "catalog", "command", "args", "dry_run", "force")]
+# where it runs (see _run): on the workers next to the data, castlib.dispatch
+_RUN_OPTIONS += [name for name in ("on_workers", "detach", "broker", "verbose")
+                 if name not in _RUN_OPTIONS]
 
 
 def _annotation(o):

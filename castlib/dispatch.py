@@ -230,6 +230,11 @@ def _follow(catalog: Catalog, run_id: int, quiet: bool, verbose: int, show_error
             if tty and last_line:
                 err.write("\r\033[K")
                 last_line = ""
+            if s.get("hostname") and s["hostname"] != where and not quiet:
+                # a stage short enough to start and end between two looks at the run
+                # record still says where it ran
+                where = s["hostname"]
+                print(f"castlib: run {run_id} running on {where}", file=err)
             if s["status"] != "error":
                 _print_outcome(outcome, err, quiet, show_errors)
         shown_stages = len(stages)
