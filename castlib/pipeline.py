@@ -208,7 +208,7 @@ class Pipeline:
             out=out or sys.stdout, err=err or sys.stderr, retry_backoff_s=retry_backoff_s)
         report = RunReport(catalog.start_run(command, args, self.text))
         ctx.run_id = report.run_id
-        from .catalog.catalog import utcnow
+        from .catalog.records import utcnow
 
         locks = ExitStack()
         try:

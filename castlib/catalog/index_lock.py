@@ -20,8 +20,6 @@ import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from sqlalchemy import text
-
 from .database import driver_errors
 
 _INDEX_NAMESPACE = 0x0CA6   # locks.py uses 0x0CA5 for destinations
@@ -44,6 +42,8 @@ def index_lock(catalog, location_id: int,
 
 @contextmanager
 def _advisory(catalog, location_id: int, on_wait) -> Iterator[None]:
+    from sqlalchemy import text
+
     key = {"ns": _INDEX_NAMESPACE, "id": location_id}
     conn = catalog.engine.connect()
     try:
@@ -65,11 +65,11 @@ def _advisory(catalog, location_id: int, on_wait) -> Iterator[None]:
 def _flock(catalog, location_id: int, on_wait) -> Iterator[None]:
     import fcntl
 
-    database = catalog.engine.url.database
-    if not database or database == ":memory:":   # one process: nobody to wait for
+    database = catalog.sqlite_file
+    if not database:   # in memory: one process, nobody to wait for
         yield
         return
-    with driver_errors(catalog.engine):   # a read-only or full catalog folder: one line
+    with driver_errors(database):   # a read-only or full catalog folder: one line
         fd = os.open(f"{database}.index-lock-{location_id}", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

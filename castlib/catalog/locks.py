@@ -25,8 +25,6 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import text
-
 from ..errors import LockBusy
 
 _LOCK_NAMESPACE = 0x0CA5  # keeps castlib's advisory keys apart from other applications'
@@ -106,6 +104,8 @@ def _advisory_lock(catalog, wanted, url, timeout_s):
     # two int4 keys: 16 bits of castlib's namespace and 48 bits of the identity's hash (a
     # collision could only make syncs into two destinations wait for each other, never
     # let two syncs into one destination). All on one connection, held for the run.
+    from sqlalchemy import text
+
     conn = catalog.engine.connect()
     taken: list[tuple[dict, bool]] = []
     try:
@@ -138,8 +138,8 @@ def _advisory_lock(catalog, wanted, url, timeout_s):
 def _file_lock(catalog, wanted, url, timeout_s):
     import fcntl
 
-    database = catalog.engine.url.database
-    if not database or database == ":memory:":
+    database = catalog.sqlite_file
+    if not database:   # in memory: one process, nobody to wait for
         yield
         return
     fds: list[int] = []

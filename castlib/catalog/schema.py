@@ -134,4 +134,4 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
-CHECKSUM_COLUMNS = ("adler32", "md5", "sha256")
+from .records import CHECKSUM_COLUMNS  # noqa: E402,F401  (one definition)
