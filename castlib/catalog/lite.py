@@ -105,6 +105,8 @@ def open_lite(path: str) -> LiteStore | None:
         if os.path.getsize(path) == 0:
             return None
     except OSError:
+        if not os.path.isdir(os.path.dirname(path) or "."):
+            return None   # said in one line by the general path
         _create(path)
     try:
         store = LiteStore(path)

@@ -201,3 +201,65 @@ def test_random_trees_and_changes_give_the_same_catalog_and_differences(tmp_path
     finally:
         lean.close()
         general.close()
+
+
+@pytest.mark.parametrize("first", ["mode_only", "content"])
+def test_the_lean_writer_applies_each_update_with_its_own_columns(tmp_path, first):
+    """The grouping fix of Catalog.update_entries holds on the lean path: a mode-only
+    change keeps the checksum, a content change clears it, whichever row comes first."""
+    from datetime import datetime, timezone
+
+    from castlib.backends.base import FILE, Stat
+
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    try:
+        loc = catalog.location("/t")
+        w = catalog.index_writer(loc.id, now)
+        w.add("a1", Stat("a1", FILE, 4, 1, 0o644), "adler32", "00000001")
+        w.add("b2", Stat("b2", FILE, 4, 1, 0o644), "adler32", "00000002")
+        w.write([], {})
+        w.finish([])
+        ids = catalog.load_entries(loc.id)
+        updates = [{"b_id": ids["a1"].id, "kind": "f", "size": 4, "mtime_ns": 1, "mode": 0o600},
+                   {"b_id": ids["b2"].id, "kind": "f", "size": 4, "mtime_ns": 2, "mode": 0o644,
+                    "adler32": None, "md5": None, "sha256": None, "last_seen": now}]
+        if first == "content":
+            updates.reverse()
+        w = catalog.index_writer(loc.id, now)
+        w.write(updates, {})
+        w.finish([])
+        after = catalog.load_entries(loc.id)
+        assert (after["a1"].mode, after["a1"].adler32) == (0o600, "00000001")
+        assert (after["b2"].mtime_ns, after["b2"].adler32) == (2, None)
+    finally:
+        catalog.close()
+
+
+def test_rows_written_have_their_parent_before_the_listing_ends(tmp_path):
+    """A batch is linked to its parents as it goes in (folders of earlier runs too), not
+    only at finish(): an index killed between the two leaves no entry without its parent
+    (a later index links only the rows it inserted itself)."""
+    from datetime import datetime, timezone
+
+    from castlib.backends.base import DIR, FILE, Stat
+
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    db = tmp_path / "c.sqlite"
+    catalog = Catalog(f"sqlite:///{db}")
+    try:
+        loc = catalog.location("/t")
+        w = catalog.index_writer(loc.id, now)
+        w.add("d", Stat("d", DIR, 0, 1, 0o755))
+        w.write([], {})
+        w.finish([])
+        w = catalog.index_writer(loc.id, now)   # the next index: d is an earlier run's
+        w.add("d/new", Stat("d/new", FILE, 1, 1, 0o644))
+        w.add("d/sub", Stat("d/sub", DIR, 0, 1, 0o755))
+        w.add("d/sub/x", Stat("d/sub/x", FILE, 1, 1, 0o644))
+        w.write([], {})   # and no finish(): killed here
+        rows = dict(sqlite3.connect(db).execute(
+            "SELECT e.path, p.path FROM entries e LEFT JOIN entries p ON p.id = e.parent_id"))
+        assert rows == {"d": None, "d/new": "d", "d/sub": "d", "d/sub/x": "d/sub"}
+    finally:
+        catalog.close()
