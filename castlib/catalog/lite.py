@@ -31,6 +31,7 @@ from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, Difference, Ind
                       LocationRecord, Side, _classify, _process_alive, _username, utcnow)
 
 CHUNK = 500   # values in one IN (...) list
+_GENERAL_MADE = threading.Lock()
 
 
 def sqlite_path(db_url: str) -> str | None:
@@ -181,9 +182,11 @@ class Catalog:
     def _sql(self):
         """The general (SQLAlchemy) Catalog of the same database, made on first use."""
         if self._general is None:
-            from .catalog import SqlCatalog
+            with _GENERAL_MADE:   # threads of one sync: one engine, not one each
+                if self._general is None:
+                    from .catalog import SqlCatalog
 
-            self._general = SqlCatalog(self.db_url)
+                    self._general = SqlCatalog(self.db_url)
         return self._general
 
     def __getattr__(self, name: str):
