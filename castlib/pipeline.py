@@ -267,7 +267,7 @@ class Pipeline:
         ctx.run_id = report.run_id
         if on_context is not None:
             on_context(ctx)
-        from .catalog.catalog import utcnow
+        from .catalog.records import utcnow
 
         locks = ExitStack()
         try:

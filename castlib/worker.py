@@ -148,7 +148,7 @@ def _run_segment_task(body: dict) -> str:
 
 def run_segment(body: dict, db: str | None) -> str:
     """Run one segment of a run recorded in the catalog; what happened, in a word."""
-    from .catalog.catalog import HEARTBEAT_S, heartbeat_limit_s
+    from .catalog.records import HEARTBEAT_S, heartbeat_limit_s
     from .errors import Interrupted
     from .hosts import local_hostname
     from .pipeline import Pipeline

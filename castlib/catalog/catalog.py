@@ -3,117 +3,38 @@ set-based diffs in SQL, entries after a transfer, run history, summaries for the
 No stage, command or pipeline opens a connection or writes SQL of its own."""
 from __future__ import annotations
 
-import getpass
 import os
-from dataclasses import dataclass
 from operator import itemgetter
-from datetime import datetime, timedelta, timezone
-from typing import Iterable, Iterator, NamedTuple
+from datetime import datetime, timedelta
+from typing import Iterable, Iterator
 
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from ..backends.base import DIR, KIND_NAMES
 from ..errors import ConfigError
 from ..hosts import local_hostname
 from ..location import LocationURL, parse_location, redact, scrub_secrets
 from .database import create_catalog_engine, default_db_url, driver_errors, upgrade
 from .index_lock import index_lock
 from .paths import parent_of, subtree_range, to_catalog
-from .schema import CHECKSUM_COLUMNS, Entry, Location, Run, StageResult, StorageNode
+from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, INSERT_COLUMNS,  # noqa: F401
+                      Difference, IndexedEntry, LocationRecord, Side, _classify, _process_alive,
+                      _username, utcnow)
+from .records import _aware, heartbeat_limit_s
+from .schema import Entry, Location, Run, Setting, StageResult, StorageNode
 
 E = Entry.__table__
 L = Location.__table__
 N = StorageNode.__table__
 R = Run.__table__
 S = StageResult.__table__
+T = Setting.__table__
 
-BATCH = 20_000
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-@dataclass(frozen=True)
-class LocationRecord:
-    id: int
-    url: str
-    name: str | None
-    indexed_at: datetime | None
-
-
-class IndexedEntry(NamedTuple):
-    """An entry as the index stage needs it to decide what changed."""
-
-    id: int
-    kind: str
-    size: int | None
-    mtime_ns: int | None
-    mode: int | None
-    link_target: str | None
-    deleted: bool
-    adler32: str | None
-    md5: str | None
-    sha256: str | None
-    corrupted: bool = False   # verify found its bytes other than its checksum says
-
-    def checksum(self, algo: str) -> str | None:
-        return getattr(self, algo)
-
-
-class Side(NamedTuple):
-    """One side of a difference, as the catalog has it."""
-
-    kind: str
-    size: int | None
-    mtime_ns: int | None
-    checksum: str | None
-    link_target: str | None
-    mode: int | None
-    corrupted: bool = False   # verify found its bytes other than its checksum says
-
-
-class Difference(NamedTuple):
-    """One path that differs between a reference and a destination location."""
-
-    path: str           # catalog form (see catalog.paths)
-    kind: str           # missing, extra, type, size, checksum, corrupted, mtime, mode
-    ref: Side | None
-    dst: Side | None
-
-    def as_dict(self) -> dict:
-        out = {"path": self.path, "kind": self.kind}
-        for label, side in (("ref", self.ref), ("dst", self.dst)):
-            if side is not None:
-                out[label] = {"type": _JSON_TYPES[side.kind],
-                              "size": side.size, "mtime_ns": side.mtime_ns,
-                              "checksum": side.checksum, "mode": _octal(side.mode)}
-                if side.corrupted:
-                    out[label]["corrupted"] = True
-        return out
-
-
-# what --json calls each kind: a folder is "dir" there, as it always was (scripts parse it);
-# messages say "folder" (KIND_NAMES)
-_JSON_TYPES = {**KIND_NAMES, DIR: "dir"}
-JSON_TYPES = _JSON_TYPES   # the web API and http-push say kinds as --json does
-
-
-def _octal(mode: int | None) -> str | None:
-    return None if mode is None else f"{mode:04o}"
-
-
-# "corrupted": a file verify found rotten on either side (the catalog's checksums agree,
-# the bytes do not); above mtime, whose fix would keep the rotten bytes.
-# `mode`: the permission bits of a file or folder (links have none worth the name on POSIX)
-DIFFERENCE_KINDS = ("missing", "extra", "type", "size", "checksum", "corrupted", "mtime", "mode")
-INSERT_COLUMNS = ("location_id", "path", "name", "kind", "size", "mtime_ns", "mode", "link_target",
-                  "adler32", "md5", "sha256", "online", "first_seen", "last_seen", "deleted")
-
-
-class Catalog:
-    """An open catalog database. Safe to share between threads; each call is short."""
+class SqlCatalog:
+    """An open catalog database, on SQLAlchemy: the general path, for every database and
+    every call. castlib.catalog.Catalog (catalog.lite) is what callers open: it takes the
+    lean sqlite3 path where it has one and hands the rest to this class. Safe to share
+    between threads; each call is short."""
 
     def __init__(self, db_url: str | None = None):
         self.db_url = db_url or default_db_url()
@@ -124,8 +45,39 @@ class Catalog:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    @property
+    def sqlite_file(self) -> str | None:
+        """The file of an SQLite catalog (its locks live beside it), else None."""
+        if self.dialect != "sqlite" or self.engine.url.database in (None, "", ":memory:"):
+            return None
+        return self.engine.url.database
+
     def close(self) -> None:
         self.engine.dispose()
+
+    def setting(self, name: str) -> str | None:
+        """A catalog-wide value (see catalog.settings), None if not made yet."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(T.c.value).where(T.c.name == name)).scalar()
+
+    def add_setting(self, name: str, value: str) -> None:
+        """Make a setting; one another process made meanwhile is kept."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(T).values(name=name, value=value))
+        except IntegrityError:
+            pass
+
+    def set_setting(self, name: str, value: str) -> None:
+        """Set a catalog-wide value, made if new (the later of two writers wins)."""
+        with self.engine.begin() as conn:
+            if conn.execute(update(T).where(T.c.name == name).values(value=value)).rowcount:
+                return
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(T).values(name=name, value=value))
+            except IntegrityError:   # made meanwhile by another run: ours is the later word
+                conn.execute(update(T).where(T.c.name == name).values(value=value))
 
     def __enter__(self):
         return self
@@ -939,7 +891,7 @@ class IndexWriter:
 
     _SUM_AT = {a: INSERT_COLUMNS.index(a) for a in CHECKSUM_COLUMNS}
 
-    def __init__(self, catalog: Catalog, location_id: int, now: datetime):
+    def __init__(self, catalog: SqlCatalog, location_id: int, now: datetime):
         self.catalog = catalog
         self.location_id = location_id
         self.now = now
@@ -1000,63 +952,3 @@ class IndexWriter:
             if self._first_new_id is not None:   # a folder listed after its content, if any
                 catalog.link_parents(conn, loc_id, since_id=self._first_new_id)
             catalog.touch_location(conn, loc_id, self.now)
-
-
-def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> str | None:
-    if dst is None:
-        return "missing" if "missing" in kinds else None
-    if ref.kind != dst.kind:
-        return "type" if "type" in kinds else None
-    if ref.kind == "l":
-        same = (ref.link_target or "") == (dst.link_target or "")
-        return None if same or "type" not in kinds else "type"
-    if ref.kind == "f":
-        if "size" in kinds and ref.size != dst.size:
-            return "size"
-        if ("checksum" in kinds and ref.checksum and dst.checksum
-                and ref.checksum != dst.checksum):
-            return "checksum"
-        if "corrupted" in kinds and (ref.corrupted or dst.corrupted):
-            return "corrupted"
-        if ("mtime" in kinds and tol is not None and ref.mtime_ns is not None
-                and dst.mtime_ns is not None and abs(ref.mtime_ns - dst.mtime_ns) > tol):
-            return "mtime"
-    if ("mode" in kinds and ref.mode is not None and dst.mode is not None
-            and ref.mode != dst.mode):
-        return "mode"
-    return None
-
-
-def heartbeat_limit_s() -> float:
-    """How old a worker's last heartbeat may be before its run counts as died: many
-    heartbeats (HEARTBEAT_S) missed, not one slow commit. $CASTLIB_HEARTBEAT_LIMIT sets it."""
-    try:
-        return float(os.environ.get("CASTLIB_HEARTBEAT_LIMIT", "") or 120)
-    except ValueError:
-        return 120.0
-
-
-HEARTBEAT_S = 5.0
-
-
-def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-
-
-def _process_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's process: alive
-        return True
-    return True
-
-
-def _username() -> str | None:
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        return None

@@ -5,17 +5,16 @@ import errno
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import CastlibError, ConfigError
 from ..location import redact
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 HEAD_REVISION = "0004"   # kept equal to the newest file in migrations/versions (tested)
+
+if TYPE_CHECKING:   # SQLAlchemy is imported where it is used: not on the lean SQLite path
+    from sqlalchemy.engine import Engine
 
 
 class CatalogError(CastlibError):
@@ -64,11 +63,16 @@ _SQLITE_READONLY, _SQLITE_FULL = 8, 13
 _PG_DISK_FULL, _PG_READ_ONLY = "53100", "25006"
 
 
-def catalog_fault(engine: Engine, exc: BaseException) -> CatalogError | None:
+def catalog_fault(engine: Engine | str, exc: BaseException) -> CatalogError | None:
     """The one line to say for a catalog that is full or read-only, or None: `exc` from
-    the database driver (or an OSError about the catalog's own files)."""
+    the database driver (or an OSError about the catalog's own files). `engine` is the
+    catalog's engine, or the path of an SQLite catalog (the lean path has no engine)."""
     orig = getattr(exc, "orig", None) or exc
     code = getattr(orig, "sqlite_errorcode", None)
+    if code is None and type(orig).__module__ == "sqlite3":   # Python < 3.11: no code
+        text_ = str(orig)
+        code = (_SQLITE_READONLY if "readonly database" in text_
+                else _SQLITE_FULL if "disk is full" in text_ else None)
     state = getattr(orig, "sqlstate", None)
     errno_ = getattr(orig, "errno", None) if isinstance(orig, OSError) else None
     full = ((code is not None and code & 0xFF == _SQLITE_FULL) or state == _PG_DISK_FULL
@@ -86,7 +90,9 @@ def catalog_fault(engine: Engine, exc: BaseException) -> CatalogError | None:
                         "listing in it, so it needs write access")
 
 
-def _where(engine: Engine) -> str:
+def _where(engine: Engine | str) -> str:
+    if isinstance(engine, str):
+        return engine
     if engine.dialect.name == "sqlite" and engine.url.database:
         return engine.url.database
     return redact(str(engine.url))
@@ -100,7 +106,7 @@ def _translate_fault(context) -> None:
 
 
 @contextmanager
-def driver_errors(engine: Engine) -> Iterator[None]:
+def driver_errors(engine: Engine | str) -> Iterator[None]:
     """The same for code that drives the DBAPI cursor itself (the hot paths of indexing),
     which SQLAlchemy's hook never sees."""
     try:
@@ -113,6 +119,10 @@ def driver_errors(engine: Engine) -> Iterator[None]:
 
 
 def create_catalog_engine(url: str) -> Engine:
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
     url = normalise_db_url(url)
     try:
         parsed = make_url(url)
@@ -144,6 +154,8 @@ def create_catalog_engine(url: str) -> Engine:
 
 
 def current_revision(engine: Engine) -> str | None:
+    from sqlalchemy import inspect, text
+
     with engine.connect() as conn:
         if not inspect(conn).has_table("alembic_version"):
             return None
@@ -158,6 +170,9 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     sees another's half-made schema. A new SQLite catalog is made whole under a temporary
     name and renamed into place, so a catalog file is never empty: an empty one was
     truncated (or is not castlib's), and is refused rather than started afresh."""
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import SQLAlchemyError
+
     database = _sqlite_file(engine)
     if database is not None:
         _refuse_empty(database)
@@ -225,6 +240,8 @@ def _create_sqlite_file(engine: Engine, database: str) -> None:
     `database` (the caller holds the upgrade lock and saw nothing there). SQLite would
     otherwise create an empty file at the first connection, which another process could
     not tell from a truncated catalog."""
+    from sqlalchemy import create_engine, event
+
     temporary = f"{database}.new-{os.getpid()}"
     scratch = create_engine(f"sqlite:///{temporary}", future=True,
                             connect_args={"timeout": 60})
@@ -248,6 +265,8 @@ def create_schema(conn) -> None:
     """A new catalog: the current schema straight from the models, stamped with the head
     revision. Running every migration from the first would give the same schema (a test
     compares the two) but costs a new catalog the import of Alembic."""
+    from sqlalchemy import text
+
     from .schema import Base
 
     Base.metadata.create_all(conn)
@@ -277,11 +296,14 @@ def run_migrations(conn, before: str | None) -> str:
 
 
 @contextmanager
-def _upgrade_lock(engine: Engine) -> Iterator[None]:
+def _upgrade_lock(engine: Engine | str) -> Iterator[None]:
     """SQLite runs DDL outside the transaction, so a second opener could see the tables
     before their version row: a file lock beside the database keeps openers in line.
     (PostgreSQL takes an advisory lock inside the migration's transaction instead.)"""
-    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if isinstance(engine, str):   # the lean path: the SQLite file's own path
+        database = engine
+    else:
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:":
         yield
         return
@@ -297,6 +319,8 @@ def _upgrade_lock(engine: Engine) -> Iterator[None]:
 
 
 def current_revision_conn(conn) -> str | None:
+    from sqlalchemy import inspect, text
+
     if not inspect(conn).has_table("alembic_version"):
         return None
     return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()

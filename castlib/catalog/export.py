@@ -6,7 +6,7 @@ import re
 from datetime import datetime, timezone
 from functools import lru_cache
 
-from .catalog import JSON_TYPES
+from .records import JSON_TYPES
 
 _HEX8 = re.compile(r"[0-9a-fA-F]{1,8}")
 

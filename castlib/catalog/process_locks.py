@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from sqlalchemy import text
-
 from .database import driver_errors
 
 
@@ -38,8 +36,8 @@ def hold(catalog, keys: list[LockKey], *, timeout_s: float | None,
     if catalog.dialect == "postgresql":
         take, release = _advisory(catalog)
     elif catalog.dialect == "sqlite":
-        database = catalog.engine.url.database
-        if not database or database == ":memory:":
+        database = catalog.sqlite_file
+        if not database:   # in memory: one process, nobody to wait for
             yield
             return
         take, release = _flock(catalog, database)
@@ -68,6 +66,8 @@ def hold(catalog, keys: list[LockKey], *, timeout_s: float | None,
 
 
 def _advisory(catalog):
+    from sqlalchemy import text   # PostgreSQL only: an SQLite run never imports it
+
     conn = catalog.engine.connect()
     taken: list[LockKey] = []
 
@@ -106,7 +106,7 @@ def _flock(catalog, database: str):
 
     def take(key: LockKey, block: bool) -> bool:
         if key not in fds:
-            with driver_errors(catalog.engine):   # a read-only or full catalog folder: one line
+            with driver_errors(database):   # a read-only or full catalog folder: one line
                 fds[key] = os.open(f"{database}.{key.file}", os.O_RDWR | os.O_CREAT, 0o644)
         mode = fcntl.LOCK_SH if key.shared else fcntl.LOCK_EX
         try:   # flock is per open file: other threads of this process wait too

@@ -108,7 +108,8 @@ class Run(Base):
     # stage is (files, bytes, totals) for the client waiting, `castlib runs cancel`'s
     # request, and the broker's ids of its tasks (revoked on cancel)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    progress: Mapped[dict | None] = mapped_column(JSON)
+    # progress=None is SQL NULL (not JSON null), as the lean path writes it
+    progress: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False,
                                                    server_default=false())
     tasks: Mapped[list | None] = mapped_column(JSON)
@@ -145,4 +146,4 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
-CHECKSUM_COLUMNS = ("adler32", "md5", "sha256")
+from .records import CHECKSUM_COLUMNS  # noqa: E402,F401  (one definition)

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Literal
 
 from pydantic import Field, model_validator
 
-from ..catalog.catalog import JSON_TYPES
+from ..catalog.records import JSON_TYPES
 from ..catalog.export import adler32_hex, entry_document, iso
 from ..catalog.settings import get_setting, set_setting
 from ..errors import ConfigError, StorageError, TransientStorageError

@@ -10,7 +10,7 @@ from pydantic import Field
 from ..backends.base import DIR, FILE, LINK
 from ..catalog.index_lock import index_lock
 from ..catalog.paths import from_catalog, to_catalog
-from ..catalog.catalog import BATCH, utcnow
+from ..catalog.records import BATCH, utcnow
 from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter

@@ -6,7 +6,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from ..catalog.catalog import DIFFERENCE_KINDS
+from ..catalog.records import DIFFERENCE_KINDS
 from ..catalog.paths import printable
 from ..progress import human_bytes
 from . import views

@@ -10,7 +10,7 @@ import json
 
 from ..catalog import Catalog
 from ..catalog.settings import get_setting, run_progress_key
-from ..catalog.catalog import DIFFERENCE_KINDS
+from ..catalog.records import DIFFERENCE_KINDS
 from ..catalog.export import adler32_hex, entry_document, iso, iso_ns
 
 # the pages' templates format with these (pages.common)

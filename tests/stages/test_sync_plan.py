@@ -7,7 +7,7 @@ import pytest
 
 from castlib.backends.base import DIR, FILE, LINK
 from castlib.catalog import Difference
-from castlib.catalog.catalog import Side
+from castlib.catalog.records import Side
 from castlib.errors import SafetyRefusal
 from castlib.stages.diff import DiffResult
 from castlib.stages.sync import make_plan, plan_hard_links

@@ -141,7 +141,7 @@ def test_every_error_of_a_stage_is_kept_after_the_run(client, two_trees):
     try:
         run_id = catalog.start_run("sync", {"ref": "a", "dst": "b"})
         errors = [f"run1/f{i}.dat: Permission denied" for i in range(30)]
-        from castlib.catalog.catalog import utcnow
+        from castlib.catalog.records import utcnow
 
         catalog.record_stage(run_id, 0, "sync", None, {}, "failed", {"failed": 30}, errors,
                              utcnow())

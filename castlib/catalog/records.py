@@ -1,0 +1,157 @@
+"""What the catalog hands out and takes: records, sides and differences, the row layout of
+a new entry. Plain Python, no database library: the lean SQLite path (catalog.lite) and the
+general SQLAlchemy one (catalog.catalog) share them."""
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+from ..backends.base import DIR, KIND_NAMES
+
+CHECKSUM_COLUMNS = ("adler32", "md5", "sha256")
+
+BATCH = 20_000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class LocationRecord:
+    id: int
+    url: str
+    name: str | None
+    indexed_at: datetime | None
+
+
+class IndexedEntry(NamedTuple):
+    """An entry as the index stage needs it to decide what changed."""
+
+    id: int
+    kind: str
+    size: int | None
+    mtime_ns: int | None
+    mode: int | None
+    link_target: str | None
+    deleted: bool
+    adler32: str | None
+    md5: str | None
+    sha256: str | None
+    corrupted: bool = False   # verify found its bytes other than its checksum says
+
+    def checksum(self, algo: str) -> str | None:
+        return getattr(self, algo)
+
+
+class Side(NamedTuple):
+    """One side of a difference, as the catalog has it."""
+
+    kind: str
+    size: int | None
+    mtime_ns: int | None
+    checksum: str | None
+    link_target: str | None
+    mode: int | None
+    corrupted: bool = False   # verify found its bytes other than its checksum says
+
+
+class Difference(NamedTuple):
+    """One path that differs between a reference and a destination location."""
+
+    path: str           # catalog form (see catalog.paths)
+    kind: str           # missing, extra, type, size, checksum, corrupted, mtime, mode
+    ref: Side | None
+    dst: Side | None
+
+    def as_dict(self) -> dict:
+        out = {"path": self.path, "kind": self.kind}
+        for label, side in (("ref", self.ref), ("dst", self.dst)):
+            if side is not None:
+                out[label] = {"type": _JSON_TYPES[side.kind],
+                              "size": side.size, "mtime_ns": side.mtime_ns,
+                              "checksum": side.checksum, "mode": _octal(side.mode)}
+                if side.corrupted:
+                    out[label]["corrupted"] = True
+        return out
+
+
+# what --json calls each kind: a folder is "dir" there, as it always was (scripts parse it);
+# messages say "folder" (KIND_NAMES)
+_JSON_TYPES = {**KIND_NAMES, DIR: "dir"}
+JSON_TYPES = _JSON_TYPES   # the web API and http-push say kinds as --json does
+
+
+def _octal(mode: int | None) -> str | None:
+    return None if mode is None else f"{mode:04o}"
+
+
+# "corrupted": a file verify found rotten on either side (the catalog's checksums agree,
+# the bytes do not); above mtime, whose fix would keep the rotten bytes.
+# `mode`: the permission bits of a file or folder (links have none worth the name on POSIX)
+DIFFERENCE_KINDS = ("missing", "extra", "type", "size", "checksum", "corrupted", "mtime", "mode")
+INSERT_COLUMNS = ("location_id", "path", "name", "kind", "size", "mtime_ns", "mode", "link_target",
+                  "adler32", "md5", "sha256", "online", "first_seen", "last_seen", "deleted")
+
+
+def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> str | None:
+    if dst is None:
+        return "missing" if "missing" in kinds else None
+    if ref.kind != dst.kind:
+        return "type" if "type" in kinds else None
+    if ref.kind == "l":
+        same = (ref.link_target or "") == (dst.link_target or "")
+        return None if same or "type" not in kinds else "type"
+    if ref.kind == "f":
+        if "size" in kinds and ref.size != dst.size:
+            return "size"
+        if ("checksum" in kinds and ref.checksum and dst.checksum
+                and ref.checksum != dst.checksum):
+            return "checksum"
+        if "corrupted" in kinds and (ref.corrupted or dst.corrupted):
+            return "corrupted"
+        if ("mtime" in kinds and tol is not None and ref.mtime_ns is not None
+                and dst.mtime_ns is not None and abs(ref.mtime_ns - dst.mtime_ns) > tol):
+            return "mtime"
+    if ("mode" in kinds and ref.mode is not None and dst.mode is not None
+            and ref.mode != dst.mode):
+        return "mode"
+    return None
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True
+
+
+def _username() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return None
+
+
+def heartbeat_limit_s() -> float:
+    """How old a worker's last heartbeat may be before its run counts as died: many
+    heartbeats (HEARTBEAT_S) missed, not one slow commit. $CASTLIB_HEARTBEAT_LIMIT sets it."""
+    try:
+        return float(os.environ.get("CASTLIB_HEARTBEAT_LIMIT", "") or 120)
+    except ValueError:
+        return 120.0
+
+
+HEARTBEAT_S = 5.0
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
