@@ -84,9 +84,6 @@ UTF8_REFUSAL = ("a name that is not UTF-8 is a StorageError quoting UnicodeEncod
                 "Unsupported naming UTF-8 (s3/webdav: h-backends)")
 TAB = "test_names_with_characters_urls_and_shells_treat_specially[tab\there]"
 TAB_FAILS = "a tab in a name: the server answers not found / ResourceConflict (not investigated)"
-DAV_RENAME = ("rename of a missing source removes the target: rclone serve webdav deletes a "
-              "MOVE's target before it finds the source missing, and castlib does not check "
-              "the source first (webdav: h-backends)")
 
 BACKENDS = [
     Kind("local", _local, raw_names=True),
@@ -115,9 +112,7 @@ BACKENDS = [
     Kind("davs", _served("webdavs_server"),
          known_failures={NOT_UTF8: UTF8_REFUSAL, TAB: TAB_FAILS}),
     Kind("rclone-webdav", _served("rclone_webdav_server"),
-         known_failures={NOT_UTF8: UTF8_REFUSAL, TAB: TAB_FAILS,
-                         "test_rename_of_a_missing_source_fails_and_keeps_the_target":
-                             DAV_RENAME}),
+         known_failures={NOT_UTF8: UTF8_REFUSAL, TAB: TAB_FAILS}),
 ]
 
 

@@ -341,3 +341,28 @@ def test_empty_folders_to_s3_are_skipped_and_counted_not_made(remotes, db_url):
         assert "3 empty folders skipped: the destination keeps no folders" in proc.stderr + proc.stdout
     assert remote_digest(dst_url, dst_opts) == {
         "full": "dir", "full/f.txt": hashlib.sha256(b"f").hexdigest()}
+
+
+@pytest.mark.parametrize("server", ["rclone_webdav_server", "webdav_server"])
+def test_a_replacing_copy_whose_temporary_vanished_keeps_the_old_file(request, tmp_path, server):
+    """The sync's copy of a changed file to WebDAV, its temporary removed by another process
+    just before the rename: the copy fails, and the old file is still there, whole. (rclone
+    serve webdav removes a MOVE's target before it finds the source missing: castlib must
+    not ask it to overwrite.)"""
+    from castlib.errors import VerificationFailed
+    from castlib.transfer import copy_file
+
+    dav = request.getfixturevalue(server)
+    make_tree(tmp_path / "src", {"f.dat": b"new bytes"})
+    seed(dav.url, dav.options, {"f.dat": b"the old file"})
+    src, dst = open_backend(str(tmp_path / "src")), open_backend(dav.url, dav.options)
+
+    def another_process_removes(tmp):
+        dst.delete(tmp)
+
+    with pytest.raises(VerificationFailed, match="removed by another process"):
+        copy_file(src, "f.dat", dst, "f.dat", algorithm="adler32", expected_size=9,
+                  expected_checksum=None, mtime_ns=None, temp_key=b"k" * 32,
+                  before_rename=another_process_removes)
+    assert remote_digest(dav.url, dav.options) == {
+        "f.dat": hashlib.sha256(b"the old file").hexdigest()}
