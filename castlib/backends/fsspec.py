@@ -19,6 +19,7 @@ import fsspec
 import fsspec.asyn
 from pydantic import ConfigDict, PositiveFloat, PositiveInt
 
+from ..catalog.paths import to_catalog
 from ..errors import NotFound, StorageError, TransientStorageError, Unsupported
 from ..location import LocationURL, redact, secret_values
 from .base import (DIR, FILE, LINK, Backend, BackendOptions, Capabilities,
@@ -54,6 +55,8 @@ class FsspecBackend(Backend):
     # no settable mtimes and no folders of their own, as on most object stores fsspec serves
     capabilities = Capabilities(set_mtime=False, mtime_precision_ns=SECOND_NS, empty_dirs=False)
     Options = FsspecOptions
+    utf8_names_only = False   # names are UTF-8 text (S3 keys, WebDAV URLs): others refused
+    protocol_name = "this back-end"
 
     def __init__(self, url: LocationURL, options: dict | None = None):
         super().__init__(url, options)
@@ -99,9 +102,22 @@ class FsspecBackend(Backend):
     # -- paths -----------------------------------------------------------------------------
     def _full(self, path: str) -> str:
         """The file system's path of a location-relative path."""
+        if self.utf8_names_only and not path.isascii():
+            self._check_utf8(path)
         full = self.root if not path else (
             f"{self.root.rstrip('/')}/{path}" if self.root != "/" else f"/{path}")
         return full
+
+    def _check_utf8(self, path: str) -> None:
+        """A local name that is not UTF-8 (its raw bytes kept as surrogate escapes) has
+        no name on a protocol whose names are UTF-8 text: refused, said as such, before
+        a library fails on it with an encoding error."""
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            # shown as the catalog and every listing show it: each raw byte as %XX
+            raise Unsupported(f"{self._where(to_catalog(path))}: name is not UTF-8 ({self.protocol_name} "
+                              "holds UTF-8 names only)", path=path) from None
 
     def _relative(self, name: str) -> str:
         name = name.rstrip("/")

@@ -31,6 +31,7 @@ class WebdavBackend(FsspecBackend):
 
     description = "WebDAV servers (webdav4); webdavs:// and davs:// over https"
     capabilities = Capabilities(set_mtime=False, mtime_precision_ns=SECOND_NS, empty_dirs=True)
+    utf8_names_only, protocol_name = True, "WebDAV"
 
     def __init__(self, url, options: dict | None = None):
         super().__init__(url, options)

@@ -79,9 +79,6 @@ class Kind:
     known_failures: dict = field(default_factory=dict)
 
 
-NOT_UTF8 = "test_names_that_are_not_utf8"
-UTF8_REFUSAL = ("a name that is not UTF-8 is a StorageError quoting UnicodeEncodeError, not "
-                "Unsupported naming UTF-8 (s3/webdav: h-backends)")
 TAB = "test_names_with_characters_urls_and_shells_treat_specially[tab\there]"
 TAB_FAILS = "a tab in a name: the server answers not found / ResourceConflict (not investigated)"
 
@@ -100,7 +97,7 @@ BACKENDS = [
                          "test_set_mtime_within_the_declared_precision_or_unsupported":
                              "castor tools mode without tools.set_mtime raises StorageError, "
                              "not Unsupported"}),
-    Kind("s3", _s3, known_failures={NOT_UTF8: UTF8_REFUSAL}),
+    Kind("s3", _s3),
     Kind("sftp", _served("sftp_server", "folder"), raw_names=True),
     Kind("rclone-sftp", _served("rclone_sftp_server"), raw_names=True,
          known_failures={TAB: TAB_FAILS,
@@ -108,11 +105,11 @@ BACKENDS = [
                              "rclone serve sftp ignores chmod without an error; the capability "
                              "stays claimed (sftp: h-sftp)"}),
     Kind("webdav", _served("webdav_server"),
-         known_failures={NOT_UTF8: UTF8_REFUSAL, TAB: TAB_FAILS}),
+         known_failures={TAB: TAB_FAILS}),
     Kind("davs", _served("webdavs_server"),
-         known_failures={NOT_UTF8: UTF8_REFUSAL, TAB: TAB_FAILS}),
+         known_failures={TAB: TAB_FAILS}),
     Kind("rclone-webdav", _served("rclone_webdav_server"),
-         known_failures={NOT_UTF8: UTF8_REFUSAL, TAB: TAB_FAILS}),
+         known_failures={TAB: TAB_FAILS}),
 ]
 
 

@@ -366,3 +366,23 @@ def test_a_replacing_copy_whose_temporary_vanished_keeps_the_old_file(request, t
                   before_rename=another_process_removes)
     assert remote_digest(dav.url, dav.options) == {
         "f.dat": hashlib.sha256(b"the old file").hexdigest()}
+
+
+@pytest.mark.parametrize("dst_kind", ["s3", "webdav"])
+def test_a_name_that_is_not_utf8_is_skipped_and_said_not_failed(remotes, db_url, tmp_path,
+                                                               dst_kind):
+    """A local name that is not UTF-8 has no name on S3 or WebDAV: the sync copies the rest,
+    counts that one skipped, names it (its raw bytes shown %XX, as everywhere) and fails
+    nothing."""
+    src = tmp_path / "src"
+    make_tree(src, {"fine.txt": b"fine"})
+    (src / os.fsdecode(b"latin1-\xe9t\xe9.txt")).write_bytes(b"caf\xe9")
+    dst_url, dst_opts = remotes(dst_kind)
+    r = run_cli("sync", str(src), dst_url, "--json", db=db_url, env=remotes.env(), check=0)
+    counts = last_json(r.stdout)
+    assert (counts["copied"], counts["skipped"], counts["failed"]) == (1, 1, 0), r.stdout
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    [said] = [line for line in r.stderr.splitlines() if "UTF-8" in line]
+    assert said.count("latin1-%E9t%E9.txt") == 2 and "not UTF-8" in said, said
+    assert "Traceback" not in r.stderr and "UnicodeEncodeError" not in r.stderr
+    assert set(remote_digest(dst_url, dst_opts)) == {"fine.txt"}
