@@ -20,7 +20,7 @@ import fsspec.asyn
 from pydantic import ConfigDict, PositiveFloat, PositiveInt
 
 from ..catalog.paths import to_catalog
-from ..errors import NotFound, StorageError, TransientStorageError, Unsupported
+from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError, Unsupported
 from ..location import LocationURL, redact, secret_values
 from .base import (DIR, FILE, LINK, Backend, BackendOptions, Capabilities,
                    ListingErrorHandler, Stat, WriteStream, walk_by_folder)
@@ -176,6 +176,10 @@ class FsspecBackend(Backend):
         except StorageError as exc:
             on_error("", str(exc))
             return
+        if not found and self.capabilities.empty_dirs and self.stat("") is None:
+            # find() lists a missing folder as an empty one (memory://): a root that is
+            # not there is said, as every back-end that keeps folders says it
+            raise LocationMissing(f"folder does not exist: {self._where()}", path="")
         entries = []
         for name, info in found.items():
             rel = self._relative(name)

@@ -84,10 +84,7 @@ TAB_FAILS = "a tab in a name: the server answers not found / ResourceConflict (n
 
 BACKENDS = [
     Kind("local", _local, raw_names=True),
-    Kind("memory", _memory, raw_names=True,
-         known_failures={"test_walk_and_stat_of_a_missing_root":
-                             "memory:// lists a missing root as empty (generic fsspec bridge: "
-                             "h-backends)"}),
+    Kind("memory", _memory, raw_names=True),
     Kind("xrootd", _xrootd, refused="?"),
     Kind("castor-tools", _castor_tools, raw_names=True,
          known_failures={"test_names_with_characters_urls_and_shells_treat_specially[what?.txt]":
