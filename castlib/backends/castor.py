@@ -42,7 +42,7 @@ from pydantic import ConfigDict
 
 from ..checksum import normalise
 from ..errors import (BackendUnavailable, ConfigError, NotFound, StorageError,
-                      TransientStorageError)
+                      TransientStorageError, Unsupported)
 from ..location import LocationURL
 from .base import (DIR, FILE, LINK, Backend, BackendOptions, Capabilities,
                    ListingErrorHandler, Stat, WriteStream, wait_for_staging, walk_by_folder)
@@ -248,9 +248,10 @@ class CastorBackend(Backend):
                            "read", self._where(path), self.env, self.transfer_timeout)
 
     def open_write(self, path: str):
+        url = self._data_url(path)   # refused before the stager hears of the name
         if self.tools["stage_put"]:
             self._stager("stage_put", [path])
-        return _ToolStream(self._argv("write", path=self._abs(path), url=self._data_url(path)),
+        return _ToolStream(self._argv("write", path=self._abs(path), url=url),
                            "write", self._where(path), self.env, self.transfer_timeout,
                            discard=lambda: self._discard(path))
 
@@ -260,6 +261,9 @@ class CastorBackend(Backend):
             self.delete(path)
 
     def _data_url(self, path: str) -> str:
+        if "?" in path:   # xrdcp would cut the name there (opaque data) and write another file
+            raise Unsupported(f"CASTOR names cannot contain '?' (xrdcp, which moves the bytes, "
+                              f"takes it for the start of opaque data): {path!r}", path=path)
         return self._data_server + self._abs(path)
 
     def checksum(self, path: str, algorithm: str) -> str:
@@ -294,6 +298,10 @@ class CastorBackend(Backend):
             raise self._fail(out, "cannot delete", self._where(path))
 
     def set_mtime(self, path: str, mtime_ns: int) -> None:
+        if not self.tools["set_mtime"]:   # capabilities say so too: the sync does not ask
+            raise Unsupported(f"{self._where(path)}: cannot set modification times (no "
+                              "CASTOR command is configured for it: option tools.set_mtime)",
+                              path=path)
         seconds = mtime_ns // 1_000_000_000
         stamp = datetime.fromtimestamp(seconds).strftime("%Y%m%d%H%M")
         out = self._run("set_mtime", self._where(path), path=self._abs(path), mtime=seconds,

@@ -86,14 +86,7 @@ BACKENDS = [
     Kind("local", _local, raw_names=True),
     Kind("memory", _memory, raw_names=True),
     Kind("xrootd", _xrootd, refused="?"),
-    Kind("castor-tools", _castor_tools, raw_names=True,
-         known_failures={"test_names_with_characters_urls_and_shells_treat_specially[what?.txt]":
-                             "castor tools mode writes a name with '?' through xrdcp, where "
-                             "'?' starts opaque data: it lands under another name (XRootD mode "
-                             "refuses it)",
-                         "test_set_mtime_within_the_declared_precision_or_unsupported":
-                             "castor tools mode without tools.set_mtime raises StorageError, "
-                             "not Unsupported"}),
+    Kind("castor-tools", _castor_tools, raw_names=True, refused="?"),
     Kind("s3", _s3),
     Kind("sftp", _served("sftp_server", "folder"), raw_names=True),
     Kind("rclone-sftp", _served("rclone_sftp_server"), raw_names=True,
