@@ -23,7 +23,10 @@ from ..transfer import temp_path
 from .fsspec import READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _HTTPStatus, _Reader
 
 _HTTPS_SCHEMES = {"webdavs", "davs"}
-_DESTINATION_UNSAFE = frozenset("?;")
+# What a server may misread in a MOVE's Destination header: WsgiDAV unquotes the header
+# before it parses it as a URL, so '?' and ';' end the path there, and Python's URL parser
+# drops tabs and line breaks from it (the parent folder is then not found: 409 Conflict).
+_DESTINATION_UNSAFE = frozenset("?;\t\r\n")
 
 
 class WebdavBackend(FsspecBackend):
@@ -156,7 +159,7 @@ class WebdavBackend(FsspecBackend):
     def _copy_and_delete(self, src: str, dst: str) -> None:
         """Rename by streaming the bytes through: WsgiDAV (and others) unquote a MOVE's
         Destination header before parsing it, so a '?' or ';' there would move the file
-        to a shorter, wrong name. The target is free (rename moved it aside): an upload
+        to a shorter, wrong name (and a tab or line break is dropped from it). The target is free (rename moved it aside): an upload
         that fails leaves nothing there."""
         if self.stat(dst) is not None:
             raise FileExistsError(errno.EEXIST, "target exists")

@@ -80,7 +80,10 @@ class Kind:
 
 
 TAB = "test_names_with_characters_urls_and_shells_treat_specially[tab\there]"
-TAB_FAILS = "a tab in a name: the server answers not found / ResourceConflict (not investigated)"
+TAB_FAILS = ("rclone serve (1.60) lists a control character as its Unicode picture (rclone's "
+             "internal 'Standard' name encoding: a tab is listed as U+2409) but stores a client's "
+             "raw tab as it is: a name with a tab is not found under its own name once written, "
+             "and nothing in the protocol tells castlib the server is rclone")
 
 BACKENDS = [
     Kind("local", _local, raw_names=True),
@@ -94,10 +97,8 @@ BACKENDS = [
                          "test_permissions_where_held_or_unsupported":
                              "rclone serve sftp ignores chmod without an error; the capability "
                              "stays claimed (sftp: h-sftp)"}),
-    Kind("webdav", _served("webdav_server"),
-         known_failures={TAB: TAB_FAILS}),
-    Kind("davs", _served("webdavs_server"),
-         known_failures={TAB: TAB_FAILS}),
+    Kind("webdav", _served("webdav_server")),
+    Kind("davs", _served("webdavs_server")),
     Kind("rclone-webdav", _served("rclone_webdav_server"),
          known_failures={TAB: TAB_FAILS}),
 ]
