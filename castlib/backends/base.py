@@ -139,13 +139,26 @@ def parse_options(model: type[BackendOptions], options: dict, url: LocationURL):
         error = exc.errors()[0]
         name = ".".join(str(part) for part in error["loc"]) or "options"
         if error["type"] == "extra_forbidden":
-            known = ", ".join(model.model_fields) or "none"
+            known = ", ".join(_model_at(model, error["loc"][:-1]).model_fields) or "none"
             message = f"unknown option (known: {known})"
         else:
             message = error["msg"]
             if "input" in error and not isinstance(error["input"], (dict, list)):
                 message += f", not {error['input']!r}"
-        raise ConfigError(f"{url}: option {name}: {message}") from None
+        config_error = ConfigError(f"{url}: option {name}: {message}")
+        config_error.key = name   # which option, for a caller (the message names it already)
+        raise config_error from None
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The options model (or nested model, as castor's `tools`) an error's location is in."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = field.annotation if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            break
+        model = inner
+    return model
 
 
 class WriteStream:

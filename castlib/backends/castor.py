@@ -36,13 +36,14 @@ import tempfile
 import threading
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Iterator
+from typing import Iterator, Literal, Optional, Union
 
-from pydantic import ConfigDict
+from pydantic import PositiveFloat, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..checksum import normalise
 from ..errors import (BackendUnavailable, ConfigError, NotFound, StorageError,
-                      TransientStorageError)
+                      TransientStorageError, Unsupported)
 from ..location import LocationURL
 from .base import (DIR, FILE, LINK, Backend, BackendOptions, Capabilities,
                    ListingErrorHandler, Stat, WriteStream, wait_for_staging, walk_by_folder)
@@ -69,15 +70,66 @@ TOOLS: dict[str, str | None] = {
 }
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _FIELDS = {"path", "url", "host", "src", "dst", "paths", "mtime", "stamp"}
-_OPTIONS = {"mode", "tools", "env", "timeout", "transfer_timeout", "stage_poll", "exact_mtimes"}
 _STAGER_BATCH = 200          # paths per stager command line
 _ONLINE_STATES = {"STAGED", "CANBEMIGR"}
 
-class _CastorOptions(BackendOptions):
-    """Checked by CastorBackend itself (_OPTIONS, _seconds, _check_template), with
-    messages the tests pin; a pydantic model of them is left to do."""
+def _template(value) -> str | None:
+    """A tool's command line: split as a shell would (but run without one), every
+    placeholder one castlib fills in. Empty: not configured."""
+    if value is None or value == "":
+        return None
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise PydanticCustomError("template", "cannot split the command line: {why}",
+                                  {"why": str(exc)}) from None
+    for word in words:
+        for field_name in _PLACEHOLDER.findall(word):
+            if field_name not in _FIELDS:
+                raise PydanticCustomError(
+                    "template", "unknown placeholder {name} (known: {known})",
+                    {"name": "{" + field_name + "}",
+                     "known": ", ".join("{" + f + "}" for f in sorted(_FIELDS))})
+    return value if words else None
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+
+class CastorTools(BackendOptions):
+    """The command behind each operation (see TOOLS): a template, or null for none."""
+
+    list: Optional[str] = TOOLS["list"]
+    stat: Optional[str] = TOOLS["stat"]
+    rfstat: Optional[str] = TOOLS["rfstat"]
+    mkdir: Optional[str] = TOOLS["mkdir"]
+    rename: Optional[str] = TOOLS["rename"]
+    delete: Optional[str] = TOOLS["delete"]
+    rmdir: Optional[str] = TOOLS["rmdir"]
+    stage_query: Optional[str] = TOOLS["stage_query"]
+    stage_get: Optional[str] = TOOLS["stage_get"]
+    stage_put: Optional[str] = TOOLS["stage_put"]
+    read: Optional[str] = TOOLS["read"]
+    write: Optional[str] = TOOLS["write"]
+    set_mtime: Optional[str] = TOOLS["set_mtime"]
+
+    @field_validator("*")
+    @classmethod
+    def check_template(cls, value):
+        return _template(value)
+
+
+class CastorToolsOptions(BackendOptions):
+    """Tools mode's options (mode: xrootd hands the location to the XRootD back-end)."""
+
+    mode: Literal["tools"] = "tools"
+    tools: CastorTools = CastorTools()
+    env: dict[str, Union[str, int, float]] = {}   # STAGE_HOST, STAGE_SVCCLASS, CNS_HOST...
+    timeout: PositiveFloat = 120            # seconds, one name-server or stager command
+    transfer_timeout: PositiveFloat = 86400  # seconds, one xrdcp
+    stage_poll: PositiveFloat = 10          # seconds between stager queries while recalling
+    exact_mtimes: bool = False              # rfstat each file nsls shows with a year only
+
+
+assert set(CastorTools.model_fields) == set(TOOLS)   # one list of tools
+_TOOLS_ONLY = set(CastorToolsOptions.model_fields) - {"mode"}
 
 
 TOOLS_CAPABILITIES = Capabilities(
@@ -97,7 +149,7 @@ class CastorBackend(Backend):
     description = ("CASTOR tape storage: through its XRootD gateway (default), or its "
                    "name-server and stager tools (option mode: tools)")
     capabilities = TOOLS_CAPABILITIES
-    Options = _CastorOptions
+    Options = CastorToolsOptions
 
     @classmethod
     def capabilities_for(cls, scheme: str) -> Capabilities:
@@ -116,7 +168,7 @@ class CastorBackend(Backend):
         if mode != "xrootd":
             raise ConfigError(f"castor:// option mode must be xrootd or tools, not {mode!r}",
                               key="mode")
-        stray = sorted(set(options) & (_OPTIONS - {"mode"}))
+        stray = sorted(set(options) & _TOOLS_ONLY)
         if stray:
             raise ConfigError(f"castor:// option {stray[0]!r} applies to mode: tools only",
                               key=stray[0])
@@ -130,28 +182,14 @@ class CastorBackend(Backend):
         return XRootDBackend(xrootd_url(url), options)
 
     def __init__(self, url: LocationURL, options: dict | None = None):
-        super().__init__(url, options)
-        opts = dict(self.options)
-        opts.pop("mode", None)
-        unknown = sorted(set(opts) - _OPTIONS)
-        if unknown:
-            raise ConfigError(f"unknown castor:// option (known: {', '.join(sorted(_OPTIONS))})",
-                              key=unknown[0])
-        self.tools = dict(TOOLS)
-        given = opts.get("tools") or {}
-        if not isinstance(given, dict):
-            raise ConfigError("castor:// option tools must map operations to commands",
-                              key="tools")
-        for name, template in given.items():
-            if name not in TOOLS:
-                raise ConfigError(f"unknown CASTOR tool (known: {', '.join(TOOLS)})",
-                                  key=f"tools.{name}")
-            self.tools[name] = _check_template(name, template)
-        self.timeout = _seconds(opts, "timeout", 120)
-        self.transfer_timeout = _seconds(opts, "transfer_timeout", 86400)
-        self.stage_poll = _seconds(opts, "stage_poll", 10)
-        self.exact_mtimes = bool(opts.get("exact_mtimes", False))
-        self.env = {**os.environ, **{str(k): str(v) for k, v in (opts.get("env") or {}).items()}}
+        super().__init__(url, options)   # self.settings: the options, checked
+        opts = self.settings
+        self.tools = opts.tools.model_dump()
+        self.timeout = opts.timeout
+        self.transfer_timeout = opts.transfer_timeout
+        self.stage_poll = opts.stage_poll
+        self.exact_mtimes = opts.exact_mtimes
+        self.env = {**os.environ, **{str(k): str(v) for k, v in opts.env.items()}}
         self.capabilities = replace(TOOLS_CAPABILITIES, set_mtime=bool(self.tools["set_mtime"]))
         self._data_server = f"root://{url.user + '@' if url.user else ''}{url.host}/"
 
@@ -248,9 +286,10 @@ class CastorBackend(Backend):
                            "read", self._where(path), self.env, self.transfer_timeout)
 
     def open_write(self, path: str):
+        url = self._data_url(path)   # refused before the stager hears of the name
         if self.tools["stage_put"]:
             self._stager("stage_put", [path])
-        return _ToolStream(self._argv("write", path=self._abs(path), url=self._data_url(path)),
+        return _ToolStream(self._argv("write", path=self._abs(path), url=url),
                            "write", self._where(path), self.env, self.transfer_timeout,
                            discard=lambda: self._discard(path))
 
@@ -260,6 +299,9 @@ class CastorBackend(Backend):
             self.delete(path)
 
     def _data_url(self, path: str) -> str:
+        if "?" in path:   # xrdcp would cut the name there (opaque data) and write another file
+            raise Unsupported(f"CASTOR names cannot contain '?' (xrdcp, which moves the bytes, "
+                              f"takes it for the start of opaque data): {path!r}", path=path)
         return self._data_server + self._abs(path)
 
     def checksum(self, path: str, algorithm: str) -> str:
@@ -294,6 +336,10 @@ class CastorBackend(Backend):
             raise self._fail(out, "cannot delete", self._where(path))
 
     def set_mtime(self, path: str, mtime_ns: int) -> None:
+        if not self.tools["set_mtime"]:   # capabilities say so too: the sync does not ask
+            raise Unsupported(f"{self._where(path)}: cannot set modification times (no "
+                              "CASTOR command is configured for it: option tools.set_mtime)",
+                              path=path)
         seconds = mtime_ns // 1_000_000_000
         stamp = datetime.fromtimestamp(seconds).strftime("%Y%m%d%H%M")
         out = self._run("set_mtime", self._where(path), path=self._abs(path), mtime=seconds,
@@ -361,37 +407,6 @@ _BUSY_ERRNOS = {11, 16}   # EAGAIN, EBUSY ("Another prepareToPut is ongoing for 
 def _batches(items: list[str]) -> Iterator[list[str]]:
     for i in range(0, len(items), _STAGER_BATCH):
         yield items[i:i + _STAGER_BATCH]
-
-
-def _check_template(name: str, template) -> str | None:
-    if template is None or template == "":
-        return None
-    if not isinstance(template, str):
-        raise ConfigError("a CASTOR tool must be a command line (a string)", key=f"tools.{name}")
-    try:
-        words = shlex.split(template)
-    except ValueError as exc:
-        raise ConfigError(f"cannot split the command line: {exc}", key=f"tools.{name}") from None
-    if not words:
-        return None
-    for word in words:
-        for field_name in _PLACEHOLDER.findall(word):
-            if field_name not in _FIELDS:
-                raise ConfigError(f"unknown placeholder {{{field_name}}} (known: "
-                                  f"{', '.join('{' + f + '}' for f in sorted(_FIELDS))})",
-                                  key=f"tools.{name}")
-    return template
-
-
-def _seconds(opts: dict, key: str, default: float) -> float:
-    value = opts.get(key, default)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"must be a number of seconds, not {value!r}", key=key) from None
-    if value <= 0:
-        raise ConfigError("must be more than 0 seconds", key=key)
-    return value
 
 
 # -- the tools' outputs ------------------------------------------------------------------

@@ -19,7 +19,8 @@ import fsspec
 import fsspec.asyn
 from pydantic import ConfigDict, PositiveFloat, PositiveInt
 
-from ..errors import NotFound, StorageError, TransientStorageError, Unsupported
+from ..catalog.paths import to_catalog
+from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError, Unsupported
 from ..location import LocationURL, redact, secret_values
 from .base import (DIR, FILE, LINK, Backend, BackendOptions, Capabilities,
                    ListingErrorHandler, Stat, WriteStream, walk_by_folder)
@@ -54,6 +55,8 @@ class FsspecBackend(Backend):
     # no settable mtimes and no folders of their own, as on most object stores fsspec serves
     capabilities = Capabilities(set_mtime=False, mtime_precision_ns=SECOND_NS, empty_dirs=False)
     Options = FsspecOptions
+    utf8_names_only = False   # names are UTF-8 text (S3 keys, WebDAV URLs): others refused
+    protocol_name = "this back-end"
 
     def __init__(self, url: LocationURL, options: dict | None = None):
         super().__init__(url, options)
@@ -99,9 +102,22 @@ class FsspecBackend(Backend):
     # -- paths -----------------------------------------------------------------------------
     def _full(self, path: str) -> str:
         """The file system's path of a location-relative path."""
+        if self.utf8_names_only and not path.isascii():
+            self._check_utf8(path)
         full = self.root if not path else (
             f"{self.root.rstrip('/')}/{path}" if self.root != "/" else f"/{path}")
         return full
+
+    def _check_utf8(self, path: str) -> None:
+        """A local name that is not UTF-8 (its raw bytes kept as surrogate escapes) has
+        no name on a protocol whose names are UTF-8 text: refused, said as such, before
+        a library fails on it with an encoding error."""
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            # shown as the catalog and every listing show it: each raw byte as %XX
+            raise Unsupported(f"{self._where(to_catalog(path))}: name is not UTF-8 ({self.protocol_name} "
+                              "holds UTF-8 names only)", path=path) from None
 
     def _relative(self, name: str) -> str:
         name = name.rstrip("/")
@@ -160,6 +176,10 @@ class FsspecBackend(Backend):
         except StorageError as exc:
             on_error("", str(exc))
             return
+        if not found and self.capabilities.empty_dirs and self.stat("") is None:
+            # find() lists a missing folder as an empty one (memory://): a root that is
+            # not there is said, as every back-end that keeps folders says it
+            raise LocationMissing(f"folder does not exist: {self._where()}", path="")
         entries = []
         for name, info in found.items():
             rel = self._relative(name)

@@ -36,6 +36,7 @@ class S3Backend(FsspecBackend):
     capabilities = Capabilities(set_mtime=False, server_checksums=frozenset({"md5"}),
                                 mtime_precision_ns=SECOND_NS, empty_dirs=False)
     Options = S3Options
+    utf8_names_only, protocol_name = True, "S3"
 
     def __init__(self, url, options: dict | None = None):
         super().__init__(url, options)

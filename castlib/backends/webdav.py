@@ -19,10 +19,14 @@ from urllib.parse import quote
 from ..checksum import CHUNK_SIZE
 from ..errors import NotFound
 from .base import DIR, Capabilities, ListingErrorHandler, Stat, WriteStream
+from ..transfer import temp_path
 from .fsspec import READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _HTTPStatus, _Reader
 
 _HTTPS_SCHEMES = {"webdavs", "davs"}
-_DESTINATION_UNSAFE = frozenset("?;")
+# What a server may misread in a MOVE's Destination header: WsgiDAV unquotes the header
+# before it parses it as a URL, so '?' and ';' end the path there, and Python's URL parser
+# drops tabs and line breaks from it (the parent folder is then not found: 409 Conflict).
+_DESTINATION_UNSAFE = frozenset("?;\t\r\n")
 
 
 class WebdavBackend(FsspecBackend):
@@ -30,6 +34,7 @@ class WebdavBackend(FsspecBackend):
 
     description = "WebDAV servers (webdav4); webdavs:// and davs:// over https"
     capabilities = Capabilities(set_mtime=False, mtime_precision_ns=SECOND_NS, empty_dirs=True)
+    utf8_names_only, protocol_name = True, "WebDAV"
 
     def __init__(self, url, options: dict | None = None):
         super().__init__(url, options)
@@ -122,15 +127,42 @@ class WebdavBackend(FsspecBackend):
 
     # -- namespace -------------------------------------------------------------------------
     def rename(self, src: str, dst: str) -> None:
+        """Every MOVE goes with Overwrite: F, so no server ever removes anything for it.
+        With Overwrite: T some servers (rclone serve webdav, any on golang.org/x/net/webdav)
+        remove the target before they find the source missing: a rename of a vanished
+        temporary would lose the file it was to replace. An existing target is moved aside
+        to a castlib temporary name first, and back if the rename fails."""
         with self._errors(src):
-            if _DESTINATION_UNSAFE.intersection(dst):
-                return self._copy_and_delete(src, dst)
-            self.fs.client.move(self._full(src), self._full(dst), overwrite=True)
+            if self.stat(src) is None:
+                raise NotFound(f"{self._where(src)}: not found", path=src)
+            target = self.stat(dst)
+            if target is None or target.kind == DIR:   # a folder: the server refuses (412)
+                return self._move(src, dst)
+            folder, _, name = dst.rpartition("/")
+            safe = "".join("_" if c in _DESTINATION_UNSAFE else c for c in name)
+            # a castlib temporary name: a run killed in between leaves nothing a next
+            # sync would not recognise (and no '?' or ';' for a Destination header)
+            aside = temp_path(f"{folder}/{safe}" if folder else safe, self.temp_key)
+            self._move(dst, aside)
+            try:
+                self._move(src, dst)
+            except BaseException:
+                self._move(aside, dst)
+                raise
+            self.delete(aside)
+
+    def _move(self, src: str, dst: str) -> None:
+        if _DESTINATION_UNSAFE.intersection(dst):
+            return self._copy_and_delete(src, dst)
+        self.fs.client.move(self._full(src), self._full(dst), overwrite=False)
 
     def _copy_and_delete(self, src: str, dst: str) -> None:
         """Rename by streaming the bytes through: WsgiDAV (and others) unquote a MOVE's
         Destination header before parsing it, so a '?' or ';' there would move the file
-        to a shorter, wrong name."""
+        to a shorter, wrong name (and a tab or line break is dropped from it). The target is free (rename moved it aside): an upload
+        that fails leaves nothing there."""
+        if self.stat(dst) is not None:
+            raise FileExistsError(errno.EEXIST, "target exists")
         with self.open_read(src) as reader, self.open_write(dst) as writer:
             while chunk := reader.read(CHUNK_SIZE):
                 writer.write(chunk)

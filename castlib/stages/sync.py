@@ -503,6 +503,10 @@ class SyncStage(Stage):
                 self.counts["changed_during_copy"] += 1              # sees the change
                 self.errors.append(f"{d.path}: {exc}")
                 return
+            except Unsupported as exc:   # a name the destination cannot hold (not UTF-8 on
+                self.counts["skipped"] += 1   # S3, a '?' on XRootD): skipped, said, no failure
+                self.errors.append(f"{d.path}: not copied: {exc}")
+                return
             except StorageError as exc:
                 self._fail(d.path, str(exc))
                 return

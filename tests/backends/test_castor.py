@@ -138,6 +138,7 @@ def test_bad_options_name_the_key(options, key):
     with pytest.raises(ConfigError) as err:
         open_backend("castor://h.example/castor/x", options)
     assert err.value.key == key
+    assert key in str(err.value) and "\n" not in str(err.value)   # one line naming it
 
 
 def test_a_missing_tool_is_one_clear_error():

@@ -341,3 +341,48 @@ def test_empty_folders_to_s3_are_skipped_and_counted_not_made(remotes, db_url):
         assert "3 empty folders skipped: the destination keeps no folders" in proc.stderr + proc.stdout
     assert remote_digest(dst_url, dst_opts) == {
         "full": "dir", "full/f.txt": hashlib.sha256(b"f").hexdigest()}
+
+
+@pytest.mark.parametrize("server", ["rclone_webdav_server", "webdav_server"])
+def test_a_replacing_copy_whose_temporary_vanished_keeps_the_old_file(request, tmp_path, server):
+    """The sync's copy of a changed file to WebDAV, its temporary removed by another process
+    just before the rename: the copy fails, and the old file is still there, whole. (rclone
+    serve webdav removes a MOVE's target before it finds the source missing: castlib must
+    not ask it to overwrite.)"""
+    from castlib.errors import VerificationFailed
+    from castlib.transfer import copy_file
+
+    dav = request.getfixturevalue(server)
+    make_tree(tmp_path / "src", {"f.dat": b"new bytes"})
+    seed(dav.url, dav.options, {"f.dat": b"the old file"})
+    src, dst = open_backend(str(tmp_path / "src")), open_backend(dav.url, dav.options)
+
+    def another_process_removes(tmp):
+        dst.delete(tmp)
+
+    with pytest.raises(VerificationFailed, match="removed by another process"):
+        copy_file(src, "f.dat", dst, "f.dat", algorithm="adler32", expected_size=9,
+                  expected_checksum=None, mtime_ns=None, temp_key=b"k" * 32,
+                  before_rename=another_process_removes)
+    assert remote_digest(dav.url, dav.options) == {
+        "f.dat": hashlib.sha256(b"the old file").hexdigest()}
+
+
+@pytest.mark.parametrize("dst_kind", ["s3", "webdav"])
+def test_a_name_that_is_not_utf8_is_skipped_and_said_not_failed(remotes, db_url, tmp_path,
+                                                               dst_kind):
+    """A local name that is not UTF-8 has no name on S3 or WebDAV: the sync copies the rest,
+    counts that one skipped, names it (its raw bytes shown %XX, as everywhere) and fails
+    nothing."""
+    src = tmp_path / "src"
+    make_tree(src, {"fine.txt": b"fine"})
+    (src / os.fsdecode(b"latin1-\xe9t\xe9.txt")).write_bytes(b"caf\xe9")
+    dst_url, dst_opts = remotes(dst_kind)
+    r = run_cli("sync", str(src), dst_url, "--json", db=db_url, env=remotes.env(), check=0)
+    counts = last_json(r.stdout)
+    assert (counts["copied"], counts["skipped"], counts["failed"]) == (1, 1, 0), r.stdout
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    [said] = [line for line in r.stderr.splitlines() if "UTF-8" in line]
+    assert said.count("latin1-%E9t%E9.txt") == 2 and "not UTF-8" in said, said
+    assert "Traceback" not in r.stderr and "UnicodeEncodeError" not in r.stderr
+    assert set(remote_digest(dst_url, dst_opts)) == {"fine.txt"}
