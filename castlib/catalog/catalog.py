@@ -658,7 +658,8 @@ class Catalog:
             return conn.execute(insert(R).values(
                 command=command, args=scrub_secrets(args), pipeline=pipeline,
                 hostname=local_hostname(), username=_username(), pid=os.getpid(),
-                started_at=utcnow(), status="running")).inserted_primary_key[0]
+                started_at=utcnow(), heartbeat_at=utcnow(),
+                status="running")).inserted_primary_key[0]
 
     def mark_dead_runs(self) -> None:
         with self.engine.begin() as conn:
@@ -666,15 +667,17 @@ class Catalog:
 
     def _mark_dead_runs(self, conn) -> None:
         """Runs still 'running' whose process is gone: on this host, a pid that no longer
-        exists; on any host, a worker's heartbeat older than HEARTBEAT_LIMIT_S (a worker
-        killed, or its machine stopped: it cannot say so itself)."""
+        exists; on another host, a heartbeat older than heartbeat_limit_s() (a process
+        killed, or its machine stopped: it cannot say so itself). A run of this host whose
+        process lives is alive even when its beats are late (stopped with Ctrl-Z, or
+        waiting for SQLite's write lock held by its own stage)."""
         host = local_hostname()
         stale = utcnow() - timedelta(seconds=heartbeat_limit_s())
         rows = conn.execute(select(R.c.id, R.c.pid, R.c.hostname, R.c.heartbeat_at).where(
             R.c.status == "running")).all()
         dead = [r.id for r in rows
-                if (r.hostname == host and not _process_alive(r.pid))
-                or (r.heartbeat_at is not None and _aware(r.heartbeat_at) < stale)]
+                if (not _process_alive(r.pid) if r.hostname == host
+                    else r.heartbeat_at is not None and _aware(r.heartbeat_at) < stale)]
         if dead:
             conn.execute(update(R).where(R.c.id.in_(dead), R.c.status == "running").values(
                 status="died", finished_at=utcnow(),
@@ -719,7 +722,10 @@ class Catalog:
                          .values(status="queued", hostname=host, pid=None, progress=None))
 
     def heartbeat(self, run_id: int, progress: dict | None) -> bool:
-        """A worker's sign of life, with its progress; True when a cancel was asked for."""
+        """A running run's sign of life with its live counters (Progress.snapshot: files,
+        bytes, their totals, rate, ETA), written about once a second by every run
+        (progress.RunBeat) and read by the web view, the API and a client waiting on a
+        worker; True when a cancel was asked for. A run that has ended is left alone."""
         with self.engine.begin() as conn:
             conn.execute(update(R).where(R.c.id == run_id, R.c.status == "running")
                          .values(heartbeat_at=utcnow(), progress=progress))
@@ -739,9 +745,10 @@ class Catalog:
         return dict(row) if row else None
 
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
+        """Record a run's end; its last counters (`progress`) stay, as what it did last."""
         with self.engine.begin() as conn:
             conn.execute(update(R).where(R.c.id == run_id).values(
-                finished_at=utcnow(), status=status, error=error, pid=None, progress=None))
+                finished_at=utcnow(), status=status, error=error, pid=None))
 
     def record_stage(self, run_id: int, position: int, stage: str, stage_id: str | None,
                      params: dict, status: str, counts: dict, errors: list,
@@ -1028,15 +1035,13 @@ def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> 
 
 
 def heartbeat_limit_s() -> float:
-    """How old a worker's last heartbeat may be before its run counts as died: many
-    heartbeats (HEARTBEAT_S) missed, not one slow commit. $CASTLIB_HEARTBEAT_LIMIT sets it."""
+    """How old the last heartbeat of another host's run may be before the run counts as
+    died: many beats (progress.RunBeat) missed, not one slow commit.
+    $CASTLIB_HEARTBEAT_LIMIT sets it."""
     try:
         return float(os.environ.get("CASTLIB_HEARTBEAT_LIMIT", "") or 120)
     except ValueError:
         return 120.0
-
-
-HEARTBEAT_S = 5.0
 
 
 def _aware(t: datetime) -> datetime:

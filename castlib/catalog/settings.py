@@ -48,8 +48,3 @@ def set_setting(catalog, name: str, value: str) -> None:
                 conn.execute(insert(S).values(name=name, value=value))
         except IntegrityError:   # made meanwhile by another run: ours is the later word
             conn.execute(update(S).where(S.c.name == name).values(value=value))
-
-
-def run_progress_key(run_id: int) -> str:
-    """The setting a run started from the web view keeps its latest counters under."""
-    return f"progress:{run_id}"
