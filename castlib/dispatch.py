@@ -41,11 +41,15 @@ class Segment:
     positions: list[int]
 
 
+def configured_broker(explicit: str | None, user_config: UserConfig) -> str | None:
+    """--broker, else $CASTLIB_BROKER, else the configuration's `broker:`; None when
+    none is given (`castlib web` then runs actions itself)."""
+    return explicit or os.environ.get("CASTLIB_BROKER") or user_config.broker or None
+
+
 def broker_url(explicit: str | None, user_config: UserConfig) -> str:
-    """--broker, else $CASTLIB_BROKER, else the configuration's `broker:`, else a Redis
-    on this machine."""
-    return (explicit or os.environ.get("CASTLIB_BROKER") or user_config.broker
-            or "redis://localhost:6379/0")
+    """The broker configured (configured_broker), else a Redis on this machine."""
+    return configured_broker(explicit, user_config) or "redis://localhost:6379/0"
 
 
 def _stage_urls(pipeline: Pipeline, spec, resolve) -> list[LocationURL]:
@@ -140,7 +144,7 @@ def submit(pipeline: Pipeline, catalog: Catalog, *, command: str, args: dict,
            broker: str | None = None, detach: bool = False, dry_run: bool = False,
            force: bool = False, quiet: bool = False, verbose: int = 0,
            user_config: UserConfig | None = None, show_errors: bool = True,
-           err=None, **_ignored) -> RunReport:
+           out=None, err=None, **_ignored) -> RunReport:
     """Queue the run's segments and (unless `detach`) wait for it, showing its progress
     and the stages' summaries as they are recorded; a RunReport as a local run gives
     (without the stages' values: they stay on the worker)."""
@@ -180,7 +184,7 @@ def submit(pipeline: Pipeline, catalog: Catalog, *, command: str, args: dict,
     catalog.set_run_tasks(run_id, task_ids)
     err = err or sys.stderr
     if detach:
-        print(run_id)
+        print(run_id, file=out or sys.stdout)
         if not quiet:
             print(f"castlib: run {run_id} queued for {segments[0].queue} (castlib runs show "
                   f"{run_id}; castlib runs cancel {run_id})", file=err)
