@@ -216,16 +216,25 @@ def _follow(catalog: Catalog, run_id: int, quiet: bool, verbose: int, show_error
     shown_stages = 0
     last_line, last_logged = "", 0.0
     where = None
+
+    def announce(host):   # each host the run moves to, once on arrival
+        nonlocal where, last_line
+        if host and host != where and not quiet:
+            where = host
+            if tty and last_line:
+                err.write("\r\033[K")
+                last_line = ""
+            print(f"castlib: run {run_id} running on {where}", file=err)
+
     while True:
         catalog.mark_dead_runs()
         details = catalog.run_details(run_id)
         if details is None:
             raise ConfigError(f"no run with id {run_id}")
         run, stages = details
-        if run["status"] == "running" and run["hostname"] != where and not quiet:
-            where = run["hostname"]
-            print(f"castlib: run {run_id} running on {where}", file=err)
         for s in stages[shown_stages:]:
+            # a stage that ran between two polls: where it ran is in its record
+            announce(s.get("hostname"))
             outcome = StageOutcome(s["counts"] or {}, list(s["errors"] or []), None,
                                    s["summary"] or "",
                                    1 if s["status"] == "failed" else
@@ -237,6 +246,8 @@ def _follow(catalog: Catalog, run_id: int, quiet: bool, verbose: int, show_error
             if s["status"] != "error":
                 _print_outcome(outcome, err, quiet, show_errors)
         shown_stages = len(stages)
+        if run["status"] == "running":
+            announce(run["hostname"])
         if run["status"] in FINAL:
             if tty and last_line:
                 err.write("\r\033[K")
