@@ -15,7 +15,7 @@ from castlib.catalog import Catalog
 from tests.helpers import (castlib_command, cli_env, last_json, make_tree, run_cli,
                            tree_digest)
 from tests.servers.postgres import fresh_database
-from tests.servers.redis import HEARTBEAT_LIMIT, Worker, worker_env
+from tests.servers.redis import Worker, worker_env
 
 MIB = 1024 * 1024
 TEMP = ".castlib-part-"
