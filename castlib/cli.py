@@ -484,6 +484,10 @@ def _web_command(command) -> None:
                         "without it the server is read-only")
     c.add_argument("--pipelines", metavar="DIR",
                    help="folder of pipeline files that actions may start by name")
+    c.add_argument("--broker", metavar="URL",
+                   help="send actions to the workers of this broker (default: "
+                        "$CASTLIB_BROKER, broker: in the config; none: actions run in the "
+                        "server's own background process)")
 
 
 def cmd_web(args) -> int:
@@ -512,19 +516,47 @@ def cmd_web(args) -> int:
         from .web import create_app
     except ImportError as exc:
         raise ConfigError(f"castlib web needs {exc.name}: pip install 'castlib[web]'") from None
+    dispatcher, where = _web_dispatcher(args)
     try:   # a port in use is one line here, not uvicorn's log and exit
         with socket.create_server((args.host, args.port)):
             pass
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: "
                           f"{exc.strerror or exc}") from None
-    app = create_app(args.db, token, pipelines_dir=args.pipelines)
+    app = create_app(args.db, token, pipelines_dir=args.pipelines, dispatcher=dispatcher)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"castlib web: http://{host}:{args.port}/ "
-          f"({'actions need the token' if token else 'read-only: no --token-file'})",
+          f"({'actions need the token; ' + where if token else 'read-only: no --token-file'})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
+
+
+def _web_dispatcher(args):
+    """Who carries out the web's actions, and those words for the start-up line: the
+    workers when a broker is configured (as --on-workers), else the server's own child
+    processes (None: create_app's default). Workers need the catalog they share: with
+    --broker and an SQLite catalog, a refusal; with a broker from the environment or the
+    config, the server runs actions itself and says so."""
+    from .catalog.database import default_db_url, normalise_db_url
+    from .config import load_user_config
+    from .dispatch import configured_broker
+    from .errors import ConfigError
+    from .location import redact
+
+    broker = configured_broker(args.broker, load_user_config())
+    if not broker:
+        return None, "actions run in this server's background processes"
+    db = args.db or default_db_url()
+    if normalise_db_url(db).startswith("sqlite"):
+        if args.broker:
+            raise ConfigError("--broker needs a catalog the workers share: give --db "
+                              "postgresql://... (this one is an SQLite file)")
+        return None, ("actions run in this server's background processes (the broker "
+                      "configured needs a PostgreSQL catalog)")
+    from .web.actions import WorkerDispatcher
+
+    return WorkerDispatcher(db, broker), f"actions go to the workers of {redact(broker)}"
 
 
 COMMANDS = {"index": cmd_index, "diff": cmd_diff, "sync": cmd_sync, "verify": cmd_verify,

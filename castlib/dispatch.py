@@ -41,11 +41,15 @@ class Segment:
     positions: list[int]
 
 
+def configured_broker(explicit: str | None, user_config: UserConfig) -> str | None:
+    """--broker, else $CASTLIB_BROKER, else the configuration's `broker:`; None when
+    none is given (`castlib web` then runs actions itself)."""
+    return explicit or os.environ.get("CASTLIB_BROKER") or user_config.broker or None
+
+
 def broker_url(explicit: str | None, user_config: UserConfig) -> str:
-    """--broker, else $CASTLIB_BROKER, else the configuration's `broker:`, else a Redis
-    on this machine."""
-    return (explicit or os.environ.get("CASTLIB_BROKER") or user_config.broker
-            or "redis://localhost:6379/0")
+    """The broker configured (configured_broker), else a Redis on this machine."""
+    return configured_broker(explicit, user_config) or "redis://localhost:6379/0"
 
 
 def _stage_urls(pipeline: Pipeline, spec, resolve) -> list[LocationURL]:
@@ -140,7 +144,7 @@ def submit(pipeline: Pipeline, catalog: Catalog, *, command: str, args: dict,
            broker: str | None = None, detach: bool = False, dry_run: bool = False,
            force: bool = False, quiet: bool = False, verbose: int = 0,
            user_config: UserConfig | None = None, show_errors: bool = True,
-           err=None, **_ignored) -> RunReport:
+           out=None, err=None, **_ignored) -> RunReport:
     """Queue the run's segments and (unless `detach`) wait for it, showing its progress
     and the stages' summaries as they are recorded; a RunReport as a local run gives
     (without the stages' values: they stay on the worker)."""
@@ -180,7 +184,7 @@ def submit(pipeline: Pipeline, catalog: Catalog, *, command: str, args: dict,
     catalog.set_run_tasks(run_id, task_ids)
     err = err or sys.stderr
     if detach:
-        print(run_id)
+        print(run_id, file=out or sys.stdout)
         if not quiet:
             print(f"castlib: run {run_id} queued for {segments[0].queue} (castlib runs show "
                   f"{run_id}; castlib runs cancel {run_id})", file=err)
@@ -212,16 +216,25 @@ def _follow(catalog: Catalog, run_id: int, quiet: bool, verbose: int, show_error
     shown_stages = 0
     last_line, last_logged = "", 0.0
     where = None
+
+    def announce(host):   # each host the run moves to, once on arrival
+        nonlocal where, last_line
+        if host and host != where and not quiet:
+            where = host
+            if tty and last_line:
+                err.write("\r\033[K")
+                last_line = ""
+            print(f"castlib: run {run_id} running on {where}", file=err)
+
     while True:
         catalog.mark_dead_runs()
         details = catalog.run_details(run_id)
         if details is None:
             raise ConfigError(f"no run with id {run_id}")
         run, stages = details
-        if run["status"] == "running" and run["hostname"] != where and not quiet:
-            where = run["hostname"]
-            print(f"castlib: run {run_id} running on {where}", file=err)
         for s in stages[shown_stages:]:
+            # a stage that ran between two polls: where it ran is in its record
+            announce(s.get("hostname"))
             outcome = StageOutcome(s["counts"] or {}, list(s["errors"] or []), None,
                                    s["summary"] or "",
                                    1 if s["status"] == "failed" else
@@ -238,6 +251,8 @@ def _follow(catalog: Catalog, run_id: int, quiet: bool, verbose: int, show_error
             if s["status"] != "error":
                 _print_outcome(outcome, err, quiet, show_errors)
         shown_stages = len(stages)
+        if run["status"] == "running":
+            announce(run["hostname"])
         if run["status"] in FINAL:
             if tty and last_line:
                 err.write("\r\033[K")

@@ -18,6 +18,7 @@ from .catalog.paths import printable
 from .config import UserConfig, load_user_config
 from .errors import CastlibError, ConfigError, interruption_name
 from .location import parse_location, redact, scrub_secrets
+from .progress import RunBeat
 from .stages import RunContext, Stage, StageOutcome, stage_class
 from .stages.base import StageParams
 from .yamlfile import KeyLines, load_with_lines
@@ -248,14 +249,16 @@ class Pipeline:
             out: TextIO | None = None, err: TextIO | None = None,
             user_config: UserConfig | None = None, retry_backoff_s: float = 1.0,
             show_errors: bool = True, run_id: int | None = None, finish: bool = True,
-            on_context=None) -> RunReport:
+            on_cancel=None) -> RunReport:
         """Run the stages in order, recording the run and each stage in the catalog. A
         stage that raises stops the pipeline; the error is recorded, then re-raised.
         show_errors=False leaves the stages' per-item errors to the caller to print (a
         command whose result they are), though they are recorded all the same.
         A worker (castlib.dispatch) runs one segment of a run already recorded: `run_id`
         is that run, `finish=False` leaves it open for the next segment when this one
-        ends well, and `on_context` is given the RunContext (its progress) first."""
+        ends well, and `on_cancel` is called (once, from another thread) when `castlib runs
+        cancel` asks the run to stop. While the stages run, the run's record keeps their
+        live counters and a heartbeat (progress.RunBeat)."""
         ctx = RunContext(
             catalog=catalog, dry_run=dry_run, force=force, quiet=quiet,
             locations=self.locations, location_options=self.location_options,
@@ -265,36 +268,40 @@ class Pipeline:
         report = RunReport(run_id if run_id is not None
                            else catalog.start_run(command, args, self.text))
         ctx.run_id = report.run_id
-        if on_context is not None:
-            on_context(ctx)
         from .catalog.records import utcnow
 
         locks = ExitStack()
+        beat = RunBeat(catalog, report.run_id, lambda: ctx.current_progress, on_cancel)
         try:
-            if not dry_run:
-                self._lock_destinations(ctx, locks)
-            for spec in self.stages:
-                started = utcnow()
-                stage = spec.cls(spec.params, ctx)
-                try:
-                    outcome = stage.run()
-                except CastlibError as exc:
+            # beating from the start: a run waiting for a destination's lock is alive too.
+            # Its last write (the final counters) comes before the run's end is recorded
+            # (below); a beat never writes over an ended run's record.
+            with beat:
+                if not dry_run:
+                    self._lock_destinations(ctx, locks)
+                for spec in self.stages:
+                    started = utcnow()
+                    ctx.current_progress = None   # a stage without counters shows none
+                    stage = spec.cls(spec.params, ctx)
+                    try:
+                        outcome = stage.run()
+                    except CastlibError as exc:
+                        catalog.record_stage(report.run_id, spec.position, spec.cls.name,
+                                             spec.params.id, _params_record(spec), "error", {},
+                                             [redact(str(exc), ctx.secrets)], started)
+                        raise
+                    except KeyboardInterrupt:
+                        self._record_interrupted(ctx, report, spec, stage, started)
+                        raise
                     catalog.record_stage(report.run_id, spec.position, spec.cls.name,
-                                         spec.params.id, _params_record(spec), "error", {},
-                                         [redact(str(exc), ctx.secrets)], started)
-                    raise
-                except KeyboardInterrupt:
-                    self._record_interrupted(ctx, report, spec, stage, started)
-                    raise
-                catalog.record_stage(report.run_id, spec.position, spec.cls.name,
-                                     spec.params.id, _params_record(spec),
-                                     "failed" if outcome.exit_code else "ok", outcome.counts,
-                                     [redact(e, ctx.secrets) for e in outcome.errors], started,
-                                     summary=redact(outcome.summary or "", ctx.secrets))
-                if spec.params.id:
-                    ctx.results[spec.params.id] = outcome.value
-                report.stages.append(StageRun(spec, outcome))
-                _print_outcome(outcome, ctx.err, quiet, show_errors, ctx.secrets)
+                                         spec.params.id, _params_record(spec),
+                                         "failed" if outcome.exit_code else "ok", outcome.counts,
+                                         [redact(e, ctx.secrets) for e in outcome.errors], started,
+                                         summary=redact(outcome.summary or "", ctx.secrets))
+                    if spec.params.id:
+                        ctx.results[spec.params.id] = outcome.value
+                    report.stages.append(StageRun(spec, outcome))
+                    _print_outcome(outcome, ctx.err, quiet, show_errors, ctx.secrets)
         except CastlibError as exc:
             catalog.finish_run(report.run_id, "error", redact(str(exc), ctx.secrets))
             raise

@@ -7,8 +7,8 @@ A worker consumes the queue named after its host (castlib.hosts.local_hostname),
 default queue, and any --queue given (`eos` for the worker next to the archive). A task is
 one segment of a run: the worker claims the run in the catalog (a task delivered twice, or
 for a run cancelled or died meanwhile, is skipped there), runs its stages as a local run
-would, beating a heartbeat into the run record with the progress of the stage, and reads
-back from it whether `castlib runs cancel` asked it to stop.
+would (each run beats a heartbeat into its record with the counters of the stage running,
+progress.RunBeat), and reads back from it whether `castlib runs cancel` asked it to stop.
 
 Delivery settings, and why:
 - task_acks_late with a prefetch of one: the message is acknowledged when the segment
@@ -148,7 +148,6 @@ def _run_segment_task(body: dict) -> str:
 
 def run_segment(body: dict, db: str | None) -> str:
     """Run one segment of a run recorded in the catalog; what happened, in a word."""
-    from .catalog.records import HEARTBEAT_S, heartbeat_limit_s
     from .errors import Interrupted
     from .hosts import local_hostname
     from .pipeline import Pipeline
@@ -165,25 +164,12 @@ def run_segment(body: dict, db: str | None) -> str:
     pipeline.location_options = body.get("location_options") or {}
     pipeline.stages = [s for s in pipeline.stages if s.position in positions]
 
-    contexts = []
-    stop = threading.Event()
     cancelled = []
     main = threading.main_thread().ident
 
-    def beat():
-        every = min(HEARTBEAT_S, heartbeat_limit_s() / 4)
-        while not stop.wait(every):
-            progress = None
-            p = contexts[0].current_progress if contexts else None
-            if p is not None:
-                progress = {"label": p.label, "files": p.files, "bytes": p.bytes,
-                            "total_files": p.total_files, "total_bytes": p.total_bytes}
-            try:
-                if catalog.heartbeat(run_id, progress) and not cancelled:
-                    cancelled.append(True)
-                    signal.pthread_kill(main, signal.SIGTERM)   # the clean stop of a run
-            except Exception as exc:   # a catalog hiccup: the next beat tries again
-                log.warning("run %s: heartbeat failed: %s", run_id, exc)
+    def on_cancel():   # from the run's heartbeat (progress.RunBeat), once
+        cancelled.append(True)
+        signal.pthread_kill(main, signal.SIGTERM)   # the clean stop of a run
 
     stopping = []
 
@@ -194,13 +180,11 @@ def run_segment(body: dict, db: str | None) -> str:
         raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    thread = threading.Thread(target=beat, name=f"castlib-heartbeat-{run_id}", daemon=True)
-    thread.start()
     try:
         report = pipeline.run(catalog, command=body["command"], run_id=run_id,
                               finish=body["last"], dry_run=body.get("dry_run", False),
                               force=body.get("force", False), quiet=False,
-                              on_context=contexts.append)
+                              on_cancel=on_cancel)
     except KeyboardInterrupt:
         if cancelled:
             catalog.finish_run(run_id, "cancelled", "cancelled by castlib runs cancel")
@@ -213,8 +197,6 @@ def run_segment(body: dict, db: str | None) -> str:
     except CastlibError:
         return "error"   # recorded by the pipeline
     finally:
-        stop.set()
-        thread.join()
         signal.signal(signal.SIGTERM, previous)
     if not body["last"] and not report.exit_code:
         catalog.hand_over_run(run_id, body["next_queue"])

@@ -19,55 +19,9 @@ from tests.servers.redis import Worker, worker_env
 
 MIB = 1024 * 1024
 TEMP = ".castlib-part-"
-# a worker's run counts as died once its heartbeat is this old (it beats 4 times as often)
-HEARTBEAT_LIMIT = "6"
 
 # worker start-ups and real copies on a shared machine: more than the suite's 300 s default
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def cluster(postgres_url, redis_url, tmp_path_factory):
-    """One catalog, one broker, workers daq01 and daq02 for the module; the client's
-    environment (host `client`)."""
-    db = fresh_database(postgres_url)
-    Catalog(db).close()   # the schema, once, before three processes open it at once
-    logs = tmp_path_factory.mktemp("workers")
-    workers = {}
-    try:
-        for name in ("daq01", "daq02"):
-            workers[name] = Worker(name, worker_env(name, db, redis_url,
-                                                    CASTLIB_HEARTBEAT_LIMIT=HEARTBEAT_LIMIT),
-                                   logs / f"{name}.log").start()
-        yield _Cluster(db, redis_url, workers, logs)
-    finally:
-        for w in workers.values():
-            w.stop()
-
-
-class _Cluster:
-    def __init__(self, db, broker, workers, logs):
-        self.db, self.broker, self.workers, self.logs = db, broker, workers, logs
-
-    def client_env(self, **extra) -> dict:
-        return worker_env("client", self.db, self.broker,
-                          CASTLIB_HEARTBEAT_LIMIT=HEARTBEAT_LIMIT, **extra)
-
-    def cli(self, *args, check=None, timeout=300):
-        return run_cli(*args, env=self.client_env(), check=check, timeout=timeout)
-
-    def worker(self, name: str) -> Worker:
-        return Worker(name, worker_env(name, self.db, self.broker,
-                                       CASTLIB_HEARTBEAT_LIMIT=HEARTBEAT_LIMIT),
-                      self.logs / f"{name}.log")
-
-    def run(self, run_id: int):
-        with Catalog(self.db) as catalog:
-            return catalog.run_details(run_id)
-
-    def last_run_id(self) -> int:
-        with Catalog(self.db) as catalog:
-            return catalog.runs(1)[0]["id"]
 
 
 def test_each_stage_runs_on_the_host_of_its_data(cluster, tmp_path, xrootd_folder):

@@ -20,7 +20,7 @@ from .paths import parent_of, subtree_range, to_catalog
 from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, INSERT_COLUMNS,  # noqa: F401
                       Difference, IndexedEntry, LocationRecord, Side, _classify, _process_alive,
                       _username, utcnow)
-from .records import _aware, heartbeat_limit_s
+from .records import COUNTS_KEY, WRITES_KEY, _aware, heartbeat_limit_s
 from .schema import Entry, Location, Run, Setting, StageResult, StorageNode
 
 E = Entry.__table__
@@ -343,6 +343,20 @@ class SqlCatalog:
             where.append(E.c.id > since_id)
         conn.execute(update(E).where(*where).values(parent_id=parent))
 
+    def entries_written(self, conn, location_id: int) -> None:
+        """Say, in the transaction that changed them, that a location's entries changed
+        (a new token under WRITES_KEY): the overview's counts of it are then stale."""
+        import uuid
+
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        token = uuid.uuid4().hex
+        stmt = upsert(T).values(name=f"{WRITES_KEY}{location_id}", value=token)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[T.c.name],
+                                                set_={"value": token}))
+
     def touch_location(self, conn, location_id: int, now: datetime) -> None:
         """Record that the location was listed at `now`. Every live entry was seen then:
         that is the location's indexed_at, not copied into each entry's last_seen (which
@@ -405,6 +419,7 @@ class SqlCatalog:
             self.update_entries(conn, changed)
             if new:   # a sync records a folder before its content: this finds none, normally
                 self.link_parents(conn, location_id, since_id=since)
+            self.entries_written(conn, location_id)
 
     def mark_corrupted(self, conn, location_id: int,
                        found: Iterable[tuple[str, int | None, int | None]]) -> None:
@@ -438,6 +453,7 @@ class SqlCatalog:
                 conn.execute(update(E).where(E.c.location_id == location_id,
                                              E.c.path.in_(paths[i:i + 1000]))
                              .values(deleted=True, last_seen=now))
+            self.entries_written(conn, location_id)
 
     def entries(self, location_id: int, prefix: str = "", *, kind: str | None = None,
                 include_deleted: bool = False) -> Iterator[dict]:
@@ -610,7 +626,8 @@ class SqlCatalog:
             return conn.execute(insert(R).values(
                 command=command, args=scrub_secrets(args), pipeline=pipeline,
                 hostname=local_hostname(), username=_username(), pid=os.getpid(),
-                started_at=utcnow(), status="running")).inserted_primary_key[0]
+                started_at=utcnow(), heartbeat_at=utcnow(),
+                status="running")).inserted_primary_key[0]
 
     def mark_dead_runs(self) -> None:
         with self.engine.begin() as conn:
@@ -618,15 +635,17 @@ class SqlCatalog:
 
     def _mark_dead_runs(self, conn) -> None:
         """Runs still 'running' whose process is gone: on this host, a pid that no longer
-        exists; on any host, a worker's heartbeat older than HEARTBEAT_LIMIT_S (a worker
-        killed, or its machine stopped: it cannot say so itself)."""
+        exists; on another host, a heartbeat older than heartbeat_limit_s() (a process
+        killed, or its machine stopped: it cannot say so itself). A run of this host whose
+        process lives is alive even when its beats are late (stopped with Ctrl-Z, or
+        waiting for SQLite's write lock held by its own stage)."""
         host = local_hostname()
         stale = utcnow() - timedelta(seconds=heartbeat_limit_s())
         rows = conn.execute(select(R.c.id, R.c.pid, R.c.hostname, R.c.heartbeat_at).where(
             R.c.status == "running")).all()
         dead = [r.id for r in rows
-                if (r.hostname == host and not _process_alive(r.pid))
-                or (r.heartbeat_at is not None and _aware(r.heartbeat_at) < stale)]
+                if (not _process_alive(r.pid) if r.hostname == host
+                    else r.heartbeat_at is not None and _aware(r.heartbeat_at) < stale)]
         if dead:
             conn.execute(update(R).where(R.c.id.in_(dead), R.c.status == "running").values(
                 status="died", finished_at=utcnow(),
@@ -671,7 +690,10 @@ class SqlCatalog:
                          .values(status="queued", hostname=host, pid=None, progress=None))
 
     def heartbeat(self, run_id: int, progress: dict | None) -> bool:
-        """A worker's sign of life, with its progress; True when a cancel was asked for."""
+        """A running run's sign of life with its live counters (Progress.snapshot: files,
+        bytes, their totals, rate, ETA), written about once a second by every run
+        (progress.RunBeat) and read by the web view, the API and a client waiting on a
+        worker; True when a cancel was asked for. A run that has ended is left alone."""
         with self.engine.begin() as conn:
             conn.execute(update(R).where(R.c.id == run_id, R.c.status == "running")
                          .values(heartbeat_at=utcnow(), progress=progress))
@@ -691,9 +713,10 @@ class SqlCatalog:
         return dict(row) if row else None
 
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
+        """Record a run's end; its last counters (`progress`) stay, as what it did last."""
         with self.engine.begin() as conn:
             conn.execute(update(R).where(R.c.id == run_id).values(
-                finished_at=utcnow(), status=status, error=error, pid=None, progress=None))
+                finished_at=utcnow(), status=status, error=error, pid=None))
 
     def record_stage(self, run_id: int, position: int, stage: str, stage_id: str | None,
                      params: dict, status: str, counts: dict, errors: list,
@@ -753,10 +776,54 @@ class SqlCatalog:
                                .where(L.c.id == location_id)).first()
         return LocationRecord(*row) if row else None
 
+    _COUNTS = ("files", "dirs", "links", "bytes", "offline_files", "offline_bytes")
+
     def location_overview(self) -> list[dict]:
         """Every location with its storage (scheme, host), last listing, and live counts:
         files, folders, links, bytes, and the files and bytes on tape only (offline).
-        One grouped pass over the entries rather than a subquery per count."""
+        The counts are kept per location in the settings table with the write token they
+        were made at (entries_written): only a location written since is counted again
+        (one grouped pass over its entries), so the overview of a million entries that
+        did not change costs a read of a few settings, not a pass over every entry."""
+        import json
+
+        with self.engine.connect() as conn:
+            kept = dict(conn.execute(select(T.c.name, T.c.value).where(or_(
+                T.c.name.startswith(WRITES_KEY), T.c.name.startswith(COUNTS_KEY)))).all())
+            rows = [dict(r) for r in conn.execute(
+                select(L.c.id, L.c.name, L.c.url, L.c.indexed_at, L.c.created_at, N.c.scheme,
+                       N.c.host).join(N, N.c.id == L.c.node_id).order_by(L.c.id)).mappings()]
+        stale = []
+        for r in rows:
+            token = kept.get(f"{WRITES_KEY}{r['id']}")
+            try:
+                counts = json.loads(kept.get(f"{COUNTS_KEY}{r['id']}") or "null")
+            except ValueError:
+                counts = None
+            if isinstance(counts, dict) and counts.get("token") == token:
+                r.update({k: int(counts.get(k) or 0) for k in self._COUNTS})
+            else:
+                stale.append((r, token))
+        if stale:
+            counted = self._count_locations([r["id"] for r, _ in stale])
+            for r, token in stale:
+                got = counted.get(r["id"], dict.fromkeys(self._COUNTS, 0))
+                r.update(got)
+                self._keep_counts(r["id"], {"token": token, **got})
+        return rows
+
+    def _keep_counts(self, location_id: int, counts: dict) -> None:
+        import json
+
+        from .settings import set_setting
+
+        try:
+            set_setting(self, f"{COUNTS_KEY}{location_id}", json.dumps(counts))
+        except Exception:   # a read-only catalog, a busy one: counted again next time
+            pass
+
+    def _count_locations(self, ids: list[int]) -> dict[int, dict]:
+        """The live counts of these locations, in one grouped pass over their entries."""
         live = E.c.deleted == False  # noqa: E712
         is_file = and_(live, E.c.kind == "f")
         offline = and_(is_file, E.c.online == False)  # noqa: E712
@@ -768,15 +835,10 @@ class SqlCatalog:
                        func.count(case((offline, 1))).label("offline_files"),
                        func.coalesce(func.sum(case((offline, E.c.size))), 0)
                        .label("offline_bytes"))
-                .group_by(E.c.location_id).subquery())
-        zero = lambda c: func.coalesce(c, 0).label(c.name)  # noqa: E731
-        q = (select(L.c.id, L.c.name, L.c.url, L.c.indexed_at, L.c.created_at, N.c.scheme,
-                    N.c.host, *(zero(sums.c[k]) for k in ("files", "dirs", "links", "bytes",
-                                                          "offline_files", "offline_bytes")))
-             .join(N, N.c.id == L.c.node_id).outerjoin(sums, sums.c.location_id == L.c.id)
-             .order_by(L.c.id))
+                .where(E.c.location_id.in_(ids)).group_by(E.c.location_id))
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+            return {r["location_id"]: {k: int(r[k] or 0) for k in self._COUNTS}
+                    for r in conn.execute(sums).mappings()}
 
     _PAGE_COLUMNS = (E.c.path, E.c.name, E.c.kind, E.c.size, E.c.mtime_ns, E.c.mode,
                      E.c.link_target, E.c.adler32, E.c.md5, E.c.sha256, E.c.deleted,
@@ -940,6 +1002,8 @@ class IndexWriter:
                     catalog.set_checksums(conn, loc_id, algo, values.items())
             if sound:
                 catalog.clear_corrupted(conn, loc_id, sound)
+            if inserts or updates:
+                catalog.entries_written(conn, loc_id)
         self._inserts = []
 
     def finish(self, vanished: list[int]) -> None:
@@ -949,6 +1013,8 @@ class IndexWriter:
         catalog, loc_id = self.catalog, self.location_id
         with catalog.engine.begin() as conn:
             catalog.mark_deleted(conn, vanished, self.now)
+            if vanished:
+                catalog.entries_written(conn, loc_id)
             if self._first_new_id is not None:   # a folder listed after its content, if any
                 catalog.link_parents(conn, loc_id, since_id=self._first_new_id)
             catalog.touch_location(conn, loc_id, self.now)

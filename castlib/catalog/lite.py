@@ -27,7 +27,7 @@ from ..hosts import local_hostname
 from ..location import LocationURL, parse_location, scrub_secrets
 from .database import (HEAD_REVISION, _refuse_empty, _upgrade_lock, default_db_url,
                        driver_errors, normalise_db_url)
-from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, Difference, IndexedEntry,
+from .records import (WRITES_KEY, BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, Difference, IndexedEntry,
                       LocationRecord, Side, _aware, _classify, _process_alive, _username,
                       heartbeat_limit_s, utcnow)
 
@@ -515,9 +515,24 @@ class Catalog:
         if self._lite is None:
             return self._sql.finish_run(run_id, status, error)
         with self._lite.write() as conn:
-            conn.execute("UPDATE runs SET finished_at = ?, status = ?, error = ?, pid = NULL, "
-                         "progress = NULL WHERE id = ?",
+            # its last counters (progress) stay, as what it did last
+            conn.execute("UPDATE runs SET finished_at = ?, status = ?, error = ?, pid = NULL "
+                         "WHERE id = ?",
                          (stamp(utcnow()), status, error, run_id))
+
+    def heartbeat(self, run_id: int, progress: dict | None) -> bool:
+        """As the general heartbeat: a running run's sign of life and live counters,
+        about once a second (progress.RunBeat); True when a cancel was asked for."""
+        if self._lite is None:
+            return self._sql.heartbeat(run_id, progress)
+        with self._lite.write() as conn:
+            conn.execute("UPDATE runs SET heartbeat_at = ?, progress = ? WHERE id = ? AND "
+                         "status = 'running'",
+                         (stamp(utcnow()), None if progress is None else _json(progress),
+                          run_id))
+            row = conn.execute("SELECT cancel_requested FROM runs WHERE id = ?",
+                               (run_id,)).fetchone()
+        return bool(row and row[0])
 
     def record_stage(self, run_id: int, position: int, stage: str, stage_id: str | None,
                      params: dict, status: str, counts: dict, errors: list,
@@ -602,6 +617,8 @@ class LiteIndexWriter:
                 part = sound[i:i + CHUNK]
                 conn.execute(f"UPDATE entries SET corrupted = 0 WHERE location_id = {loc_id} "
                              f"AND path IN ({', '.join('?' * len(part))})", part)
+            if inserts or updates:
+                _entries_written(conn, loc_id)
         self._inserts = []
 
     def _insert(self, conn, inserts: list[list]) -> None:
@@ -653,6 +670,8 @@ class LiteIndexWriter:
                 part = vanished[i:i + CHUNK]
                 conn.execute(f"UPDATE entries SET deleted = 1, last_seen = ? WHERE id IN "
                              f"({', '.join('?' * len(part))})", (now, *part))
+            if vanished:
+                _entries_written(conn, loc_id)
             if self._first_new_id is not None:   # a folder listed after its content, if any
                 conn.execute(
                     "UPDATE entries SET parent_id = (SELECT p.id FROM entries AS p WHERE "
@@ -662,6 +681,16 @@ class LiteIndexWriter:
                     "length(entries.path) > length(entries.name) AND entries.id > ?",
                     (loc_id, self._first_new_id))
             conn.execute("UPDATE locations SET indexed_at = ? WHERE id = ?", (now, loc_id))
+
+
+def _entries_written(conn, location_id: int) -> None:
+    """As Catalog.entries_written: a new token says the location's entries changed, in the
+    transaction that changed them (the overview's kept counts of it are then stale)."""
+    import uuid
+
+    conn.execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO "
+                 "UPDATE SET value = excluded.value",
+                 (f"{WRITES_KEY}{location_id}", uuid.uuid4().hex))
 
 
 def _update_entries(conn, rows: list[dict]) -> None:

@@ -13,6 +13,11 @@ from ..backends.base import DIR, KIND_NAMES
 
 CHECKSUM_COLUMNS = ("adler32", "md5", "sha256")
 
+# per location, in the settings table: a token that changes with every write of its
+# entries, and the overview's counts with the token they were counted at (Catalog.
+# location_overview): counts whose token is not the location's current one are recounted
+WRITES_KEY, COUNTS_KEY = "location_writes:", "location_counts:"
+
 BATCH = 20_000
 
 
@@ -142,15 +147,13 @@ def _username() -> str | None:
 
 
 def heartbeat_limit_s() -> float:
-    """How old a worker's last heartbeat may be before its run counts as died: many
-    heartbeats (HEARTBEAT_S) missed, not one slow commit. $CASTLIB_HEARTBEAT_LIMIT sets it."""
+    """How old the last heartbeat of another host's run may be before the run counts as
+    died: many beats (progress.RunBeat) missed, not one slow commit.
+    $CASTLIB_HEARTBEAT_LIMIT sets it."""
     try:
         return float(os.environ.get("CASTLIB_HEARTBEAT_LIMIT", "") or 120)
     except ValueError:
         return 120.0
-
-
-HEARTBEAT_S = 5.0
 
 
 def _aware(t: datetime) -> datetime:

@@ -30,8 +30,3 @@ def get_setting(catalog, name: str) -> str | None:
 def set_setting(catalog, name: str, value: str) -> None:
     """Set a catalog-wide value, made if new."""
     catalog.set_setting(name, value)
-
-
-def run_progress_key(run_id: int) -> str:
-    """The setting a run started from the web view keeps its latest counters under."""
-    return f"progress:{run_id}"

@@ -8,13 +8,16 @@ answers the run's id as soon as the run is recorded in the catalog.
 
 LocalDispatcher runs each request in a child process of the server (castlib.web.runner),
 so a long sync neither blocks nor dies with a request, and the server stays responsive.
-Workers on other hosts (the several-hosts issue: Celery over Redis) plug in here: a
-dispatcher whose submit() queues the same RunRequest for a worker, which runs
-castlib.web.runner.execute() and reports the run id back; create_app(dispatcher=...).
+WorkerDispatcher sends it to the workers next to the data (castlib.dispatch, the path
+`--on-workers` takes): `castlib web` uses it when a broker is configured and the catalog
+is one the workers share (PostgreSQL). Either way the run's record in the catalog is
+where its page reads its host, state and live counters. Another one plugs in with
+create_app(dispatcher=...).
 """
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import os
 import subprocess
@@ -167,3 +170,37 @@ class LocalDispatcher:
 
     def running(self) -> int:
         return len(self._children)
+
+
+class WorkerDispatcher:
+    """Sends each request to the workers, as `castlib ... --on-workers --detach` does: the
+    run is recorded 'queued' for the host that holds its data (or the queue its storage
+    maps to), its id answered at once; a worker there claims and runs it."""
+
+    def __init__(self, db_url: str, broker: str):
+        self.db_url = db_url
+        self.broker = broker
+
+    def submit(self, request: RunRequest) -> int:
+        from .. import api
+        from ..errors import CastlibError
+        from ..worker import BrokerUnreachable
+
+        # what dispatch says for a person at a terminal (the run id, "queued for") is
+        # the answer's to say here
+        options = {"db": self.db_url, "on_workers": True, "detach": True,
+                   "broker": self.broker, "quiet": True, "out": io.StringIO(),
+                   "err": io.StringIO()}
+        try:
+            if request.pipeline:
+                report = api.run_pipeline(request.pipeline, dry_run=request.dry_run,
+                                          **options)
+            else:
+                params = dict(request.params)
+                positional = [params.pop(n) for n in STAGES[request.stage]]
+                report = getattr(api, request.stage)(*positional, **params, **options)
+        except BrokerUnreachable as exc:
+            raise ActionRefused(str(exc), 503) from None
+        except CastlibError as exc:
+            raise ActionRefused(str(exc), 422) from None
+        return int(report.run_id)

@@ -172,7 +172,7 @@ def run(request: Request, run_id: int):
         raise HTTPException(404, f"no run with id {run_id}")
     r, stages = details
     return {"run": views.run_json(r), "stages": [views.stage_json(s) for s in stages],
-            "progress": views.run_progress(_catalog(request), run_id)}
+            "progress": views.run_progress(r)}
 
 
 @router.post("/runs", status_code=202, summary="Start a stage or a pipeline (needs the token)")

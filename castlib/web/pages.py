@@ -138,7 +138,7 @@ def _run_context(request: Request, run_id: int) -> dict:
     r, stages = details
     run = views.run_json(r)
     return {"run": run, "stages": [views.stage_json(s) for s in stages],
-            "progress": views.run_progress(_catalog(request), run_id),
+            "progress": views.run_progress(r),
             "plan": _plan(request, run)}
 
 

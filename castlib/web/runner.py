@@ -15,8 +15,6 @@ def execute(request: dict, announce) -> int:
     from .. import api
     from ..catalog import Catalog
     from ..errors import CastlibError
-    from ..catalog.settings import run_progress_key, set_setting
-    from ..progress import Progress
     from .actions import STAGES
 
     announced = []
@@ -27,8 +25,6 @@ def execute(request: dict, announce) -> int:
             if not announced:
                 announced.append(run_id)
                 announce({"run_id": run_id})
-                Progress.observer = lambda snap: set_setting(
-                    self, run_progress_key(run_id), json.dumps(snap))
             return run_id
 
     options = {"quiet": True, "out": sys.stderr, "err": sys.stderr}

@@ -6,10 +6,7 @@ from datetime import datetime, timezone
 
 from fastapi import HTTPException
 
-import json
-
 from ..catalog import Catalog
-from ..catalog.settings import get_setting, run_progress_key
 from ..catalog.records import DIFFERENCE_KINDS
 from ..catalog.export import adler32_hex, entry_document, iso, iso_ns
 
@@ -46,6 +43,7 @@ def run_json(r: dict) -> dict:
     out = {k: r.get(k) for k in ("id", "command", "args", "hostname", "username", "pid",
                                  "status", "error")}
     out.update(started_at=iso(r["started_at"]), finished_at=iso(r["finished_at"]),
+               heartbeat_at=iso(r.get("heartbeat_at")),
                duration_s=duration_s(r["started_at"], r["finished_at"]))
     if "totals" in r:
         out["totals"] = r["totals"]
@@ -60,12 +58,11 @@ def stage_json(s: dict) -> dict:
             "duration_s": duration_s(s["started_at"], s["finished_at"])}
 
 
-def run_progress(catalog: Catalog, run_id: int) -> dict | None:
-    """The latest counters of a run started from the web view (files, bytes, rate, ETA
-    of its current stage), as its process records them about once a second; None for
-    other runs (the command line's runs do not publish theirs)."""
-    said = get_setting(catalog, run_progress_key(run_id))
-    return json.loads(said) if said else None
+def run_progress(run: dict) -> dict | None:
+    """The latest counters of a run (files, bytes, rate, ETA of its current stage), as
+    its process records them about once a second wherever it runs (progress.RunBeat);
+    once it has ended, those of its last stage with counters."""
+    return run.get("progress") or None
 
 
 def check_path(value: str | None, what: str) -> str:

@@ -15,10 +15,13 @@ from typing import Iterator
 
 import pytest
 
-from tests.helpers import castlib_command, cli_env
+from tests.helpers import castlib_command, cli_env, run_cli
 from tests.servers.common import answers_on, free_port, server_process
 
 REDIS_SERVER = "/usr/bin/redis-server"
+# a run of another host counts as died once its heartbeat is this old (runs beat every
+# second): kept short, so the tests of killed workers do not wait long
+HEARTBEAT_LIMIT = "6"
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +104,54 @@ class Worker:
 
 def worker_env(name: str, db: str, broker: str, **extra) -> dict:
     return {"CASTLIB_HOSTNAME": name, "CASTLIB_DB": db, "CASTLIB_BROKER": broker, **extra}
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres_url, redis_url, tmp_path_factory):
+    """One catalog (PostgreSQL), one broker, `castlib worker`s daq01 and daq02 for the
+    test module; the client's environment (host `client`)."""
+    from castlib.catalog import Catalog
+    from tests.servers.postgres import fresh_database
+
+    db = fresh_database(postgres_url)
+    Catalog(db).close()   # the schema, once, before three processes open it at once
+    logs = tmp_path_factory.mktemp("workers")
+    workers = {}
+    try:
+        for name in ("daq01", "daq02"):
+            workers[name] = Worker(name, worker_env(name, db, redis_url,
+                                                    CASTLIB_HEARTBEAT_LIMIT=HEARTBEAT_LIMIT),
+                                   logs / f"{name}.log").start()
+        yield _Cluster(db, redis_url, workers, logs)
+    finally:
+        for w in workers.values():
+            w.stop()
+
+
+class _Cluster:
+    def __init__(self, db, broker, workers, logs):
+        self.db, self.broker, self.workers, self.logs = db, broker, workers, logs
+
+    def client_env(self, **extra) -> dict:
+        return worker_env("client", self.db, self.broker,
+                          CASTLIB_HEARTBEAT_LIMIT=HEARTBEAT_LIMIT, **extra)
+
+    def cli(self, *args, check=None, timeout=300):
+        return run_cli(*args, env=self.client_env(), check=check, timeout=timeout)
+
+    def worker(self, name: str) -> Worker:
+        return Worker(name, worker_env(name, self.db, self.broker,
+                                       CASTLIB_HEARTBEAT_LIMIT=HEARTBEAT_LIMIT),
+                      self.logs / f"{name}.log")
+
+    def run(self, run_id: int):
+        from castlib.catalog import Catalog
+
+        with Catalog(self.db) as catalog:
+            return catalog.run_details(run_id)
+
+    def last_run_id(self) -> int:
+        from castlib.catalog import Catalog
+
+        with Catalog(self.db) as catalog:
+            return catalog.runs(1)[0]["id"]

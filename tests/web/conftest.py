@@ -49,12 +49,14 @@ TOKEN = "s3cret-token-for-tests"
 @pytest.fixture
 def web_server(tmp_path):
     """Start `castlib web` (the command, on a real uvicorn) over a catalog: a function
-    (db_url, token=None, pipelines=None) -> base URL; stopped at the end of the test."""
+    (db_url, token=None, pipelines=None, env=None) -> base URL; stopped at the end of the
+    test. `env`: more environment for the server (CASTLIB_BROKER, CASTLIB_HOSTNAME)."""
     from contextlib import ExitStack
 
     stack = ExitStack()
 
-    def start(db_url: str, token: str | None = None, pipelines: str | None = None) -> str:
+    def start(db_url: str, token: str | None = None, pipelines: str | None = None,
+              env: dict | None = None) -> str:
         port = free_port()
         argv = castlib_command("web", "--port", str(port), db=db_url)
         if token:
@@ -64,7 +66,7 @@ def web_server(tmp_path):
         if pipelines:
             argv += ["--pipelines", pipelines]
         stack.enter_context(server_process("castlib web", argv, tmp_path / f"web-{port}.log",
-                                           answers_on(port), env=cli_env(), timeout_s=60))
+                                           answers_on(port), env=cli_env(env), timeout_s=60))
         return f"http://127.0.0.1:{port}"
 
     yield start

@@ -173,3 +173,41 @@ def test_the_api_on_a_real_server(two_trees, web_server):
         refused = http.post("/api/v1/runs", json={"stage": "index",
                                                   "params": {"location": "/tmp"}})
         assert refused.status_code == 403 and "read-only" in refused.json()["error"]
+
+
+def _overview(client) -> dict:
+    return {r["url"]: r for r in client.get("/api/v1/locations").json()["locations"]}
+
+
+def test_the_overview_answers_from_kept_counts_until_a_location_is_written(
+        client, two_trees, tmp_path):
+    """/api/v1/locations counts a location's entries once, then answers from the counts
+    it kept (not a pass over every entry at each call), until an index or a sync writes
+    the location's entries: those are counted again, and the page is right."""
+    import castlib
+    from castlib.catalog.catalog import COUNTS_KEY
+    from castlib.catalog.settings import get_setting, set_setting
+
+    db_url, ref, dst = two_trees
+    first = _overview(client)
+    ref_url, dst_url = local_url(ref), local_url(dst)
+    assert first[ref_url]["files"] == len(REF_FILES)
+    catalog = Catalog(db_url)
+    try:
+        ref_id = first[ref_url]["id"]
+        kept = json.loads(get_setting(catalog, f"{COUNTS_KEY}{ref_id}"))
+        assert kept["files"] == len(REF_FILES)
+        # kept counts are what the overview says while nothing was written: proof it
+        # reads them rather than counting (these numbers are in no entry)
+        set_setting(catalog, f"{COUNTS_KEY}{ref_id}", json.dumps({**kept, "files": 4242}))
+        assert _overview(client)[ref_url]["files"] == 4242
+        # a sync that adds files to dst and deletes its extra one: dst recounted, right
+        castlib.sync(str(ref), str(dst), db=db_url, delete=True, quiet=True)
+        after = _overview(client)
+        assert after[dst_url]["files"] == len(REF_FILES)
+        assert after[dst_url]["bytes"] == sum(len(b) for b in REF_FILES.values())
+        (ref / "new.dat").write_bytes(b"n" * 7)   # an index that finds a new file
+        castlib.index(str(ref), db=db_url, quiet=True)
+        assert _overview(client)[ref_url]["files"] == len(REF_FILES) + 1
+    finally:
+        catalog.close()

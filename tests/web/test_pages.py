@@ -1,5 +1,4 @@
 """The pages, server-rendered: what a person sees, escaped, paginated by key."""
-import json
 import re
 
 import castlib
@@ -91,11 +90,9 @@ def test_a_running_run_refreshes_itself_a_finished_one_does_not(client, two_tree
 
     catalog = Catalog(two_trees[0])
     running = catalog.start_run("sync", {"ref": "a", "dst": "b"})
-    from castlib.catalog.settings import run_progress_key, set_setting
-
-    set_setting(catalog, run_progress_key(running), json.dumps(
-        {"label": "sync", "files": 3, "total_files": 10, "bytes": 3 * 2**20,
-         "total_bytes": 10 * 2**20, "elapsed_s": 3, "rate": 2**20, "eta_s": 7}))
+    catalog.heartbeat(running, {"label": "sync", "files": 3, "total_files": 10,
+                                "bytes": 3 * 2**20, "total_bytes": 10 * 2**20,
+                                "elapsed_s": 3, "rate": 2**20, "eta_s": 7})
     page = client.get(f"/runs/{running}").text
     assert f'hx-get="/runs/{running}/progress" hx-trigger="every 2s"' in page
     live = re.search(r'<p id="run-live">(.*?)</p>', page, re.S).group(1)
