@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from .catalog import Catalog
 from .config import UserConfig
 from .errors import CastlibError, ConfigError
-from .hosts import local_hostname
 from .location import LocationURL, parse_location, redact
 from .pipeline import Pipeline, RunReport, StageRun, _print_outcome
 from .stages import StageOutcome

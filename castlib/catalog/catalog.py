@@ -20,7 +20,7 @@ from .paths import parent_of, subtree_range, to_catalog
 from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, INSERT_COLUMNS,  # noqa: F401
                       Difference, IndexedEntry, LocationRecord, Side, _classify, _process_alive,
                       _username, utcnow)
-from .records import COUNTS_KEY, WRITES_KEY, _aware, heartbeat_limit_s
+from .records import COUNTS_KEY, WRITES_KEY, _aware, fill_checksums, heartbeat_limit_s
 from .schema import Entry, Location, Run, Setting, StageResult, StorageNode
 
 E = Entry.__table__
@@ -979,17 +979,7 @@ class IndexWriter:
         them filled in; `updates` by id (see Catalog.update_entries); the other
         checksums by path; and the corrupted marks of the `sound` paths cleared."""
         catalog, loc_id, inserts = self.catalog, self.location_id, self._inserts
-        rest: dict[str, dict[str, str]] = {}
-        for algo, values in checksums.items():
-            if not values:
-                continue
-            values = dict(values)
-            if inserts:
-                at = self._SUM_AT[algo]
-                for row in inserts:
-                    if row[1] in values:
-                        row[at] = values.pop(row[1])
-            rest[algo] = values
+        rest = fill_checksums(inserts, checksums, self._SUM_AT, path_at=1)
         sound = list(sound)
         with catalog.engine.begin() as conn:
             if inserts:

@@ -27,7 +27,7 @@ from ..hosts import local_hostname
 from ..location import LocationURL, parse_location, scrub_secrets
 from .database import (HEAD_REVISION, _refuse_empty, _upgrade_lock, default_db_url,
                        driver_errors, normalise_db_url)
-from .records import (WRITES_KEY, BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, Difference, IndexedEntry,
+from .records import (WRITES_KEY, BATCH, fill_checksums, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, Difference, IndexedEntry,
                       LocationRecord, Side, _aware, _classify, _process_alive, _username,
                       heartbeat_limit_s, utcnow)
 
@@ -592,17 +592,7 @@ class LiteIndexWriter:
     def write(self, updates: list[dict], checksums: dict[str, dict[str, str]],
               sound: Iterable[str] = ()) -> None:
         inserts, loc_id = self._inserts, self.location_id
-        rest: dict[str, dict[str, str]] = {}
-        for algo, values in checksums.items():
-            if not values:
-                continue
-            values = dict(values)
-            if inserts:
-                at = self._SUM_AT[algo]
-                for row in inserts:
-                    if row[0] in values:
-                        row[at] = values.pop(row[0])
-            rest[algo] = values
+        rest = fill_checksums(inserts, checksums, self._SUM_AT, path_at=0)
         sound = list(sound)
         with self.store.write() as conn:
             if inserts:

@@ -158,3 +158,23 @@ def heartbeat_limit_s() -> float:
 
 def _aware(t: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def fill_checksums(inserts: list[list], checksums: dict[str, dict[str, str]],
+                   sum_at: dict[str, int], path_at: int) -> dict[str, dict[str, str]]:
+    """The checksums of an index batch (algorithm -> {catalog path: value}) that belong to
+    rows about to be inserted go into those rows (column `sum_at[algo]`, the row's path at
+    `path_at`); what is left, checksums of entries already in the catalog, is returned to
+    be written by path. Both index writers (lean and general) batch this way."""
+    rest: dict[str, dict[str, str]] = {}
+    for algo, values in checksums.items():
+        if not values:
+            continue
+        values = dict(values)
+        if inserts:
+            at = sum_at[algo]
+            for row in inserts:
+                if row[path_at] in values:
+                    row[at] = values.pop(row[path_at])
+        rest[algo] = values
+    return rest
