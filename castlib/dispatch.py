@@ -255,6 +255,11 @@ def _follow(catalog: Catalog, run_id: int, quiet: bool, verbose: int, show_error
         if run["status"] in FINAL:
             if tty and last_line:
                 err.write("\r\033[K")
+            elif verbose and not tty and not quiet and not last_line and run.get("progress"):
+                # a run short enough to end between two looks: its last counters (kept
+                # with the run) still go to the log, as a local -v run's would
+                print(f"castlib: {printable(_progress_line(run['progress'], human_bytes))}",
+                      file=err)
             return _ending(report, run)
         progress = run.get("progress") or None
         if progress and not quiet:
