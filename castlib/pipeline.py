@@ -264,7 +264,9 @@ class Pipeline:
             locations=self.locations, location_options=self.location_options,
             user_config=user_config if user_config is not None else load_user_config(),
             base_dir=os.path.dirname(os.path.abspath(self.source)) if self.source else os.getcwd(),
-            out=out or sys.stdout, err=err or sys.stderr, retry_backoff_s=retry_backoff_s)
+            out=out or sys.stdout, err=err or sys.stderr, retry_backoff_s=retry_backoff_s,
+            hard_links_wanted=any(getattr(spec.params, "hard_links", False) is True
+                                  for spec in self.stages))
         report = RunReport(run_id if run_id is not None
                            else catalog.start_run(command, args, self.text))
         ctx.run_id = report.run_id

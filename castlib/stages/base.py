@@ -86,6 +86,9 @@ class RunContext:
     # location id -> this run's latest index of it: a diff takes its only/ignore, a sync
     # its unlisted folders, hard links and leftover temporaries (see listing())
     listings: dict[int, IndexResult] = field(default_factory=dict)
+    # a later stage links the names of one file (sync --hard-links): only then does an
+    # index keep every multi-name file's (device, inode), which costs memory per file
+    hard_links_wanted: bool = False
     base_dir: str = "."
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)

@@ -154,6 +154,7 @@ class IndexStage(Stage):
 
         # The loop below runs once per entry (millions): locals, no avoidable calls.
         filtering, accepts, pop_existing = flt.active, flt.accepts, existing.pop
+        want_links = self.context.hard_links_wanted   # for sync --hard-links only
         if twins:   # the twins' entries seen are popped too: what is left vanished
             def pop_existing(path, default, _own=existing.pop,
                              _twins=[t.pop for _, t, _ in twins]):
@@ -184,7 +185,7 @@ class IndexStage(Stage):
                         else to_catalog(storage_path))
                 if kind == LINK and st.link_target is not None:   # a target is a path too
                     st.link_target = to_catalog(st.link_target)
-                elif st.inode is not None:   # a file of several names: sync --hard-links
+                elif st.inode is not None and want_links:   # one file, several names
                     result.hard_links.setdefault(st.inode, []).append(path)
                 old = pop_existing(path, None)
                 if old is None:
