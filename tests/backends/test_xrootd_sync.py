@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import subprocess
 import zlib
 
@@ -121,4 +122,13 @@ def test_server_stopped_mid_sync_leaves_no_partial_file_and_rerun_completes(
 
     rerun = last_json(run_cli("sync", str(src), dst_url, "--json", db=db_url, check=0).stdout)
     assert rerun["failed"] == 0 and rerun["copied"] == len(files) - len(landed)
-    assert tree_digest(dst_dir) == tree_digest(src)   # temporary files cleared too
+    # temporary files cleared too. Once in a few CI runs a temporary of the interrupted run
+    # was listed by the walk and gone when read: removed by the restarted xrootd meanwhile
+    # (not understood yet: see the stop's note); read the tree again, then compare
+    for _attempt in range(20):
+        try:
+            landed_tree = tree_digest(dst_dir)
+            break
+        except FileNotFoundError:
+            time.sleep(0.25)
+    assert landed_tree == tree_digest(src)
