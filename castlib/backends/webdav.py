@@ -88,15 +88,10 @@ class WebdavBackend(FsspecBackend):
     def _child(self, folder: str, info: dict) -> str:
         return self._relative(info["name"])
 
-    def stat(self, path: str) -> Stat | None:
-        try:
-            with self._errors(path):
-                info = self.fs.info(self._full(path))
-        except NotFound:
-            return None
-        if path == "":
+    def _stat_from_info(self, path: str, info: dict) -> Stat:
+        if path == "":   # the root is a folder, whatever the server says of it
             info = dict(info, type="directory")
-        return self._stat_from_info(path, info)
+        return super()._stat_from_info(path, info)
 
     # -- data ------------------------------------------------------------------------------
     def open_read(self, path: str) -> BinaryIO:
