@@ -260,7 +260,7 @@ def _resync(b: Bench, key: str, title: str, index: str, target: float) -> Result
 
 def sc_resync_100k(b: Bench) -> Result:
     return _resync(b, "resync-100k", "re-sync an unchanged 100k-file tree, both sides re-listed",
-                   "both", 2.0)
+                   "both", 1.5)
 
 
 def sc_resync_100k_ref(b: Bench) -> Result:
@@ -296,8 +296,9 @@ def sc_copy_1k(b: Bench) -> Result:
 
 def sc_copy_1k_fsync(b: Bench) -> Result:
     r = _copy(b, "copy-1k-fsync", "the same against rsync --fsync (both durable on return)",
-              ["--fsync"], 1.2)
-    r.note = "informational: castlib fsyncs every file before publishing it, plain rsync does not"
+              ["--fsync"], 1.0)
+    r.note = ("castlib fsyncs every file before publishing it, plain rsync does not: "
+              "this is the peer that gives the same guarantee")
     return r
 
 
@@ -675,7 +676,7 @@ def sc_diff_1m(b: Bench) -> Result:
     castlib = Side("castlib", lambda i: CASTLIB + ["--db", db, "-q", "diff", tree, twin,
                                                    "--no-index"])
     interleave(castlib, None, runs, b.work, b.log)
-    limit = 3.0
+    limit = 2.0
     entries = b.trees["empty-1m"].files
     r = Result("diff-1m", f"diff two {entries:,}-entry locations in the catalog (--no-index)",
                f"<= {limit:g} s", castlib, None, runs)
