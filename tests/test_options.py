@@ -162,10 +162,10 @@ def test_a_new_stage_parameter_appears_in_cli_api_and_pipeline_with_no_other_edi
     assert "--bandwidth-limit" not in castlib("sync", "--help").stdout   # cached now
     sync_py = copy / "castlib" / "stages" / "sync.py"
     text = sync_py.read_text()
-    anchor = "class SyncParams(StageParams):\n"
+    anchor = "    class SyncParams(StageParams):\n"   # in stages/sync.py's _params()
     assert anchor in text
     sync_py.write_text(text.replace(anchor, anchor + (
-        '    bandwidth_limit: int = Field(0, ge=0, description="bytes per second, 0: none")\n')))
+        '        bandwidth_limit: int = Field(0, ge=0, description="bytes per second, 0: none")\n')))
     help_text = castlib("sync", "--help").stdout
     assert "--bandwidth-limit N" in help_text and "bytes per second, 0: none" in help_text
     r = castlib("sync", "a", "b", "--bandwidth-limit", "-1")
