@@ -21,6 +21,7 @@ without credentials.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,11 @@ def config_path() -> Path:
     env = os.environ.get("CASTLIB_CONFIG")
     if env:
         return Path(env).expanduser()
+    if sys.platform.startswith("linux"):
+        # what platformdirs.user_config_dir says on Linux, without importing it in every
+        # command: $XDG_CONFIG_HOME (when set and not blank), else ~/.config
+        base = os.environ.get("XDG_CONFIG_HOME", "").strip() or os.path.expanduser("~/.config")
+        return Path(base) / "castlib" / "config.yaml"
     from platformdirs import user_config_dir
 
     return Path(user_config_dir("castlib", appauthor=False)) / "config.yaml"
