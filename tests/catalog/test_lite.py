@@ -67,9 +67,12 @@ def test_index_and_a_noop_sync_on_sqlite_import_neither_sqlalchemy_nor_alembic(t
 # what a command on local folders and an SQLite catalog, without a configuration file,
 # does not import: each costs it milliseconds to tens of them (issue 12, the fixed cost of a
 # command): the ORM, the models of pipelines, stages' parameters, back-end options and the
-# configuration file (pydantic), YAML, the entry points' metadata (plugins), platformdirs
+# configuration file (pydantic), YAML, the entry points' metadata (plugins), platformdirs,
+# and what only a copy or a new catalog needs (shutil through argparse's terminal width,
+# secrets and OpenSSL's hmac for temporary names, sockets)
 NOT_IN_A_LEAN_COMMAND = ("sqlalchemy", "alembic", "pydantic", "pydantic_core", "yaml",
-                         "platformdirs", "importlib.metadata", "socket", "difflib")
+                         "platformdirs", "importlib.metadata", "socket", "ssl", "difflib",
+                         "shutil", "secrets", "hmac")
 
 
 def test_index_diff_and_a_noop_sync_of_local_folders_import_only_the_lean_set(tmp_path):
