@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from ..backends.base import DIR, FILE, LINK
@@ -302,6 +301,8 @@ class IndexStage(Stage):
                 return path, backend.checksum(storage_path, algo), size, None
             except StorageError as exc:
                 return path, None, size, str(exc)
+
+        from concurrent.futures import ThreadPoolExecutor   # only when there is hashing to do
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for path, value, size, error in pool.map(one, to_hash):
