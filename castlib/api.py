@@ -12,7 +12,6 @@ carries that RunReport as its `report`.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import textwrap
 import typing
@@ -103,6 +102,8 @@ def _bind(name: str, given: dict) -> tuple[dict, dict]:
         elif key in _RUN_OPTIONS:
             run[key] = value
         else:
+            import difflib
+
             near = difflib.get_close_matches(key, [*known, *_RUN_OPTIONS], 1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise TypeError(f"{name}() got an unexpected keyword argument {key!r}{hint}")

@@ -24,8 +24,40 @@ def _global_options(p: argparse.ArgumentParser, default) -> None:
                            help="no progress and no summary; errors only")
 
 
+def _columns() -> int:
+    """shutil.get_terminal_size().columns ($COLUMNS, else the terminal's, else 80), which
+    argparse asks for whenever a parser is built, without importing shutil (and bz2, lzma,
+    fnmatch with it) in every command."""
+    import os
+
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+        if columns <= 0:
+            columns = 80
+    return columns
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own, given the width it would compute."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad usage is one line naming the option, and where to read more; no usage dump."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_ERROR, f"castlib: error: {message} (see {self.prog} --help)\n")

@@ -21,38 +21,39 @@ without credentials.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError,
-                      field_validator)
+from typing import Any
 
 from .errors import ConfigError
 from .location import LocationURL, parse_location
 
 
-class UserConfig(BaseModel):
-    """The configuration file's keys (each one line here: a new key is a new field)."""
+# the keys of the file, in the order an error lists them
+FIELDS = ("storage", "locations", "hostname", "broker", "queues")
 
-    model_config = ConfigDict(extra="forbid")
-    storage: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="back-end options by URL prefix (the longest wins)")
-    locations: dict[str, str] = Field(default_factory=dict,
-                                      description="names for URLs, as a pipeline's locations")
-    hostname: str | None = Field(None, description="this machine's name in local locations "
-                                 "(file://HOST/path); default: $CASTLIB_HOSTNAME, else the system's")
-    broker: str | None = Field(None, description="the workers' broker URL (README, Several hosts)")
-    queues: dict[str, Annotated[str, StringConstraints(min_length=1)]] = Field(
-        default_factory=dict, description="URL prefix -> the worker queue that serves it")
-    _path: str | None = PrivateAttr(None)
 
-    @field_validator("storage", "locations", "queues", mode="before")
-    @classmethod
-    def _mapping(cls, value):
-        if value is None:   # `storage:` with nothing under it
-            return {}
-        # a name YAML reads as a number (2017:) is still a name
-        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+class UserConfig:
+    """The configuration file's keys (a new key is an attribute here and a field of the
+    file's model, _file_model). Plain data: without a configuration file, a command
+    starts without importing pydantic; a file that exists is checked by the model."""
+
+    __slots__ = ("storage", "locations", "hostname", "broker", "queues", "_path")
+
+    def __init__(self, storage: dict[str, dict[str, Any]] | None = None,
+                 locations: dict[str, str] | None = None, hostname: str | None = None,
+                 broker: str | None = None, queues: dict[str, str] | None = None):
+        self.storage = dict(storage or {})       # back-end options by URL prefix (the longest wins)
+        self.locations = dict(locations or {})   # names for URLs, as a pipeline's locations
+        # this machine's name in local locations (file://HOST/path); default:
+        # $CASTLIB_HOSTNAME, else the system's
+        self.hostname = hostname
+        self.broker = broker                     # the workers' broker URL (README, Several hosts)
+        self.queues = dict(queues or {})         # URL prefix -> the worker queue that serves it
+        self._path: str | None = None
+
+    def __repr__(self) -> str:
+        return "UserConfig(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in FIELDS) + ")"
 
     @property
     def path(self) -> str | None:
@@ -86,7 +87,7 @@ def _explain(loc: tuple, kind: str, message: str) -> str | None:
     if not loc:
         return "expected a mapping with 'storage' and 'locations'"
     if kind == "extra_forbidden" and len(loc) == 1:
-        return f"unknown key (expected {', '.join(UserConfig.model_fields)})"
+        return f"unknown key (expected {', '.join(FIELDS)})"
     if loc[0] == "storage":
         return "'storage' must map URL prefixes to option mappings"
     if loc[0] == "locations":
@@ -94,10 +95,42 @@ def _explain(loc: tuple, kind: str, message: str) -> str | None:
     return None
 
 
+def _file_model():
+    """The pydantic model that checks a configuration file (imported only when one exists)."""
+    from typing import Annotated
+
+    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+    class UserConfigFile(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        storage: dict[str, dict[str, Any]] = Field(default_factory=dict)
+        locations: dict[str, str] = Field(default_factory=dict)
+        hostname: str | None = None
+        broker: str | None = None
+        queues: dict[str, Annotated[str, StringConstraints(min_length=1)]] = Field(
+            default_factory=dict)
+
+        @field_validator("storage", "locations", "queues", mode="before")
+        @classmethod
+        def _mapping(cls, value):
+            if value is None:   # `storage:` with nothing under it
+                return {}
+            # a name YAML reads as a number (2017:) is still a name
+            return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    assert tuple(UserConfigFile.model_fields) == FIELDS
+    return UserConfigFile
+
+
 def config_path() -> Path:
     env = os.environ.get("CASTLIB_CONFIG")
     if env:
         return Path(env).expanduser()
+    if sys.platform.startswith("linux"):
+        # what platformdirs.user_config_dir says on Linux, without importing it in every
+        # command: $XDG_CONFIG_HOME (when set and not blank), else ~/.config
+        base = os.environ.get("XDG_CONFIG_HOME", "").strip() or os.path.expanduser("~/.config")
+        return Path(base) / "castlib" / "config.yaml"
     from platformdirs import user_config_dir
 
     return Path(user_config_dir("castlib", appauthor=False)) / "config.yaml"
@@ -122,9 +155,12 @@ def load_user_config() -> UserConfig:
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", file=str(path)) from None
     data, lines = load_with_lines(text, str(path))
+    from pydantic import ValidationError
+
     try:
-        config = UserConfig.model_validate({} if data is None else data)
+        checked = _file_model().model_validate({} if data is None else data)
     except ValidationError as exc:
         raise KeyLines(str(path), lines).invalid(exc, _explain) from None
+    config = UserConfig(**{k: getattr(checked, k) for k in FIELDS})
     config._path = str(path)
     return config

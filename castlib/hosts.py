@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 
 from .errors import ConfigError
 
@@ -34,10 +33,20 @@ def local_hostname() -> str:
 
         configured = load_user_config().hostname
         name, where = (configured, "the configuration's hostname") if configured else (
-            socket.gethostname(), "socket.gethostname()")
+            _system_hostname(), "socket.gethostname()")
     name = check_hostname(name, where)
     _cache[key] = name
     return name
+
+
+def _system_hostname() -> str:
+    """socket.gethostname(): on POSIX the node name uname() gives, which spares importing
+    socket (and its selectors, enum...) in every command."""
+    if hasattr(os, "uname"):
+        return os.uname().nodename
+    import socket
+
+    return socket.gethostname()
 
 
 def check_hostname(name, where: str) -> str:

@@ -116,11 +116,12 @@ COMMANDS: dict[str, Command] = {
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _tables: dict | None = None
+_stage_tables: dict | None = None   # stage name -> its fields (stages.params.stage_fields)
 
 
 def tables() -> dict[str, tuple[list[Option], list[Option]]]:
     """Every command's (positional arguments, options), from the cache when it is current."""
-    global _tables
+    global _tables, _stage_tables
     if _tables is None:
         key = _fingerprint()
         path = _cache_path()
@@ -133,20 +134,30 @@ def tables() -> dict[str, tuple[list[Option], list[Option]]]:
         try:
             if data["key"] != key:
                 raise ValueError("stale")
-            _tables = _from_json(data)
+            _tables, _stage_tables = _from_json(data), dict(data["stages"])
         except (KeyError, TypeError, ValueError):   # none, stale or damaged: derive again
-            from .stages.params import derive
+            from .stages.params import derive, stage_fields as derive_fields
 
             data = {"key": key, "commands": {
-                name: [[o.as_dict() for o in part] for part in derive(name)] for name in COMMANDS}}
+                name: [[o.as_dict() for o in part] for part in derive(name)] for name in COMMANDS},
+                "stages": {stage: derive_fields(stage)
+                           for stage in dict.fromkeys(s for c in COMMANDS.values()
+                                                      for s in c.stages)}}
             _write(path, data)
-            _tables = _from_json(data)
+            _tables, _stage_tables = _from_json(data), data["stages"]
     return _tables
 
 
 def _from_json(data: dict) -> dict:
     return {name: tuple([Option(**o) for o in part] for part in parts)
             for name, parts in data["commands"].items()}
+
+
+def stage_fields(stage: str) -> list[dict] | None:
+    """The fields of a stage that a command runs, as stages.params.stage_fields gives them
+    (cached with the tables); None for another stage."""
+    tables()
+    return _stage_tables.get(stage)
 
 
 def command_options(name: str) -> list[Option]:

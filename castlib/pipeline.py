@@ -6,11 +6,7 @@ import os
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TextIO
-
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError,
-                      field_validator, model_validator)
-from pydantic_core import PydanticCustomError
+from typing import Any, TextIO
 
 from .catalog import Catalog
 from .catalog.locks import location_lock, lock_covered, lock_key, lock_keys_above
@@ -20,59 +16,78 @@ from .errors import CastlibError, ConfigError, interruption_name
 from .location import parse_location, redact, scrub_secrets
 from .progress import RunBeat
 from .stages import RunContext, Stage, StageOutcome, stage_class
-from .stages.base import StageParams
+from .stages.base import lean_params
 from .yamlfile import KeyLines, load_with_lines
 
 log = logging.getLogger(__name__)
 
 
-class LocationEntry(BaseModel):
-    """A location of a pipeline: a URL or path, or {url, options} with back-end options
-    (over those the user's config gives its URL)."""
-
-    model_config = ConfigDict(extra="forbid")
-    url: str = Field(description="URL or path")
-    options: dict[str, Any] = Field(default_factory=dict, description="back-end options")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _url_alone(cls, value):
-        if isinstance(value, str):
-            return {"url": value}
-        if not isinstance(value, dict):
-            raise PydanticCustomError("location", "a location is a URL or a path")
-        if set(value) - {"url", "options"} or "url" not in value:
-            raise PydanticCustomError("location", "a location is a URL or {url, options}")
-        return {**value, "options": value.get("options") or {}}
+# the top-level keys of a pipeline file, in the order an error lists them
+FILE_KEYS = ("name", "description", "locations", "workers", "stages")
+_file_model = None
 
 
-def _one_stage(value):
-    if not isinstance(value, dict) or len(value) != 1:
-        raise PydanticCustomError("stage", "each stage is a one-key mapping like "
-                                  "'- index: {location: daq}'")
-    return value
+def file_model():
+    """The pydantic model of a pipeline file (built on first use: a command built in code,
+    Pipeline.from_stages, needs none)."""
+    global _file_model
+    if _file_model is not None:
+        return _file_model
+    from typing import Annotated
 
+    from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
+                          field_validator, model_validator)
+    from pydantic_core import PydanticCustomError
 
-class PipelineFile(BaseModel):
-    """The top level of a pipeline file. Each stage's parameters are its own Params."""
+    class LocationEntry(BaseModel):
+        """A location of a pipeline: a URL or path, or {url, options} with back-end options
+        (over those the user's config gives its URL)."""
 
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
-    name: str | None = Field(None, description="what the pipeline is called")
-    description: str | None = Field(None, description="what it is for")
-    locations: dict[str, LocationEntry] = Field(
-        default_factory=dict, description="names for the URLs and paths the stages use")
-    workers: StrictBool = Field(False, description="send each stage to a worker on the host of its "
-                          "data (README, Several hosts)")
-    stages: list[Annotated[dict[str, Any], BeforeValidator(_one_stage)]] = Field(
-        min_length=1, description="the stages, run in order: '- NAME: {parameters}'")
+        model_config = ConfigDict(extra="forbid")
+        url: str = Field(description="URL or path")
+        options: dict[str, Any] = Field(default_factory=dict, description="back-end options")
 
-    @field_validator("locations", mode="before")
-    @classmethod
-    def _names(cls, value):
-        if value is None:   # `locations:` with nothing under it
-            return {}
-        # a name YAML reads as a number (2017:) is still a name
-        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+        @model_validator(mode="before")
+        @classmethod
+        def _url_alone(cls, value):
+            if isinstance(value, str):
+                return {"url": value}
+            if not isinstance(value, dict):
+                raise PydanticCustomError("location", "a location is a URL or a path")
+            if set(value) - {"url", "options"} or "url" not in value:
+                raise PydanticCustomError("location", "a location is a URL or {url, options}")
+            return {**value, "options": value.get("options") or {}}
+
+    def _one_stage(value):
+        if not isinstance(value, dict) or len(value) != 1:
+            raise PydanticCustomError("stage", "each stage is a one-key mapping like "
+                                      "'- index: {location: daq}'")
+        return value
+
+    class PipelineFile(BaseModel):
+        """The top level of a pipeline file. Each stage's parameters are its own Params."""
+
+        model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+        name: str | None = Field(None, description="what the pipeline is called")
+        description: str | None = Field(None, description="what it is for")
+        locations: dict[str, LocationEntry] = Field(
+            default_factory=dict, description="names for the URLs and paths the stages use")
+        workers: StrictBool = Field(False, description="send each stage to a worker on the "
+                                    "host of its data (README, Several hosts)")
+        stages: list[Annotated[dict[str, Any], BeforeValidator(_one_stage)]] = Field(
+            min_length=1, description="the stages, run in order: '- NAME: {parameters}'")
+
+        @field_validator("locations", mode="before")
+        @classmethod
+        def _names(cls, value):
+            if value is None:   # `locations:` with nothing under it
+                return {}
+            # a name YAML reads as a number (2017:) is still a name
+            return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    assert tuple(PipelineFile.model_fields) == FILE_KEYS
+    _file_model = PipelineFile
+    return PipelineFile
 
 
 def _explain(loc: tuple, kind: str, message: str) -> str | None:
@@ -81,7 +96,7 @@ def _explain(loc: tuple, kind: str, message: str) -> str | None:
     if not loc:
         return "a pipeline is a mapping with 'locations' and 'stages'"
     if kind == "extra_forbidden" and len(loc) == 1:
-        return f"unknown key (expected one of {', '.join(PipelineFile.model_fields)})"
+        return f"unknown key (expected one of {', '.join(FILE_KEYS)})"
     if loc == ("locations",):
         return "must map names to URLs"
     if loc == ("stages",):
@@ -100,7 +115,7 @@ class StageSpec:
     """One validated stage of a pipeline: its class, parameters and where it was written."""
 
     cls: type[Stage]
-    params: StageParams
+    params: Any                  # the stage's Params, or stages.base.LeanParams
     position: int
     line: int | None = None
 
@@ -169,8 +184,10 @@ class Pipeline:
                   user_config: UserConfig | None = None) -> "Pipeline":
         data, lines = load_with_lines(text, source)
         err = KeyLines(source, lines)
+        from pydantic import ValidationError
+
         try:
-            top = PipelineFile.model_validate(data)
+            top = file_model().model_validate(data)
         except ValidationError as exc:
             raise err.invalid(exc, _explain) from None
         locations, options = {}, {}
@@ -203,7 +220,8 @@ class Pipeline:
                     ) -> "Pipeline":
         """A pipeline built in code (what the CLI's commands do)."""
         err = KeyLines(None, {})
-        specs = [_stage_spec(name, params, i, err) for i, (name, params) in enumerate(stages)]
+        specs = [_stage_spec(name, params, i, err, lean=True)
+                 for i, (name, params) in enumerate(stages)]
         return cls(specs, dict(locations or {}))
 
     def check_references(self, user_config: UserConfig, err: KeyLines) -> None:
@@ -383,7 +401,10 @@ def _params_record(spec: StageSpec) -> dict:
     return spec.params.model_dump(mode="json", by_alias=True, exclude_defaults=True)
 
 
-def _stage_spec(name: str, params: Any, position: int, err: KeyLines) -> StageSpec:
+def _stage_spec(name: str, params: Any, position: int, err: KeyLines,
+                lean: bool = False) -> StageSpec:
+    """lean: parameters plainly valid (the CLI's, the API's) are taken without the model
+    (stages.base.lean_params), which spares a command importing pydantic."""
     path = ("stages", position, name)
     try:
         cls = stage_class(name)
@@ -393,6 +414,12 @@ def _stage_spec(name: str, params: Any, position: int, err: KeyLines) -> StageSp
         params = {}
     if not isinstance(params, dict):
         raise err.at(path, "stage parameters must be a mapping", key=f"stages[{position}].{name}")
+    if lean:
+        checked = lean_params(name, params)
+        if checked is not None:
+            return StageSpec(cls, checked, position, err.line(path))
+    from pydantic import ValidationError
+
     try:
         model = cls.Params.model_validate(params)
     except ValidationError as exc:

@@ -5,12 +5,8 @@ killed at any moment leaves at most a temporary file, which the next sync remove
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import random
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -44,6 +40,8 @@ def temp_path(final_path: str, key: bytes) -> str:
     room = NAME_MAX - len(f".{TEMP_MARK}") - _NONCE - _TAG
     while len(name.encode("utf-8", "surrogateescape")) > room:
         name = name[:-1]
+    import secrets   # here, not at import: a listing (index) never makes a temporary name
+
     nonce = secrets.token_hex(_NONCE // 2)
     tmp = f".{name}{TEMP_MARK}{nonce}{_tag(key, name, nonce)}"
     return f"{folder}/{tmp}" if folder else tmp
@@ -52,10 +50,17 @@ def temp_path(final_path: str, key: bytes) -> str:
 def is_temp_name(name: str, key: bytes) -> bool:
     """True for the temporary files castlib writes with this key (and only for those)."""
     m = _TEMP_NAME.match(name) if TEMP_MARK in name else None
-    return m is not None and hmac.compare_digest(m.group(3), _tag(key, m.group(1), m.group(2)))
+    if m is None:
+        return False
+    import hmac   # OpenSSL, only once a name looks like a temporary (not in every command)
+
+    return hmac.compare_digest(m.group(3), _tag(key, m.group(1), m.group(2)))
 
 
 def _tag(key: bytes, name: str, nonce: str) -> str:
+    import hashlib
+    import hmac
+
     message = name.encode("utf-8", "surrogateescape") + b"/" + nonce.encode("ascii")
     return hmac.new(key, message, hashlib.sha256).hexdigest()[:_TAG]
 
@@ -214,6 +219,8 @@ def with_retries(action: Callable[[], object], *, retries: int, backoff_s: float
         except StorageError as exc:
             if not exc.transient or attempt >= retries:
                 raise
+            import random
+
             delay = min(MAX_BACKOFF_S, backoff_s * (2 ** attempt)) * random.uniform(0.5, 1.0)
             log.warning("%s: %s; retrying in %.1f s", describe, exc, delay)
             time.sleep(delay)

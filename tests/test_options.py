@@ -162,10 +162,10 @@ def test_a_new_stage_parameter_appears_in_cli_api_and_pipeline_with_no_other_edi
     assert "--bandwidth-limit" not in castlib("sync", "--help").stdout   # cached now
     sync_py = copy / "castlib" / "stages" / "sync.py"
     text = sync_py.read_text()
-    anchor = "class SyncParams(StageParams):\n"
+    anchor = "    class SyncParams(StageParams):\n"   # in stages/sync.py's _params()
     assert anchor in text
     sync_py.write_text(text.replace(anchor, anchor + (
-        '    bandwidth_limit: int = Field(0, ge=0, description="bytes per second, 0: none")\n')))
+        '        bandwidth_limit: int = Field(0, ge=0, description="bytes per second, 0: none")\n')))
     help_text = castlib("sync", "--help").stdout
     assert "--bandwidth-limit N" in help_text and "bytes per second, 0: none" in help_text
     r = castlib("sync", "a", "b", "--bandwidth-limit", "-1")
@@ -210,3 +210,66 @@ def test_a_damaged_cache_is_derived_again(tmp_path, content):
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--transfers N" in r.stdout and not r.stderr
     assert '"transfers"' in kept.read_text()
+
+
+# -- stages' parameters checked without pydantic (stages.base.lean_params) ----------------------
+
+LEAN_CASES = [
+    ("index", {"location": "/data"}),
+    ("index", {"location": "/d", "checksum": "adler32", "only": ["*.dat"], "ignore": [],
+               "rehash": True, "workers": 8, "force": False, "max_vanish": 25,
+               "missing_ok": True}),
+    ("diff", {"id": "plan", "ref": "/a", "dst": "/b", "checksum": "md5", "mtime_tolerance": 2,
+              "kinds": ["missing", "extra"], "only": None, "ignore": ["x/"], "perms": False}),
+    ("sync", {"from": "plan"}),
+    ("sync", {"from": "plan", "transfers": 16, "max_delete": 3, "lock_wait": 0.5,
+              "stage_timeout": 10, "dry_run": True, "hard_links": True}),
+    ("verify", {"location": "/d", "prefix": "sub", "workers": 1, "checksum": "sha256"}),
+]
+
+
+@pytest.mark.parametrize("stage,params", LEAN_CASES)
+def test_lean_parameters_are_what_the_model_makes(stage, params):
+    from castlib.stages.base import lean_params
+
+    model = stage_class(stage).Params.model_validate(params)
+    lean = lean_params(stage, params)
+    assert lean is not None
+    for name in type(model).model_fields:
+        assert getattr(lean, name) == getattr(model, name), name
+        assert type(getattr(lean, name)) is type(getattr(model, name)), name
+    dump = {"mode": "json", "by_alias": True, "exclude_defaults": True}
+    assert lean.model_dump(**dump) == model.model_dump(**dump)
+
+
+@pytest.mark.parametrize("stage,params", [
+    ("index", {"location": "/d", "workers": "8"}),       # the model reads it as 8
+    ("index", {"location": "/d", "workers": 0}),         # below its bound: the model's words
+    ("index", {"location": "/d", "workers": True}),
+    ("index", {"location": "/d", "max_vanish": float("nan")}),
+    ("index", {"location": "/d", "checksum": "crc32"}),
+    ("index", {"location": "/d", "only": ("*.dat",)}),
+    ("index", {"location": "/d", "colour": "blue"}),
+    ("index", {}),                                        # a required parameter missing
+    ("diff", {"ref": "/a", "dst": "/b", "kinds": ["missing", "sideways"]}),
+    ("sync", {"from": "plan", "from_": "plan"}),
+    ("sync", {"from": "plan", "stage_timeout": 0}),
+])
+def test_values_the_lean_check_does_not_take_are_left_to_the_model(stage, params):
+    from castlib.stages.base import lean_params
+
+    assert lean_params(stage, params) is None
+
+
+def test_the_api_gives_the_models_answer_for_what_the_lean_check_leaves(tmp_path):
+    from castlib.errors import ConfigError
+
+    (tmp_path / "d").mkdir()
+    db = str(tmp_path / "c.sqlite")
+    report = api.index(str(tmp_path / "d"), db=db, workers="8")   # lax: the model's reading
+    assert report.stages[0].spec.params.workers == 8
+    with pytest.raises(ConfigError) as info:
+        api.index(str(tmp_path / "d"), db=db, workers=0)
+    assert str(info.value) == "workers: Input should be greater than or equal to 1"
+    plain = api.index(str(tmp_path / "d"), db=db, workers=2)
+    assert type(plain.stages[0].spec.params).__name__ == "LeanParams"

@@ -57,7 +57,9 @@ def registry() -> dict[str, BackendSpec]:
 
 
 def backend_class(scheme: str) -> type[Backend]:
-    spec = registry().get(scheme)
+    # a built-in scheme is never a plugin's: no scan of the entry points (importlib.metadata
+    # reads every installed package's metadata) for it
+    spec = _BUILTIN.get(scheme) or registry().get(scheme)
     if spec is None:
         fsspec_cls = _fsspec_fallback(scheme)
         if fsspec_cls is None:

@@ -9,8 +9,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable, ClassVar, Iterator
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from ..checksum import CHUNK_SIZE, checksum_stream
 from ..errors import ConfigError, LocationMissing, NotFound, StorageError, Unsupported
 from ..location import LocationURL
@@ -123,16 +121,39 @@ def wait_for_staging(pending: list[str], still_offline: Callable[[list[str]], li
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
-class BackendOptions(BaseModel):
-    """The options a back-end accepts (the config file's `storage:`, a pipeline's
-    `locations:`): each back-end declares its own as `Options`, a subclass. An unknown
-    option or a wrong value is one line naming it and the location (parse_options)."""
+def __getattr__(name: str):
+    # BackendOptions is a pydantic model: built when a back-end that takes options (castor,
+    # fsspec, xrootd) is imported, so that a local back-end, the catalog (records) and the
+    # command line start without importing pydantic
+    if name == "BackendOptions":
+        from pydantic import BaseModel, ConfigDict
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+        class BackendOptions(BaseModel):
+            """The options a back-end accepts (the config file's `storage:`, a pipeline's
+            `locations:`): each back-end declares its own as `Options`, a subclass. An
+            unknown option or a wrong value is one line naming it and the location
+            (parse_options)."""
+
+            model_config = ConfigDict(extra="forbid", frozen=True)
+
+        BackendOptions.__module__ = __name__
+        globals()["BackendOptions"] = BackendOptions
+        return BackendOptions
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def parse_options(model: type[BackendOptions], options: dict, url: LocationURL):
-    """The options as `model` reads them, or a ConfigError naming the first wrong one."""
+def parse_options(model, options: dict, url: LocationURL):
+    """The options as `model` reads them, or a ConfigError naming the first wrong one.
+    model None: the back-end takes no option (settings None)."""
+    if model is None:
+        if not options:
+            return None
+        name = str(next(iter(options)))
+        config_error = ConfigError(f"{url}: option {name}: unknown option (known: none)")
+        config_error.key = name
+        raise config_error
+    from pydantic import ValidationError
+
     try:
         return model.model_validate(options)
     except ValidationError as exc:
@@ -150,8 +171,10 @@ def parse_options(model: type[BackendOptions], options: dict, url: LocationURL):
         raise config_error from None
 
 
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+def _model_at(model, loc: tuple):
     """The options model (or nested model, as castor's `tools`) an error's location is in."""
+    from pydantic import BaseModel
+
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         inner = field.annotation if field is not None else None
@@ -238,7 +261,9 @@ class Backend(ABC):
 
     capabilities: ClassVar[Capabilities] = Capabilities()
     description: ClassVar[str] = ""
-    Options: ClassVar[type[BackendOptions]] = BackendOptions   # what it accepts: none here
+    # what it accepts (a BackendOptions subclass, checked into self.settings); None: no
+    # option at all (self.settings None)
+    Options: ClassVar["type | None"] = None
     # The key that tags castlib's temporary names (transfer.temp_path): the run that opens
     # a back-end gives it the catalog's (catalog.settings.temp_name_key), so the temporaries
     # a back-end makes on its own (a file moved aside, a probe) are known as castlib's by

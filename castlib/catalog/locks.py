@@ -19,7 +19,6 @@ D, run side by side.
 """
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -68,6 +67,8 @@ def lock_covered(url, held: set[str]) -> bool:
 
 
 def _digest(key: str) -> bytes:
+    import hashlib   # not at import: a command that takes no such lock needs no OpenSSL
+
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 import importlib
 
 from ..errors import ConfigError
-from .base import RunContext, Stage, StageOutcome, StageParams
+from .base import RunContext, Stage, StageOutcome
+
+
+def __getattr__(name: str):
+    if name == "StageParams":   # pydantic: only when asked for (see stages.base)
+        from .base import StageParams
+
+        return StageParams
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ENTRY_POINT_GROUP = "castlib.stages"
 

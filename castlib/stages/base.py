@@ -5,8 +5,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, TextIO
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from ..backends import Backend, open_backend
 from ..catalog import Catalog, LocationRecord
 from ..catalog.settings import temp_name_key
@@ -26,11 +24,133 @@ Globs = Annotated[list[str], Cli(metavar="GLOB")]
 ChecksumName = Annotated[Literal[ALGORITHMS], Cli(metavar="ALGO")]  # type: ignore[valid-type]
 
 
-class StageParams(BaseModel):
-    """Parameters common to every stage. `id` names the stage's result for later stages."""
+def __getattr__(name: str):
+    # StageParams, the pydantic base of every stage's Params, is built on first use: a
+    # command of the CLI or the API checks its stages' parameters without pydantic
+    # (lean_params) and imports it only for what that check leaves to the model
+    if name == "StageParams":
+        from pydantic import BaseModel, ConfigDict, Field
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    id: str | None = Field(None, description="names this stage's result for later stages' 'from'")
+        class StageParams(BaseModel):
+            """Parameters common to every stage. `id` names the stage's result for later
+            stages."""
+
+            model_config = ConfigDict(extra="forbid", populate_by_name=True)
+            id: str | None = Field(None, description="names this stage's result for later "
+                                                     "stages' 'from'")
+
+        StageParams.__module__ = __name__
+        globals()["StageParams"] = StageParams
+        return StageParams
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class LazyParams:
+    """A stage's `Params`, the pydantic model, built by `build` on first access (a class
+    attribute: IndexStage.Params is the model)."""
+
+    def __init__(self, build):
+        self.build = build
+        self.model = None
+
+    def __get__(self, obj, owner=None):
+        if self.model is None:
+            self.model = self.build()
+        return self.model
+
+
+class LeanParams:
+    """A stage's parameters checked without pydantic (lean_params): the fields as
+    attributes, and the one dump the pipeline and the workers use."""
+
+    def __init__(self, fields: list[dict], values: dict):
+        self._fields = fields
+        self.__dict__.update(values)
+
+    def model_dump(self, *, mode: str = "json", by_alias: bool = True,
+                   exclude_defaults: bool = True) -> dict:
+        """As the model's model_dump(mode="json", by_alias=True, exclude_defaults=True)."""
+        out = {}
+        for f in self._fields:
+            value = getattr(self, f["name"])
+            if exclude_defaults and not f["required"] and value == f["default"]:
+                continue
+            out[(f["alias"] or f["name"]) if by_alias else f["name"]] = (
+                list(value) if isinstance(value, list) else value)
+        return out
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f['name']}={getattr(self, f['name'])!r}" for f in self._fields)
+        return f"LeanParams({shown})"
+
+
+_BAD = object()
+
+
+def lean_params(stage: str, given: dict) -> LeanParams | None:
+    """The parameters of a built-in stage as its model would make them, when every value
+    is plainly valid (of its exact type, within its bounds and choices: what the command
+    line and the API pass); else None, and the model checks them (its coercions and its
+    error messages stay the one definition). The fields' table is derived from the model
+    and cached with the command-line options (castlib.options.stage_fields)."""
+    from ..options import stage_fields
+
+    fields = stage_fields(stage)
+    if not isinstance(fields, list):
+        return None
+    keys = {}
+    for f in fields:
+        keys[f["name"]] = f
+        if f["alias"]:
+            keys[f["alias"]] = f
+    values = {}
+    for key, value in given.items():
+        f = keys.get(key)
+        if f is None or f["name"] in values:
+            return None
+        value = _plain(f, value)
+        if value is _BAD:
+            return None
+        values[f["name"]] = value
+    for f in fields:
+        if f["name"] not in values:
+            if f["required"]:
+                return None
+            default = f["default"]
+            values[f["name"]] = list(default) if isinstance(default, list) else default
+    return LeanParams(fields, values)
+
+
+def _plain(f: dict, value):
+    if value is None:
+        return None if f["optional"] else _BAD
+    kind = f["kind"]
+    if kind == "list":
+        if type(value) is not list or any(type(i) is not str for i in value):
+            return _BAD
+        if f["choices"] is not None and any(i not in f["choices"] for i in value):
+            return _BAD
+        return list(value)
+    if kind == "bool":
+        return value if type(value) is bool else _BAD
+    if kind == "str":
+        if type(value) is not str or (f["choices"] is not None and value not in f["choices"]):
+            return _BAD
+        return value
+    if kind == "int":
+        if type(value) is not int:
+            return _BAD
+    elif kind == "float":
+        if type(value) not in (int, float) or value != value:   # NaN: the model says
+            return _BAD
+        value = float(value)
+    else:
+        return _BAD
+    if ((f["ge"] is not None and not value >= f["ge"])
+            or (f["gt"] is not None and not value > f["gt"])
+            or (f["le"] is not None and not value <= f["le"])):
+        return _BAD
+    return value
 
 
 @dataclass
@@ -165,7 +285,8 @@ class Stage:
 
     name: ClassVar[str]
     description: ClassVar[str]
-    Params: ClassVar[type[StageParams]] = StageParams
+    # the pydantic model of its parameters (LazyParams: built on first use)
+    Params: ClassVar = LazyParams(lambda: __getattr__("StageParams"))
     location_params: ClassVar[tuple[str, ...]] = ()   # parameters that name locations
     # parameters that name an earlier stage's id -> the stages whose result they can read
     reads_results: ClassVar[dict[str, tuple[str, ...]]] = {}

@@ -5,34 +5,40 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import Field
-
 from ..backends.base import DIR, LINK
 from ..catalog import DIFFERENCE_KINDS, Difference
 from ..filters import PathFilter
 from ..options import Cli
-from .base import ChecksumName, Globs, ResolvedLocation, Seconds, Stage, StageOutcome, StageParams
+from .base import ChecksumName, Globs, LazyParams, ResolvedLocation, Seconds, Stage, StageOutcome
 
 DifferenceKind = Literal[DIFFERENCE_KINDS]  # type: ignore[valid-type]
 
 
-class DiffParams(StageParams):
-    ref: str = Field(description="reference location (name or URL)")
-    dst: str = Field(description="destination location (name or URL)")
-    checksum: ChecksumName = Field(
-        "adler32", description="checksum algorithm compared where both sides have one")
-    mtime_tolerance: Seconds = Field(
-        0.0, ge=0, description="seconds two mtimes may differ by (storage may keep minutes only)")
-    kinds: Annotated[list[DifferenceKind], Cli(metavar="KIND")] = Field(default_factory=lambda: list(DIFFERENCE_KINDS),
-                                        description="which kinds of difference to report")
-    only: Globs | None = Field(None, description="globs of files to compare (default: "
-                                   "those this run's index of the reference took)")
-    ignore: Globs | None = Field(None, description="globs of entries to leave out on both "
-                                     "sides (default: those this run's index of the reference "
-                                     "left out)")
-    perms: bool = Field(True, description="compare permission bits (kind mode) where the "
-                        "destination keeps them, and set them as rsync -a does (false, "
-                        "--no-perms: leave them out, as rsync --no-perms)")
+def _params():
+    """The pydantic model of the parameters, built on first use (Stage.Params)."""
+    from pydantic import Field
+
+    from .base import StageParams
+
+    class DiffParams(StageParams):
+        ref: str = Field(description="reference location (name or URL)")
+        dst: str = Field(description="destination location (name or URL)")
+        checksum: ChecksumName = Field(
+            "adler32", description="checksum algorithm compared where both sides have one")
+        mtime_tolerance: Seconds = Field(
+            0.0, ge=0, description="seconds two mtimes may differ by (storage may keep minutes only)")
+        kinds: Annotated[list[DifferenceKind], Cli(metavar="KIND")] = Field(default_factory=lambda: list(DIFFERENCE_KINDS),
+                                            description="which kinds of difference to report")
+        only: Globs | None = Field(None, description="globs of files to compare (default: "
+                                       "those this run's index of the reference took)")
+        ignore: Globs | None = Field(None, description="globs of entries to leave out on both "
+                                         "sides (default: those this run's index of the reference "
+                                         "left out)")
+        perms: bool = Field(True, description="compare permission bits (kind mode) where the "
+                            "destination keeps them, and set them as rsync -a does (false, "
+                            "--no-perms: leave them out, as rsync --no-perms)")
+
+    return DiffParams
 
 
 @dataclass
@@ -74,7 +80,7 @@ class DiffStage(Stage):
     name = "diff"
     description = ("compare two locations from the catalog: missing, extra, type, size, checksum, "
                    "corrupted (found by verify), mtime, mode")
-    Params = DiffParams
+    Params = LazyParams(_params)
     location_params = ("ref", "dst")
 
     def run(self) -> StageOutcome:

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import gc
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-
-from pydantic import Field
 
 from ..backends.base import DIR, FILE, LINK
 from ..catalog.index_lock import index_lock
@@ -16,29 +13,37 @@ from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
 from ..location import parse_location
 from ..transfer import TEMP_MARK, is_temp_name
-from .base import ChecksumName, Globs, IndexResult, Percent, Stage, StageOutcome, StageParams
+from .base import ChecksumName, Globs, IndexResult, LazyParams, Percent, Stage, StageOutcome
 
 
-class IndexParams(StageParams):
-    location: str = Field(description="location name or URL to list")
-    checksum: ChecksumName | None = Field(
-        None, description="also compute this checksum (adler32, md5 or sha256) for new or "
-                          "changed files")
-    only: Globs = Field(default_factory=list, description="include only files matching")
-    ignore: Globs = Field(default_factory=list, description="leave out entries matching")
-    rehash: bool = Field(False, description="recompute checksums even when size and mtime "
-                                            "agree (without checksum: every kind the "
-                                            "location has)")
-    workers: int = Field(4, ge=1, le=64, description="parallel checksum computations")
-    force: bool = Field(False, description="accept a listing in which more of the files the "
-                                           "catalog knew vanished than max_vanish allows")
-    max_vanish: Percent = Field(50, ge=0, le=100, description=(
-        "stop (exit 2, nothing changed) when more than this percent of the files the "
-        "catalog knew in a location vanished since its last listing: an unmounted or blank "
-        "disk (a location known with fewer than 10 files stops only when all vanished; "
-        "100 turns it off)"))
-    missing_ok: bool = Field(False, description="a root that does not exist lists as empty "
-                                                "(a destination not created yet)")
+def _params():
+    """The pydantic model of the parameters, built on first use (Stage.Params)."""
+    from pydantic import Field
+
+    from .base import StageParams
+
+    class IndexParams(StageParams):
+        location: str = Field(description="location name or URL to list")
+        checksum: ChecksumName | None = Field(
+            None, description="also compute this checksum (adler32, md5 or sha256) for new or "
+                              "changed files")
+        only: Globs = Field(default_factory=list, description="include only files matching")
+        ignore: Globs = Field(default_factory=list, description="leave out entries matching")
+        rehash: bool = Field(False, description="recompute checksums even when size and mtime "
+                                                "agree (without checksum: every kind the "
+                                                "location has)")
+        workers: int = Field(4, ge=1, le=64, description="parallel checksum computations")
+        force: bool = Field(False, description="accept a listing in which more of the files the "
+                                               "catalog knew vanished than max_vanish allows")
+        max_vanish: Percent = Field(50, ge=0, le=100, description=(
+            "stop (exit 2, nothing changed) when more than this percent of the files the "
+            "catalog knew in a location vanished since its last listing: an unmounted or blank "
+            "disk (a location known with fewer than 10 files stops only when all vanished; "
+            "100 turns it off)"))
+        missing_ok: bool = Field(False, description="a root that does not exist lists as empty "
+                                                    "(a destination not created yet)")
+
+    return IndexParams
 
 
 def _refuse_a_root_that_is_no_folder(backend, url: str) -> None:
@@ -58,7 +63,7 @@ def _refuse_a_root_that_is_no_folder(backend, url: str) -> None:
 class IndexStage(Stage):
     name = "index"
     description = "list a location into the catalog (new, changed and vanished entries)"
-    Params = IndexParams
+    Params = LazyParams(_params)
     location_params = ("location",)
 
     def run(self) -> StageOutcome:
@@ -296,6 +301,8 @@ class IndexStage(Stage):
                 return path, backend.checksum(storage_path, algo), size, None
             except StorageError as exc:
                 return path, None, size, str(exc)
+
+        from concurrent.futures import ThreadPoolExecutor   # only when there is hashing to do
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for path, value, size, error in pool.map(one, to_hash):

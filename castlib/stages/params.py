@@ -46,6 +46,31 @@ def derive(name: str) -> tuple[list[Option], list[Option]]:
     return [positional[p] for p in spec.positional], list(options.values())
 
 
+def stage_fields(name: str) -> list[dict] | None:
+    """Every field of a stage's Params as plain data, for checking its parameters without
+    pydantic (stages.base.lean_params); None when a field's type has no such form (the
+    model then checks every value)."""
+    out = []
+    try:
+        for fname, info in stage_class(name).Params.model_fields.items():
+            annotation, optional, _ = _unwrap(info.annotation)
+            kind, choices = _kind(annotation)
+            bounds = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le")
+                      if getattr(m, k, None) is not None}
+            if (set(bounds) and kind not in ("int", "float")) or any(
+                    type(m).__name__ not in ("Ge", "Gt", "Le", "Cli") for m in info.metadata):
+                return None   # a constraint lean_params does not know
+            required = info.is_required()
+            out.append({"name": fname, "alias": info.alias, "kind": kind, "choices": choices,
+                        "optional": optional, "required": required,
+                        "default": None if required else info.get_default(
+                            call_default_factory=True),
+                        "ge": bounds.get("ge"), "gt": bounds.get("gt"), "le": bounds.get("le")})
+    except RuntimeError:
+        return None
+    return out
+
+
 def _option(fname: str, info) -> Option:
     annotation, optional, hints = _unwrap(info.annotation)
     hints += [m for m in info.metadata if isinstance(m, Cli)]

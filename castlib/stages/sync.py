@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Callable
 
-from pydantic import Field
-
 from ..backends.base import DIR, FILE, KIND_NAMES, LINK
 from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_covered
@@ -19,31 +17,39 @@ from ..errors import (ConfigError, NotFound, SafetyRefusal, SourceChanged, Stora
 from ..progress import human_bytes
 from ..transfer import copy_file, temp_path, with_retries
 from ..options import Cli
-from .base import Seconds, Stage, StageOutcome, StageParams
+from .base import LazyParams, Seconds, Stage, StageOutcome
 from .diff import DiffResult
 
 RECORD_BATCH = 500
 
 
-class SyncParams(StageParams):
-    from_: str = Field(alias="from", description="id of the diff stage whose differences to fix")
-    delete: bool = Field(False, description="delete entries the reference does not have")
-    max_delete: Annotated[int, Cli(metavar="N")] | None = Field(
-        None, ge=0, description="refuse to run if more deletions than this would be needed")
-    replace: bool = Field(True, description="replace destination files whose content differs "
-                                            "(--no-replace: keep them)")
-    transfers: int = Field(4, ge=1, le=256, description="files copied in parallel")
-    retries: int = Field(3, ge=0, le=20, description="retries of a transient failure, with backoff")
-    stage_timeout: Seconds = Field(3600, gt=0, description="seconds to wait for tape recalls")
-    dry_run: bool = Field(False, description="print what would be done, change nothing")
-    lock_wait: Seconds = Field(0, ge=0, description="seconds to wait for another sync into the "
-                                                    "same destination to finish (default: "
-                                                    "refuse at once)")
-    owner: bool = Field(False, description="give entries the reference's owner and group "
-                                           "(as rsync -o -g; local destinations, as root)")
-    hard_links: bool = Field(False, description="files that are one file under several names in "
-                             "the reference are linked so on the destination (as rsync -H), "
-                             "instead of copied once per name")
+def _params():
+    """The pydantic model of the parameters, built on first use (Stage.Params)."""
+    from pydantic import Field
+
+    from .base import StageParams
+
+    class SyncParams(StageParams):
+        from_: str = Field(alias="from", description="id of the diff stage whose differences to fix")
+        delete: bool = Field(False, description="delete entries the reference does not have")
+        max_delete: Annotated[int, Cli(metavar="N")] | None = Field(
+            None, ge=0, description="refuse to run if more deletions than this would be needed")
+        replace: bool = Field(True, description="replace destination files whose content differs "
+                                                "(--no-replace: keep them)")
+        transfers: int = Field(4, ge=1, le=256, description="files copied in parallel")
+        retries: int = Field(3, ge=0, le=20, description="retries of a transient failure, with backoff")
+        stage_timeout: Seconds = Field(3600, gt=0, description="seconds to wait for tape recalls")
+        dry_run: bool = Field(False, description="print what would be done, change nothing")
+        lock_wait: Seconds = Field(0, ge=0, description="seconds to wait for another sync into the "
+                                                        "same destination to finish (default: "
+                                                        "refuse at once)")
+        owner: bool = Field(False, description="give entries the reference's owner and group "
+                                               "(as rsync -o -g; local destinations, as root)")
+        hard_links: bool = Field(False, description="files that are one file under several names in "
+                                 "the reference are linked so on the destination (as rsync -H), "
+                                 "instead of copied once per name")
+
+    return SyncParams
 
 
 @dataclass
@@ -213,7 +219,7 @@ def _plan_create(plan: TransferPlan, d: Difference, dst_symlinks: bool) -> None:
 class SyncStage(Stage):
     name = "sync"
     description = "make the destination match the reference of a diff, verifying every copy"
-    Params = SyncParams
+    Params = LazyParams(_params)
     reads_results = {"from_": ("diff",)}
 
     def run(self) -> StageOutcome:

@@ -4,22 +4,28 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pydantic import Field
-
 from ..backends.base import FILE
 from ..catalog.paths import from_catalog
 from ..errors import ConfigError, LocationMissing, StorageError
-from .base import ChecksumName, Stage, StageOutcome, StageParams
+from .base import ChecksumName, LazyParams, Stage, StageOutcome
 
 # What verify can find, worst first
 PROBLEMS = ("corrupted", "missing", "changed", "unreadable")
 
 
-class VerifyParams(StageParams):
-    location: str = Field(description="location name or URL to re-read")
-    checksum: ChecksumName = Field("adler32", description="checksum algorithm to compare")
-    prefix: str = Field("", description="only verify below this relative folder")
-    workers: int = Field(4, ge=1, le=64, description="files read in parallel")
+def _params():
+    """The pydantic model of the parameters, built on first use (Stage.Params)."""
+    from pydantic import Field
+
+    from .base import StageParams
+
+    class VerifyParams(StageParams):
+        location: str = Field(description="location name or URL to re-read")
+        checksum: ChecksumName = Field("adler32", description="checksum algorithm to compare")
+        prefix: str = Field("", description="only verify below this relative folder")
+        workers: int = Field(4, ge=1, le=64, description="files read in parallel")
+
+    return VerifyParams
 
 
 @dataclass
@@ -41,7 +47,7 @@ class VerifyResult:
 class VerifyStage(Stage):
     name = "verify"
     description = "re-read files and compare their checksums with the catalog (bit-rot, tampering)"
-    Params = VerifyParams
+    Params = LazyParams(_params)
     location_params = ("location",)
 
     def run(self) -> StageOutcome:

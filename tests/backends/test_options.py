@@ -48,3 +48,13 @@ def test_a_wrong_option_in_the_config_file_stops_the_cli_with_exit_2(tmp_path, d
     assert "option colour: unknown option" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not dst.exists()
+
+
+def test_an_option_to_a_back_end_that_takes_none_is_one_line_naming_it(tmp_path):
+    """A local back-end takes no option (checked without pydantic): the same line as a
+    back-end whose options are a model."""
+    with pytest.raises(ConfigError) as err:
+        open_backend(str(tmp_path), {"colour": "blue"})
+    backend = open_backend(str(tmp_path), {})
+    assert str(err.value) == f"{backend.url}: option colour: unknown option (known: none)"
+    assert err.value.key == "colour" and backend.settings is None

@@ -40,9 +40,9 @@ def test_a_new_lean_catalog_is_the_general_one(tmp_path):
     assert sqlite3.connect(lean).execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-def _imports(*args, db):
+def _imports(*args, db, env=None):
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "castlib", "--db", db,
-                           "-q", *args], capture_output=True, text=True, env=cli_env())
+                           "-q", *args], capture_output=True, text=True, env=cli_env(env))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
             if line.startswith("import time:")}
@@ -62,6 +62,37 @@ def test_index_and_a_noop_sync_on_sqlite_import_neither_sqlalchemy_nor_alembic(t
         assert heavy == [], args
     fresh = _imports("index", str(ref), db=f"sqlite:///{tmp_path / 'new.sqlite'}")
     assert not any(m.split(".")[0] in ("sqlalchemy", "alembic") for m in fresh)
+
+
+# what a command on local folders and an SQLite catalog, without a configuration file,
+# does not import: each costs it milliseconds to tens of them (issue 12, the fixed cost of a
+# command): the ORM, the models of pipelines, stages' parameters, back-end options and the
+# configuration file (pydantic), YAML, the entry points' metadata (plugins), platformdirs,
+# and what only a copy or a new catalog needs (shutil through argparse's terminal width,
+# secrets and OpenSSL's hmac for temporary names, sockets)
+NOT_IN_A_LEAN_COMMAND = ("sqlalchemy", "alembic", "pydantic", "pydantic_core", "yaml",
+                         "platformdirs", "importlib.metadata", "socket", "ssl", "difflib",
+                         "shutil", "secrets", "hmac")
+
+
+def test_index_diff_and_a_noop_sync_of_local_folders_import_only_the_lean_set(tmp_path):
+    ref = make_tree(tmp_path / "ref", {"a.dat": b"1", "sub/b.dat": b"22"})
+    dst = tmp_path / "dst"
+    db = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    # no configuration file; a cache of the option tables of its own (the first command
+    # derives them from the stages' models: pydantic then, once)
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "CASTLIB_CONFIG": ""}
+    _imports("sync", str(ref), str(dst), db=db, env=env)   # the copy: anything may be imported
+    for args in (("index", str(ref)),
+                 ("diff", str(ref), str(dst)),
+                 ("sync", str(ref), str(dst)),
+                 ("sync", str(ref), str(dst), "--index", "ref")):
+        modules = _imports(*args, db=db, env=env)
+        assert "castlib.catalog.lite" in modules   # the measurement sees castlib's imports
+        heavy = sorted(m for m in modules if m in NOT_IN_A_LEAN_COMMAND
+                       or m.split(".")[0] in NOT_IN_A_LEAN_COMMAND)
+        assert heavy == [], args
 
 
 def _dump(db_file):
