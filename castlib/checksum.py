@@ -1,7 +1,7 @@
 """Streaming checksums: adler32 (the XRootD/EOS/CASTOR/dCache checksum), md5, sha256.
 
-adler32 is computed by zlib-ng's (SIMD: AVX2, AVX-512, NEON; `pip install 'castlib[fast]'`)
-when it is installed, else by the standard zlib's; both give the same values
+adler32 is computed by zlib-ng's (SIMD: AVX2, AVX-512, NEON; a dependency of castlib)
+when it can be imported, else by the standard zlib's; both give the same values
 (tests/test_checksum.py). On a 1 GiB file in page cache (BENCHMARKS.md), zlib-ng hashes it
 2.5-3.5x as fast as zlib (python-isal's adler32 was measured too: between the two).
 """
