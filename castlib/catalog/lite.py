@@ -651,6 +651,12 @@ class LiteIndexWriter:
         if full:
             conn.executemany(self._insert_sql, full)
 
+    def inserted_after(self, last_id: int | None) -> None:
+        """Rows were inserted (by the C accelerator, catalog.accel) with ids above last_id:
+        finish() links those without a parent as it links its own."""
+        if last_id is not None and self._first_new_id is None:
+            self._first_new_id = last_id
+
     def finish(self, vanished: list[int]) -> None:
         """The end of the listing, in one transaction: the `vanished` ids marked deleted,
         parents linked for folders listed after their content, indexed_at set."""

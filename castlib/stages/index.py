@@ -10,7 +10,9 @@ from pydantic import Field
 from ..backends.base import DIR, FILE, LINK
 from ..catalog.index_lock import index_lock
 from ..catalog.paths import from_catalog, to_catalog
-from ..catalog.records import BATCH, utcnow
+from ..catalog.database import driver_errors
+from ..catalog.lite import stamp
+from ..catalog.records import BATCH, WRITES_KEY, IndexedEntry, utcnow
 from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
@@ -96,8 +98,13 @@ class IndexStage(Stage):
             result.unlisted.append(path)
             errors.append(f"{path or '.'}: cannot list: {message}")
 
-        existing = catalog.load_entries(loc_id)
-        known_files = sum(1 for e in existing.values() if e.kind == FILE and not e.deleted)
+        # the C accelerator (catalog.accel) for the common case: it needs no baseline here
+        fast = self._accelerator(backend, catalog, flt)
+        if fast is None:
+            existing = catalog.load_entries(loc_id)
+            known_files = sum(1 for e in existing.values() if e.kind == FILE and not e.deleted)
+        else:
+            existing, known_files = None, catalog.live_count(loc_id)
         algos = [p.checksum] if p.checksum else []
         if p.rehash and not algos:   # recompute the checksums the location has
             algos = _algorithms_held(existing)
@@ -121,6 +128,11 @@ class IndexStage(Stage):
                     f"{known_files} files there: is it mounted? (use --force to accept)")
             raise LocationMissing(f"location {loc.record.url} does not exist or cannot be reached")
         result.root_missing = not root_exists
+        if fast is not None and root_exists and not twins:
+            return self._index_fast(fast, loc, backend, result, counts, errors, on_error,
+                                    lambda: root_error, known_files, forced)
+        if existing is None:
+            existing = catalog.load_entries(loc_id)
 
         now = utcnow()
         writer = catalog.index_writer(loc_id, now)   # holds the new entries until flush
@@ -262,6 +274,10 @@ class IndexStage(Stage):
         counts["deleted"] = len(vanished)
         writer.finish(vanished)
         ctx.listings[loc_id] = result
+        return self._outcome(loc, backend, flt, counts, errors, result, algos)
+
+    def _outcome(self, loc, backend, flt, counts, errors, result, algos) -> StageOutcome:
+        filtering, accepts = flt.active, flt.accepts
         summary = (f"indexed {loc.name or loc.record.url}: {counts['files']} files, "
                    f"{counts['dirs']} folders; {counts['new']} new, {counts['changed']} changed, "
                    f"{counts['deleted']} vanished")
@@ -283,6 +299,73 @@ class IndexStage(Stage):
             summary += (f"; {counts['corrupted_cleared']} found corrupted earlier read back "
                         "as catalogued (mark cleared)")
         return StageOutcome(counts, errors, result, summary, 1 if errors else 0)
+
+    def _accelerator(self, backend, catalog, flt):
+        """The C accelerator (catalog.accel) when this index is the case it does: a local
+        folder into the lean SQLite catalog, without filters, checksums or hard links.
+        Anything else (and twins, a missing root: see _index) is the Python path's."""
+        from ..backends.local import LocalBackend
+
+        p = self.params
+        if (flt.active or p.checksum or p.rehash or self.context.hard_links_wanted
+                or type(backend) is not LocalBackend
+                or getattr(catalog, "_lite", None) is None):
+            return None
+        from ..catalog.accel import accelerator
+
+        return accelerator()
+
+    def _index_fast(self, fast, loc, backend, result, counts, errors, on_error, root_error,
+                    known_files, forced) -> StageOutcome:
+        """The listing and its writes in C (catalog/_accel.c): the same rows as the loop of
+        _index, whose policy this keeps: the errors, specials and temporaries are handed
+        back in listing order and said here, and the live entries the listing did not see
+        come back for the vanish guard, which runs before the last batch is committed and
+        anything is marked vanished."""
+        p: IndexParams = self.params
+        ctx = self.context
+        catalog, loc_id = ctx.catalog, loc.record.id
+        flt = PathFilter([], [])
+        now = utcnow()
+        writer = catalog.index_writer(loc_id, now)
+        temp_key = backend.temp_key
+        progress = ctx.progress(f"index {loc.name or loc.record.url}")
+        db = catalog.sqlite_file
+        with driver_errors(db):
+            indexer = fast.Indexer(db, backend.root, loc_id, stamp(now), BATCH,
+                                   lambda name: is_temp_name(name, temp_key), progress.add_file,
+                                   f"{WRITES_KEY}{loc_id}")
+        try:
+            try:
+                with driver_errors(db):
+                    listing = indexer.run()
+            finally:
+                progress.close()
+            for path, message in listing["errors"]:
+                on_error(path, message)
+            backend.specials_skipped = listing["specials"]
+            result.leftover_temp.extend(listing["temps"])
+            counts.update(listing["counts"])
+            if root_error() is not None:   # nothing was listed: an empty answer proves nothing
+                raise StorageError(f"cannot list location {loc.record.url}: {root_error()}")
+            counts["unreadable"] = len(result.unlisted)
+            listed = counts["files"] + counts["dirs"] + counts["links"]
+            unlisted = [to_catalog(u) for u in result.unlisted]
+            unseen = {path: IndexedEntry(id_, kind, None, None, None, None, False, None, None,
+                                         None) for path, id_, kind in listing["unseen"]}
+            if known_files and not forced:   # before the catalog marks anything vanished
+                _refuse_mass_vanish(loc.record.url, unseen, flt, unlisted, known_files,
+                                    p.max_vanish, listed)
+            with driver_errors(db):
+                indexer.commit()
+        finally:
+            indexer.close()
+        writer.inserted_after(listing["first_new_id"])
+        vanished = [e.id for path, e in unseen.items() if not _below_any(path, unlisted)]
+        counts["deleted"] = len(vanished)
+        writer.finish(vanished)
+        ctx.listings[loc_id] = result
+        return self._outcome(loc, backend, flt, counts, errors, result, [])
 
     def _hash(self, backend, algo, to_hash, workers, counts, errors, progress) -> dict[str, str]:
         """Checksums of the files in to_hash, computed in parallel; failures are reported."""
