@@ -954,7 +954,7 @@ static int Indexer_init(Indexer *x, PyObject *args, PyObject *kw) {
     x->is_temp = is_temp;
     Py_INCREF(progress);
     x->progress = progress;
-    if (sqlite3_open_v2(db_path, &x->db, SQLITE_OPEN_READWRITE, NULL) != SQLITE_OK) {
+    if (sqlite3_open_v2(db_path, &x->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
         PyErr_Format(Error, "cannot open catalog %s: %s", db_path,
                      x->db ? sqlite3_errmsg(x->db) : "out of memory");
         close_db(x);

@@ -47,3 +47,43 @@ def why_not(honour_env: bool = True) -> str | None:
     if honour_env:
         _module = _accel
     return None
+
+
+class AcceleratedIndex:
+    """One index of a local folder by the accelerator, for stages/index.py: run() lists and
+    writes (returning what the stage decides on: counts, errors, specials, temporaries,
+    the live entries not seen, as [(path, id, kind)]), commit() writes the last batch once
+    the vanish guard passed, finish() marks the vanished as LiteIndexWriter.finish does.
+    close() always: an uncommitted batch is rolled back."""
+
+    def __init__(self, module, path: str, writer, location_id: int, root: str, now,
+                 is_temp, progress):
+        from .database import driver_errors
+        from .lite import stamp
+        from .records import BATCH, WRITES_KEY
+
+        self._errors = lambda: driver_errors(path)
+        self._writer = writer
+        self._first_new_id = None
+        with self._errors():
+            self._indexer = module.Indexer(path, root, location_id, stamp(now), BATCH,
+                                           is_temp, progress, f"{WRITES_KEY}{location_id}")
+
+    def run(self) -> dict:
+        with self._errors():
+            listing = self._indexer.run()
+        self._first_new_id = listing.pop("first_new_id")
+        return listing
+
+    def commit(self) -> None:
+        with self._errors():
+            self._indexer.commit()
+
+    def close(self) -> None:
+        self._indexer.close()
+
+    def finish(self, vanished: list[int]) -> None:
+        # rows the C code inserted without their parent (none expected: it lists a folder
+        # before its content) are linked as the writer links its own
+        self._writer.inserted_after(self._first_new_id)
+        self._writer.finish(vanished)

@@ -333,6 +333,25 @@ class Catalog:
             return self._sql.index_writer(location_id, now)
         return LiteIndexWriter(self._lite, location_id, now)
 
+    def index_accelerator(self):
+        """The C accelerator of the index (catalog.accel) when this catalog can take it
+        (an SQLite catalog on the lean path) and it is built and usable, else None."""
+        if self._lite is None:
+            return None
+        from .accel import accelerator
+
+        return accelerator()
+
+    def accelerated_index(self, location_id: int, root: str, now: datetime, is_temp,
+                          progress):
+        """One index of the local folder `root` by the accelerator (index_accelerator()
+        said it can): see catalog.accel.AcceleratedIndex."""
+        from .accel import AcceleratedIndex
+
+        return AcceleratedIndex(self.index_accelerator(), self._lite.path,
+                                self.index_writer(location_id, now), location_id, root, now,
+                                is_temp, progress)
+
     # -- entries after a transfer: the general path, and nothing at all when there is none
     def record_entries(self, location_id: int, rows: list[dict]) -> None:
         if rows:

@@ -10,9 +10,7 @@ from pydantic import Field
 from ..backends.base import DIR, FILE, LINK
 from ..catalog.index_lock import index_lock
 from ..catalog.paths import from_catalog, to_catalog
-from ..catalog.database import driver_errors
-from ..catalog.lite import stamp
-from ..catalog.records import BATCH, WRITES_KEY, IndexedEntry, utcnow
+from ..catalog.records import BATCH, IndexedEntry, utcnow
 from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
@@ -129,7 +127,7 @@ class IndexStage(Stage):
             raise LocationMissing(f"location {loc.record.url} does not exist or cannot be reached")
         result.root_missing = not root_exists
         if fast is not None and root_exists and not twins:
-            return self._index_fast(fast, loc, backend, result, counts, errors, on_error,
+            return self._index_fast(loc, backend, result, counts, errors, on_error,
                                     lambda: root_error, known_files, forced)
         if existing is None:
             existing = catalog.load_entries(loc_id)
@@ -308,14 +306,12 @@ class IndexStage(Stage):
 
         p = self.params
         if (flt.active or p.checksum or p.rehash or self.context.hard_links_wanted
-                or type(backend) is not LocalBackend
-                or getattr(catalog, "_lite", None) is None):
+                or type(backend) is not LocalBackend):
             return None
-        from ..catalog.accel import accelerator
+        accelerator = getattr(catalog, "index_accelerator", None)   # the lean Catalog's
+        return accelerator() if accelerator is not None else None
 
-        return accelerator()
-
-    def _index_fast(self, fast, loc, backend, result, counts, errors, on_error, root_error,
+    def _index_fast(self, loc, backend, result, counts, errors, on_error, root_error,
                     known_files, forced) -> StageOutcome:
         """The listing and its writes in C (catalog/_accel.c): the same rows as the loop of
         _index, whose policy this keeps: the errors, specials and temporaries are handed
@@ -326,19 +322,18 @@ class IndexStage(Stage):
         ctx = self.context
         catalog, loc_id = ctx.catalog, loc.record.id
         flt = PathFilter([], [])
-        now = utcnow()
-        writer = catalog.index_writer(loc_id, now)
         temp_key = backend.temp_key
         progress = ctx.progress(f"index {loc.name or loc.record.url}")
-        db = catalog.sqlite_file
-        with driver_errors(db):
-            indexer = fast.Indexer(db, backend.root, loc_id, stamp(now), BATCH,
-                                   lambda name: is_temp_name(name, temp_key), progress.add_file,
-                                   f"{WRITES_KEY}{loc_id}")
+        try:
+            index = catalog.accelerated_index(loc_id, backend.root, utcnow(),
+                                              lambda name: is_temp_name(name, temp_key),
+                                              progress.add_file)
+        except BaseException:
+            progress.close()
+            raise
         try:
             try:
-                with driver_errors(db):
-                    listing = indexer.run()
+                listing = index.run()
             finally:
                 progress.close()
             for path, message in listing["errors"]:
@@ -356,14 +351,12 @@ class IndexStage(Stage):
             if known_files and not forced:   # before the catalog marks anything vanished
                 _refuse_mass_vanish(loc.record.url, unseen, flt, unlisted, known_files,
                                     p.max_vanish, listed)
-            with driver_errors(db):
-                indexer.commit()
+            index.commit()
         finally:
-            indexer.close()
-        writer.inserted_after(listing["first_new_id"])
+            index.close()
         vanished = [e.id for path, e in unseen.items() if not _below_any(path, unlisted)]
         counts["deleted"] = len(vanished)
-        writer.finish(vanished)
+        index.finish(vanished)
         ctx.listings[loc_id] = result
         return self._outcome(loc, backend, flt, counts, errors, result, [])
 
