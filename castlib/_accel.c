@@ -37,7 +37,7 @@
 #include <unistd.h>
 
 /* Python checks it (catalog/accel.py): a stale build of an older source is not used. */
-#define ACCEL_VERSION 1
+#define ACCEL_VERSION 2
 
 #define TEMP_MARK ".castlib-part-"
 #define QUEUE_LIMIT 65536   /* listed entries waiting for the writer */
@@ -196,6 +196,7 @@ typedef struct {
     int has_rows;
     long long counts_files, counts_dirs, counts_links, counts_bytes, counts_new,
               counts_changed, counts_unchanged;
+    long long known_files;   /* live files the catalog knew that the listing saw */
     PyObject *errors, *specials, *temps, *unseen;   /* lists, filled with the GIL held */
     buf_t errbuf;         /* error list built without the GIL: (rel, errno) records */
     buf_t specbuf;
@@ -781,6 +782,7 @@ static int write_listing(Indexer *x, listing *L, rowset *kids, rowset *one, buf_
         } else {
             id = old->id;
             if (seen_mark(x, id)) goto oom;
+            if (old->kind == K_FILE && !old->deleted) x->known_files++;
             int same_content = old->kind == e->kind && !old->size_null && old->size == e->size
                                && !old->mtime_null && old->mtime_ns == e->mtime_ns;
             if (!same_content || old->deleted || old->mode_null || old->mode != e->mode
@@ -842,6 +844,7 @@ static int collect_unseen(Indexer *x, buf_t *out) {
         size_t len;
         const char *k = col_text(s, 1, &len);
         char kind = k && len ? k[0] : '?';
+        if (kind == K_FILE) x->known_files++;
         const char *p = col_text(s, 2, &len);
         int64_t hdr[2] = {id, kind};
         if (buf_add(out, (const char *)hdr, sizeof hdr)
@@ -1147,13 +1150,14 @@ done:
     PyObject *first = x->have_first ? PyLong_FromLongLong(x->first_new_id) : Py_NewRef(Py_None);
     PyObject *out = NULL;
     if (errors && specials && temps && unseen_list && first)
-        out = Py_BuildValue("{s:{s:L,s:L,s:L,s:L,s:L,s:L,s:L},s:O,s:O,s:O,s:O,s:O}",
+        out = Py_BuildValue("{s:{s:L,s:L,s:L,s:L,s:L,s:L,s:L},s:O,s:O,s:O,s:O,s:O,s:L}",
                             "counts", "files", x->counts_files, "dirs", x->counts_dirs,
                             "links", x->counts_links, "bytes", x->counts_bytes,
                             "new", x->counts_new, "changed", x->counts_changed,
                             "unchanged", x->counts_unchanged,
                             "errors", errors, "specials", specials, "temps", temps,
-                            "unseen", unseen_list, "first_new_id", first);
+                            "unseen", unseen_list, "first_new_id", first,
+                            "known_files", x->known_files);
     Py_XDECREF(errors);
     Py_XDECREF(specials);
     Py_XDECREF(temps);

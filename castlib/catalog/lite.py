@@ -309,6 +309,14 @@ class Catalog:
             return conn.execute("SELECT count(*) FROM entries WHERE location_id = ? AND "
                                 "deleted = 0 AND kind = 'f'", (location_id,)).fetchone()[0]
 
+    def has_live_files(self, location_id: int) -> bool:
+        """live_count() > 0, without counting them all (the accelerated index counts)."""
+        if self._lite is None:
+            return self._sql.live_count(location_id) > 0
+        with self._lite.read() as conn:
+            return conn.execute("SELECT 1 FROM entries WHERE location_id = ? AND deleted = 0 "
+                                "AND kind = 'f' LIMIT 1", (location_id,)).fetchone() is not None
+
     def load_entries(self, location_id: int) -> dict[str, IndexedEntry]:
         """Every entry (deleted ones too) of a location by catalog path: the baseline."""
         if self._lite is None:

@@ -101,8 +101,8 @@ class IndexStage(Stage):
         if fast is None:
             existing = catalog.load_entries(loc_id)
             known_files = sum(1 for e in existing.values() if e.kind == FILE and not e.deleted)
-        else:
-            existing, known_files = None, catalog.live_count(loc_id)
+        else:   # whether there are any now; how many, the listing counts (_index_fast)
+            existing, known_files = None, int(catalog.has_live_files(loc_id))
         algos = [p.checksum] if p.checksum else []
         if p.rehash and not algos:   # recompute the checksums the location has
             algos = _algorithms_held(existing)
@@ -111,6 +111,8 @@ class IndexStage(Stage):
                     f"--rehash: the catalog holds no checksums of {loc.record.url} to "
                     f"recompute; name one with --checksum ({', '.join(ALGORITHMS)})")
         root_exists = backend.root_exists()
+        if existing is None and not root_exists:   # said below: the exact count
+            known_files = catalog.live_count(loc_id)
         if not root_exists:
             _refuse_a_root_that_is_no_folder(backend, loc.record.url)
         forced = p.force or ctx.force
@@ -128,7 +130,7 @@ class IndexStage(Stage):
         result.root_missing = not root_exists
         if fast is not None and root_exists and not twins:
             return self._index_fast(loc, backend, result, counts, errors, on_error,
-                                    lambda: root_error, known_files, forced)
+                                    lambda: root_error, forced)
         if existing is None:
             existing = catalog.load_entries(loc_id)
 
@@ -312,7 +314,7 @@ class IndexStage(Stage):
         return accelerator() if accelerator is not None else None
 
     def _index_fast(self, loc, backend, result, counts, errors, on_error, root_error,
-                    known_files, forced) -> StageOutcome:
+                    forced) -> StageOutcome:
         """The listing and its writes in C (catalog/_accel.c): the same rows as the loop of
         _index, whose policy this keeps: the errors, specials and temporaries are handed
         back in listing order and said here, and the live entries the listing did not see
@@ -348,6 +350,8 @@ class IndexStage(Stage):
             unlisted = [to_catalog(u) for u in result.unlisted]
             unseen = {path: IndexedEntry(id_, kind, None, None, None, None, False, None, None,
                                          None) for path, id_, kind in listing["unseen"]}
+            # the live files the catalog knew: those the listing saw, and those it did not
+            known_files = listing["known_files"]
             if known_files and not forced:   # before the catalog marks anything vanished
                 _refuse_mass_vanish(loc.record.url, unseen, flt, unlisted, known_files,
                                     p.max_vanish, listed)
