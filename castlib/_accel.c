@@ -926,10 +926,10 @@ static int Indexer_init(Indexer *x, PyObject *args, PyObject *kw) {
     static char *names[] = {"db_path", "root", "location_id", "now", "batch", "is_temp",
                             "progress", "token_name", NULL};
     const char *db_path, *now, *token;
-    PyObject *root_obj, *is_temp, *progress;
+    PyObject *db_obj, *root_obj, *is_temp, *progress;
     long long loc_id, batch;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO&LsLOOs", names, &db_path,
-                                     PyUnicode_FSConverter, &root_obj, &loc_id, &now, &batch,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&LsLOOs", names,
+                                     PyUnicode_FSConverter, &db_obj, PyUnicode_FSConverter, &root_obj, &loc_id, &now, &batch,
                                      &is_temp, &progress, &token))
         return -1;
     if (!x->sync_ready) {   /* first: dealloc destroys them whatever fails below */
@@ -938,7 +938,9 @@ static int Indexer_init(Indexer *x, PyObject *args, PyObject *kw) {
         pthread_cond_init(&x->cv_room, NULL);
         x->sync_ready = 1;
     }
+    db_path = PyBytes_AS_STRING(db_obj);   /* as sqlite3.connect() encodes it */
     if (x->db || x->root) {
+        Py_DECREF(db_obj);
         Py_DECREF(root_obj);
         PyErr_SetString(PyExc_RuntimeError, "Indexer initialised twice");
         return -1;
@@ -946,6 +948,8 @@ static int Indexer_init(Indexer *x, PyObject *args, PyObject *kw) {
     x->root_len = (size_t)PyBytes_GET_SIZE(root_obj);
     x->root = malloc(x->root_len + 1);
     x->db_path = strdup(db_path);
+    Py_DECREF(db_obj);
+    db_path = x->db_path;
     if (!x->root || !x->db_path) {
         Py_DECREF(root_obj);
         PyErr_NoMemory();
