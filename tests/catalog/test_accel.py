@@ -31,7 +31,9 @@ pytestmark = pytest.mark.skipif(built is not None, reason=f"no accelerator: {bui
 
 @pytest.fixture
 def fast_runs(monkeypatch):
-    """How many indexes took the C path."""
+    """How many indexes took the C path (whatever CASTLIB_NO_ACCEL the session has: the
+    tests set it where they want the Python path)."""
+    monkeypatch.delenv("CASTLIB_NO_ACCEL", raising=False)
     runs = []
     original = IndexStage._index_fast
 
@@ -54,20 +56,25 @@ def _catalogs(base, key: bytes):
     return dbs
 
 
-def _index_both(dbs, root, monkeypatch=None, **params):
+def _index_both(dbs, root, **params):
     """The same index on both paths; (py outcome, c outcome) as (counts, errors, summary)
     or the refusal's text."""
     out = []
-    for name in ("py", "c"):
-        os.environ["CASTLIB_NO_ACCEL"] = "1" if name == "py" else ""
-        try:
-            r = castlib.index(str(root), db=dbs[name], **params)
-            out.append((r.counts, r.last.errors, r.last.summary,
-                        sorted(r.value.leftover_temp), r.value.unlisted))
-        except SafetyRefusal as exc:
-            out.append(str(exc))
-        finally:
+    saved = os.environ.get("CASTLIB_NO_ACCEL")   # a session run with it set keeps it
+    try:
+        for name in ("py", "c"):
+            os.environ["CASTLIB_NO_ACCEL"] = "1" if name == "py" else ""
+            try:
+                r = castlib.index(str(root), db=dbs[name], **params)
+                out.append((r.counts, r.last.errors, r.last.summary,
+                            sorted(r.value.leftover_temp), r.value.unlisted))
+            except SafetyRefusal as exc:
+                out.append(str(exc))
+    finally:
+        if saved is None:
             os.environ.pop("CASTLIB_NO_ACCEL", None)
+        else:
+            os.environ["CASTLIB_NO_ACCEL"] = saved
     return out
 
 
