@@ -327,7 +327,7 @@ def _apply(root: bytes, change, key):
             tmp = os.fsencode(temp_path(os.fsdecode(path), key))
             with open(tmp, "wb") as f:
                 f.write(b"t")
-    except (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    except OSError:   # exists, not a folder, a path through a link loop...
         pass   # a change the tree as it is cannot take: skipped, for both paths alike
 
 
