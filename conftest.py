@@ -11,3 +11,20 @@ pytest_plugins = [
     "tests.servers.postgres",
     "tests.servers.redis",      # the workers' broker, and castlib worker processes
 ]
+
+
+def pytest_sessionstart(session):
+    """CASTLIB_REQUIRE_ACCEL=1 (scripts/test, hence CI): the index's C accelerator
+    (castlib/_accel.c) must be built and usable, or the suite fails here: without it every
+    index test would pass on the Python path alone and never test the C one."""
+    import os
+
+    if os.environ.get("CASTLIB_REQUIRE_ACCEL", "") not in ("", "0"):
+        from castlib.catalog.accel import why_not
+
+        reason = why_not(honour_env=False)
+        if reason:
+            import pytest
+
+            pytest.exit(f"CASTLIB_REQUIRE_ACCEL=1 but the C accelerator cannot be used: "
+                        f"{reason} (pip install -e . with gcc and libsqlite3-dev)", returncode=3)

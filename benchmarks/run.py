@@ -660,6 +660,28 @@ def sc_catalog_1m(b: Bench) -> Result:
     return r
 
 
+def sc_reindex_1m(b: Bench) -> Result:
+    """The hourly no-op at scale: a re-index of the unchanged 1M-entry tree into a catalog
+    that already holds it. The bound is its peak memory (one folder at a time, not the
+    tree's entries); its time is informational, beside rclone's listing of the same tree."""
+    tree = _million_tree(b)
+    db = fresh_db(b.work, "reindex")
+    b.log("    indexing the tree once (untimed setup)")
+    run_untimed(CASTLIB + ["--db", db, "-q", "index", tree])
+    runs = b.runs(3)
+    castlib = Side("castlib", lambda i: CASTLIB + ["--db", db, "-q", "index", tree])
+    peer = Side("rclone", lambda i: ["rclone", "lsjson", "-R", tree])
+    interleave(castlib, peer, runs, b.work, b.log)
+    limit = 150
+    r = Result("reindex-1m", f"re-index {b.trees['empty-1m'].files:,} unchanged files: peak "
+               "memory", f"peak RSS <= {limit} MB", castlib, peer, runs)
+    r.met = castlib.peak_mb <= limit
+    r.verdict = f"{castlib.peak_mb:.0f} MB"
+    r.note = (f"informational: {castlib.median_s:.2f} s, rclone lsjson -R "
+              f"{peer.median_s:.2f} s")
+    return r
+
+
 def sc_diff_1m(b: Bench) -> Result:
     """Two locations of 1M entries each: the tree and a hard-linked copy of it (cached)."""
     tree = _million_tree(b)
@@ -714,6 +736,7 @@ SCENARIOS = {
     "upload-sftp-big-rclone": sc_upload_sftp_big_rclone,
     "diff-1m": sc_diff_1m,
     "catalog-1m": sc_catalog_1m,
+    "reindex-1m": sc_reindex_1m,
     "startup": sc_startup,
 }
 

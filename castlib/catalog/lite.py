@@ -319,6 +319,14 @@ class Catalog:
             return conn.execute("SELECT count(*) FROM entries WHERE location_id = ? AND "
                                 "deleted = 0 AND kind = 'f'", (location_id,)).fetchone()[0]
 
+    def has_live_files(self, location_id: int) -> bool:
+        """live_count() > 0, without counting them all (the accelerated index counts)."""
+        if self._lite is None:
+            return self._sql.live_count(location_id) > 0
+        with self._lite.read() as conn:
+            return conn.execute("SELECT 1 FROM entries WHERE location_id = ? AND deleted = 0 "
+                                "AND kind = 'f' LIMIT 1", (location_id,)).fetchone() is not None
+
     def load_entries(self, location_id: int) -> dict[str, IndexedEntry]:
         """Every entry (deleted ones too) of a location by catalog path: the baseline."""
         if self._lite is None:
@@ -342,6 +350,25 @@ class Catalog:
         if self._lite is None:
             return self._sql.index_writer(location_id, now)
         return LiteIndexWriter(self._lite, location_id, now)
+
+    def index_accelerator(self):
+        """The C accelerator of the index (catalog.accel) when this catalog can take it
+        (an SQLite catalog on the lean path) and it is built and usable, else None."""
+        if self._lite is None:
+            return None
+        from .accel import accelerator
+
+        return accelerator()
+
+    def accelerated_index(self, location_id: int, root: str, now: datetime, is_temp,
+                          progress):
+        """One index of the local folder `root` by the accelerator (index_accelerator()
+        said it can): see catalog.accel.AcceleratedIndex."""
+        from .accel import AcceleratedIndex
+
+        return AcceleratedIndex(self.index_accelerator(), self._lite.path,
+                                self.index_writer(location_id, now), location_id, root, now,
+                                is_temp, progress)
 
     # -- entries after a transfer: the general path, and nothing at all when there is none
     def record_entries(self, location_id: int, rows: list[dict]) -> None:
@@ -660,6 +687,12 @@ class LiteIndexWriter:
             conn.executemany(self._plain_sql, plain)
         if full:
             conn.executemany(self._insert_sql, full)
+
+    def inserted_after(self, last_id: int | None) -> None:
+        """Rows were inserted (by the C accelerator, catalog.accel) with ids above last_id:
+        finish() links those without a parent as it links its own."""
+        if last_id is not None and self._first_new_id is None:
+            self._first_new_id = last_id
 
     def finish(self, vanished: list[int]) -> None:
         """The end of the listing, in one transaction: the `vanished` ids marked deleted,

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from ..backends.base import DIR, FILE, LINK
 from ..catalog.index_lock import index_lock
 from ..catalog.paths import from_catalog, to_catalog
-from ..catalog.records import BATCH, utcnow
+from ..catalog.records import BATCH, IndexedEntry, utcnow
 from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
@@ -101,8 +101,13 @@ class IndexStage(Stage):
             result.unlisted.append(path)
             errors.append(f"{path or '.'}: cannot list: {message}")
 
-        existing = catalog.load_entries(loc_id)
-        known_files = sum(1 for e in existing.values() if e.kind == FILE and not e.deleted)
+        # the C accelerator (catalog.accel) for the common case: it needs no baseline here
+        fast = self._accelerator(backend, catalog, flt)
+        if fast is None:
+            existing = catalog.load_entries(loc_id)
+            known_files = sum(1 for e in existing.values() if e.kind == FILE and not e.deleted)
+        else:   # whether there are any now; how many, the listing counts (_index_fast)
+            existing, known_files = None, int(catalog.has_live_files(loc_id))
         algos = [p.checksum] if p.checksum else []
         if p.rehash and not algos:   # recompute the checksums the location has
             algos = _algorithms_held(existing)
@@ -111,6 +116,8 @@ class IndexStage(Stage):
                     f"--rehash: the catalog holds no checksums of {loc.record.url} to "
                     f"recompute; name one with --checksum ({', '.join(ALGORITHMS)})")
         root_exists = backend.root_exists()
+        if existing is None and not root_exists:   # said below: the exact count
+            known_files = catalog.live_count(loc_id)
         if not root_exists:
             _refuse_a_root_that_is_no_folder(backend, loc.record.url)
         forced = p.force or ctx.force
@@ -126,6 +133,11 @@ class IndexStage(Stage):
                     f"{known_files} files there: is it mounted? (use --force to accept)")
             raise LocationMissing(f"location {loc.record.url} does not exist or cannot be reached")
         result.root_missing = not root_exists
+        if fast is not None and root_exists and not twins:
+            return self._index_fast(loc, backend, result, counts, errors, on_error,
+                                    lambda: root_error, forced)
+        if existing is None:
+            existing = catalog.load_entries(loc_id)
 
         now = utcnow()
         writer = catalog.index_writer(loc_id, now)   # holds the new entries until flush
@@ -267,6 +279,10 @@ class IndexStage(Stage):
         counts["deleted"] = len(vanished)
         writer.finish(vanished)
         ctx.listings[loc_id] = result
+        return self._outcome(loc, backend, flt, counts, errors, result, algos)
+
+    def _outcome(self, loc, backend, flt, counts, errors, result, algos) -> StageOutcome:
+        filtering, accepts = flt.active, flt.accepts
         summary = (f"indexed {loc.name or loc.record.url}: {counts['files']} files, "
                    f"{counts['dirs']} folders; {counts['new']} new, {counts['changed']} changed, "
                    f"{counts['deleted']} vanished")
@@ -288,6 +304,70 @@ class IndexStage(Stage):
             summary += (f"; {counts['corrupted_cleared']} found corrupted earlier read back "
                         "as catalogued (mark cleared)")
         return StageOutcome(counts, errors, result, summary, 1 if errors else 0)
+
+    def _accelerator(self, backend, catalog, flt):
+        """The C accelerator (catalog.accel) when this index is the case it does: a local
+        folder into the lean SQLite catalog, without filters, checksums or hard links.
+        Anything else (and twins, a missing root: see _index) is the Python path's."""
+        from ..backends.local import LocalBackend
+
+        p = self.params
+        if (flt.active or p.checksum or p.rehash or self.context.hard_links_wanted
+                or type(backend) is not LocalBackend):
+            return None
+        accelerator = getattr(catalog, "index_accelerator", None)   # the lean Catalog's
+        return accelerator() if accelerator is not None else None
+
+    def _index_fast(self, loc, backend, result, counts, errors, on_error, root_error,
+                    forced) -> StageOutcome:
+        """The listing and its writes in C (catalog/_accel.c): the same rows as the loop of
+        _index, whose policy this keeps: the errors, specials and temporaries are handed
+        back in listing order and said here, and the live entries the listing did not see
+        come back for the vanish guard, which runs before the last batch is committed and
+        anything is marked vanished."""
+        p: IndexParams = self.params
+        ctx = self.context
+        catalog, loc_id = ctx.catalog, loc.record.id
+        flt = PathFilter([], [])
+        temp_key = backend.temp_key
+        progress = ctx.progress(f"index {loc.name or loc.record.url}")
+        try:
+            index = catalog.accelerated_index(loc_id, backend.root, utcnow(),
+                                              lambda name: is_temp_name(name, temp_key),
+                                              progress.add_file)
+        except BaseException:
+            progress.close()
+            raise
+        try:
+            try:
+                listing = index.run()
+            finally:
+                progress.close()
+            for path, message in listing["errors"]:
+                on_error(path, message)
+            backend.specials_skipped = listing["specials"]
+            result.leftover_temp.extend(listing["temps"])
+            counts.update(listing["counts"])
+            if root_error() is not None:   # nothing was listed: an empty answer proves nothing
+                raise StorageError(f"cannot list location {loc.record.url}: {root_error()}")
+            counts["unreadable"] = len(result.unlisted)
+            listed = counts["files"] + counts["dirs"] + counts["links"]
+            unlisted = [to_catalog(u) for u in result.unlisted]
+            unseen = {path: IndexedEntry(id_, kind, None, None, None, None, False, None, None,
+                                         None) for path, id_, kind in listing["unseen"]}
+            # the live files the catalog knew: those the listing saw, and those it did not
+            known_files = listing["known_files"]
+            if known_files and not forced:   # before the catalog marks anything vanished
+                _refuse_mass_vanish(loc.record.url, unseen, flt, unlisted, known_files,
+                                    p.max_vanish, listed)
+            index.commit()
+        finally:
+            index.close()
+        vanished = [e.id for path, e in unseen.items() if not _below_any(path, unlisted)]
+        counts["deleted"] = len(vanished)
+        index.finish(vanished)
+        ctx.listings[loc_id] = result
+        return self._outcome(loc, backend, flt, counts, errors, result, [])
 
     def _hash(self, backend, algo, to_hash, workers, counts, errors, progress) -> dict[str, str]:
         """Checksums of the files in to_hash, computed in parallel; failures are reported."""
