@@ -8,6 +8,7 @@ any other asyncssh connection option goes to asyncssh as it is.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import posixpath
@@ -601,13 +602,15 @@ class _SftpFile:
     and no more is asked for: asyncssh splits a read of n bytes into n / (the server's
     largest read) requests, up to 128 in flight, whatever the file holds, so a 4 MiB read
     of a 4 KiB file cost some 256 encrypted requests, and the read that found the end as
-    many again. A file up to PREFETCH bytes comes with the open, in the same call. At the
-    known end, one request looks whether the file grew since, unless `exact`: a file
-    castlib just wrote itself and nobody else touches (the read-back of a temporary file),
-    which is then closed in that same call too.
+    many again. Up to the known size, reads go through a _ReadPipe: requests in file
+    order, kept in flight ahead of the caller while it hashes what it has. A file up to
+    PREFETCH bytes comes with the open, in the same call. At the known end, one request
+    looks whether the file grew since, unless `exact`: a file castlib just wrote itself
+    and nobody else touches (the read-back of a temporary file), which is then closed in
+    that same call too.
 
     Writing, the open waits for the second write or the close: a file of one write goes
-    out as open, write and close in one call."""
+    out as open, write and close in one call. A larger one goes through a _WritePipe."""
 
     PREFETCH = CHUNK_SIZE
 
@@ -623,10 +626,11 @@ class _SftpFile:
         self._exact = exact
         self._buffer = b""           # read: prefetched bytes; write: the first write's
         self._file = None
-        self._in_flight = None       # write: the block being sent (see write)
+        self._pipe = None            # _ReadPipe or _WritePipe
+        self._in_flight = None       # write: the block being handed to the pipe
         self._closed = False
         if "r" in mode:
-            self._file, self._size, self._buffer = backend._on_sftp(
+            self._file, self._size, self._buffer, self._pipe = backend._on_sftp(
                 _sftp_open_sized, backend._client(), self._path, self.PREFETCH, exact)
 
     # -- reading -------------------------------------------------------------------------------
@@ -641,8 +645,16 @@ class _SftpFile:
         known = self._size
         if self._file is None:   # read whole and closed with the open
             return b""
-        if known is None:   # no size to go by: asyncssh's own way
-            want = size
+        if known is not None and self._pos < known and self._pipe is not None:
+            want = known - self._pos if size < 0 else min(size, known - self._pos)
+            data = self._backend._on_sftp(self._pipe.take, want)
+            if not data:   # shorter than it was: read on without a size, as below
+                self._pipe, self._size = None, None
+                return self.read(size)
+            self._pos += len(data)
+            return data
+        if known is None:   # no size to go by: one request at a time
+            want = size if size >= 0 else CHUNK_SIZE
         elif self._pos < known:
             want = known - self._pos if size < 0 else min(size, known - self._pos)
         elif self._exact:
@@ -650,9 +662,7 @@ class _SftpFile:
         else:
             # at the size the file had when opened: one request tells whether it grew
             # since (then it is read on without a known size)
-            want = self._file.read_len or CHUNK_SIZE
-            if size >= 0:
-                want = min(want, size)
+            want = CHUNK_SIZE if size < 0 else min(CHUNK_SIZE, size)
         if want == 0:
             return b""
         data = self._backend._on_sftp(self._file.read, want, self._pos)
@@ -670,19 +680,18 @@ class _SftpFile:
             self._buffer = data   # the open waits: this may be the only write
             return len(data)
         if self._file is None:
-            self._file = self._backend._on_sftp(_sftp_open_write, self._backend._client(),
-                                                self._path, self._mode, self._buffer)
+            self._file, self._pipe = self._backend._on_sftp(
+                _sftp_open_write, self._backend._client(), self._path, self._mode, self._buffer)
             self._buffer = b""
-        self._wait_written()
-        # One write in flight while the caller reads and hashes the next block (asyncssh
-        # has up to 128 requests of it out at once): the next write, or the close, waits
-        # for it and raises its error. Before, each block was read, then sent and waited
-        # for, then the next read: the line idle while the source was read.
-        self._in_flight = asyncio.run_coroutine_threadsafe(self._file.write(data),
+        self._wait_handed()
+        # The pipe takes the block while the caller reads and hashes the next one: the
+        # next write waits only until this one's requests are all sent (not answered),
+        # so the line never idles between blocks; the close waits for every answer.
+        self._in_flight = asyncio.run_coroutine_threadsafe(self._pipe.put(data),
                                                            self._backend.fs.loop)
         return len(data)
 
-    def _wait_written(self) -> None:
+    def _wait_handed(self) -> None:
         fut, self._in_flight = self._in_flight, None
         if fut is None:
             return
@@ -697,9 +706,10 @@ class _SftpFile:
             return
         self._closed = True
         f, self._file = self._file, None
+        pipe, self._pipe = self._pipe, None
         if "r" in self._mode:
             if f is not None:
-                self._backend._on_sftp(f.close)
+                self._backend._on_sftp(_sftp_close_reading, f, pipe)
             return
         data, self._buffer = self._buffer, b""
         if f is None:   # one write or none: open, write and close in one call
@@ -710,24 +720,161 @@ class _SftpFile:
                 self._backend._read_back[self._rel] = back
         else:
             try:
-                self._wait_written()
+                self._wait_handed()
             finally:
-                self._backend._on_sftp(f.close)
+                self._backend._on_sftp(_sftp_close_writing, f, pipe)
 
     def discard(self) -> None:
         """Stop writing (an aborted upload): what was not sent is not."""
         self._buffer = b""
         try:
-            self._wait_written()
+            self._wait_handed()
         except Exception:  # the error that made the caller abort is the one to report
             pass
         if self._file is not None:
-            self.close()
+            try:
+                self.close()
+            except Exception:   # as above: the caller's error is the one to report
+                pass
         self._closed = True
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+# Bytes a pipe keeps in flight (see _ReadPipe, _WritePipe), and requests at most: asyncssh
+# keeps up to 128 requests in flight within one call.
+PIPE_BYTES = 8 * 1024 * 1024
+PIPE_REQUESTS = 128
+
+
+def _pipe_depth(block: int) -> int:
+    return max(1, min(PIPE_REQUESTS, PIPE_BYTES // max(block, 1)))
+
+
+class _ReadPipe:
+    """Read requests for the bytes [offset, end) of an open file, sent in file order and
+    kept in flight ahead of the caller (up to PIPE_BYTES), answered in order. asyncssh's
+    own parallel reads fill one call's bytes and stop, so the line idled while a transfer
+    thread hashed each 4 MiB; and they go out one loop turn late, each with tasks of its
+    own. The file must be opened with block size 0: each read is one request."""
+
+    def __init__(self, f, offset: int, end: int, block: int):
+        self._f = f
+        self._next = offset
+        self._end = end
+        self._block = block
+        self._depth = _pipe_depth(block)
+        self._pending: collections.deque = collections.deque()   # (offset, size, task)
+        self._left = b""   # answered bytes not taken yet
+
+    def _fill(self) -> None:
+        loop = asyncio.get_running_loop()
+        while len(self._pending) < self._depth and self._next < self._end:
+            size = min(self._block, self._end - self._next)
+            self._pending.append((self._next, size,
+                                  loop.create_task(self._f.read(size, self._next))))
+            self._next += size
+
+    async def take(self, want: int) -> bytes:
+        """Up to `want` bytes from where the last take stopped; b"" at the end (or where
+        the file now ends, if it got shorter)."""
+        parts, got = [], 0
+        if self._left:
+            parts.append(self._left[:want])
+            got = len(parts[0])
+            self._left = self._left[got:]
+        self._fill()
+        while got < want and self._pending:
+            offset, size, task = self._pending[0]
+            data = await task
+            self._pending.popleft()
+            if not data:   # the file ends before the size it had
+                self._next = self._end = offset
+                await self.drain()
+                break
+            if len(data) < size:   # a short answer: the rest is asked for first
+                rest = offset + len(data)
+                self._pending.appendleft((rest, size - len(data), asyncio.get_running_loop()
+                                          .create_task(self._f.read(size - len(data), rest))))
+            if got + len(data) > want:
+                self._left = data[want - got:]
+                data = data[:want - got]
+            parts.append(data)
+            got += len(data)
+            self._fill()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def drain(self) -> None:
+        """Wait for the requests still out (before the handle is closed)."""
+        pending, self._pending = self._pending, collections.deque()
+        if pending:
+            await asyncio.gather(*(task for _, _, task in pending), return_exceptions=True)
+
+
+class _WritePipe:
+    """Write requests of one block size, sent in file order with up to PIPE_BYTES in
+    flight, across the caller's blocks: asyncssh's own parallel writes stop at the end
+    of each call's bytes, and two such calls at once interleave their offsets, which
+    `rclone serve sftp` refuses ("Illegal seek": it takes writes in order only). Here the
+    next block's requests go out as the last block's are answered, and always in order.
+    The first error an answer brings is raised by the next put() or by finish(). The
+    file must be opened with block size 0: each write is one request."""
+
+    def __init__(self, f, offset: int, block: int):
+        self._f = f
+        self._offset = offset
+        self._block = block
+        self._room = asyncio.Semaphore(_pipe_depth(block))
+        self._out: set = set()
+        self._error: BaseException | None = None
+
+    def _answered(self, task) -> None:
+        self._out.discard(task)
+        self._room.release()
+        if not task.cancelled() and task.exception() is not None and self._error is None:
+            self._error = task.exception()
+
+    async def put(self, data: bytes) -> None:
+        """Send `data` on from where the last put ended; returns once it is all sent."""
+        if self._error is not None:
+            raise self._error
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        for start in range(0, len(data), self._block):
+            await self._room.acquire()
+            if self._error is not None:
+                self._room.release()
+                raise self._error
+            piece = bytes(view[start:start + self._block])
+            task = loop.create_task(self._f.write(piece, self._offset))
+            self._offset += len(piece)
+            self._out.add(task)
+            task.add_done_callback(self._answered)
+
+    async def finish(self) -> None:
+        """Wait for every answer; the first error, if any."""
+        if self._out:
+            await asyncio.gather(*list(self._out), return_exceptions=True)
+        if self._error is not None:
+            raise self._error
+
+
+async def _sftp_close_reading(f, pipe) -> None:
+    try:
+        if pipe is not None:
+            await pipe.drain()
+    finally:
+        await f.close()
+
+
+async def _sftp_close_writing(f, pipe) -> None:
+    try:
+        if pipe is not None:
+            await pipe.finish()
+    finally:
+        await f.close()
 
 
 # Bytes a read or write request: what the server says (the limits extension), else just
@@ -745,34 +892,38 @@ SFTP_BLOCK_WITHOUT_LIMITS = 32 * 1024 - 512
 SFTP_READ_BLOCK_WITHOUT_LIMITS = 32 * 1024
 
 
-def _sftp_block_size(sftp) -> int:
-    if sftp.limits.max_packet_len:   # advertised (OpenSSH): asyncssh uses it
-        return -1
-    return SFTP_BLOCK_WITHOUT_LIMITS
+def _sftp_limits_told(sftp) -> bool:
+    """Whether the server named its limits (OpenSSH's limits@openssh.com): asyncssh then
+    keeps them in `limits`, else its own safe 16 KiB (and never the packet length)."""
+    told = getattr(getattr(sftp, "_handler", None), "_supports_limits", None)
+    if told is not None:
+        return bool(told)
+    return (sftp.limits.max_read_len, sftp.limits.max_write_len) != (16 * 1024, 16 * 1024)
 
 
 def _sftp_write_limit(sftp) -> int:
     """The most bytes one write request carries here."""
-    if sftp.limits.max_packet_len:
+    if _sftp_limits_told(sftp):
         return sftp.limits.max_write_len
     return SFTP_BLOCK_WITHOUT_LIMITS
 
 
-def _sftp_read_block_size(sftp) -> int:
-    if sftp.limits.max_packet_len:
-        return -1
+def _sftp_read_piece(sftp) -> int:
+    """The most bytes one read request asks for here."""
+    if _sftp_limits_told(sftp):
+        return sftp.limits.max_read_len
     return SFTP_READ_BLOCK_WITHOUT_LIMITS
 
 
 async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
-    """(the open file, its size, its first bytes) in one call. The open and a stat go out
-    together; a file of up to `prefetch` bytes is read at once, and closed as well when
-    `exact` (then no open file is returned). A size that is off (the file changed in
-    between) costs an extra request or two in _SftpFile.read, never a wrong byte."""
+    """(the open file, its size, its first bytes, its _ReadPipe) in one call. The open
+    and a stat go out together; a file of up to `prefetch` bytes is read at once, and
+    closed as well when `exact` (then no open file is returned). A size that is off (the
+    file changed in between) costs an extra request or two in _SftpFile.read, never a
+    wrong byte."""
     import asyncssh
 
-    opened, attrs = await asyncio.gather(sftp.open(path, "rb",
-                                                   block_size=_sftp_read_block_size(sftp)),
+    opened, attrs = await asyncio.gather(sftp.open(path, "rb", block_size=0),
                                          sftp.stat(path), return_exceptions=True)
     if isinstance(opened, BaseException):
         raise opened
@@ -780,30 +931,32 @@ async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
         if not isinstance(attrs, asyncssh.SFTPError):
             await opened.close()
             raise attrs
-        return opened, None, b""   # opened, yet no stat: read without a known size
+        return opened, None, b"", None   # opened, yet no stat: read without a known size
     size = attrs.size
     data = b""
-    if size is not None and 0 < size <= prefetch:
+    pipe = _ReadPipe(opened, 0, size, _sftp_read_piece(sftp)) if size else None
+    if pipe is not None and size <= prefetch:
         try:
-            data = await opened.read(size, 0)
+            data = await pipe.take(size)
         except BaseException:
-            await opened.close()
+            await _sftp_close_reading(opened, pipe)
             raise
     if exact and size is not None and size <= prefetch and len(data) == size:
         await opened.close()
-        return None, size, data
-    return opened, size, data
+        return None, size, data, None
+    return opened, size, data, pipe
 
 
 async def _sftp_open_write(sftp, path: str, mode: str, first: bytes):
-    """Open a file for writing and write its first bytes, in one call."""
-    f = await sftp.open(path, mode, block_size=_sftp_block_size(sftp))
+    """Open a file for writing, and hand its first bytes to a _WritePipe, in one call."""
+    f = await sftp.open(path, mode, block_size=0)
+    pipe = _WritePipe(f, 0, _sftp_write_limit(sftp))
     try:
-        await f.write(first)
+        await pipe.put(first)
     except BaseException:
-        await f.close()
+        await _sftp_close_writing(f, pipe)
         raise
-    return f
+    return f, pipe
 
 
 async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: bool):
@@ -825,21 +978,22 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
     in turn), so the read-back is still of a file opened after the writing handle was
     closed. Before, each of the six waited for the one before: twice the round trips."""
     one_write = len(data) <= _sftp_write_limit(sftp)
-    f = await sftp.open(path, mode, block_size=0 if one_write else _sftp_block_size(sftp))
-    if data and not one_write:   # several requests: asyncssh's parallel writes, then on
-        try:
-            await f.write(data)
-        except BaseException:
-            await f.close()
-            raise
     # block size 0: one request each, sent as the call starts (asyncssh's parallel I/O
     # would send it only a loop turn later, after the close), in the order given
+    f = await sftp.open(path, mode, block_size=0)
+    if data and not one_write:   # several requests: all answered before the close
+        pipe = _WritePipe(f, 0, _sftp_write_limit(sftp))
+        try:
+            await pipe.put(data)
+            await pipe.finish()
+        except BaseException:
+            await _sftp_close_writing(f, pipe)
+            raise
     steps = [f.write(data, 0)] if data and one_write else []
     steps.append(f.close())
     if read_back:
-        one_read = len(data) < (sftp.limits.max_read_len or SFTP_READ_BLOCK_WITHOUT_LIMITS)
-        steps.append(sftp.open(path, "rb",
-                               block_size=0 if one_read else _sftp_read_block_size(sftp)))
+        one_read = len(data) < _sftp_read_piece(sftp)
+        steps.append(sftp.open(path, "rb", block_size=0))
     done = await asyncio.gather(*steps, return_exceptions=True)
     reader = done[-1] if read_back else None
     failed = [r for r in done if isinstance(r, BaseException)]
@@ -855,9 +1009,10 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
         for result in (back, closed):
             if isinstance(result, BaseException):
                 raise result
-    else:
+    else:   # its size, then the byte more
+        pipe = _ReadPipe(reader, 0, len(data) + 1, _sftp_read_piece(sftp))
         try:
-            back = await reader.read(len(data) + 1, 0)
+            back = await pipe.take(len(data) + 1)
         finally:
-            await reader.close()
+            await _sftp_close_reading(reader, pipe)
     return back if len(back) == len(data) else None
