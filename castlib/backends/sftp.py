@@ -789,6 +789,8 @@ class _SftpFile:
             self._wait_handed()
         except Exception:  # the error that made the caller abort is the one to report
             pass
+        if isinstance(self._pipe, _WritePipe):
+            self._pipe.drop_tail()
         if self._file is not None:
             try:
                 self.close()
@@ -887,6 +889,7 @@ class _WritePipe:
         self._room = asyncio.Semaphore(_pipe_depth(block))
         self._out: set = set()
         self._error: BaseException | None = None
+        self._tail = b""   # the last bytes put, short of a whole request
 
     def _answered(self, task) -> None:
         self._out.discard(task)
@@ -895,12 +898,20 @@ class _WritePipe:
             self._error = task.exception()
 
     async def put(self, data: bytes) -> None:
-        """Send `data` on from where the last put ended; returns once it is all sent."""
+        """Send `data` on from where the last put ended; returns once it is sent, but for
+        a last part short of a whole request, which waits for the next put or finish()
+        (a block of 4 MiB is not a multiple of every server's request size)."""
+        if self._tail:
+            data, self._tail = self._tail + data, b""
+        whole = len(data) - len(data) % self._block
+        self._tail = data[whole:]
+        await self._send(memoryview(data)[:whole])
+
+    async def _send(self, view) -> None:
         if self._error is not None:
             raise self._error
         loop = asyncio.get_running_loop()
-        view = memoryview(data)
-        for start in range(0, len(data), self._block):
+        for start in range(0, len(view), self._block):
             await self._room.acquire()
             if self._error is not None:
                 self._room.release()
@@ -911,8 +922,15 @@ class _WritePipe:
             self._out.add(task)
             task.add_done_callback(self._answered)
 
+    def drop_tail(self) -> None:
+        """Forget the bytes not sent yet (an aborted upload)."""
+        self._tail = b""
+
     async def finish(self) -> None:
-        """Wait for every answer; the first error, if any."""
+        """Send what is left, wait for every answer; the first error, if any."""
+        tail, self._tail = self._tail, b""
+        if tail:
+            await self._send(memoryview(tail))
         if self._out:
             await asyncio.gather(*list(self._out), return_exceptions=True)
         if self._error is not None:
