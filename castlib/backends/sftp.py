@@ -903,11 +903,18 @@ class _WritePipe:
         """Send `data` on from where the last put ended; returns once it is sent, but for
         a last part short of a whole request, which waits for the next put or finish()
         (a block of 4 MiB is not a multiple of every server's request size)."""
-        if self._tail:
-            data, self._tail = self._tail + data, b""
-        whole = len(data) - len(data) % self._block
-        self._tail = data[whole:]
-        await self._send(memoryview(data)[:whole])
+        view = memoryview(data)
+        if self._tail:   # completed first (no copy of the whole block to join them)
+            need = self._block - len(self._tail)
+            if len(view) < need:
+                self._tail += bytes(view)
+                return
+            first, self._tail = self._tail + bytes(view[:need]), b""
+            await self._send(memoryview(first))
+            view = view[need:]
+        whole = len(view) - len(view) % self._block
+        self._tail = bytes(view[whole:])
+        await self._send(view[:whole])
 
     async def _send(self, view) -> None:
         if self._error is not None:

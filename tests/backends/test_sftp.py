@@ -342,6 +342,12 @@ def test_sftp_big_file_requests_are_as_large_as_the_server_allows(sftp_server, m
     limit = 255 * 1024
     assert counter.counts[asyncssh.sftp.FXP_WRITE] == -(-len(data) // limit)
     assert counter.counts[asyncssh.sftp.FXP_READ] <= -(-len(data) // limit) + 1
+    # written in parts that are not a multiple of a request, nor each a whole one
+    with b.open_write("parts") as stream:
+        cuts = (0, 100, 100_000, 3 * MIB + 7, len(data))
+        for start, end in zip(cuts, cuts[1:]):
+            stream.write(data[start:end])
+    assert read(b, "parts") == data
     b.close()
 
 
