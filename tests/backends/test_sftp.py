@@ -287,6 +287,92 @@ def test_sftp_small_copy_goes_out_in_few_requests_and_calls(request, kind, tmp_p
     dst.close()
 
 
+@pytest.mark.parametrize("kind", ["sftp", "rclone-sftp"])
+def test_sftp_small_copy_goes_out_in_few_packets_and_sends(request, kind, tmp_path, monkeypatch):
+    """The requests of a small copy that need no answer of the one before go out
+    together: write, close and the read-back's open; the read and its close; the rename
+    and the stat after it. What one turn of the event loop sends goes in one send(), and
+    under AES-GCM no empty MSG_IGNORE precedes each packet. A copy was 18 packets (9
+    requests, each behind an ignore packet) in 18 sends; now 9 packets in at most 5
+    sends (one a round trip). The copy is as verified and as complete as before."""
+    import asyncio.selector_events
+
+    import asyncssh.connection
+
+    server = request.getfixturevalue(kind.replace("-", "_") + "_server")
+    dst = open_backend(server.url, server.options)
+    files = {f"f{i}": os.urandom(3000 + i) for i in range(3)}
+    src = _local_source(tmp_path, files)
+    mtime_ns = 1_600_000_000 * 10**9
+    assert _copy(src, dst, "f0", mtime_ns, 0o640).mtime_set   # learns that set-stat works
+    packets, sends = [], []
+    send_packet = asyncssh.connection.SSHConnection._send
+    monkeypatch.setattr(asyncssh.connection.SSHConnection, "_send",
+                        lambda self, data: packets.append(len(data)) or send_packet(self, data))
+    socket_write = asyncio.selector_events._SelectorSocketTransport.write
+    monkeypatch.setattr(asyncio.selector_events._SelectorSocketTransport, "write",
+                        lambda self, data: sends.append(len(data)) or socket_write(self, data))
+    for name in ("f1", "f2"):
+        packets.clear()
+        sends.clear()
+        result = _copy(src, dst, name, mtime_ns, 0o604)
+        assert dst.stat(name).size == len(files[name])   # answered by the rename's call
+        assert result.mtime_set and result.size == len(files[name])
+        assert len(packets) <= 10, packets
+        assert len(sends) <= 5, sends
+    for name, data in files.items():
+        assert (_server_folder(server) / name).read_bytes() == data
+    assert sorted(os.listdir(_server_folder(server))) == sorted(files)
+    dst.close()
+
+
+def test_sftp_big_file_requests_are_as_large_as_the_server_allows(sftp_server, monkeypatch):
+    """OpenSSH names its limits (limits@openssh.com: 255 KiB a read or write): a big
+    file goes in requests of that size, and is read back in them, over several of the
+    caller's blocks with requests kept in flight across them. Requests of just under
+    32 KiB, as for a server that names no limit, were 8 times as many."""
+    import asyncssh.sftp
+
+    b = open_backend(sftp_server.url, sftp_server.options)
+    data = os.urandom(9 * MIB + 5)
+    b.stat("")
+    counter = _RequestCounter(monkeypatch)
+    write(b, "big", data)
+    assert read(b, "big") == data
+    limit = 255 * 1024
+    assert counter.counts[asyncssh.sftp.FXP_WRITE] == -(-len(data) // limit)
+    assert counter.counts[asyncssh.sftp.FXP_READ] <= -(-len(data) // limit) + 1
+    # written in parts that are not a multiple of a request, nor each a whole one
+    with b.open_write("parts") as stream:
+        cuts = (0, 100, 100_000, 3 * MIB + 7, len(data))
+        for start, end in zip(cuts, cuts[1:]):
+            stream.write(data[start:end])
+    assert read(b, "parts") == data
+    b.close()
+
+
+def test_sftp_asyncssh_debug_log_still_logs_when_enabled(sftp_server, caplog):
+    """asyncssh's debug messages are formatted only when logged (see
+    _tune_asyncssh_logging): with its debug level and the logger at DEBUG they are all
+    still there, packets included."""
+    import logging
+
+    import asyncssh
+
+    asyncssh.set_debug_level(3)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncssh"):
+            b = open_backend(sftp_server.url, sftp_server.options)
+            write(b, "f", b"x" * 100)
+            assert read(b, "f") == b"x" * 100
+            b.close()
+    finally:
+        asyncssh.set_debug_level(1)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("asyncssh")]
+    assert any("Sending write for 100 bytes" in m for m in messages), messages[:20]
+    assert any(" Sent MSG_CHANNEL_DATA" in m for m in messages), messages[:20]
+
+
 @pytest.mark.parametrize("size", [5000, 5 * MIB + 3])
 @pytest.mark.parametrize("kind", ["sftp", "rclone-sftp"])
 def test_sftp_copy_stored_wrong_is_caught_and_not_published(request, kind, size, tmp_path,
