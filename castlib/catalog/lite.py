@@ -27,9 +27,10 @@ from ..hosts import local_hostname
 from ..location import LocationURL, parse_location, scrub_secrets
 from .database import (HEAD_REVISION, _refuse_empty, _upgrade_lock, default_db_url,
                        driver_errors, normalise_db_url)
-from .records import (WRITES_KEY, BATCH, fill_checksums, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, Difference, IndexedEntry,
-                      LocationRecord, Side, _aware, _classify, _process_alive, _username,
-                      heartbeat_limit_s, utcnow)
+from .index_lock import index_lock
+from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, WRITES_KEY, Difference,
+                      IndexedEntry, LocationRecord, Side, _aware, _classify, _process_alive,
+                      _username, fill_checksums, heartbeat_limit_s, utcnow)
 
 CHUNK = 500   # values in one IN (...) list
 _GENERAL_MADE = threading.Lock()
@@ -371,22 +372,70 @@ class Catalog:
                                 is_temp, progress)
 
     # -- entries after a transfer: the general path, and nothing at all when there is none
+    # -- entries after a transfer (as catalog.Catalog's, whose docstrings say what each does)
     def record_entries(self, location_id: int, rows: list[dict]) -> None:
-        if rows:
-            self._sql.record_entries(location_id, rows)
+        if not rows:
+            return
+        if self._lite is None:
+            return self._sql.record_entries(location_id, rows)
+        now = utcnow()
+        writer = LiteIndexWriter(self._lite, location_id, now)
+        with index_lock(self, location_id), self._lite.write() as conn:
+            existing = _ids_of(conn, location_id, [r["path"] for r in rows])
+            changed = []
+            for r in rows:
+                old_id = existing.get(r["path"])
+                if old_id is not None:
+                    full = {"adler32": None, "md5": None, "sha256": None, **r}
+                    del full["path"], full["name"]
+                    # what a sync wrote was verified: no longer corrupted
+                    full.update(b_id=old_id, deleted=False, corrupted=False, last_seen=now)
+                    changed.append(full)
+                else:
+                    parent = r["path"].rpartition("/")[0]
+                    writer._inserts.append([r["path"], parent, r["name"], r["kind"], r["size"],
+                                            r["mtime_ns"], r["mode"], r.get("adler32"),
+                                            r.get("md5"), r.get("sha256"), r["link_target"],
+                                            None])
+            if writer._inserts:
+                writer._insert(conn, writer._inserts)
+                _link_parents(conn, location_id, writer._first_new_id)
+            _update_entries(conn, changed)
+            _entries_written(conn, location_id)
 
     def forget_entries(self, location_id: int, paths: list[str]) -> None:
-        if paths:
-            self._sql.forget_entries(location_id, paths)
+        if not paths:
+            return
+        if self._lite is None:
+            return self._sql.forget_entries(location_id, paths)
+        now = stamp(utcnow())
+        with index_lock(self, location_id), self._lite.write() as conn:
+            for i in range(0, len(paths), CHUNK):
+                part = paths[i:i + CHUNK]
+                conn.execute(f"UPDATE entries SET deleted = 1, last_seen = ? WHERE location_id "
+                             f"= ? AND path IN ({', '.join('?' * len(part))})",
+                             (now, location_id, *part))
+            _entries_written(conn, location_id)
 
     def record_checksums(self, location_id: int, algo: str, values) -> None:
         values = list(values)
-        if values:
-            self._sql.record_checksums(location_id, algo, values)
+        if not values:
+            return
+        if self._lite is None or algo not in CHECKSUM_COLUMNS:
+            return self._sql.record_checksums(location_id, algo, values)
+        with self._lite.write() as conn:
+            conn.executemany(f"UPDATE entries SET {algo} = ? WHERE location_id = "
+                             f"{int(location_id)} AND path = ?", [(v, p) for p, v in values])
 
     def set_metadata(self, location_id: int, rows) -> None:
-        if rows:
-            self._sql.set_metadata(location_id, rows)
+        if not rows:
+            return
+        if self._lite is None:
+            return self._sql.set_metadata(location_id, rows)
+        with self._lite.write() as conn:
+            conn.executemany("UPDATE entries SET mtime_ns = coalesce(?, mtime_ns), mode = "
+                             f"coalesce(?, mode) WHERE location_id = {int(location_id)} AND "
+                             "path = ?", [(m, md, p) for p, m, md in rows])
 
     def lookup(self, location_id: int, paths: Iterable[str],
                algorithm: str = "adler32") -> dict[str, Side]:
@@ -705,15 +754,31 @@ class LiteIndexWriter:
                              f"({', '.join('?' * len(part))})", (now, *part))
             if vanished:
                 _entries_written(conn, loc_id)
-            if self._first_new_id is not None:   # a folder listed after its content, if any
-                conn.execute(
-                    "UPDATE entries SET parent_id = (SELECT p.id FROM entries AS p WHERE "
-                    "p.location_id = entries.location_id AND p.path = substr(entries.path, 1, "
-                    "length(entries.path) - length(entries.name) - 1)) WHERE "
-                    "entries.location_id = ? AND entries.parent_id IS NULL AND "
-                    "length(entries.path) > length(entries.name) AND entries.id > ?",
-                    (loc_id, self._first_new_id))
+            _link_parents(conn, loc_id, self._first_new_id)
             conn.execute("UPDATE locations SET indexed_at = ? WHERE id = ?", (now, loc_id))
+
+
+def _link_parents(conn, location_id: int, after_id: int | None) -> None:
+    """As Catalog.link_parents: the parent of each entry inserted after `after_id` that has
+    none yet (a folder written after its content), found by its path."""
+    if after_id is not None:
+        conn.execute(
+            "UPDATE entries SET parent_id = (SELECT p.id FROM entries AS p WHERE "
+            "p.location_id = entries.location_id AND p.path = substr(entries.path, 1, "
+            "length(entries.path) - length(entries.name) - 1)) WHERE "
+            "entries.location_id = ? AND entries.parent_id IS NULL AND "
+            "length(entries.path) > length(entries.name) AND entries.id > ?",
+            (location_id, after_id))
+
+
+def _ids_of(conn, location_id: int, paths: list[str]) -> dict[str, int]:
+    """The ids of those of `paths` the location has, by path."""
+    out: dict[str, int] = {}
+    for i in range(0, len(paths), CHUNK):
+        part = paths[i:i + CHUNK]
+        out.update(conn.execute(f"SELECT path, id FROM entries WHERE location_id = ? AND path "
+                                f"IN ({', '.join('?' * len(part))})", (location_id, *part)))
+    return out
 
 
 def _entries_written(conn, location_id: int) -> None:
