@@ -550,6 +550,20 @@ class SqlCatalog:
                     yield Difference(row[0], "extra", None,
                                      Side(*row[1:-1], corrupted=bool(row[-1])))
 
+    def compare(self, ref_id: int, dst_id: int, *, algorithm: str = "adler32",
+                mtime_tolerance_ns: int | None = 0, kinds: Iterable[str] = DIFFERENCE_KINDS,
+                prefix: str = "", drift_kinds: Iterable[str] = (),
+                drift_tolerance_ns: int = 0) -> tuple[list[Difference], list[Difference]]:
+        """What diff() yields and what mtime_drift(kinds=drift_kinds, tolerance_ns=
+        drift_tolerance_ns) yields for the same two locations, at once: what a diff stage
+        asks. The lean SQLite path (catalog.lite) and PostgreSQL do it in one pass."""
+        differences = list(self.diff(ref_id, dst_id, algorithm=algorithm,
+                                     mtime_tolerance_ns=mtime_tolerance_ns, kinds=kinds,
+                                     prefix=prefix))
+        drift = list(self.mtime_drift(ref_id, dst_id, kinds=drift_kinds, algorithm=algorithm,
+                                      tolerance_ns=drift_tolerance_ns, prefix=prefix))
+        return differences, drift
+
     def mtime_drift(self, ref_id: int, dst_id: int, *, kinds: Iterable[str] = ("d", "l"),
                     algorithm: str = "adler32", tolerance_ns: int = 0,
                     prefix: str = "") -> Iterator[Difference]:
