@@ -2,6 +2,7 @@
 import itertools
 from datetime import datetime, timezone
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from castlib.catalog import DIFFERENCE_KINDS, Catalog
@@ -163,11 +164,17 @@ def test_compare_is_the_diff_and_the_mtime_drift_at_once(db_url, tmp_path_factor
         assert [d.path for d in drifted] == drift_model(ref, dst, dtol, drift)
 
 
-def test_compare_of_large_locations(db_url, tmp_path_factory):
+@pytest.mark.parametrize("few", [50_000, 10])
+def test_compare_of_large_locations(db_url, tmp_path_factory, monkeypatch, few):
     """Locations large enough for the lean path to read the reference in table order (and
     PostgreSQL to join by hash or merge), with every kind of difference, deleted rows on
-    both sides, extras and drift, give what the general diff and mtime_drift give."""
+    both sides, extras and drift, give what the general diff and mtime_drift give; the
+    lean path's extras found by looking up a few paths, or (more than `few`) by a join."""
     import random
+
+    from castlib.catalog import lite
+
+    monkeypatch.setattr(lite, "_FEW", few)
 
     rnd = random.Random(12)
     ref, dst = {}, {}
