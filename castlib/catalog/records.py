@@ -127,6 +127,15 @@ def _classify(ref: Side, dst: Side | None, tol: int | None, kinds: set[str]) -> 
     return None
 
 
+def _drifted(ref: Side, dst: Side, kinds, tol: int) -> bool:
+    """Whether two live entries at one path are what mtime_drift reports: a folder or link
+    (of `kinds`) alike on both sides but for an mtime more than `tol` apart."""
+    return (ref.kind == dst.kind and ref.kind in kinds
+            and (ref.link_target or "") == (dst.link_target or "")
+            and ref.mtime_ns is not None and dst.mtime_ns is not None
+            and abs(ref.mtime_ns - dst.mtime_ns) > tol)
+
+
 def _process_alive(pid: int | None) -> bool:
     if not pid:
         return False

@@ -92,14 +92,13 @@ class DiffStage(Stage):
         caps = dst_backend.capabilities
         perms = p.perms and caps.permissions   # a mode the destination cannot keep is noise
         result = DiffResult(ref, dst, p.checksum, tolerance, perms=perms)
-        result.differences = list(ctx.catalog.diff(
-            ref.record.id, dst.record.id, algorithm=p.checksum,
-            mtime_tolerance_ns=tolerance, kinds=[k for k in p.kinds if k != "mode" or perms]))
         settable = [k for k, can in ((DIR, caps.dir_mtimes), (LINK, caps.link_mtimes)) if can]
-        if settable and "mtime" in p.kinds:
-            result.mtimes_to_set = list(ctx.catalog.mtime_drift(
-                ref.record.id, dst.record.id, kinds=settable, algorithm=p.checksum,
-                tolerance_ns=tolerance or 0))
+        # the differences and the mtimes to set, in one pass over the two locations
+        result.differences, result.mtimes_to_set = ctx.catalog.compare(
+            ref.record.id, dst.record.id, algorithm=p.checksum,
+            mtime_tolerance_ns=tolerance, kinds=[k for k in p.kinds if k != "mode" or perms],
+            drift_kinds=settable if "mtime" in p.kinds else (),
+            drift_tolerance_ns=tolerance or 0)
         flt = result.filter = self._filter(ref)
         if flt.active:   # left out of the comparison: neither copied nor deleted (rsync's --exclude)
             result.differences = [d for d in result.differences
