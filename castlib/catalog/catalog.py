@@ -19,7 +19,7 @@ from .index_lock import index_lock
 from .paths import parent_of, subtree_range, to_catalog
 from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, INSERT_COLUMNS,  # noqa: F401
                       Difference, IndexedEntry, LocationRecord, Side, _classify, _drifted,
-                      _process_alive, _username, utcnow)
+                      _process_alive, _username, pair_conditions, utcnow)
 from .records import COUNTS_KEY, WRITES_KEY, _aware, fill_checksums, heartbeat_limit_s
 from .schema import Entry, Location, Run, Setting, StageResult, StorageNode
 
@@ -596,29 +596,7 @@ class SqlCatalog:
         live = lambda loc: (f"(SELECT {columns} FROM entries WHERE location_id = %({loc})s "  # noqa: E731
                             f"AND NOT deleted{within} ORDER BY path)")
         rc, dc = f"r.{algorithm}", f"d.{algorithm}"
-        conds = []
-        if "type" in kinds:
-            conds.append("r.kind != d.kind")
-        in_files = []
-        if "size" in kinds:
-            in_files.append("r.size != d.size")
-        if "checksum" in kinds:   # NULL on either side: no difference (nor a true condition)
-            in_files.append(f"{rc} != {dc}")
-        if "corrupted" in kinds:
-            in_files.append("r.corrupted OR d.corrupted")
-        if "mtime" in kinds and tolerance is not None:
-            in_files.append("abs(r.mtime_ns - d.mtime_ns) > %(tol)s")
-        if in_files:
-            conds.append(f"r.kind = 'f' AND d.kind = 'f' AND ({' OR '.join(in_files)})")
-        if "type" in kinds:   # a link pointing elsewhere is a different kind of thing
-            conds.append("r.kind = 'l' AND d.kind = 'l' AND "
-                         "coalesce(r.link_target, '') != coalesce(d.link_target, '')")
-        if "mode" in kinds:   # NULL (a side that does not know) compares as no difference
-            conds.append("r.kind = d.kind AND r.kind != 'l' AND r.mode != d.mode")
-        if drift:   # as mtime_drift
-            conds.append(f"r.kind IN ({', '.join(repr(k) for k in drift)}) AND d.kind = r.kind "
-                         "AND coalesce(r.link_target, '') = coalesce(d.link_target, '') "
-                         "AND abs(r.mtime_ns - d.mtime_ns) > %(dtol)s")
+        conds = pair_conditions(kinds, algorithm, tolerance, drift, bind=lambda n: f"%({n})s")
         wanted = []
         if "extra" in kinds:
             wanted.append("r.path IS NULL")

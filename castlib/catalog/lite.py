@@ -30,7 +30,8 @@ from .database import (HEAD_REVISION, _refuse_empty, _upgrade_lock, default_db_u
 from .index_lock import index_lock
 from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, WRITES_KEY, Difference,
                       IndexedEntry, LocationRecord, Side, _aware, _classify, _drifted,
-                      _process_alive, _username, fill_checksums, heartbeat_limit_s, utcnow)
+                      _process_alive, _username, fill_checksums, heartbeat_limit_s,
+                      pair_conditions, utcnow)
 
 CHUNK = 500   # values in one IN (...) list
 _FEW = 50_000   # paths looked up one IN list at a time rather than found by a join
@@ -738,31 +739,9 @@ def _difference_conditions(kinds: set[str], algorithm: str, tolerance: int | Non
     than the conditions one by one at 1M rows). Empty when no row can be one. Python
     classifies what it selects (records._classify, _drifted)."""
     rc, dc = f"r.{algorithm}", f"d.{algorithm}"
-    conds = []
-    if missing or "missing" in kinds:
-        conds.append("d.id IS NULL")
-    if "type" in kinds:
-        conds.append("r.kind != d.kind")
-    in_files = []
-    if "size" in kinds:
-        in_files.append("r.size != d.size")
-    if "checksum" in kinds:   # NULL on either side: no difference (nor a true condition)
-        in_files.append(f"{rc} != {dc}")
-    if "corrupted" in kinds:
-        in_files.append("r.corrupted = 1 OR d.corrupted = 1")
-    if "mtime" in kinds and tolerance is not None:
-        in_files.append("abs(r.mtime_ns - d.mtime_ns) > :tol")
-    if in_files:
-        conds.append(f"r.kind = 'f' AND d.kind = 'f' AND ({' OR '.join(in_files)})")
-    if "type" in kinds:   # a link pointing elsewhere is a different kind of thing
-        conds.append("r.kind = 'l' AND d.kind = 'l' AND "
-                     "coalesce(r.link_target, '') != coalesce(d.link_target, '')")
-    if "mode" in kinds:   # NULL (a side that does not know) compares as no difference
-        conds.append("r.kind = d.kind AND r.kind != 'l' AND r.mode != d.mode")
-    if drift:   # as mtime_drift
-        conds.append(f"r.kind IN ({', '.join(repr(k) for k in drift)}) AND d.kind = r.kind "
-                     "AND coalesce(r.link_target, '') = coalesce(d.link_target, '') "
-                     "AND abs(r.mtime_ns - d.mtime_ns) > :dtol")
+    conds = ["d.id IS NULL"] if missing or "missing" in kinds else []
+    conds += pair_conditions(kinds, algorithm, tolerance, drift, bind=lambda n: f":{n}",
+                             truth=lambda column: f"{column} = 1")
     if not conds:
         return ""
     alike = (f"r.kind = d.kind AND r.size IS d.size AND r.mtime_ns IS d.mtime_ns AND "

@@ -187,3 +187,38 @@ def fill_checksums(inserts: list[list], checksums: dict[str, dict[str, str]],
                     row[at] = values.pop(row[path_at])
         rest[algo] = values
     return rest
+
+
+def pair_conditions(kinds: set[str], algorithm: str, tolerance: int | None, drift: list[str],
+                    *, bind, truth=lambda column: column) -> list[str]:
+    """The SQL conditions on a reference row (r) paired with the destination's row at its
+    path (d) under which the pair is a difference of `kinds` (type, size, checksum,
+    corrupted, mtime, mode) or, for the kinds in `drift` ("d", "l"), a folder or link
+    whose mtime moved: what _classify and _drifted then decide in Python, written once
+    for both catalogs' compare(). `bind(name)` spells a parameter (tol, dtol) in the
+    driver's style; `truth(column)` a boolean column's truth."""
+    rc, dc = f"r.{algorithm}", f"d.{algorithm}"
+    conds = []
+    if "type" in kinds:
+        conds.append("r.kind != d.kind")
+    in_files = []
+    if "size" in kinds:
+        in_files.append("r.size != d.size")
+    if "checksum" in kinds:   # NULL on either side: no difference (nor a true condition)
+        in_files.append(f"{rc} != {dc}")
+    if "corrupted" in kinds:
+        in_files.append(f"{truth('r.corrupted')} OR {truth('d.corrupted')}")
+    if "mtime" in kinds and tolerance is not None:
+        in_files.append(f"abs(r.mtime_ns - d.mtime_ns) > {bind('tol')}")
+    if in_files:
+        conds.append(f"r.kind = 'f' AND d.kind = 'f' AND ({' OR '.join(in_files)})")
+    if "type" in kinds:   # a link pointing elsewhere is a different kind of thing
+        conds.append("r.kind = 'l' AND d.kind = 'l' AND "
+                     "coalesce(r.link_target, '') != coalesce(d.link_target, '')")
+    if "mode" in kinds:   # NULL (a side that does not know) compares as no difference
+        conds.append("r.kind = d.kind AND r.kind != 'l' AND r.mode != d.mode")
+    if drift:   # as mtime_drift
+        conds.append(f"r.kind IN ({', '.join(repr(k) for k in drift)}) AND d.kind = r.kind "
+                     "AND coalesce(r.link_target, '') = coalesce(d.link_target, '') "
+                     f"AND abs(r.mtime_ns - d.mtime_ns) > {bind('dtol')}")
+    return conds
