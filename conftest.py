@@ -28,3 +28,14 @@ def pytest_sessionstart(session):
 
             pytest.exit(f"CASTLIB_REQUIRE_ACCEL=1 but the C accelerator cannot be used: "
                         f"{reason} (pip install -e . with gcc and libsqlite3-dev)", returncode=3)
+
+
+def pytest_configure(config):
+    """The suite tests what Ctrl-C does. A shell script that starts it in the background
+    (`scripts/test &`, `nohup`) hands it SIGINT ignored, and every castlib it starts would
+    inherit that (castlib keeps an ignored SIGINT ignored, as a nohup'ed command must):
+    the Ctrl-C tests would then fail for how they were launched. The default is restored."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
