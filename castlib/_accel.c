@@ -186,6 +186,12 @@ typedef struct {
     size_t queued;
     int walk_done, abort, sync_ready;
     int walk_failed;      /* out of memory in the walker */
+    char walk_fail_at[256];   /* the folder it was listing then */
+    /* the walker's stack of folders still to list: the Indexer's, freed only after the
+     * walker is joined, since queued listings point at these nodes (their entries'
+     * `child`) and the writer fills them in */
+    dirnode **stack;
+    size_t depth, stack_cap;
     /* the writer's state */
     PyThreadState *ts;
     sqlite3_int64 last_id, first_new_id;
@@ -393,34 +399,36 @@ oom:
     return -1;
 }
 
+/* Nothing is freed here, on any path: a node on the stack may be the `child` of an entry
+ * of a listing still queued (the writer fills in its cpath and id), so the stack is freed
+ * by Indexer_run once the walker is joined and the queue drained. */
 static void *walker_main(void *arg) {
     Indexer *x = arg;
-    dirnode **stack = NULL;
-    size_t depth = 0, cap = 0;
     dirnode *root = dirnode_new(x->root, x->root_len);
-    if (!root) goto fail;
+    if (!root) {
+        snprintf(x->walk_fail_at, sizeof x->walk_fail_at, "%.200s", x->root);
+        goto fail;
+    }
     root->is_root = 1;
-    stack = malloc(256 * sizeof *stack);
-    if (!stack) { dirnode_free(root); goto fail; }
-    cap = 256;
-    stack[depth++] = root;
-    while (depth && !x->abort) {
-        dirnode *d = stack[--depth];
-        if (walk_one(x, d, &stack, &depth, &cap)) {
-            dirnode_free(d);
+    x->stack = malloc(256 * sizeof *x->stack);
+    if (!x->stack) { dirnode_free(root); goto fail; }
+    x->stack_cap = 256;
+    x->stack[x->depth++] = root;
+    while (x->depth && !x->abort) {
+        dirnode *d = x->stack[--x->depth];
+        if (walk_one(x, d, &x->stack, &x->depth, &x->stack_cap)) {
+            /* back on the stack (its slot is free): its parent's listing may be queued */
+            x->stack[x->depth++] = d;
+            snprintf(x->walk_fail_at, sizeof x->walk_fail_at, "%.200s", d->abs);
             goto fail;
         }
     }
-    while (depth) dirnode_free(stack[--depth]);   /* aborted */
-    free(stack);
     pthread_mutex_lock(&x->mu);
     x->walk_done = 1;
     pthread_cond_signal(&x->cv_items);
     pthread_mutex_unlock(&x->mu);
     return NULL;
 fail:
-    while (depth) dirnode_free(stack[--depth]);
-    free(stack);
     pthread_mutex_lock(&x->mu);
     x->walk_failed = 1;
     x->walk_done = 1;
@@ -429,9 +437,27 @@ fail:
     return NULL;
 }
 
+/* the listings queued, dropped (their folders' nodes; the subfolders stay the stack's) */
+static void drain_locked(Indexer *x) {
+    while (x->head) {
+        listing *L = x->head;
+        x->head = L->next;
+        x->queued -= L->n + 1;
+        dirnode_free(L->dir);
+        listing_free(L, 0);
+    }
+    x->tail = NULL;
+    pthread_cond_broadcast(&x->cv_room);
+}
+
 static listing *dequeue(Indexer *x) {
     pthread_mutex_lock(&x->mu);
     while (!x->head && !x->walk_done) pthread_cond_wait(&x->cv_items, &x->mu);
+    if (x->walk_failed) {   /* the walk is incomplete: nothing more is written */
+        drain_locked(x);
+        pthread_mutex_unlock(&x->mu);
+        return NULL;
+    }
     listing *L = x->head;
     if (L) {
         x->head = L->next;
@@ -1112,7 +1138,8 @@ static PyObject *Indexer_run(Indexer *x, PyObject *unused) {
         if (r) goto done;
     }
     if (x->walk_failed) {
-        set_fail(x, "out of memory while listing");
+        snprintf(x->message, sizeof x->message, "out of memory while listing %.400s",
+                 x->walk_fail_at);
         goto done;
     }
     if (report_progress(x)) goto done;
@@ -1129,7 +1156,14 @@ done:
             listing_free(L, 0);
         }
         pthread_join(walker, NULL);
+        pthread_mutex_lock(&x->mu);
+        drain_locked(x);
+        pthread_mutex_unlock(&x->mu);
     }
+    while (x->depth) dirnode_free(x->stack[--x->depth]);   /* an aborted or failed walk */
+    free(x->stack);
+    x->stack = NULL;
+    x->stack_cap = 0;
     rowset_free(&kids);
     rowset_free(&one);
     buf_free(&cpath);
