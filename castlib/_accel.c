@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Python checks it (catalog/accel.py): a stale build of an older source is not used. */
@@ -42,6 +43,10 @@
 #define TEMP_MARK ".castlib-part-"
 #define QUEUE_LIMIT 65536   /* listed entries waiting for the writer */
 #define PROGRESS_EVERY 4096
+/* The longest the writer holds SQLite's write lock, in ms: every other writer of the
+ * catalog (another index, a sync's records, `runs cancel`, this process's heartbeat
+ * thread) waits for it, and fails after busy_timeout. */
+#define TXN_MAX_MS 1000
 
 /* -- growable byte buffers ----------------------------------------------------------- */
 typedef struct {
@@ -176,6 +181,7 @@ typedef struct {
     PyObject *is_temp;    /* name (str) -> bool */
     PyObject *progress;   /* n (int) -> None */
     int ran, in_txn;
+    long long txn_began_ms;   /* monotonic clock, when in_txn was set */
     /* statements */
     sqlite3_stmt *s_children, *s_root_children, *s_lookup, *s_insert, *s_update,
                  *s_update_content, *s_maxid, *s_token, *s_scan, *s_has_rows, *s_span;
@@ -450,9 +456,25 @@ static void drain_locked(Indexer *x) {
     pthread_cond_broadcast(&x->cv_room);
 }
 
-static listing *dequeue(Indexer *x) {
+static int write_commit(Indexer *x);
+
+/* The next listing, NULL at the end of the walk, when it failed (walk_failed) or when a
+ * commit failed (x->message). `writer`: the writer's own call, which commits its open
+ * batch before it would wait for the walker, so that a slow (cold, network) tree never
+ * keeps the write lock while nothing is written; the last batch, still open when the
+ * walk ends, is committed by commit() only, after the caller's vanish guard. */
+static listing *dequeue(Indexer *x, int writer) {
     pthread_mutex_lock(&x->mu);
-    while (!x->head && !x->walk_done) pthread_cond_wait(&x->cv_items, &x->mu);
+    while (!x->head && !x->walk_done) {
+        if (writer && x->in_txn) {
+            pthread_mutex_unlock(&x->mu);
+            if (write_commit(x)) return NULL;
+            x->pending = 0;
+            pthread_mutex_lock(&x->mu);
+            continue;
+        }
+        pthread_cond_wait(&x->cv_items, &x->mu);
+    }
     if (x->walk_failed) {   /* the walk is incomplete: nothing more is written */
         drain_locked(x);
         pthread_mutex_unlock(&x->mu);
@@ -510,10 +532,17 @@ static int seen_has(Indexer *x, sqlite3_int64 id) {
 
 /* A batch's transaction, begun at its first write (a listing that changes nothing takes
  * no write lock at all) */
+static long long now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 static int write_begin(Indexer *x) {
     if (x->in_txn) return 0;
     if (exec_sql(x, "BEGIN IMMEDIATE")) return -1;
     x->in_txn = 1;
+    x->txn_began_ms = now_ms();
     int rc = sqlite3_step(x->s_maxid);
     x->last_id = rc == SQLITE_ROW ? sqlite3_column_int64(x->s_maxid, 0) : 0;
     return step_done(x, x->s_maxid, rc, "max(id)");
@@ -837,7 +866,9 @@ static int write_listing(Indexer *x, listing *L, rowset *kids, rowset *one, buf_
             e->child->id = id;
         }
         if (++x->unreported >= PROGRESS_EVERY && report_progress(x)) return -1;
-        if (++x->pending >= x->batch) {
+        /* a batch is full, or the write lock has been held long enough */
+        if (++x->pending >= x->batch
+            || (!(x->pending & 255) && x->in_txn && now_ms() - x->txn_began_ms >= TXN_MAX_MS)) {
             if (write_commit(x)) return -1;
             x->pending = 0;
         }
@@ -1131,12 +1162,13 @@ static PyObject *Indexer_run(Indexer *x, PyObject *unused) {
     }
     started = 1;
     listing *L;
-    while ((L = dequeue(x))) {
+    while ((L = dequeue(x, 1))) {
         int r = write_listing(x, L, &kids, &one, &cpath, &ctarget, &rel);
         dirnode_free(L->dir);
         listing_free(L, 0);   /* its subfolders are the walker's (stack or listings) */
         if (r) goto done;
     }
+    if (x->message[0]) goto done;   /* a commit in dequeue failed */
     if (x->walk_failed) {
         snprintf(x->message, sizeof x->message, "out of memory while listing %.400s",
                  x->walk_fail_at);
@@ -1151,7 +1183,7 @@ done:
         x->abort = 1;
         pthread_cond_broadcast(&x->cv_room);
         pthread_mutex_unlock(&x->mu);
-        while ((L = dequeue(x))) {   /* drain what the walker still hands over */
+        while ((L = dequeue(x, 0))) {   /* drain what the walker still hands over */
             dirnode_free(L->dir);
             listing_free(L, 0);
         }

@@ -353,3 +353,77 @@ def test_random_trees_and_changes_give_the_same_catalog(tmp_path_factory, steps)
         py, c = _index_both(dbs, root, force=True)
         assert py == c
         _same(base)
+
+
+def _location_id(db_file, root) -> int:
+    import sqlite3
+    with sqlite3.connect(db_file) as con:
+        ids = [i for (i,) in con.execute("SELECT id FROM locations")]
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+def test_the_write_lock_is_not_held_past_a_second(tmp_path, fast_runs):
+    """Every other writer of the catalog (another index, a sync's records, `runs cancel`,
+    this process's heartbeat) waits for the index's write lock, and fails after its busy
+    timeout: the accelerator commits a batch held a second, whatever its size. Here the
+    first 4000 entries of the walk change (one transaction: the batch is 20000), the
+    progress callback at 4096 starts a writer with a 3 s timeout and sleeps past the
+    second; the rest of the walk writes nothing (no new transaction), so the writer gets the lock only if the
+    index committed on its own (before, it held it until commit())."""
+    import sqlite3
+    import threading
+    import time
+    from datetime import datetime
+
+    from castlib import _accel
+    from castlib.catalog.lite import stamp
+    from castlib.catalog.records import BATCH, WRITES_KEY
+
+    dbs = _catalogs(tmp_path, os.urandom(32))
+    root = tmp_path / "t"
+    root.mkdir()
+    for i in range(6000):
+        (root / f"f{i:05d}").write_bytes(b"x")
+    castlib.index(str(root), db=dbs["c"])
+    db_file = str(tmp_path / "c.sqlite")
+    loc_id = _location_id(db_file, root)
+    for name in os.listdir(root)[:4000]:   # readdir order: the walk's
+        os.utime(root / name, ns=(10**18, 10**18))
+    outcome = []
+
+    def other_writer():
+        try:
+            # BEGIN IMMEDIATE: waits for the lock (a deferred one would fail on its
+            # stale snapshot once it gets it)
+            con = sqlite3.connect(db_file, timeout=3, isolation_level=None)
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("INSERT INTO settings (name, value) VALUES ('probe', 'x') "
+                            "ON CONFLICT (name) DO UPDATE SET value = 'y'")
+                con.execute("COMMIT")
+            finally:
+                con.close()
+            outcome.append("written")
+        except sqlite3.OperationalError as exc:
+            outcome.append(str(exc))
+
+    other = threading.Thread(target=other_writer)
+    calls = []
+
+    def progress(n):
+        calls.append(n)
+        if len(calls) == 1:
+            other.start()
+            time.sleep(1.3)
+
+    indexer = _accel.Indexer(db_file, str(root), loc_id, stamp(datetime.utcnow()), BATCH,
+                             lambda name: False, progress, f"{WRITES_KEY}{loc_id}")
+    try:
+        listing = indexer.run()
+        other.join()
+        indexer.commit()
+    finally:
+        indexer.close()
+    assert calls[0] == 4096 and listing["counts"]["changed"] == 4000
+    assert outcome == ["written"]
