@@ -141,7 +141,13 @@ typedef struct dirnode {
     char *cpath;          /* its catalog path ("" for the root); set by the writer */
     sqlite3_int64 id;     /* its catalog row (0: none); set by the writer */
     int is_root;
+    dev_t dev;            /* as the parent's listing saw it (fstatat): the folder opened */
+    ino_t ino;            /* by its path must be that one (see walk_one) */
 } dirnode;
+
+/* an error record's code for a folder that was replaced between its parent's listing and
+ * its own (another folder, or a link in its path): not listed, reported unreadable */
+#define ERR_REPLACED (-1)
 
 enum { K_FILE = 'f', K_DIR = 'd', K_LINK = 'l', K_SPECIAL = 's', K_ERROR = 'e' };
 
@@ -303,6 +309,18 @@ static int walk_one(Indexer *x, dirnode *d, dirnode ***stack, size_t *depth, siz
         fd = open(d->abs, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     else   /* below it a link is an entry, never followed, even one put there mid-walk */
         fd = open(d->abs, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd >= 0 && !d->is_root) {
+        /* O_NOFOLLOW covers the last component only: a parent folder swapped for a link
+         * mid-walk would have this path lead elsewhere (out of the tree). The folder
+         * opened must be the one its parent listed. */
+        struct stat st;
+        if (fstat(fd, &st) || st.st_dev != d->dev || st.st_ino != d->ino) {
+            L->open_errno = ERR_REPLACED;
+            close(fd);
+            enqueue(x, L);
+            return 0;
+        }
+    }
     DIR *dp = fd < 0 ? NULL : fdopendir(fd);
     if (!dp) {
         L->open_errno = errno;
@@ -355,6 +373,8 @@ static int walk_one(Indexer *x, dirnode *d, dirnode ***stack, size_t *depth, siz
                 goto oom;
             dirnode *c = dirnode_new(path.s, path.n);
             if (!c) goto oom;
+            c->dev = st.st_dev;
+            c->ino = st.st_ino;
             e->child = c;
             if (*depth == *cap) {
                 size_t ncap = *cap ? *cap * 2 : 256;
@@ -1101,7 +1121,10 @@ static PyObject *records_to_list(buf_t *b, int with_errno, int pairs) {
             item = PyTuple_Pack(2, path, rel);
             Py_DECREF(path);
         } else if (with_errno) {
-            PyObject *msg = PyUnicode_DecodeLocale(strerror(hdr[0]), "surrogateescape");
+            PyObject *msg = hdr[0] == ERR_REPLACED
+                ? PyUnicode_FromString("replaced while the index ran (a link or another "
+                                       "folder in its path now): not listed")
+                : PyUnicode_DecodeLocale(strerror(hdr[0]), "surrogateescape");
             if (!msg) { Py_DECREF(rel); goto fail; }
             item = PyTuple_Pack(2, rel, msg);
             Py_DECREF(msg);
