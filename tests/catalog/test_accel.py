@@ -427,3 +427,60 @@ def test_the_write_lock_is_not_held_past_a_second(tmp_path, fast_runs):
         indexer.close()
     assert calls[0] == 4096 and listing["counts"]["changed"] == 4000
     assert outcome == ["written"]
+
+
+def test_a_folder_swapped_for_a_link_mid_walk_is_not_followed(tmp_path, fast_runs):
+    """O_NOFOLLOW covers a path's last component only: a parent folder replaced by a link
+    once listed must not lead the walk out of the tree. Made deterministic with the
+    bounded queue between the threads (65536 entries): the root holds, in its readdir
+    order (the walk's), two folders of 66000 files and `z` with z/q/r.dat. The walker
+    lists both big ones and z, then waits for room; while the writer is in the first big
+    one (its progress callback), z is swapped for a link to a tree whose q holds
+    secret.dat. q, opened after that, is reported unreadable, and nothing of the outside
+    tree is written."""
+    import sqlite3
+    import time
+    from datetime import datetime
+
+    from castlib import _accel
+    from castlib.catalog.lite import stamp
+    from castlib.catalog.records import BATCH, WRITES_KEY
+
+    dbs = _catalogs(tmp_path, os.urandom(32))
+    root = tmp_path / "t"
+    root.mkdir()
+    for name in ("d0", "d1", "d2"):
+        (root / name).mkdir()
+    big1, big2, z = os.listdir(root)
+    make_tree(root / z, {"q/r.dat": b"r"})
+    make_tree(tmp_path / "outside", {"q/secret.dat": b"s"})
+    castlib.index(str(root), db=dbs["c"])
+    db_file = str(tmp_path / "c.sqlite")
+    loc_id = _location_id(db_file, root)
+    for big in (big1, big2):
+        for i in range(66000):
+            os.close(os.open(root / big / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    calls = []
+
+    def progress(n):
+        calls.append(n)
+        if len(calls) == 1:
+            time.sleep(0.5)   # the walker lists z and waits for room in the queue
+            os.rename(root / z, tmp_path / "z-was")
+            os.symlink(tmp_path / "outside", root / z)
+
+    indexer = _accel.Indexer(db_file, str(root), loc_id, stamp(datetime.utcnow()), BATCH,
+                             lambda name: False, progress, f"{WRITES_KEY}{loc_id}")
+    try:
+        listing = indexer.run()
+        indexer.commit()
+    finally:
+        indexer.close()
+    assert calls[0] == 4096
+    assert [(path, message.split(" (")[0]) for path, message in listing["errors"]] == [
+        (f"{z}/q", "replaced while the index ran")]
+    with sqlite3.connect(db_file) as con:
+        paths = [p for (p,) in con.execute("SELECT path FROM entries WHERE path LIKE ?",
+                                           (f"{z}/%",))]
+    assert paths == [f"{z}/q", f"{z}/q/r.dat"]
+    assert [p for p, _id, _kind in listing["unseen"]] == [f"{z}/q/r.dat"]
