@@ -477,6 +477,20 @@ static void drain_locked(Indexer *x) {
 }
 
 static int write_commit(Indexer *x);
+static int report_progress(Indexer *x);
+
+/* How often the writer waiting for the walker looks for Ctrl-C, SIGTERM or a cancel
+ * (the progress callback may raise), as it does every PROGRESS_EVERY entries otherwise */
+#define WAIT_CHECK_MS 150
+
+static int check_interrupt(Indexer *x) {
+    if (x->unreported) return report_progress(x);   /* it checks the signals too */
+    PyEval_RestoreThread(x->ts);
+    int r = PyErr_CheckSignals();
+    if (r) x->failed_py = 1;
+    x->ts = PyEval_SaveThread();
+    return r;
+}
 
 /* The next listing, NULL at the end of the walk, when it failed (walk_failed) or when a
  * commit failed (x->message). `writer`: the writer's own call, which commits its open
@@ -493,7 +507,22 @@ static listing *dequeue(Indexer *x, int writer) {
             pthread_mutex_lock(&x->mu);
             continue;
         }
-        pthread_cond_wait(&x->cv_items, &x->mu);
+        if (!writer) {
+            pthread_cond_wait(&x->cv_items, &x->mu);
+            continue;
+        }
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);   /* the condition's clock */
+        t.tv_nsec += WAIT_CHECK_MS * 1000000L;
+        if (t.tv_nsec >= 1000000000L) {
+            t.tv_sec++;
+            t.tv_nsec -= 1000000000L;
+        }
+        if (pthread_cond_timedwait(&x->cv_items, &x->mu, &t) == ETIMEDOUT) {
+            pthread_mutex_unlock(&x->mu);
+            if (check_interrupt(x)) return NULL;   /* run() rolls back, joins the walker */
+            pthread_mutex_lock(&x->mu);
+        }
     }
     if (x->walk_failed) {   /* the walk is incomplete: nothing more is written */
         drain_locked(x);
@@ -1191,7 +1220,7 @@ static PyObject *Indexer_run(Indexer *x, PyObject *unused) {
         listing_free(L, 0);   /* its subfolders are the walker's (stack or listings) */
         if (r) goto done;
     }
-    if (x->message[0]) goto done;   /* a commit in dequeue failed */
+    if (x->message[0] || x->failed_py) goto done;   /* a commit in dequeue failed, Ctrl-C */
     if (x->walk_failed) {
         snprintf(x->message, sizeof x->message, "out of memory while listing %.400s",
                  x->walk_fail_at);
