@@ -30,6 +30,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1208,7 +1209,15 @@ static PyObject *Indexer_run(Indexer *x, PyObject *unused) {
     int rc = sqlite3_step(x->s_has_rows);
     x->has_rows = rc == SQLITE_ROW;
     if (step_done(x, x->s_has_rows, rc, "read entries")) goto done;
-    if (pthread_create(&walker, NULL, walker_main, x)) {
+    /* the walker runs with every signal blocked (it inherits the mask): a signal taken
+     * there would interrupt its open/fstatat/getdents (EINTR, a folder reported
+     * unreadable) and is the calling thread's business (Ctrl-C, SIGTERM) anyway */
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    int create_rc = pthread_create(&walker, NULL, walker_main, x);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    if (create_rc) {
         set_fail(x, "cannot start the walker thread");
         goto done;
     }
