@@ -560,11 +560,13 @@ static int exec_sql(Indexer *x, const char *sql) {
     return 0;
 }
 
+/* -1: out of memory, -2: an id no bitmap holds (negative, or too big to index one) */
 static int seen_mark(Indexer *x, sqlite3_int64 id) {
+    if (id < 0 || (uint64_t)id >> 3 >= SIZE_MAX / 2) return -2;
     size_t byte = (size_t)(id >> 3);
     if (byte >= x->seen_bytes) {
         size_t n = x->seen_bytes ? x->seen_bytes : 4096;
-        while (n <= byte) n *= 2;
+        while (n <= byte) n *= 2;   /* byte < SIZE_MAX / 2: no overflow */
         uint8_t *s = realloc(x->seen, n);
         if (!s) return -1;
         memset(s + x->seen_bytes, 0, n - x->seen_bytes);
@@ -575,7 +577,18 @@ static int seen_mark(Indexer *x, sqlite3_int64 id) {
     return 0;
 }
 
+static int seen_mark_or_fail(Indexer *x, sqlite3_int64 id) {
+    int r = seen_mark(x, id);
+    if (r == -2 && !x->message[0])
+        snprintf(x->message, sizeof x->message, "catalog entry id %lld is out of range "
+                 "(negative or too large): the accelerator cannot index this catalog",
+                 (long long)id);
+    else if (r) set_fail(x, "out of memory");
+    return r ? -1 : 0;
+}
+
 static int seen_has(Indexer *x, sqlite3_int64 id) {
+    if (id < 0) return 0;
     size_t byte = (size_t)(id >> 3);
     return byte < x->seen_bytes && (x->seen[byte] >> (id & 7)) & 1;
 }
@@ -883,10 +896,10 @@ static int write_listing(Indexer *x, listing *L, rowset *kids, rowset *one, buf_
             bind_text_or_null(s, 9, target, target_len);
             if (step_done(x, s, sqlite3_step(s), "insert entry")) return -1;
             x->wrote = 1;
-            if (x->has_rows && seen_mark(x, id)) goto oom;
+            if (x->has_rows && seen_mark_or_fail(x, id)) return -1;
         } else {
             id = old->id;
-            if (seen_mark(x, id)) goto oom;
+            if (seen_mark_or_fail(x, id)) return -1;
             if (old->kind == K_FILE && !old->deleted) x->known_files++;
             int same_content = old->kind == e->kind && !old->size_null && old->size == e->size
                                && !old->mtime_null && old->mtime_ns == e->mtime_ns;

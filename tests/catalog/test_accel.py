@@ -484,3 +484,29 @@ def test_a_folder_swapped_for_a_link_mid_walk_is_not_followed(tmp_path, fast_run
                                            (f"{z}/%",))]
     assert paths == [f"{z}/q", f"{z}/q/r.dat"]
     assert [p for p, _id, _kind in listing["unseen"]] == [f"{z}/q/r.dat"]
+
+
+def test_a_negative_entry_id_is_an_error_not_a_hang(tmp_path, fast_runs):
+    """The bitmap of the ids seen doubled its size until it held the id: a negative one
+    (a catalog written by hand, or by another tool) looped forever, the GIL released."""
+    import sqlite3
+    from datetime import datetime
+
+    from castlib import _accel
+    from castlib.catalog.lite import stamp
+    from castlib.catalog.records import BATCH, WRITES_KEY
+
+    dbs = _catalogs(tmp_path, os.urandom(32))
+    root = make_tree(tmp_path / "t", {"a.dat": b"a", "b.dat": b"b"})
+    castlib.index(str(root), db=dbs["c"])
+    db_file = str(tmp_path / "c.sqlite")
+    loc_id = _location_id(db_file, root)
+    with sqlite3.connect(db_file) as con:
+        con.execute("UPDATE entries SET id = -5 WHERE path = 'a.dat'")
+    indexer = _accel.Indexer(db_file, str(root), loc_id, stamp(datetime.utcnow()), BATCH,
+                             lambda name: False, None, f"{WRITES_KEY}{loc_id}")
+    try:
+        with pytest.raises(_accel.Error, match="catalog entry id -5 is out of range"):
+            indexer.run()
+    finally:
+        indexer.close()
