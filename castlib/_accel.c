@@ -39,7 +39,7 @@
 #include <unistd.h>
 
 /* Python checks it (catalog/accel.py): a stale build of an older source is not used. */
-#define ACCEL_VERSION 2
+#define ACCEL_VERSION 3
 
 #define TEMP_MARK ".castlib-part-"
 #define QUEUE_LIMIT 65536   /* listed entries waiting for the writer */
@@ -197,7 +197,9 @@ typedef struct {
     pthread_cond_t cv_items, cv_room;
     listing *head, *tail;
     size_t queued;
-    int walk_done, abort, sync_ready;
+    int walk_done, sync_ready;
+    int abort;            /* set by the writer, read by the walker unlocked: ABORTED() */
+    int running;          /* run() or commit() uses the connection (GIL released) */
     int walk_failed;      /* out of memory in the walker */
     char walk_fail_at[256];   /* the folder it was listing then */
     /* the walker's stack of folders still to list: the Indexer's, freed only after the
@@ -224,6 +226,8 @@ typedef struct {
     int errcode;          /* its SQLite error code (0: none) */
     int failed_py;        /* a Python exception is set (callback) */
 } Indexer;
+
+#define ABORTED(x) __atomic_load_n(&(x)->abort, __ATOMIC_ACQUIRE)
 
 static void set_fail(Indexer *x, const char *what) {
     if (!x->message[0]) {
@@ -282,7 +286,7 @@ static entry_t *listing_add(listing *L, const char *name, size_t len) {
 
 static void enqueue(Indexer *x, listing *L) {
     pthread_mutex_lock(&x->mu);
-    while (x->queued > QUEUE_LIMIT && !x->abort) pthread_cond_wait(&x->cv_room, &x->mu);
+    while (x->queued > QUEUE_LIMIT && !ABORTED(x)) pthread_cond_wait(&x->cv_room, &x->mu);
     if (x->tail) x->tail->next = L;
     else x->head = L;
     x->tail = L;
@@ -333,7 +337,7 @@ static int walk_one(Indexer *x, dirnode *d, dirnode ***stack, size_t *depth, siz
     int sep = d->abs_len && d->abs[d->abs_len - 1] != '/';
     buf_t path = {0};
     for (;;) {
-        if (x->abort) break;
+        if (ABORTED(x)) break;
         errno = 0;
         struct dirent *de = readdir(dp);
         if (!de) {
@@ -441,7 +445,7 @@ static void *walker_main(void *arg) {
     if (!x->stack) { dirnode_free(root); goto fail; }
     x->stack_cap = 256;
     x->stack[x->depth++] = root;
-    while (x->depth && !x->abort) {
+    while (x->depth && !ABORTED(x)) {
         dirnode *d = x->stack[--x->depth];
         if (walk_one(x, d, &x->stack, &x->depth, &x->stack_cap)) {
             /* back on the stack (its slot is free): its parent's listing may be queued */
@@ -1210,8 +1214,10 @@ static PyObject *unseen_to_list(buf_t *b) {
  * first_new_id). The last batch is left uncommitted: commit() or rollback(). */
 static PyObject *Indexer_run(Indexer *x, PyObject *unused) {
     if (!x->db) return PyErr_Format(Error, "the indexer is closed");
+    if (x->running) return PyErr_Format(Error, "the indexer is running (in another thread)");
     if (x->ran) return PyErr_Format(Error, "an indexer runs once");
     x->ran = 1;
+    x->running = 1;   /* the connection is SQLITE_OPEN_NOMUTEX: no close() meanwhile */
     buf_t unseen = {0};
     pthread_t walker;
     int started = 0, ok = -1;
@@ -1254,7 +1260,7 @@ static PyObject *Indexer_run(Indexer *x, PyObject *unused) {
 done:
     if (started) {
         pthread_mutex_lock(&x->mu);
-        x->abort = 1;
+        __atomic_store_n(&x->abort, 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&x->cv_room);
         pthread_mutex_unlock(&x->mu);
         while ((L = dequeue(x, 0))) {   /* drain what the walker still hands over */
@@ -1277,6 +1283,7 @@ done:
     buf_free(&rel);
     PyEval_RestoreThread(x->ts);
     x->ts = NULL;
+    x->running = 0;
     if (ok) {
         buf_free(&unseen);
         if (x->in_txn) {
@@ -1312,15 +1319,20 @@ done:
 
 static PyObject *Indexer_commit(Indexer *x, PyObject *unused) {
     if (!x->db) return PyErr_Format(Error, "the indexer is closed");
+    if (x->running) return PyErr_Format(Error, "the indexer is running (in another thread)");
     int r;
+    x->running = 1;
     Py_BEGIN_ALLOW_THREADS
     r = write_commit(x);
     Py_END_ALLOW_THREADS
+    x->running = 0;
     if (r) return raise_error(x);
     Py_RETURN_NONE;
 }
 
 static PyObject *Indexer_close(Indexer *x, PyObject *unused) {
+    /* another thread's run() or commit() uses the connection, without SQLite's mutex */
+    if (x->running) return PyErr_Format(Error, "the indexer is running (in another thread)");
     close_db(x);   /* an uncommitted last batch is rolled back */
     Py_RETURN_NONE;
 }

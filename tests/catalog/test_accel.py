@@ -510,3 +510,39 @@ def test_a_negative_entry_id_is_an_error_not_a_hang(tmp_path, fast_runs):
             indexer.run()
     finally:
         indexer.close()
+
+
+def test_close_and_commit_are_refused_while_the_indexer_runs(tmp_path, fast_runs):
+    """The connection is opened without SQLite's mutex (one thread uses it at a time): a
+    close() or commit() from another thread while run() writes, GIL released, is refused
+    (here from the progress callback, which run() calls while it runs)."""
+    from datetime import datetime
+
+    from castlib import _accel
+    from castlib.catalog.lite import stamp
+    from castlib.catalog.records import BATCH, WRITES_KEY
+
+    dbs = _catalogs(tmp_path, os.urandom(32))
+    root = make_tree(tmp_path / "t", {"a.dat": b"a"})
+    castlib.index(str(root), db=dbs["c"])
+    db_file = str(tmp_path / "c.sqlite")
+    loc_id = _location_id(db_file, root)
+    (root / "b.dat").write_bytes(b"b")
+    refused = []
+
+    def progress(n):
+        for call in ("close", "commit"):
+            try:
+                getattr(indexer, call)()
+            except _accel.Error as exc:
+                refused.append(str(exc))
+
+    indexer = _accel.Indexer(db_file, str(root), loc_id, stamp(datetime.utcnow()), BATCH,
+                             lambda name: False, progress, f"{WRITES_KEY}{loc_id}")
+    try:
+        listing = indexer.run()
+        indexer.commit()
+    finally:
+        indexer.close()
+    assert refused == ["the indexer is running (in another thread)"] * 2
+    assert listing["counts"]["new"] == 1
