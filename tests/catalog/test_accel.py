@@ -437,7 +437,7 @@ def test_a_folder_swapped_for_a_link_mid_walk_is_not_followed(tmp_path, fast_run
     lists both big ones and z, then waits for room; while the writer is in the first big
     one (its progress callback), z is swapped for a link to a tree whose q holds
     secret.dat. q, opened after that, is reported unreadable, and nothing of the outside
-    tree is written."""
+    tree is written. The walker, alive then, is checked to block the signals."""
     import sqlite3
     import time
     from datetime import datetime
@@ -461,6 +461,8 @@ def test_a_folder_swapped_for_a_link_mid_walk_is_not_followed(tmp_path, fast_run
         for i in range(66000):
             os.close(os.open(root / big / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
     calls = []
+    before = set(os.listdir("/proc/self/task"))
+    masked = []
 
     def progress(n):
         calls.append(n)
@@ -468,6 +470,12 @@ def test_a_folder_swapped_for_a_link_mid_walk_is_not_followed(tmp_path, fast_run
             time.sleep(0.5)   # the walker lists z and waits for room in the queue
             os.rename(root / z, tmp_path / "z-was")
             os.symlink(tmp_path / "outside", root / z)
+            # the walker (the one new thread) blocks SIGINT and SIGTERM: a signal taken
+            # there would interrupt its system calls (EINTR: a folder said unreadable)
+            for tid in set(os.listdir("/proc/self/task")) - before:
+                with open(f"/proc/self/task/{tid}/status") as f:
+                    blk = [int(line.split()[1], 16) for line in f if line.startswith("SigBlk:")]
+                masked.append(all(blk[0] >> (sig - 1) & 1 for sig in (2, 15)))
 
     indexer = _accel.Indexer(db_file, str(root), loc_id, stamp(datetime.utcnow()), BATCH,
                              lambda name: False, progress, f"{WRITES_KEY}{loc_id}")
@@ -476,7 +484,7 @@ def test_a_folder_swapped_for_a_link_mid_walk_is_not_followed(tmp_path, fast_run
         indexer.commit()
     finally:
         indexer.close()
-    assert calls[0] == 4096
+    assert calls[0] == 4096 and masked == [True]
     assert [(path, message.split(" (")[0]) for path, message in listing["errors"]] == [
         (f"{z}/q", "replaced while the index ran")]
     with sqlite3.connect(db_file) as con:
