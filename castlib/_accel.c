@@ -497,21 +497,15 @@ static int check_interrupt(Indexer *x) {
     return r;
 }
 
-/* The next listing, NULL at the end of the walk, when it failed (walk_failed) or when a
- * commit failed (x->message). `writer`: the writer's own call, which commits its open
- * batch before it would wait for the walker, so that a slow (cold, network) tree never
- * keeps the write lock while nothing is written; the last batch, still open when the
- * walk ends, is committed by commit() only, after the caller's vanish guard. */
+/* The next listing, NULL at the end of the walk, when it failed (walk_failed), when a
+ * commit failed (x->message) or on Ctrl-C (failed_py). `writer`: the writer's own call,
+ * which waits WAIT_CHECK_MS at a time, and after each such wait commits its open batch
+ * (a slow, cold or network, tree never keeps the write lock while nothing is written)
+ * and looks for signals; the last batch, still open when the walk ends, is committed by
+ * commit() only, after the caller's vanish guard. */
 static listing *dequeue(Indexer *x, int writer) {
     pthread_mutex_lock(&x->mu);
     while (!x->head && !x->walk_done) {
-        if (writer && x->in_txn) {
-            pthread_mutex_unlock(&x->mu);
-            if (write_commit(x)) return NULL;
-            x->pending = 0;
-            pthread_mutex_lock(&x->mu);
-            continue;
-        }
         if (!writer) {
             pthread_cond_wait(&x->cv_items, &x->mu);
             continue;
@@ -525,6 +519,14 @@ static listing *dequeue(Indexer *x, int writer) {
         }
         if (pthread_cond_timedwait(&x->cv_items, &x->mu, &t) == ETIMEDOUT) {
             pthread_mutex_unlock(&x->mu);
+            /* the walker is slow (cold, network tree): the batch so far is committed
+             * rather than the write lock held while nothing is written. Not before a
+             * wait: the writer catching up with a walker about to finish must leave the
+             * last batch open, for commit() after the vanish guard. */
+            if (x->in_txn) {
+                if (write_commit(x)) return NULL;
+                x->pending = 0;
+            }
             if (check_interrupt(x)) return NULL;   /* run() rolls back, joins the walker */
             pthread_mutex_lock(&x->mu);
         }
