@@ -30,18 +30,24 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Python checks it (catalog/accel.py): a stale build of an older source is not used. */
-#define ACCEL_VERSION 2
+#define ACCEL_VERSION 3
 
 #define TEMP_MARK ".castlib-part-"
 #define QUEUE_LIMIT 65536   /* listed entries waiting for the writer */
 #define PROGRESS_EVERY 4096
+/* The longest the writer holds SQLite's write lock, in ms: every other writer of the
+ * catalog (another index, a sync's records, `runs cancel`, this process's heartbeat
+ * thread) waits for it, and fails after busy_timeout. */
+#define TXN_MAX_MS 1000
 
 /* -- growable byte buffers ----------------------------------------------------------- */
 typedef struct {
@@ -136,7 +142,13 @@ typedef struct dirnode {
     char *cpath;          /* its catalog path ("" for the root); set by the writer */
     sqlite3_int64 id;     /* its catalog row (0: none); set by the writer */
     int is_root;
+    dev_t dev;            /* as the parent's listing saw it (fstatat): the folder opened */
+    ino_t ino;            /* by its path must be that one (see walk_one) */
 } dirnode;
+
+/* an error record's code for a folder that was replaced between its parent's listing and
+ * its own (another folder, or a link in its path): not listed, reported unreadable */
+#define ERR_REPLACED (-1)
 
 enum { K_FILE = 'f', K_DIR = 'd', K_LINK = 'l', K_SPECIAL = 's', K_ERROR = 'e' };
 
@@ -176,6 +188,7 @@ typedef struct {
     PyObject *is_temp;    /* name (str) -> bool */
     PyObject *progress;   /* n (int) -> None */
     int ran, in_txn;
+    long long txn_began_ms;   /* monotonic clock, when in_txn was set */
     /* statements */
     sqlite3_stmt *s_children, *s_root_children, *s_lookup, *s_insert, *s_update,
                  *s_update_content, *s_maxid, *s_token, *s_scan, *s_has_rows, *s_span;
@@ -184,8 +197,16 @@ typedef struct {
     pthread_cond_t cv_items, cv_room;
     listing *head, *tail;
     size_t queued;
-    int walk_done, abort, sync_ready;
+    int walk_done, sync_ready;
+    int abort;            /* set by the writer, read by the walker unlocked: ABORTED() */
+    int running;          /* run() or commit() uses the connection (GIL released) */
     int walk_failed;      /* out of memory in the walker */
+    char walk_fail_at[256];   /* the folder it was listing then */
+    /* the walker's stack of folders still to list: the Indexer's, freed only after the
+     * walker is joined, since queued listings point at these nodes (their entries'
+     * `child`) and the writer fills them in */
+    dirnode **stack;
+    size_t depth, stack_cap;
     /* the writer's state */
     PyThreadState *ts;
     sqlite3_int64 last_id, first_new_id;
@@ -205,6 +226,8 @@ typedef struct {
     int errcode;          /* its SQLite error code (0: none) */
     int failed_py;        /* a Python exception is set (callback) */
 } Indexer;
+
+#define ABORTED(x) __atomic_load_n(&(x)->abort, __ATOMIC_ACQUIRE)
 
 static void set_fail(Indexer *x, const char *what) {
     if (!x->message[0]) {
@@ -263,7 +286,7 @@ static entry_t *listing_add(listing *L, const char *name, size_t len) {
 
 static void enqueue(Indexer *x, listing *L) {
     pthread_mutex_lock(&x->mu);
-    while (x->queued > QUEUE_LIMIT && !x->abort) pthread_cond_wait(&x->cv_room, &x->mu);
+    while (x->queued > QUEUE_LIMIT && !ABORTED(x)) pthread_cond_wait(&x->cv_room, &x->mu);
     if (x->tail) x->tail->next = L;
     else x->head = L;
     x->tail = L;
@@ -291,6 +314,18 @@ static int walk_one(Indexer *x, dirnode *d, dirnode ***stack, size_t *depth, siz
         fd = open(d->abs, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     else   /* below it a link is an entry, never followed, even one put there mid-walk */
         fd = open(d->abs, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd >= 0 && !d->is_root) {
+        /* O_NOFOLLOW covers the last component only: a parent folder swapped for a link
+         * mid-walk would have this path lead elsewhere (out of the tree). The folder
+         * opened must be the one its parent listed. */
+        struct stat st;
+        if (fstat(fd, &st) || st.st_dev != d->dev || st.st_ino != d->ino) {
+            L->open_errno = ERR_REPLACED;
+            close(fd);
+            enqueue(x, L);
+            return 0;
+        }
+    }
     DIR *dp = fd < 0 ? NULL : fdopendir(fd);
     if (!dp) {
         L->open_errno = errno;
@@ -302,7 +337,7 @@ static int walk_one(Indexer *x, dirnode *d, dirnode ***stack, size_t *depth, siz
     int sep = d->abs_len && d->abs[d->abs_len - 1] != '/';
     buf_t path = {0};
     for (;;) {
-        if (x->abort) break;
+        if (ABORTED(x)) break;
         errno = 0;
         struct dirent *de = readdir(dp);
         if (!de) {
@@ -343,6 +378,8 @@ static int walk_one(Indexer *x, dirnode *d, dirnode ***stack, size_t *depth, siz
                 goto oom;
             dirnode *c = dirnode_new(path.s, path.n);
             if (!c) goto oom;
+            c->dev = st.st_dev;
+            c->ino = st.st_ino;
             e->child = c;
             if (*depth == *cap) {
                 size_t ncap = *cap ? *cap * 2 : 256;
@@ -393,34 +430,36 @@ oom:
     return -1;
 }
 
+/* Nothing is freed here, on any path: a node on the stack may be the `child` of an entry
+ * of a listing still queued (the writer fills in its cpath and id), so the stack is freed
+ * by Indexer_run once the walker is joined and the queue drained. */
 static void *walker_main(void *arg) {
     Indexer *x = arg;
-    dirnode **stack = NULL;
-    size_t depth = 0, cap = 0;
     dirnode *root = dirnode_new(x->root, x->root_len);
-    if (!root) goto fail;
+    if (!root) {
+        snprintf(x->walk_fail_at, sizeof x->walk_fail_at, "%.200s", x->root);
+        goto fail;
+    }
     root->is_root = 1;
-    stack = malloc(256 * sizeof *stack);
-    if (!stack) { dirnode_free(root); goto fail; }
-    cap = 256;
-    stack[depth++] = root;
-    while (depth && !x->abort) {
-        dirnode *d = stack[--depth];
-        if (walk_one(x, d, &stack, &depth, &cap)) {
-            dirnode_free(d);
+    x->stack = malloc(256 * sizeof *x->stack);
+    if (!x->stack) { dirnode_free(root); goto fail; }
+    x->stack_cap = 256;
+    x->stack[x->depth++] = root;
+    while (x->depth && !ABORTED(x)) {
+        dirnode *d = x->stack[--x->depth];
+        if (walk_one(x, d, &x->stack, &x->depth, &x->stack_cap)) {
+            /* back on the stack (its slot is free): its parent's listing may be queued */
+            x->stack[x->depth++] = d;
+            snprintf(x->walk_fail_at, sizeof x->walk_fail_at, "%.200s", d->abs);
             goto fail;
         }
     }
-    while (depth) dirnode_free(stack[--depth]);   /* aborted */
-    free(stack);
     pthread_mutex_lock(&x->mu);
     x->walk_done = 1;
     pthread_cond_signal(&x->cv_items);
     pthread_mutex_unlock(&x->mu);
     return NULL;
 fail:
-    while (depth) dirnode_free(stack[--depth]);
-    free(stack);
     pthread_mutex_lock(&x->mu);
     x->walk_failed = 1;
     x->walk_done = 1;
@@ -429,9 +468,74 @@ fail:
     return NULL;
 }
 
-static listing *dequeue(Indexer *x) {
+/* the listings queued, dropped (their folders' nodes; the subfolders stay the stack's) */
+static void drain_locked(Indexer *x) {
+    while (x->head) {
+        listing *L = x->head;
+        x->head = L->next;
+        x->queued -= L->n + 1;
+        dirnode_free(L->dir);
+        listing_free(L, 0);
+    }
+    x->tail = NULL;
+    pthread_cond_broadcast(&x->cv_room);
+}
+
+static int write_commit(Indexer *x);
+static int report_progress(Indexer *x);
+
+/* How often the writer waiting for the walker looks for Ctrl-C, SIGTERM or a cancel
+ * (the progress callback may raise), as it does every PROGRESS_EVERY entries otherwise */
+#define WAIT_CHECK_MS 150
+
+static int check_interrupt(Indexer *x) {
+    if (x->unreported) return report_progress(x);   /* it checks the signals too */
+    PyEval_RestoreThread(x->ts);
+    int r = PyErr_CheckSignals();
+    if (r) x->failed_py = 1;
+    x->ts = PyEval_SaveThread();
+    return r;
+}
+
+/* The next listing, NULL at the end of the walk, when it failed (walk_failed), when a
+ * commit failed (x->message) or on Ctrl-C (failed_py). `writer`: the writer's own call,
+ * which waits WAIT_CHECK_MS at a time, and after each such wait commits its open batch
+ * (a slow, cold or network, tree never keeps the write lock while nothing is written)
+ * and looks for signals; the last batch, still open when the walk ends, is committed by
+ * commit() only, after the caller's vanish guard. */
+static listing *dequeue(Indexer *x, int writer) {
     pthread_mutex_lock(&x->mu);
-    while (!x->head && !x->walk_done) pthread_cond_wait(&x->cv_items, &x->mu);
+    while (!x->head && !x->walk_done) {
+        if (!writer) {
+            pthread_cond_wait(&x->cv_items, &x->mu);
+            continue;
+        }
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);   /* the condition's clock */
+        t.tv_nsec += WAIT_CHECK_MS * 1000000L;
+        if (t.tv_nsec >= 1000000000L) {
+            t.tv_sec++;
+            t.tv_nsec -= 1000000000L;
+        }
+        if (pthread_cond_timedwait(&x->cv_items, &x->mu, &t) == ETIMEDOUT) {
+            pthread_mutex_unlock(&x->mu);
+            /* the walker is slow (cold, network tree): the batch so far is committed
+             * rather than the write lock held while nothing is written. Not before a
+             * wait: the writer catching up with a walker about to finish must leave the
+             * last batch open, for commit() after the vanish guard. */
+            if (x->in_txn) {
+                if (write_commit(x)) return NULL;
+                x->pending = 0;
+            }
+            if (check_interrupt(x)) return NULL;   /* run() rolls back, joins the walker */
+            pthread_mutex_lock(&x->mu);
+        }
+    }
+    if (x->walk_failed) {   /* the walk is incomplete: nothing more is written */
+        drain_locked(x);
+        pthread_mutex_unlock(&x->mu);
+        return NULL;
+    }
     listing *L = x->head;
     if (L) {
         x->head = L->next;
@@ -462,11 +566,13 @@ static int exec_sql(Indexer *x, const char *sql) {
     return 0;
 }
 
+/* -1: out of memory, -2: an id no bitmap holds (negative, or too big to index one) */
 static int seen_mark(Indexer *x, sqlite3_int64 id) {
+    if (id < 0 || (uint64_t)id >> 3 >= SIZE_MAX / 2) return -2;
     size_t byte = (size_t)(id >> 3);
     if (byte >= x->seen_bytes) {
         size_t n = x->seen_bytes ? x->seen_bytes : 4096;
-        while (n <= byte) n *= 2;
+        while (n <= byte) n *= 2;   /* byte < SIZE_MAX / 2: no overflow */
         uint8_t *s = realloc(x->seen, n);
         if (!s) return -1;
         memset(s + x->seen_bytes, 0, n - x->seen_bytes);
@@ -477,17 +583,35 @@ static int seen_mark(Indexer *x, sqlite3_int64 id) {
     return 0;
 }
 
+static int seen_mark_or_fail(Indexer *x, sqlite3_int64 id) {
+    int r = seen_mark(x, id);
+    if (r == -2 && !x->message[0])
+        snprintf(x->message, sizeof x->message, "catalog entry id %lld is out of range "
+                 "(negative or too large): the accelerator cannot index this catalog",
+                 (long long)id);
+    else if (r) set_fail(x, "out of memory");
+    return r ? -1 : 0;
+}
+
 static int seen_has(Indexer *x, sqlite3_int64 id) {
+    if (id < 0) return 0;
     size_t byte = (size_t)(id >> 3);
     return byte < x->seen_bytes && (x->seen[byte] >> (id & 7)) & 1;
 }
 
 /* A batch's transaction, begun at its first write (a listing that changes nothing takes
  * no write lock at all) */
+static long long now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 static int write_begin(Indexer *x) {
     if (x->in_txn) return 0;
     if (exec_sql(x, "BEGIN IMMEDIATE")) return -1;
     x->in_txn = 1;
+    x->txn_began_ms = now_ms();
     int rc = sqlite3_step(x->s_maxid);
     x->last_id = rc == SQLITE_ROW ? sqlite3_column_int64(x->s_maxid, 0) : 0;
     return step_done(x, x->s_maxid, rc, "max(id)");
@@ -778,10 +902,10 @@ static int write_listing(Indexer *x, listing *L, rowset *kids, rowset *one, buf_
             bind_text_or_null(s, 9, target, target_len);
             if (step_done(x, s, sqlite3_step(s), "insert entry")) return -1;
             x->wrote = 1;
-            if (x->has_rows && seen_mark(x, id)) goto oom;
+            if (x->has_rows && seen_mark_or_fail(x, id)) return -1;
         } else {
             id = old->id;
-            if (seen_mark(x, id)) goto oom;
+            if (seen_mark_or_fail(x, id)) return -1;
             if (old->kind == K_FILE && !old->deleted) x->known_files++;
             int same_content = old->kind == e->kind && !old->size_null && old->size == e->size
                                && !old->mtime_null && old->mtime_ns == e->mtime_ns;
@@ -811,7 +935,9 @@ static int write_listing(Indexer *x, listing *L, rowset *kids, rowset *one, buf_
             e->child->id = id;
         }
         if (++x->unreported >= PROGRESS_EVERY && report_progress(x)) return -1;
-        if (++x->pending >= x->batch) {
+        /* a batch is full, or the write lock has been held long enough */
+        if (++x->pending >= x->batch
+            || (!(x->pending & 255) && x->in_txn && now_ms() - x->txn_began_ms >= TXN_MAX_MS)) {
             if (write_commit(x)) return -1;
             x->pending = 0;
         }
@@ -1044,7 +1170,10 @@ static PyObject *records_to_list(buf_t *b, int with_errno, int pairs) {
             item = PyTuple_Pack(2, path, rel);
             Py_DECREF(path);
         } else if (with_errno) {
-            PyObject *msg = PyUnicode_DecodeLocale(strerror(hdr[0]), "surrogateescape");
+            PyObject *msg = hdr[0] == ERR_REPLACED
+                ? PyUnicode_FromString("replaced while the index ran (a link or another "
+                                       "folder in its path now): not listed")
+                : PyUnicode_DecodeLocale(strerror(hdr[0]), "surrogateescape");
             if (!msg) { Py_DECREF(rel); goto fail; }
             item = PyTuple_Pack(2, rel, msg);
             Py_DECREF(msg);
@@ -1087,8 +1216,10 @@ static PyObject *unseen_to_list(buf_t *b) {
  * first_new_id). The last batch is left uncommitted: commit() or rollback(). */
 static PyObject *Indexer_run(Indexer *x, PyObject *unused) {
     if (!x->db) return PyErr_Format(Error, "the indexer is closed");
+    if (x->running) return PyErr_Format(Error, "the indexer is running (in another thread)");
     if (x->ran) return PyErr_Format(Error, "an indexer runs once");
     x->ran = 1;
+    x->running = 1;   /* the connection is SQLITE_OPEN_NOMUTEX: no close() meanwhile */
     buf_t unseen = {0};
     pthread_t walker;
     int started = 0, ok = -1;
@@ -1099,20 +1230,30 @@ static PyObject *Indexer_run(Indexer *x, PyObject *unused) {
     int rc = sqlite3_step(x->s_has_rows);
     x->has_rows = rc == SQLITE_ROW;
     if (step_done(x, x->s_has_rows, rc, "read entries")) goto done;
-    if (pthread_create(&walker, NULL, walker_main, x)) {
+    /* the walker runs with every signal blocked (it inherits the mask): a signal taken
+     * there would interrupt its open/fstatat/getdents (EINTR, a folder reported
+     * unreadable) and is the calling thread's business (Ctrl-C, SIGTERM) anyway */
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    int create_rc = pthread_create(&walker, NULL, walker_main, x);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    if (create_rc) {
         set_fail(x, "cannot start the walker thread");
         goto done;
     }
     started = 1;
     listing *L;
-    while ((L = dequeue(x))) {
+    while ((L = dequeue(x, 1))) {
         int r = write_listing(x, L, &kids, &one, &cpath, &ctarget, &rel);
         dirnode_free(L->dir);
         listing_free(L, 0);   /* its subfolders are the walker's (stack or listings) */
         if (r) goto done;
     }
+    if (x->message[0] || x->failed_py) goto done;   /* a commit in dequeue failed, Ctrl-C */
     if (x->walk_failed) {
-        set_fail(x, "out of memory while listing");
+        snprintf(x->message, sizeof x->message, "out of memory while listing %.400s",
+                 x->walk_fail_at);
         goto done;
     }
     if (report_progress(x)) goto done;
@@ -1121,15 +1262,22 @@ static PyObject *Indexer_run(Indexer *x, PyObject *unused) {
 done:
     if (started) {
         pthread_mutex_lock(&x->mu);
-        x->abort = 1;
+        __atomic_store_n(&x->abort, 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&x->cv_room);
         pthread_mutex_unlock(&x->mu);
-        while ((L = dequeue(x))) {   /* drain what the walker still hands over */
+        while ((L = dequeue(x, 0))) {   /* drain what the walker still hands over */
             dirnode_free(L->dir);
             listing_free(L, 0);
         }
         pthread_join(walker, NULL);
+        pthread_mutex_lock(&x->mu);
+        drain_locked(x);
+        pthread_mutex_unlock(&x->mu);
     }
+    while (x->depth) dirnode_free(x->stack[--x->depth]);   /* an aborted or failed walk */
+    free(x->stack);
+    x->stack = NULL;
+    x->stack_cap = 0;
     rowset_free(&kids);
     rowset_free(&one);
     buf_free(&cpath);
@@ -1137,6 +1285,7 @@ done:
     buf_free(&rel);
     PyEval_RestoreThread(x->ts);
     x->ts = NULL;
+    x->running = 0;
     if (ok) {
         buf_free(&unseen);
         if (x->in_txn) {
@@ -1172,15 +1321,20 @@ done:
 
 static PyObject *Indexer_commit(Indexer *x, PyObject *unused) {
     if (!x->db) return PyErr_Format(Error, "the indexer is closed");
+    if (x->running) return PyErr_Format(Error, "the indexer is running (in another thread)");
     int r;
+    x->running = 1;
     Py_BEGIN_ALLOW_THREADS
     r = write_commit(x);
     Py_END_ALLOW_THREADS
+    x->running = 0;
     if (r) return raise_error(x);
     Py_RETURN_NONE;
 }
 
 static PyObject *Indexer_close(Indexer *x, PyObject *unused) {
+    /* another thread's run() or commit() uses the connection, without SQLite's mutex */
+    if (x->running) return PyErr_Format(Error, "the indexer is running (in another thread)");
     close_db(x);   /* an uncommitted last batch is rolled back */
     Py_RETURN_NONE;
 }

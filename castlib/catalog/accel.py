@@ -15,7 +15,7 @@ import os
 import sqlite3
 import sys
 
-VERSION = 2   # _accel.c's ACCEL_VERSION: bumped with every change of what it writes
+VERSION = 3   # _accel.c's ACCEL_VERSION: bumped with every change of what it writes
 
 
 def accelerator():

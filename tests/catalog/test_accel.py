@@ -353,3 +353,204 @@ def test_random_trees_and_changes_give_the_same_catalog(tmp_path_factory, steps)
         py, c = _index_both(dbs, root, force=True)
         assert py == c
         _same(base)
+
+
+def _location_id(db_file, root) -> int:
+    import sqlite3
+    with sqlite3.connect(db_file) as con:
+        ids = [i for (i,) in con.execute("SELECT id FROM locations")]
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+def test_the_write_lock_is_not_held_past_a_second(tmp_path, fast_runs):
+    """Every other writer of the catalog (another index, a sync's records, `runs cancel`,
+    this process's heartbeat) waits for the index's write lock, and fails after its busy
+    timeout: the accelerator commits a batch held a second, whatever its size. Here the
+    first 4000 entries of the walk change (one transaction: the batch is 20000), the
+    progress callback at 4096 starts a writer with a 3 s timeout and sleeps past the
+    second; the rest of the walk writes nothing (no new transaction), so the writer gets the lock only if the
+    index committed on its own (before, it held it until commit())."""
+    import sqlite3
+    import threading
+    import time
+    from datetime import datetime
+
+    from castlib import _accel
+    from castlib.catalog.lite import stamp
+    from castlib.catalog.records import BATCH, WRITES_KEY
+
+    dbs = _catalogs(tmp_path, os.urandom(32))
+    root = tmp_path / "t"
+    root.mkdir()
+    for i in range(6000):
+        (root / f"f{i:05d}").write_bytes(b"x")
+    castlib.index(str(root), db=dbs["c"])
+    db_file = str(tmp_path / "c.sqlite")
+    loc_id = _location_id(db_file, root)
+    for name in os.listdir(root)[:4000]:   # readdir order: the walk's
+        os.utime(root / name, ns=(10**18, 10**18))
+    outcome = []
+
+    def other_writer():
+        try:
+            # BEGIN IMMEDIATE: waits for the lock (a deferred one would fail on its
+            # stale snapshot once it gets it)
+            con = sqlite3.connect(db_file, timeout=3, isolation_level=None)
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("INSERT INTO settings (name, value) VALUES ('probe', 'x') "
+                            "ON CONFLICT (name) DO UPDATE SET value = 'y'")
+                con.execute("COMMIT")
+            finally:
+                con.close()
+            outcome.append("written")
+        except sqlite3.OperationalError as exc:
+            outcome.append(str(exc))
+
+    other = threading.Thread(target=other_writer)
+    calls = []
+
+    def progress(n):
+        calls.append(n)
+        if len(calls) == 1:
+            other.start()
+            time.sleep(1.3)
+
+    indexer = _accel.Indexer(db_file, str(root), loc_id, stamp(datetime.utcnow()), BATCH,
+                             lambda name: False, progress, f"{WRITES_KEY}{loc_id}")
+    try:
+        listing = indexer.run()
+        other.join()
+        indexer.commit()
+    finally:
+        indexer.close()
+    assert calls[0] == 4096 and listing["counts"]["changed"] == 4000
+    assert outcome == ["written"]
+
+
+def test_a_folder_swapped_for_a_link_mid_walk_is_not_followed(tmp_path, fast_runs):
+    """O_NOFOLLOW covers a path's last component only: a parent folder replaced by a link
+    once listed must not lead the walk out of the tree. Made deterministic with the
+    bounded queue between the threads (65536 entries): the root holds, in its readdir
+    order (the walk's), two folders of 66000 files and `z` with z/q/r.dat. The walker
+    lists both big ones and z, then waits for room; while the writer is in the first big
+    one (its progress callback), z is swapped for a link to a tree whose q holds
+    secret.dat. q, opened after that, is reported unreadable, and nothing of the outside
+    tree is written. The walker, alive then, is checked to block the signals."""
+    import sqlite3
+    import time
+    from datetime import datetime
+
+    from castlib import _accel
+    from castlib.catalog.lite import stamp
+    from castlib.catalog.records import BATCH, WRITES_KEY
+
+    dbs = _catalogs(tmp_path, os.urandom(32))
+    root = tmp_path / "t"
+    root.mkdir()
+    for name in ("d0", "d1", "d2"):
+        (root / name).mkdir()
+    big1, big2, z = os.listdir(root)
+    make_tree(root / z, {"q/r.dat": b"r"})
+    make_tree(tmp_path / "outside", {"q/secret.dat": b"s"})
+    castlib.index(str(root), db=dbs["c"])
+    db_file = str(tmp_path / "c.sqlite")
+    loc_id = _location_id(db_file, root)
+    for big in (big1, big2):
+        for i in range(66000):
+            os.close(os.open(root / big / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    calls = []
+    before = set(os.listdir("/proc/self/task"))
+    masked = []
+
+    def progress(n):
+        calls.append(n)
+        if len(calls) == 1:
+            time.sleep(0.5)   # the walker lists z and waits for room in the queue
+            os.rename(root / z, tmp_path / "z-was")
+            os.symlink(tmp_path / "outside", root / z)
+            # the walker (the one new thread) blocks SIGINT and SIGTERM: a signal taken
+            # there would interrupt its system calls (EINTR: a folder said unreadable)
+            for tid in set(os.listdir("/proc/self/task")) - before:
+                with open(f"/proc/self/task/{tid}/status") as f:
+                    blk = [int(line.split()[1], 16) for line in f if line.startswith("SigBlk:")]
+                masked.append(all(blk[0] >> (sig - 1) & 1 for sig in (2, 15)))
+
+    indexer = _accel.Indexer(db_file, str(root), loc_id, stamp(datetime.utcnow()), BATCH,
+                             lambda name: False, progress, f"{WRITES_KEY}{loc_id}")
+    try:
+        listing = indexer.run()
+        indexer.commit()
+    finally:
+        indexer.close()
+    assert calls[0] == 4096 and masked == [True]
+    assert [(path, message.split(" (")[0]) for path, message in listing["errors"]] == [
+        (f"{z}/q", "replaced while the index ran")]
+    with sqlite3.connect(db_file) as con:
+        paths = [p for (p,) in con.execute("SELECT path FROM entries WHERE path LIKE ?",
+                                           (f"{z}/%",))]
+    assert paths == [f"{z}/q", f"{z}/q/r.dat"]
+    assert [p for p, _id, _kind in listing["unseen"]] == [f"{z}/q/r.dat"]
+
+
+def test_a_negative_entry_id_is_an_error_not_a_hang(tmp_path, fast_runs):
+    """The bitmap of the ids seen doubled its size until it held the id: a negative one
+    (a catalog written by hand, or by another tool) looped forever, the GIL released."""
+    import sqlite3
+    from datetime import datetime
+
+    from castlib import _accel
+    from castlib.catalog.lite import stamp
+    from castlib.catalog.records import BATCH, WRITES_KEY
+
+    dbs = _catalogs(tmp_path, os.urandom(32))
+    root = make_tree(tmp_path / "t", {"a.dat": b"a", "b.dat": b"b"})
+    castlib.index(str(root), db=dbs["c"])
+    db_file = str(tmp_path / "c.sqlite")
+    loc_id = _location_id(db_file, root)
+    with sqlite3.connect(db_file) as con:
+        con.execute("UPDATE entries SET id = -5 WHERE path = 'a.dat'")
+    indexer = _accel.Indexer(db_file, str(root), loc_id, stamp(datetime.utcnow()), BATCH,
+                             lambda name: False, None, f"{WRITES_KEY}{loc_id}")
+    try:
+        with pytest.raises(_accel.Error, match="catalog entry id -5 is out of range"):
+            indexer.run()
+    finally:
+        indexer.close()
+
+
+def test_close_and_commit_are_refused_while_the_indexer_runs(tmp_path, fast_runs):
+    """The connection is opened without SQLite's mutex (one thread uses it at a time): a
+    close() or commit() from another thread while run() writes, GIL released, is refused
+    (here from the progress callback, which run() calls while it runs)."""
+    from datetime import datetime
+
+    from castlib import _accel
+    from castlib.catalog.lite import stamp
+    from castlib.catalog.records import BATCH, WRITES_KEY
+
+    dbs = _catalogs(tmp_path, os.urandom(32))
+    root = make_tree(tmp_path / "t", {"a.dat": b"a"})
+    castlib.index(str(root), db=dbs["c"])
+    db_file = str(tmp_path / "c.sqlite")
+    loc_id = _location_id(db_file, root)
+    (root / "b.dat").write_bytes(b"b")
+    refused = []
+
+    def progress(n):
+        for call in ("close", "commit"):
+            try:
+                getattr(indexer, call)()
+            except _accel.Error as exc:
+                refused.append(str(exc))
+
+    indexer = _accel.Indexer(db_file, str(root), loc_id, stamp(datetime.utcnow()), BATCH,
+                             lambda name: False, progress, f"{WRITES_KEY}{loc_id}")
+    try:
+        listing = indexer.run()
+        indexer.commit()
+    finally:
+        indexer.close()
+    assert refused == ["the indexer is running (in another thread)"] * 2
+    assert listing["counts"]["new"] == 1
