@@ -208,7 +208,9 @@ def test_the_vanish_guard_stops_both_paths_alike(tmp_path, fast_runs):
     _index_both(dbs, root)
     for i in range(29):
         os.unlink(root / f"f{i:02d}")
-    (root / "new").write_bytes(b"n")   # written or not, alike
+    # no new file here: the C writer may commit the rows it has when it waits 150 ms for
+    # its walker (the write lock is never held through such waits), Python holds them to
+    # the end of a small tree: a refused run's new rows may differ, never its deletions
     py, c = _index_both(dbs, root)
     assert py == c and "29 of the 30 files the catalog knew there vanished" in c
     _same(tmp_path)
