@@ -126,8 +126,11 @@ def test_a_worker_killed_mid_sync_leaves_a_died_run_and_a_rerun_finishes(
 
 
 def test_cancel_stops_the_worker_cleanly(cluster, tmp_path):
-    ref = make_tree(tmp_path / "ref", {f"f{i:03d}.dat": os.urandom(4 * MIB)
-                                       for i in range(80)})
+    # enough bytes that the run is still copying when the cancel arrives: copies got
+    # fast (a 4 MiB file takes ~10 ms), and the cancel is a new castlib process away
+    block = os.urandom(4 * MIB)
+    ref = make_tree(tmp_path / "ref", {f"f{i:03d}.dat": i.to_bytes(4, "big") + block
+                                       for i in range(200)})
     dst = tmp_path / "dst"
     r = cluster.cli("sync", "--on-workers", "--detach", f"file://daq02{ref}",
                     f"file://daq02{dst}", "--transfers", "1", check=0)
@@ -145,7 +148,7 @@ def test_cancel_stops_the_worker_cleanly(cluster, tmp_path):
     run, stages = cluster.run(run_id)
     assert run["status"] == "cancelled", run
     published = [n for n in os.listdir(dst) if TEMP not in n]
-    assert 2 <= len(published) < 80
+    assert 2 <= len(published) < 200
     assert not any(TEMP in n for n in os.listdir(dst)), "a temporary was left behind"
     for name in published:
         assert (dst / name).read_bytes() == (ref / name).read_bytes()
