@@ -13,6 +13,7 @@ import os
 import queue
 import ssl
 import threading
+import time
 from typing import BinaryIO, Callable, Iterator
 from urllib.parse import quote
 
@@ -271,5 +272,13 @@ class _StreamingUpload(WriteStream):
             except queue.Full:
                 pass
             self._thread.join(5)
-        if self._backend.stat(self._path) is not None:   # a server that kept a partial body
-            self._backend.delete(self._path)
+        # A server may keep the partial body, and may write it only after it noticed the
+        # connection go (wsgidav under load: a moment after this stat found nothing):
+        # looked for again over a second. Only ever a temporary of castlib (a copy is
+        # written under its temporary name), so a late one is also cleaned by the next sync.
+        for attempt in range(6):
+            if self._backend.stat(self._path) is not None:
+                self._backend.delete(self._path)
+                return
+            if attempt < 5:
+                time.sleep(0.2)
