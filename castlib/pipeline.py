@@ -299,6 +299,8 @@ class Pipeline:
             with beat:
                 if not dry_run:
                     self._lock_destinations(ctx, locks)
+                ctx.connect_early(text for spec in self.stages
+                                  for text in _location_texts(spec))
                 for spec in self.stages:
                     started = utcnow()
                     ctx.current_progress = None   # a stage without counters shows none
@@ -395,6 +397,12 @@ def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool, show_errors:
               file=err)
     if outcome.summary and not quiet:
         print(outcome.summary, file=err)
+
+
+def _location_texts(spec: StageSpec) -> list[str]:
+    """The locations a stage names in its parameters (as written: names or URLs)."""
+    values = (getattr(spec.params, name, None) for name in spec.cls.location_params)
+    return [v for v in values if isinstance(v, str) and v]
 
 
 def _params_record(spec: StageSpec) -> dict:

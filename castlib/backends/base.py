@@ -394,6 +394,11 @@ class Backend(ABC):
         back-end whose capabilities say third_party_copy."""
         return False
 
+    def connect_in_background(self) -> None:
+        """Start connecting now, if this back-end's first call would wait on the network,
+        and return at once; the first call then waits for that attempt and sees its
+        outcome. Local back-ends have nothing to do."""
+
     def close(self) -> None:
         """Release connections."""
 

@@ -68,6 +68,8 @@ class FsspecBackend(Backend):
         self._fs = None
         self._generation = 0   # counts the connections made: which one a failure was on
         self._connect_lock = threading.RLock()   # a failed connect reports through _connection_failed
+        self._early: threading.Thread | None = None   # see connect_in_background
+        self._early_error: BaseException | None = None
         self.root = self._root_path()
 
     # -- connecting ------------------------------------------------------------------------
@@ -81,11 +83,43 @@ class FsspecBackend(Backend):
         """The fsspec file system, connected on first use (a back-end object costs nothing
         until it is used)."""
         if self._fs is None:
+            self._await_early_connect()
             with self._connect_lock:   # parallel transfers share one back-end object
                 if self._fs is None:
                     with self._errors(""):
                         self._fs = self._connect()
         return self._fs
+
+    # whether making the file system object is a handshake worth overlapping (SSH); an
+    # HTTP client connects on its first request anyway
+    connect_is_handshake = False
+
+    def connect_in_background(self) -> None:
+        if not self.connect_is_handshake or self._fs is not None or self._early is not None:
+            return
+
+        def connect() -> None:
+            try:
+                self.fs
+            except BaseException as exc:  # noqa: BLE001 - raised by the first call (fs)
+                self._early_error = exc
+
+        self._early = threading.Thread(target=connect, daemon=True,
+                                       name=f"castlib-connect-{self.url.scheme}")
+        self._early.start()
+
+    def _await_early_connect(self) -> None:
+        """Wait for a connection started by connect_in_background, and raise its error
+        once, as this call's own: one attempt, not a second one after it failed (a host
+        that does not answer would cost its timeout twice)."""
+        early = self._early
+        if early is None or early is threading.current_thread():
+            return
+        early.join()
+        self._early = None
+        error, self._early_error = self._early_error, None
+        if error is not None:
+            raise error
 
     def _connect(self):
         _quiet_background_errors(fsspec.asyn.get_loop())
@@ -97,6 +131,10 @@ class FsspecBackend(Backend):
         clients reconnect by themselves."""
 
     def close(self) -> None:
+        try:
+            self._await_early_connect()
+        except BaseException:  # noqa: BLE001 - closing: nothing was connected
+            pass
         self._fs = None
 
     # -- paths -----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class SftpBackend(FsspecBackend):
     # extension (lsetstat), and owners need root on the far side: not claimed
     capabilities = Capabilities(set_mtime=True, mtime_precision_ns=SECOND_NS, symlinks=True,
                                 empty_dirs=True, permissions=True, dir_mtimes=True)
+    connect_is_handshake = True   # key exchange and login: started early (see FsspecBackend)
 
     def __init__(self, url, options: dict | None = None):
         super().__init__(url, options)
@@ -157,6 +158,10 @@ class SftpBackend(FsspecBackend):
                 self._sessions, self._more_sessions = [], True
 
     def close(self) -> None:
+        try:
+            self._await_early_connect()   # a connection still being made is closed too
+        except BaseException:  # noqa: BLE001 - closing: nothing was connected
+            pass
         fs, self._fs = self._fs, None
         try:
             if self._sftp is not None and fs is not None:

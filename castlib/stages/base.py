@@ -223,6 +223,12 @@ class RunContext:
 
     def resolve(self, text: str) -> ResolvedLocation:
         """A location by pipeline name, configured name, catalog name, or URL/path."""
+        name, url, options = self._locate(text)
+        record = self.catalog.location(url, name=name)
+        return ResolvedLocation(name, url, options, record)
+
+    def _locate(self, text: str):
+        """(name, URL, options) of a location, as resolve() finds them, writing nothing."""
         name = None
         if text in self.locations:
             name, url_text = text, self.locations[text]
@@ -239,17 +245,32 @@ class RunContext:
         if name and name in self.location_options:
             options.update(self.location_options[name])
         self.secrets.update(secret_values(options, url))
-        record = self.catalog.location(url, name=name)
-        return ResolvedLocation(name, url, options, record)
+        return name, url, options
 
     def backend(self, location: ResolvedLocation) -> Backend:
         """One back-end object per location for the whole run (connections are reused)."""
-        key = location.record.url
+        return self._backend(location.url, location.options)
+
+    def _backend(self, url, options: dict) -> Backend:
+        key = str(url)   # as the catalog's record of it (Catalog.location)
         if key not in self._backends:
-            backend = open_backend(location.url, location.options)
+            backend = open_backend(url, options)
             backend.temp_key = temp_name_key(self.catalog)
             self._backends[key] = backend
         return self._backends[key]
+
+    def connect_early(self, texts) -> None:
+        """Let the back-ends of these locations start connecting now, in the background
+        (Backend.connect_in_background), so that an SSH handshake or a login overlaps the
+        run's other work (the configuration, the catalog, listing a local reference)
+        instead of waiting for the first stage that touches them. A location that cannot
+        be found or opened is left alone: the stage that uses it says why, as before."""
+        for text in texts:
+            try:
+                _, url, options = self._locate(text)
+                self._backend(url, options).connect_in_background()
+            except Exception:  # noqa: BLE001 - reported by the stage that uses it
+                continue
 
     def progress(self, label: str, total_files: int = 0, total_bytes: int = 0) -> Progress:
         enabled = not self.quiet and hasattr(self.err, "isatty") and self.err.isatty()

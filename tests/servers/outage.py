@@ -21,6 +21,7 @@ class OutageProxy:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
+        self.accepted = 0   # connections accepted so far (each one a client's connect)
         self.restore()
 
     def restore(self) -> None:
@@ -56,6 +57,7 @@ class OutageProxy:
                 client, _ = listener.accept()
             except OSError:   # closed by cut()
                 return
+            self.accepted += 1
             try:
                 upstream = socket.create_connection(self.target, timeout=10)
             except OSError:

@@ -1,0 +1,107 @@
+"""A back-end whose connection is a handshake (SFTP) starts connecting when the run
+starts (RunContext.connect_early), so that the wait overlaps the run's other work; the
+first call then uses that connection, or raises that attempt's error: one attempt, never
+two."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from castlib.backends import open_backend
+from castlib.backends.base import DIR
+from castlib.errors import StorageError
+from tests.helpers import backend_read as read
+from tests.helpers import backend_write as write
+from tests.helpers import run_cli
+
+
+class _SilentServer:
+    """Accepts TCP connections and never says a word (a host whose sshd hangs): counts
+    the connections it was asked for."""
+
+    def __init__(self):
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._held:
+            conn.close()
+
+
+@pytest.fixture
+def silent_server():
+    server = _SilentServer()
+    yield server
+    server.close()
+
+
+def _wait_for(predicate, within: float = 30) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sftp_connects_in_the_background_and_the_first_call_uses_it(sftp_server, outage_proxy):
+    proxy = outage_proxy(sftp_server.port)
+    url = sftp_server.url.replace(f":{sftp_server.port}/", f":{proxy.port}/", 1)
+    b = open_backend(url, sftp_server.options)
+    b.connect_in_background()
+    # the connection is made with no call on the back-end waiting for it
+    assert _wait_for(lambda: proxy.accepted == 1)
+    st = b.stat("")
+    assert st is not None and st.kind == DIR
+    write(b, "f", b"early")
+    assert read(b, "f") == b"early"
+    assert proxy.accepted == 1   # the same connection, not a second one
+    b.close()
+
+
+def test_a_failed_background_connect_is_the_first_calls_error_once(silent_server, sftp_server):
+    b = open_backend(f"sftp://{sftp_server.user}@127.0.0.1:{silent_server.port}/x",
+                     {**sftp_server.options, "connect_timeout": 1})
+    b.connect_in_background()
+    with pytest.raises(StorageError):
+        b.stat("x")
+    assert silent_server.accepted == 1   # the call waited for that attempt: no second one
+    with pytest.raises(StorageError):    # a later call (the engine's retry) tries anew
+        b.stat("x")
+    assert silent_server.accepted == 2
+    b.close()
+
+
+def test_sync_to_a_host_that_never_answers_fails_once_in_one_line(silent_server, sftp_server,
+                                                                  tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    config = tmp_path / "castlib.yaml"
+    dst = f"sftp://{sftp_server.user}@127.0.0.1:{silent_server.port}/x"
+    config.write_text(f"storage:\n  '{dst}':\n    connect_timeout: 1\n    known_hosts: null\n")
+    r = run_cli("sync", str(src), dst, db=f"sqlite:///{tmp_path}/c.db",
+                env={"CASTLIB_CONFIG": str(config)})
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("castlib:")]
+    assert len(errors) == 1 and f"127.0.0.1:{silent_server.port}" in errors[0], r.stderr
+    assert silent_server.accepted == 1, r.stderr
