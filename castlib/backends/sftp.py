@@ -144,8 +144,19 @@ class SftpBackend(FsspecBackend):
     def _on_sftp(self, call, *args, **kwargs):
         """Run one of the SFTP client's coroutines on the file system's loop, and wait for
         it a bounded time: a request on a connection that died under it may never be
-        answered (fsspec's own SSHFile waits for ever there)."""
-        return fsspec.asyn.sync(self.fs.loop, call, *args, timeout=READ_TIMEOUT_S, **kwargs)
+        answered (fsspec's own SSHFile waits for ever there). The coroutine runs as it is:
+        fsspec.asyn.sync would wrap it in asyncio.wait_for, a task more on the loop's
+        thread for every call, two calls a small file."""
+        fut = asyncio.run_coroutine_threadsafe(_awaited(call(*args, **kwargs)), self.fs.loop)
+        try:
+            return fut.result(timeout=READ_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            if fut.done():   # the coroutine's own timeout (one exception type since 3.11)
+                raise FSTimeoutError(str(fut.exception())) from None
+            fut.cancel()
+            raise FSTimeoutError(f"no answer within {READ_TIMEOUT_S} s") from None
+        except asyncio.TimeoutError as exc:   # the coroutine's own, on 3.10
+            raise FSTimeoutError(str(exc)) from None
 
     def _connection_failed(self, generation: int) -> None:
         """An SSH connection that dropped stays dropped (every later call fails with 'not
@@ -460,6 +471,12 @@ class SftpBackend(FsspecBackend):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+async def _awaited(awaitable):
+    """A coroutine of any awaitable (asyncssh's open() gives an awaitable context manager,
+    which run_coroutine_threadsafe refuses)."""
+    return await awaitable
+
+
 # How long after a rename the stat of its target may be answered by the stat taken in the
 # rename's own call: the engine asks at once, from the same thread (SftpBackend.stat).
 PUBLISHED_STAT_S = 5.0
