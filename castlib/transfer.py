@@ -5,6 +5,7 @@ killed at any moment leaves at most a temporary file, which the next sync remove
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -57,6 +58,7 @@ def is_temp_name(name: str, key: bytes) -> bool:
     return hmac.compare_digest(m.group(3), _tag(key, m.group(1), m.group(2)))
 
 
+@functools.lru_cache(maxsize=1024)   # a copy asks for its temporary name's tag 4 times
 def _tag(key: bytes, name: str, nonce: str) -> str:
     import hashlib
     import hmac
