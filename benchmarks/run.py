@@ -16,11 +16,13 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -590,8 +592,17 @@ def sc_upload_sftp_big_rclone(b: Bench) -> Result:
     return _upload_sftp(b, "upload-sftp-big-rclone", "rclone", "rclone serve sftp", "one-256m")
 
 
+def sc_upload_sftp_rclone_verified(b: Bench) -> Result:
+    r = _upload_sftp(b, "upload-sftp-rclone-verified", "rclone", "rclone serve sftp",
+                     verified=True)
+    r.target, r.met = "-", None
+    r.note = ("informational: the peer is `rclone copy` then `rclone check --download`, which "
+              "reads every file back from the server as castlib's verification does")
+    return r
+
+
 def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
-                 tree_key: str = "small-300") -> Result:
+                 tree_key: str = "small-300", verified: bool = False) -> Result:
     """A first sync to an SFTP server on loopback, each copy verified by castlib (read
     back, or md5sum on an OpenSSH host for a large file), against `rclone copy` of the
     same tree to the same server. Each run writes into a folder of its own (rclone serve
@@ -621,16 +632,25 @@ def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
                 "--db", db_url(b.work, "upload-sftp"), "-q", "sync", tree,
                 servers.url(server_kind, f"castlib-{i + 1}"), "--json"],
                 prepare=prepare("castlib"), check=expect_counts(copied=files, failed=0))
-            peer = Side("rclone", lambda i: ["rclone", "copy", "-q", tree,
-                                             servers.rclone_remote(server_kind, f"rclone-{i + 1}"),
-                                             "--config", os.path.join(servers.base, "rclone.conf")],
-                        prepare=prepare("rclone"))
+            def rclone_argv(i: int) -> list[str]:
+                remote = servers.rclone_remote(server_kind, f"rclone-{i + 1}")
+                conf = ["--config", os.path.join(servers.base, "rclone.conf")]
+                copy = ["rclone", "copy", "-q", tree, remote] + conf
+                if not verified:
+                    return copy
+                check = ["rclone", "check", "-q", "--download", tree, remote] + conf
+                return ["sh", "-c", " && ".join(" ".join(map(shlex.quote, argv))
+                                                for argv in (copy, check))]
+
+            peer = Side("rclone", rclone_argv, prepare=prepare("rclone"))
             interleave(castlib, peer, runs, b.work, b.log)
         finally:
             if saved is None:
                 os.environ.pop("CASTLIB_CONFIG", None)
             else:
                 os.environ["CASTLIB_CONFIG"] = saved
+    if verified:
+        title += ", against rclone copy + rclone check --download"
     r = ratio_result(key, title, 1.0, castlib, peer, runs)
     r.note = ("castlib also starts Python, indexes both sides into its catalog and verifies "
               "every copy (read back as it is closed; a large one to OpenSSH by md5sum on the "
@@ -766,6 +786,7 @@ SCENARIOS = {
     "upload-sftp-rclone": sc_upload_sftp_rclone,
     "upload-sftp-big": sc_upload_sftp_big,
     "upload-sftp-big-rclone": sc_upload_sftp_big_rclone,
+    "upload-sftp-rclone-verified": sc_upload_sftp_rclone_verified,
     "diff-1m": sc_diff_1m,
     "diff-1m-postgresql": sc_diff_1m_postgresql,
     "catalog-1m": sc_catalog_1m,
@@ -847,9 +868,17 @@ def main(argv=None) -> int:
               "(scripts/install-test-deps installs them)", file=sys.stderr)
         return 2
     cache = os.path.abspath(args.cache)
-    work = os.path.join(cache, "quick-work" if args.quick else "work")
-    os.makedirs(work, exist_ok=True)
+    os.makedirs(cache, exist_ok=True)
+    # a scratch folder of this run's own (servers' data, catalogs, copies), removed at the
+    # end: two runs sharing one cache of trees do not clear each other's servers
+    work = tempfile.mkdtemp(prefix="quick-work-" if args.quick else "work-", dir=cache)
+    try:
+        return _run_scenarios(args, keys, cache, work)
+    finally:
+        remove_tree(work)
 
+
+def _run_scenarios(args, keys: list[str], cache: str, work: str) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
