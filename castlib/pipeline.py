@@ -299,8 +299,7 @@ class Pipeline:
             with beat:
                 if not dry_run:
                     self._lock_destinations(ctx, locks)
-                ctx.connect_early(text for spec in self.stages
-                                  for text in _location_texts(spec))
+                ctx.connect_early(self._connected_locations())
                 for spec in self.stages:
                     started = utcnow()
                     ctx.current_progress = None   # a stage without counters shows none
@@ -360,6 +359,18 @@ class Pipeline:
             report.stages.append(StageRun(spec, partial))
             _print_outcome(partial, ctx.err, ctx.quiet, True, ctx.secrets)
 
+    def _connected_locations(self) -> list[str]:
+        """The locations whose storage the stages will touch (Stage.connects_to), each
+        once, as the stages name them."""
+        earlier: dict[str, StageSpec] = {}
+        texts: list[str] = []
+        for spec in self.stages:
+            texts += [t for t in spec.cls.connects_to(spec.params, earlier)
+                      if isinstance(t, str) and t and t not in texts]
+            if spec.params.id:
+                earlier[spec.params.id] = spec
+        return texts
+
     def _lock_destinations(self, ctx: RunContext, locks: ExitStack) -> None:
         """Hold, for the whole run, the lock of every location a stage will write into, so
         that two runs never interleave their listings and copies in one destination."""
@@ -397,12 +408,6 @@ def _print_outcome(outcome: StageOutcome, err: TextIO, quiet: bool, show_errors:
               file=err)
     if outcome.summary and not quiet:
         print(outcome.summary, file=err)
-
-
-def _location_texts(spec: StageSpec) -> list[str]:
-    """The locations a stage names in its parameters (as written: names or URLs)."""
-    values = (getattr(spec.params, name, None) for name in spec.cls.location_params)
-    return [v for v in values if isinstance(v, str) and v]
 
 
 def _params_record(spec: StageSpec) -> dict:

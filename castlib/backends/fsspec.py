@@ -70,6 +70,7 @@ class FsspecBackend(Backend):
         self._connect_lock = threading.RLock()   # a failed connect reports through _connection_failed
         self._early: threading.Thread | None = None   # see connect_in_background
         self._early_error: BaseException | None = None
+        self._abandoned = False   # closed before an early connection came (see close)
         self.root = self._root_path()
 
     # -- connecting ------------------------------------------------------------------------
@@ -103,6 +104,9 @@ class FsspecBackend(Backend):
                 self.fs
             except BaseException as exc:  # noqa: BLE001 - raised by the first call (fs)
                 self._early_error = exc
+                return
+            if self._abandoned:   # closed while this connected: what it made goes too
+                self.close()
 
         self._early = threading.Thread(target=connect, daemon=True,
                                        name=f"castlib-connect-{self.url.scheme}")
@@ -131,11 +135,17 @@ class FsspecBackend(Backend):
         clients reconnect by themselves."""
 
     def close(self) -> None:
-        try:
-            self._await_early_connect()
-        except BaseException:  # noqa: BLE001 - closing: nothing was connected
-            pass
+        self._abandon_early_connect()
         self._fs = None
+
+    def _abandon_early_connect(self) -> None:
+        """Closing does not wait for a connection still being made (a host that does not
+        answer would hold the end of a run for its timeout): its thread closes what it
+        made, if it comes after this (`_fs` is set before it looks, this looks before it
+        closes `_fs`: one of the two closes it)."""
+        early = self._early
+        if early is not None and early is not threading.current_thread():
+            self._abandoned = True
 
     # -- paths -----------------------------------------------------------------------------
     def _full(self, path: str) -> str:

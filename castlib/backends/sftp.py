@@ -169,10 +169,7 @@ class SftpBackend(FsspecBackend):
                 self._sessions, self._more_sessions = [], True
 
     def close(self) -> None:
-        try:
-            self._await_early_connect()   # a connection still being made is closed too
-        except BaseException:  # noqa: BLE001 - closing: nothing was connected
-            pass
+        self._abandon_early_connect()
         fs, self._fs = self._fs, None
         try:
             if self._sftp is not None and fs is not None:

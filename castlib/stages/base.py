@@ -322,6 +322,13 @@ class Stage:
         pipeline locks them for the whole run. `earlier` maps ids to earlier StageSpecs."""
         return []
 
+    @classmethod
+    def connects_to(cls, params: StageParams, earlier: dict) -> list[str]:
+        """Locations whose storage this stage reads or writes (not only their catalog
+        rows): the run lets their back-ends start connecting when it starts
+        (RunContext.connect_early). `earlier` maps ids to earlier StageSpecs."""
+        return []
+
     def run(self) -> StageOutcome:
         raise NotImplementedError
 

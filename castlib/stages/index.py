@@ -66,6 +66,10 @@ class IndexStage(Stage):
     Params = LazyParams(_params)
     location_params = ("location",)
 
+    @classmethod
+    def connects_to(cls, params, earlier: dict) -> list[str]:
+        return [params.location]
+
     def run(self) -> StageOutcome:
         ctx = self.context
         loc = ctx.resolve(self.params.location)

@@ -300,6 +300,13 @@ class SyncStage(Stage):
             return []
         return [(source.params.dst, params.lock_wait)]
 
+    @classmethod
+    def connects_to(cls, params: SyncParams, earlier: dict) -> list[str]:
+        source = earlier.get(params.from_)
+        if params.dry_run or source is None or not hasattr(source.params, "dst"):
+            return []
+        return [source.params.ref, source.params.dst]
+
     def _execute(self, plan: TransferPlan, leftovers: list[str], p: SyncParams) -> None:
         c = self.counts
         if plan.mkdirs or plan.copies or plan.links:

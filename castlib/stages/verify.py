@@ -50,6 +50,10 @@ class VerifyStage(Stage):
     Params = LazyParams(_params)
     location_params = ("location",)
 
+    @classmethod
+    def connects_to(cls, params, earlier: dict) -> list[str]:
+        return [params.location]
+
     def run(self) -> StageOutcome:
         p: VerifyParams = self.params
         ctx = self.context

@@ -105,3 +105,33 @@ def test_sync_to_a_host_that_never_answers_fails_once_in_one_line(silent_server,
     errors = [line for line in r.stderr.splitlines() if line.startswith("castlib:")]
     assert len(errors) == 1 and f"127.0.0.1:{silent_server.port}" in errors[0], r.stderr
     assert silent_server.accepted == 1, r.stderr
+
+
+def test_close_does_not_wait_for_a_connection_still_being_made(silent_server, sftp_server):
+    b = open_backend(f"sftp://{sftp_server.user}@127.0.0.1:{silent_server.port}/x",
+                     {**sftp_server.options, "connect_timeout": 20})
+    b.connect_in_background()
+    assert _wait_for(lambda: silent_server.accepted == 1)
+    started = time.monotonic()
+    b.close()   # the run ends: its end is not held for the connect timeout
+    assert time.monotonic() - started < 10
+
+
+def test_a_closed_backends_late_connection_is_closed_by_its_thread(sftp_server, outage_proxy):
+    proxy = outage_proxy(sftp_server.port)
+    url = sftp_server.url.replace(f":{sftp_server.port}/", f":{proxy.port}/", 1)
+    b = open_backend(url, sftp_server.options)
+    b.connect_in_background()
+    b.close()   # at once: the connection comes after
+    b._early.join(30)
+    assert b._fs is None   # closed by the thread that made it
+
+
+def test_a_diff_from_the_catalog_alone_connects_to_nothing(silent_server, sftp_server, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    dst = f"sftp://{sftp_server.user}@127.0.0.1:{silent_server.port}/x"
+    r = run_cli("diff", "--no-index", str(src), dst, db=f"sqlite:///{tmp_path}/c.db")
+    assert "Traceback" not in r.stderr
+    assert silent_server.accepted == 0, r.stderr
