@@ -190,12 +190,12 @@ def _worker_command(command) -> None:
 def _skip_final_collections() -> None:
     """At the interpreter's exit, after the command has closed what it opened (the
     catalog, committed and closed; the back-ends) and the interpreter has joined the
-    threads that are not daemons (the transfer pool's), freeze
-    the heap for the collector: finalization then tears the modules down without its full
-    collections of every object of SQLAlchemy, asyncssh, fsspec... (~0.1 s of a sync to
-    SFTP, in a process that is ending). atexit runs this before the handlers registered
-    earlier (logging's flush and close among them), which run as always, as does the
-    flush of stdout and stderr; the exit code is untouched. What is left unreachable in a
+    threads that are not daemons (the transfer pool's), freeze the heap for the
+    collector: finalization then tears the modules down without its full collections of
+    every object of asyncssh, fsspec, SQLAlchemy... (~0.1 s of a sync to SFTP, in a
+    process that is ending). atexit runs this before the handlers registered earlier
+    (logging's flush and close among them), which run as always, as does the flush of
+    stdout and stderr; the exit code is untouched. What is left unreachable in a
     reference cycle at that point is not finalized: the interpreter gives no such
     promise at exit either, and nothing of castlib's waits on one."""
     import gc
