@@ -44,11 +44,11 @@ log = logging.getLogger(__name__)
 # lookup otherwise: the same answer, without the processes when there is nothing to find.
 # (A library only gcc could find outside those folders, the stock answer would name and
 # asyncssh's dlopen of it fail: an error on import there, no sntrup761 here.)
-_LINKER_FOLDERS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
-                   "/usr/local/lib64", "/lib/*-linux-*", "/usr/lib/*-linux-*",
-                   "/usr/local/lib/*-linux-*", "/lib/*-linux-*/[0-9]*",
-                   "/usr/lib/*-linux-*/[0-9]*", "/usr/*-linux-*/lib*",
-                   "/usr/*-linux-*/lib*/*-linux-*", "/usr/lib/gcc/*/*", "/usr/lib64/gcc/*/*")
+
+# the linker's folders (`ld --verbose`'s SEARCH_DIR, `gcc -print-search-dirs`): these,
+# with their multiarch and gcc folders below (_LibraryFiles._library_names)
+_LIBRARY_TOPS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
+                 "/usr/local/lib64")
 
 
 class _LibraryFiles:
@@ -69,20 +69,46 @@ class _LibraryFiles:
         if prefix.encode("utf-8", "surrogateescape") in self._cache:
             return True
         if self._names is None:
-            import glob
-            import os
-
-            folders = [d for var in ("LD_LIBRARY_PATH", "LIBRARY_PATH")
-                       for d in os.environ.get(var, "").split(os.pathsep)]
-            folders += [d for pattern in _LINKER_FOLDERS for d in glob.glob(pattern)]
-            names: set[str] = set()
-            for folder in dict.fromkeys(folders):
-                try:
-                    names.update(n for n in os.listdir(folder or ".") if n.startswith("lib"))
-                except OSError:
-                    pass
-            self._names = names
+            self._names = self._library_names()
         return any(n.startswith(prefix) for n in self._names)
+
+    @staticmethod
+    def _library_names() -> set[str]:
+        """The names starting with "lib" in every folder ld and gcc search, and in those
+        of LD_LIBRARY_PATH and LIBRARY_PATH (a superset: intermediate folders too)."""
+        import os
+
+        names: set[str] = set()
+
+        def listing(folder: str) -> list[str]:
+            try:
+                entries = os.listdir(folder)
+            except OSError:   # absent, or not a folder
+                return []
+            names.update(n for n in entries if n.startswith("lib"))
+            return entries
+
+        for var in ("LD_LIBRARY_PATH", "LIBRARY_PATH"):
+            for folder in os.environ.get(var, "").split(os.pathsep):
+                listing(folder or ".")
+        for top in _LIBRARY_TOPS:
+            for entry in listing(top):
+                if "-linux-" in entry:   # lib/x86_64-linux-gnu, and lib/x86_64-linux-gnu/12
+                    for sub in listing(f"{top}/{entry}"):
+                        if sub[:1].isdigit():
+                            listing(f"{top}/{entry}/{sub}")
+                elif entry == "gcc":   # lib/gcc/x86_64-linux-gnu/12
+                    for triplet in listing(f"{top}/gcc"):
+                        for version in listing(f"{top}/gcc/{triplet}"):
+                            listing(f"{top}/gcc/{triplet}/{version}")
+        for entry in listing("/usr"):   # /usr/x86_64-linux-gnu/lib, .../lib/x86_64-linux-gnu
+            if "-linux-" in entry:
+                for sub in listing(f"/usr/{entry}"):
+                    if sub.startswith("lib"):
+                        for inner in listing(f"/usr/{entry}/{sub}"):
+                            if "-linux-" in inner:
+                                listing(f"/usr/{entry}/{sub}/{inner}")
+        return names
 
 
 class _AsyncsshImport:
