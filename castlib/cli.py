@@ -187,7 +187,27 @@ def _worker_command(command) -> None:
                         "redis://localhost:6379/0")
 
 
+def _skip_final_collections() -> None:
+    """At the interpreter's exit, after the command has closed what it opened (the
+    catalog, committed and closed; the back-ends) and the interpreter has joined the
+    threads that are not daemons (the transfer pool's), freeze the heap for the
+    collector: finalization then tears the modules down without its full collections of
+    every object of asyncssh, fsspec, SQLAlchemy... (~0.1 s of a sync to SFTP, in a
+    process that is ending). atexit runs this before the handlers registered earlier
+    (logging's flush and close among them), which run as always, as does the flush of
+    stdout and stderr; the exit code is untouched. What is left unreachable in a
+    reference cycle at that point is not finalized: the interpreter gives no such
+    promise at exit either, and nothing of castlib's waits on one."""
+    import gc
+
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import atexit
+
+    atexit.unregister(_skip_final_collections)   # once, however often main runs
+    atexit.register(_skip_final_collections)
     parser = _parser()
     args = parser.parse_args(argv)
     if getattr(args, "db", None) is not None and not args.db.strip():

@@ -285,7 +285,15 @@ class Backend(ABC):
     def __init__(self, url: LocationURL, options: dict | None = None):
         self.url = url
         self.options = dict(options or {})
-        self.settings = parse_options(self.Options, self.options, url)
+        self.settings = self._plain_settings(self.options)
+        if self.settings is None:
+            self.settings = parse_options(self.Options, self.options, url)
+
+    @classmethod
+    def _plain_settings(cls, options: dict):
+        """The settings without the Options model (pydantic), when a back-end can tell
+        that the options are plainly right; None: the model checks them."""
+        return None
 
     # -- identity ----------------------------------------------------------------------
     @classmethod

@@ -17,12 +17,11 @@ from typing import BinaryIO, Iterator
 
 import fsspec
 import fsspec.asyn
-from pydantic import ConfigDict, PositiveFloat, PositiveInt
 
 from ..catalog.paths import to_catalog
 from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError, Unsupported
 from ..location import LocationURL, redact, secret_values
-from .base import (DIR, FILE, LINK, Backend, BackendOptions, Capabilities,
+from .base import (DIR, FILE, LINK, Backend, Capabilities,
                    ListingErrorHandler, Stat, WriteStream, walk_by_folder)
 
 log = logging.getLogger(__name__)
@@ -34,12 +33,69 @@ CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 120
 
 
-class FsspecOptions(BackendOptions):
-    """What castlib reads itself; any other option goes to the fsspec file system as is."""
+def _fsspec_options():
+    """FsspecOptions, the pydantic model of the options, built on first use: options that
+    are plainly right (PlainSettings.read) need no model, so that a command on an SFTP
+    location starts without importing pydantic."""
+    model = globals().get("FsspecOptions")
+    if model is not None:
+        return model
+    from pydantic import ConfigDict, PositiveFloat, PositiveInt
 
-    model_config = ConfigDict(extra="allow")
-    block_size: PositiveInt = DEFAULT_BLOCK_SIZE   # bytes buffered per upload part
-    connect_timeout: PositiveFloat = CONNECT_TIMEOUT_S   # seconds
+    from .base import BackendOptions
+
+    class FsspecOptions(BackendOptions):
+        """What castlib reads itself; any other option goes to the fsspec file system as is."""
+
+        model_config = ConfigDict(extra="allow")
+        block_size: PositiveInt = DEFAULT_BLOCK_SIZE   # bytes buffered per upload part
+        connect_timeout: PositiveFloat = CONNECT_TIMEOUT_S   # seconds
+
+    FsspecOptions.__module__ = __name__
+    globals()["FsspecOptions"] = FsspecOptions
+    return FsspecOptions
+
+
+def __getattr__(name: str):
+    if name == "FsspecOptions":   # s3.py's options extend it
+        return _fsspec_options()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _LazyOptions:
+    """FsspecBackend.Options: the model, built when first asked for (a class attribute)."""
+
+    def __get__(self, obj, owner=None):
+        return _fsspec_options()
+
+
+class PlainSettings:
+    """What FsspecOptions makes of options that are plainly right, without pydantic: the
+    two castlib reads, and the others (model_extra) for the file system."""
+
+    __slots__ = ("block_size", "connect_timeout", "model_extra")
+
+    def __init__(self, block_size: int, connect_timeout: float, extra: dict):
+        self.block_size, self.connect_timeout, self.model_extra = (
+            block_size, connect_timeout, extra)
+
+    @classmethod
+    def read(cls, options: dict) -> "PlainSettings | None":
+        """The settings, when every value is of its exact type and in bounds (what a
+        config file that is right gives); else None, and the model checks them (its
+        coercions and its error messages stay the one definition)."""
+        if not all(type(k) is str for k in options):
+            return None
+        extra = dict(options)
+        block_size = extra.pop("block_size", DEFAULT_BLOCK_SIZE)
+        timeout = extra.pop("connect_timeout", CONNECT_TIMEOUT_S)
+        if type(block_size) is not int or block_size <= 0:
+            return None
+        if type(timeout) not in (int, float) or not timeout > 0:
+            return None
+        if "connect_timeout" in options:   # a value given is a float (the default is not)
+            timeout = float(timeout)
+        return cls(block_size, timeout, extra)
 
 
 class FsspecBackend(Backend):
@@ -54,9 +110,17 @@ class FsspecBackend(Backend):
     description = "any other protocol fsspec knows (its file system as is)"
     # no settable mtimes and no folders of their own, as on most object stores fsspec serves
     capabilities = Capabilities(set_mtime=False, mtime_precision_ns=SECOND_NS, empty_dirs=False)
-    Options = FsspecOptions
+    Options = _LazyOptions()   # FsspecOptions
     utf8_names_only = False   # names are UTF-8 text (S3 keys, WebDAV URLs): others refused
     protocol_name = "this back-end"
+
+    @classmethod
+    def _plain_settings(cls, options: dict):
+        # only for the model of its own: a subclass's (S3Options) checks more
+        if next(k.__dict__["Options"] for k in cls.__mro__ if "Options" in k.__dict__
+                ).__class__ is _LazyOptions:
+            return PlainSettings.read(options)
+        return None
 
     def __init__(self, url: LocationURL, options: dict | None = None):
         super().__init__(url, options)

@@ -31,6 +31,133 @@ from .fsspec import (READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _quiet_background
                      _Reader, _Writer)
 
 log = logging.getLogger(__name__)
+
+
+# -- importing asyncssh ------------------------------------------------------------------
+# asyncssh looks for liboqs (sntrup761 key exchange) and nettle (UMAC) with
+# ctypes.util.find_library as it is imported, which on Linux runs `ldconfig -p`, then for
+# a library ldconfig does not know (liboqs, on most machines) gcc and ld: ~0.03 s of every
+# command on SFTP, in processes. The first import of asyncssh (from anywhere: sshfs, the
+# request helpers) goes through _AsyncsshImport, under which find_library answers None at
+# once when no file named lib<name>.* is anywhere those three look (ld.so.cache's names,
+# LD_LIBRARY_PATH, LIBRARY_PATH, the linker's and gcc's folders), and asks the stock
+# lookup otherwise: the same answer, without the processes when there is nothing to find.
+# (A library only gcc could find outside those folders, the stock answer would name and
+# asyncssh's dlopen of it fail: an error on import there, no sntrup761 here.)
+
+# the linker's folders (`ld --verbose`'s SEARCH_DIR, `gcc -print-search-dirs`): these,
+# with their multiarch and gcc folders below (_LibraryFiles._library_names)
+_LIBRARY_TOPS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
+                 "/usr/local/lib64")
+
+
+class _LibraryFiles:
+    """Whether a file of a library could be found by ctypes.util.find_library on Linux."""
+
+    def __init__(self):
+        self._cache: bytes | None = None
+        self._names: set[str] | None = None
+
+    def could_exist(self, name: str) -> bool:
+        prefix = f"lib{name}."
+        if self._cache is None:
+            try:
+                with open("/etc/ld.so.cache", "rb") as f:   # what `ldconfig -p` prints
+                    self._cache = f.read()
+            except OSError:
+                self._cache = b""
+        if prefix.encode("utf-8", "surrogateescape") in self._cache:
+            return True
+        if self._names is None:
+            self._names = self._library_names()
+        return any(n.startswith(prefix) for n in self._names)
+
+    @staticmethod
+    def _library_names() -> set[str]:
+        """The names starting with "lib" in every folder ld and gcc search, and in those
+        of LD_LIBRARY_PATH and LIBRARY_PATH (a superset: intermediate folders too)."""
+        import os
+
+        names: set[str] = set()
+
+        def listing(folder: str) -> list[str]:
+            try:
+                entries = os.listdir(folder)
+            except OSError:   # absent, or not a folder
+                return []
+            names.update(n for n in entries if n.startswith("lib"))
+            return entries
+
+        for var in ("LD_LIBRARY_PATH", "LIBRARY_PATH"):
+            for folder in os.environ.get(var, "").split(os.pathsep):
+                listing(folder or ".")
+        for top in _LIBRARY_TOPS:
+            for entry in listing(top):
+                if "-linux-" in entry:   # lib/x86_64-linux-gnu, and lib/x86_64-linux-gnu/12
+                    for sub in listing(f"{top}/{entry}"):
+                        if sub[:1].isdigit():
+                            listing(f"{top}/{entry}/{sub}")
+                elif entry == "gcc":   # lib/gcc/x86_64-linux-gnu/12
+                    for triplet in listing(f"{top}/gcc"):
+                        for version in listing(f"{top}/gcc/{triplet}"):
+                            listing(f"{top}/gcc/{triplet}/{version}")
+        for entry in listing("/usr"):   # /usr/x86_64-linux-gnu/lib, .../lib/x86_64-linux-gnu
+            if "-linux-" in entry:
+                for sub in listing(f"/usr/{entry}"):
+                    if sub.startswith("lib"):
+                        for inner in listing(f"/usr/{entry}/{sub}"):
+                            if "-linux-" in inner:
+                                listing(f"/usr/{entry}/{sub}/{inner}")
+        return names
+
+
+class _AsyncsshImport:
+    """A finder on sys.meta_path until asyncssh is first imported: it runs that import
+    with the lookup above in ctypes.util.find_library, then leaves."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "asyncssh":
+            return None
+        import sys
+
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = next((s for s in (f.find_spec(name, path, target) for f in sys.meta_path
+                                 if hasattr(f, "find_spec")) if s is not None), None)
+        loader = spec.loader if spec is not None else None
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module):
+            import ctypes.util
+
+            stock, files = ctypes.util.find_library, _LibraryFiles()
+
+            def find_library(lib):
+                return stock(lib) if files.could_exist(lib) else None
+
+            ctypes.util.find_library = find_library
+            try:
+                run(module)
+            finally:
+                if ctypes.util.find_library is find_library:
+                    ctypes.util.find_library = stock
+                loader.__dict__.pop("exec_module", None)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def _import_asyncssh_lightly() -> None:
+    import sys
+
+    if (sys.platform.startswith("linux") and "asyncssh" not in sys.modules
+            and not any(isinstance(f, _AsyncsshImport) for f in sys.meta_path)):
+        sys.meta_path.insert(0, _AsyncsshImport())
+
+
+_import_asyncssh_lightly()
 MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels (MaxSessions)
 
 

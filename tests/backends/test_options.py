@@ -58,3 +58,52 @@ def test_an_option_to_a_back_end_that_takes_none_is_one_line_naming_it(tmp_path)
     backend = open_backend(str(tmp_path), {})
     assert str(err.value) == f"{backend.url}: option colour: unknown option (known: none)"
     assert err.value.key == "colour" and backend.settings is None
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"block_size": 1 << 20, "connect_timeout": 2, "known_hosts": None, "password": "p"},
+    {"connect_timeout": 0.5, "client_keys": ["~/.ssh/id"]}, {"connect_timeout": float("inf")},
+    {"block_size": 0}, {"block_size": "1048576"}, {"block_size": True}, {"block_size": 1.0},
+    {"connect_timeout": 0}, {"connect_timeout": -1.5}, {"connect_timeout": "3"},
+    {"connect_timeout": float("nan")}, {"connect_timeout": False}, {1: "x"},
+], ids=str)
+def test_options_plainly_right_are_read_as_the_model_reads_them(options):
+    """FsspecBackend's options without pydantic (PlainSettings) give what FsspecOptions
+    gives; what it leaves (None) the model converts or refuses."""
+    from pydantic import ValidationError
+
+    from castlib.backends.fsspec import FsspecOptions, PlainSettings
+
+    plain = PlainSettings.read(options)
+    try:
+        model = FsspecOptions.model_validate(options)
+    except ValidationError:
+        model = None
+    if plain is not None:
+        assert model is not None
+        for name in ("block_size", "connect_timeout", "model_extra"):
+            got, want = getattr(plain, name), getattr(model, name)
+            assert got == want and type(got) is type(want), name
+    else:
+        assert options   # the defaults are plain
+
+
+def test_an_sftp_location_with_right_options_is_opened_without_pydantic():
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_env
+
+    probe = ("import sys\nfrom castlib.backends import open_backend\n"
+             "b = open_backend('sftp://u@h.example:2222/data', {'known_hosts': None, "
+             "'connect_timeout': 3, 'password': 'p'})\n"
+             "print(b.connect_timeout, b.block_size, sorted(b._storage_options))\n"
+             "print(sorted(m for m in sys.modules if m.startswith('pydantic')))\n")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       env=cli_env({}), check=True)
+    assert r.stdout.splitlines() == ["3.0 8388608 ['known_hosts', 'password']", "[]"], r.stdout
+    # a wrong one is still the model's one line
+    with pytest.raises(ConfigError) as err:
+        open_backend("sftp://u@h.example/data", {"connect_timeout": "soon"})
+    assert str(err.value).startswith("sftp://h.example/data: option connect_timeout: "
+                                     "Input should be a valid number")

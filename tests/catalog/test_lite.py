@@ -94,6 +94,14 @@ def test_index_diff_and_a_noop_sync_of_local_folders_import_only_the_lean_set(tm
         heavy = sorted(m for m in modules if m in NOT_IN_A_LEAN_COMMAND
                        or m.split(".")[0] in NOT_IN_A_LEAN_COMMAND)
         assert heavy == [], args
+    # with a configuration file that is right: YAML to read it, and nothing more
+    config = tmp_path / "config.yaml"
+    config.write_text("storage:\n  'sftp://user@archive.example': {known_hosts: null}\n"
+                      f"locations:\n  daq: {ref}\nhostname: daq01\n")
+    modules = _imports("sync", "daq", str(dst), db=db, env={**env, "CASTLIB_CONFIG": str(config)})
+    assert "yaml" in modules and "castlib.config" in modules
+    lean = tuple(m for m in NOT_IN_A_LEAN_COMMAND if m != "yaml")
+    assert sorted(m for m in modules if m in lean or m.split(".")[0] in lean) == []
 
 
 def _dump(db_file):
