@@ -50,6 +50,8 @@ class SftpBackend(FsspecBackend):
         self._sessions: list = []     # [session, thread using it], the first one included
         self._more_sessions = True    # False once the server refused a channel
         self._sftp_kwargs: dict = {}
+        self._wires: list = []        # [SftpWire, thread using it] (see _wire)
+        self._more_wires = True       # False once the server refused a channel for one
         self._setstat_policy: bool | None = None   # see _setstat_denied_by_policy
         self.posix_rename = True      # False once the server refused it (see _sftp_rename)
         # What a small file's upload already told (see _SftpFile and copy_file's steps):
@@ -140,11 +142,58 @@ class SftpBackend(FsspecBackend):
                 entry[0] = session
         return session
 
+    def _wire(self):
+        """This thread's lean SFTP session (sftp_wire.SftpWire), for the requests of a
+        small file's copy (see _sftp_write_whole, _sftp_publish, _sftp_open_sized) and of
+        set-stats: the same requests as asyncssh's client makes, at two thirds of the
+        event loop's time, which is what limits a sync of many small files.
+
+        A session of its own on the location's one connection for each thread, handed on
+        as _client() hands its sessions on, up to MAX_SFTP_SESSIONS; beyond that, threads
+        share the first. A server that refuses the channel (OpenSSH's MaxSessions) leaves
+        the thread on its asyncssh session, which the helpers take as well."""
+        me = threading.current_thread()
+        with self._connect_lock:
+            fs = self.fs   # connected, as in _client
+            generation = self._generation
+            free = None
+            for entry in self._wires:
+                if entry[1] is me and entry[0] is not None:
+                    return entry[0]
+                if free is None and entry[0] is not None and not entry[1].is_alive():
+                    free = entry
+            if free is not None:
+                free[1] = me
+                return free[0]
+            if not self._more_wires or len(self._wires) >= MAX_SFTP_SESSIONS:
+                shared = next((entry[0] for entry in self._wires if entry[0] is not None), None)
+                return shared if shared is not None else self._client()
+            entry = [None, me]   # reserved; the session itself comes below, unlocked
+            self._wires.append(entry)
+        from .sftp_wire import open_wire
+
+        try:
+            wire = fsspec.asyn.sync(fs.loop, open_wire, fs.client, timeout=READ_TIMEOUT_S,
+                                    **self._sftp_kwargs)
+        except Exception as exc:  # no channel for it: asyncssh's session does it all
+            log.debug("%s: no lean SFTP session (%s); asyncssh's serves", self._where(), exc)
+            with self._connect_lock:
+                self._more_wires = False
+                if entry in self._wires:
+                    self._wires.remove(entry)
+            return self._client()
+        with self._connect_lock:
+            if generation == self._generation:
+                entry[0] = wire
+        return wire
+
     def _on_sftp(self, call, *args, **kwargs):
-        """Run one of the SFTP client's coroutines on the file system's loop, and wait for
-        it a bounded time: a request on a connection that died under it may never be
-        answered (fsspec's own SSHFile waits for ever there)."""
-        return fsspec.asyn.sync(self.fs.loop, call, *args, timeout=READ_TIMEOUT_S, **kwargs)
+        """Run one of the SFTP client's coroutines (or a wire's request, which returns a
+        future) on the file system's loop, and wait for it a bounded time: a request on a
+        connection that died under it may never be answered (fsspec's own SSHFile waits
+        for ever there). The call itself is made on the loop: a wire's requests must be."""
+        return fsspec.asyn.sync(self.fs.loop, _awaited, call, args, kwargs,
+                                timeout=READ_TIMEOUT_S)
 
     def _connection_failed(self, generation: int) -> None:
         """An SSH connection that dropped stays dropped (every later call fails with 'not
@@ -155,17 +204,20 @@ class SftpBackend(FsspecBackend):
                 self._generation += 1
                 self._fs = self._sftp = None
                 self._sessions, self._more_sessions = [], True
+                self._wires, self._more_wires = [], True
 
     def close(self) -> None:
         fs, self._fs = self._fs, None
         try:
             if self._sftp is not None and fs is not None:
                 sessions = [entry[0] for entry in self._sessions] or [self._sftp]
+                sessions += [entry[0] for entry in self._wires if entry[0] is not None]
                 fsspec.asyn.sync(fs.loop, _close_ssh, sessions, fs.client, timeout=5)
         except Exception:  # closing is best effort: the connection may be gone already
             pass
         self._sftp = None
         self._sessions = []
+        self._wires = []
 
     # -- listing -------------------------------------------------------------------------
     def walk(self, on_error):
@@ -311,7 +363,7 @@ class SftpBackend(FsspecBackend):
             if self.posix_rename:
                 # a copy's last steps in one call: its times and bits (see set_mtime), the
                 # rename, and a stat of the result, which the engine asks for next
-                attrs, renamed = self._on_sftp(_sftp_publish, self._client(), self._full(src),
+                attrs, renamed = self._on_sftp(_sftp_publish, self._wire(), self._full(src),
                                                self._full(dst), pending)
                 if renamed:
                     if attrs is not None:
@@ -322,7 +374,7 @@ class SftpBackend(FsspecBackend):
                 log.info("%s: the server refuses posix-rename; renaming in steps", self._where())
                 self.posix_rename = False
             elif pending:
-                self._on_sftp(self._client().setstat, self._full(src), _attrs(pending))
+                self._on_sftp(self._wire().setstat, self._full(src), _attrs(pending))
             self._sftp_rename(src, dst)
 
     def _sftp_rename(self, src: str, dst: str) -> None:
@@ -373,7 +425,7 @@ class SftpBackend(FsspecBackend):
         if self._defer_setstat(path, "set_mtime", mtime=seconds):
             return
         self._setstat(path, "set_mtime", "modification times",
-                      lambda client: client.utime(self._full(path), (seconds, seconds)))
+                      lambda sftp: sftp.setstat(self._full(path), _attrs({"mtime": seconds})))
 
     def chmod(self, path: str, mode: int) -> None:
         if not self.capabilities.permissions:
@@ -381,7 +433,8 @@ class SftpBackend(FsspecBackend):
         if self._defer_setstat(path, "permissions", permissions=mode & 0o7777):
             return
         self._setstat(path, "permissions", "permission bits",
-                      lambda client: client.chmod(self._full(path), mode & 0o7777))
+                      lambda sftp: sftp.setstat(self._full(path),
+                                                _attrs({"permissions": mode & 0o7777})))
 
     def _defer_setstat(self, path: str, capability: str, **attrs) -> bool:
         """Whether a set-stat of a temporary file can wait for its rename, to go out with
@@ -404,7 +457,7 @@ class SftpBackend(FsspecBackend):
         try:
             with self._errors(path):
                 try:
-                    self._on_sftp(request, self._client())
+                    self._on_sftp(request, self._wire())
                     self._setstat_proven.add(capability)
                 except asyncssh.SFTPPermissionDenied:
                     if not self._setstat_denied_by_policy(path):
@@ -644,8 +697,11 @@ def _tune_asyncssh_logging() -> None:
 
 
 async def _close_ssh(sessions, client) -> None:
-    for session in set(sessions):
-        session.exit()
+    for session in set(sessions):   # asyncssh's SFTP clients, and SftpWires
+        if hasattr(session, "exit"):
+            session.exit()
+        else:
+            session.close()
     client.close()
     await client.wait_closed()
 
@@ -689,7 +745,7 @@ class _SftpFile:
         self._closed = False
         if "r" in mode:
             self._file, self._size, self._buffer, self._pipe = backend._on_sftp(
-                _sftp_open_sized, backend._client(), self._path, self.PREFETCH, exact)
+                _sftp_open_sized, backend._wire(), self._path, self.PREFETCH, exact)
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, size: int = -1) -> bytes:
@@ -771,7 +827,7 @@ class _SftpFile:
             return
         data, self._buffer = self._buffer, b""
         if f is None:   # one write or none: open, write and close in one call
-            back = self._backend._on_sftp(_sftp_write_whole, self._backend._client(),
+            back = self._backend._on_sftp(_sftp_write_whole, self._backend._wire(),
                                           self._path, self._mode, data,
                                           self._read_back and len(data) <= READ_BACK_MAX)
             if back is not None:
@@ -832,11 +888,11 @@ class _ReadPipe:
         self._left = b""   # answered bytes not taken yet
 
     def _fill(self) -> None:
-        loop = asyncio.get_running_loop()
         while len(self._pending) < self._depth and self._next < self._end:
             size = min(self._block, self._end - self._next)
+            # a task for asyncssh's coroutine, a wire's future as it is
             self._pending.append((self._next, size,
-                                  loop.create_task(self._f.read(size, self._next))))
+                                  asyncio.ensure_future(self._f.read(size, self._next))))
             self._next += size
 
     async def take(self, want: int) -> bytes:
@@ -858,8 +914,8 @@ class _ReadPipe:
                 break
             if len(data) < size:   # a short answer: the rest is asked for first
                 rest = offset + len(data)
-                self._pending.appendleft((rest, size - len(data), asyncio.get_running_loop()
-                                          .create_task(self._f.read(size - len(data), rest))))
+                self._pending.appendleft((rest, size - len(data), asyncio.ensure_future(
+                    self._f.read(size - len(data), rest))))
             if got + len(data) > want:
                 self._left = data[want - got:]
                 data = data[:want - got]
@@ -919,14 +975,13 @@ class _WritePipe:
     async def _send(self, view) -> None:
         if self._error is not None:
             raise self._error
-        loop = asyncio.get_running_loop()
         for start in range(0, len(view), self._block):
             await self._room.acquire()
             if self._error is not None:
                 self._room.release()
                 raise self._error
             piece = bytes(view[start:start + self._block])
-            task = loop.create_task(self._f.write(piece, self._offset))
+            task = asyncio.ensure_future(self._f.write(piece, self._offset))
             self._offset += len(piece)
             self._out.add(task)
             task.add_done_callback(self._answered)
@@ -944,6 +999,11 @@ class _WritePipe:
             await asyncio.gather(*list(self._out), return_exceptions=True)
         if self._error is not None:
             raise self._error
+
+
+async def _awaited(call, args, kwargs):
+    """What `call` gives (a coroutine's result, or a future's), called on the loop."""
+    return await call(*args, **kwargs)
 
 
 async def _sftp_close_reading(f, pipe) -> None:
@@ -978,8 +1038,12 @@ SFTP_READ_BLOCK_WITHOUT_LIMITS = 32 * 1024
 
 
 def _sftp_limits_told(sftp) -> bool:
-    """Whether the server named its limits (OpenSSH's limits@openssh.com): asyncssh then
-    keeps them in `limits`, else its own safe 16 KiB (and never the packet length)."""
+    """Whether the server named its limits (OpenSSH's limits@openssh.com): asyncssh (and
+    an SftpWire) then keep them in `limits`, else a safe 16 KiB (and never the packet
+    length)."""
+    told = getattr(sftp, "limits_told", None)   # an SftpWire
+    if told is not None:
+        return told
     told = getattr(getattr(sftp, "_handler", None), "_supports_limits", None)
     if told is not None:
         return bool(told)

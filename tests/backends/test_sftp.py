@@ -19,10 +19,13 @@ from tests.helpers import backend_write as write
 
 class _RequestCounter:
     """Counts the SFTP requests the client sends, by type (the real traffic to a real
-    server, observed at the client's request method)."""
+    server, observed at asyncssh's request method and at the lean session's, sftp_wire;
+    an extended request by its name, as asyncssh has it)."""
 
     def __init__(self, monkeypatch):
         import asyncssh.sftp
+
+        from castlib.backends import sftp_wire
 
         self.counts: dict = {}
         original = asyncssh.sftp.SFTPClientHandler._make_request
@@ -32,6 +35,16 @@ class _RequestCounter:
             return await original(handler, pkttype, *args)
 
         monkeypatch.setattr(asyncssh.sftp.SFTPClientHandler, "_make_request", counting)
+        wire_request = sftp_wire.SftpWire._request
+
+        def wire_counting(wire, kind, payload, parse):
+            if kind == sftp_wire.FXP_EXTENDED:
+                kind = payload[4:4 + int.from_bytes(payload[:4], "big")]
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            return wire_request(wire, kind if isinstance(kind, int) else sftp_wire.FXP_EXTENDED,
+                                payload, parse)
+
+        monkeypatch.setattr(sftp_wire.SftpWire, "_request", wire_counting)
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -363,14 +376,37 @@ def test_sftp_asyncssh_debug_log_still_logs_when_enabled(sftp_server, caplog):
     try:
         with caplog.at_level(logging.DEBUG, logger="asyncssh"):
             b = open_backend(sftp_server.url, sftp_server.options)
-            write(b, "f", b"x" * 100)
-            assert read(b, "f") == b"x" * 100
+            with b.open_write("f") as stream:   # two writes: asyncssh's client writes them
+                stream.write(b"x" * 100)
+                stream.write(b"y" * 100)
+            assert read(b, "f") == b"x" * 100 + b"y" * 100
             b.close()
     finally:
         asyncssh.set_debug_level(1)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("asyncssh")]
-    assert any("Sending write for 100 bytes" in m for m in messages), messages[:20]
+    assert any("Sending write for 200 bytes" in m for m in messages), messages[:20]
     assert any(" Sent MSG_CHANNEL_DATA" in m for m in messages), messages[:20]
+
+
+def _corrupt_first_byte_written(monkeypatch):
+    """Every write at offset 0 reaches the server with its first byte flipped, below
+    castlib's writer: asyncssh's client's (large files) and the lean session's (small)."""
+    import asyncssh
+
+    from castlib.backends import sftp_wire
+
+    original = asyncssh.SFTPClientFile.write
+    wire_write = sftp_wire.WireFile.write
+
+    def flipped(data, offset):
+        return bytes([data[0] ^ 1]) + bytes(data[1:]) if offset in (0, None) else data
+
+    async def corrupting(self, data, offset=None):
+        return await original(self, flipped(data, offset), offset)
+
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", corrupting)
+    monkeypatch.setattr(sftp_wire.WireFile, "write",
+                        lambda self, data, offset: wire_write(self, flipped(data, offset), offset))
 
 
 @pytest.mark.parametrize("size", [5000, 5 * MIB + 3])
@@ -381,20 +417,12 @@ def test_sftp_copy_stored_wrong_is_caught_and_not_published(request, kind, size,
     way, below castlib's writer) fail the verification: the read-back is of what the
     server stored, not of what was sent, for a small file read back at its close and a
     large one read back by checksum() alike. Nothing takes the final name."""
-    import asyncssh
-
     from castlib.errors import VerificationFailed
 
     server = request.getfixturevalue(kind.replace("-", "_") + "_server")
     dst = open_backend(server.url, server.options)
     src = _local_source(tmp_path, {"f": os.urandom(size)})
-    original = asyncssh.SFTPClientFile.write
-
-    async def corrupting(self, data, offset=None):
-        data = bytes([data[0] ^ 1]) + bytes(data[1:]) if offset in (0, None) else data
-        return await original(self, data, offset)
-
-    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", corrupting)
+    _corrupt_first_byte_written(monkeypatch)
     with pytest.raises(VerificationFailed, match="written (adler32|md5)"):
         _copy(src, dst, "f", 1_600_000_000 * 10**9)
     assert dst.stat("f") is None
@@ -504,13 +532,7 @@ def test_sftp_host_that_runs_no_commands_is_verified_by_read_back(sftp_no_exec_s
         assert (server.folder / name).read_bytes() == data
     assert dst._server_md5 is False
     assert dst.server_checksum_algorithm(len(data)) is None   # asked once, not again
-    original = asyncssh.SFTPClientFile.write
-
-    async def corrupting(self, chunk, offset=None):
-        chunk = bytes([chunk[0] ^ 1]) + bytes(chunk[1:]) if offset in (0, None) else chunk
-        return await original(self, chunk, offset)
-
-    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", corrupting)
+    _corrupt_first_byte_written(monkeypatch)
     with pytest.raises(VerificationFailed, match="written adler32"):
         _copy(src, dst, "h", 1_600_000_000 * 10**9)
     assert sorted(os.listdir(server.folder)) == ["f", "g"]
