@@ -35,8 +35,10 @@ MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels
 
 
 class SftpBackend(FsspecBackend):
-    """One location on an SSH host. Listings and folders go through sshfs; every other
-    call goes to asyncssh's SFTP client itself, each wait bounded (see _on_sftp)."""
+    """One location on an SSH host. Listings and folders go through sshfs; a small file's
+    requests (its upload, read-back, set-stats and rename, a read) through a lean SFTP
+    session of each thread's (sftp_wire, see _wire); every other call goes to asyncssh's
+    SFTP client itself; each wait bounded (see _on_sftp)."""
 
     description = "SSH hosts over SFTP (asyncssh)"
     # SFTP v3 sets permission bits and folder mtimes; a link's own mtime needs an OpenSSH
@@ -170,12 +172,17 @@ class SftpBackend(FsspecBackend):
                 return shared if shared is not None else self._client()
             entry = [None, me]   # reserved; the session itself comes below, unlocked
             self._wires.append(entry)
+        import asyncssh
+
         from .sftp_wire import open_wire
 
-        try:
-            wire = fsspec.asyn.sync(fs.loop, open_wire, fs.client, timeout=READ_TIMEOUT_S,
-                                    **self._sftp_kwargs)
-        except Exception as exc:  # no channel for it: asyncssh's session does it all
+        try:   # names as the asyncssh sessions have them (see _connect)
+            wire = fsspec.asyn.sync(fs.loop, open_wire, fs.client,
+                                    self._sftp_kwargs.get("path_encoding", "utf-8"),
+                                    self._sftp_kwargs.get("path_errors", "surrogateescape"),
+                                    timeout=READ_TIMEOUT_S)
+        except (asyncssh.Error, OSError, FSTimeoutError, asyncio.TimeoutError) as exc:
+            # no channel for it (MaxSessions), no SFTP v3 there: asyncssh's session serves
             log.debug("%s: no lean SFTP session (%s); asyncssh's serves", self._where(), exc)
             with self._connect_lock:
                 self._more_wires = False
@@ -707,7 +714,8 @@ async def _close_ssh(sessions, client) -> None:
 
 
 class _SftpFile:
-    """A remote file through the SFTP client itself, each wait bounded (see _on_sftp).
+    """A remote file through the thread's SFTP sessions (see SftpBackend._wire), each wait
+    bounded (see _on_sftp).
 
     Every call from a transfer thread to the event loop costs a thread switch or two, and
     every request a round trip: small files go in as few of both as their bytes allow.
@@ -1125,7 +1133,11 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
     session in the order they came (the SFTP drafts; OpenSSH's sftp-server one at a time,
     rclone's closes a handle only after its reads and writes and runs every other request
     in turn), so the read-back is still of a file opened after the writing handle was
-    closed. Before, each of the six waited for the one before: twice the round trips."""
+    closed. Before, each of the six waited for the one before: twice the round trips.
+
+    `sftp` is the thread's SftpWire (which sends each request as it is called, a loop
+    turn's in one channel write) or, where the server gave it no channel, its asyncssh
+    client: the same requests in the same order."""
     one_write = len(data) <= _sftp_write_limit(sftp)
     # block size 0: one request each, sent as the call starts (asyncssh's parallel I/O
     # would send it only a loop turn later, after the close), in the order given

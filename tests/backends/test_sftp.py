@@ -169,16 +169,22 @@ def test_sftp_transfer_threads_get_sessions_of_their_own(sftp_server):
     b = open_backend(sftp_server.url, sftp_server.options)
     assert listing(b) == []
 
+    from castlib.backends.sftp_wire import SftpWire
+
     def work(i):
         write(b, f"f{i}", b"x" * i)
         assert read(b, f"f{i}") == b"x" * i
-        return b._client()
+        return b._client(), b._wire()
 
     sessions = _in_threads(4, work)
-    assert len({id(s) for s in sessions}) == 4
-    assert b._client() not in sessions   # the calling thread kept its own
+    assert len({id(s) for s, _ in sessions}) == 4
+    assert b._client() not in [s for s, _ in sessions]   # the calling thread kept its own
+    # and so for the lean sessions that carry small files (see SftpBackend._wire)
+    assert all(isinstance(w, SftpWire) for _, w in sessions)
+    assert len({id(w) for _, w in sessions}) == 4
     later = _in_threads(4, work)
-    assert {id(s) for s in later} == {id(s) for s in sessions}   # handed on, none new
+    assert {id(s) for s, _ in later} == {id(s) for s, _ in sessions}   # handed on, none new
+    assert {id(w) for _, w in later} == {id(w) for _, w in sessions}
     b.close()
 
 
