@@ -559,8 +559,9 @@ async def _sftp_publish(sftp, src: str, dst: str, pending: dict | None):
 
     if pending:
         await sftp.setstat(src, _attrs(pending))
-    renamed, attrs = await asyncio.gather(sftp.posix_rename(src, dst), sftp.lstat(dst),
-                                          return_exceptions=True)
+    with _together(sftp):
+        requests = sftp.posix_rename(src, dst), sftp.lstat(dst)
+    renamed, attrs = await asyncio.gather(*requests, return_exceptions=True)
     if isinstance(renamed, asyncssh.SFTPOpUnsupported):
         return None, False
     if isinstance(renamed, BaseException):
@@ -1009,6 +1010,21 @@ class _WritePipe:
             raise self._error
 
 
+class _NoBatch:
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _together(sftp):
+    """Requests made inside go out in one channel write on an SftpWire (its batch());
+    asyncssh's client sends each as its task starts, in the order made, as it is."""
+    batch = getattr(sftp, "batch", None)
+    return batch() if batch is not None else _NoBatch()
+
+
 async def _awaited(call, args, kwargs):
     """What `call` gives (a coroutine's result, or a future's), called on the loop."""
     return await call(*args, **kwargs)
@@ -1080,8 +1096,9 @@ async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
     wrong byte."""
     import asyncssh
 
-    opened, attrs = await asyncio.gather(sftp.open(path, "rb", block_size=0),
-                                         sftp.stat(path), return_exceptions=True)
+    with _together(sftp):
+        requests = sftp.open(path, "rb", block_size=0), sftp.stat(path)
+    opened, attrs = await asyncio.gather(*requests, return_exceptions=True)
     if isinstance(opened, BaseException):
         raise opened
     if isinstance(attrs, BaseException):
@@ -1150,11 +1167,12 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
         except BaseException:
             await _sftp_close_writing(f, pipe)
             raise
-    steps = [f.write(data, 0)] if data and one_write else []
-    steps.append(f.close())
-    if read_back:
-        one_read = len(data) < _sftp_read_piece(sftp)
-        steps.append(sftp.open(path, "rb", block_size=0))
+    with _together(sftp):
+        steps = [f.write(data, 0)] if data and one_write else []
+        steps.append(f.close())
+        if read_back:
+            one_read = len(data) < _sftp_read_piece(sftp)
+            steps.append(sftp.open(path, "rb", block_size=0))
     done = await asyncio.gather(*steps, return_exceptions=True)
     reader = done[-1] if read_back else None
     failed = [r for r in done if isinstance(r, BaseException)]
@@ -1165,8 +1183,9 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
     if reader is None:
         return None
     if one_read:   # the read and the close together
-        back, closed = await asyncio.gather(reader.read(len(data) + 1, 0), reader.close(),
-                                            return_exceptions=True)
+        with _together(sftp):
+            requests = reader.read(len(data) + 1, 0), reader.close()
+        back, closed = await asyncio.gather(*requests, return_exceptions=True)
         for result in (back, closed):
             if isinstance(result, BaseException):
                 raise result

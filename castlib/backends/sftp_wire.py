@@ -4,7 +4,7 @@ asyncssh's SFTP client spends ~1.2 ms of the event loop's CPU a small file uploa
 read back (its reader task, a coroutine and task per request, a packet object per reply,
 each request its own SSH packet); the loop is the bottleneck of a many-small-files sync
 on a 2-core host. Here the same requests cost ~0.8 ms: each is framed with struct and
-buffered, the requests of one loop turn go to the channel in one write (one SSH packet),
+buffered, the requests of one batch go to the channel in one write (one SSH packet),
 and each reply is parsed as it arrives and settles a plain future (no task). Only the
 requests sftp.py's per-file helpers make are here (open, read, write, close, stat, lstat,
 setstat, posix-rename, the limits); everything else stays with asyncssh's client.
@@ -16,7 +16,8 @@ reply becomes the asyncssh.SFTPError subclass asyncssh raises for its code (buil
 asyncssh's own SFTPError.construct), a channel or connection that closes fails every
 request waiting with SFTPConnectionLost (or the connection's own error), and a request
 after that fails at once. Each call returns a future, the request already buffered: the
-order of the calls is the order on the wire. Calls are made on the event loop's thread.
+order of the calls is the order on the wire; requests made in a batch() go out in one
+channel write. Calls are made on the event loop's thread.
 """
 from __future__ import annotations
 
@@ -120,8 +121,9 @@ def _status_error(payload: bytes, errors: str) -> asyncssh.SFTPError | None:
     return asyncssh.SFTPError.construct(SSHPacket(payload), errors)
 
 
-# What a reply carries, per request: a function of (type, payload after the id) that gives
-# the result or raises. `_expect_status` for requests answered by a status alone.
+# What a reply carries, per request: a function of (type, payload after the id; a DATA
+# reply's data alone) that gives the result or raises. `_expect_status` for requests
+# answered by a status alone.
 
 def _unexpected(kind: int) -> asyncssh.SFTPError:
     return asyncssh.SFTPBadMessage(f"Unexpected response type: {kind}")
@@ -140,6 +142,7 @@ class SftpWire(asyncssh.SSHClientSession):
         self._waiting: dict[int, tuple] = {}   # request id -> (future, reply parser)
         self._next_id = 1
         self._out: list[bytes] = []
+        self._batching = 0
         self._lost: BaseException | None = None
         self._encoding = (path_encoding, path_errors)
         self._decode_errors = utf8_decode_errors
@@ -171,35 +174,47 @@ class SftpWire(asyncssh.SSHClientSession):
             self._chan.close()
 
     def data_received(self, data, datatype) -> None:
+        """Whole replies, each copied out of the buffer once: a DATA reply's payload is its
+        bytes alone (a read of 255 KiB from OpenSSH was four copies, ~10 % slower than
+        asyncssh over a 256 MiB file), any other's what follows the request id."""
         buf = self._in
         buf += data
-        start, end = 0, len(buf)
-        try:
-            while end - start >= 4:
-                length = _u32.unpack_from(buf, start)[0]
+        start, end, replies = 0, len(buf), []
+        with memoryview(buf) as view:
+            while end - start >= 9:
+                length, kind, rid = _header.unpack_from(buf, start)   # VERSION: rid = version
+                if length < 5:
+                    replies.append((None, 0, b""))
+                    start = end
+                    break
                 if end - start - 4 < length:
                     break
-                body = bytes(buf[start + 4:start + 4 + length])
+                if kind == FXP_DATA and length >= 9:
+                    n = min(_u32.unpack_from(buf, start + 9)[0], length - 9)
+                    payload = bytes(view[start + 13:start + 13 + n])
+                else:
+                    payload = bytes(view[start + 9:start + 4 + length])
+                replies.append((kind, rid, payload))
                 start += 4 + length
-                self._reply(body)
-        finally:
-            del buf[:start]
+        del buf[:start]
+        for kind, rid, payload in replies:
+            self._reply(kind, rid, payload)
 
-    def _reply(self, body: bytes) -> None:
-        kind = body[0]
-        if kind == FXP_VERSION:
-            self._version(body)
-            return
-        if len(body) < 5:
+    def _reply(self, kind: int | None, rid: int, payload: bytes) -> None:
+        if kind is None:
             return self._protocol_error("Truncated response")
-        entry = self._waiting.pop(_u32.unpack_from(body, 1)[0], None)
+        if kind == FXP_VERSION:
+            return self._version(rid, payload)
+        entry = self._waiting.pop(rid, None)
         if entry is None:   # as asyncssh does: the session is beyond repair
             return self._protocol_error("Invalid response id")
         future, parse = entry
         if future.done():   # cancelled (a wait that timed out)
             return
         try:
-            result = parse(kind, body[5:])
+            result = parse(kind, payload)
+        except struct.error:   # a reply shorter than its type says
+            future.set_exception(asyncssh.SFTPBadMessage("Truncated response"))
         except Exception as exc:   # noqa: BLE001 - the request's own error
             future.set_exception(exc)
         else:
@@ -209,18 +224,17 @@ class SftpWire(asyncssh.SSHClientSession):
         self._fail(asyncssh.SFTPBadMessage(why))
         self.close()
 
-    def _version(self, body: bytes) -> None:
+    def _version(self, version: int, payload: bytes) -> None:
         if self.version.done():
             return self._protocol_error("Unexpected version")
         try:
-            version = _u32.unpack_from(body, 1)[0]
-            offset = 5
-            while offset < len(body):
-                n = _u32.unpack_from(body, offset)[0]
-                name = body[offset + 4:offset + 4 + n]
+            offset = 0
+            while offset < len(payload):
+                n = _u32.unpack_from(payload, offset)[0]
+                name = payload[offset + 4:offset + 4 + n]
                 offset += 4 + n
-                n = _u32.unpack_from(body, offset)[0]
-                self.extensions[name] = body[offset + 4:offset + 4 + n]
+                n = _u32.unpack_from(payload, offset)[0]
+                self.extensions[name] = payload[offset + 4:offset + 4 + n]
                 offset += 4 + n
         except struct.error:
             return self._protocol_error("Invalid version reply")
@@ -244,11 +258,18 @@ class SftpWire(asyncssh.SSHClientSession):
         rid = self._next_id
         self._next_id = (rid + 1) & 0xffffffff
         self._waiting[rid] = (future, parse)
-        if not self._out:
-            self._loop.call_soon(self._flush)
         self._out.append(_header.pack(len(payload) + 5, kind, rid))
         self._out.append(payload)
+        if not self._batching:
+            self._flush()
         return future
+
+    def batch(self) -> "_Batch":
+        """A context in which requests wait, to go out together in one channel write (one
+        SSH packet, one encryption) when it ends, in the order made. Outside one, each
+        goes at once: a read pipe's next request must not wait for a later loop turn (a
+        256 MiB read from OpenSSH was ~10 % slower that way)."""
+        return _Batch(self)
 
     def _flush(self) -> None:
         out, self._out = self._out, []
@@ -324,6 +345,21 @@ class SftpWire(asyncssh.SSHClientSession):
                               self._expect_status)
 
 
+class _Batch:
+    __slots__ = ("_wire",)
+
+    def __init__(self, wire: SftpWire):
+        self._wire = wire
+
+    def __enter__(self):
+        self._wire._batching += 1
+
+    def __exit__(self, *exc):
+        self._wire._batching -= 1
+        if not self._wire._batching:
+            self._wire._flush()
+
+
 class WireFile:
     """An open handle: asyncssh SFTPClientFile's read, write and close with block size 0
     (one request each, at the offset given), each a future."""
@@ -337,9 +373,8 @@ class WireFile:
     def read(self, size: int, offset: int) -> asyncio.Future:
         """Up to `size` bytes at `offset`; b"" at the end of the file."""
         def parse(kind, payload):
-            if kind == FXP_DATA:
-                n = _u32.unpack_from(payload)[0]
-                return payload[4:4 + n]
+            if kind == FXP_DATA:   # its bytes alone (see SftpWire.data_received)
+                return payload
             if kind == FXP_STATUS:
                 exc = _status_error(payload, self._wire._decode_errors)
                 if isinstance(exc, asyncssh.SFTPEOFError):
