@@ -35,10 +35,10 @@ MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels
 
 
 class SftpBackend(FsspecBackend):
-    """One location on an SSH host. Listings and folders go through sshfs; a small file's
-    requests (its upload, read-back, set-stats and rename, a read) through a lean SFTP
-    session of each thread's (sftp_wire, see _wire); every other call goes to asyncssh's
-    SFTP client itself; each wait bounded (see _on_sftp)."""
+    """One location on an SSH host. Listings and folders go through sshfs; a copy's
+    requests (its writes, read-back, stats, set-stats and rename; reads) through a lean
+    SFTP session of each thread's (sftp_wire, see _wire); every other call goes to
+    asyncssh's SFTP client itself; each wait bounded (see _on_sftp)."""
 
     description = "SSH hosts over SFTP (asyncssh)"
     # SFTP v3 sets permission bits and folder mtimes; a link's own mtime needs an OpenSSH
@@ -110,7 +110,9 @@ class SftpBackend(FsspecBackend):
         parallel transfers do not queue behind one another on the server: OpenSSH runs
         one sftp-server process a session, rclone runs a session's commands one at a
         time. Beyond that, or once the server refuses another channel (OpenSSH's
-        MaxSessions), threads share the first session."""
+        MaxSessions), threads share the first session. The threads' lean sessions (see
+        _wire), which carry their files' bytes, count against the same limit: these
+        serve the rest (deletions, links, renames without posix-rename)."""
         me = threading.current_thread()
         with self._connect_lock:
             # connected, again if another thread saw the line drop since (a reentrant lock)
@@ -125,7 +127,8 @@ class SftpBackend(FsspecBackend):
             if free is not None:
                 free[1] = me
                 return free[0]
-            if not self._more_sessions or len(self._sessions) >= MAX_SFTP_SESSIONS:
+            if not self._more_sessions or \
+                    len(self._sessions) + len(self._wires) >= MAX_SFTP_SESSIONS:
                 return first
             entry = [first, me]   # reserved; the session itself comes below, unlocked
             self._sessions.append(entry)
@@ -145,15 +148,19 @@ class SftpBackend(FsspecBackend):
         return session
 
     def _wire(self):
-        """This thread's lean SFTP session (sftp_wire.SftpWire), for the requests of a
-        small file's copy (see _sftp_write_whole, _sftp_publish, _sftp_open_sized) and of
-        set-stats: the same requests as asyncssh's client makes, at two thirds of the
-        event loop's time, which is what limits a sync of many small files.
+        """This thread's lean SFTP session (sftp_wire.SftpWire), for a file's copy: its
+        writes (_sftp_write_whole, or _sftp_open_write and its pipe), stats, set-stats
+        and rename (_sftp_publish), and reads (_sftp_open_sized): the same requests as
+        asyncssh's client makes, at two thirds of the event loop's time for a small
+        file, which is what limits a sync of many small files.
 
         A session of its own on the location's one connection for each thread, handed on
-        as _client() hands its sessions on, up to MAX_SFTP_SESSIONS; beyond that, threads
-        share the first. A server that refuses the channel (OpenSSH's MaxSessions) leaves
-        the thread on its asyncssh session, which the helpers take as well."""
+        as _client() hands its sessions on, up to MAX_SFTP_SESSIONS with the asyncssh
+        sessions; beyond that, threads share the first. Copies need no asyncssh session
+        of the thread's own, so that OpenSSH's 10 channels a connection leave one to
+        each of 4 transfer threads for md5sum (see _md5_on_server). A server that
+        refuses the channel (OpenSSH's MaxSessions) leaves the thread on its asyncssh
+        session, which the helpers take as well."""
         me = threading.current_thread()
         with self._connect_lock:
             fs = self.fs   # connected, as in _client
@@ -167,7 +174,8 @@ class SftpBackend(FsspecBackend):
             if free is not None:
                 free[1] = me
                 return free[0]
-            if not self._more_wires or len(self._wires) >= MAX_SFTP_SESSIONS:
+            if not self._more_wires or \
+                    len(self._wires) + len(self._sessions) >= MAX_SFTP_SESSIONS:
                 shared = next((entry[0] for entry in self._wires if entry[0] is not None), None)
                 return shared if shared is not None else self._client()
             entry = [None, me]   # reserved; the session itself comes below, unlocked
@@ -255,7 +263,7 @@ class SftpBackend(FsspecBackend):
         try:
             with self._errors(path):
                 try:
-                    attrs = self._on_sftp(self._client().lstat, self._full(path))
+                    attrs = self._on_sftp(self._wire().lstat, self._full(path))
                 except asyncssh.SFTPNoSuchFile:
                     return None
         except NotFound:
@@ -392,7 +400,7 @@ class SftpBackend(FsspecBackend):
 
         if self.posix_rename:
             try:
-                self._on_sftp(self._client().posix_rename, self._full(src), self._full(dst))
+                self._on_sftp(self._wire().posix_rename, self._full(src), self._full(dst))
                 return
             except asyncssh.SFTPOpUnsupported:
                 log.info("%s: the server refuses posix-rename; renaming in steps", self._where())
@@ -804,7 +812,7 @@ class _SftpFile:
             return len(data)
         if self._file is None:
             self._file, self._pipe = self._backend._on_sftp(
-                _sftp_open_write, self._backend._client(), self._path, self._mode, self._buffer)
+                _sftp_open_write, self._backend._wire(), self._path, self._mode, self._buffer)
             self._buffer = b""
         self._wait_handed()
         # The pipe takes the block while the caller reads and hashes the next one: the

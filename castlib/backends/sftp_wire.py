@@ -8,6 +8,8 @@ buffered, the requests of one batch go to the channel in one write (one SSH pack
 and each reply is parsed as it arrives and settles a plain future (no task). Only the
 requests sftp.py's per-file helpers make are here (open, read, write, close, stat, lstat,
 setstat, posix-rename, the limits); everything else stays with asyncssh's client.
+Requests of a channel are buffered as asyncssh's are: a caller bounds what it has in
+flight (sftp.py's pipes: 4 MiB).
 
 The surface is asyncssh's where they overlap (`open(path, mode)` -> a file with
 `read(size, offset)`, `write(data, offset)`, `close()`; `stat`, `lstat`, `setstat`,
@@ -250,7 +252,8 @@ class SftpWire(asyncssh.SSHClientSession):
     def _path(self, path) -> bytes:
         return path if isinstance(path, bytes) else path.encode(*self._encoding)
 
-    def _request(self, kind: int, payload: bytes, parse) -> asyncio.Future:
+    def _request(self, kind: int, payload: bytes, parse, data=b"") -> asyncio.Future:
+        """Send `payload` (then `data`, a write's bytes, not copied to be joined to it)."""
         future = self._loop.create_future()
         if self._lost is not None:
             future.set_exception(self._lost)
@@ -258,8 +261,10 @@ class SftpWire(asyncssh.SSHClientSession):
         rid = self._next_id
         self._next_id = (rid + 1) & 0xffffffff
         self._waiting[rid] = (future, parse)
-        self._out.append(_header.pack(len(payload) + 5, kind, rid))
+        self._out.append(_header.pack(len(payload) + len(data) + 5, kind, rid))
         self._out.append(payload)
+        if data:
+            self._out.append(data)
         if not self._batching:
             self._flush()
         return future
@@ -385,8 +390,8 @@ class WireFile:
         return self._request(FXP_READ, self._handle + _read_args.pack(offset, size), parse)
 
     def write(self, data, offset: int) -> asyncio.Future:
-        return self._request(FXP_WRITE, self._handle + _u64.pack(offset) +
-                             _u32.pack(len(data)) + bytes(data), self._wire._expect_status)
+        return self._request(FXP_WRITE, self._handle + _u64.pack(offset) + _u32.pack(len(data)),
+                             self._wire._expect_status, data)
 
     def close(self) -> asyncio.Future:
         """Closes the handle; a second close does nothing, as asyncssh's."""
@@ -397,12 +402,12 @@ class WireFile:
             return future
         return self._wire._request(FXP_CLOSE, handle, self._wire._expect_status)
 
-    def _request(self, kind: int, payload: bytes, parse) -> asyncio.Future:
+    def _request(self, kind: int, payload: bytes, parse, data=b"") -> asyncio.Future:
         if self._handle is None:
             future = self._wire._loop.create_future()
             future.set_exception(ValueError("I/O operation on closed file"))
             return future
-        return self._wire._request(kind, payload, parse)
+        return self._wire._request(kind, payload, parse, data)
 
 
 async def open_wire(conn, path_encoding: str = "utf-8",

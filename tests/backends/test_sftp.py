@@ -37,12 +37,12 @@ class _RequestCounter:
         monkeypatch.setattr(asyncssh.sftp.SFTPClientHandler, "_make_request", counting)
         wire_request = sftp_wire.SftpWire._request
 
-        def wire_counting(wire, kind, payload, parse):
+        def wire_counting(wire, kind, payload, *args):
+            name = kind
             if kind == sftp_wire.FXP_EXTENDED:
-                kind = payload[4:4 + int.from_bytes(payload[:4], "big")]
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-            return wire_request(wire, kind if isinstance(kind, int) else sftp_wire.FXP_EXTENDED,
-                                payload, parse)
+                name = payload[4:4 + int.from_bytes(payload[:4], "big")]
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return wire_request(wire, kind, payload, *args)
 
         monkeypatch.setattr(sftp_wire.SftpWire, "_request", wire_counting)
 
@@ -164,8 +164,10 @@ def _in_threads(count: int, work) -> list:
 
 def test_sftp_transfer_threads_get_sessions_of_their_own(sftp_server):
     """Parallel transfers do not queue behind one another in one server-side session:
-    each thread has its own SFTP session on the one connection; a thread that ended hands
-    its session on to the next."""
+    each thread has its own lean SFTP session (which carries its copies) on the one
+    connection, and an asyncssh session as long as the sessions of both kinds are no more
+    than MAX_SFTP_SESSIONS; a thread that ended hands its sessions on to the next."""
+    from castlib.backends.sftp import MAX_SFTP_SESSIONS
     b = open_backend(sftp_server.url, sftp_server.options)
     assert listing(b) == []
 
@@ -177,11 +179,11 @@ def test_sftp_transfer_threads_get_sessions_of_their_own(sftp_server):
         return b._client(), b._wire()
 
     sessions = _in_threads(4, work)
-    assert len({id(s) for s, _ in sessions}) == 4
-    assert b._client() not in [s for s, _ in sessions]   # the calling thread kept its own
-    # and so for the lean sessions that carry small files (see SftpBackend._wire)
     assert all(isinstance(w, SftpWire) for _, w in sessions)
     assert len({id(w) for _, w in sessions}) == 4
+    # the calling thread's and 3 threads' asyncssh sessions: 8 with the 4 lean ones
+    assert len({id(s) for s, _ in sessions} | {id(b._client())}) == MAX_SFTP_SESSIONS - 4
+    assert len(b._sessions) + len(b._wires) == MAX_SFTP_SESSIONS
     later = _in_threads(4, work)
     assert {id(s) for s, _ in later} == {id(s) for s, _ in sessions}   # handed on, none new
     assert {id(w) for _, w in later} == {id(w) for _, w in sessions}
@@ -382,15 +384,14 @@ def test_sftp_asyncssh_debug_log_still_logs_when_enabled(sftp_server, caplog):
     try:
         with caplog.at_level(logging.DEBUG, logger="asyncssh"):
             b = open_backend(sftp_server.url, sftp_server.options)
-            with b.open_write("f") as stream:   # two writes: asyncssh's client writes them
-                stream.write(b"x" * 100)
-                stream.write(b"y" * 100)
-            assert read(b, "f") == b"x" * 100 + b"y" * 100
+            write(b, "f", b"x" * 100)
+            assert read(b, "f") == b"x" * 100
+            b.delete("f")   # asyncssh's client's (a copy's requests are the lean session's)
             b.close()
     finally:
         asyncssh.set_debug_level(1)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("asyncssh")]
-    assert any("Sending write for 200 bytes" in m for m in messages), messages[:20]
+    assert any("Sending remove for" in m for m in messages), messages[:20]
     assert any(" Sent MSG_CHANNEL_DATA" in m for m in messages), messages[:20]
 
 
@@ -514,6 +515,28 @@ def test_sftp_large_copy_is_verified_by_md5sum_on_the_host(sftp_server, tmp_path
     with pytest.raises(VerificationFailed, match="written md5"):
         _copy(src, dst, "g", 1_600_000_000 * 10**9)
     assert sorted(os.listdir(sftp_server.folder)) == ["f"]
+    dst.close()
+
+
+def test_sftp_parallel_large_copies_all_get_a_channel_for_md5sum(sftp_server, tmp_path,
+                                                                 monkeypatch):
+    """Four transfer threads copying large files at once to OpenSSH (10 channels a
+    connection) each get a channel for md5sum beside their SFTP sessions (asyncssh's, for
+    the big writes, and the lean one that publishes): no copy falls back to a read-back."""
+    import asyncssh
+
+    dst = open_backend(sftp_server.url, sftp_server.options)
+    files = {f"f{i}": os.urandom(5 * MIB + i) for i in range(4)}
+    src = _local_source(tmp_path, files)
+    counter = _RequestCounter(monkeypatch)
+    assert dst.stat("") is not None   # connected, as a sync is when its copies start
+    for _ in range(2):   # the second time, with every thread's sessions open already
+        counter.counts.clear()
+        results = _in_threads(4, lambda i: _copy(src, dst, f"f{i}", 1_600_000_000 * 10**9))
+        assert [r.size for r in results] == [len(files[f"f{i}"]) for i in range(4)]
+        assert counter.counts.get(asyncssh.sftp.FXP_READ, 0) == 0, counter.counts
+        for name in files:
+            (sftp_server.folder / name).unlink()
     dst.close()
 
 
