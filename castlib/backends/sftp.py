@@ -1160,9 +1160,9 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
     in turn), so the read-back is still of a file opened after the writing handle was
     closed. Before, each of the six waited for the one before: twice the round trips.
 
-    `sftp` is the thread's SftpWire (which sends each request as it is called, a loop
-    turn's in one channel write) or, where the server gave it no channel, its asyncssh
-    client: the same requests in the same order."""
+    `sftp` is the thread's SftpWire (which sends each request as it is called, those
+    made together in one channel write: see _together) or, where the server gave it no
+    channel, its asyncssh client: the same requests in the same order."""
     one_write = len(data) <= _sftp_write_limit(sftp)
     # block size 0: one request each, sent as the call starts (asyncssh's parallel I/O
     # would send it only a loop turn later, after the close), in the order given
