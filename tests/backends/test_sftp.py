@@ -200,6 +200,8 @@ def test_sftp_server_allowing_few_sessions_is_shared(sftp_two_sessions_server):
                                         read(b, f"f{i}"))[1])
     assert results == [bytes([i]) * 1000 for i in range(5)]
     assert {st.path for st in listing(b)} == {f"f{i}" for i in range(5)}
+    # the lean sessions found no channel either: their requests went through asyncssh's
+    assert b._more_wires is False and len(b._wires) + len(b._sessions) <= 2
     b.close()
 
 
