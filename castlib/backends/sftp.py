@@ -162,8 +162,10 @@ MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels
 
 
 class SftpBackend(FsspecBackend):
-    """One location on an SSH host. Listings and folders go through sshfs; every other
-    call goes to asyncssh's SFTP client itself, each wait bounded (see _on_sftp)."""
+    """One location on an SSH host. Listings and folders go through sshfs; a copy's
+    requests (its writes, read-back, stats, set-stats and rename; reads) through a lean
+    SFTP session of each thread's (sftp_wire, see _wire); every other call goes to
+    asyncssh's SFTP client itself; each wait bounded (see _on_sftp)."""
 
     description = "SSH hosts over SFTP (asyncssh)"
     # SFTP v3 sets permission bits and folder mtimes; a link's own mtime needs an OpenSSH
@@ -178,6 +180,8 @@ class SftpBackend(FsspecBackend):
         self._sessions: list = []     # [session, thread using it], the first one included
         self._more_sessions = True    # False once the server refused a channel
         self._sftp_kwargs: dict = {}
+        self._wires: list = []        # [SftpWire, thread using it] (see _wire)
+        self._more_wires = True       # False once the server refused a channel for one
         self._setstat_policy: bool | None = None   # see _setstat_denied_by_policy
         self.posix_rename = True      # False once the server refused it (see _sftp_rename)
         # What a small file's upload already told (see _SftpFile and copy_file's steps):
@@ -234,7 +238,9 @@ class SftpBackend(FsspecBackend):
         parallel transfers do not queue behind one another on the server: OpenSSH runs
         one sftp-server process a session, rclone runs a session's commands one at a
         time. Beyond that, or once the server refuses another channel (OpenSSH's
-        MaxSessions), threads share the first session."""
+        MaxSessions), threads share the first session. The threads' lean sessions (see
+        _wire), which carry their files' bytes, count against the same limit: these
+        serve the rest (deletions, links, renames without posix-rename)."""
         me = threading.current_thread()
         with self._connect_lock:
             # connected, again if another thread saw the line drop since (a reentrant lock)
@@ -249,7 +255,8 @@ class SftpBackend(FsspecBackend):
             if free is not None:
                 free[1] = me
                 return free[0]
-            if not self._more_sessions or len(self._sessions) >= MAX_SFTP_SESSIONS:
+            if not self._more_sessions or \
+                    len(self._sessions) + len(self._wires) >= MAX_SFTP_SESSIONS:
                 return first
             entry = [first, me]   # reserved; the session itself comes below, unlocked
             self._sessions.append(entry)
@@ -268,21 +275,77 @@ class SftpBackend(FsspecBackend):
                 entry[0] = session
         return session
 
+    def _wire(self):
+        """This thread's lean SFTP session (sftp_wire.SftpWire), for a file's copy: its
+        writes (_sftp_write_whole, or _sftp_open_write and its pipe), stats, set-stats
+        and rename (_sftp_publish), and reads (_sftp_open_sized): the same requests as
+        asyncssh's client makes, at two thirds of the event loop's time for a small
+        file, which is what limits a sync of many small files.
+
+        A session of its own on the location's one connection for each thread, handed on
+        as _client() hands its sessions on, up to MAX_SFTP_SESSIONS with the asyncssh
+        sessions; beyond that, threads share the first. Copies need no asyncssh session
+        of the thread's own, so that OpenSSH's 10 channels a connection leave one to
+        each of 4 transfer threads for md5sum (see _md5_on_server). A server that
+        refuses the channel (OpenSSH's MaxSessions) leaves the thread on its asyncssh
+        session, which the helpers take as well."""
+        me = threading.current_thread()
+        with self._connect_lock:
+            fs = self.fs   # connected, as in _client
+            generation = self._generation
+            free = None
+            for entry in self._wires:
+                if entry[1] is me and entry[0] is not None:
+                    return entry[0]
+                if free is None and entry[0] is not None and not entry[1].is_alive():
+                    free = entry
+            if free is not None:
+                free[1] = me
+                return free[0]
+            if not self._more_wires or \
+                    len(self._wires) + len(self._sessions) >= MAX_SFTP_SESSIONS:
+                shared = next((entry[0] for entry in self._wires if entry[0] is not None), None)
+                return shared if shared is not None else self._client()
+            entry = [None, me]   # reserved; the session itself comes below, unlocked
+            self._wires.append(entry)
+        import asyncssh
+
+        from .sftp_wire import open_wire
+
+        try:   # names as the asyncssh sessions have them (see _connect)
+            wire = fsspec.asyn.sync(fs.loop, open_wire, fs.client,
+                                    self._sftp_kwargs.get("path_encoding", "utf-8"),
+                                    self._sftp_kwargs.get("path_errors", "surrogateescape"),
+                                    timeout=READ_TIMEOUT_S)
+        except (asyncssh.Error, OSError, FSTimeoutError, asyncio.TimeoutError) as exc:
+            # no channel for it (MaxSessions), no SFTP v3 there: asyncssh's session serves
+            log.debug("%s: no lean SFTP session (%s); asyncssh's serves", self._where(), exc)
+            with self._connect_lock:
+                self._more_wires = False
+                if entry in self._wires:
+                    self._wires.remove(entry)
+            return self._client()
+        with self._connect_lock:
+            if generation == self._generation:
+                entry[0] = wire
+        return wire
+
     def _on_sftp(self, call, *args, **kwargs):
-        """Run one of the SFTP client's coroutines on the file system's loop, and wait for
-        it a bounded time: a request on a connection that died under it may never be
-        answered (fsspec's own SSHFile waits for ever there). The coroutine runs as it is:
-        fsspec.asyn.sync would wrap it in asyncio.wait_for, a task more on the loop's
-        thread for every call, two calls a small file."""
-        fut = asyncio.run_coroutine_threadsafe(_awaited(call(*args, **kwargs)), self.fs.loop)
+        """Run one of the SFTP client's coroutines (or a wire's request, which returns a
+        future) on the file system's loop, and wait for it a bounded time: a request on a
+        connection that died under it may never be answered (fsspec's own SSHFile waits
+        for ever there). The call itself is made on the loop: a wire's requests must be.
+        It runs as it is: fsspec.asyn.sync would wrap it in asyncio.wait_for, a task more
+        on the loop's thread for every call."""
+        fut = asyncio.run_coroutine_threadsafe(_awaited(call, args, kwargs), self.fs.loop)
         try:
             return fut.result(timeout=READ_TIMEOUT_S)
         except concurrent.futures.TimeoutError:
-            if fut.done():   # the coroutine's own timeout (one exception type since 3.11)
+            if fut.done():   # the call's own timeout (one exception type since 3.11)
                 raise FSTimeoutError(str(fut.exception())) from None
             fut.cancel()
             raise FSTimeoutError(f"no answer within {READ_TIMEOUT_S} s") from None
-        except asyncio.TimeoutError as exc:   # the coroutine's own, on 3.10
+        except asyncio.TimeoutError as exc:   # the call's own, on 3.10
             raise FSTimeoutError(str(exc)) from None
 
     def _connection_failed(self, generation: int) -> None:
@@ -294,6 +357,7 @@ class SftpBackend(FsspecBackend):
                 self._generation += 1
                 self._fs = self._sftp = None
                 self._sessions, self._more_sessions = [], True
+                self._wires, self._more_wires = [], True
 
     def close(self) -> None:
         self._abandon_early_connect()
@@ -301,11 +365,13 @@ class SftpBackend(FsspecBackend):
         try:
             if self._sftp is not None and fs is not None:
                 sessions = [entry[0] for entry in self._sessions] or [self._sftp]
+                sessions += [entry[0] for entry in self._wires if entry[0] is not None]
                 fsspec.asyn.sync(fs.loop, _close_ssh, sessions, fs.client, timeout=5)
         except Exception:  # closing is best effort: the connection may be gone already
             pass
         self._sftp = None
         self._sessions = []
+        self._wires = []
 
     # -- listing -------------------------------------------------------------------------
     def walk(self, on_error):
@@ -336,7 +402,7 @@ class SftpBackend(FsspecBackend):
         try:
             with self._errors(path):
                 try:
-                    attrs = self._on_sftp(self._client().lstat, self._full(path))
+                    attrs = self._on_sftp(self._wire().lstat, self._full(path))
                 except asyncssh.SFTPNoSuchFile:
                     return None
         except NotFound:
@@ -451,7 +517,7 @@ class SftpBackend(FsspecBackend):
             if self.posix_rename:
                 # a copy's last steps in one call: its times and bits (see set_mtime), the
                 # rename, and a stat of the result, which the engine asks for next
-                attrs, renamed = self._on_sftp(_sftp_publish, self._client(), self._full(src),
+                attrs, renamed = self._on_sftp(_sftp_publish, self._wire(), self._full(src),
                                                self._full(dst), pending)
                 if renamed:
                     if attrs is not None:
@@ -462,7 +528,7 @@ class SftpBackend(FsspecBackend):
                 log.info("%s: the server refuses posix-rename; renaming in steps", self._where())
                 self.posix_rename = False
             elif pending:
-                self._on_sftp(self._client().setstat, self._full(src), _attrs(pending))
+                self._on_sftp(self._wire().setstat, self._full(src), _attrs(pending))
             self._sftp_rename(src, dst)
 
     def _sftp_rename(self, src: str, dst: str) -> None:
@@ -473,7 +539,7 @@ class SftpBackend(FsspecBackend):
 
         if self.posix_rename:
             try:
-                self._on_sftp(self._client().posix_rename, self._full(src), self._full(dst))
+                self._on_sftp(self._wire().posix_rename, self._full(src), self._full(dst))
                 return
             except asyncssh.SFTPOpUnsupported:
                 log.info("%s: the server refuses posix-rename; renaming in steps", self._where())
@@ -513,7 +579,7 @@ class SftpBackend(FsspecBackend):
         if self._defer_setstat(path, "set_mtime", mtime=seconds):
             return
         self._setstat(path, "set_mtime", "modification times",
-                      lambda client: client.utime(self._full(path), (seconds, seconds)))
+                      lambda sftp: sftp.setstat(self._full(path), _attrs({"mtime": seconds})))
 
     def chmod(self, path: str, mode: int) -> None:
         if not self.capabilities.permissions:
@@ -521,7 +587,8 @@ class SftpBackend(FsspecBackend):
         if self._defer_setstat(path, "permissions", permissions=mode & 0o7777):
             return
         self._setstat(path, "permissions", "permission bits",
-                      lambda client: client.chmod(self._full(path), mode & 0o7777))
+                      lambda sftp: sftp.setstat(self._full(path),
+                                                _attrs({"permissions": mode & 0o7777})))
 
     def _defer_setstat(self, path: str, capability: str, **attrs) -> bool:
         """Whether a set-stat of a temporary file can wait for its rename, to go out with
@@ -544,7 +611,7 @@ class SftpBackend(FsspecBackend):
         try:
             with self._errors(path):
                 try:
-                    self._on_sftp(request, self._client())
+                    self._on_sftp(request, self._wire())
                     self._setstat_proven.add(capability)
                 except asyncssh.SFTPPermissionDenied:
                     if not self._setstat_denied_by_policy(path):
@@ -595,12 +662,6 @@ class SftpBackend(FsspecBackend):
 
 
 # -- helpers ----------------------------------------------------------------------------------
-async def _awaited(awaitable):
-    """A coroutine of any awaitable (asyncssh's open() gives an awaitable context manager,
-    which run_coroutine_threadsafe refuses)."""
-    return await awaitable
-
-
 # How long after a rename the stat of its target may be answered by the stat taken in the
 # rename's own call: the engine asks at once, from the same thread (SftpBackend.stat).
 PUBLISHED_STAT_S = 5.0
@@ -645,8 +706,9 @@ async def _sftp_publish(sftp, src: str, dst: str, pending: dict | None):
 
     if pending:
         await sftp.setstat(src, _attrs(pending))
-    renamed, attrs = await asyncio.gather(sftp.posix_rename(src, dst), sftp.lstat(dst),
-                                          return_exceptions=True)
+    with _together(sftp):
+        requests = sftp.posix_rename(src, dst), sftp.lstat(dst)
+    renamed, attrs = await asyncio.gather(*requests, return_exceptions=True)
     if isinstance(renamed, asyncssh.SFTPOpUnsupported):
         return None, False
     if isinstance(renamed, BaseException):
@@ -790,14 +852,18 @@ def _tune_asyncssh_logging() -> None:
 
 
 async def _close_ssh(sessions, client) -> None:
-    for session in set(sessions):
-        session.exit()
+    for session in set(sessions):   # asyncssh's SFTP clients, and SftpWires
+        if hasattr(session, "exit"):
+            session.exit()
+        else:
+            session.close()
     client.close()
     await client.wait_closed()
 
 
 class _SftpFile:
-    """A remote file through the SFTP client itself, each wait bounded (see _on_sftp).
+    """A remote file through the thread's SFTP sessions (see SftpBackend._wire), each wait
+    bounded (see _on_sftp).
 
     Every call from a transfer thread to the event loop costs a thread switch or two, and
     every request a round trip: small files go in as few of both as their bytes allow.
@@ -835,7 +901,7 @@ class _SftpFile:
         self._closed = False
         if "r" in mode:
             self._file, self._size, self._buffer, self._pipe = backend._on_sftp(
-                _sftp_open_sized, backend._client(), self._path, self.PREFETCH, exact)
+                _sftp_open_sized, backend._wire(), self._path, self.PREFETCH, exact)
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, size: int = -1) -> bytes:
@@ -885,7 +951,7 @@ class _SftpFile:
             return len(data)
         if self._file is None:
             self._file, self._pipe = self._backend._on_sftp(
-                _sftp_open_write, self._backend._client(), self._path, self._mode, self._buffer)
+                _sftp_open_write, self._backend._wire(), self._path, self._mode, self._buffer)
             self._buffer = b""
         self._wait_handed()
         # The pipe takes the block while the caller reads and hashes the next one: the
@@ -917,7 +983,7 @@ class _SftpFile:
             return
         data, self._buffer = self._buffer, b""
         if f is None:   # one write or none: open, write and close in one call
-            back = self._backend._on_sftp(_sftp_write_whole, self._backend._client(),
+            back = self._backend._on_sftp(_sftp_write_whole, self._backend._wire(),
                                           self._path, self._mode, data,
                                           self._read_back and len(data) <= READ_BACK_MAX)
             if back is not None:
@@ -978,11 +1044,11 @@ class _ReadPipe:
         self._left = b""   # answered bytes not taken yet
 
     def _fill(self) -> None:
-        loop = asyncio.get_running_loop()
         while len(self._pending) < self._depth and self._next < self._end:
             size = min(self._block, self._end - self._next)
+            # a task for asyncssh's coroutine, a wire's future as it is
             self._pending.append((self._next, size,
-                                  loop.create_task(self._f.read(size, self._next))))
+                                  asyncio.ensure_future(self._f.read(size, self._next))))
             self._next += size
 
     async def take(self, want: int) -> bytes:
@@ -1004,8 +1070,8 @@ class _ReadPipe:
                 break
             if len(data) < size:   # a short answer: the rest is asked for first
                 rest = offset + len(data)
-                self._pending.appendleft((rest, size - len(data), asyncio.get_running_loop()
-                                          .create_task(self._f.read(size - len(data), rest))))
+                self._pending.appendleft((rest, size - len(data), asyncio.ensure_future(
+                    self._f.read(size - len(data), rest))))
             if got + len(data) > want:
                 self._left = data[want - got:]
                 data = data[:want - got]
@@ -1065,14 +1131,13 @@ class _WritePipe:
     async def _send(self, view) -> None:
         if self._error is not None:
             raise self._error
-        loop = asyncio.get_running_loop()
         for start in range(0, len(view), self._block):
             await self._room.acquire()
             if self._error is not None:
                 self._room.release()
                 raise self._error
             piece = bytes(view[start:start + self._block])
-            task = loop.create_task(self._f.write(piece, self._offset))
+            task = asyncio.ensure_future(self._f.write(piece, self._offset))
             self._offset += len(piece)
             self._out.add(task)
             task.add_done_callback(self._answered)
@@ -1090,6 +1155,26 @@ class _WritePipe:
             await asyncio.gather(*list(self._out), return_exceptions=True)
         if self._error is not None:
             raise self._error
+
+
+class _NoBatch:
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _together(sftp):
+    """Requests made inside go out in one channel write on an SftpWire (its batch());
+    asyncssh's client sends each as its task starts, in the order made, as it is."""
+    batch = getattr(sftp, "batch", None)
+    return batch() if batch is not None else _NoBatch()
+
+
+async def _awaited(call, args, kwargs):
+    """What `call` gives (a coroutine's result, or a future's), called on the loop."""
+    return await call(*args, **kwargs)
 
 
 async def _sftp_close_reading(f, pipe) -> None:
@@ -1124,8 +1209,12 @@ SFTP_READ_BLOCK_WITHOUT_LIMITS = 32 * 1024
 
 
 def _sftp_limits_told(sftp) -> bool:
-    """Whether the server named its limits (OpenSSH's limits@openssh.com): asyncssh then
-    keeps them in `limits`, else its own safe 16 KiB (and never the packet length)."""
+    """Whether the server named its limits (OpenSSH's limits@openssh.com): asyncssh (and
+    an SftpWire) then keep them in `limits`, else a safe 16 KiB (and never the packet
+    length)."""
+    told = getattr(sftp, "limits_told", None)   # an SftpWire
+    if told is not None:
+        return told
     told = getattr(getattr(sftp, "_handler", None), "_supports_limits", None)
     if told is not None:
         return bool(told)
@@ -1154,8 +1243,9 @@ async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
     wrong byte."""
     import asyncssh
 
-    opened, attrs = await asyncio.gather(sftp.open(path, "rb", block_size=0),
-                                         sftp.stat(path), return_exceptions=True)
+    with _together(sftp):
+        requests = sftp.open(path, "rb", block_size=0), sftp.stat(path)
+    opened, attrs = await asyncio.gather(*requests, return_exceptions=True)
     if isinstance(opened, BaseException):
         raise opened
     if isinstance(attrs, BaseException):
@@ -1207,7 +1297,11 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
     session in the order they came (the SFTP drafts; OpenSSH's sftp-server one at a time,
     rclone's closes a handle only after its reads and writes and runs every other request
     in turn), so the read-back is still of a file opened after the writing handle was
-    closed. Before, each of the six waited for the one before: twice the round trips."""
+    closed. Before, each of the six waited for the one before: twice the round trips.
+
+    `sftp` is the thread's SftpWire (which sends each request as it is called, those
+    made together in one channel write: see _together) or, where the server gave it no
+    channel, its asyncssh client: the same requests in the same order."""
     one_write = len(data) <= _sftp_write_limit(sftp)
     # block size 0: one request each, sent as the call starts (asyncssh's parallel I/O
     # would send it only a loop turn later, after the close), in the order given
@@ -1220,11 +1314,12 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
         except BaseException:
             await _sftp_close_writing(f, pipe)
             raise
-    steps = [f.write(data, 0)] if data and one_write else []
-    steps.append(f.close())
-    if read_back:
-        one_read = len(data) < _sftp_read_piece(sftp)
-        steps.append(sftp.open(path, "rb", block_size=0))
+    with _together(sftp):
+        steps = [f.write(data, 0)] if data and one_write else []
+        steps.append(f.close())
+        if read_back:
+            one_read = len(data) < _sftp_read_piece(sftp)
+            steps.append(sftp.open(path, "rb", block_size=0))
     done = await asyncio.gather(*steps, return_exceptions=True)
     reader = done[-1] if read_back else None
     failed = [r for r in done if isinstance(r, BaseException)]
@@ -1235,8 +1330,9 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
     if reader is None:
         return None
     if one_read:   # the read and the close together
-        back, closed = await asyncio.gather(reader.read(len(data) + 1, 0), reader.close(),
-                                            return_exceptions=True)
+        with _together(sftp):
+            requests = reader.read(len(data) + 1, 0), reader.close()
+        back, closed = await asyncio.gather(*requests, return_exceptions=True)
         for result in (back, closed):
             if isinstance(result, BaseException):
                 raise result

@@ -19,10 +19,13 @@ from tests.helpers import backend_write as write
 
 class _RequestCounter:
     """Counts the SFTP requests the client sends, by type (the real traffic to a real
-    server, observed at the client's request method)."""
+    server, observed at asyncssh's request method and at the lean session's, sftp_wire;
+    an extended request by its name, as asyncssh has it)."""
 
     def __init__(self, monkeypatch):
         import asyncssh.sftp
+
+        from castlib.backends import sftp_wire
 
         self.counts: dict = {}
         original = asyncssh.sftp.SFTPClientHandler._make_request
@@ -32,6 +35,16 @@ class _RequestCounter:
             return await original(handler, pkttype, *args)
 
         monkeypatch.setattr(asyncssh.sftp.SFTPClientHandler, "_make_request", counting)
+        wire_request = sftp_wire.SftpWire._request
+
+        def wire_counting(wire, kind, payload, *args):
+            name = kind
+            if kind == sftp_wire.FXP_EXTENDED:
+                name = payload[4:4 + int.from_bytes(payload[:4], "big")]
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return wire_request(wire, kind, payload, *args)
+
+        monkeypatch.setattr(sftp_wire.SftpWire, "_request", wire_counting)
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -151,21 +164,29 @@ def _in_threads(count: int, work) -> list:
 
 def test_sftp_transfer_threads_get_sessions_of_their_own(sftp_server):
     """Parallel transfers do not queue behind one another in one server-side session:
-    each thread has its own SFTP session on the one connection; a thread that ended hands
-    its session on to the next."""
+    each thread has its own lean SFTP session (which carries its copies) on the one
+    connection, and an asyncssh session as long as the sessions of both kinds are no more
+    than MAX_SFTP_SESSIONS; a thread that ended hands its sessions on to the next."""
+    from castlib.backends.sftp import MAX_SFTP_SESSIONS
     b = open_backend(sftp_server.url, sftp_server.options)
     assert listing(b) == []
+
+    from castlib.backends.sftp_wire import SftpWire
 
     def work(i):
         write(b, f"f{i}", b"x" * i)
         assert read(b, f"f{i}") == b"x" * i
-        return b._client()
+        return b._client(), b._wire()
 
     sessions = _in_threads(4, work)
-    assert len({id(s) for s in sessions}) == 4
-    assert b._client() not in sessions   # the calling thread kept its own
+    assert all(isinstance(w, SftpWire) for _, w in sessions)
+    assert len({id(w) for _, w in sessions}) == 4
+    # the calling thread's and 3 threads' asyncssh sessions: 8 with the 4 lean ones
+    assert len({id(s) for s, _ in sessions} | {id(b._client())}) == MAX_SFTP_SESSIONS - 4
+    assert len(b._sessions) + len(b._wires) == MAX_SFTP_SESSIONS
     later = _in_threads(4, work)
-    assert {id(s) for s in later} == {id(s) for s in sessions}   # handed on, none new
+    assert {id(s) for s, _ in later} == {id(s) for s, _ in sessions}   # handed on, none new
+    assert {id(w) for _, w in later} == {id(w) for _, w in sessions}
     b.close()
 
 
@@ -179,6 +200,8 @@ def test_sftp_server_allowing_few_sessions_is_shared(sftp_two_sessions_server):
                                         read(b, f"f{i}"))[1])
     assert results == [bytes([i]) * 1000 for i in range(5)]
     assert {st.path for st in listing(b)} == {f"f{i}" for i in range(5)}
+    # the lean sessions found no channel either: their requests went through asyncssh's
+    assert b._more_wires is False and len(b._wires) + len(b._sessions) <= 2
     b.close()
 
 
@@ -293,8 +316,9 @@ def test_sftp_small_copy_goes_out_in_few_packets_and_sends(request, kind, tmp_pa
     together: write, close and the read-back's open; the read and its close; the rename
     and the stat after it. What one turn of the event loop sends goes in one send(), and
     under AES-GCM no empty MSG_IGNORE precedes each packet. A copy was 18 packets (9
-    requests, each behind an ignore packet) in 18 sends; now 9 packets in at most 5
-    sends (one a round trip). The copy is as verified and as complete as before."""
+    requests, each behind an ignore packet) in 18 sends; then 9 packets in at most 5
+    sends (one a round trip); now, the requests that go together in one SSH packet, 5
+    (the lean session's batches). The copy is as verified and as complete as before."""
     import asyncio.selector_events
 
     import asyncssh.connection
@@ -318,7 +342,7 @@ def test_sftp_small_copy_goes_out_in_few_packets_and_sends(request, kind, tmp_pa
         result = _copy(src, dst, name, mtime_ns, 0o604)
         assert dst.stat(name).size == len(files[name])   # answered by the rename's call
         assert result.mtime_set and result.size == len(files[name])
-        assert len(packets) <= 10, packets
+        assert len(packets) <= 5, packets   # one a batch (see sftp_wire.SftpWire.batch)
         assert len(sends) <= 5, sends
     for name, data in files.items():
         assert (_server_folder(server) / name).read_bytes() == data
@@ -365,12 +389,34 @@ def test_sftp_asyncssh_debug_log_still_logs_when_enabled(sftp_server, caplog):
             b = open_backend(sftp_server.url, sftp_server.options)
             write(b, "f", b"x" * 100)
             assert read(b, "f") == b"x" * 100
+            b.delete("f")   # asyncssh's client's (a copy's requests are the lean session's)
             b.close()
     finally:
         asyncssh.set_debug_level(1)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("asyncssh")]
-    assert any("Sending write for 100 bytes" in m for m in messages), messages[:20]
+    assert any("Sending remove for" in m for m in messages), messages[:20]
     assert any(" Sent MSG_CHANNEL_DATA" in m for m in messages), messages[:20]
+
+
+def _corrupt_first_byte_written(monkeypatch):
+    """Every write at offset 0 reaches the server with its first byte flipped, below
+    castlib's writer: asyncssh's client's (large files) and the lean session's (small)."""
+    import asyncssh
+
+    from castlib.backends import sftp_wire
+
+    original = asyncssh.SFTPClientFile.write
+    wire_write = sftp_wire.WireFile.write
+
+    def flipped(data, offset):
+        return bytes([data[0] ^ 1]) + bytes(data[1:]) if offset in (0, None) else data
+
+    async def corrupting(self, data, offset=None):
+        return await original(self, flipped(data, offset), offset)
+
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", corrupting)
+    monkeypatch.setattr(sftp_wire.WireFile, "write",
+                        lambda self, data, offset: wire_write(self, flipped(data, offset), offset))
 
 
 @pytest.mark.parametrize("size", [5000, 5 * MIB + 3])
@@ -381,20 +427,12 @@ def test_sftp_copy_stored_wrong_is_caught_and_not_published(request, kind, size,
     way, below castlib's writer) fail the verification: the read-back is of what the
     server stored, not of what was sent, for a small file read back at its close and a
     large one read back by checksum() alike. Nothing takes the final name."""
-    import asyncssh
-
     from castlib.errors import VerificationFailed
 
     server = request.getfixturevalue(kind.replace("-", "_") + "_server")
     dst = open_backend(server.url, server.options)
     src = _local_source(tmp_path, {"f": os.urandom(size)})
-    original = asyncssh.SFTPClientFile.write
-
-    async def corrupting(self, data, offset=None):
-        data = bytes([data[0] ^ 1]) + bytes(data[1:]) if offset in (0, None) else data
-        return await original(self, data, offset)
-
-    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", corrupting)
+    _corrupt_first_byte_written(monkeypatch)
     with pytest.raises(VerificationFailed, match="written (adler32|md5)"):
         _copy(src, dst, "f", 1_600_000_000 * 10**9)
     assert dst.stat("f") is None
@@ -483,6 +521,28 @@ def test_sftp_large_copy_is_verified_by_md5sum_on_the_host(sftp_server, tmp_path
     dst.close()
 
 
+def test_sftp_parallel_large_copies_all_get_a_channel_for_md5sum(sftp_server, tmp_path,
+                                                                 monkeypatch):
+    """Four transfer threads copying large files at once to OpenSSH (10 channels a
+    connection) each get a channel for md5sum beside their SFTP sessions (asyncssh's, for
+    the big writes, and the lean one that publishes): no copy falls back to a read-back."""
+    import asyncssh
+
+    dst = open_backend(sftp_server.url, sftp_server.options)
+    files = {f"f{i}": os.urandom(5 * MIB + i) for i in range(4)}
+    src = _local_source(tmp_path, files)
+    counter = _RequestCounter(monkeypatch)
+    assert dst.stat("") is not None   # connected, as a sync is when its copies start
+    for _ in range(2):   # the second time, with every thread's sessions open already
+        counter.counts.clear()
+        results = _in_threads(4, lambda i: _copy(src, dst, f"f{i}", 1_600_000_000 * 10**9))
+        assert [r.size for r in results] == [len(files[f"f{i}"]) for i in range(4)]
+        assert counter.counts.get(asyncssh.sftp.FXP_READ, 0) == 0, counter.counts
+        for name in files:
+            (sftp_server.folder / name).unlink()
+    dst.close()
+
+
 def test_sftp_host_that_runs_no_commands_is_verified_by_read_back(sftp_no_exec_server,
                                                                   tmp_path, monkeypatch):
     """A host that runs no commands (ForceCommand internal-sftp answers md5sum with a
@@ -504,13 +564,7 @@ def test_sftp_host_that_runs_no_commands_is_verified_by_read_back(sftp_no_exec_s
         assert (server.folder / name).read_bytes() == data
     assert dst._server_md5 is False
     assert dst.server_checksum_algorithm(len(data)) is None   # asked once, not again
-    original = asyncssh.SFTPClientFile.write
-
-    async def corrupting(self, chunk, offset=None):
-        chunk = bytes([chunk[0] ^ 1]) + bytes(chunk[1:]) if offset in (0, None) else chunk
-        return await original(self, chunk, offset)
-
-    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", corrupting)
+    _corrupt_first_byte_written(monkeypatch)
     with pytest.raises(VerificationFailed, match="written adler32"):
         _copy(src, dst, "h", 1_600_000_000 * 10**9)
     assert sorted(os.listdir(server.folder)) == ["f", "g"]
