@@ -246,15 +246,9 @@ class SftpBackend(FsspecBackend):
             # connected, again if another thread saw the line drop since (a reentrant lock)
             fs = self.fs
             generation, first = self._generation, self._sftp
-            free = None
-            for entry in self._sessions:
-                if entry[1] is me:
-                    return entry[0]
-                if free is None and not entry[1].is_alive():
-                    free = entry
-            if free is not None:
-                free[1] = me
-                return free[0]
+            held = _held_or_handed_on(self._sessions, me)
+            if held is not None:
+                return held
             if not self._more_sessions or \
                     len(self._sessions) + len(self._wires) >= MAX_SFTP_SESSIONS:
                 return first
@@ -293,15 +287,9 @@ class SftpBackend(FsspecBackend):
         with self._connect_lock:
             fs = self.fs   # connected, as in _client
             generation = self._generation
-            free = None
-            for entry in self._wires:
-                if entry[1] is me and entry[0] is not None:
-                    return entry[0]
-                if free is None and entry[0] is not None and not entry[1].is_alive():
-                    free = entry
-            if free is not None:
-                free[1] = me
-                return free[0]
+            held = _held_or_handed_on(self._wires, me)
+            if held is not None:
+                return held
             if not self._more_wires or \
                     len(self._wires) + len(self._sessions) >= MAX_SFTP_SESSIONS:
                 shared = next((entry[0] for entry in self._wires if entry[0] is not None), None)
@@ -662,6 +650,24 @@ class SftpBackend(FsspecBackend):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _held_or_handed_on(entries: list, me: threading.Thread):
+    """Of [session, thread] pairs: the session `me` holds, else one whose thread has
+    ended, handed on to `me`; None if neither (a pair whose session is still being
+    opened, None, is neither)."""
+    free = None
+    for entry in entries:
+        if entry[0] is None:
+            continue
+        if entry[1] is me:
+            return entry[0]
+        if free is None and not entry[1].is_alive():
+            free = entry
+    if free is not None:
+        free[1] = me
+        return free[0]
+    return None
+
+
 # How long after a rename the stat of its target may be answered by the stat taken in the
 # rename's own call: the engine asks at once, from the same thread (SftpBackend.stat).
 PUBLISHED_STAT_S = 5.0
