@@ -106,7 +106,8 @@ def _canonical(value: str, pipeline: Pipeline, user_config: UserConfig, base_dir
     """What a location parameter means on the client, in words a worker on another host
     reads the same: a local path becomes file://THIS-HOST/abs/path; a name of the
     client's configuration is sent with its URL. A remote URL is kept as typed (its
-    credentials, if any, are part of it); a catalog name is the worker's to resolve."""
+    credentials, if any, are part of it: the orders travel sealed, worker.seal); a
+    catalog name is the worker's to resolve."""
     if value in pipeline.locations:
         return value
     if value in user_config.locations:
@@ -175,8 +176,10 @@ def submit(pipeline: Pipeline, catalog: Catalog, *, command: str, args: dict,
     check_broker(broker)
     run_id = catalog.queue_run(command, args, pipeline.text, segments[0].queue)
     try:
+        from .catalog.settings import message_key
+
         task_ids = send_chain(broker, run_id, command, payload, segments,
-                              dry_run=dry_run, force=force)
+                              dry_run=dry_run, force=force, key=message_key(catalog))
     except BaseException as exc:
         catalog.finish_run(run_id, "error", redact(f"could not queue the run: {exc}"))
         raise

@@ -49,10 +49,11 @@ class BrokerUnreachable(CastlibError):
 def _celery():
     try:
         import celery  # noqa: F401
+        import cryptography  # noqa: F401   (seal)
         import kombu  # noqa: F401
     except ImportError:
-        raise ConfigError("workers need Celery and redis-py: pip install 'castlib[worker]'"
-                          ) from None
+        raise ConfigError("workers need Celery, redis-py and cryptography: pip install "
+                          "'castlib[worker]'") from None
     return celery
 
 
@@ -98,10 +99,47 @@ def check_broker(broker: str, timeout_s: float = 5) -> None:
                                 ) from None
 
 
+def seal(key: bytes, body: dict) -> str:
+    """A segment's orders as the broker carries them: encrypted and authenticated with the
+    catalog's message key (catalog.settings.message_key). They hold the locations' URLs
+    with their credentials and the back-end options (passwords, tokens): whoever reads the
+    broker (an open Redis, `celery inspect`, a monitoring tool showing task arguments)
+    must not read those; and whoever can write to it must not make a worker run a stage
+    of their own choosing (a sync --delete) under a queued run's id."""
+    import json
+
+    from cryptography.fernet import Fernet
+
+    return Fernet(key).encrypt(json.dumps(body).encode()).decode("ascii")
+
+
+class TamperedMessage(CastlibError):
+    """A task whose orders were not sealed with this catalog's key."""
+
+
+def unseal(key: bytes, run_id, sealed) -> dict:
+    """The orders of a task (seal), or TamperedMessage: not sealed with this catalog's
+    key, altered on the way, or sealed for another run than the one it names."""
+    import json
+
+    from cryptography.fernet import Fernet, InvalidToken
+
+    if not isinstance(sealed, str):
+        raise TamperedMessage(f"run {run_id}: the task carries no sealed orders")
+    try:
+        body = json.loads(Fernet(key).decrypt(sealed.encode("ascii")))
+    except (InvalidToken, UnicodeEncodeError, ValueError):
+        raise TamperedMessage(f"run {run_id}: the task's orders were not sealed with this "
+                              "catalog's key (altered, or sent for another catalog)") from None
+    if not isinstance(body, dict) or body.get("run_id") != run_id:
+        raise TamperedMessage(f"run {run_id}: the task's orders are sealed for another run")
+    return body
+
+
 def send_chain(broker: str, run_id: int, command: str, payload: dict, segments,
-               dry_run: bool, force: bool) -> list[str]:
-    """Queue the segments of a run as one chain (each starts when the one before ended);
-    the task ids, for revoke."""
+               dry_run: bool, force: bool, key: bytes) -> list[str]:
+    """Queue the segments of a run as one chain (each starts when the one before ended),
+    each segment's orders sealed with `key` (seal); the task ids, for revoke."""
     from uuid import uuid4
 
     from celery import chain
@@ -110,9 +148,12 @@ def send_chain(broker: str, run_id: int, command: str, payload: dict, segments,
     sigs, ids = [], []
     for i, seg in enumerate(segments):
         last = i == len(segments) - 1
-        body = {"run_id": run_id, "command": command, **payload, "positions": seg.positions,
-                "last": last, "next_queue": None if last else segments[i + 1].queue,
-                "dry_run": dry_run, "force": force}
+        orders = {"run_id": run_id, "command": command, **payload,
+                  "positions": seg.positions, "last": last,
+                  "next_queue": None if last else segments[i + 1].queue,
+                  "dry_run": dry_run, "force": force}
+        # the run id stays readable: what a worker logs about a message it refuses
+        body = {"run_id": run_id, "sealed": seal(key, orders)}
         task_id = str(uuid4())
         ids.append(task_id)
         sigs.append(app.signature(TASK_NAME, args=(body,), queue=seg.queue, immutable=True,
@@ -152,8 +193,17 @@ def run_segment(body: dict, db: str | None) -> str:
     from .hosts import local_hostname
     from .pipeline import Pipeline
 
+    from .catalog.settings import message_key
+
     catalog = _catalog(db)
-    run_id, positions = body["run_id"], body["positions"]
+    run_id = body.get("run_id") if isinstance(body, dict) else None
+    try:
+        body = unseal(message_key(catalog), run_id,
+                      body.get("sealed") if isinstance(body, dict) else None)
+    except TamperedMessage as exc:   # the run is left as it is: its true message may come
+        log.error("%s: refused", exc)
+        return "refused"
+    positions = body["positions"]
     if not catalog.claim_run(run_id, positions[0]):
         log.warning("run %s: not mine to run (cancelled, died, ended, or taken already)",
                     run_id)

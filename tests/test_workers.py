@@ -242,3 +242,113 @@ def test_a_broker_restart_loses_no_finished_result(postgres_url, tmp_path):
             assert daq04.proc.poll() is None
     finally:
         daq04.stop()
+
+
+# -- what the broker carries -------------------------------------------------------------
+URL_SECRET = "alice-pw-9d41f"
+OPTION_SECRET = "opt-s3cret-77ab"
+
+
+def _park_a_run(cluster, tmp_path) -> tuple[int, dict]:
+    """A run with credentials (in its URL and in its back-end options) queued for a queue
+    no worker consumes (`nobody`): its message stays in Redis to be looked at. The run's
+    id, and the client's environment."""
+    config = tmp_path / "config.yaml"
+    config.write_text('queues:\n  "sftp://127.0.0.1:1": nobody\n')
+    env = cluster.client_env(CASTLIB_CONFIG=str(config))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"""
+workers: true
+locations:
+  arch: {{url: "sftp://alice:{URL_SECRET}@127.0.0.1:1/data",
+          options: {{password: "{OPTION_SECRET}"}}}}
+stages:
+  - index: {{location: arch}}
+""")
+    r = run_cli("run", "--on-workers", "--detach", str(pipeline), env=env, check=0)
+    return int(r.stdout.strip()), env
+
+
+def _queued_bodies(broker: str, queue: str) -> list[tuple[dict, bytes]]:
+    """The messages waiting in a Redis queue: (the kombu envelope, its decoded body)."""
+    import base64
+    import json
+
+    import redis
+
+    out = []
+    for raw in redis.Redis.from_url(broker).lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        body = envelope["body"].encode()
+        if envelope["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        out.append((envelope, body))
+    return out
+
+
+def _drop_queue(cluster, queue: str, run_id: int, env: dict) -> None:
+    import redis
+
+    run_cli("runs", "cancel", str(run_id), env=env, check=None)   # cleaning up only
+    redis.Redis.from_url(cluster.broker).delete(queue)
+
+
+def test_a_task_message_carries_no_credentials(cluster, tmp_path):
+    """Whoever reads the broker (an open Redis, `celery inspect`, a monitor showing task
+    arguments) must not find the password of a URL or of a back-end option."""
+    run_id, env = _park_a_run(cluster, tmp_path)
+    try:
+        messages = _queued_bodies(cluster.broker, "nobody")
+        assert len(messages) == 1
+        envelope, body = messages[0]
+        import json
+
+        seen = body + json.dumps(envelope).encode()
+        assert b"run_segment" in seen   # the message looked at is castlib's
+        for secret in (URL_SECRET, OPTION_SECRET):
+            assert secret.encode() not in seen
+        run, _ = cluster.run(run_id)
+        assert URL_SECRET not in json.dumps(run["args"]) + (run["pipeline"] or "")
+        assert OPTION_SECRET not in json.dumps(run["args"]) + (run["pipeline"] or "")
+    finally:
+        _drop_queue(cluster, "nobody", run_id, env)
+
+
+def test_a_forged_or_altered_task_is_refused(cluster, tmp_path):
+    """A writer of the broker who knows a queued run's id sends daq01's worker orders of
+    their own under it (here an index of another folder; a sync --delete as well): the
+    worker refuses them, the run stays as it was, nothing is read or written."""
+    import json
+
+    from castlib.worker import TASK_NAME, make_app
+
+    victim = make_tree(tmp_path / "victim", {"keep.dat": b"keep"})
+    run_id, env = _park_a_run(cluster, tmp_path)
+    try:
+        forged = {"run_id": run_id, "command": "run",
+                  "stages": [["index", {"location": f"file://daq01{victim}"}]],
+                  "locations": {}, "location_options": {}, "positions": [0], "last": True,
+                  "next_queue": None, "dry_run": False, "force": False}
+        (envelope, body), = _queued_bodies(cluster.broker, "nobody")
+        real = json.loads(body)[0][0]
+        altered = dict(real)
+        if "sealed" in altered:   # the true orders with one character changed
+            s = altered["sealed"]
+            altered["sealed"] = s[:40] + ("A" if s[40] != "A" else "B") + s[41:]
+        daq01 = cluster.workers["daq01"]
+        app = make_app(cluster.broker)
+        for orders in (forged, altered):
+            before = daq01.log.count(f"run {run_id}: ")
+            app.send_task(TASK_NAME, args=(orders,), queue="daq01")
+            deadline = time.monotonic() + 90
+            while (daq01.log.count(f"run {run_id}: ") == before
+                   and cluster.run(run_id)[0]["status"] == "queued"):
+                assert time.monotonic() < deadline, daq01.log[-3000:]
+                time.sleep(0.2)
+            run, stages = cluster.run(run_id)
+            assert run["status"] == "queued" and stages == [], (run, stages)
+            assert "refused" in daq01.log.split(f"run {run_id}: ")[-1].splitlines()[0]
+        with Catalog(cluster.db) as catalog:
+            assert catalog.find_location(f"file://daq01{victim}") is None
+    finally:
+        _drop_queue(cluster, "nobody", run_id, env)
