@@ -257,9 +257,13 @@ def _interrupted(args, exc: KeyboardInterrupt) -> int:
     report = getattr(exc, "report", None)
     if report is not None and getattr(args, "json", False) and args.command == "sync":
         print(json.dumps({**report.counts, "interrupted": interruption_name(exc),
+                          **({"cancelled": True} if getattr(exc, "cancelled", False) else {}),
                           "exit_code": code}))
     where = f" (castlib runs show {report.run_id})" if report is not None else ""
-    print(f"castlib: interrupted by {interruption_name(exc)}{where}", file=sys.stderr)
+    if getattr(exc, "cancelled", False):
+        print(f"castlib: cancelled by castlib runs cancel{where}", file=sys.stderr)
+    else:
+        print(f"castlib: interrupted by {interruption_name(exc)}{where}", file=sys.stderr)
     return code
 
 

@@ -317,13 +317,17 @@ def _ending(report: RunReport, run: dict) -> RunReport:
 
 
 def cancel(catalog: Catalog, run_id: int, broker: str | None, user_config: UserConfig) -> str:
-    """`castlib runs cancel ID`: the catalog is told first (a running worker reads it in
-    its heartbeat and stops cleanly; a queued run is cancelled at once), then the broker
-    drops the run's queued tasks, if it can be reached. What happened, in words."""
-    run = catalog.request_cancel(run_id)
-    if run is None:
+    """`castlib runs cancel ID`: the catalog is told first (a running run, on a worker or
+    of a command line, the web view or a script, reads it in its heartbeat and stops
+    cleanly; a queued run is cancelled at once), then the broker drops the run's queued
+    tasks, if it can be reached. What happened, in words."""
+    details = catalog.run_details(run_id)
+    if details is None:
         raise ConfigError(f"no run with id {run_id}")
-    if run["status"] in FINAL - {"cancelled"}:
+    if details[0]["status"] in FINAL:   # cancelled too: not "cancelled" a second time
+        raise ConfigError(f"run {run_id} has ended already ({details[0]['status']})")
+    run = catalog.request_cancel(run_id)
+    if run["status"] in FINAL - {"cancelled"}:   # it ended meanwhile
         raise ConfigError(f"run {run_id} has ended already ({run['status']})")
     if run.get("tasks"):
         try:

@@ -133,3 +133,31 @@ def test_a_refusal_of_castlib_itself_comes_back_as_422_and_not_json_as_400(serve
     r = http.post("/api/v1/runs", headers={**AUTH, "Content-Type": "application/json"},
                   content=b"{not json")
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
+
+
+def test_a_run_started_from_the_web_can_be_cancelled(server, two_trees, tmp_path):
+    """The server's child process runs the sync; `castlib runs cancel` reaches it through
+    the run's record (here while it waits for its destination's lock, held by this test:
+    alive, and stopped by nothing else)."""
+    from castlib.catalog import Catalog
+    from castlib.catalog.locks import location_lock
+    from tests.helpers import run_cli
+
+    http, ref, _ = server
+    db_url = two_trees[0]
+    target = tmp_path / "locked"
+    catalog = Catalog(db_url)
+    loc = catalog.location(str(target))
+    with location_lock(catalog, loc.id, loc.url):
+        r = http.post("/api/v1/runs", headers=AUTH, json={
+            "stage": "sync", "params": {"ref": str(ref), "dst": str(target),
+                                        "lock_wait": 120}})
+        assert r.status_code == 202, r.text
+        run_id = r.json()["run_id"]
+        r = run_cli("runs", "cancel", str(run_id), db=db_url, check=0)
+        assert "asked to stop" in r.stderr, r.stderr
+        done = _wait_finished(http, run_id, timeout_s=60)
+    catalog.close()
+    assert (done["run"]["status"], done["run"]["error"]) == (
+        "cancelled", "cancelled by castlib runs cancel"), done
+    assert not target.exists() or not any(target.iterdir())
