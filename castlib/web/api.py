@@ -5,7 +5,7 @@ import csv
 import io
 import json
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import quote
 from xml.sax.saxutils import escape, quoteattr
 
@@ -45,7 +45,7 @@ def locations(request: Request):
 @router.get("/locations/{location_id}/entries",
             summary="A location's entries, by key; NDJSON streams all; Metalink 4",
             responses={200: {"content": {NDJSON: {}, "application/metalink4+xml": {}}}})
-def entries(request: Request, location_id: int,
+def entries(request: Request, location_id: views.PathId,
             prefix: str = Query("", description="paths starting with this text"),
             after: str | None = Query(None, description="the last path of the previous page"),
             updated_after: datetime | None = Query(
@@ -156,7 +156,8 @@ def _csv(rows):
 
 @router.get("/runs", summary="The run history, newest first")
 def runs(request: Request, status: str | None = None, command: str | None = None,
-         before: int | None = Query(None, description="ids below this (the next page)"),
+         before: Annotated[int | None, Query(
+             ge=0, le=views.MAX_ID, description="ids below this (the next page)")] = None,
          limit: int = 50):
     views.check_limit(limit)
     rows = _catalog(request).runs(limit, status=status or None, command=command or None,
@@ -166,7 +167,7 @@ def runs(request: Request, status: str | None = None, command: str | None = None
 
 
 @router.get("/runs/{run_id}", summary="One run: each stage's counts and every error")
-def run(request: Request, run_id: int):
+def run(request: Request, run_id: views.PathId):
     details = _catalog(request).run_details(run_id)
     if details is None:
         raise HTTPException(404, f"no run with id {run_id}")

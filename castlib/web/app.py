@@ -81,4 +81,13 @@ def create_app(catalog_url: str | None, token: str | None = None, *,
     async def castlib_error(request: Request, exc: CastlibError):
         return error(request, 422, str(exc))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # a fault of the server (a catalog gone bad, a bug): one line and a 500 in the
+        # page's or the API's form, not the plain-text answer of the server beneath; the
+        # exception's own words stay in the server's log (Starlette logs the traceback
+        # after this answer), as they may name paths or a database's URL
+        return error(request, 500, f"internal error ({type(exc).__name__}): the server's "
+                                   "log has the details")
+
     return app
