@@ -43,7 +43,23 @@ class Segment:
 def configured_broker(explicit: str | None, user_config: UserConfig) -> str | None:
     """--broker, else $CASTLIB_BROKER, else the configuration's `broker:`; None when
     none is given (`castlib web` then runs actions itself)."""
-    return explicit or os.environ.get("CASTLIB_BROKER") or user_config.broker or None
+    broker = explicit or os.environ.get("CASTLIB_BROKER") or user_config.broker or None
+    return check_broker_url(broker) if broker else None
+
+
+def check_broker_url(broker: str) -> str:
+    """The broker URL, refused (without being shown) when its password may hold a raw
+    '/', '?' or '#': no one can tell where such a password ends (redis://:pa/ss@host is
+    also host ':pa', database 'ss@host'), and the broker library's error about it
+    quoted a piece of the password. An '@' in a password is fine (the last '@' ends it),
+    as in a location (README, "Back-ends")."""
+    from .location import ambiguous_url
+
+    if ambiguous_url(broker):
+        raise ConfigError("the broker URL is ambiguous (not shown: it may hold a password): "
+                          "percent-encode a '/', '?' or '#' of its password as %2F, %3F, "
+                          "%23 (--broker, $CASTLIB_BROKER or broker: in the config)")
+    return broker
 
 
 def broker_url(explicit: str | None, user_config: UserConfig) -> str:

@@ -87,7 +87,10 @@ def check_broker(broker: str, timeout_s: float = 5) -> None:
     _celery()
     from kombu import Connection
 
+    from .dispatch import check_broker_url
     from .location import redact
+
+    check_broker_url(broker)
 
     try:
         with Connection(broker, connect_timeout=timeout_s) as conn:

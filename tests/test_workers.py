@@ -352,3 +352,53 @@ def test_a_forged_or_altered_task_is_refused(cluster, tmp_path):
             assert catalog.find_location(f"file://daq01{victim}") is None
     finally:
         _drop_queue(cluster, "nobody", run_id, env)
+
+
+BROKER_SECRET = "topsecret"
+
+
+def test_a_broker_password_is_never_shown(postgres_url, tmp_path):
+    """A password holding a raw '/', '?' or '#' cannot be told from the host and path:
+    refused in one line that shows none of it (the broker library's error quoted a piece
+    of it: "Port could not be cast to integer value as 'topsecret'"); an '@' in it works,
+    and is shown nowhere either."""
+    from tests.servers.common import free_port
+    from tests.servers.redis import redis_server
+
+    db = fresh_database(postgres_url)
+    src = make_tree(tmp_path / "src", {"a.dat": b"a"})
+    port = free_port()
+    for broker in (f"redis://:{BROKER_SECRET}/x@127.0.0.1:{port}/0",
+                   f"redis://:12/{BROKER_SECRET}@127.0.0.1:{port}/0",
+                   f"redis://:p@{BROKER_SECRET}#x@127.0.0.1:{port}/0",
+                   f"redis://u:{BROKER_SECRET}?x@127.0.0.1:{port}/0"):
+        for argv in (["worker", "--broker", broker],
+                     ["index", "--on-workers", "--broker", broker, str(src)],
+                     ["web", "--broker", broker, "--port", str(free_port())]):
+            r = run_cli(*argv, db=db, check=2, timeout=60)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "the broker URL is ambiguous" in lines[0], (argv,
+                                                                                r.stderr)
+            assert BROKER_SECRET not in r.stderr + r.stdout, (argv, r.stderr)
+        r = run_cli("index", "--on-workers", str(src), db=db, check=2, timeout=60,
+                    env={"CASTLIB_BROKER": broker})
+        assert BROKER_SECRET not in r.stderr and "ambiguous" in r.stderr, r.stderr
+
+    password = f"p@{BROKER_SECRET}:w@x"   # the last '@' ends it
+    with redis_server(port, password=password):
+        broker = f"redis://:{password}@127.0.0.1:{port}/0"
+        daq05 = Worker("daq05", worker_env("daq05", db, broker), tmp_path / "w.log").start()
+        try:
+            r = run_cli("-v", "index", "--on-workers", f"file://daq05{src}", env=worker_env(
+                "client", db, broker), check=0, timeout=180)
+            assert "running on daq05" in r.stderr, r.stderr
+            assert BROKER_SECRET not in r.stderr + r.stdout
+        finally:
+            daq05.stop()
+        assert "ready." in daq05.log and BROKER_SECRET not in daq05.log, daq05.log
+        # a wrong password: one line, none of either password
+        wrong = f"redis://:x@{BROKER_SECRET}@127.0.0.1:{port}/0"
+        r = run_cli("worker", "--broker", wrong, db=db, check=2, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cannot reach the broker redis://***@127.0.0.1" in lines[0]
+        assert BROKER_SECRET not in r.stderr, r.stderr
