@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 from urllib.parse import quote
@@ -101,7 +102,7 @@ def _metalink(catalog, loc, prefix, after, since):
         if e["kind"] != "f" or e["deleted"]:
             continue
         url = root + "/" + quote(from_catalog(e["path"]).encode("utf-8", "surrogateescape"))
-        parts = [f"  <file name={quoteattr(e['path'])}>\n"]
+        parts = [f"  <file name={quoteattr(_xml_text(e['path']))}>\n"]
         if e["size"] is not None:
             parts.append(f"    <size>{e['size']}</size>\n")
         for algo, name in (("adler32", "adler32"), ("md5", "md5"), ("sha256", "sha-256")):
@@ -114,6 +115,18 @@ def _metalink(catalog, loc, prefix, after, since):
             yield "".join(chunk)
             chunk = []
     yield "".join(chunk) + "</metalink>\n"
+
+
+# Characters XML 1.0 cannot hold, not even as a character reference: a file name with
+# one (a control character is a valid byte of a POSIX name) made the whole document
+# ill-formed, so that no client could read any file of it
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def _xml_text(name: str) -> str:
+    """A name as XML holds it: a character XML cannot hold as %XX of its UTF-8 bytes,
+    as the URL beside it (and the catalog a name that is not UTF-8) writes it."""
+    return _NOT_XML.sub(lambda m: quote(m.group().encode("utf-8", "surrogatepass")), name)
 
 
 @router.get("/diff", summary="Differences between two locations, from the catalog")
