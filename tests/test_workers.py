@@ -402,3 +402,38 @@ def test_a_broker_password_is_never_shown(postgres_url, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "cannot reach the broker redis://***@127.0.0.1" in lines[0]
         assert BROKER_SECRET not in r.stderr, r.stderr
+
+
+def test_one_task_delivered_to_two_workers_at_once_runs_once(cluster, tmp_path):
+    """The broker redelivers (a visibility timeout, a replay): the same sealed task reaches
+    daq01's and daq02's workers at once. The catalog's claim lets one of them run it."""
+    import json
+
+    from castlib.worker import TASK_NAME, make_app
+
+    run_id, env = _park_a_run(cluster, tmp_path)
+    try:
+        (_, body), = _queued_bodies(cluster.broker, "nobody")
+        orders = json.loads(body)[0][0]
+        logs = {name: cluster.workers[name].log.count(f"run {run_id}: ")
+                for name in ("daq01", "daq02")}
+        app = make_app(cluster.broker)
+        for name in ("daq01", "daq02"):
+            app.send_task(TASK_NAME, args=(orders,), queue=name)
+        deadline = time.monotonic() + 120
+        while not all(cluster.workers[n].log.count(f"run {run_id}: ") > logs[n]
+                      for n in logs):
+            assert time.monotonic() < deadline, {n: cluster.workers[n].log[-2000:]
+                                                 for n in logs}
+            time.sleep(0.2)
+        said = [cluster.workers[n].log.split(f"run {run_id}: ", 1 + logs[n])[-1]
+                .splitlines()[0] for n in logs]
+        assert sorted("not mine to run" in s for s in said) == [False, True], said
+        deadline = time.monotonic() + 120
+        while cluster.run(run_id)[0]["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        run, stages = cluster.run(run_id)
+        assert len(stages) == 1 and stages[0]["stage"] == "index", stages
+    finally:
+        _drop_queue(cluster, "nobody", run_id, env)
