@@ -151,6 +151,15 @@ def payload_of(pipeline: Pipeline, user_config: UserConfig, base_dir: str) -> di
             key = field.alias or pname
             params[key] = _canonical(getattr(spec.params, pname), pipeline, user_config,
                                      base_dir, locations)
+        for pname in spec.cls.file_params:
+            # relative to the pipeline file, as at home: a worker's own folder (its
+            # service's, often /) is not where the user meant; written on the host that
+            # runs the stage, at the path the user meant (a shared file system, or a
+            # clear "cannot write" there)
+            key = spec.cls.Params.model_fields[pname].alias or pname
+            value = getattr(spec.params, pname)
+            if isinstance(value, str) and value != "-":
+                params[key] = os.path.join(base_dir, os.path.expanduser(value))
         stages.append([spec.cls.name, params])
     return {"stages": stages, "locations": locations,
             "location_options": pipeline.location_options}
