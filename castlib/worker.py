@@ -256,6 +256,20 @@ def run_segment(body: dict, db: str | None) -> str:
     return "failed" if report.exit_code else "ok"
 
 
+def _check_queues(catalog, host: str, queues: list[str]) -> None:
+    """Refuse a --queue that is another host's own queue (a service file copied from
+    daq01 to daq02 with its `--queue daq01`): this worker would take stages of daq01's
+    disks, which it cannot read, and fail them, while daq01's worker could have run them.
+    The hosts known are those of the catalog's local locations listed once."""
+    for queue in queues:
+        if queue == host:
+            continue
+        if catalog.listed_locations_of("file", queue):
+            raise ConfigError(f"--queue {queue}: that is the queue of host {queue}'s "
+                              f"worker (the catalog has local locations of {queue}); this "
+                              f"host is {host}, which cannot read {queue}'s disks")
+
+
 def main(args) -> int:
     """`castlib worker`: refuse what cannot work (an SQLite catalog, no broker) in one
     line, then run the Celery worker until it is stopped (SIGTERM: warm shutdown)."""
@@ -274,7 +288,8 @@ def main(args) -> int:
     check_broker(broker)
     from .catalog import Catalog
 
-    Catalog(db).close()   # reachable and at the newest schema, before any task comes
+    with Catalog(db) as catalog:   # reachable and at the newest schema, before any task
+        _check_queues(catalog, host, args.queue)
     queues = list(dict.fromkeys([host, DEFAULT_QUEUE, *args.queue]))
     app = make_app(broker, db)
     print(f"castlib worker {host}: queues {', '.join(queues)}; concurrency "

@@ -437,3 +437,17 @@ def test_one_task_delivered_to_two_workers_at_once_runs_once(cluster, tmp_path):
         assert len(stages) == 1 and stages[0]["stage"] == "index", stages
     finally:
         _drop_queue(cluster, "nobody", run_id, env)
+
+
+def test_a_worker_refuses_the_queue_of_another_host(cluster, tmp_path):
+    """A service file copied from daq01 to daq03 with its `--queue daq01`: daq03's worker
+    would take the stages of daq01's disks, fail them ("is on daq01"), and daq01's worker
+    would miss them. Refused at start, in one line."""
+    src = make_tree(tmp_path / "src", {"a.dat": b"a"})
+    cluster.cli("index", "--on-workers", f"file://daq01{src}", check=0)
+    env = worker_env("daq03", cluster.db, cluster.broker)
+    r = run_cli("worker", "--queue", "eos", "--queue", "daq01", env=env, check=2, timeout=60)
+    assert r.stderr.strip().splitlines() == [
+        "castlib: error: --queue daq01: that is the queue of host daq01's worker (the "
+        "catalog has local locations of daq01); this host is daq03, which cannot read "
+        "daq01's disks"], r.stderr
