@@ -213,7 +213,22 @@ def run_segment(body: dict, db: str | None) -> str:
         return "skipped"
     log.warning("run %s: stages %s on %s", run_id, [p + 1 for p in positions],
                 local_hostname())
-    pipeline = Pipeline.from_stages([tuple(s) for s in body["stages"]], body["locations"])
+    try:
+        pipeline = Pipeline.from_stages([tuple(s) for s in body["stages"]],
+                                        body["locations"])
+    except Exception as exc:
+        # orders this castlib cannot build (a client newer than this worker: a stage or
+        # a parameter it does not know): the run it claimed ends here, with the reason.
+        # Left to Celery, the run stayed 'running' on a live worker process for ever,
+        # and the traceback in the log was all that said why
+        from .location import redact
+
+        reason = redact(str(exc) if isinstance(exc, CastlibError)
+                        else f"{type(exc).__name__}: {exc}")
+        catalog.finish_run(run_id, "error",
+                           f"{local_hostname()} cannot run this run's stages: {reason}")
+        log.error("run %s: cannot run its stages: %s", run_id, reason)
+        return "error"
     pipeline.location_options = body.get("location_options") or {}
     pipeline.stages = [s for s in pipeline.stages if s.position in positions]
 

@@ -451,3 +451,37 @@ def test_a_worker_refuses_the_queue_of_another_host(cluster, tmp_path):
         "castlib: error: --queue daq01: that is the queue of host daq01's worker (the "
         "catalog has local locations of daq01); this host is daq03, which cannot read "
         "daq01's disks"], r.stderr
+
+
+def test_orders_a_worker_cannot_build_end_the_run_in_error(cluster, tmp_path):
+    """A client newer than the worker (a stage, or a parameter, this worker does not
+    know): the run it claimed must end 'error' with the reason, not stay 'running' on a
+    live worker process for ever (its host never finds it dead: the pid lives)."""
+    import json
+
+    from castlib.catalog.settings import message_key
+    from castlib.worker import TASK_NAME, make_app, seal
+
+    run_id, env = _park_a_run(cluster, tmp_path)
+    try:
+        orders = {"run_id": run_id, "command": "run",
+                  "stages": [["index", {"location": f"file://daq01{tmp_path}",
+                                        "from_the_future": 1}]],
+                  "locations": {}, "location_options": {}, "positions": [0], "last": True,
+                  "next_queue": None, "dry_run": False, "force": False}
+        with Catalog(cluster.db) as catalog:
+            sealed = seal(message_key(catalog), orders)
+        make_app(cluster.broker).send_task(TASK_NAME, args=({"run_id": run_id,
+                                                             "sealed": sealed},),
+                                           queue="daq01")
+        deadline = time.monotonic() + 30
+        while cluster.run(run_id)[0]["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, (cluster.run(run_id)[0],
+                                                 cluster.workers["daq01"].log[-3000:])
+            time.sleep(0.2)
+        run, _ = cluster.run(run_id)
+        assert run["status"] == "error" and "from_the_future" in run["error"], run
+        assert run["error"].startswith("daq01 cannot run this run's stages: "), run
+        assert "Traceback" not in cluster.workers["daq01"].log.split(f"run {run_id}: ")[-1]
+    finally:
+        _drop_queue(cluster, "nobody", run_id, env)
