@@ -277,9 +277,13 @@ def _interrupted(args, exc: KeyboardInterrupt) -> int:
     report = getattr(exc, "report", None)
     if report is not None and getattr(args, "json", False) and args.command == "sync":
         print(json.dumps({**report.counts, "interrupted": interruption_name(exc),
+                          **({"cancelled": True} if getattr(exc, "cancelled", False) else {}),
                           "exit_code": code}))
     where = f" (castlib runs show {report.run_id})" if report is not None else ""
-    print(f"castlib: interrupted by {interruption_name(exc)}{where}", file=sys.stderr)
+    if getattr(exc, "cancelled", False):
+        print(f"castlib: cancelled by castlib runs cancel{where}", file=sys.stderr)
+    else:
+        print(f"castlib: interrupted by {interruption_name(exc)}{where}", file=sys.stderr)
     return code
 
 
@@ -540,6 +544,10 @@ def _web_command(command) -> None:
                    help="send actions to the workers of this broker (default: "
                         "$CASTLIB_BROKER, broker: in the config; none: actions run in the "
                         "server's own background process)")
+    c.add_argument("--allow-host", metavar="NAME", action="append", default=[],
+                   help="a name the server answers to in a request's Host header (a "
+                        "proxy's, the machine's), repeatable; on 127.0.0.1 it answers to "
+                        "localhost and loopback addresses only unless named here")
 
 
 def cmd_web(args) -> int:
@@ -575,13 +583,31 @@ def cmd_web(args) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: "
                           f"{exc.strerror or exc}") from None
-    app = create_app(args.db, token, pipelines_dir=args.pipelines, dispatcher=dispatcher)
+    app = create_app(args.db, token, pipelines_dir=args.pipelines, dispatcher=dispatcher,
+                     allowed_hosts=_allowed_hosts(args))
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"castlib web: http://{host}:{args.port}/ "
           f"({'actions need the token; ' + where if token else 'read-only: no --token-file'})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
+
+
+def _allowed_hosts(args) -> list[str] | None:
+    """The Host header names `castlib web` answers to (web.app.HostCheck): bound to a
+    loopback address, those of this machine's loopback and each --allow-host (a page of
+    another site whose name was made to resolve to 127.0.0.1 is refused); bound to
+    another address, any name unless --allow-host lists them."""
+    import ipaddress
+
+    loopback = ["localhost", "127.0.0.1", "::1"]
+    try:
+        on_loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:   # a host name to bind to
+        on_loopback = False
+    if on_loopback:
+        return loopback + [args.host] + args.allow_host
+    return loopback + args.allow_host if args.allow_host else None
 
 
 def _web_dispatcher(args):

@@ -43,7 +43,23 @@ class Segment:
 def configured_broker(explicit: str | None, user_config: UserConfig) -> str | None:
     """--broker, else $CASTLIB_BROKER, else the configuration's `broker:`; None when
     none is given (`castlib web` then runs actions itself)."""
-    return explicit or os.environ.get("CASTLIB_BROKER") or user_config.broker or None
+    broker = explicit or os.environ.get("CASTLIB_BROKER") or user_config.broker or None
+    return check_broker_url(broker) if broker else None
+
+
+def check_broker_url(broker: str) -> str:
+    """The broker URL, refused (without being shown) when its password may hold a raw
+    '/', '?' or '#': no one can tell where such a password ends (redis://:pa/ss@host is
+    also host ':pa', database 'ss@host'), and the broker library's error about it
+    quoted a piece of the password. An '@' in a password is fine (the last '@' ends it),
+    as in a location (README, "Back-ends")."""
+    from .location import ambiguous_url
+
+    if ambiguous_url(broker):
+        raise ConfigError("the broker URL is ambiguous (not shown: it may hold a password): "
+                          "percent-encode a '/', '?' or '#' of its password as %2F, %3F, "
+                          "%23 (--broker, $CASTLIB_BROKER or broker: in the config)")
+    return broker
 
 
 def broker_url(explicit: str | None, user_config: UserConfig) -> str:
@@ -106,7 +122,8 @@ def _canonical(value: str, pipeline: Pipeline, user_config: UserConfig, base_dir
     """What a location parameter means on the client, in words a worker on another host
     reads the same: a local path becomes file://THIS-HOST/abs/path; a name of the
     client's configuration is sent with its URL. A remote URL is kept as typed (its
-    credentials, if any, are part of it); a catalog name is the worker's to resolve."""
+    credentials, if any, are part of it: the orders travel sealed, worker.seal); a
+    catalog name is the worker's to resolve."""
     if value in pipeline.locations:
         return value
     if value in user_config.locations:
@@ -134,6 +151,15 @@ def payload_of(pipeline: Pipeline, user_config: UserConfig, base_dir: str) -> di
             key = field.alias or pname
             params[key] = _canonical(getattr(spec.params, pname), pipeline, user_config,
                                      base_dir, locations)
+        for pname in spec.cls.file_params:
+            # relative to the pipeline file, as at home: a worker's own folder (its
+            # service's, often /) is not where the user meant; written on the host that
+            # runs the stage, at the path the user meant (a shared file system, or a
+            # clear "cannot write" there)
+            key = spec.cls.Params.model_fields[pname].alias or pname
+            value = getattr(spec.params, pname)
+            if isinstance(value, str) and value != "-":
+                params[key] = os.path.join(base_dir, os.path.expanduser(value))
         stages.append([spec.cls.name, params])
     return {"stages": stages, "locations": locations,
             "location_options": pipeline.location_options}
@@ -175,8 +201,10 @@ def submit(pipeline: Pipeline, catalog: Catalog, *, command: str, args: dict,
     check_broker(broker)
     run_id = catalog.queue_run(command, args, pipeline.text, segments[0].queue)
     try:
+        from .catalog.settings import message_key
+
         task_ids = send_chain(broker, run_id, command, payload, segments,
-                              dry_run=dry_run, force=force)
+                              dry_run=dry_run, force=force, key=message_key(catalog))
     except BaseException as exc:
         catalog.finish_run(run_id, "error", redact(f"could not queue the run: {exc}"))
         raise
@@ -314,13 +342,17 @@ def _ending(report: RunReport, run: dict) -> RunReport:
 
 
 def cancel(catalog: Catalog, run_id: int, broker: str | None, user_config: UserConfig) -> str:
-    """`castlib runs cancel ID`: the catalog is told first (a running worker reads it in
-    its heartbeat and stops cleanly; a queued run is cancelled at once), then the broker
-    drops the run's queued tasks, if it can be reached. What happened, in words."""
-    run = catalog.request_cancel(run_id)
-    if run is None:
+    """`castlib runs cancel ID`: the catalog is told first (a running run, on a worker or
+    of a command line, the web view or a script, reads it in its heartbeat and stops
+    cleanly; a queued run is cancelled at once), then the broker drops the run's queued
+    tasks, if it can be reached. What happened, in words."""
+    details = catalog.run_details(run_id)
+    if details is None:
         raise ConfigError(f"no run with id {run_id}")
-    if run["status"] in FINAL - {"cancelled"}:
+    if details[0]["status"] in FINAL:   # cancelled too: not "cancelled" a second time
+        raise ConfigError(f"run {run_id} has ended already ({details[0]['status']})")
+    run = catalog.request_cancel(run_id)
+    if run["status"] in FINAL - {"cancelled"}:   # it ended meanwhile
         raise ConfigError(f"run {run_id} has ended already ({run['status']})")
     if run.get("tasks"):
         try:

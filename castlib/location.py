@@ -196,6 +196,14 @@ def _ambiguous_credentials(rest: str, cut: int | None = None) -> bool:
     return "@" in authority or ":" in _BRACKETED_HOST.sub("", authority)
 
 
+def ambiguous_url(url: str) -> bool:
+    """Whether the credentials of a whole URL cannot be told from its host and path (a
+    raw '/', '?' or '#' in a password: _ambiguous_credentials): such a URL is refused,
+    and not shown, wherever castlib takes one (a location, the broker)."""
+    m = _SCHEME.match(url)
+    return bool(m) and _ambiguous_credentials(url[m.end():])
+
+
 def redact_url(url: str, whole: bool = True) -> str:
     """The URL `url` (the whole text, spaces and all) with its userinfo replaced by ***."""
     url = str(url)

@@ -291,7 +291,8 @@ class Pipeline:
         from .catalog.records import utcnow
 
         locks = ExitStack()
-        beat = RunBeat(catalog, report.run_id, lambda: ctx.current_progress, on_cancel)
+        beat = RunBeat(catalog, report.run_id, lambda: ctx.current_progress,
+                       on_cancel if on_cancel is not None else _cancel_by_signal())
         try:
             # beating from the start: a run waiting for a destination's lock is alive too.
             # Its last write (the final counters) comes before the run's end is recorded
@@ -327,9 +328,13 @@ class Pipeline:
             catalog.finish_run(report.run_id, "error", redact(str(exc), ctx.secrets))
             raise
         except KeyboardInterrupt as exc:
-            catalog.finish_run(report.run_id, "interrupted",
-                               f"interrupted by {interruption_name(exc)}")
+            if beat.cancelled:   # the signal was the cancel's (_cancel_by_signal, a worker's)
+                catalog.finish_run(report.run_id, "cancelled", CANCELLED)
+            else:
+                catalog.finish_run(report.run_id, "interrupted",
+                                   f"interrupted by {interruption_name(exc)}")
             exc.report = report   # what was done, for the command's last words
+            exc.cancelled = beat.cancelled
             raise
         except BaseException as exc:
             catalog.finish_run(report.run_id, "error",
@@ -393,6 +398,27 @@ class Pipeline:
 
 
 MAX_ERRORS_SHOWN = 50
+CANCELLED = "cancelled by castlib runs cancel"
+
+
+def _cancel_by_signal():
+    """How a run of this process stops when `castlib runs cancel` asks (read back by its
+    heartbeat, progress.RunBeat): as a signal stops it (no copy starts, those in flight
+    end or are abandoned, what was done is recorded), by sending this process's main
+    thread the signal its handler turns into a KeyboardInterrupt: SIGTERM where castlib's
+    command line handles it, else SIGINT (Python's own handler: a script, a notebook, the
+    web view's child process). None when no such handler is there to stop the run (a run
+    in another thread than the main one, SIGINT ignored): the cancel cannot reach it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    main = threading.main_thread().ident
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if callable(signal.getsignal(signum)):
+            return lambda: signal.pthread_kill(main, signum)
+    return None
 
 
 def _a(stage_name: str) -> str:

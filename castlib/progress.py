@@ -122,6 +122,11 @@ class RunBeat:
         self._thread.join()
         self.beat()   # the final counters, before the run's end is recorded
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether `on_cancel` was called: a stop that follows is the cancel's."""
+        return self._cancelled
+
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
             self.beat()

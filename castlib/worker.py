@@ -49,10 +49,11 @@ class BrokerUnreachable(CastlibError):
 def _celery():
     try:
         import celery  # noqa: F401
+        import cryptography  # noqa: F401   (seal)
         import kombu  # noqa: F401
     except ImportError:
-        raise ConfigError("workers need Celery and redis-py: pip install 'castlib[worker]'"
-                          ) from None
+        raise ConfigError("workers need Celery, redis-py and cryptography: pip install "
+                          "'castlib[worker]'") from None
     return celery
 
 
@@ -86,7 +87,10 @@ def check_broker(broker: str, timeout_s: float = 5) -> None:
     _celery()
     from kombu import Connection
 
+    from .dispatch import check_broker_url
     from .location import redact
+
+    check_broker_url(broker)
 
     try:
         with Connection(broker, connect_timeout=timeout_s) as conn:
@@ -98,10 +102,47 @@ def check_broker(broker: str, timeout_s: float = 5) -> None:
                                 ) from None
 
 
+def seal(key: bytes, body: dict) -> str:
+    """A segment's orders as the broker carries them: encrypted and authenticated with the
+    catalog's message key (catalog.settings.message_key). They hold the locations' URLs
+    with their credentials and the back-end options (passwords, tokens): whoever reads the
+    broker (an open Redis, `celery inspect`, a monitoring tool showing task arguments)
+    must not read those; and whoever can write to it must not make a worker run a stage
+    of their own choosing (a sync --delete) under a queued run's id."""
+    import json
+
+    from cryptography.fernet import Fernet
+
+    return Fernet(key).encrypt(json.dumps(body).encode()).decode("ascii")
+
+
+class TamperedMessage(CastlibError):
+    """A task whose orders were not sealed with this catalog's key."""
+
+
+def unseal(key: bytes, run_id, sealed) -> dict:
+    """The orders of a task (seal), or TamperedMessage: not sealed with this catalog's
+    key, altered on the way, or sealed for another run than the one it names."""
+    import json
+
+    from cryptography.fernet import Fernet, InvalidToken
+
+    if not isinstance(sealed, str):
+        raise TamperedMessage(f"run {run_id}: the task carries no sealed orders")
+    try:
+        body = json.loads(Fernet(key).decrypt(sealed.encode("ascii")))
+    except (InvalidToken, UnicodeEncodeError, ValueError):
+        raise TamperedMessage(f"run {run_id}: the task's orders were not sealed with this "
+                              "catalog's key (altered, or sent for another catalog)") from None
+    if not isinstance(body, dict) or body.get("run_id") != run_id:
+        raise TamperedMessage(f"run {run_id}: the task's orders are sealed for another run")
+    return body
+
+
 def send_chain(broker: str, run_id: int, command: str, payload: dict, segments,
-               dry_run: bool, force: bool) -> list[str]:
-    """Queue the segments of a run as one chain (each starts when the one before ended);
-    the task ids, for revoke."""
+               dry_run: bool, force: bool, key: bytes) -> list[str]:
+    """Queue the segments of a run as one chain (each starts when the one before ended),
+    each segment's orders sealed with `key` (seal); the task ids, for revoke."""
     from uuid import uuid4
 
     from celery import chain
@@ -110,9 +151,12 @@ def send_chain(broker: str, run_id: int, command: str, payload: dict, segments,
     sigs, ids = [], []
     for i, seg in enumerate(segments):
         last = i == len(segments) - 1
-        body = {"run_id": run_id, "command": command, **payload, "positions": seg.positions,
-                "last": last, "next_queue": None if last else segments[i + 1].queue,
-                "dry_run": dry_run, "force": force}
+        orders = {"run_id": run_id, "command": command, **payload,
+                  "positions": seg.positions, "last": last,
+                  "next_queue": None if last else segments[i + 1].queue,
+                  "dry_run": dry_run, "force": force}
+        # the run id stays readable: what a worker logs about a message it refuses
+        body = {"run_id": run_id, "sealed": seal(key, orders)}
         task_id = str(uuid4())
         ids.append(task_id)
         sigs.append(app.signature(TASK_NAME, args=(body,), queue=seg.queue, immutable=True,
@@ -152,15 +196,39 @@ def run_segment(body: dict, db: str | None) -> str:
     from .hosts import local_hostname
     from .pipeline import Pipeline
 
+    from .catalog.settings import message_key
+
     catalog = _catalog(db)
-    run_id, positions = body["run_id"], body["positions"]
+    run_id = body.get("run_id") if isinstance(body, dict) else None
+    try:
+        body = unseal(message_key(catalog), run_id,
+                      body.get("sealed") if isinstance(body, dict) else None)
+    except TamperedMessage as exc:   # the run is left as it is: its true message may come
+        log.error("%s: refused", exc)
+        return "refused"
+    positions = body["positions"]
     if not catalog.claim_run(run_id, positions[0]):
         log.warning("run %s: not mine to run (cancelled, died, ended, or taken already)",
                     run_id)
         return "skipped"
     log.warning("run %s: stages %s on %s", run_id, [p + 1 for p in positions],
                 local_hostname())
-    pipeline = Pipeline.from_stages([tuple(s) for s in body["stages"]], body["locations"])
+    try:
+        pipeline = Pipeline.from_stages([tuple(s) for s in body["stages"]],
+                                        body["locations"])
+    except Exception as exc:
+        # orders this castlib cannot build (a client newer than this worker: a stage or
+        # a parameter it does not know): the run it claimed ends here, with the reason.
+        # Left to Celery, the run stayed 'running' on a live worker process for ever,
+        # and the traceback in the log was all that said why
+        from .location import redact
+
+        reason = redact(str(exc) if isinstance(exc, CastlibError)
+                        else f"{type(exc).__name__}: {exc}")
+        catalog.finish_run(run_id, "error",
+                           f"{local_hostname()} cannot run this run's stages: {reason}")
+        log.error("run %s: cannot run its stages: %s", run_id, reason)
+        return "error"
     pipeline.location_options = body.get("location_options") or {}
     pipeline.stages = [s for s in pipeline.stages if s.position in positions]
 
@@ -203,6 +271,20 @@ def run_segment(body: dict, db: str | None) -> str:
     return "failed" if report.exit_code else "ok"
 
 
+def _check_queues(catalog, host: str, queues: list[str]) -> None:
+    """Refuse a --queue that is another host's own queue (a service file copied from
+    daq01 to daq02 with its `--queue daq01`): this worker would take stages of daq01's
+    disks, which it cannot read, and fail them, while daq01's worker could have run them.
+    The hosts known are those of the catalog's local locations listed once."""
+    for queue in queues:
+        if queue == host:
+            continue
+        if catalog.listed_locations_of("file", queue):
+            raise ConfigError(f"--queue {queue}: that is the queue of host {queue}'s "
+                              f"worker (the catalog has local locations of {queue}); this "
+                              f"host is {host}, which cannot read {queue}'s disks")
+
+
 def main(args) -> int:
     """`castlib worker`: refuse what cannot work (an SQLite catalog, no broker) in one
     line, then run the Celery worker until it is stopped (SIGTERM: warm shutdown)."""
@@ -221,7 +303,8 @@ def main(args) -> int:
     check_broker(broker)
     from .catalog import Catalog
 
-    Catalog(db).close()   # reachable and at the newest schema, before any task comes
+    with Catalog(db) as catalog:   # reachable and at the newest schema, before any task
+        _check_queues(catalog, host, args.queue)
     queues = list(dict.fromkeys([host, DEFAULT_QUEUE, *args.queue]))
     app = make_app(broker, db)
     print(f"castlib worker {host}: queues {', '.join(queues)}; concurrency "

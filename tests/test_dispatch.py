@@ -62,3 +62,22 @@ def test_a_path_typed_on_the_client_is_the_clients(monkeypatch, tmp_path):
     assert payload["stages"][0][1]["location"] == f"file://client{tmp_path}"
     assert payload["stages"][1][1]["location"] == "cdr"
     assert payload["locations"] == {"cdr": "file://client/data/cdr"}
+
+
+def test_a_report_file_relative_to_the_pipeline_stays_so_on_a_worker(tmp_path):
+    """`out:` is relative to the pipeline file; a worker runs in a folder of its own (a
+    service's, often /): sent as typed, the report landed there, on the worker's host."""
+    source = tmp_path / "p.yaml"
+    source.write_text(f"""
+locations: {{cdr: "file://daq01/data"}}
+stages:
+  - diff: {{id: d, ref: cdr, dst: "{EOS}"}}
+  - report: {{from: d, out: reports/pending.json}}
+  - report: {{from: d, out: "-"}}
+  - report: {{from: d, out: /srv/abs.json}}
+""")
+    pipeline = Pipeline.from_file(str(source), UserConfig())
+    stages = payload_of(pipeline, UserConfig(), str(tmp_path))["stages"]
+    assert stages[1][1]["out"] == str(tmp_path / "reports" / "pending.json")
+    assert stages[2][1].get("out", "-") == "-"
+    assert stages[3][1]["out"] == "/srv/abs.json"

@@ -242,3 +242,246 @@ def test_a_broker_restart_loses_no_finished_result(postgres_url, tmp_path):
             assert daq04.proc.poll() is None
     finally:
         daq04.stop()
+
+
+# -- what the broker carries -------------------------------------------------------------
+URL_SECRET = "alice-pw-9d41f"
+OPTION_SECRET = "opt-s3cret-77ab"
+
+
+def _park_a_run(cluster, tmp_path) -> tuple[int, dict]:
+    """A run with credentials (in its URL and in its back-end options) queued for a queue
+    no worker consumes (`nobody`): its message stays in Redis to be looked at. The run's
+    id, and the client's environment."""
+    config = tmp_path / "config.yaml"
+    config.write_text('queues:\n  "sftp://127.0.0.1:1": nobody\n')
+    env = cluster.client_env(CASTLIB_CONFIG=str(config))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"""
+workers: true
+locations:
+  arch: {{url: "sftp://alice:{URL_SECRET}@127.0.0.1:1/data",
+          options: {{password: "{OPTION_SECRET}"}}}}
+stages:
+  - index: {{location: arch}}
+""")
+    r = run_cli("run", "--on-workers", "--detach", str(pipeline), env=env, check=0)
+    return int(r.stdout.strip()), env
+
+
+def _queued_bodies(broker: str, queue: str) -> list[tuple[dict, bytes]]:
+    """The messages waiting in a Redis queue: (the kombu envelope, its decoded body)."""
+    import base64
+    import json
+
+    import redis
+
+    out = []
+    for raw in redis.Redis.from_url(broker).lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        body = envelope["body"].encode()
+        if envelope["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        out.append((envelope, body))
+    return out
+
+
+def _drop_queue(cluster, queue: str, run_id: int, env: dict) -> None:
+    import redis
+
+    run_cli("runs", "cancel", str(run_id), env=env, check=None)   # cleaning up only
+    redis.Redis.from_url(cluster.broker).delete(queue)
+
+
+def test_a_task_message_carries_no_credentials(cluster, tmp_path):
+    """Whoever reads the broker (an open Redis, `celery inspect`, a monitor showing task
+    arguments) must not find the password of a URL or of a back-end option."""
+    run_id, env = _park_a_run(cluster, tmp_path)
+    try:
+        messages = _queued_bodies(cluster.broker, "nobody")
+        assert len(messages) == 1
+        envelope, body = messages[0]
+        import json
+
+        seen = body + json.dumps(envelope).encode()
+        assert b"run_segment" in seen   # the message looked at is castlib's
+        for secret in (URL_SECRET, OPTION_SECRET):
+            assert secret.encode() not in seen
+        run, _ = cluster.run(run_id)
+        assert URL_SECRET not in json.dumps(run["args"]) + (run["pipeline"] or "")
+        assert OPTION_SECRET not in json.dumps(run["args"]) + (run["pipeline"] or "")
+    finally:
+        _drop_queue(cluster, "nobody", run_id, env)
+
+
+def test_a_forged_or_altered_task_is_refused(cluster, tmp_path):
+    """A writer of the broker who knows a queued run's id sends daq01's worker orders of
+    their own under it (here an index of another folder; a sync --delete as well): the
+    worker refuses them, the run stays as it was, nothing is read or written."""
+    import json
+
+    from castlib.worker import TASK_NAME, make_app
+
+    victim = make_tree(tmp_path / "victim", {"keep.dat": b"keep"})
+    run_id, env = _park_a_run(cluster, tmp_path)
+    try:
+        forged = {"run_id": run_id, "command": "run",
+                  "stages": [["index", {"location": f"file://daq01{victim}"}]],
+                  "locations": {}, "location_options": {}, "positions": [0], "last": True,
+                  "next_queue": None, "dry_run": False, "force": False}
+        (envelope, body), = _queued_bodies(cluster.broker, "nobody")
+        real = json.loads(body)[0][0]
+        altered = dict(real)
+        if "sealed" in altered:   # the true orders with one character changed
+            s = altered["sealed"]
+            altered["sealed"] = s[:40] + ("A" if s[40] != "A" else "B") + s[41:]
+        daq01 = cluster.workers["daq01"]
+        app = make_app(cluster.broker)
+        for orders in (forged, altered):
+            before = daq01.log.count(f"run {run_id}: ")
+            app.send_task(TASK_NAME, args=(orders,), queue="daq01")
+            deadline = time.monotonic() + 90
+            while (daq01.log.count(f"run {run_id}: ") == before
+                   and cluster.run(run_id)[0]["status"] == "queued"):
+                assert time.monotonic() < deadline, daq01.log[-3000:]
+                time.sleep(0.2)
+            run, stages = cluster.run(run_id)
+            assert run["status"] == "queued" and stages == [], (run, stages)
+            assert "refused" in daq01.log.split(f"run {run_id}: ")[-1].splitlines()[0]
+        with Catalog(cluster.db) as catalog:
+            assert catalog.find_location(f"file://daq01{victim}") is None
+    finally:
+        _drop_queue(cluster, "nobody", run_id, env)
+
+
+BROKER_SECRET = "topsecret"
+
+
+def test_a_broker_password_is_never_shown(postgres_url, tmp_path):
+    """A password holding a raw '/', '?' or '#' cannot be told from the host and path:
+    refused in one line that shows none of it (the broker library's error quoted a piece
+    of it: "Port could not be cast to integer value as 'topsecret'"); an '@' in it works,
+    and is shown nowhere either."""
+    from tests.servers.common import free_port
+    from tests.servers.redis import redis_server
+
+    db = fresh_database(postgres_url)
+    src = make_tree(tmp_path / "src", {"a.dat": b"a"})
+    port = free_port()
+    for broker in (f"redis://:{BROKER_SECRET}/x@127.0.0.1:{port}/0",
+                   f"redis://:12/{BROKER_SECRET}@127.0.0.1:{port}/0",
+                   f"redis://:p@{BROKER_SECRET}#x@127.0.0.1:{port}/0",
+                   f"redis://u:{BROKER_SECRET}?x@127.0.0.1:{port}/0"):
+        for argv in (["worker", "--broker", broker],
+                     ["index", "--on-workers", "--broker", broker, str(src)],
+                     ["web", "--broker", broker, "--port", str(free_port())]):
+            r = run_cli(*argv, db=db, check=2, timeout=60)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "the broker URL is ambiguous" in lines[0], (argv,
+                                                                                r.stderr)
+            assert BROKER_SECRET not in r.stderr + r.stdout, (argv, r.stderr)
+        r = run_cli("index", "--on-workers", str(src), db=db, check=2, timeout=60,
+                    env={"CASTLIB_BROKER": broker})
+        assert BROKER_SECRET not in r.stderr and "ambiguous" in r.stderr, r.stderr
+
+    password = f"p@{BROKER_SECRET}:w@x"   # the last '@' ends it
+    with redis_server(port, password=password):
+        broker = f"redis://:{password}@127.0.0.1:{port}/0"
+        daq05 = Worker("daq05", worker_env("daq05", db, broker), tmp_path / "w.log").start()
+        try:
+            r = run_cli("-v", "index", "--on-workers", f"file://daq05{src}", env=worker_env(
+                "client", db, broker), check=0, timeout=180)
+            assert "running on daq05" in r.stderr, r.stderr
+            assert BROKER_SECRET not in r.stderr + r.stdout
+        finally:
+            daq05.stop()
+        assert "ready." in daq05.log and BROKER_SECRET not in daq05.log, daq05.log
+        # a wrong password: one line, none of either password
+        wrong = f"redis://:x@{BROKER_SECRET}@127.0.0.1:{port}/0"
+        r = run_cli("worker", "--broker", wrong, db=db, check=2, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cannot reach the broker redis://***@127.0.0.1" in lines[0]
+        assert BROKER_SECRET not in r.stderr, r.stderr
+
+
+def test_one_task_delivered_to_two_workers_at_once_runs_once(cluster, tmp_path):
+    """The broker redelivers (a visibility timeout, a replay): the same sealed task reaches
+    daq01's and daq02's workers at once. The catalog's claim lets one of them run it."""
+    import json
+
+    from castlib.worker import TASK_NAME, make_app
+
+    run_id, env = _park_a_run(cluster, tmp_path)
+    try:
+        (_, body), = _queued_bodies(cluster.broker, "nobody")
+        orders = json.loads(body)[0][0]
+        logs = {name: cluster.workers[name].log.count(f"run {run_id}: ")
+                for name in ("daq01", "daq02")}
+        app = make_app(cluster.broker)
+        for name in ("daq01", "daq02"):
+            app.send_task(TASK_NAME, args=(orders,), queue=name)
+        deadline = time.monotonic() + 120
+        while not all(cluster.workers[n].log.count(f"run {run_id}: ") > logs[n]
+                      for n in logs):
+            assert time.monotonic() < deadline, {n: cluster.workers[n].log[-2000:]
+                                                 for n in logs}
+            time.sleep(0.2)
+        said = [cluster.workers[n].log.split(f"run {run_id}: ", 1 + logs[n])[-1]
+                .splitlines()[0] for n in logs]
+        assert sorted("not mine to run" in s for s in said) == [False, True], said
+        deadline = time.monotonic() + 120
+        while cluster.run(run_id)[0]["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        run, stages = cluster.run(run_id)
+        assert len(stages) == 1 and stages[0]["stage"] == "index", stages
+    finally:
+        _drop_queue(cluster, "nobody", run_id, env)
+
+
+def test_a_worker_refuses_the_queue_of_another_host(cluster, tmp_path):
+    """A service file copied from daq01 to daq03 with its `--queue daq01`: daq03's worker
+    would take the stages of daq01's disks, fail them ("is on daq01"), and daq01's worker
+    would miss them. Refused at start, in one line."""
+    src = make_tree(tmp_path / "src", {"a.dat": b"a"})
+    cluster.cli("index", "--on-workers", f"file://daq01{src}", check=0)
+    env = worker_env("daq03", cluster.db, cluster.broker)
+    r = run_cli("worker", "--queue", "eos", "--queue", "daq01", env=env, check=2, timeout=60)
+    assert r.stderr.strip().splitlines() == [
+        "castlib: error: --queue daq01: that is the queue of host daq01's worker (the "
+        "catalog has local locations of daq01); this host is daq03, which cannot read "
+        "daq01's disks"], r.stderr
+
+
+def test_orders_a_worker_cannot_build_end_the_run_in_error(cluster, tmp_path):
+    """A client newer than the worker (a stage, or a parameter, this worker does not
+    know): the run it claimed must end 'error' with the reason, not stay 'running' on a
+    live worker process for ever (its host never finds it dead: the pid lives)."""
+    import json
+
+    from castlib.catalog.settings import message_key
+    from castlib.worker import TASK_NAME, make_app, seal
+
+    run_id, env = _park_a_run(cluster, tmp_path)
+    try:
+        orders = {"run_id": run_id, "command": "run",
+                  "stages": [["index", {"location": f"file://daq01{tmp_path}",
+                                        "from_the_future": 1}]],
+                  "locations": {}, "location_options": {}, "positions": [0], "last": True,
+                  "next_queue": None, "dry_run": False, "force": False}
+        with Catalog(cluster.db) as catalog:
+            sealed = seal(message_key(catalog), orders)
+        make_app(cluster.broker).send_task(TASK_NAME, args=({"run_id": run_id,
+                                                             "sealed": sealed},),
+                                           queue="daq01")
+        deadline = time.monotonic() + 30
+        while cluster.run(run_id)[0]["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, (cluster.run(run_id)[0],
+                                                 cluster.workers["daq01"].log[-3000:])
+            time.sleep(0.2)
+        run, _ = cluster.run(run_id)
+        assert run["status"] == "error" and "from_the_future" in run["error"], run
+        assert run["error"].startswith("daq01 cannot run this run's stages: "), run
+        assert "Traceback" not in cluster.workers["daq01"].log.split(f"run {run_id}: ")[-1]
+    finally:
+        _drop_queue(cluster, "nobody", run_id, env)

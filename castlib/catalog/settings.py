@@ -30,3 +30,18 @@ def get_setting(catalog, name: str) -> str | None:
 def set_setting(catalog, name: str, value: str) -> None:
     """Set a catalog-wide value, made if new."""
     catalog.set_setting(name, value)
+
+
+def message_key(catalog) -> bytes:
+    """The key that seals the task messages sent to workers (castlib.worker.seal): derived
+    from the catalog's secret (temp_name_key), so every client and worker sharing the
+    catalog holds it, and a reader (or writer) of the broker alone does not. A message
+    carries the locations' URLs with their credentials and the back-end options: only a
+    holder of the catalog may read them, or write a message a worker carries out."""
+    import base64
+    import hashlib
+    import hmac
+
+    derived = hmac.new(temp_name_key(catalog), b"castlib worker messages",
+                       hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(derived)   # a Fernet key

@@ -309,6 +309,9 @@ class Stage:
     # the pydantic model of its parameters (LazyParams: built on first use)
     Params: ClassVar = LazyParams(lambda: __getattr__("StageParams"))
     location_params: ClassVar[tuple[str, ...]] = ()   # parameters that name locations
+    # parameters that name a file relative to the pipeline file ("-": none): made absolute
+    # before a worker, whose folder is not the pipeline's, gets them (castlib.dispatch)
+    file_params: ClassVar[tuple[str, ...]] = ()
     # parameters that name an earlier stage's id -> the stages whose result they can read
     reads_results: ClassVar[dict[str, tuple[str, ...]]] = {}
 

@@ -42,6 +42,7 @@ class ReportStage(Stage):
     description = "write a diff's or a verify's result as text, JSON or CSV"
     Params = ReportParams
     reads_results = {"from_": ("diff", "verify")}
+    file_params = ("out",)
 
     def run(self) -> StageOutcome:
         p: ReportParams = self.params

@@ -4,8 +4,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import quote
 from xml.sax.saxutils import escape, quoteattr
 
@@ -45,7 +46,7 @@ def locations(request: Request):
 @router.get("/locations/{location_id}/entries",
             summary="A location's entries, by key; NDJSON streams all; Metalink 4",
             responses={200: {"content": {NDJSON: {}, "application/metalink4+xml": {}}}})
-def entries(request: Request, location_id: int,
+def entries(request: Request, location_id: views.PathId,
             prefix: str = Query("", description="paths starting with this text"),
             after: str | None = Query(None, description="the last path of the previous page"),
             updated_after: datetime | None = Query(
@@ -101,7 +102,7 @@ def _metalink(catalog, loc, prefix, after, since):
         if e["kind"] != "f" or e["deleted"]:
             continue
         url = root + "/" + quote(from_catalog(e["path"]).encode("utf-8", "surrogateescape"))
-        parts = [f"  <file name={quoteattr(e['path'])}>\n"]
+        parts = [f"  <file name={quoteattr(_xml_text(e['path']))}>\n"]
         if e["size"] is not None:
             parts.append(f"    <size>{e['size']}</size>\n")
         for algo, name in (("adler32", "adler32"), ("md5", "md5"), ("sha256", "sha-256")):
@@ -114,6 +115,18 @@ def _metalink(catalog, loc, prefix, after, since):
             yield "".join(chunk)
             chunk = []
     yield "".join(chunk) + "</metalink>\n"
+
+
+# Characters XML 1.0 cannot hold, not even as a character reference: a file name with
+# one (a control character is a valid byte of a POSIX name) made the whole document
+# ill-formed, so that no client could read any file of it
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def _xml_text(name: str) -> str:
+    """A name as XML holds it: a character XML cannot hold as %XX of its UTF-8 bytes,
+    as the URL beside it (and the catalog a name that is not UTF-8) writes it."""
+    return _NOT_XML.sub(lambda m: quote(m.group().encode("utf-8", "surrogatepass")), name)
 
 
 @router.get("/diff", summary="Differences between two locations, from the catalog")
@@ -156,7 +169,8 @@ def _csv(rows):
 
 @router.get("/runs", summary="The run history, newest first")
 def runs(request: Request, status: str | None = None, command: str | None = None,
-         before: int | None = Query(None, description="ids below this (the next page)"),
+         before: Annotated[int | None, Query(
+             ge=0, le=views.MAX_ID, description="ids below this (the next page)")] = None,
          limit: int = 50):
     views.check_limit(limit)
     rows = _catalog(request).runs(limit, status=status or None, command=command or None,
@@ -166,7 +180,7 @@ def runs(request: Request, status: str | None = None, command: str | None = None
 
 
 @router.get("/runs/{run_id}", summary="One run: each stage's counts and every error")
-def run(request: Request, run_id: int):
+def run(request: Request, run_id: views.PathId):
     details = _catalog(request).run_details(run_id)
     if details is None:
         raise HTTPException(404, f"no run with id {run_id}")

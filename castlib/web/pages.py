@@ -52,7 +52,7 @@ def _crumbs(folder: str) -> list[tuple[str, str]]:
 
 
 @router.get("/locations/{location_id}")
-def browse(request: Request, location_id: int, path: str = "", after: str | None = None,
+def browse(request: Request, location_id: views.PathId, path: str = "", after: str | None = None,
            prefix: str = ""):
     """A folder of a location: its entries by key, `after` the last name shown; with
     `prefix`, the paths starting with that text anywhere below the location."""
@@ -81,7 +81,7 @@ def browse(request: Request, location_id: int, path: str = "", after: str | None
 
 
 @router.get("/locations/{location_id}/file")
-def file_page(request: Request, location_id: int, path: str):
+def file_page(request: Request, location_id: views.PathId, path: str):
     catalog = _catalog(request)
     path = views.check_path(path, "path")
     loc = catalog.location_by_id(location_id)
@@ -120,7 +120,8 @@ def diff(request: Request, ref: str = "", dst: str = "", kind: str = "",
 
 
 @router.get("/runs")
-def runs(request: Request, status: str = "", command: str = "", before: int | None = None):
+def runs(request: Request, status: str = "", command: str = "",
+         before: views.QueryId = None):
     rows = _catalog(request).runs(PAGE, status=status or None, command=command or None,
                                   before_id=before)
     next_url = None
@@ -157,18 +158,18 @@ def _plan(request: Request, run: dict) -> dict | None:
 
 
 @router.get("/runs/{run_id}")
-def run_page(request: Request, run_id: int):
+def run_page(request: Request, run_id: views.PathId):
     return render(request, "run.html", **_run_context(request, run_id))
 
 
 @router.get("/runs/{run_id}/progress")
-def run_progress(request: Request, run_id: int):
+def run_progress(request: Request, run_id: views.PathId):
     """The part of a run's page that a running run refreshes (htmx, every 2 s)."""
     return render(request, "_run_progress.html", **_run_context(request, run_id))
 
 
 @router.get("/plots")
-def plots(request: Request, location: int | None = None):
+def plots(request: Request, location: views.QueryId = None):
     catalog = _catalog(request)
     overview = catalog.location_overview()
     chosen = location if location is not None else (overview[0]["id"] if overview else None)

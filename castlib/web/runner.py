@@ -44,6 +44,10 @@ def execute(request: dict, announce) -> int:
         if not announced:
             announce({"error": str(exc), "status": 422})
         return exc.exit_code
+    except KeyboardInterrupt as exc:   # `castlib runs cancel` (pipeline._cancel_by_signal)
+        if not announced:
+            announce({"error": "interrupted before the run started", "status": 500})
+        return getattr(exc, "exit_code", 130)
     except Exception as exc:   # recorded in the run when it had started (pipeline.run)
         if not announced:
             announce({"error": f"{type(exc).__name__}: {exc}", "status": 500})

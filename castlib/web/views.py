@@ -3,8 +3,9 @@ locations, runs, a diff's page, the plots' series. No SQL here (tests/test_bound
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Annotated
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Path, Query
 
 from ..catalog import Catalog
 from ..catalog.records import DIFFERENCE_KINDS
@@ -14,6 +15,11 @@ from ..catalog.export import adler32_hex, entry_document, iso, iso_ns
 __all__ = ["adler32_hex", "iso", "iso_ns"]
 
 MAX_LIMIT = 5000          # entries, runs or differences in one page
+# the largest id a catalog holds (a signed 64-bit integer in both databases): a larger
+# one in a URL is no id, answered 422, not an overflow in the database driver (a 500)
+MAX_ID = 2**63 - 1
+PathId = Annotated[int, Path(ge=0, le=MAX_ID)]
+QueryId = Annotated[int | None, Query(ge=0, le=MAX_ID)]
 STREAM_PAGE = 2000        # entries per catalog query when streaming (bounded memory)
 
 
@@ -88,6 +94,8 @@ def location_or_404(catalog: Catalog, text: str | int):
     """A location by id, name or URL; 404 naming it when the catalog has none."""
     text = str(text).strip()
     check_path(text, "location")
+    if text.isdigit() and int(text) > MAX_ID:
+        raise HTTPException(404, f"no location {text!r} in the catalog")
     loc = catalog.location_by_id(int(text)) if text.isdigit() else catalog.find_location(text)
     if loc is None:
         raise HTTPException(404, f"no location {text!r} in the catalog")

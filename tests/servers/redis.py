@@ -32,8 +32,9 @@ def redis_url() -> Iterator[str]:
 
 
 @contextmanager
-def redis_server(port: int | None = None) -> Iterator[str]:
-    """A Redis server for the block (on `port`, or a free one): its URL."""
+def redis_server(port: int | None = None, password: str | None = None) -> Iterator[str]:
+    """A Redis server for the block (on `port`, or a free one): its URL (without the
+    `password` it then requires)."""
     if not os.path.exists(REDIS_SERVER):
         raise RuntimeError(f"{REDIS_SERVER} not found (scripts/install-test-deps installs "
                            "the redis-server package)")
@@ -45,11 +46,13 @@ def redis_server(port: int | None = None) -> Iterator[str]:
 
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            # a server that wants a password answers NOAUTH: up all the same
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
 
+    auth = ["--requirepass", password] if password else []
     with server_process("redis-server", [REDIS_SERVER, "--port", str(port), "--bind",
                                          "127.0.0.1", "--save", "", "--appendonly", "no",
-                                         "--dir", str(folder)],
+                                         "--dir", str(folder), *auth],
                         folder / "redis.log", pong):
         yield f"redis://127.0.0.1:{port}/0"
 

@@ -49,16 +49,17 @@ TOKEN = "s3cret-token-for-tests"
 @pytest.fixture
 def web_server(tmp_path):
     """Start `castlib web` (the command, on a real uvicorn) over a catalog: a function
-    (db_url, token=None, pipelines=None, env=None) -> base URL; stopped at the end of the
-    test. `env`: more environment for the server (CASTLIB_BROKER, CASTLIB_HOSTNAME)."""
+    (db_url, token=None, pipelines=None, env=None, args=()) -> base URL; stopped at the
+    end of the test. `env`: more environment for the server (CASTLIB_BROKER,
+    CASTLIB_HOSTNAME); `args`: more options of the command."""
     from contextlib import ExitStack
 
     stack = ExitStack()
 
     def start(db_url: str, token: str | None = None, pipelines: str | None = None,
-              env: dict | None = None) -> str:
+              env: dict | None = None, args=()) -> str:
         port = free_port()
-        argv = castlib_command("web", "--port", str(port), db=db_url)
+        argv = castlib_command("web", "--port", str(port), *args, db=db_url)
         if token:
             token_file = tmp_path / f"token-{port}"
             token_file.write_text(token + "\n")

@@ -1,5 +1,6 @@
 """Actions: POST /api/v1/runs and the page forms start runs in a child process of the
 server, with the token only; the run is in the catalog when the answer comes."""
+import json
 import time
 
 import httpx
@@ -133,3 +134,63 @@ def test_a_refusal_of_castlib_itself_comes_back_as_422_and_not_json_as_400(serve
     r = http.post("/api/v1/runs", headers={**AUTH, "Content-Type": "application/json"},
                   content=b"{not json")
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
+
+
+def test_a_run_started_from_the_web_can_be_cancelled(server, two_trees, tmp_path):
+    """The server's child process runs the sync; `castlib runs cancel` reaches it through
+    the run's record (here while it waits for its destination's lock, held by this test:
+    alive, and stopped by nothing else)."""
+    from castlib.catalog import Catalog
+    from castlib.catalog.locks import location_lock
+    from tests.helpers import run_cli
+
+    http, ref, _ = server
+    db_url = two_trees[0]
+    target = tmp_path / "locked"
+    catalog = Catalog(db_url)
+    loc = catalog.location(str(target))
+    with location_lock(catalog, loc.id, loc.url):
+        r = http.post("/api/v1/runs", headers=AUTH, json={
+            "stage": "sync", "params": {"ref": str(ref), "dst": str(target),
+                                        "lock_wait": 120}})
+        assert r.status_code == 202, r.text
+        run_id = r.json()["run_id"]
+        r = run_cli("runs", "cancel", str(run_id), db=db_url, check=0)
+        assert "asked to stop" in r.stderr, r.stderr
+        done = _wait_finished(http, run_id, timeout_s=60)
+    catalog.close()
+    assert (done["run"]["status"], done["run"]["error"]) == (
+        "cancelled", "cancelled by castlib runs cancel"), done
+    assert not target.exists() or not any(target.iterdir())
+
+
+def test_the_login_cookie_acts_only_from_the_servers_own_pages(server, tmp_path):
+    """SameSite=Strict keeps other sites' pages from sending the cookie, but a page of
+    this host on another port is the same site to a browser (a dev server on
+    127.0.0.1:3000 ...): it could post the Actions form, or a text/plain body to the
+    API, with the cookie. Only a request whose Origin is this server may act with it."""
+    http, ref, _ = server
+    r = http.post("/login", data={"token": TOKEN}, follow_redirects=False)
+    assert r.status_code == 303 and "castlib_session" in http.cookies
+    base = str(http.base_url).rstrip("/")
+    other = base.rsplit(":", 1)[0] + ":1"      # the same host, another port
+    before = http.get("/api/v1/runs").json()["runs"]
+    target = tmp_path / "csrf"
+    form = {"stage": "sync", "ref": str(ref), "dst": str(target)}
+    body = json.dumps({"stage": "sync", "params": {"ref": str(ref), "dst": str(target)}})
+    for headers in ({"Origin": other}, {"Origin": "null"}, {"Referer": other + "/page"},
+                    {}):
+        r = http.post("/actions", data=form, headers=headers, follow_redirects=False)
+        assert r.status_code == 403 and "own pages" in r.text, (headers, r.text)
+        r = http.post("/api/v1/runs", content=body, follow_redirects=False,
+                      headers={**headers, "Content-Type": "text/plain"})
+        assert r.status_code == 403 and "own pages" in r.json()["error"], (headers, r.text)
+    time.sleep(0.5)
+    assert http.get("/api/v1/runs").json()["runs"] == before and not target.exists()
+    # the server's own page (its Origin, or its Referer alone) acts with the cookie
+    r = http.post("/actions", data={"stage": "index", "location": str(ref)},
+                  headers={"Origin": base}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    r = http.post("/actions", data={"stage": "index", "location": str(ref)},
+                  headers={"Referer": base + "/actions"}, follow_redirects=False)
+    assert r.status_code == 303, r.text

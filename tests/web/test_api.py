@@ -211,3 +211,27 @@ def test_the_overview_answers_from_kept_counts_until_a_location_is_written(
         assert _overview(client)[ref_url]["files"] == len(REF_FILES) + 1
     finally:
         catalog.close()
+
+
+def test_metalink_of_names_with_control_characters_is_well_formed(tmp_path, db_url):
+    """A control character is a valid byte of a file name, but XML 1.0 cannot hold one:
+    written as it was, it made the whole document unreadable, every file's entry lost."""
+    from fastapi.testclient import TestClient
+
+    import castlib
+    from castlib.web import create_app
+    from tests.helpers import make_tree
+
+    names = {"a\x01b.dat": b"1", "esc\x1b[31m.dat": b"2", "new\nline.dat": b"3",
+             "<x>&'\".dat": b"4", "plain.dat": b"5"}
+    root = make_tree(tmp_path / "t", names)
+    castlib.index(str(root), db=db_url, checksum="adler32")
+    with TestClient(create_app(db_url)) as client:
+        loc = client.get("/api/v1/locations").json()["locations"][0]["id"]
+        r = client.get(f"/api/v1/locations/{loc}/entries", params={"format": "metalink"})
+    assert r.status_code == 200
+    doc = ElementTree.fromstring(r.content)
+    got = {f.get("name"): f.find(f"{ML}url").text for f in doc.iter(f"{ML}file")}
+    assert set(got) == {"a%01b.dat", "esc%1B[31m.dat", "new\nline.dat", "<x>&'\".dat",
+                        "plain.dat"}
+    assert got["a%01b.dat"].endswith("/a%01b.dat")

@@ -36,6 +36,19 @@ def _error(r) -> str:
     ("/locations/{ref}/file?path=no/such/file", 404, "no entry"),
     ("/locations/{ref}/file", 422, "path"),
     ("/runs/99999", 404, "no run"),
+    # ids past a 64-bit integer: no id the catalog can hold, not a driver's overflow (500)
+    ("/api/v1/runs/99999999999999999999", 422, "run_id"),
+    ("/api/v1/runs?before=99999999999999999999", 422, "before"),
+    ("/api/v1/runs?before=-1", 422, "before"),
+    ("/api/v1/locations/99999999999999999999/entries", 422, "location_id"),
+    ("/api/v1/diff?ref=99999999999999999999&dst={dst}", 404, "no location"),
+    ("/runs/99999999999999999999", 422, "run_id"),
+    ("/runs/99999999999999999999/progress", 422, "run_id"),
+    ("/runs?before=99999999999999999999", 422, "before"),
+    ("/locations/99999999999999999999", 422, "location_id"),
+    ("/locations/99999999999999999999/file?path=a", 422, "location_id"),
+    ("/plots?location=99999999999999999999", 422, "location"),
+    ("/diff?ref={ref}&dst=99999999999999999999", 404, "no location"),
     ("/diff?ref={ref}&dst=nowhere", 404, "no location"),
 ])
 def test_a_bad_parameter_is_a_clear_4xx(client, url, status, words):
@@ -64,3 +77,27 @@ def test_a_prefix_with_like_wildcards_matches_them_literally(client):
     ref, _ = location_ids(client)
     r = client.get(f"/api/v1/locations/{ref}/entries", params={"prefix": "run_"})
     assert r.json()["entries"] == []
+
+
+def test_a_fault_of_the_server_is_one_line_and_500(client, two_trees):
+    """A catalog gone bad under the server (here a table dropped by hand): the API answers
+    one line of JSON, a page one line of HTML, with a 500, never the exception's words."""
+    from sqlalchemy import create_engine, text
+
+    from castlib.catalog.database import normalise_db_url
+
+    engine = create_engine(normalise_db_url(two_trees[0]))
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE stage_results"))
+    engine.dispose()
+    from fastapi.testclient import TestClient
+
+    with TestClient(client.app, raise_server_exceptions=False) as c:
+        r = c.get("/api/v1/runs")
+        assert r.status_code == 500, r.text
+        assert r.json() == {"error": r.json()["error"]}
+        assert r.json()["error"].startswith("internal error (")
+        assert "stage_results" not in r.text and "Traceback" not in r.text
+        page = c.get("/runs")
+        assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
+        assert 'id="error-message">internal error (' in page.text

@@ -120,3 +120,10 @@ def test_login_sets_a_cookie_that_allows_actions(two_trees):
     r = client.post("/login", data={"token": "tok"}, follow_redirects=False)
     assert r.status_code == 303 and client.cookies["castlib_session"] != "tok"
     assert "actions allowed" in client.get("/actions").text
+    # the cookie acts from the server's own pages (their Origin), not from another's
+    form = {"stage": "index", "location": "/nonexistent-castlib-test"}
+    r = client.post("/actions", data=form, headers={"Origin": "http://testserver:1"})
+    assert r.status_code == 403 and "own pages" in r.text
+    r = client.post("/actions", data=form, headers={"Origin": "http://testserver"},
+                    follow_redirects=False)
+    assert r.status_code != 403, r.text

@@ -1,7 +1,9 @@
 """`castlib web`: refusals are one line and exit 2, before anything listens."""
 import socket
 
-from tests.helpers import run_cli
+import httpx
+
+from tests.helpers import make_tree, run_cli
 
 
 def test_a_missing_or_empty_token_file_is_refused(tmp_path):
@@ -26,3 +28,44 @@ def test_a_port_in_use_is_one_line(tmp_path):
 def test_a_pipeline_folder_that_is_not_one(tmp_path):
     r = run_cli("web", "--pipelines", str(tmp_path / "none"), timeout=60)
     assert r.returncode == 2 and "not a folder" in r.stderr
+
+
+
+def _server_of_a_catalog(tmp_path, web_server, args=()) -> tuple[str, str]:
+    db = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    run_cli("index", str(make_tree(tmp_path / "t", {"secret-name.dat": b"x"})), db=db,
+            check=0)
+    base = web_server(db, args=args)
+    return base, base.rsplit(":", 1)[1]
+
+
+def _refused(http, host: str) -> None:
+    for path in ("/api/v1/locations", "/locations", "/api/v1/runs"):
+        r = http.get(path, headers={"Host": host})
+        assert r.status_code == 400, (host, path, r.text)
+        assert "secret-name" not in r.text and "does not answer" in r.text
+
+
+def test_a_request_for_another_host_name_is_refused(tmp_path, web_server):
+    """DNS rebinding: a page of evil.example whose name then resolves to 127.0.0.1 reads
+    the server as its own origin, but its requests say `Host: evil.example`."""
+    base, port = _server_of_a_catalog(tmp_path, web_server)
+    with httpx.Client(base_url=base, timeout=60) as http:
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
+                     "localhost.evil.example:80", ""):
+            _refused(http, host)
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", "[::1]:80"):
+            r = http.get("/api/v1/locations", headers={"Host": host})
+            assert r.status_code == 200 and "secret-name" not in r.text, (host, r.text)
+
+
+def test_allow_host_names_what_a_proxy_sends(tmp_path, web_server):
+    base, port = _server_of_a_catalog(tmp_path, web_server,
+                                      args=("--allow-host", "castlib.example.org"))
+    with httpx.Client(base_url=base, timeout=60) as http:
+        _refused(http, "castlib.example.org.evil.example")
+        _refused(http, "evil.example")
+        for host in ("castlib.example.org", f"CASTLIB.example.org:{port}",
+                     f"127.0.0.1:{port}"):
+            r = http.get("/api/v1/locations", headers={"Host": host})
+            assert r.status_code == 200, (host, r.text)
