@@ -20,7 +20,7 @@ from urllib.parse import quote
 from ..checksum import CHUNK_SIZE
 from ..errors import NotFound
 from .base import DIR, Capabilities, ListingErrorHandler, Stat, WriteStream
-from ..transfer import temp_path
+from ..transfer import is_temp_name, temp_path
 from .fsspec import READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _HTTPStatus, _Reader
 
 _HTTPS_SCHEMES = {"webdavs", "davs"}
@@ -107,6 +107,19 @@ class WebdavBackend(FsspecBackend):
                                                    response.close))
 
     def open_write(self, path: str) -> WriteStream:
+        """A PUT broken off (an abort) may still be stored by the server, in part, and only
+        once it notices the connection gone, which can be later than any look for it
+        (rclone serve webdav under load: over a second). So only a castlib temporary name
+        ever takes a PUT: a copy's own (the engine writes under one), else one made here,
+        renamed to `path` when the upload is committed. What a broken-off upload leaves
+        is then at most a temporary, which the next sync removes, never a partial file
+        under the name written."""
+        if is_temp_name(path.rpartition("/")[2], self.temp_key):
+            return self._upload(path)
+        tmp = temp_path(path, self.temp_key)
+        return self._upload(tmp, publish=lambda: self.rename(tmp, path))
+
+    def _upload(self, path: str, publish: Callable[[], None] | None = None) -> WriteStream:
         with self._errors(path):
             client, target = self.fs.client, self._full(path)
 
@@ -119,7 +132,7 @@ class WebdavBackend(FsspecBackend):
                 if response.status_code >= 400:
                     raise _HTTPStatus(response.status_code, response.reason_phrase)
 
-            return _StreamingUpload(self, path, send)
+            return _StreamingUpload(self, path, send, publish=publish)
 
     # -- namespace -------------------------------------------------------------------------
     def rename(self, src: str, dst: str) -> None:
@@ -155,11 +168,14 @@ class WebdavBackend(FsspecBackend):
     def _copy_and_delete(self, src: str, dst: str) -> None:
         """Rename by streaming the bytes through: WsgiDAV (and others) unquote a MOVE's
         Destination header before parsing it, so a '?' or ';' there would move the file
-        to a shorter, wrong name (and a tab or line break is dropped from it). The target is free (rename moved it aside): an upload
-        that fails leaves nothing there."""
+        to a shorter, wrong name (and a tab or line break is dropped from it). The target
+        is free (rename moved it aside), and written directly (open_write would write a
+        temporary and MOVE it, the very request that cannot carry this name): an upload
+        that fails is removed; one a server stores only after that look (see open_write)
+        is a file of the wrong size there, which the next sync's index sees and replaces."""
         if self.stat(dst) is not None:
             raise FileExistsError(errno.EEXIST, "target exists")
-        with self.open_read(src) as reader, self.open_write(dst) as writer:
+        with self.open_read(src) as reader, self._upload(dst) as writer:
             while chunk := reader.read(CHUNK_SIZE):
                 writer.write(chunk)
         self.delete(src)
@@ -216,8 +232,10 @@ class _StreamingUpload(WriteStream):
     _ABORT = object()
 
     def __init__(self, backend: WebdavBackend, path: str,
-                 send: Callable[[Iterator[bytes]], None], depth: int = 2):
+                 send: Callable[[Iterator[bytes]], None], depth: int = 2,
+                 publish: Callable[[], None] | None = None):
         self._backend, self._path = backend, path
+        self._publish = publish   # after the server took the whole body (a rename)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(send,), daemon=True,
@@ -264,6 +282,8 @@ class _StreamingUpload(WriteStream):
             self._thread.join()
             if self._error is not None:
                 raise self._error
+        if self._publish is not None:   # a failure here aborts: the temporary goes
+            self._publish()
 
     def _abort(self) -> None:
         if self._thread.is_alive():

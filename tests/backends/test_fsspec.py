@@ -10,7 +10,8 @@ import pytest
 
 from castlib.backends import DIR, FILE, LINK, open_backend
 from castlib.errors import StorageError, TransientStorageError
-from tests.backends.test_contract import BACKENDS, Location
+from castlib.transfer import is_temp_name
+from tests.backends.test_contract import BACKENDS, MIB, Location
 from tests.helpers import backend_listing as listing
 from tests.helpers import backend_read as read
 from tests.helpers import backend_write as write
@@ -284,3 +285,43 @@ def test_capabilities_are_declared_per_protocol(s3_bucket, sftp_server, webdav_s
     assert dav.set_mtime is False
     assert s3.mtime_precision_ns == sftp.mtime_precision_ns == 10**9
 
+
+
+@pytest.mark.parametrize("kind", ["webdav", "rclone-webdav"])
+def test_webdav_puts_only_under_castlib_temporary_names(request, kind, tmp_path):
+    """A PUT broken off may be stored by the server later than any look for it (rclone
+    serve webdav under load: over a second after the abort), so no PUT goes under a name
+    that is not a castlib temporary: a write to `name` streams into a temporary, renamed
+    on commit; an abort leaves at most that temporary, never a partial `name`."""
+    import threading
+
+    server = request.getfixturevalue("webdav_server" if kind == "webdav"
+                                     else "rclone_webdav_server")
+    b = open_backend(server.url, server.options)
+    b.stat("")
+    on_disk = server.path
+
+    def names_with_bytes() -> set[str]:
+        return {p.name for p in on_disk.iterdir() if p.is_file() and p.stat().st_size}
+
+    seen: set[str] = set()
+    streaming = threading.Event()
+    stream = b.open_write("report.bin")
+    stream.write(os.urandom(MIB))
+
+    def watch():   # what the server's disk holds while the body is still coming
+        while not streaming.is_set():
+            seen.update(names_with_bytes())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for _ in range(8):
+        stream.write(os.urandom(MIB))
+    streaming.set()
+    watcher.join()
+    stream.abort()
+    assert seen and "report.bin" not in seen, seen
+    assert all(is_temp_name(name, b.temp_key) for name in seen), seen
+    assert b.stat("report.bin") is None
+    with b.open_write("report.bin") as w:   # committed: renamed to its name
+        w.write(b"whole")
+    assert (on_disk / "report.bin").read_bytes() == b"whole"
