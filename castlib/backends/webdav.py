@@ -161,7 +161,9 @@ class WebdavBackend(FsspecBackend):
             self.delete(aside)
 
     def _move(self, src: str, dst: str) -> None:
-        if _DESTINATION_UNSAFE.intersection(dst):
+        # the location's own folder counts too: a '?' there cut every MOVE's destination
+        # short (a sync into webdav://host/a%3Fb put its files beside the folder, as "a")
+        if _DESTINATION_UNSAFE.intersection(dst) or _DESTINATION_UNSAFE.intersection(self.root):
             return self._copy_and_delete(src, dst)
         self.fs.client.move(self._full(src), self._full(dst), overwrite=False)
 

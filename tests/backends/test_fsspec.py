@@ -325,3 +325,29 @@ def test_webdav_puts_only_under_castlib_temporary_names(request, kind, tmp_path)
     with b.open_write("report.bin") as w:   # committed: renamed to its name
         w.write(b"whole")
     assert (on_disk / "report.bin").read_bytes() == b"whole"
+
+
+@pytest.mark.parametrize("kind", ["webdav", "rclone-webdav"])
+def test_sync_into_a_webdav_folder_named_with_a_question_mark_lands_there(request, kind,
+                                                                        tmp_path):
+    """WsgiDAV unquotes a MOVE's Destination header before parsing it: with a '?' in the
+    location's own folder every rename (temporary -> final) went to a name cut short
+    there, and the sync said it had copied."""
+    import json
+
+    from tests.helpers import last_json, run_cli
+
+    server = request.getfixturevalue("webdav_server" if kind == "webdav"
+                                     else "rclone_webdav_server")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "f").write_bytes(b"payload")
+    (src / "sub" / "g").write_bytes(b"more")
+    config = tmp_path / "castlib.yaml"
+    config.write_text(json.dumps({"storage": {server.url: server.options}}))
+    r = run_cli("sync", str(src), f"{server.url}/runs %3F1", "--json",
+                db=f"sqlite:///{tmp_path}/c.db", env={"CASTLIB_CONFIG": str(config)}, check=0)
+    assert last_json(r.stdout)["copied"] == 2
+    assert (server.path / "runs ?1" / "f").read_bytes() == b"payload"
+    assert (server.path / "runs ?1" / "sub" / "g").read_bytes() == b"more"
+    assert sorted(p.name for p in server.path.iterdir()) == ["runs ?1"]
