@@ -13,7 +13,7 @@ from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_covered
 from ..catalog.paths import from_catalog, parent_of, to_catalog
 from ..errors import (ConfigError, NotFound, SafetyRefusal, SourceChanged, StorageError,
-                      Unsupported)
+                      Unsupported, VerificationFailed)
 from ..progress import human_bytes
 from ..transfer import copy_file, temp_path, with_retries
 from ..options import Cli
@@ -214,6 +214,21 @@ def _plan_create(plan: TransferPlan, d: Difference, dst_symlinks: bool) -> None:
         plan.links.append(d)
     else:
         plan.skipped.append((d, "symbolic link: the destination cannot hold links"))
+
+
+def _check_published(path: str, final, size: int | None) -> None:
+    """What the destination holds under the final name once the verified copy was renamed
+    there: that file, or the copy failed. A rename a server carried out elsewhere (WsgiDAV
+    cut a MOVE's destination at a '?' of the location's folder) said nothing, and the
+    catalog would have recorded a file that is not there."""
+    if final is None:
+        raise VerificationFailed("renamed into place, yet nothing is under its name: the "
+                                 "destination put it elsewhere or lost it", path=path)
+    if final.kind != FILE or (size is not None and final.size != size):
+        what = KIND_NAMES.get(final.kind, final.kind) if final.kind != FILE else \
+            f"{final.size} bytes"
+        raise VerificationFailed(f"renamed into place, yet its name holds {what}, not the "
+                                 f"{size} bytes verified", path=path)
 
 
 class SyncStage(Stage):
@@ -498,6 +513,7 @@ class SyncStage(Stage):
             # the copy is in place: a glitch now must not count it failed
             final = with_retries(lambda: self.dst.stat(path), retries=p.retries,
                                  backoff_s=ctx.retry_backoff_s, describe=path)
+            _check_published(path, final, result.size)
             return d, verb, result, final
 
         collected: set = set()

@@ -288,3 +288,30 @@ def test_overlapping_reference_and_destination_are_refused(tmp_path, db_url):
     assert tree_digest(ref) == {"f.dat": tree_digest(ref)["f.dat"]}
     sync(ref, tmp_path / "ab", db_url)            # a sibling whose name starts alike is fine
     assert (tmp_path / "ab" / "f.dat").exists()
+
+
+def test_a_copy_renamed_elsewhere_by_the_destination_is_a_failure_not_a_catalog_entry(
+        tmp_path, db_url, monkeypatch):
+    """A destination whose rename puts the verified copy under another name (a fault
+    injected in the local back-end: WsgiDAV did so with a '?' in the location's folder)
+    fails that copy: the catalog never records a file its name does not hold."""
+    from castlib.backends.local import LocalBackend
+
+    ref, dst = tmp_path / "ref", tmp_path / "dst"
+    make_tree(ref, {"a": b"aaa", "b": b"bbbb"})
+    dst.mkdir()
+    rename = LocalBackend.rename
+
+    def misplacing(self, src, target):
+        if target == "b" and str(dst) in str(self.root):
+            target = "b-cut-short"
+        return rename(self, src, target)
+
+    monkeypatch.setattr(LocalBackend, "rename", misplacing)
+    report = sync(str(ref), str(dst), db_url)
+    assert report.counts["copied"] == 1 and report.counts["failed"] == 1
+    assert any("b: " in e and "renamed into place, yet nothing is under its name" in e
+               for e in report.errors), report.errors
+    cat = Catalog(db_url)
+    entries = {e["path"] for e in cat.entries(cat.find_location(str(dst)).id)}
+    assert "a" in entries and "b" not in entries
