@@ -287,6 +287,10 @@ class SftpBackend(FsspecBackend):
         with self._connect_lock:
             fs = self.fs   # connected, as in _client
             generation = self._generation
+            # a session the server broke (a reply it could not take: beyond repair, as
+            # asyncssh's rule is) is let go, or its thread's every later copy would fail
+            self._wires = [entry for entry in self._wires
+                           if entry[0] is None or not entry[0].closed]
             held = _held_or_handed_on(self._wires, me)
             if held is not None:
                 return held
@@ -1074,6 +1078,10 @@ class _ReadPipe:
                 self._next = self._end = offset
                 await self.drain()
                 break
+            if len(data) > size:   # a broken server (asyncssh's client lets it through):
+                import asyncssh    # its bytes would be taken as the next request's
+
+                raise asyncssh.SFTPBadMessage("Data reply longer than asked for")
             if len(data) < size:   # a short answer: the rest is asked for first
                 rest = offset + len(data)
                 self._pending.appendleft((rest, size - len(data), asyncio.ensure_future(
