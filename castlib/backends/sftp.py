@@ -260,7 +260,8 @@ class SftpBackend(FsspecBackend):
         except Exception as exc:  # no channel for it: share the first session
             log.debug("%s: no further SFTP session (%s); sharing one", self._where(), exc)
             with self._connect_lock:
-                self._more_sessions = False
+                if generation == self._generation:   # not of a connection given up since
+                    self._more_sessions = False
                 if entry in self._sessions:
                     self._sessions.remove(entry)
             return first
@@ -313,7 +314,8 @@ class SftpBackend(FsspecBackend):
             # no channel for it (MaxSessions), no SFTP v3 there: asyncssh's session serves
             log.debug("%s: no lean SFTP session (%s); asyncssh's serves", self._where(), exc)
             with self._connect_lock:
-                self._more_wires = False
+                if generation == self._generation:   # not of a connection given up since
+                    self._more_wires = False
                 if entry in self._wires:
                     self._wires.remove(entry)
             return self._client()
@@ -344,12 +346,23 @@ class SftpBackend(FsspecBackend):
         """An SSH connection that dropped stays dropped (every later call fails with 'not
         open'): forget it, so the engine's retry connects afresh. Once per connection,
         however many transfer threads saw it fail."""
+        given_up = None
         with self._connect_lock:
             if generation == self._generation and self._fs is not None:
+                given_up = self._fs
                 self._generation += 1
                 self._fs = self._sftp = None
                 self._sessions, self._more_sessions = [], True
                 self._wires, self._more_wires = [], True
+        if given_up is not None:
+            # Closed, not waited for: a connection given up at a timeout may still be
+            # open, its sessions waiting for answers that will not come (their futures
+            # pending, the server's processes held) to the end of the run. Closing it
+            # fails what waits there (connection lost: transient, tried again).
+            try:
+                given_up.loop.call_soon_threadsafe(given_up.client.close)
+            except (AssertionError, RuntimeError):   # (sshfs: no client; the loop ended)
+                pass
 
     def close(self) -> None:
         self._abandon_early_connect()

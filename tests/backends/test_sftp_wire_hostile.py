@@ -430,3 +430,65 @@ def test_hostile_end_of_file_in_the_middle_reads_only_what_was_given(sftp_tamper
     server.tamper = eof
     back = _read_through_backend(server, "f")
     assert back == data[:cut]
+
+
+def test_hostile_unanswered_request_leaves_no_session_waiting(sftp_tamper_server, monkeypatch):
+    """A request the server never answers: the wait ends at the timeout (transient: the
+    engine reconnects), and the connection given up is closed, so that the sessions on
+    it fail what they still wait for and end, rather than waiting (and holding the
+    server's processes) to the end of the run."""
+    import castlib.backends.sftp as sftp_module
+    from castlib.errors import TransientStorageError
+
+    server = sftp_tamper_server
+    (server.folder / "stuck").write_bytes(b"s")
+    (server.folder / "fine").write_bytes(b"fine")
+
+    async def never(request, reply):
+        if request.kind in (7, FXP_STAT) and b"stuck" in request.payload:
+            await asyncio.sleep(3600)
+        return reply
+    server.tamper = never
+    monkeypatch.setattr(sftp_module, "READ_TIMEOUT_S", 2)
+    b = open_backend(server.url, server.options)
+    try:
+        wire = b._wire()
+        with pytest.raises(TransientStorageError, match="timed out"):
+            b.stat("stuck")
+        for _ in range(50):
+            if wire.closed:
+                break
+            b._on_sftp(asyncio.sleep, 0.1)
+        assert wire.closed
+        assert b.stat("fine").size == 4   # a new connection serves
+    finally:
+        b.close()
+
+
+def test_hostile_reply_of_the_wrong_type_fails_its_request(sftp_tamper_server):
+    """A DATA reply to a WRITE, a HANDLE to a STAT: the request fails (never a write
+    taken as done, or a handle as attributes), and the session serves on."""
+    server = sftp_tamper_server
+    wrong = {6: _frame(FXP_DATA, 0, struct.pack(">I", 2) + b"ok"),
+             FXP_STAT: _frame(FXP_HANDLE, 0, struct.pack(">I", 1) + b"h")}
+
+    def swap(request, reply):
+        if request.kind in wrong and b"victim" in (request.payload + b"victim"
+                                                    if request.kind == 6 else request.payload):
+            return wrong[request.kind][:5] + reply[5:9] + wrong[request.kind][9:]
+        return reply
+    server.tamper = swap
+
+    async def main():
+        async with _connect(server) as conn:
+            wire = await sftp_wire.open_wire(conn)
+            f = await wire.open(f"{server.folder}/victim", "wb")
+            written, closed = await asyncio.wait_for(
+                asyncio.gather(f.write(b"data", 0), f.close(), return_exceptions=True), 10)
+            assert isinstance(written, asyncssh.SFTPBadMessage), written
+            assert closed is None
+            with pytest.raises(asyncssh.SFTPBadMessage):
+                await asyncio.wait_for(wire.stat(f"{server.folder}/victim"), 10)
+            assert (await wire.lstat(f"{server.folder}/victim")).size == 4
+
+    _run(main())
