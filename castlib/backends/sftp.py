@@ -288,16 +288,19 @@ class SftpBackend(FsspecBackend):
         with self._connect_lock:
             fs = self.fs   # connected, as in _client
             generation = self._generation
-            # a session the server broke (a reply it could not take: beyond repair, as
-            # asyncssh's rule is) is let go, or its thread's every later copy would fail
-            self._wires = [entry for entry in self._wires
-                           if entry[0] is None or not entry[0].closed]
             held = _held_or_handed_on(self._wires, me)
-            if held is not None:
+            if held is not None and not held.closed:
                 return held
+            if held is not None:
+                # a session the server broke (a reply it could not take: beyond repair,
+                # as asyncssh's rule is) is let go, or its thread's every later copy
+                # would fail; a new one below
+                self._wires = [entry for entry in self._wires
+                               if entry[0] is None or not entry[0].closed]
             if not self._more_wires or \
                     len(self._wires) + len(self._sessions) >= MAX_SFTP_SESSIONS:
-                shared = next((entry[0] for entry in self._wires if entry[0] is not None), None)
+                shared = next((entry[0] for entry in self._wires
+                               if entry[0] is not None and not entry[0].closed), None)
                 return shared if shared is not None else self._client()
             entry = [None, me]   # reserved; the session itself comes below, unlocked
             self._wires.append(entry)
