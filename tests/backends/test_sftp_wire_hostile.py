@@ -492,3 +492,27 @@ def test_hostile_reply_of_the_wrong_type_fails_its_request(sftp_tamper_server):
             assert (await wire.lstat(f"{server.folder}/victim")).size == 4
 
     _run(main())
+
+
+def test_hostile_backend_refuses_names_with_nul_and_leaves_the_other_file(sftp_tamper_server):
+    """Through the back-end (a name from another store, S3's keys may hold a NUL): the
+    upload, its publication and a deletion each fail with one clear line, and "a", the
+    file OpenSSH would have taken the name for, is untouched (before: the upload
+    truncated and wrote it)."""
+    server = sftp_tamper_server
+    (server.folder / "a").write_bytes(b"user data")
+    (server.folder / "x").write_bytes(b"x")
+    b = open_backend(server.url, server.options)
+    try:
+        with pytest.raises(StorageError, match="NUL"):
+            w = b.open_write("a\0b")
+            w.write(b"other")
+            w.close()
+        with pytest.raises(StorageError, match="NUL"):
+            b.rename("x", "a\0b")
+        with pytest.raises(StorageError, match="NUL"):
+            b.delete("a\0b")
+    finally:
+        b.close()
+    assert (server.folder / "a").read_bytes() == b"user data"
+    assert (server.folder / "x").read_bytes() == b"x"
