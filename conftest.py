@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.servers.outage",
     "tests.servers.s3",
     "tests.servers.sftp",
+    "tests.servers.sftp_tamper",   # a hostile SFTP server: OpenSSH's replies, changed
     "tests.servers.webdav",
     "tests.servers.rclone",     # rclone serve sftp / webdav: other implementations
     "tests.servers.xrootd",

@@ -260,7 +260,8 @@ class SftpBackend(FsspecBackend):
         except Exception as exc:  # no channel for it: share the first session
             log.debug("%s: no further SFTP session (%s); sharing one", self._where(), exc)
             with self._connect_lock:
-                self._more_sessions = False
+                if generation == self._generation:   # not of a connection given up since
+                    self._more_sessions = False
                 if entry in self._sessions:
                     self._sessions.remove(entry)
             return first
@@ -288,11 +289,18 @@ class SftpBackend(FsspecBackend):
             fs = self.fs   # connected, as in _client
             generation = self._generation
             held = _held_or_handed_on(self._wires, me)
-            if held is not None:
+            if held is not None and not held.closed:
                 return held
+            if held is not None:
+                # a session the server broke (a reply it could not take: beyond repair,
+                # as asyncssh's rule is) is let go, or its thread's every later copy
+                # would fail; a new one below
+                self._wires = [entry for entry in self._wires
+                               if entry[0] is None or not entry[0].closed]
             if not self._more_wires or \
                     len(self._wires) + len(self._sessions) >= MAX_SFTP_SESSIONS:
-                shared = next((entry[0] for entry in self._wires if entry[0] is not None), None)
+                shared = next((entry[0] for entry in self._wires
+                               if entry[0] is not None and not entry[0].closed), None)
                 return shared if shared is not None else self._client()
             entry = [None, me]   # reserved; the session itself comes below, unlocked
             self._wires.append(entry)
@@ -309,7 +317,8 @@ class SftpBackend(FsspecBackend):
             # no channel for it (MaxSessions), no SFTP v3 there: asyncssh's session serves
             log.debug("%s: no lean SFTP session (%s); asyncssh's serves", self._where(), exc)
             with self._connect_lock:
-                self._more_wires = False
+                if generation == self._generation:   # not of a connection given up since
+                    self._more_wires = False
                 if entry in self._wires:
                     self._wires.remove(entry)
             return self._client()
@@ -340,12 +349,23 @@ class SftpBackend(FsspecBackend):
         """An SSH connection that dropped stays dropped (every later call fails with 'not
         open'): forget it, so the engine's retry connects afresh. Once per connection,
         however many transfer threads saw it fail."""
+        given_up = None
         with self._connect_lock:
             if generation == self._generation and self._fs is not None:
+                given_up = self._fs
                 self._generation += 1
                 self._fs = self._sftp = None
                 self._sessions, self._more_sessions = [], True
                 self._wires, self._more_wires = [], True
+        if given_up is not None:
+            # Closed, not waited for: a connection given up at a timeout may still be
+            # open, its sessions waiting for answers that will not come (their futures
+            # pending, the server's processes held) to the end of the run. Closing it
+            # fails what waits there (connection lost: transient, tried again).
+            try:
+                given_up.loop.call_soon_threadsafe(given_up.client.close)
+            except (AssertionError, RuntimeError):   # (sshfs: no client; the loop ended)
+                pass
 
     def close(self) -> None:
         self._abandon_early_connect()
@@ -1074,6 +1094,10 @@ class _ReadPipe:
                 self._next = self._end = offset
                 await self.drain()
                 break
+            if len(data) > size:   # a broken server (asyncssh's client lets it through):
+                import asyncssh    # its bytes would be taken as the next request's
+
+                raise asyncssh.SFTPBadMessage("Data reply longer than asked for")
             if len(data) < size:   # a short answer: the rest is asked for first
                 rest = offset + len(data)
                 self._pending.appendleft((rest, size - len(data), asyncio.ensure_future(

@@ -27,7 +27,7 @@ import asyncio
 import struct
 
 import asyncssh
-from asyncssh.packet import SSHPacket
+from asyncssh.packet import PacketDecodeError, SSHPacket
 
 # packet types (draft-ietf-secsh-filexfer-02, SFTP v3)
 FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ, FXP_WRITE, FXP_LSTAT = 1, 2, 3, 4, 5, 6, 7
@@ -55,6 +55,14 @@ _NO_ATTRS = _u32.pack(0)
 
 # asyncssh's defaults where the server names no limits (SFTPLimits)
 _DEFAULT_READ_LEN = _DEFAULT_WRITE_LEN = 16 * 1024
+# The most a request carries or asks for, whatever limits the server names, and the
+# longest reply taken: asyncssh's own (its client refuses a longer packet). A server's
+# limits of 2**63 would otherwise have a whole file sent as one request (and held whole
+# in memory by the write pipe), and a length field of 4 GiB have the session buffer
+# whatever comes until then, its requests waiting.
+_MAX_READ_LEN = _MAX_WRITE_LEN = 4 * 1024 * 1024
+_MAX_REPLY_LEN = _MAX_WRITE_LEN + 1024
+_BAD_DATA = -1   # a DATA reply whose own length is not its packet's (see data_received)
 
 
 def _string(data: bytes) -> bytes:
@@ -119,8 +127,13 @@ def encode_attrs(attrs) -> bytes:
 
 
 def _status_error(payload: bytes, errors: str) -> asyncssh.SFTPError | None:
-    """The exception asyncssh raises for this STATUS (None for OK)."""
-    return asyncssh.SFTPError.construct(SSHPacket(payload), errors)
+    """The exception asyncssh raises for this STATUS (None for OK); a STATUS too short
+    for its code is a bad message (asyncssh's packet decoder raises its own ValueError,
+    which no SFTP error path knows)."""
+    try:
+        return asyncssh.SFTPError.construct(SSHPacket(payload), errors)
+    except PacketDecodeError:
+        return asyncssh.SFTPBadMessage("Invalid status reply")
 
 
 # What a reply carries, per request: a function of (type, payload after the id; a DATA
@@ -175,6 +188,12 @@ class SftpWire(asyncssh.SSHClientSession):
         if self._chan is not None:
             self._chan.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether the session is gone for good (closed, lost, or broken by a reply it
+        could not take): every request fails at once, and a new session must serve."""
+        return self._lost is not None or (self._chan is not None and self._chan.is_closing())
+
     def data_received(self, data, datatype) -> None:
         """Whole replies, each copied out of the buffer once: a DATA reply's payload is its
         bytes alone (a read of 255 KiB from OpenSSH was four copies, ~10 % slower than
@@ -185,15 +204,17 @@ class SftpWire(asyncssh.SSHClientSession):
         with memoryview(buf) as view:
             while end - start >= 9:
                 length, kind, rid = _header.unpack_from(buf, start)   # VERSION: rid = version
-                if length < 5:
+                if length < 5 or length > _MAX_REPLY_LEN:
                     replies.append((None, 0, b""))
                     start = end
                     break
                 if end - start - 4 < length:
                     break
-                if kind == FXP_DATA and length >= 9:
-                    n = min(_u32.unpack_from(buf, start + 9)[0], length - 9)
-                    payload = bytes(view[start + 13:start + 13 + n])
+                if kind == FXP_DATA:   # its string must fill the packet: else not data
+                    if length < 9 or _u32.unpack_from(buf, start + 9)[0] != length - 9:
+                        kind, payload = _BAD_DATA, b""
+                    else:
+                        payload = bytes(view[start + 13:start + 4 + length])
                 else:
                     payload = bytes(view[start + 9:start + 4 + length])
                 replies.append((kind, rid, payload))
@@ -204,7 +225,7 @@ class SftpWire(asyncssh.SSHClientSession):
 
     def _reply(self, kind: int | None, rid: int, payload: bytes) -> None:
         if kind is None:
-            return self._protocol_error("Truncated response")
+            return self._protocol_error("Invalid response length")
         if kind == FXP_VERSION:
             return self._version(rid, payload)
         entry = self._waiting.pop(rid, None)
@@ -212,8 +233,12 @@ class SftpWire(asyncssh.SSHClientSession):
             return self._protocol_error("Invalid response id")
         future, parse = entry
         if future.done():   # cancelled (a wait that timed out)
+            if kind == FXP_HANDLE and parse.__name__ == "opened":
+                self._close_late_handle(payload)
             return
         try:
+            if kind == _BAD_DATA:
+                raise asyncssh.SFTPBadMessage("Invalid data reply")
             result = parse(kind, payload)
         except struct.error:   # a reply shorter than its type says
             future.set_exception(asyncssh.SFTPBadMessage("Truncated response"))
@@ -221,6 +246,12 @@ class SftpWire(asyncssh.SSHClientSession):
             future.set_exception(exc)
         else:
             future.set_result(result)
+
+    def _close_late_handle(self, payload: bytes) -> None:
+        """The handle of an open nobody waits for any more: closed, not left open on the
+        server for the session's life (the answer, whatever it is, goes unread)."""
+        if len(payload) >= 4 and _u32.unpack_from(payload)[0] == len(payload) - 4:
+            self._request(FXP_CLOSE, payload, self._expect_status)
 
     def _protocol_error(self, why: str) -> None:
         self._fail(asyncssh.SFTPBadMessage(why))
@@ -250,7 +281,12 @@ class SftpWire(asyncssh.SSHClientSession):
 
     # -- requests ----------------------------------------------------------------------
     def _path(self, path) -> bytes:
-        return path if isinstance(path, bytes) else path.encode(*self._encoding)
+        """The name's bytes. One with a NUL is refused: a server in C (OpenSSH's) takes
+        the name up to it, so "a\\0b" would write, or rename over, another file, "a"."""
+        name = path if isinstance(path, bytes) else path.encode(*self._encoding)
+        if b"\0" in name:
+            raise asyncssh.SFTPInvalidFilename(f"Name contains a NUL byte: {path!r}")
+        return name
 
     def _request(self, kind: int, payload: bytes, parse, data=b"") -> asyncio.Future:
         """Send `payload` (then `data`, a write's bytes, not copied to be joined to it)."""
@@ -310,9 +346,9 @@ class SftpWire(asyncssh.SSHClientSession):
             self._expect(FXP_EXTENDED_REPLY, kind, payload)
             _, read_len, write_len, _ = struct.unpack_from(">QQQQ", payload)
             if read_len:
-                self.limits.max_read_len = read_len
+                self.limits.max_read_len = min(read_len, _MAX_READ_LEN)
             if write_len:
-                self.limits.max_write_len = write_len
+                self.limits.max_write_len = min(write_len, _MAX_WRITE_LEN)
         return self._extended(b"limits@openssh.com", b"", parse)
 
     def open(self, path, mode: str = "rb", block_size: int = 0) -> asyncio.Future:
@@ -321,12 +357,12 @@ class SftpWire(asyncssh.SSHClientSession):
         if block_size != 0 or mode not in _OPEN_FLAGS:
             raise ValueError(f"SftpWire.open: mode {mode!r}, block size {block_size}")
 
-        def parse(kind, payload):
+        def opened(kind, payload):   # (the name tells _reply an open's answer)
             self._expect(FXP_HANDLE, kind, payload)
             n = _u32.unpack_from(payload)[0]
             return WireFile(self, payload[4:4 + n])
         return self._request(FXP_OPEN, _string(self._path(path)) +
-                             _u32.pack(_OPEN_FLAGS[mode]) + _NO_ATTRS, parse)
+                             _u32.pack(_OPEN_FLAGS[mode]) + _NO_ATTRS, opened)
 
     def stat(self, path) -> asyncio.Future:
         return self._request(FXP_STAT, _string(self._path(path)), self._attrs_reply)
@@ -379,6 +415,8 @@ class WireFile:
         """Up to `size` bytes at `offset`; b"" at the end of the file."""
         def parse(kind, payload):
             if kind == FXP_DATA:   # its bytes alone (see SftpWire.data_received)
+                if len(payload) > size:   # not this file's bytes at this offset
+                    raise asyncssh.SFTPBadMessage("Data reply longer than asked for")
                 return payload
             if kind == FXP_STATUS:
                 exc = _status_error(payload, self._wire._decode_errors)
