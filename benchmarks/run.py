@@ -872,6 +872,7 @@ def main(argv=None) -> int:
     # a scratch folder of this run's own (servers' data, catalogs, copies), removed at the
     # end: two runs sharing one cache of trees do not clear each other's servers
     work = tempfile.mkdtemp(prefix="quick-work-" if args.quick else "work-", dir=cache)
+    os.chmod(work, 0o755)   # the servers' unprivileged users (xrootd) reach their folders
     try:
         return _run_scenarios(args, keys, cache, work)
     finally:
