@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .yamlfile import name_keys
 from .location import LocationURL, parse_location
 
 
@@ -114,10 +115,7 @@ def _file_model():
         @field_validator("storage", "locations", "queues", mode="before")
         @classmethod
         def _mapping(cls, value):
-            if value is None:   # `storage:` with nothing under it
-                return {}
-            # a name YAML reads as a number (2017:) is still a name
-            return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+            return name_keys(value)
 
     assert tuple(UserConfigFile.model_fields) == FIELDS
     return UserConfigFile
@@ -135,13 +133,9 @@ def _plain_file(data) -> dict | None:
     values: dict = {}
     for key in ("storage", "locations", "queues"):
         value = data.get(key)
-        if value is None:   # absent, or `storage:` with nothing under it
-            values[key] = {}
-            continue
-        if type(value) is not dict:
+        if value is not None and type(value) is not dict:
             return None
-        # a name YAML reads as a number (2017:) is still a name
-        mapping = {str(k): v for k, v in value.items()}
+        mapping = name_keys(value)
         for v in mapping.values():
             if key == "storage":
                 if type(v) is not dict or not all(type(k) is str for k in v):

@@ -17,7 +17,7 @@ from .location import parse_location, redact, scrub_secrets
 from .progress import RunBeat
 from .stages import RunContext, Stage, StageOutcome, stage_class
 from .stages.base import lean_params
-from .yamlfile import KeyLines, load_with_lines
+from .yamlfile import KeyLines, load_with_lines, name_keys
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ def file_model():
         @field_validator("locations", mode="before")
         @classmethod
         def _names(cls, value):
-            if value is None:   # `locations:` with nothing under it
-                return {}
-            # a name YAML reads as a number (2017:) is still a name
-            return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+            return name_keys(value)
 
     assert tuple(PipelineFile.model_fields) == FILE_KEYS
     _file_model = PipelineFile

@@ -113,6 +113,15 @@ def _bounded_loader():
     return BoundedLoader
 
 
+def name_keys(value):
+    """A mapping of names as YAML gives it, with every key a string (a name YAML reads as
+    a number, `2017:`, is still a name); None (`key:` with nothing under it) is empty.
+    Anything else is returned as it is, for the caller's check to refuse."""
+    if value is None:
+        return {}
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+
 def load_with_lines(text: str, source: str | None) -> tuple[Any, dict[tuple, int]]:
     """The YAML data, and the 1-based line of every mapping key and list item by path."""
     import yaml
