@@ -1,38 +1,43 @@
-"""SFTP v3 requests on a raw SSH channel: the small-file hot path of sftp.py.
+"""SFTP v3 requests on a raw channel: castlib's own SFTP client.
+
+Two transports carry it (see sftp.py): a channel of an asyncssh connection (`open_wire`),
+and the pipes of OpenSSH's own `ssh -s HOST sftp` (`open_wire_over_ssh`), which keeps SSH
+out of Python altogether (no asyncssh import, the key exchange and every packet's
+encryption in C, in a process of its own).
 
 asyncssh's SFTP client spends ~1.2 ms of the event loop's CPU a small file uploaded and
 read back (its reader task, a coroutine and task per request, a packet object per reply,
 each request its own SSH packet); the loop is the bottleneck of a many-small-files sync
 on a 2-core host. Here the same requests cost ~0.8 ms: each is framed with struct and
 buffered, the requests of one batch go to the channel in one write (one SSH packet),
-and each reply is parsed as it arrives and settles a plain future (no task). Only the
-requests sftp.py's per-file helpers make are here (open, read, write, close, stat, lstat,
-setstat, posix-rename, the limits); everything else stays with asyncssh's client.
+and each reply is parsed as it arrives and settles a plain future (no task).
 Requests of a channel are buffered as asyncssh's are: a caller bounds what it has in
 flight (sftp.py's pipes: 4 MiB).
 
-The surface is asyncssh's where they overlap (`open(path, mode)` -> a file with
-`read(size, offset)`, `write(data, offset)`, `close()`; `stat`, `lstat`, `setstat`,
-`posix_rename`), so that one helper serves either, and errors are the same: a status
-reply becomes the asyncssh.SFTPError subclass asyncssh raises for its code (built by
-asyncssh's own SFTPError.construct), a channel or connection that closes fails every
-request waiting with SFTPConnectionLost (or the connection's own error), and a request
-after that fails at once. Each call returns a future, the request already buffered: the
-order of the calls is the order on the wire; requests made in a batch() go out in one
-channel write. Calls are made on the event loop's thread.
+The surface is asyncssh's SFTPClient's where they overlap (`open(path, mode)` -> a file
+with `read(size, offset)`, `write(data, offset)`, `close()`; `stat`, `lstat`, `setstat`,
+`posix_rename`, `rename`, `remove`, `mkdir`, `rmdir`, `readlink`, `symlink`, `readdir`),
+so that one helper serves either. Errors are a namespace's (`errors`): on an asyncssh
+channel asyncssh's own classes (a status reply becomes the asyncssh.SFTPError subclass
+asyncssh raises for its code), on OpenSSH's pipes this module's classes of the same
+names (asyncssh is not imported for them). A channel that closes fails every request
+waiting with SFTPConnectionLost (or the transport's own error), and a request after that
+fails at once. Each call returns a future, the request already buffered: the order of the
+calls is the order on the wire; requests made in a batch() go out in one channel write.
+Calls are made on the event loop's thread.
 """
 from __future__ import annotations
 
 import asyncio
 import struct
-
-import asyncssh
-from asyncssh.packet import PacketDecodeError, SSHPacket
+import subprocess
 
 # packet types (draft-ietf-secsh-filexfer-02, SFTP v3)
 FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ, FXP_WRITE, FXP_LSTAT = 1, 2, 3, 4, 5, 6, 7
-FXP_SETSTAT, FXP_STAT, FXP_EXTENDED = 9, 17, 200
-FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_ATTRS, FXP_EXTENDED_REPLY = 101, 102, 103, 105, 201
+FXP_SETSTAT, FXP_OPENDIR, FXP_READDIR, FXP_REMOVE, FXP_MKDIR, FXP_RMDIR = 9, 11, 12, 13, 14, 15
+FXP_STAT, FXP_RENAME, FXP_READLINK, FXP_SYMLINK, FXP_EXTENDED = 17, 18, 19, 20, 200
+FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME, FXP_ATTRS = 101, 102, 103, 104, 105
+FXP_EXTENDED_REPLY = 201
 FX_OK = 0
 FXF_READ, FXF_WRITE, FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 1, 2, 4, 8, 0x10, 0x20
 ATTR_SIZE, ATTR_UIDGID, ATTR_PERMISSIONS, ATTR_ACMODTIME = 1, 2, 4, 8
@@ -69,6 +74,93 @@ def _string(data: bytes) -> bytes:
     return _u32.pack(len(data)) + data
 
 
+class SFTPError(Exception):
+    """An SFTP request refused, or a session that failed (OpenSSH transport): the classes
+    below have asyncssh's names and codes, so that sftp.py and castlib's error translation
+    read either kind the same way."""
+
+    code = 4   # FX_FAILURE
+
+    def __init__(self, reason: str = "", lang: str = "", code: int | None = None):
+        super().__init__(reason)
+        self.reason, self.lang = reason, lang
+        if code is not None:
+            self.code = code
+
+
+def _error_class(name: str, code: int) -> type:
+    return type(name, (SFTPError,), {"code": code, "__module__": __name__})
+
+
+# FX_* codes of the SFTP drafts that servers answer a v3 client with (OpenSSH: 1-8)
+_BY_CODE = {code: _error_class(name, code) for name, code in (
+    ("SFTPEOFError", 1), ("SFTPNoSuchFile", 2), ("SFTPPermissionDenied", 3),
+    ("SFTPFailure", 4), ("SFTPBadMessage", 5), ("SFTPNoConnection", 6),
+    ("SFTPConnectionLost", 7), ("SFTPOpUnsupported", 8), ("SFTPInvalidHandle", 9),
+    ("SFTPNoSuchPath", 10), ("SFTPFileAlreadyExists", 11), ("SFTPWriteProtect", 12),
+    ("SFTPNoMedia", 13), ("SFTPNoSpaceOnFilesystem", 14), ("SFTPQuotaExceeded", 15),
+    ("SFTPLockConflict", 17), ("SFTPDirNotEmpty", 18), ("SFTPNotADirectory", 19),
+    ("SFTPInvalidFilename", 20), ("SFTPLinkLoop", 21), ("SFTPFileIsADirectory", 24))}
+globals().update({cls.__name__: cls for cls in _BY_CODE.values()})
+
+
+class _OwnErrors:
+    """This module's classes, for sessions on OpenSSH's pipes."""
+
+    SFTPError = SFTPError
+
+    def __getattr__(self, name):
+        try:
+            return globals()[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @staticmethod
+    def status_error(payload: bytes, decode_errors: str):
+        code = _u32.unpack_from(payload)[0]
+        if code == FX_OK:
+            return None
+        reason = lang = ""
+        try:
+            n = _u32.unpack_from(payload, 4)[0]
+            reason = payload[8:8 + n].decode("utf-8", decode_errors)
+            m = _u32.unpack_from(payload, 8 + n)[0]
+            lang = payload[12 + n:12 + n + m].decode("ascii", "replace")
+        except (struct.error, UnicodeDecodeError):
+            pass   # a v3 status may end after its code (draft 02 has no message yet)
+        return _BY_CODE.get(code, SFTPError)(reason, lang, code)
+
+
+class _AsyncsshErrors:
+    """asyncssh's classes, for sessions on an asyncssh channel: the same exceptions as
+    asyncssh's own client raises there (its fallback sessions share the connection)."""
+
+    def __init__(self):
+        import asyncssh
+        from asyncssh.packet import PacketDecodeError, SSHPacket
+
+        self._module, self._decode_error, self._packet = asyncssh, PacketDecodeError, SSHPacket
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def status_error(self, payload: bytes, decode_errors: str):
+        try:
+            return self._module.SFTPError.construct(self._packet(payload), decode_errors)
+        except self._decode_error:
+            return self._module.SFTPBadMessage("Invalid status reply")
+
+
+OWN_ERRORS = _OwnErrors()
+_ASYNCSSH_ERRORS: list = []
+
+
+def _asyncssh_errors() -> _AsyncsshErrors:
+    if not _ASYNCSSH_ERRORS:
+        _ASYNCSSH_ERRORS.append(_AsyncsshErrors())
+    return _ASYNCSSH_ERRORS[0]
+
+
 class WireAttrs:
     """A v3 ATTRS block, with asyncssh SFTPAttrs's field names (None where absent);
     `permissions` is the whole mode, file type bits included, as asyncssh gives it."""
@@ -79,13 +171,13 @@ class WireAttrs:
         self.size = self.uid = self.gid = self.permissions = self.atime = self.mtime = None
 
 
-def decode_attrs(data: bytes, offset: int = 0) -> WireAttrs:
+def decode_attrs(data: bytes, offset: int = 0, errors=OWN_ERRORS) -> WireAttrs:
     flags = _u32.unpack_from(data, offset)[0]
     offset += 4
     if flags & ATTR_ACMODTIME:
         flags &= ~_ATTR_MODIFYTIME_V4
     if flags & ~_ATTR_V3:
-        raise asyncssh.SFTPBadMessage(f"Unsupported attribute flags: 0x{flags & ~_ATTR_V3:08x}")
+        raise errors.SFTPBadMessage(f"Unsupported attribute flags: 0x{flags & ~_ATTR_V3:08x}")
     attrs = WireAttrs()
     try:
         if flags & ATTR_SIZE:
@@ -100,8 +192,27 @@ def decode_attrs(data: bytes, offset: int = 0) -> WireAttrs:
         if flags & ATTR_ACMODTIME:
             attrs.atime, attrs.mtime = struct.unpack_from(">II", data, offset)
     except struct.error:
-        raise asyncssh.SFTPBadMessage("Incomplete attributes") from None
+        raise errors.SFTPBadMessage("Incomplete attributes") from None
     return attrs   # extended attributes, last in the block, are of no use here
+
+
+def decode_attrs_at(data: bytes, offset: int, errors=OWN_ERRORS) -> tuple[WireAttrs, int]:
+    """The attributes at `offset` and where they end (a name list has more after them)."""
+    attrs = decode_attrs(data, offset, errors)
+    flags = _u32.unpack_from(data, offset)[0]
+    offset += 4
+    offset += 8 if flags & ATTR_SIZE else 0
+    offset += 8 if flags & ATTR_UIDGID else 0
+    offset += 4 if flags & ATTR_PERMISSIONS else 0
+    offset += 8 if flags & ATTR_ACMODTIME else 0
+    if flags & ATTR_EXTENDED:
+        count = _u32.unpack_from(data, offset)[0]
+        offset += 4
+        for _ in range(count * 2):   # name and value, each a string
+            offset += 4 + _u32.unpack_from(data, offset)[0]
+    if offset > len(data):
+        raise errors.SFTPBadMessage("Incomplete attributes")
+    return attrs, offset
 
 
 def encode_attrs(attrs) -> bytes:
@@ -126,31 +237,25 @@ def encode_attrs(attrs) -> bytes:
     return _u32.pack(flags) + b"".join(parts)
 
 
-def _status_error(payload: bytes, errors: str) -> asyncssh.SFTPError | None:
-    """The exception asyncssh raises for this STATUS (None for OK); a STATUS too short
-    for its code is a bad message (asyncssh's packet decoder raises its own ValueError,
-    which no SFTP error path knows)."""
-    try:
-        return asyncssh.SFTPError.construct(SSHPacket(payload), errors)
-    except PacketDecodeError:
-        return asyncssh.SFTPBadMessage("Invalid status reply")
+class SftpLimits:
+    """The server's limits (asyncssh SFTPLimits's field names)."""
+
+    __slots__ = ("max_packet_len", "max_read_len", "max_write_len", "max_open_handles")
+
+    def __init__(self, max_packet_len: int, max_read_len: int, max_write_len: int,
+                 max_open_handles: int):
+        self.max_packet_len, self.max_read_len = max_packet_len, max_read_len
+        self.max_write_len, self.max_open_handles = max_write_len, max_open_handles
 
 
-# What a reply carries, per request: a function of (type, payload after the id; a DATA
-# reply's data alone) that gives the result or raises. `_expect_status` for requests
-# answered by a status alone.
-
-def _unexpected(kind: int) -> asyncssh.SFTPError:
-    return asyncssh.SFTPBadMessage(f"Unexpected response type: {kind}")
-
-
-class SftpWire(asyncssh.SSHClientSession):
+class SftpWire:
     """One SFTP session on its own channel (see the module's docstring). Made by
     open_wire(); `posix_rename_supported` and `limits_told`, `limits` (max_read_len,
     max_write_len) as the server's VERSION and limits told."""
 
     def __init__(self, path_encoding: str = "utf-8", path_errors: str = "surrogateescape",
-                 utf8_decode_errors: str = "strict"):
+                 utf8_decode_errors: str = "strict", errors=OWN_ERRORS):
+        self.errors = errors   # the exception classes raised (see the module's docstring)
         self._loop = asyncio.get_running_loop()
         self._chan = None
         self._in = bytearray()
@@ -165,14 +270,28 @@ class SftpWire(asyncssh.SSHClientSession):
         self.extensions: dict[bytes, bytes] = {}
         self.posix_rename_supported = False
         self.limits_told = False
-        self.limits = asyncssh.SFTPLimits(0, _DEFAULT_READ_LEN, _DEFAULT_WRITE_LEN, 0)
+        self.openssh_symlink_order = self.openssh_server = False
+        self.limits = SftpLimits(0, _DEFAULT_READ_LEN, _DEFAULT_WRITE_LEN, 0)
 
     # -- the channel -------------------------------------------------------------------
     def connection_made(self, chan) -> None:
         self._chan = chan
 
     def connection_lost(self, exc) -> None:
-        self._fail(exc or asyncssh.SFTPConnectionLost("Connection closed"))
+        self._fail(exc or self.errors.SFTPConnectionLost("Connection closed"))
+
+    # (the rest of what asyncssh's channel tells a session: nothing to do here)
+    def session_started(self) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
     def _fail(self, exc: BaseException) -> None:
         if self._lost is None:
@@ -238,10 +357,10 @@ class SftpWire(asyncssh.SSHClientSession):
             return
         try:
             if kind == _BAD_DATA:
-                raise asyncssh.SFTPBadMessage("Invalid data reply")
+                raise self.errors.SFTPBadMessage("Invalid data reply")
             result = parse(kind, payload)
         except struct.error:   # a reply shorter than its type says
-            future.set_exception(asyncssh.SFTPBadMessage("Truncated response"))
+            future.set_exception(self.errors.SFTPBadMessage("Truncated response"))
         except Exception as exc:   # noqa: BLE001 - the request's own error
             future.set_exception(exc)
         else:
@@ -254,7 +373,7 @@ class SftpWire(asyncssh.SSHClientSession):
             self._request(FXP_CLOSE, payload, self._expect_status)
 
     def _protocol_error(self, why: str) -> None:
-        self._fail(asyncssh.SFTPBadMessage(why))
+        self._fail(self.errors.SFTPBadMessage(why))
         self.close()
 
     def _version(self, version: int, payload: bytes) -> None:
@@ -272,10 +391,13 @@ class SftpWire(asyncssh.SSHClientSession):
         except struct.error:
             return self._protocol_error("Invalid version reply")
         if version != 3:
-            self.version.set_exception(asyncssh.SFTPBadMessage(
+            self.version.set_exception(self.errors.SFTPBadMessage(
                 f"Unsupported version: {version}"))
             return
         self.posix_rename_supported = self.extensions.get(b"posix-rename@openssh.com") == b"1"
+        # OpenSSH's sftp-server (rclone's, asyncssh's and Go's name none of these two)
+        self.openssh_server = self.openssh_symlink_order = \
+            b"limits@openssh.com" in self.extensions or b"lsetstat@openssh.com" in self.extensions
         self.limits_told = self.extensions.get(b"limits@openssh.com") == b"1"
         self.version.set_result(version)
 
@@ -285,7 +407,7 @@ class SftpWire(asyncssh.SSHClientSession):
         the name up to it, so "a\\0b" would write, or rename over, another file, "a"."""
         name = path if isinstance(path, bytes) else path.encode(*self._encoding)
         if b"\0" in name:
-            raise asyncssh.SFTPInvalidFilename(f"Name contains a NUL byte: {path!r}")
+            raise self.errors.SFTPInvalidFilename(f"Name contains a NUL byte: {path!r}")
         return name
 
     def _request(self, kind: int, payload: bytes, parse, data=b"") -> asyncio.Future:
@@ -318,28 +440,32 @@ class SftpWire(asyncssh.SSHClientSession):
             try:
                 self._chan.write(b"".join(out))
             except Exception as exc:   # noqa: BLE001 - a channel closed under us
-                self._fail(asyncssh.SFTPConnectionLost(str(exc) or "Connection closed"))
+                self._fail(self.errors.SFTPConnectionLost(str(exc) or "Connection closed"))
 
     def _extended(self, name: bytes, payload: bytes, parse) -> asyncio.Future:
         return self._request(FXP_EXTENDED, _string(name) + payload, parse)
 
     def _expect_status(self, kind: int, payload: bytes):
         if kind != FXP_STATUS:
-            raise _unexpected(kind)
-        exc = _status_error(payload, self._decode_errors)
+            raise self._unexpected(kind)
+        exc = self.errors.status_error(payload, self._decode_errors)
         if exc is not None:
             raise exc
 
     def _expect(self, wanted: int, kind: int, payload: bytes):
         if kind == FXP_STATUS:
-            exc = _status_error(payload, self._decode_errors)
-            raise exc if exc is not None else asyncssh.SFTPBadMessage("Unexpected FX_OK response")
+            exc = self.errors.status_error(payload, self._decode_errors)
+            raise exc if exc is not None else self.errors.SFTPBadMessage(
+                "Unexpected FX_OK response")
         if kind != wanted:
-            raise _unexpected(kind)
+            raise self._unexpected(kind)
+
+    def _unexpected(self, kind: int) -> Exception:
+        return self.errors.SFTPBadMessage(f"Unexpected response type: {kind}")
 
     def _attrs_reply(self, kind: int, payload: bytes) -> WireAttrs:
         self._expect(FXP_ATTRS, kind, payload)
-        return decode_attrs(payload)
+        return decode_attrs(payload, 0, self.errors)
 
     def request_limits(self) -> asyncio.Future:
         def parse(kind, payload):
@@ -379,11 +505,95 @@ class SftpWire(asyncssh.SSHClientSession):
         offer it."""
         if not self.posix_rename_supported:
             future = self._loop.create_future()
-            future.set_exception(asyncssh.SFTPOpUnsupported("POSIX rename not supported"))
+            future.set_exception(self.errors.SFTPOpUnsupported("POSIX rename not supported"))
             return future
         return self._extended(b"posix-rename@openssh.com",
                               _string(self._path(src)) + _string(self._path(dst)),
                               self._expect_status)
+
+    def utime(self, path, times) -> asyncio.Future:
+        """asyncssh's utime: (atime, mtime) set, as v3 has them, both."""
+        attrs = WireAttrs()
+        attrs.atime, attrs.mtime = times
+        return self.setstat(path, attrs)
+
+    def rename(self, src, dst) -> asyncio.Future:
+        """SFTP v3's rename (which refuses an existing target on OpenSSH)."""
+        return self._request(FXP_RENAME, _string(self._path(src)) + _string(self._path(dst)),
+                             self._expect_status)
+
+    def remove(self, path) -> asyncio.Future:
+        return self._request(FXP_REMOVE, _string(self._path(path)), self._expect_status)
+
+    def rmdir(self, path) -> asyncio.Future:
+        return self._request(FXP_RMDIR, _string(self._path(path)), self._expect_status)
+
+    def mkdir(self, path, attrs=None) -> asyncio.Future:
+        return self._request(FXP_MKDIR, _string(self._path(path)) +
+                             (encode_attrs(attrs) if attrs is not None else _NO_ATTRS),
+                             self._expect_status)
+
+    def readlink(self, path) -> asyncio.Future:
+        """The link's target, as a str (names decoded as paths are)."""
+        def parse(kind, payload):
+            names = self._names(kind, payload)
+            if len(names) != 1:
+                raise self.errors.SFTPBadMessage("Too many names returned")
+            return names[0][0]
+        return self._request(FXP_READLINK, _string(self._path(path)), parse)
+
+    def symlink(self, target, path) -> asyncio.Future:
+        """A link at `path` to `target` (asyncssh's argument order). OpenSSH's server takes
+        the two the other way round from the draft; so does any server that speaks
+        OpenSSH's extensions (the limits): told by the VERSION, as no server version
+        string comes through OpenSSH's pipes."""
+        first, second = _string(self._path(target)), _string(self._path(path))
+        if not self.openssh_symlink_order:
+            first, second = second, first
+        return self._request(FXP_SYMLINK, first + second, self._expect_status)
+
+    async def readdir(self, path) -> list[tuple[str, WireAttrs]]:
+        """Every (name, attributes) of the folder, "." and ".." left out."""
+        handle = await self._request(FXP_OPENDIR, _string(self._path(path)), self._handle)
+        entries = []
+        try:
+            while True:
+                names = await self._request(FXP_READDIR, handle, self._names_or_end)
+                if names is None:
+                    break
+                entries += [(name, attrs) for name, attrs in names if name not in (".", "..")]
+        finally:
+            await self._request(FXP_CLOSE, handle, self._expect_status)
+        return entries
+
+    def _handle(self, kind: int, payload: bytes) -> bytes:
+        self._expect(FXP_HANDLE, kind, payload)
+        n = _u32.unpack_from(payload)[0]
+        return _string(payload[4:4 + n])
+
+    def _names_or_end(self, kind: int, payload: bytes):
+        if kind == FXP_STATUS:
+            exc = self.errors.status_error(payload, self._decode_errors)
+            if isinstance(exc, self.errors.SFTPEOFError):
+                return None
+        return self._names(kind, payload)
+
+    def _names(self, kind: int, payload: bytes) -> list[tuple[str, WireAttrs]]:
+        self._expect(FXP_NAME, kind, payload)
+        count, offset = _u32.unpack_from(payload)[0], 4
+        if count > len(payload) // 12:   # each takes 12 bytes at least: not a count
+            raise self.errors.SFTPBadMessage("Invalid name count")
+        names = []
+        for _ in range(count):
+            n = _u32.unpack_from(payload, offset)[0]
+            name = payload[offset + 4:offset + 4 + n]
+            if len(name) != n:
+                raise struct.error("name")
+            offset += 4 + n
+            offset += 4 + _u32.unpack_from(payload, offset)[0]   # the long name, unused
+            attrs, offset = decode_attrs_at(payload, offset, self.errors)
+            names.append((name.decode(*self._encoding), attrs))
+        return names
 
 
 class _Batch:
@@ -416,15 +626,15 @@ class WireFile:
         def parse(kind, payload):
             if kind == FXP_DATA:   # its bytes alone (see SftpWire.data_received)
                 if len(payload) > size:   # not this file's bytes at this offset
-                    raise asyncssh.SFTPBadMessage("Data reply longer than asked for")
+                    raise self._wire.errors.SFTPBadMessage("Data reply longer than asked for")
                 return payload
             if kind == FXP_STATUS:
-                exc = _status_error(payload, self._wire._decode_errors)
-                if isinstance(exc, asyncssh.SFTPEOFError):
+                exc = self._wire.errors.status_error(payload, self._wire._decode_errors)
+                if isinstance(exc, self._wire.errors.SFTPEOFError):
                     return b""
-                raise exc if exc is not None else asyncssh.SFTPBadMessage(
+                raise exc if exc is not None else self._wire.errors.SFTPBadMessage(
                     "Unexpected FX_OK response")
-            raise _unexpected(kind)
+            raise self._wire._unexpected(kind)
         return self._request(FXP_READ, self._handle + _read_args.pack(offset, size), parse)
 
     def write(self, data, offset: int) -> asyncio.Future:
@@ -452,9 +662,11 @@ async def open_wire(conn, path_encoding: str = "utf-8",
                     path_errors: str = "surrogateescape") -> SftpWire:
     """A new SFTP session on `conn` (an asyncssh SSHClientConnection), initialised: the
     version agreed, the server's limits asked for when it offers the extension."""
-    errors = getattr(conn, "_utf8_decode_errors", "strict")
+    decode_errors = getattr(conn, "_utf8_decode_errors", "strict")
+    errors = _asyncssh_errors()
     chan, wire = await conn.create_session(
-        lambda: SftpWire(path_encoding, path_errors, errors), subsystem="sftp", encoding=None)
+        lambda: SftpWire(path_encoding, path_errors, decode_errors, errors),
+        subsystem="sftp", encoding=None)
     try:
         chan.write(_header.pack(5, FXP_INIT, 3))   # INIT carries the version where an id goes
         await wire.version
@@ -462,5 +674,77 @@ async def open_wire(conn, path_encoding: str = "utf-8",
             await wire.request_limits()
     except BaseException:
         chan.close()
+        raise
+    return wire
+
+
+class _SshPipes(asyncio.SubprocessProtocol):
+    """OpenSSH's `ssh -s HOST sftp` as a wire's channel: its stdin carries the requests,
+    its stdout the replies; what it says on stderr explains its exit (`failure`)."""
+
+    _STDERR_KEPT = 8192
+
+    def __init__(self, wire: SftpWire, failure):
+        self._wire = wire
+        self._failure = failure   # (exit status, stderr) -> the exception to fail with
+        self._stderr = bytearray()
+        self._transport = None
+        self._stdin = None
+        self._closing = False
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        self._stdin = transport.get_pipe_transport(0)
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self._wire.data_received(data, None)
+        elif len(self._stderr) < self._STDERR_KEPT:
+            self._stderr += data[:self._STDERR_KEPT - len(self._stderr)]
+
+    def connection_lost(self, exc) -> None:   # the process ended and its pipes closed
+        if self._closing:
+            exc = None
+        else:
+            exc = self._failure(self._transport.get_returncode(), bytes(self._stderr))
+        self._wire.connection_lost(exc)
+
+    # -- what SftpWire asks of its channel ----------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self._closing or self._stdin is None or self._stdin.is_closing():
+            raise ConnectionResetError("ssh's input is closed")
+        self._stdin.write(data)
+
+    def close(self) -> None:
+        """Ends the session: the process is killed (every request was answered or is
+        given up), its pipes closed."""
+        if not self._closing:
+            self._closing = True
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.get_returncode() is not None
+
+
+async def open_wire_over_ssh(argv: list[str], env: dict, failure,
+                             path_encoding: str = "utf-8",
+                             path_errors: str = "surrogateescape") -> SftpWire:
+    """A new SFTP session over the pipes of OpenSSH's `ssh` started as `argv` (its
+    subsystem sftp; see ssh_command.py), initialised: the version agreed, the server's
+    limits asked for. `failure(exit status, stderr)` makes the error of an ssh that ends
+    (a refused login, an unknown host key, a host that does not answer)."""
+    loop = asyncio.get_running_loop()
+    wire = SftpWire(path_encoding, path_errors)
+    _, pipes = await loop.subprocess_exec(
+        lambda: _SshPipes(wire, failure), *argv, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    wire.connection_made(pipes)
+    try:
+        pipes.write(_header.pack(5, FXP_INIT, 3))
+        await wire.version
+        if wire.limits_told:
+            await wire.request_limits()
+    except BaseException:
+        pipes.close()
         raise
     return wire
