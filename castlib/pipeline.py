@@ -361,17 +361,20 @@ class Pipeline:
             report.stages.append(StageRun(spec, partial))
             _print_outcome(partial, ctx.err, ctx.quiet, True, ctx.secrets)
 
-    def _connected_locations(self) -> list[str]:
+    def _connected_locations(self) -> list[tuple[str, int]]:
         """The locations whose storage the stages will touch (Stage.connects_to), each
-        once, as the stages name them."""
+        once, as the stages name them, with the most sessions a stage uses on it at once
+        (Stage.sessions_wanted)."""
         earlier: dict[str, StageSpec] = {}
-        texts: list[str] = []
+        wanted: dict[str, int] = {}
         for spec in self.stages:
-            texts += [t for t in spec.cls.connects_to(spec.params, earlier)
-                      if isinstance(t, str) and t and t not in texts]
+            sessions = spec.cls.sessions_wanted(spec.params)
+            for text in spec.cls.connects_to(spec.params, earlier):
+                if isinstance(text, str) and text:
+                    wanted[text] = max(wanted.get(text, 0), sessions)
             if spec.params.id:
                 earlier[spec.params.id] = spec
-        return texts
+        return list(wanted.items())
 
     def _lock_destinations(self, ctx: RunContext, locks: ExitStack) -> None:
         """Hold, for the whole run, the lock of every location a stage will write into, so

@@ -402,10 +402,11 @@ class Backend(ABC):
         back-end whose capabilities say third_party_copy."""
         return False
 
-    def connect_in_background(self) -> None:
+    def connect_in_background(self, sessions: int = 1) -> None:
         """Start connecting now, if this back-end's first call would wait on the network,
         and return at once; the first call then waits for that attempt and sees its
-        outcome. Local back-ends have nothing to do."""
+        outcome. `sessions`: how many the run will use at once (a back-end whose every
+        session is a login may start them all). Local back-ends have nothing to do."""
 
     def close(self) -> None:
         """Release connections."""

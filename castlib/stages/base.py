@@ -259,16 +259,18 @@ class RunContext:
             self._backends[key] = backend
         return self._backends[key]
 
-    def connect_early(self, texts) -> None:
+    def connect_early(self, wanted) -> None:
         """Let the back-ends of these locations start connecting now, in the background
         (Backend.connect_in_background), so that an SSH handshake or a login overlaps the
         run's other work (the configuration, the catalog, listing a local reference)
         instead of waiting for the first stage that touches them. A location that cannot
-        be found or opened is left alone: the stage that uses it says why, as before."""
-        for text in texts:
+        be found or opened is left alone: the stage that uses it says why, as before.
+        `wanted`: (location, sessions) pairs, sessions the most the stages will use at
+        once (Stage.sessions_wanted)."""
+        for text, sessions in wanted:
             try:
                 _, url, options = self._locate(text)
-                self._backend(url, options).connect_in_background()
+                self._backend(url, options).connect_in_background(sessions)
             except Exception:  # noqa: BLE001 - reported by the stage that uses it
                 continue
 
@@ -331,6 +333,13 @@ class Stage:
         rows): the run lets their back-ends start connecting when it starts
         (RunContext.connect_early). `earlier` maps ids to earlier StageSpecs."""
         return []
+
+    @classmethod
+    def sessions_wanted(cls, params: StageParams) -> int:
+        """How many sessions this stage uses at once on each location of connects_to (its
+        parallel transfers, and the run's own thread): a back-end whose sessions each
+        cost a login (OpenSSH's ssh) starts that many early."""
+        return 1
 
     def run(self) -> StageOutcome:
         raise NotImplementedError

@@ -316,6 +316,10 @@ class SyncStage(Stage):
         return [(source.params.dst, params.lock_wait)]
 
     @classmethod
+    def sessions_wanted(cls, params: SyncParams) -> int:
+        return params.transfers + 1   # the transfers, and the run's thread (mkdir, delete)
+
+    @classmethod
     def connects_to(cls, params: SyncParams, earlier: dict) -> list[str]:
         source = earlier.get(params.from_)
         if params.dry_run or source is None or not hasattr(source.params, "dst"):
