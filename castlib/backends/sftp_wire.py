@@ -293,6 +293,15 @@ class SftpWire:
     def resume_writing(self) -> None:
         pass
 
+    def xon_xoff_requested(self, client_can_restart: bool) -> None:
+        pass
+
+    def exit_status_received(self, status: int) -> None:
+        pass
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        pass
+
     def _fail(self, exc: BaseException) -> None:
         if self._lost is None:
             self._lost = exc
