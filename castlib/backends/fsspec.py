@@ -135,6 +135,7 @@ class FsspecBackend(Backend):
         self._early: threading.Thread | None = None   # see connect_in_background
         self._early_error: BaseException | None = None
         self._abandoned = False   # closed before an early connection came (see close)
+        self._sessions_wanted = 1   # see connect_in_background
         self.root = self._root_path()
 
     # -- connecting ------------------------------------------------------------------------
@@ -159,7 +160,8 @@ class FsspecBackend(Backend):
     # HTTP client connects on its first request anyway
     connect_is_handshake = False
 
-    def connect_in_background(self) -> None:
+    def connect_in_background(self, sessions: int = 1) -> None:
+        self._sessions_wanted = max(self._sessions_wanted, sessions)
         if not self.connect_is_handshake or self._fs is not None or self._early is not None:
             return
 
@@ -415,7 +417,7 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     module = type(exc).__module__ or ""
     if isinstance(exc, (FileNotFoundError,)) or name in ("SFTPNoSuchFile", "ResourceNotFound"):
         return "not found", detail if "bucket" in detail.lower() else ""
-    if module.startswith("asyncssh"):
+    if module.startswith("asyncssh") or module == "castlib.backends.sftp_wire":
         if name in ("PermissionDenied",):
             return "authentication failed", ""
         if name == "HostKeyNotVerifiable":

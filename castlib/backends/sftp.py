@@ -13,8 +13,12 @@ import concurrent.futures
 import logging
 import posixpath
 import re
+import os
 import shlex
+import shutil
 import stat as statmod
+import subprocess
+import tempfile
 import threading
 import time
 from typing import BinaryIO
@@ -26,6 +30,7 @@ from fsspec.exceptions import FSTimeoutError
 from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
 from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
+from . import sftp_wire
 from .base import DIR, FILE, LINK, Capabilities, Stat
 from .fsspec import (READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _quiet_background_errors,
                      _Reader, _Writer)
@@ -190,12 +195,55 @@ class SftpBackend(FsspecBackend):
         self._setstat_proven: set[str] = set()   # set-stat kinds the server has done here
         self._published = threading.local()      # .entry: (path, Stat, when) of a rename
         self._server_md5: bool | None = None     # md5sum runs on the host (see below)
+        self._ssh = self._openssh_command()      # None: asyncssh connects (see below)
+        self._more_coming = threading.Event()    # set: no session is being opened early
+        self._more_coming.set()
+        # the exception classes of this location's sessions (see sftp_wire)
+        self._E = sftp_wire.OWN_ERRORS if self._ssh is not None else None
+
+    # -- which SSH client ----------------------------------------------------------------------
+    # OpenSSH's own `ssh` carries the SFTP sessions where it can (the option `ssh_client:
+    # openssh`, the default when ssh is installed and every option translates to it): the
+    # key exchange, the login and every packet's encryption in C, in processes of their
+    # own, and no asyncssh import (0.1-0.2 s of a short run); the user's ~/.ssh/config,
+    # agent, Kerberos and ProxyJump apply, as to any ssh. `ssh_client: asyncssh` keeps
+    # SSH in Python (asyncssh), with its own options.
+    _SSH_CLIENTS = ("openssh", "asyncssh")
+
+    def _openssh_command(self):
+        from ..errors import ConfigError
+        from .ssh_command import SshCommand
+
+        choice = self._storage_options.pop("ssh_client", None)
+        if choice is not None and choice not in self._SSH_CLIENTS:
+            raise ConfigError(f"{self._where()}: ssh_client must be one of "
+                              f"{', '.join(self._SSH_CLIENTS)}, not {choice!r}")
+        if choice == "asyncssh":
+            return None
+        left_out = SshCommand.untranslatable(self._storage_options)
+        if choice is None and (left_out or SshCommand.available() is None):
+            return None
+        if left_out:
+            raise ConfigError(f"{self._where()}: ssh_client: openssh cannot carry the option "
+                              f"{left_out[0]} (set ssh_client: asyncssh)")
+        if SshCommand.available() is None:
+            raise ConfigError(f"{self._where()}: ssh_client: openssh needs the ssh command, "
+                              "which is not installed")
+        return SshCommand(self.url, self._storage_options, self.connect_timeout)
+
+    @property
+    def _errors_ns(self):
+        if self._E is None:
+            self._E = sftp_wire._asyncssh_errors()
+        return self._E
 
     # -- connecting ------------------------------------------------------------------------
     def _root_path(self) -> str:
         return self.url.path.rstrip("/") or "/"
 
     def _connect(self):
+        if self._ssh is not None:
+            return self._connect_openssh()
         import sshfs
 
         _tune_asyncssh_logging()
@@ -230,6 +278,45 @@ class SftpBackend(FsspecBackend):
         self._more_sessions = True
         return fs
 
+    def _connect_openssh(self):
+        """The first session over OpenSSH's ssh (the login: see connect_in_background):
+        the location's 'connection' is its sessions, each an ssh process (_wire)."""
+        host = _OpensshHost(fsspec.asyn.get_loop(), self._ssh)
+        wire = host.open_wire(self.connect_timeout + READ_TIMEOUT_S)
+        self._sftp = wire
+        self._sessions, self._more_sessions = [], False
+        self._wires, self._more_wires = [[wire, threading.current_thread()]], True
+        more = min(self._sessions_wanted, MAX_SFTP_SESSIONS) - 1
+        if more > 0:
+            # the other sessions the run will use: all at once, now, rather than each when
+            # a transfer thread first asks; their places are kept meanwhile (see _wire)
+            places = [[None, _NOBODY] for _ in range(more)]
+            self._wires += places
+            self._more_coming.clear()
+            threading.Thread(target=self._open_more_wires,
+                             args=(host, places, self._generation),
+                             daemon=True, name="castlib-sftp-sessions").start()
+        return host
+
+    def _open_more_wires(self, host, places: list, generation: int) -> None:
+        """Open a session for each place at once, each for whichever thread asks first
+        (see _held_or_handed_on); one the server refused is a place given up."""
+        try:
+            opened = host.open_wires(len(places), self.connect_timeout + READ_TIMEOUT_S)
+        finally:
+            with self._connect_lock:
+                for place in places[len(opened):]:
+                    if place in self._wires:
+                        self._wires.remove(place)
+                for place, wire in zip(places, opened):
+                    if generation != self._generation:
+                        wire.close()   # (a connection given up since: its own go with it)
+                    else:
+                        place[0] = wire
+                if generation == self._generation and len(opened) < len(places):
+                    self._more_wires = False   # the server's limit: threads share these
+            self._more_coming.set()
+
     def _client(self):
         """This thread's SFTP session, connected (a back-end's first call may be any).
 
@@ -241,6 +328,8 @@ class SftpBackend(FsspecBackend):
         MaxSessions), threads share the first session. The threads' lean sessions (see
         _wire), which carry their files' bytes, count against the same limit: these
         serve the rest (deletions, links, renames without posix-rename)."""
+        if self._ssh is not None:   # every session is a wire (each an ssh process)
+            return self._wire()
         me = threading.current_thread()
         with self._connect_lock:
             # connected, again if another thread saw the line drop since (a reentrant lock)
@@ -285,6 +374,9 @@ class SftpBackend(FsspecBackend):
         refuses the channel (OpenSSH's MaxSessions) leaves the thread on its asyncssh
         session, which the helpers take as well."""
         me = threading.current_thread()
+        if self._ssh is not None and not self._more_coming.is_set():
+            self.fs   # connected: then the sessions opened early are coming, or there
+            self._more_coming.wait(self.connect_timeout + READ_TIMEOUT_S)
         with self._connect_lock:
             fs = self.fs   # connected, as in _client
             generation = self._generation
@@ -301,31 +393,53 @@ class SftpBackend(FsspecBackend):
                     len(self._wires) + len(self._sessions) >= MAX_SFTP_SESSIONS:
                 shared = next((entry[0] for entry in self._wires
                                if entry[0] is not None and not entry[0].closed), None)
-                return shared if shared is not None else self._client()
+                if shared is not None or self._ssh is None:
+                    return shared if shared is not None else self._client()
             entry = [None, me]   # reserved; the session itself comes below, unlocked
             self._wires.append(entry)
-        import asyncssh
-
-        from .sftp_wire import open_wire
-
-        try:   # names as the asyncssh sessions have them (see _connect)
-            wire = fsspec.asyn.sync(fs.loop, open_wire, fs.client,
-                                    self._sftp_kwargs.get("path_encoding", "utf-8"),
-                                    self._sftp_kwargs.get("path_errors", "surrogateescape"),
-                                    timeout=READ_TIMEOUT_S)
-        except (asyncssh.Error, OSError, FSTimeoutError, asyncio.TimeoutError) as exc:
-            # no channel for it (MaxSessions), no SFTP v3 there: asyncssh's session serves
-            log.debug("%s: no lean SFTP session (%s); asyncssh's serves", self._where(), exc)
+        try:
+            wire = self._open_wire(fs)
+        except Exception as exc:
+            with self._connect_lock:
+                if entry in self._wires:
+                    self._wires.remove(entry)
+                shared = next((e[0] for e in self._wires
+                               if e[0] is not None and not e[0].closed), None)
+            if not self._no_further_session(exc) or (self._ssh is not None and shared is None):
+                raise
+            # no channel for it (MaxSessions), no SFTP v3 there, no further login (sshd's
+            # MaxStartups): asyncssh's session serves, or another thread's wire
+            log.debug("%s: no further lean SFTP session (%s)", self._where(), exc)
             with self._connect_lock:
                 if generation == self._generation:   # not of a connection given up since
                     self._more_wires = False
-                if entry in self._wires:
-                    self._wires.remove(entry)
-            return self._client()
+            return self._client() if self._ssh is None else shared
         with self._connect_lock:
             if generation == self._generation:
                 entry[0] = wire
         return wire
+
+    def _no_further_session(self, exc: BaseException) -> bool:
+        """Whether a session that could not be opened is one too many (the server's
+        limit), not a line that is gone."""
+        if self._ssh is None:
+            import asyncssh
+
+            return isinstance(exc, (asyncssh.Error, OSError, FSTimeoutError,
+                                    asyncio.TimeoutError))
+        return isinstance(exc, (sftp_wire.SFTPError, OSError, FSTimeoutError,
+                                asyncio.TimeoutError))
+
+    def _open_wire(self, fs):
+        if self._ssh is not None:
+            return fs.open_wire(READ_TIMEOUT_S + self.connect_timeout)
+        from .sftp_wire import open_wire
+
+        # names as the asyncssh sessions have them (see _connect)
+        return fsspec.asyn.sync(fs.loop, open_wire, fs.client,
+                                self._sftp_kwargs.get("path_encoding", "utf-8"),
+                                self._sftp_kwargs.get("path_errors", "surrogateescape"),
+                                timeout=READ_TIMEOUT_S)
 
     def _on_sftp(self, call, *args, **kwargs):
         """Run one of the SFTP client's coroutines (or a wire's request, which returns a
@@ -380,17 +494,58 @@ class SftpBackend(FsspecBackend):
         self._sftp = None
         self._sessions = []
         self._wires = []
+        if self._ssh is not None:
+            self._ssh.close()   # (its askpass helper, if any; made again if needed)
 
     # -- listing -------------------------------------------------------------------------
     def walk(self, on_error):
         return self._walk_by_folder(on_error)
 
     def _list_folder(self, folder: str) -> list[Stat]:
-        entries = super()._list_folder(folder)
+        if self._ssh is None:
+            entries = super()._list_folder(folder)
+        else:
+            with self._errors(folder):
+                names = self._on_sftp(self._wire().readdir, self._full(folder))
+            entries = [_stat_from_attrs(f"{folder}/{name}" if folder else name, attrs)
+                       for name, attrs in names]
+            entries.sort(key=lambda st: st.path)
         for st in entries:
             if st.kind == LINK:
                 st.link_target = self._readlink(st.path)
         return entries
+
+    def mkdir(self, path: str) -> None:
+        if self._ssh is None:
+            return super().mkdir(path)
+        with self._errors(path):
+            self._makedirs(self._full(path))
+
+    def _makedirs(self, full: str) -> None:
+        """`full` and any folder above it that is missing (as fs.makedirs, exist_ok)."""
+        E = self._errors_ns
+        try:
+            self._on_sftp(self._wire().mkdir, full)
+            return
+        except E.SFTPError as exc:
+            try:
+                attrs = self._on_sftp(self._wire().stat, full)
+            except E.SFTPNoSuchFile:
+                attrs = None
+            if attrs is not None:
+                if statmod.S_ISDIR(attrs.permissions or 0):
+                    return
+                raise FileExistsError(f"not a folder: {full}") from None
+            parent = posixpath.dirname(full)
+            if parent == full or not isinstance(exc, (E.SFTPNoSuchFile, E.SFTPFailure)):
+                raise
+        self._makedirs(parent)
+        try:
+            self._on_sftp(self._wire().mkdir, full)
+        except E.SFTPError:   # made meanwhile by another thread: fine if a folder
+            attrs = self._on_sftp(self._wire().stat, full)
+            if not statmod.S_ISDIR(attrs.permissions or 0):
+                raise
 
     def stat(self, path: str) -> Stat | None:
         back = self._read_back.get(path)
@@ -404,14 +559,12 @@ class SftpBackend(FsspecBackend):
         return self._sftp_lstat(path)
 
     def _sftp_lstat(self, path: str) -> Stat | None:
-        import asyncssh
-
         self.fs   # connected: the SFTP client comes with the connection
         try:
             with self._errors(path):
                 try:
                     attrs = self._on_sftp(self._wire().lstat, self._full(path))
-                except asyncssh.SFTPNoSuchFile:
+                except self._errors_ns.SFTPNoSuchFile:
                     return None
         except NotFound:
             return None
@@ -458,6 +611,9 @@ class SftpBackend(FsspecBackend):
         return "md5" if self._runs_commands() else None
 
     def _runs_commands(self) -> bool:
+        if self._ssh is not None:   # no version string through ssh's pipes: the SFTP
+            return self.fs is not None and self._sftp is not None and \
+                self._sftp.openssh_server   # server's own extensions tell
         version = self.fs.client.get_extra_info("server_version") or ""
         return version.startswith("SSH-2.0-OpenSSH")
 
@@ -473,6 +629,8 @@ class SftpBackend(FsspecBackend):
             return None
         # md5sum reads at disk speed: a bound on its wait that grows with the size
         timeout = READ_TIMEOUT_S + (size or 0) / (20 * 1024 * 1024)
+        if self._ssh is not None:
+            return self._md5_over_ssh(path, full, timeout)
         with self._errors(path):   # a line that drops is a storage error, as elsewhere
             try:
                 result = fsspec.asyn.sync(self.fs.loop, self.fs.client.run,
@@ -492,6 +650,31 @@ class SftpBackend(FsspecBackend):
         # ("This service allows sftp connections only."): not asked again
         log.debug("%s: no md5sum on the host (exit %s: %s); verifying by read-back",
                   self._where(), result.exit_status, (line or result.stderr or "").strip()[:200])
+        self._server_md5 = False
+        return None
+
+    def _md5_over_ssh(self, path: str, full: str, timeout: float) -> str | None:
+        """_md5_on_server's command, through a second ssh of its own."""
+        argv, env = self._ssh.command(["md5sum", "--", full])
+        with self._errors(path):
+            try:
+                done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                                      capture_output=True, timeout=timeout,
+                                      start_new_session=True)
+            except subprocess.TimeoutExpired:
+                raise FSTimeoutError(f"md5sum gave no answer within {timeout:.0f} s") from None
+            if done.returncode == 255:   # ssh's own failure: the line, the login
+                raise self._ssh.failure(done.returncode, done.stderr)
+        line = done.stdout.decode("utf-8", "replace")
+        match = _MD5SUM_LINE.match(line)
+        if done.returncode == 0 and match:
+            self._server_md5 = True
+            return match.group(1)
+        if done.returncode == 1 and not line:
+            return None   # md5sum ran, and could not read this file: the read-back says why
+        log.debug("%s: no md5sum on the host (exit %s: %s); verifying by read-back",
+                  self._where(), done.returncode,
+                  (line or done.stderr.decode("utf-8", "replace")).strip()[:200])
         self._server_md5 = False
         return None
 
@@ -536,26 +719,26 @@ class SftpBackend(FsspecBackend):
                 log.info("%s: the server refuses posix-rename; renaming in steps", self._where())
                 self.posix_rename = False
             elif pending:
-                self._on_sftp(self._wire().setstat, self._full(src), _attrs(pending))
+                wire = self._wire()
+                self._on_sftp(wire.setstat, self._full(src), _attrs(pending, wire))
             self._sftp_rename(src, dst)
 
     def _sftp_rename(self, src: str, dst: str) -> None:
         """posix-rename@openssh.com replaces the target in one step. A server without it
         (learned at the first refusal) gets SFTP v3's plain rename, which refuses an
         existing target: that one is moved aside first, and back if the rename fails."""
-        import asyncssh
-
+        E = self._errors_ns
         if self.posix_rename:
             try:
                 self._on_sftp(self._wire().posix_rename, self._full(src), self._full(dst))
                 return
-            except asyncssh.SFTPOpUnsupported:
+            except E.SFTPOpUnsupported:
                 log.info("%s: the server refuses posix-rename; renaming in steps", self._where())
                 self.posix_rename = False
         try:
             self._on_sftp(self._client().rename, self._full(src), self._full(dst))
             return
-        except asyncssh.SFTPError:
+        except E.SFTPError:
             existing = self._sftp_lstat(dst)
             if existing is None or existing.kind == DIR:
                 raise
@@ -587,7 +770,8 @@ class SftpBackend(FsspecBackend):
         if self._defer_setstat(path, "set_mtime", mtime=seconds):
             return
         self._setstat(path, "set_mtime", "modification times",
-                      lambda sftp: sftp.setstat(self._full(path), _attrs({"mtime": seconds})))
+                      lambda sftp: sftp.setstat(self._full(path),
+                                                _attrs({"mtime": seconds}, sftp)))
 
     def chmod(self, path: str, mode: int) -> None:
         if not self.capabilities.permissions:
@@ -596,7 +780,8 @@ class SftpBackend(FsspecBackend):
             return
         self._setstat(path, "permissions", "permission bits",
                       lambda sftp: sftp.setstat(self._full(path),
-                                                _attrs({"permissions": mode & 0o7777})))
+                                                _attrs({"permissions": mode & 0o7777},
+                                                       sftp)))
 
     def _defer_setstat(self, path: str, capability: str, **attrs) -> bool:
         """Whether a set-stat of a temporary file can wait for its rename, to go out with
@@ -614,17 +799,16 @@ class SftpBackend(FsspecBackend):
     def _setstat(self, path: str, capability: str, what: str, request) -> None:
         """One set-stat request (times, bits): a server that refuses set-stat as policy
         (not for this file's permissions) is learned to lack `capability`, once."""
-        import asyncssh
-
+        E = self._errors_ns
         try:
             with self._errors(path):
                 try:
                     self._on_sftp(request, self._wire())
                     self._setstat_proven.add(capability)
-                except asyncssh.SFTPPermissionDenied:
+                except E.SFTPPermissionDenied:
                     if not self._setstat_denied_by_policy(path):
                         raise
-                    raise asyncssh.SFTPOpUnsupported("set-stat refused") from None
+                    raise E.SFTPOpUnsupported("set-stat refused") from None
         except Unsupported:
             self._learn_refusal(capability, f"setting {what}")
             raise Unsupported(f"{self._where(path)}: the server cannot set {what}",
@@ -636,8 +820,7 @@ class SftpBackend(FsspecBackend):
         set its times, and castlib owns the temporary files it writes: a denial on one of
         those is policy. For any other file, a temporary file written beside it tells
         (once per location)."""
-        import asyncssh
-
+        E = self._errors_ns
         if is_temp_name(posixpath.basename(path), self.temp_key):
             return True
         if self._setstat_policy is None:
@@ -649,7 +832,7 @@ class SftpBackend(FsspecBackend):
                     try:
                         self._on_sftp(self._client().utime, self._full(probe), (0, 0))
                         self._setstat_policy = False
-                    except asyncssh.SFTPPermissionDenied:
+                    except E.SFTPPermissionDenied:
                         self._setstat_policy = True
                     finally:
                         self._on_sftp(self._client().remove, self._full(probe))
@@ -670,6 +853,94 @@ class SftpBackend(FsspecBackend):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+class _OpensshHost:
+    """What a location over OpenSSH's ssh has for a connection (SftpBackend.fs there):
+    the event loop its sessions' pipes are read on, and the sessions themselves, each an
+    `ssh -s HOST sftp` process (sftp_wire.open_wire_over_ssh). The first one logs in and
+    is a master (ControlMaster) whose connection the others share through a socket in a
+    private folder: a session more is a channel (~10 ms), not a login (~0.1 s, and one
+    more for the server to count). `client` is itself, for what closes a connection."""
+
+    def __init__(self, loop, command):
+        self.loop = loop
+        self.client = self
+        self._command = command
+        self._wires: list = []
+        self._master = None
+        folder = tempfile.mkdtemp(prefix="castlib-ssh-", dir=_short_temp_dir())
+        self._socket_dir = folder
+        # a socket's path has ~100 bytes at most, and ssh reads % in it as its own tokens
+        socket = os.path.join(folder, "m")
+        self._socket = socket if len(socket) < 90 and "%" not in socket else None
+        if os.environ.get("CASTLIB_NO_MUX"):   # TEMP A/B
+            self._socket = None
+
+    def _argv(self, master: bool) -> tuple[list[str], dict]:
+        argv, env = self._command.subsystem("sftp")
+        if self._socket is None:
+            return argv, env
+        # before the others: the first value given for an option is the one ssh keeps
+        shared = ["-o", f"ControlPath={self._socket}", "-o", "ControlPersist=no",
+                  "-o", f"ControlMaster={'yes' if master else 'no'}"]
+        return argv[:1] + shared + argv[1:], env
+
+    def open_wire(self, timeout: float):
+        argv, env = self._argv(master=self._master is None)
+        wire = fsspec.asyn.sync(self.loop, sftp_wire.open_wire_over_ssh, argv, env,
+                                self._command.failure, timeout=timeout)
+        self._wires.append(wire)
+        if self._master is None:
+            self._master = wire
+        return wire
+
+    def open_wires(self, count: int, timeout: float) -> list:
+        """`count` sessions opened at once (on the master's connection); those that
+        could not be, left out."""
+        argv, env = self._argv(master=self._master is None)
+
+        async def all_of_them():
+            return await asyncio.gather(*(
+                asyncio.wait_for(sftp_wire.open_wire_over_ssh(argv, env, self._command.failure),
+                                 timeout) for _ in range(count)), return_exceptions=True)
+
+        try:
+            opened = fsspec.asyn.sync(self.loop, all_of_them)
+        except Exception:  # noqa: BLE001 - the loop ended (a run being closed)
+            return []
+        wires = [w for w in opened if isinstance(w, sftp_wire.SftpWire)]
+        for exc in opened:
+            if not isinstance(exc, sftp_wire.SftpWire):
+                log.debug("ssh: no further session (%s)", exc)
+        self._wires += wires
+        return wires
+
+    def close(self) -> None:   # on the loop
+        # the master last: the others' sessions are channels of its connection
+        for wire in sorted(self._wires, key=lambda w: w is self._master):
+            wire.close()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+def _short_temp_dir() -> str | None:
+    """/tmp where the temporary folder's own path is too long for a socket in it."""
+    default = tempfile.gettempdir()
+    return default if len(default) < 60 or not os.path.isdir("/tmp") else "/tmp"
+
+
+class _Nobody:
+    """The holder of a session opened for whichever thread asks first."""
+
+    @staticmethod
+    def is_alive() -> bool:
+        return False
+
+
+_NOBODY = _Nobody()
+
+
 def _held_or_handed_on(entries: list, me: threading.Thread):
     """Of [session, thread] pairs: the session `me` holds, else one whose thread has
     ended, handed on to `me`; None if neither (a pair whose session is still being
@@ -701,6 +972,13 @@ READ_BACK_MAX = CHUNK_SIZE
 _MD5SUM_LINE = re.compile(r"\\?([0-9a-f]{32}) [ *]")
 
 
+def _errors_of(sftp):
+    """The exception classes a session raises: a wire's own namespace (see sftp_wire),
+    else asyncssh's (its SFTP client)."""
+    errors = getattr(sftp, "errors", None)
+    return errors if errors is not None else sftp_wire._asyncssh_errors()
+
+
 def _stat_from_attrs(path: str, attrs) -> Stat:
     perms = attrs.permissions or 0
     kind = DIR if statmod.S_ISDIR(perms) else LINK if statmod.S_ISLNK(perms) else FILE
@@ -708,12 +986,15 @@ def _stat_from_attrs(path: str, attrs) -> Stat:
                 attrs.mtime * SECOND_NS if attrs.mtime is not None else None, perms & 0o7777)
 
 
-def _attrs(pending: dict):
+def _attrs(pending: dict, sftp):
     """SFTP attributes for deferred set-stats: mtime (atime too, as utime sets both) and
-    permission bits, one request for both."""
-    import asyncssh
+    permission bits, one request for both; of the class the session `sftp` takes."""
+    if isinstance(sftp, sftp_wire.SftpWire):
+        attrs = sftp_wire.WireAttrs()
+    else:
+        import asyncssh
 
-    attrs = asyncssh.SFTPAttrs()
+        attrs = asyncssh.SFTPAttrs()
     if "mtime" in pending:
         attrs.atime = attrs.mtime = pending["mtime"]
     if "permissions" in pending:
@@ -728,18 +1009,17 @@ async def _sftp_publish(sftp, src: str, dst: str, pending: dict | None):
     posix-rename (the caller renames another way). The rename waits for the set-stat's
     answer (a refused one must stop it); the lstat goes out with the rename, after it:
     one round trip for both (see _sftp_write_whole on the order a server keeps)."""
-    import asyncssh
-
+    errors = _errors_of(sftp)
     if pending:
-        await sftp.setstat(src, _attrs(pending))
+        await sftp.setstat(src, _attrs(pending, sftp))
     with _together(sftp):
         requests = sftp.posix_rename(src, dst), sftp.lstat(dst)
     renamed, attrs = await asyncio.gather(*requests, return_exceptions=True)
-    if isinstance(renamed, asyncssh.SFTPOpUnsupported):
+    if isinstance(renamed, errors.SFTPOpUnsupported):
         return None, False
     if isinstance(renamed, BaseException):
         raise renamed
-    if isinstance(attrs, asyncssh.SFTPError):
+    if isinstance(attrs, errors.SFTPError):
         return None, True
     if isinstance(attrs, BaseException):
         raise attrs
@@ -1060,8 +1340,9 @@ class _ReadPipe:
     thread hashed each 4 MiB; and they go out one loop turn late, each with tasks of its
     own. The file must be opened with block size 0: each read is one request."""
 
-    def __init__(self, f, offset: int, end: int, block: int):
+    def __init__(self, f, offset: int, end: int, block: int, sftp):
         self._f = f
+        self._sftp = sftp   # the session (whose exception classes it raises)
         self._next = offset
         self._end = end
         self._block = block
@@ -1095,9 +1376,8 @@ class _ReadPipe:
                 await self.drain()
                 break
             if len(data) > size:   # a broken server (asyncssh's client lets it through):
-                import asyncssh    # its bytes would be taken as the next request's
-
-                raise asyncssh.SFTPBadMessage("Data reply longer than asked for")
+                # its bytes would be taken as the next request's
+                raise _errors_of(self._sftp).SFTPBadMessage("Data reply longer than asked for")
             if len(data) < size:   # a short answer: the rest is asked for first
                 rest = offset + len(data)
                 self._pending.appendleft((rest, size - len(data), asyncio.ensure_future(
@@ -1271,21 +1551,19 @@ async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
     closed as well when `exact` (then no open file is returned). A size that is off (the
     file changed in between) costs an extra request or two in _SftpFile.read, never a
     wrong byte."""
-    import asyncssh
-
     with _together(sftp):
         requests = sftp.open(path, "rb", block_size=0), sftp.stat(path)
     opened, attrs = await asyncio.gather(*requests, return_exceptions=True)
     if isinstance(opened, BaseException):
         raise opened
     if isinstance(attrs, BaseException):
-        if not isinstance(attrs, asyncssh.SFTPError):
+        if not isinstance(attrs, _errors_of(sftp).SFTPError):
             await opened.close()
             raise attrs
         return opened, None, b"", None   # opened, yet no stat: read without a known size
     size = attrs.size
     data = b""
-    pipe = _ReadPipe(opened, 0, size, _sftp_read_piece(sftp)) if size else None
+    pipe = _ReadPipe(opened, 0, size, _sftp_read_piece(sftp), sftp) if size else None
     if pipe is not None and size <= prefetch:
         try:
             data = await pipe.take(size)
@@ -1367,7 +1645,7 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
             if isinstance(result, BaseException):
                 raise result
     else:   # its size, then the byte more
-        pipe = _ReadPipe(reader, 0, len(data) + 1, _sftp_read_piece(sftp))
+        pipe = _ReadPipe(reader, 0, len(data) + 1, _sftp_read_piece(sftp), sftp)
         try:
             back = await pipe.take(len(data) + 1)
         finally:
