@@ -7,6 +7,7 @@ import hashlib
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -32,8 +33,13 @@ def no_ssh_left_behind():
     them) has ended with everything it started, askpass included, when the test ends."""
     sessions: list[int] = []
     yield sessions
-    left = [pid for pid, sid in _process_sessions() if sid in sessions]
-    assert not left, f"processes left behind: {left}"
+    left = {pid: sid for pid, sid in _process_sessions() if sid in sessions}
+    for sid in set(left.values()):   # a failing test's ssh ends here all the same
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"processes left behind: {sorted(left)}"
 
 
 def _process_sessions():
@@ -107,10 +113,10 @@ def failure_message(ssh: SshCommand, url: str, options: dict, sessions) -> str:
     return str(open_backend(url, options).translate(ssh.failure(status, err), ""))
 
 
-def ssh_for(server, options: dict | None = None, timeout: float = 20) -> SshCommand:
-    ssh = SshCommand(parse_location(server.url), server.options if options is None
-                     else options, timeout)
-    return ssh
+def ssh_for(server, options: dict | None = None) -> SshCommand:
+    """The ssh command for a fixture's server, with its options or these."""
+    return SshCommand(parse_location(server.url),
+                      server.options if options is None else options, 20)
 
 
 def host_key_line(server) -> str:
