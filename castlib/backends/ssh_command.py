@@ -128,9 +128,12 @@ class SshCommand:
 
     def __init__(self, url, options: dict, connect_timeout: float):
         options = dict(options or {})
-        for name in self.untranslatable(options):
+        refused = self.untranslatable(options)
+        if refused:
+            name = refused[0]
             raise ConfigError(f"{name}: {_why_untranslatable(name, options[name])}")
         self.host = _checked_host(url.hostname)
+        # an option wins over the URL, as in SftpBackend._connect
         user = options.get("username", url.user)
         self.user = _checked_user(user) if user is not None else None
         self.port = _checked_port(options.get("port", url.port))
@@ -138,7 +141,7 @@ class SshCommand:
         self._password = str(password) if password is not None else None
         passphrase = options.get("passphrase")
         self._passphrase = str(passphrase) if passphrase is not None else None
-        self._secrets = [s for s in (self._password, self._passphrase) if s]
+        self._secrets = [s for s in (self._password, self._passphrase, url.password) if s]
         self._options = _ssh_options(options, connect_timeout,
                                      self._password is not None,
                                      self._passphrase is not None)
@@ -179,10 +182,11 @@ class SshCommand:
                     else f"exit status {returncode}")
             return SshRemoteCommandFailed(f"{said}: {last}" if last else said)
         for pattern, failure in _FAILURES:
-            for line in lines:
-                if pattern.search(line):
-                    return failure(_without_destination(line) if failure is not
-                                   SshHostKeyChanged else _offending(lines) or line)
+            said = next((line for line in lines if pattern.search(line)), None)
+            if said is not None:
+                if failure is SshHostKeyChanged:   # where the key it knew is: more to act on
+                    said = _offending(lines) or said
+                return failure(_without_destination(said))
         return SshConnectionLost(_without_destination(last) or "ssh exited with status 255")
 
     def close(self) -> None:
