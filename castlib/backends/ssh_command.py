@@ -145,8 +145,11 @@ class SshCommand:
         self._options = _ssh_options(options, connect_timeout,
                                      self._password is not None,
                                      self._passphrase is not None)
-        self._askpass_dir: str | None = None
+        self._askpass: str | None = None   # the helper's path, when there is a secret
         self._remove_askpass = None   # a weakref.finalize: removed at close, or at exit
+        if self._password is not None or self._passphrase is not None:
+            # made here, once, not at each command: threads start their ssh at once
+            self._make_askpass()
 
     @staticmethod
     def untranslatable(options: dict) -> list[str]:
@@ -205,21 +208,21 @@ class SshCommand:
         # options after the host too, unless told so)
         return argv + mode + ["--", self.host, *remote]
 
+    def _make_askpass(self) -> None:
+        folder = tempfile.mkdtemp(prefix="castlib-askpass-")   # 0700: ours alone
+        self._remove_askpass = weakref.finalize(self, shutil.rmtree, folder,
+                                                ignore_errors=True)
+        self._askpass = os.path.join(folder, "askpass")
+        fd = os.open(self._askpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(_ASKPASS_SCRIPT)
+
     def _env(self) -> dict:
         env = dict(os.environ)
-        if self._password is None and self._passphrase is None:
+        if self._askpass is None:
             return env
-        if self._askpass_dir is None:
-            self._askpass_dir = tempfile.mkdtemp(prefix="castlib-askpass-")   # 0700
-            self._remove_askpass = weakref.finalize(self, shutil.rmtree, self._askpass_dir,
-                                                    ignore_errors=True)
-            script = os.path.join(self._askpass_dir, "askpass")
-            fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
-            with os.fdopen(fd, "w") as f:
-                f.write(_ASKPASS_SCRIPT)
         # force: askpass even without a display or with a terminal (OpenSSH >= 8.4)
-        env.update(SSH_ASKPASS=os.path.join(self._askpass_dir, "askpass"),
-                   SSH_ASKPASS_REQUIRE="force")
+        env.update(SSH_ASKPASS=self._askpass, SSH_ASKPASS_REQUIRE="force")
         for var, secret in ((_PASSWORD_VAR, self._password),
                             (_PASSPHRASE_VAR, self._passphrase)):
             if secret is not None:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -354,6 +355,27 @@ def test_connect_timeout(no_ssh_left_behind):
         message = failure_message(SshCommand(parse_location(url), {}, 1), url, {},
                                   no_ssh_left_behind)
     assert "timed out" in message, message
+
+
+def test_connection_closed_at_once(no_ssh_left_behind):
+    """A host that hangs up before it says a word: the line was lost, in ssh's words."""
+    with socket.socket() as rude:
+        rude.bind(("127.0.0.1", 0))
+        rude.listen(1)
+
+        def hang_up():
+            conn, _ = rude.accept()
+            conn.close()
+
+        hanging_up = threading.Thread(target=hang_up)
+        hanging_up.start()
+        url = f"sftp://someone@127.0.0.1:{rude.getsockname()[1]}/x"
+        ssh = SshCommand(parse_location(url), {}, 20)
+        status, out, err = speak_sftp(ssh, no_ssh_left_behind)
+        hanging_up.join()
+    error = open_backend(url, {}).translate(ssh.failure(status, err), "")
+    assert "/x: connection lost (" in str(error) and "closed" in str(error), error
+    assert error.transient
 
 
 # -- what is refused before anything runs --------------------------------------------------
