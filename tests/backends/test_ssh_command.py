@@ -67,7 +67,7 @@ def start(argv_env, sessions) -> subprocess.Popen:
 def finish(proc: subprocess.Popen, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
     """Give ssh the rest of its input and wait for its end: (status, stdout, stderr)."""
     try:
-        out, err = proc.communicate(stdin, timeout=TIMEOUT_S)
+        out, err = proc.communicate(stdin, timeout=TIMEOUT_S)   # its input ends here
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -84,18 +84,23 @@ def speak_sftp(ssh: SshCommand, sessions, argv_env=None) -> tuple[int, bytes, by
     (status, the answer, stderr). The input stays open until the answer came, as a client
     keeps it: sftp-server ends at the end of its input without writing what it owes."""
     proc = start(argv_env or ssh.subsystem(), sessions)
-    proc.stdin.write(SFTP_INIT)
-    proc.stdin.flush()
     answer = b""
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(answer) < 4 or len(answer) < 4 + int.from_bytes(answer[:4], "big"):
-        if not select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))[0]:
-            break   # no answer in time: what ssh says tells why
-        more = os.read(proc.stdout.fileno(), 65536)
-        if not more:
-            break
-        answer += more
-    status, rest, err = finish(proc)
+    try:
+        proc.stdin.write(SFTP_INIT)
+        proc.stdin.flush()
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(answer) < 4 or len(answer) < 4 + int.from_bytes(answer[:4], "big"):
+            if not select.select([proc.stdout], [], [],
+                                 max(0, deadline - time.monotonic()))[0]:
+                break   # no answer in time: what ssh says tells why
+            more = os.read(proc.stdout.fileno(), 65536)
+            if not more:
+                break
+            answer += more
+    except BrokenPipeError:   # ssh gave up before it read a word: its stderr says why
+        pass
+    finally:
+        status, rest, err = finish(proc)
     return status, answer + rest, err
 
 
