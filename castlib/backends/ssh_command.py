@@ -171,6 +171,8 @@ class SshCommand:
         """argv and environment of ssh running `words` on the host: ssh hands the host's
         shell one line, so each word is quoted for it (any name: spaces, quotes, line
         breaks, a leading '-', bytes that are not UTF-8 as surrogate escapes)."""
+        if not words:   # ssh would open a login shell, which waits on its input for ever
+            raise ValueError("no remote command given")
         return self._argv([], [" ".join(shlex.quote(w) for w in words)]), self._env()
 
     def failure(self, returncode: int, stderr: bytes) -> BaseException:

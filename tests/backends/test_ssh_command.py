@@ -414,8 +414,7 @@ def test_option_ssh_cannot_carry_is_named():
 def test_command_quotes_any_name(sftp_server, no_ssh_left_behind):
     name = "-a b'c\"d\ne $(x) " + os.fsdecode(b"\xff")   # not UTF-8 either
     content = os.urandom(1000)
-    (sftp_server.folder / os.fsencode(name).decode("utf-8", "surrogateescape")).write_bytes(
-        content)
+    (sftp_server.folder / name).write_bytes(content)
     path = f"{sftp_server.folder}/{name}"
     ssh = ssh_for(sftp_server)
     status, out, err = run(ssh.command(["md5sum", "--", path]), no_ssh_left_behind)
@@ -425,3 +424,5 @@ def test_command_quotes_any_name(sftp_server, no_ssh_left_behind):
     status, out, err = run(ssh.command(["md5sum", "--", path + "-gone"]), no_ssh_left_behind)
     failure = ssh.failure(status, err)
     assert status == 1 and "exit status 1" in str(failure), (status, err)
+    with pytest.raises(ValueError):
+        ssh.command([])
