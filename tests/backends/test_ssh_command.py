@@ -311,7 +311,8 @@ def test_broken_user_config_is_not_a_lost_connection(sftp_server, tmp_path,
                                   with_user_config(ssh.subsystem(), config))
     error = open_backend(sftp_server.url, sftp_server.options).translate(
         ssh.failure(status, err), "")
-    assert "ssh configuration error (" in str(error) and "config: line 2: Bad configuration option" in str(error)
+    assert "ssh configuration error (" in str(error), error
+    assert "config: line 2: Bad configuration option" in str(error), error
     assert not error.transient
 
 
