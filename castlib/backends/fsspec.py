@@ -394,6 +394,9 @@ class _HTTPStatus(Exception):
 def _classify(exc: BaseException) -> tuple[str, str]:
     """(what happened, the library's own words) for an exception of any library."""
     detail = str(exc) or type(exc).__name__
+    kind = getattr(exc, "castlib_kind", None)
+    if isinstance(kind, str):   # an error that says what it is (ssh_command's, from stderr)
+        return kind, detail
     status = _http_status(exc)
     if status is not None:
         if status == 401:

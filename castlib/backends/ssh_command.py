@@ -1,0 +1,357 @@
+"""OpenSSH's own `ssh` as the way to an SSH host: the command line and environment that
+reach one location's host, and what ssh's failures mean.
+
+ssh does the key exchange, the crypto and the login (in C), with what the user set up
+for it: ~/.ssh/config (host aliases, ProxyJump, Kerberos), the agent, known_hosts.
+castlib speaks SFTP over its pipes (`ssh -s HOST sftp`, as restic and rclone do) or
+runs a command there (md5sum). The location's options say the rest, as they say it to
+asyncssh (see SftpBackend._connect); what ssh cannot carry faithfully is refused.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import weakref
+from functools import lru_cache
+
+from ..errors import ConfigError
+from ..location import redact
+
+# Options of a location this module carries to ssh. castlib's own two (connect_timeout
+# comes as an argument; block_size is no SSH matter) are let through as well.
+_CARRIED = {"password", "passphrase", "username", "port", "client_keys", "key_filename",
+            "known_hosts", "connect_timeout", "block_size"}
+
+# A host or user that could become an ssh option or a shell word (a user's ProxyCommand
+# with %h or %r runs in a shell; OpenSSH checks this itself only from 9.6): refused.
+_UNSAFE_NAME = re.compile(r"^-|[\s\x00-\x1f\x7f'`\"$\\;&<>|(){}]")
+# A host: a name, an IPv4 or an IPv6 address (bare, with a zone: fe80::1%eth0), an alias
+# of ~/.ssh/config. No '@', '/' or '[': ssh would read another user, a URI, a bracket.
+_HOST = re.compile(r"[A-Za-z0-9_.:%-]+")
+
+_ASKPASS_MIN_VERSION = (8, 4)   # SSH_ASKPASS_REQUIRE=force: askpass without a display
+_PASSWORD_VAR = "CASTLIB_SSH_PASSWORD"
+_PASSPHRASE_VAR = "CASTLIB_SSH_PASSPHRASE"
+# ssh runs this with the prompt as its one argument, and reads the answer on its stdout.
+# The secrets are in ssh's environment, never in its argv or in this file. A passphrase
+# prompt of ssh's own begins "Enter passphrase"; a server's prompts begin "(user@host)",
+# so a server never gets the key's passphrase by asking for it.
+_ASKPASS_SCRIPT = f"""#!/bin/sh
+case "$1" in
+"Enter passphrase"*) [ -n "${{{_PASSPHRASE_VAR}+set}}" ] || exit 1
+    printf '%s\\n' "${_PASSPHRASE_VAR}" ;;
+*) [ -n "${{{_PASSWORD_VAR}+set}}" ] || exit 1
+    printf '%s\\n' "${_PASSWORD_VAR}" ;;
+esac
+"""
+
+
+# -- what ssh's failures mean -------------------------------------------------------------
+class SshFailure(OSError):
+    """ssh could not reach the host or log in. `castlib_kind` is what castlib calls it
+    (backends/fsspec.py's _classify reads it); str() is ssh's own words, without secrets."""
+
+    castlib_kind = "connection lost"
+
+
+class SshAuthenticationFailed(SshFailure, PermissionError):
+    castlib_kind = "authentication failed"
+
+
+class SshHostKeyNotTrusted(SshFailure, PermissionError):
+    castlib_kind = "host key not trusted (add it to known_hosts, or set the known_hosts option)"
+
+
+class SshHostKeyChanged(SshHostKeyNotTrusted):
+    castlib_kind = ("host key not trusted (it has changed since known_hosts recorded it: "
+                    "replace that entry only once you know why)")
+
+
+class SshConnectionRefused(SshFailure, ConnectionRefusedError):
+    castlib_kind = "connection refused"
+
+
+class SshHostUnreachable(SshFailure):
+    castlib_kind = "host unreachable"
+
+
+class SshTimeout(SshFailure, TimeoutError):
+    castlib_kind = "timed out"
+
+
+class SshConnectionLost(SshFailure, ConnectionError):
+    castlib_kind = "connection lost"
+
+
+class SshConfigurationBroken(SshFailure):
+    """ssh refused its own configuration (~/.ssh/config): no retry mends that."""
+
+    castlib_kind = "ssh configuration error"
+
+
+class SshRemoteCommandFailed(SshFailure):
+    """ssh ran, the command on the host did not succeed (its exit status, not 255)."""
+
+    castlib_kind = "remote command failed"
+
+
+# (what ssh writes on stderr, what it means), the first that matches: its configuration
+# is read first, the host key checked before the login
+_FAILURES = [
+    (re.compile(r"Bad configuration option|bad configuration options|Bad owner or "
+                r"permissions on|Unsupported option|no argument after keyword"),
+     SshConfigurationBroken),
+    (re.compile(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed"),
+     SshHostKeyChanged),
+    (re.compile(r"Host key verification failed|No \S+ host key is known for"),
+     SshHostKeyNotTrusted),
+    (re.compile(r"Permission denied \(|Too many authentication failures|"
+                r"No more authentication methods"), SshAuthenticationFailed),
+    (re.compile(r"Connection refused"), SshConnectionRefused),
+    (re.compile(r"Could not resolve hostname|Name or service not known|"
+                r"No address associated with hostname|No route to host|"
+                r"Network is unreachable"), SshHostUnreachable),
+    (re.compile(r"timed out|Timeout, server"), SshTimeout),
+]
+# stderr lines that say nothing of the failure: warnings, the host key warning's frame
+_NOISE = re.compile(r"^(Warning: |@+$|\*\*)|^$")
+
+
+class SshCommand:
+    """How to reach one SSH host with OpenSSH's `ssh`: argv and environment, from a
+    location's URL and options. close() removes what it made (the askpass helper)."""
+
+    def __init__(self, url, options: dict, connect_timeout: float):
+        options = dict(options or {})
+        refused = self.untranslatable(options)
+        if refused:
+            name = refused[0]
+            raise ConfigError(f"{name}: {_why_untranslatable(name, options[name])}")
+        self.host = _checked_host(url.hostname)
+        # an option wins over the URL, as in SftpBackend._connect
+        user = options.get("username", url.user)
+        self.user = _checked_user(user) if user is not None else None
+        self.port = _checked_port(options.get("port", url.port))
+        password = options.get("password", url.password)
+        self._password = str(password) if password is not None else None
+        passphrase = options.get("passphrase")
+        self._passphrase = str(passphrase) if passphrase is not None else None
+        self._secrets = [s for s in (self._password, self._passphrase, url.password) if s]
+        self._options = _ssh_options(options, connect_timeout,
+                                     self._password is not None,
+                                     self._passphrase is not None)
+        self._askpass: str | None = None   # the helper's path, when there is a secret
+        self._remove_askpass = None   # a weakref.finalize: removed at close, or at exit
+        if self._password is not None or self._passphrase is not None:
+            # made here, once, not at each command: threads start their ssh at once
+            self._make_askpass()
+
+    @staticmethod
+    def untranslatable(options: dict) -> list[str]:
+        """The names of the options ssh cannot carry as asyncssh would (an asyncssh
+        option of no ssh equivalent, a value of a kind ssh has no way to take)."""
+        return [name for name, value in (options or {}).items()
+                if _why_untranslatable(name, value)]
+
+    @staticmethod
+    def available() -> str | None:
+        """The path of the ssh binary, or None."""
+        return shutil.which("ssh")
+
+    def subsystem(self, name: str = "sftp") -> tuple[list[str], dict]:
+        """argv and environment of ssh running `name` (SFTP) over its stdin and stdout."""
+        return self._argv(["-s"], [name]), self._env()
+
+    def command(self, words: list[str]) -> tuple[list[str], dict]:
+        """argv and environment of ssh running `words` on the host: ssh hands the host's
+        shell one line, so each word is quoted for it (any name: spaces, quotes, line
+        breaks, a leading '-', bytes that are not UTF-8 as surrogate escapes)."""
+        if not words:   # ssh would open a login shell, which waits on its input for ever
+            raise ValueError("no remote command given")
+        return self._argv([], [" ".join(shlex.quote(w) for w in words)]), self._env()
+
+    def failure(self, returncode: int, stderr: bytes) -> BaseException:
+        """What ssh's exit status and stderr mean, as one exception whose words hold no
+        password (ssh exits with 255 when it failed itself, with the remote command's
+        status otherwise)."""
+        text = redact(stderr.decode("utf-8", "replace"), self._secrets)
+        lines = [line.strip() for line in text.splitlines() if not _NOISE.match(line.strip())]
+        last = lines[-1] if lines else ""
+        if returncode != 255:
+            said = (f"ended by signal {-returncode}" if returncode < 0
+                    else f"exit status {returncode}")
+            return SshRemoteCommandFailed(f"{said}: {last}" if last else said)
+        for pattern, failure in _FAILURES:
+            said = next((line for line in lines if pattern.search(line)), None)
+            if said is not None:
+                if failure is SshHostKeyChanged:   # where the key it knew is: more to act on
+                    said = _offending(lines) or said
+                return failure(_without_destination(said))
+        return SshConnectionLost(_without_destination(last) or "ssh exited with status 255")
+
+    def close(self) -> None:
+        """Remove the askpass helper's folder (if made); again is harmless."""
+        if self._remove_askpass is not None:
+            self._remove_askpass()
+
+    # -- building ----------------------------------------------------------------------
+    def _argv(self, mode: list[str], remote: list[str]) -> list[str]:
+        argv = [self.available() or "ssh", *self._options]
+        if self.port is not None:
+            argv += ["-p", str(self.port)]
+        if self.user is not None:
+            argv += ["-l", self.user]
+        # `--`: nothing after it is an option, not even in the remote words (ssh reads
+        # options after the host too, unless told so)
+        return argv + mode + ["--", self.host, *remote]
+
+    def _make_askpass(self) -> None:
+        folder = tempfile.mkdtemp(prefix="castlib-askpass-")   # 0700: ours alone
+        self._remove_askpass = weakref.finalize(self, shutil.rmtree, folder,
+                                                ignore_errors=True)
+        self._askpass = os.path.join(folder, "askpass")
+        fd = os.open(self._askpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(_ASKPASS_SCRIPT)
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        if self._askpass is None:
+            return env
+        # force: askpass even without a display or with a terminal (OpenSSH >= 8.4)
+        env.update(SSH_ASKPASS=self._askpass, SSH_ASKPASS_REQUIRE="force")
+        for var, secret in ((_PASSWORD_VAR, self._password),
+                            (_PASSPHRASE_VAR, self._passphrase)):
+            if secret is not None:
+                env[var] = secret
+            else:   # not one of the caller's environment: the script says it has none
+                env.pop(var, None)
+        return env
+
+
+def _ssh_options(options: dict, connect_timeout: float, password: bool,
+                 passphrase: bool) -> list[str]:
+    """ssh's options for a location: never a prompt on a terminal, nothing forwarded,
+    no master connection left behind; then its keys and known_hosts. The command line
+    wins over ~/.ssh/config, which still says the rest (ProxyJump, Kerberos...)."""
+    argv = ["-T", "-x", "-a", "-e", "none",
+            "-o", "ClearAllForwardings=yes", "-o", "ControlMaster=no",
+            "-o", "ControlPath=none",
+            # a LocalCommand would write into the SFTP stream; a RemoteCommand would
+            # make ssh refuse ours
+            "-o", "PermitLocalCommand=no", "-o", "RemoteCommand=none",
+            "-o", f"ConnectTimeout={max(1, math.ceil(connect_timeout))}",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+    if password or passphrase:   # the secrets come from askpass (see SshCommand._env)
+        argv += ["-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=1"]
+        if not password:   # as asyncssh: no password asked for when none is given
+            argv += ["-o", "PasswordAuthentication=no",
+                     "-o", "KbdInteractiveAuthentication=no"]
+    else:
+        argv += ["-o", "BatchMode=yes"]
+    keys = options.get("client_keys", options.get("key_filename"))
+    if keys is not None:
+        for key in [keys] if isinstance(keys, str) else keys:
+            if not os.path.isfile(os.path.expanduser(key)):
+                name = "client_keys" if "client_keys" in options else "key_filename"
+                raise ConfigError(f"{name}: no key file {key!r}")
+            # as an option, not -i: ssh looks for an -i file before it reads the name's
+            # %-tokens, so '%' in a name could not be said
+            argv += ["-o", f"IdentityFile={_config_quoted(key)}"]
+        argv += ["-o", "IdentitiesOnly=yes"]
+    if options.get("known_hosts", ()) == ():   # asyncssh's default (a list [] is no file)
+        # ssh's own files, checked: a host not in them is refused, never asked, never added
+        argv += ["-o", "StrictHostKeyChecking=yes"]
+    elif options["known_hosts"] is None:   # asyncssh's None: no check at all
+        argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    else:   # these files only, as asyncssh reads them: not the system's as well
+        files = options["known_hosts"]
+        files = [files] if isinstance(files, str) else list(files)
+        quoted = " ".join(_config_quoted(f) for f in files) or "/dev/null"
+        argv += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={quoted}",
+                 "-o", "GlobalKnownHostsFile=/dev/null"]
+    return argv
+
+
+def _config_quoted(path: str) -> str:
+    """A file name as one word of an ssh_config line: its '%' doubled (ssh expands
+    %-tokens in file names), in double quotes (a blank would part two names), in which
+    '"' and '\\' take a backslash."""
+    path = path.replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{path}"'
+
+
+def _why_untranslatable(name: str, value) -> str:
+    """Why ssh cannot carry this option as asyncssh would, or "" when it can."""
+    if name not in _CARRIED:
+        return "an asyncssh option the ssh command has no equivalent for"
+    if name in ("password", "passphrase") and value is not None:   # None: none given
+        if not isinstance(value, (str, int)) or any(c in str(value) for c in "\r\n\0"):
+            return "ssh's askpass takes one line of text"
+        if _openssh_version() < _ASKPASS_MIN_VERSION:
+            return "this ssh is older than OpenSSH 8.4, which takes a password from castlib"
+    if name in ("client_keys", "key_filename", "known_hosts"):
+        if value is None:
+            return "" if name == "known_hosts" else "no key file named"
+        files = [value] if isinstance(value, str) else value
+        if not isinstance(files, (list, tuple)) or \
+                not all(isinstance(f, str) and f for f in files):
+            return "ssh takes file names here (text, or a list of them)"
+        if any("${" in f or "\0" in f or "\n" in f for f in files):
+            return "ssh would read '${' as an environment variable (or a file name " \
+                   "holds a NUL or a line break)"
+    return ""
+
+
+def _checked_host(host: str) -> str:
+    if not host or host.startswith("-") or not _HOST.fullmatch(host):
+        raise ConfigError(f"host {host!r} is not a host name or address ssh can be given")
+    return host
+
+
+def _checked_user(user) -> str:
+    if not isinstance(user, str) or not user or _UNSAFE_NAME.search(user):
+        raise ConfigError(f"user {user!r} is not a user name ssh can be given "
+                          "(no leading '-', no blanks, quotes or shell characters)")
+    return user
+
+
+def _checked_port(port) -> int | None:
+    if port is None:
+        return None
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"port: {port!r} is not a port number (1 to 65535)")
+    return port
+
+
+def _without_destination(line: str) -> str:
+    """ssh's line without its "user@host: " or "ssh: " (the message names the location)."""
+    line = re.sub(r"^(ssh: |[^\s:]+@[^\s:]+: )", "", line)
+    return line.rstrip(".")
+
+
+def _offending(lines: list[str]) -> str:
+    """Where the known key of a changed host key is ("Offending ... key in FILE:LINE")."""
+    return next((line for line in lines if line.startswith("Offending")), "")
+
+
+@lru_cache(maxsize=1)
+def _openssh_version() -> tuple[int, int]:
+    """(major, minor) of the ssh here (`ssh -V`: "OpenSSH_9.2p1 ..."); (0, 0) unknown."""
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        return (0, 0)
+    try:
+        said = subprocess.run([ssh, "-V"], capture_output=True, timeout=10).stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return (0, 0)
+    m = re.search(rb"OpenSSH_(\d+)\.(\d+)", said)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)

@@ -1,0 +1,429 @@
+"""OpenSSH's `ssh` as the way to an SSH host (castlib/backends/ssh_command.py): its argv and
+environment log in to real servers (OpenSSH's sshd with a key, `rclone serve sftp` with a
+password) and speak SFTP, and its failures read as castlib's one-line errors."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from castlib.backends import open_backend
+from castlib.backends.ssh_command import SshCommand, SshHostKeyNotTrusted
+from castlib.errors import ConfigError
+from castlib.location import LocationURL, parse_location
+from tests.servers.common import free_port
+
+pytestmark = pytest.mark.skipif(SshCommand.available() is None, reason="no ssh here")
+
+SFTP_INIT = b"\x00\x00\x00\x05\x01\x00\x00\x00\x03"   # SSH_FXP_INIT, version 3
+TIMEOUT_S = 60   # generous: the machine is shared
+
+
+@pytest.fixture(autouse=True)
+def no_ssh_left_behind():
+    """Every ssh a test starts (each in a session of its own, as the back-end starts
+    them) has ended with everything it started, askpass included, when the test ends."""
+    sessions: list[int] = []
+    yield sessions
+    left = {pid: sid for pid, sid in _process_sessions() if sid in sessions}
+    for sid in set(left.values()):   # a failing test's ssh ends here all the same
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"processes left behind: {sorted(left)}"
+
+
+def _process_sessions():
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:   # ended meanwhile
+                continue
+            # after the command's "(name)": state, ppid, pgrp, session
+            yield int(entry), int(stat.rsplit(")", 1)[1].split()[3])
+
+
+def start(argv_env, sessions) -> subprocess.Popen:
+    """Start ssh as the back-end does: a session of its own, pipes, no terminal."""
+    argv, env = argv_env
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    sessions.append(proc.pid)
+    return proc
+
+
+def finish(proc: subprocess.Popen, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+    """Give ssh the rest of its input and wait for its end: (status, stdout, stderr)."""
+    try:
+        out, err = proc.communicate(stdin, timeout=TIMEOUT_S)   # its input ends here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
+def run(argv_env, sessions) -> tuple[int, bytes, bytes]:
+    return finish(start(argv_env, sessions))
+
+
+def speak_sftp(ssh: SshCommand, sessions, argv_env=None) -> tuple[int, bytes, bytes]:
+    """Log in, open the SFTP subsystem, send INIT and read the answer, then end the input:
+    (status, the answer, stderr). The input stays open until the answer came, as a client
+    keeps it: sftp-server ends at the end of its input without writing what it owes."""
+    proc = start(argv_env or ssh.subsystem(), sessions)
+    answer = b""
+    try:
+        proc.stdin.write(SFTP_INIT)
+        proc.stdin.flush()
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(answer) < 4 or len(answer) < 4 + int.from_bytes(answer[:4], "big"):
+            if not select.select([proc.stdout], [], [],
+                                 max(0, deadline - time.monotonic()))[0]:
+                break   # no answer in time: what ssh says tells why
+            more = os.read(proc.stdout.fileno(), 65536)
+            if not more:
+                break
+            answer += more
+    except BrokenPipeError:   # ssh gave up before it read a word: its stderr says why
+        pass
+    finally:
+        status, rest, err = finish(proc)
+    return status, answer + rest, err
+
+
+def sftp_version(ssh: SshCommand, sessions) -> int:
+    """The SFTP version the server answers INIT with, through ssh."""
+    status, out, err = speak_sftp(ssh, sessions)
+    assert len(out) >= 9, (status, err, str(ssh.failure(status, err)))
+    assert out[4] == 2, out   # SSH_FXP_VERSION
+    return int.from_bytes(out[5:9], "big")
+
+
+def failure_message(ssh: SshCommand, url: str, options: dict, sessions) -> str:
+    """The one line castlib says for the failure of ssh's login (through the SFTP back-end's
+    own error translation)."""
+    status, out, err = speak_sftp(ssh, sessions)
+    assert status == 255 and not out, (status, out, err)
+    return str(open_backend(url, options).translate(ssh.failure(status, err), ""))
+
+
+def ssh_for(server, options: dict | None = None) -> SshCommand:
+    """The ssh command for a fixture's server, with its options or these."""
+    return SshCommand(parse_location(server.url),
+                      server.options if options is None else options, 20)
+
+
+def host_key_line(server) -> str:
+    """The OpenSSH fixture's host key as a known_hosts line."""
+    key = (Path(server.client_key).parent / "host_key.pub").read_text().split()[:2]
+    return f"[{server.host}]:{server.port} {' '.join(key)}\n"
+
+
+# -- logging in --------------------------------------------------------------------------
+def test_key_login_to_openssh_speaks_sftp(sftp_server, no_ssh_left_behind):
+    ssh = ssh_for(sftp_server)
+    assert sftp_version(ssh, no_ssh_left_behind) == 3
+    argv, env = ssh.subsystem()
+    assert argv[-3:] == ["--", "127.0.0.1", "sftp"] and "BatchMode=yes" in argv
+
+
+def with_user_config(argv_env, config: Path):
+    """The command as if `config` were the user's ~/.ssh/config."""
+    argv, env = argv_env
+    return [argv[0], "-F", str(config), *argv[1:]], env
+
+
+def test_the_command_line_wins_over_the_users_config(sftp_server, tmp_path,
+                                                     no_ssh_left_behind):
+    """A user's ~/.ssh/config still applies, but cannot make ssh write into the SFTP
+    stream (LocalCommand), run another command, ask, or take a host key unchecked."""
+    config = tmp_path / "config"
+    config.write_text(f"""\
+Host *
+  PermitLocalCommand yes
+  LocalCommand echo this would corrupt the stream
+  RemoteCommand echo neither would this
+  RequestTTY force
+  ForwardAgent yes
+  StrictHostKeyChecking accept-new
+  UserKnownHostsFile {tmp_path / "known_hosts"}
+""")
+    ssh = ssh_for(sftp_server)
+    status, out, err = speak_sftp(ssh, no_ssh_left_behind,
+                                  with_user_config(ssh.subsystem(), config))
+    assert out[4:9] == b"\x02\x00\x00\x00\x03", (out, err)   # VERSION 3, first thing
+    checked = ssh_for(sftp_server, {"client_keys": [sftp_server.client_key]})   # ssh's files
+    status, out, err = speak_sftp(checked, no_ssh_left_behind,
+                                  with_user_config(checked.subsystem(), config))
+    assert status == 255 and isinstance(checked.failure(status, err), SshHostKeyNotTrusted)
+    assert not (tmp_path / "known_hosts").exists()   # not added either
+
+
+def test_key_file_with_an_odd_path(sftp_server, tmp_path, no_ssh_left_behind):
+    """ssh expands %-tokens in a key's path and parts names at blanks: a '%', a blank,
+    quotes and a backslash of the name are kept as they are."""
+    odd = tmp_path / "my \"keys\" 'k' %d \\"
+    odd.mkdir()
+    shutil.copy(sftp_server.client_key, odd / "id %h")
+    ssh = ssh_for(sftp_server, {"client_keys": str(odd / "id %h"), "known_hosts": None})
+    assert sftp_version(ssh, no_ssh_left_behind) == 3
+
+
+def test_password_login_by_askpass(rclone_sftp_server, monkeypatch, no_ssh_left_behind):
+    """The password reaches ssh through askpass, without a display (SSH_ASKPASS_REQUIRE
+    =force), and is in neither the command line nor the helper's file."""
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    ssh = ssh_for(rclone_sftp_server)
+    try:
+        assert sftp_version(ssh, no_ssh_left_behind) == 3
+        argv, env = ssh.subsystem()
+        password = rclone_sftp_server.password
+        assert password not in " ".join(argv) and "BatchMode=no" in argv
+        assert password not in Path(env["SSH_ASKPASS"]).read_text()
+        assert "DISPLAY" not in env
+    finally:
+        ssh.close()
+
+
+def test_password_in_the_url(rclone_sftp_server, no_ssh_left_behind):
+    s = rclone_sftp_server
+    url = parse_location(f"sftp://{s.user}:{s.password}@{s.host}:{s.port}/{s.folder}")
+    ssh = SshCommand(url, {"known_hosts": None}, 20)
+    try:
+        assert sftp_version(ssh, no_ssh_left_behind) == 3
+    finally:
+        ssh.close()
+
+
+def test_ipv6_literal(rclone_sftp_ipv6_session, no_ssh_left_behind):
+    server = rclone_sftp_ipv6_session.for_test()
+    ssh = ssh_for(server)
+    try:
+        assert ssh.subsystem()[0][-2] == "::1"   # bare: ssh wants no brackets
+        assert sftp_version(ssh, no_ssh_left_behind) == 3
+    finally:
+        ssh.close()
+
+
+def test_passphrase_protected_key(sftp_server, tmp_path, no_ssh_left_behind):
+    key = tmp_path / "id_protected"
+    shutil.copy(sftp_server.client_key, key)
+    subprocess.run(["ssh-keygen", "-q", "-p", "-P", "", "-N", "secret words", "-f", str(key)],
+                   check=True, capture_output=True)
+    options = {"client_keys": [str(key)], "known_hosts": None}
+    without = ssh_for(sftp_server, options)
+    assert "authentication failed" in failure_message(without, sftp_server.url, options,
+                                                      no_ssh_left_behind)
+    ssh = ssh_for(sftp_server, {**options, "passphrase": "secret words"})
+    try:
+        assert sftp_version(ssh, no_ssh_left_behind) == 3
+    finally:
+        ssh.close()
+
+
+def test_askpass_answers_each_prompt_with_its_secret(rclone_sftp_server):
+    """A key's passphrase goes to ssh's own prompt for it only; a server's prompt (which
+    ssh shows as "(user@host) ...") gets the password, whatever it says."""
+    nasty = "p a'ss\"w$(o)`r`d %s\\ -n"
+    ssh = SshCommand(parse_location(rclone_sftp_server.url),
+                     {"password": nasty, "passphrase": "the phrase"}, 20)
+    try:
+        argv, env = ssh.subsystem()
+
+        def answer(prompt: str) -> str:
+            return subprocess.run([env["SSH_ASKPASS"], prompt], env=env, check=True,
+                                  capture_output=True, text=True).stdout
+
+        assert answer("Enter passphrase for key '/k': ") == "the phrase\n"
+        assert answer("castlib@127.0.0.1's password: ") == nasty + "\n"
+        assert answer("(castlib@127.0.0.1) Enter passphrase for key:") == nasty + "\n"
+    finally:
+        ssh.close()
+
+
+def test_close_removes_the_askpass_folder(rclone_sftp_server):
+    ssh = ssh_for(rclone_sftp_server)
+    argv, env = ssh.subsystem()
+    folder = Path(env["SSH_ASKPASS"]).parent
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert Path(env["SSH_ASKPASS"]).stat().st_mode & 0o777 == 0o700
+    assert ssh.subsystem()[1]["SSH_ASKPASS"] == env["SSH_ASKPASS"]   # made once
+    ssh.close()
+    assert not folder.exists()
+    ssh.close()   # again: nothing to do
+
+
+# -- host keys ---------------------------------------------------------------------------
+def test_known_hosts_file_with_the_key(sftp_server, tmp_path, no_ssh_left_behind):
+    folder = tmp_path / "known \"hosts\" 'x' %d \\"   # ssh_config quoting and %-tokens
+    folder.mkdir()
+    (folder / "kh").write_text(host_key_line(sftp_server))
+    ssh = ssh_for(sftp_server, {"client_keys": sftp_server.client_key,
+                                "known_hosts": [str(tmp_path / "absent"), str(folder / "kh")]})
+    assert sftp_version(ssh, no_ssh_left_behind) == 3
+
+
+@pytest.mark.parametrize("known", ["other host", "changed", "default files", "no file"])
+def test_known_hosts_without_the_key(sftp_server, tmp_path, known, no_ssh_left_behind):
+    line = host_key_line(sftp_server)
+    client_key = (Path(sftp_server.client_key).with_suffix(".pub")).read_text().split()
+    files = {
+        "other host": line.replace(f"[{sftp_server.host}]", "[10.1.2.3]"),
+        "changed": line.split()[0] + " " + " ".join(client_key[:2]) + "\n",
+    }
+    options: dict = {"client_keys": [sftp_server.client_key]}
+    if known in files:
+        (tmp_path / "kh").write_text(files[known])
+        options["known_hosts"] = str(tmp_path / "kh")
+    elif known == "no file":
+        options["known_hosts"] = []   # as asyncssh: no key trusted
+    message = failure_message(ssh_for(sftp_server, options), sftp_server.url, options,
+                              no_ssh_left_behind)
+    assert "host key not trusted" in message and "\n" not in message
+    if known == "changed":
+        assert "it has changed since" in message and str(tmp_path / "kh") in message
+    if known in files:   # ssh checked the file and left it alone
+        assert (tmp_path / "kh").read_text() == files[known]
+
+
+# -- failures ----------------------------------------------------------------------------
+def test_broken_user_config_is_not_a_lost_connection(sftp_server, tmp_path,
+                                                     no_ssh_left_behind):
+    """A ~/.ssh/config ssh refuses is said as such, and not retried as a dropped line."""
+    config = tmp_path / "config"
+    config.write_text("Host *\n  NoSuchOption yes\n")
+    ssh = ssh_for(sftp_server)
+    status, out, err = speak_sftp(ssh, no_ssh_left_behind,
+                                  with_user_config(ssh.subsystem(), config))
+    error = open_backend(sftp_server.url, sftp_server.options).translate(
+        ssh.failure(status, err), "")
+    assert "ssh configuration error (" in str(error), error
+    assert "config: line 2: Bad configuration option" in str(error), error
+    assert not error.transient
+
+
+def test_wrong_password(rclone_sftp_server, no_ssh_left_behind):
+    wrong = "wrong-" + rclone_sftp_server.password
+    options = {"password": wrong, "known_hosts": None}
+    ssh = ssh_for(rclone_sftp_server, options)
+    try:
+        message = failure_message(ssh, rclone_sftp_server.url, options, no_ssh_left_behind)
+    finally:
+        ssh.close()
+    assert "authentication failed" in message and wrong not in message, message
+    # and should ssh ever say it (a ProxyCommand's words, say), it is not repeated
+    said = f"castlib@127.0.0.1: Permission denied for {wrong} (password).".encode()
+    assert wrong not in str(ssh.failure(255, said))
+
+
+def test_key_refused(sftp_server, tmp_path, no_ssh_left_behind):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    options = {"client_keys": [str(tmp_path / "k")], "known_hosts": None}
+    message = failure_message(ssh_for(sftp_server, options), sftp_server.url, options,
+                              no_ssh_left_behind)
+    assert ": authentication failed (Permission denied (publickey))" in message, message
+
+
+def test_connection_refused(no_ssh_left_behind):
+    url = f"sftp://someone@127.0.0.1:{free_port()}/x"
+    message = failure_message(SshCommand(parse_location(url), {}, 20), url, {},
+                              no_ssh_left_behind)
+    assert "connection refused" in message, message
+
+
+def test_name_that_does_not_resolve(no_ssh_left_behind):
+    url = "sftp://someone@no-such-host.castlib.invalid/x"
+    message = failure_message(SshCommand(parse_location(url), {}, 20), url, {},
+                              no_ssh_left_behind)
+    assert "host unreachable" in message, message
+
+
+def test_connect_timeout(no_ssh_left_behind):
+    """A host that takes the connection and never greets: ssh gives up at the timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)   # the kernel accepts; nobody speaks
+        url = f"sftp://someone@127.0.0.1:{silent.getsockname()[1]}/x"
+        message = failure_message(SshCommand(parse_location(url), {}, 1), url, {},
+                                  no_ssh_left_behind)
+    assert "timed out" in message, message
+
+
+def test_connection_closed_at_once(no_ssh_left_behind):
+    """A host that hangs up before it says a word: the line was lost, in ssh's words."""
+    with socket.socket() as rude:
+        rude.bind(("127.0.0.1", 0))
+        rude.listen(1)
+
+        def hang_up():
+            conn, _ = rude.accept()
+            conn.close()
+
+        hanging_up = threading.Thread(target=hang_up)
+        hanging_up.start()
+        url = f"sftp://someone@127.0.0.1:{rude.getsockname()[1]}/x"
+        ssh = SshCommand(parse_location(url), {}, 20)
+        status, out, err = speak_sftp(ssh, no_ssh_left_behind)
+        hanging_up.join()
+    error = open_backend(url, {}).translate(ssh.failure(status, err), "")
+    # closed, or reset when ssh's own greeting was still unread
+    assert re.search(r"/x: connection lost \(Connection (closed|reset)", str(error)), error
+    assert error.transient
+
+
+# -- what is refused before anything runs --------------------------------------------------
+@pytest.mark.parametrize("host, user, options", [
+    ("-oProxyCommand=touch MARK", None, {}),
+    ("example.org", "-oProxyCommand=touch MARK", {}),
+    ("example.org", None, {"username": "-oProxyCommand=touch MARK"}),
+    ("example.org", "a;touch MARK", {}),   # a user's ProxyCommand %r runs in a shell
+    ("exa mple.org", None, {}),
+    ("example.org\n", None, {}),
+    ("user@example.org", None, {}),
+])
+def test_host_or_user_that_would_be_an_option_is_refused(host, user, options):
+    with pytest.raises(ConfigError, match="host|user"):
+        SshCommand(LocationURL("sftp", host, "/", user), options, 20)
+
+
+def test_option_ssh_cannot_carry_is_named():
+    options = {"agent_path": "/x", "password": "two\nlines", "client_keys": [b"raw"],
+               "known_hosts": None, "port": 22}
+    assert SshCommand.untranslatable(options) == ["agent_path", "password", "client_keys"]
+    with pytest.raises(ConfigError, match="^agent_path: "):
+        SshCommand(parse_location("sftp://h/x"), options, 20)
+    with pytest.raises(ConfigError, match="client_keys: no key file"):
+        SshCommand(parse_location("sftp://h/x"), {"client_keys": "/no/such/key"}, 20)
+
+
+# -- remote commands ---------------------------------------------------------------------
+def test_command_quotes_any_name(sftp_server, no_ssh_left_behind):
+    name = "-a b'c\"d\ne $(x) " + os.fsdecode(b"\xff")   # not UTF-8 either
+    content = os.urandom(1000)
+    (sftp_server.folder / name).write_bytes(content)
+    path = f"{sftp_server.folder}/{name}"
+    ssh = ssh_for(sftp_server)
+    status, out, err = run(ssh.command(["md5sum", "--", path]), no_ssh_left_behind)
+    assert status == 0, err
+    # md5sum marks a line whose name it had to escape (the line break) with a backslash
+    assert out.lstrip(b"\\")[:32].decode() == hashlib.md5(content).hexdigest()
+    status, out, err = run(ssh.command(["md5sum", "--", path + "-gone"]), no_ssh_left_behind)
+    failure = ssh.failure(status, err)
+    assert status == 1 and "exit status 1" in str(failure), (status, err)
+    with pytest.raises(ValueError):
+        ssh.command([])
