@@ -69,6 +69,10 @@ def remotes(request, tmp_path):
             elif kind in ("sftp", "webdav", "rclone-sftp", "rclone-webdav"):
                 server = request.getfixturevalue(kind.replace("-", "_") + "_server")
                 made[kind] = (server.url.rstrip("/") + "/archive", server.options)
+            elif kind.endswith("-asyncssh"):   # an SFTP server through asyncssh, not ssh
+                url, options = get(kind[:-len("-asyncssh")])
+                del made[kind[:-len("-asyncssh")]]
+                made[kind] = (url, {**options, "ssh_client": "asyncssh"})
             elif kind == "xrootd":
                 made[kind] = (request.getfixturevalue("xrootd_folder").url, {})
             else:
@@ -97,7 +101,9 @@ MATRIX = [("local", "s3"), ("s3", "local"), ("local", "sftp"), ("sftp", "local")
           ("local", "webdav"), ("webdav", "local"), ("s3", "sftp"), ("xrootd", "s3"),
           # other servers of the same protocols: rclone's
           ("local", "rclone-sftp"), ("rclone-sftp", "local"), ("local", "rclone-webdav"),
-          ("rclone-webdav", "local"), ("rclone-sftp", "rclone-webdav")]
+          ("rclone-webdav", "local"), ("rclone-sftp", "rclone-webdav"),
+          # SFTP through asyncssh (ssh_client: asyncssh) rather than OpenSSH's ssh
+          ("local", "sftp-asyncssh"), ("rclone-sftp-asyncssh", "local")]
 
 
 @pytest.mark.parametrize("src_kind,dst_kind", MATRIX, ids=[f"{a}-to-{b}" for a, b in MATRIX])

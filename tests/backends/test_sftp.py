@@ -88,7 +88,7 @@ def test_sftp_prefers_aes_gcm_when_the_server_offers_it(sftp_server, rclone_sftp
     """chacha20-poly1305 (asyncssh's first choice) costs two calls into `cryptography` a
     packet; AES-GCM one: castlib asks for AES-GCM first."""
     for server in (sftp_server, rclone_sftp_server):
-        b = open_backend(server.url, server.options)
+        b = open_backend(server.url, {**server.options, "ssh_client": "asyncssh"})
         assert b.stat("") is not None
         assert b.fs.client.get_extra_info("send_cipher").startswith("aes")
         b.close()
@@ -168,7 +168,8 @@ def test_sftp_transfer_threads_get_sessions_of_their_own(sftp_server):
     connection, and an asyncssh session as long as the sessions of both kinds are no more
     than MAX_SFTP_SESSIONS; a thread that ended hands its sessions on to the next."""
     from castlib.backends.sftp import MAX_SFTP_SESSIONS
-    b = open_backend(sftp_server.url, sftp_server.options)
+    # (over OpenSSH's ssh every session is a lean one: test_sftp_openssh.py)
+    b = open_backend(sftp_server.url, {**sftp_server.options, "ssh_client": "asyncssh"})
     assert listing(b) == []
 
     from castlib.backends.sftp_wire import SftpWire
@@ -194,7 +195,8 @@ def test_sftp_server_allowing_few_sessions_is_shared(sftp_two_sessions_server):
     """A server that opens no more channels (MaxSessions 2 here) still serves every
     thread: those without a session of their own share the first one."""
     server = sftp_two_sessions_server
-    b = open_backend(server.url, server.options)
+    # (over OpenSSH's ssh: test_sftp_openssh.py)
+    b = open_backend(server.url, {**server.options, "ssh_client": "asyncssh"})
     assert listing(b) == []
     results = _in_threads(5, lambda i: (write(b, f"f{i}", bytes([i]) * 1000),
                                         read(b, f"f{i}"))[1])
@@ -386,7 +388,7 @@ def test_sftp_asyncssh_debug_log_still_logs_when_enabled(sftp_server, caplog):
     asyncssh.set_debug_level(3)
     try:
         with caplog.at_level(logging.DEBUG, logger="asyncssh"):
-            b = open_backend(sftp_server.url, sftp_server.options)
+            b = open_backend(sftp_server.url, {**sftp_server.options, "ssh_client": "asyncssh"})
             write(b, "f", b"x" * 100)
             assert read(b, "f") == b"x" * 100
             b.delete("f")   # asyncssh's client's (a copy's requests are the lean session's)

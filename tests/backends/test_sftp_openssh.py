@@ -1,0 +1,164 @@
+"""The SFTP back-end over OpenSSH's own `ssh` (ssh_client: openssh, the default where ssh is
+installed): what differs from asyncssh's connection. The contract (test_contract.py) and
+the SFTP tests (test_sftp.py) run over it too; here: no SSH in Python, one login shared by
+the sessions, the sessions a run will use opened at once, and how the client is chosen."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from castlib.backends import open_backend
+from castlib.errors import ConfigError
+from tests.helpers import backend_listing as listing
+from tests.helpers import backend_read as read
+from tests.helpers import backend_write as write
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _established_to(port: int) -> int:
+    """TCP connections of this machine to 127.0.0.1:`port` (the server side excluded)."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            remote, state = fields[2], fields[3]
+            if state == "01" and remote == f"0100007F:{port:04X}":
+                count += 1
+    return count
+
+
+def _wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("kind", ["sftp", "rclone-sftp"])
+def test_a_location_over_openssh_never_imports_asyncssh(request, kind, tmp_path):
+    """Every call of the back-end (listing, folders, writes and their read-back, renames,
+    set-stats, deletes) goes through castlib's own SFTP client on ssh's pipes: asyncssh
+    and sshfs (0.1-0.2 s of a short run's start) are not imported at all."""
+    server = request.getfixturevalue(kind.replace("-", "_") + "_server")
+    script = """
+import json, sys
+from castlib.backends import open_backend
+from tests.helpers import backend_listing as listing, backend_read as read, backend_write as write
+url, options = json.loads(sys.argv[1])
+b = open_backend(url, options)
+assert b._ssh is not None, "not over OpenSSH"
+b.mkdir("a/b")
+write(b, "a/b/f", b"hello")
+b.rename("a/b/f", "a/g")
+b.set_mtime("a/g", 1_000_000_000 * 10**9)
+assert read(b, "a/g") == b"hello"
+assert [st.path for st in listing(b)] == ["a", "a/b", "a/g"]
+b.delete("a/g")
+b.delete("a/b")
+b.close()
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("asyncssh", "sshfs"))))
+"""
+    done = subprocess.run([sys.executable, "-c", script, json.dumps([server.url, server.options])],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_sessions_of_a_location_share_one_login(sftp_server):
+    """The first session logs in; the others (one for each transfer thread) are channels
+    of its connection (ControlMaster): one TCP connection to the server, however many
+    sessions, and the sessions a run asked for are there without a thread waiting."""
+    b = open_backend(sftp_server.url, sftp_server.options)
+    b.connect_in_background(5)
+    assert listing(b) == []
+    assert _wait_for(lambda: sum(entry[0] is not None for entry in b._wires) == 5), b._wires
+    assert len(b._wires) == 5 and all(not entry[0].closed for entry in b._wires)
+    assert _established_to(sftp_server.port) == 1
+    results = []
+
+    def work(i: int) -> None:
+        write(b, f"f{i}", bytes([i]) * 1000)
+        results.append(read(b, f"f{i}"))
+
+    import threading
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == sorted(bytes([i]) * 1000 for i in range(4))
+    assert len(b._wires) == 5   # the threads took the sessions opened for them
+    b.close()
+    assert _wait_for(lambda: _established_to(sftp_server.port) == 0)
+
+
+def test_a_server_that_opens_few_channels_still_serves_every_thread(sftp_two_sessions_server):
+    """A server that opens no more channels a connection (MaxSessions 2) still serves
+    every thread of a run that wanted more (OpenSSH's ssh logs in anew for a session its
+    master could not open), within MAX_SFTP_SESSIONS."""
+    from castlib.backends.sftp import MAX_SFTP_SESSIONS
+
+    server = sftp_two_sessions_server
+    b = open_backend(server.url, server.options)
+    b.connect_in_background(5)
+    assert listing(b) == []
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        got = list(pool.map(lambda i: (write(b, f"f{i}", bytes([i]) * 100), read(b, f"f{i}"))[1],
+                            range(5)))
+    assert got == [bytes([i]) * 100 for i in range(5)]
+    assert 1 <= len(b._wires) <= MAX_SFTP_SESSIONS
+    assert {st.path for st in listing(b)} == {f"f{i}" for i in range(5)}
+    b.close()
+
+
+def test_the_ssh_client_is_chosen_by_option_and_by_what_translates(sftp_server, tmp_path,
+                                                                   monkeypatch):
+    url, options = sftp_server.url, sftp_server.options
+    assert open_backend(url, options)._ssh is not None   # the default where ssh is installed
+    assert open_backend(url, {**options, "ssh_client": "asyncssh"})._ssh is None
+    # an asyncssh option ssh cannot carry: asyncssh connects, unless openssh was asked for
+    assert open_backend(url, {**options, "keepalive_interval": 5})._ssh is None
+    with pytest.raises(ConfigError, match="cannot carry the option keepalive_interval"):
+        open_backend(url, {**options, "keepalive_interval": 5, "ssh_client": "openssh"})
+    with pytest.raises(ConfigError, match="ssh_client must be one of openssh, asyncssh"):
+        open_backend(url, {**options, "ssh_client": "putty"})
+    # no ssh on PATH: asyncssh, unless openssh was asked for
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert open_backend(url, options)._ssh is None
+    with pytest.raises(ConfigError, match="needs the ssh command"):
+        open_backend(url, {**options, "ssh_client": "openssh"})
+
+
+def test_a_folder_of_many_entries_is_listed_whole(sftp_server):
+    """OpenSSH answers a folder's listing 100 names at a time: every batch is read."""
+    b = open_backend(sftp_server.url, sftp_server.options)
+    for i in range(250):
+        (sftp_server.folder / f"n{i:03d}").write_bytes(b"x" * (i % 7))
+    entries = listing(b)
+    assert [st.path for st in entries] == [f"n{i:03d}" for i in range(250)]
+    assert [st.size for st in entries] == [i % 7 for i in range(250)]
+    b.close()
+
+
+def test_a_link_made_over_openssh_points_where_it_was_told(sftp_server):
+    """OpenSSH's sftp-server takes SYMLINK's two paths the other way round from the
+    draft: told by its extensions (no version string comes through ssh's pipes)."""
+    b = open_backend(sftp_server.url, sftp_server.options)
+    write(b, "target", b"t")
+    b.symlink("link", "target")
+    assert os.readlink(sftp_server.folder / "link") == "target"
+    assert not os.path.islink(sftp_server.folder / "target")
+    st = b.stat("link")
+    assert st.link_target == "target"
+    b.close()
