@@ -592,6 +592,22 @@ def sc_upload_sftp_big_rclone(b: Bench) -> Result:
     return _upload_sftp(b, "upload-sftp-big-rclone", "rclone", "rclone serve sftp", "one-256m")
 
 
+def sc_upload_sftp_asyncssh(b: Bench) -> Result:
+    r = _upload_sftp(b, "upload-sftp-asyncssh", "openssh", "OpenSSH sshd", ssh_client="asyncssh")
+    r.target, r.met = "-", None
+    r.note = "informational: the same as upload-sftp through asyncssh (ssh_client: asyncssh)"
+    return r
+
+
+def sc_upload_sftp_rclone_asyncssh(b: Bench) -> Result:
+    r = _upload_sftp(b, "upload-sftp-rclone-asyncssh", "rclone", "rclone serve sftp",
+                     ssh_client="asyncssh")
+    r.target, r.met = "-", None
+    r.note = ("informational: the same as upload-sftp-rclone through asyncssh "
+              "(ssh_client: asyncssh)")
+    return r
+
+
 def sc_upload_sftp_rclone_verified(b: Bench) -> Result:
     r = _upload_sftp(b, "upload-sftp-rclone-verified", "rclone", "rclone serve sftp",
                      verified=True)
@@ -602,7 +618,8 @@ def sc_upload_sftp_rclone_verified(b: Bench) -> Result:
 
 
 def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
-                 tree_key: str = "small-300", verified: bool = False) -> Result:
+                 tree_key: str = "small-300", verified: bool = False,
+                 ssh_client: str | None = None) -> Result:
     """A first sync to an SFTP server on loopback, each copy verified by castlib (read
     back, or md5sum on an OpenSSH host for a large file), against `rclone copy` of the
     same tree to the same server. Each run writes into a folder of its own (rclone serve
@@ -617,7 +634,15 @@ def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
     with SftpServers(os.path.join(b.work, "sftp")) as servers:
         data = servers.data(server_kind)
         saved = os.environ.get("CASTLIB_CONFIG")
-        os.environ["CASTLIB_CONFIG"] = servers.config   # the runs inherit it (_env)
+        config = servers.config
+        if ssh_client is not None:   # the same options, and the SSH client named
+            with open(config) as f:
+                storage = json.load(f)["storage"]
+            config = os.path.join(servers.base, f"castlib-{ssh_client}.yaml")
+            with open(config, "w") as f:
+                json.dump({"storage": {url: {**opts, "ssh_client": ssh_client}
+                                       for url, opts in storage.items()}}, f)
+        os.environ["CASTLIB_CONFIG"] = config   # the runs inherit it (_env)
         try:
             def prepare(side):
                 def clear(i):
@@ -787,6 +812,8 @@ SCENARIOS = {
     "upload-sftp-big": sc_upload_sftp_big,
     "upload-sftp-big-rclone": sc_upload_sftp_big_rclone,
     "upload-sftp-rclone-verified": sc_upload_sftp_rclone_verified,
+    "upload-sftp-asyncssh": sc_upload_sftp_asyncssh,
+    "upload-sftp-rclone-asyncssh": sc_upload_sftp_rclone_asyncssh,
     "diff-1m": sc_diff_1m,
     "diff-1m-postgresql": sc_diff_1m_postgresql,
     "catalog-1m": sc_catalog_1m,

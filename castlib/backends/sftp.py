@@ -11,9 +11,9 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import os
 import posixpath
 import re
-import os
 import shlex
 import shutil
 import stat as statmod
@@ -167,12 +167,14 @@ MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels
 
 
 class SftpBackend(FsspecBackend):
-    """One location on an SSH host. Listings and folders go through sshfs; a copy's
-    requests (its writes, read-back, stats, set-stats and rename; reads) through a lean
-    SFTP session of each thread's (sftp_wire, see _wire); every other call goes to
-    asyncssh's SFTP client itself; each wait bounded (see _on_sftp)."""
+    """One location on an SSH host, through castlib's SFTP client (sftp_wire), a session
+    of each thread's (see _wire), each wait bounded (see _on_sftp). Over OpenSSH's ssh
+    (the default: see _openssh_command) every call goes through those sessions. Over
+    asyncssh, a copy's requests (its writes, read-back, stats, set-stats and rename;
+    reads) do; listings and folders go through sshfs, and the rest to asyncssh's SFTP
+    client."""
 
-    description = "SSH hosts over SFTP (asyncssh)"
+    description = "SSH hosts over SFTP (OpenSSH's ssh, or asyncssh)"
     # SFTP v3 sets permission bits and folder mtimes; a link's own mtime needs an OpenSSH
     # extension (lsetstat), and owners need root on the far side: not claimed
     capabilities = Capabilities(set_mtime=True, mtime_precision_ns=SECOND_NS, symlinks=True,
@@ -886,8 +888,12 @@ class _OpensshHost:
 
     def open_wire(self, timeout: float):
         argv, env = self._argv(master=self._master is None)
-        wire = fsspec.asyn.sync(self.loop, sftp_wire.open_wire_over_ssh, argv, env,
-                                self._command.failure, timeout=timeout)
+
+        async def opened():   # (a session not opened in time is not left behind)
+            return await asyncio.wait_for(
+                sftp_wire.open_wire_over_ssh(argv, env, self._command.failure), timeout)
+
+        wire = fsspec.asyn.sync(self.loop, opened)
         self._wires.append(wire)
         if self._master is None:
             self._master = wire
