@@ -31,6 +31,7 @@ from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
 from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
 from . import sftp_wire
+from .ssh_command import _openssh_version
 from .base import DIR, FILE, LINK, Capabilities, Stat
 from .fsspec import (READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _quiet_background_errors,
                      _Reader, _Writer)
@@ -657,7 +658,7 @@ class SftpBackend(FsspecBackend):
 
     def _md5_over_ssh(self, path: str, full: str, timeout: float) -> str | None:
         """_md5_on_server's command, through a second ssh of its own."""
-        argv, env = self._ssh.command(["md5sum", "--", full])
+        argv, env = self.fs.command(["md5sum", "--", full])
         with self._errors(path):
             try:
                 done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
@@ -874,17 +875,27 @@ class _OpensshHost:
         # a socket's path has ~100 bytes at most, and ssh reads % in it as its own tokens
         socket = os.path.join(folder, "m")
         self._socket = socket if len(socket) < 90 and "%" not in socket else None
-        if os.environ.get("CASTLIB_NO_MUX"):   # TEMP A/B
-            self._socket = None
 
     def _argv(self, master: bool) -> tuple[list[str], dict]:
         argv, env = self._command.subsystem("sftp")
-        if self._socket is None:
-            return argv, env
-        # before the others: the first value given for an option is the one ssh keeps
-        shared = ["-o", f"ControlPath={self._socket}", "-o", "ControlPersist=no",
-                  "-o", f"ControlMaster={'yes' if master else 'no'}"]
-        return argv[:1] + shared + argv[1:], env
+        return self._with_ours(argv, master), env
+
+    def command(self, words: list[str]) -> tuple[list[str], dict]:
+        """A command on the host, on the master's connection (no login of its own)."""
+        argv, env = self._command.command(words)
+        return self._with_ours(argv, master=False), env
+
+    def _with_ours(self, argv: list[str], master: bool) -> list[str]:
+        # first: the first value given for an option is the one ssh keeps
+        ours = []
+        if self._socket is not None:
+            ours += ["-o", f"ControlPath={self._socket}", "-o", "ControlPersist=no",
+                     "-o", f"ControlMaster={'yes' if master else 'no'}"]
+        if _openssh_version() >= (8, 2):   # ("^": these first, then ssh's own order)
+            # AES-GCM first, as over asyncssh (see _sftp_cipher_preference): with AES-NI
+            # a 256 MiB copy took 0.7 s against chacha20-poly1305's (ssh's first) 1.1 s
+            ours += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
+        return argv[:1] + ours + argv[1:]
 
     def open_wire(self, timeout: float):
         argv, env = self._argv(master=self._master is None)

