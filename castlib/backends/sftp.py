@@ -235,6 +235,14 @@ class SftpBackend(FsspecBackend):
         return SshCommand(self.url, self._storage_options, self.connect_timeout)
 
     @property
+    def _login_timeout(self) -> float:
+        """How long ssh may take to give a session: its ConnectTimeout bounds the TCP
+        connection and the banner, not the key exchange and login after them (asyncssh's
+        login_timeout is the connect timeout); three of it leave room for a ProxyJump's
+        second login or Kerberos."""
+        return 3 * self.connect_timeout
+
+    @property
     def _errors_ns(self):
         if self._E is None:
             self._E = sftp_wire._asyncssh_errors()
@@ -285,7 +293,7 @@ class SftpBackend(FsspecBackend):
         """The first session over OpenSSH's ssh (the login: see connect_in_background):
         the location's 'connection' is its sessions, each an ssh process (_wire)."""
         host = _OpensshHost(fsspec.asyn.get_loop(), self._ssh)
-        wire = host.open_wire(self.connect_timeout + READ_TIMEOUT_S)
+        wire = host.open_wire(self._login_timeout)
         self._sftp = wire
         self._sessions, self._more_sessions = [], False
         self._wires, self._more_wires = [[wire, threading.current_thread()]], True
@@ -305,7 +313,7 @@ class SftpBackend(FsspecBackend):
         """Open a session for each place at once, each for whichever thread asks first
         (see _held_or_handed_on); one the server refused is a place given up."""
         try:
-            opened = host.open_wires(len(places), self.connect_timeout + READ_TIMEOUT_S)
+            opened = host.open_wires(len(places), self._login_timeout)
         finally:
             with self._connect_lock:
                 for place in places[len(opened):]:
@@ -379,7 +387,7 @@ class SftpBackend(FsspecBackend):
         me = threading.current_thread()
         if self._ssh is not None and not self._more_coming.is_set():
             self.fs   # connected: then the sessions opened early are coming, or there
-            self._more_coming.wait(self.connect_timeout + READ_TIMEOUT_S)
+            self._more_coming.wait(self._login_timeout)
         with self._connect_lock:
             fs = self.fs   # connected, as in _client
             generation = self._generation
@@ -435,7 +443,7 @@ class SftpBackend(FsspecBackend):
 
     def _open_wire(self, fs):
         if self._ssh is not None:
-            return fs.open_wire(READ_TIMEOUT_S + self.connect_timeout)
+            return fs.open_wire(self._login_timeout)
         from .sftp_wire import open_wire
 
         # names as the asyncssh sessions have them (see _connect)

@@ -162,3 +162,43 @@ def test_a_link_made_over_openssh_points_where_it_was_told(sftp_server):
     st = b.stat("link")
     assert st.link_target == "target"
     b.close()
+
+
+def test_a_server_that_greets_then_stalls_fails_within_the_login_timeout():
+    """ssh's ConnectTimeout bounds the TCP connection and the banner, not the key exchange:
+    a server that greets and then says nothing more fails the call within three connect
+    timeouts, as "timed out", and leaves no ssh process behind."""
+    import socket
+    import threading
+
+    from castlib.errors import StorageError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    held = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.sendall(b"SSH-2.0-stalling\r\n")
+            held.append(conn)   # and never a word more
+
+    threading.Thread(target=serve, daemon=True).start()
+    b = open_backend(f"sftp://someone@127.0.0.1:{port}/x",
+                     {"known_hosts": None, "connect_timeout": 1})
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match="timed out"):
+            b.stat("")
+        assert time.monotonic() - started < 10
+    finally:
+        b.close()
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert _wait_for(lambda: _established_to(port) == 0)
