@@ -70,6 +70,11 @@ class IndexStage(Stage):
     def connects_to(cls, params, earlier: dict) -> list[str]:
         return [params.location]
 
+    @classmethod
+    def sessions_wanted(cls, params) -> int:
+        # the listing; with checksums, its readers too
+        return params.workers + 1 if params.checksum else 1
+
     def run(self) -> StageOutcome:
         ctx = self.context
         loc = ctx.resolve(self.params.location)

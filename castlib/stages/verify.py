@@ -54,6 +54,10 @@ class VerifyStage(Stage):
     def connects_to(cls, params, earlier: dict) -> list[str]:
         return [params.location]
 
+    @classmethod
+    def sessions_wanted(cls, params) -> int:
+        return params.workers + 1   # its readers, and the run's thread (the listing)
+
     def run(self) -> StageOutcome:
         p: VerifyParams = self.params
         ctx = self.context

@@ -135,3 +135,23 @@ def test_a_diff_from_the_catalog_alone_connects_to_nothing(silent_server, sftp_s
     r = run_cli("diff", "--no-index", str(src), dst, db=f"sqlite:///{tmp_path}/c.db")
     assert "Traceback" not in r.stderr
     assert silent_server.accepted == 0, r.stderr
+
+
+def test_the_run_says_how_many_sessions_each_location_will_use_at_once():
+    """Stage.sessions_wanted: a sync's transfers and the run's own thread; a verify's
+    readers too; an index's only with checksums; the most any stage uses, per location
+    (a back-end whose sessions are logins opens them together, early)."""
+    from castlib.pipeline import Pipeline
+
+    pipeline = Pipeline.from_stages([
+        ("index", {"location": "sftp://h/src"}),
+        ("index", {"location": "sftp://h/dst", "checksum": "adler32", "workers": 2}),
+        ("diff", {"ref": "sftp://h/src", "dst": "sftp://h/dst", "id": "d"}),
+        ("sync", {"from": "d", "transfers": 6}),
+        ("verify", {"location": "sftp://h/other", "workers": 3}),
+    ])
+    assert dict(pipeline._connected_locations()) == {
+        "sftp://h/src": 7, "sftp://h/dst": 7, "sftp://h/other": 4}
+    pipeline = Pipeline.from_stages([("index", {"location": "sftp://h/src"}),
+                                     ("index", {"location": "sftp://h/x", "checksum": "md5"})])
+    assert dict(pipeline._connected_locations()) == {"sftp://h/src": 1, "sftp://h/x": 5}
