@@ -21,16 +21,35 @@ from tests.helpers import backend_write as write
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _established_to(port: int) -> int:
-    """TCP connections of this machine to 127.0.0.1:`port` (the server side excluded)."""
+def _established_to(port: int, pids=None) -> int:
+    """TCP connections of this machine to 127.0.0.1:`port` (the server side excluded);
+    with `pids`, only those of these processes."""
+    inodes = None
+    if pids is not None:
+        inodes = set()
+        for pid in pids:
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+            except OSError:   # ended meanwhile
+                continue
     count = 0
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
-            remote, state = fields[2], fields[3]
-            if state == "01" and remote == f"0100007F:{port:04X}":
+            remote, state, inode = fields[2], fields[3], fields[9]
+            if state == "01" and remote == f"0100007F:{port:04X}" and \
+                    (inodes is None or inode in inodes):
                 count += 1
     return count
+
+
+def _ssh_pids(backend) -> list[int]:
+    """The ssh processes of a back-end's sessions."""
+    return [entry[0]._chan._transport.get_pid() for entry in backend._wires
+            if entry[0] is not None]
 
 
 def _wait_for(condition, seconds: float = 10.0) -> bool:
@@ -81,7 +100,9 @@ def test_the_sessions_of_a_location_share_one_login(sftp_server):
     assert listing(b) == []
     assert _wait_for(lambda: sum(entry[0] is not None for entry in b._wires) == 5), b._wires
     assert len(b._wires) == 5 and all(not entry[0].closed for entry in b._wires)
-    assert _established_to(sftp_server.port) == 1
+    pids = _ssh_pids(b)
+    assert len(set(pids)) == 5
+    assert _established_to(sftp_server.port, pids) == 1
     results = []
 
     def work(i: int) -> None:
@@ -98,7 +119,7 @@ def test_the_sessions_of_a_location_share_one_login(sftp_server):
     assert sorted(results) == sorted(bytes([i]) * 1000 for i in range(4))
     assert len(b._wires) == 5   # the threads took the sessions opened for them
     b.close()
-    assert _wait_for(lambda: _established_to(sftp_server.port) == 0)
+    assert _wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids))
 
 
 def test_a_server_that_opens_few_channels_still_serves_every_thread(sftp_two_sessions_server):
