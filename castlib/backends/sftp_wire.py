@@ -730,8 +730,8 @@ class _SshPipes(asyncio.SubprocessProtocol):
             pipe = self._transport.get_pipe_transport(fd).get_extra_info("pipe")
             try:
                 fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, size)
-            except (AttributeError, OSError):   # not Linux, or above pipe-max-size
-                pass
+            except (AttributeError, OSError, ValueError):
+                pass   # not Linux, above pipe-max-size, or closed: ssh ended at once
 
     # -- what SftpWire asks of its channel ----------------------------------------------
     def write(self, data: bytes) -> None:
@@ -765,7 +765,10 @@ async def open_wire_over_ssh(argv: list[str], env: dict, failure,
     wire.connection_made(pipes)
     pipes.widen(_PIPE_BYTES)
     try:
-        pipes.write(_header.pack(5, FXP_INIT, 3))
+        try:
+            pipes.write(_header.pack(5, FXP_INIT, 3))
+        except ConnectionResetError:
+            pass   # ssh ended already (a refused connection): why is what it said (below)
         await wire.version
         if wire.limits_told:
             await wire.request_limits()

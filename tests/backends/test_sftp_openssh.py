@@ -223,3 +223,17 @@ def test_a_server_that_greets_then_stalls_fails_within_the_login_timeout():
         for conn in held:
             conn.close()
     assert _wait_for(lambda: _established_to(port) == 0)
+
+
+def test_an_ssh_that_ends_at_once_is_explained_by_what_it_said_every_time():
+    """A refused connection ends ssh before castlib has widened its pipes or sent INIT:
+    the error is still ssh's own ("connection refused"), never the closed pipe's
+    ("I/O operation on closed file", 1 run in 3 before)."""
+    from castlib.errors import StorageError
+
+    for _ in range(20):
+        b = open_backend("sftp://someone@127.0.0.1:9/x", {"known_hosts": None})
+        with pytest.raises(StorageError) as info:
+            b.stat("")
+        b.close()
+        assert "connection refused" in str(info.value), str(info.value)
