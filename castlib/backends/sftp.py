@@ -650,22 +650,27 @@ class SftpBackend(FsspecBackend):
             except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions)
                 log.debug("%s: no channel for md5sum (%s)", self._where(path), exc)
                 return None
-        line = result.stdout if isinstance(result.stdout, str) else ""
+        return self._md5sum_said(result.exit_status,
+                                 result.stdout if isinstance(result.stdout, str) else "",
+                                 result.stderr if isinstance(result.stderr, str) else "")
+
+    def _md5sum_said(self, status: int | None, line: str, stderr: str) -> str | None:
+        """The digest md5sum's answer gives, or None (the caller reads back instead)."""
         match = _MD5SUM_LINE.match(line)
-        if result.exit_status == 0 and match:
+        if status == 0 and match:
             self._server_md5 = True
             return match.group(1)
-        if result.exit_status == 1 and not line:
+        if status == 1 and not line:
             return None   # md5sum ran, and could not read this file: the read-back says why
         # no md5sum, no shell, or a host that answers every command with its own words
         # ("This service allows sftp connections only."): not asked again
         log.debug("%s: no md5sum on the host (exit %s: %s); verifying by read-back",
-                  self._where(), result.exit_status, (line or result.stderr or "").strip()[:200])
+                  self._where(), status, (line or stderr or "").strip()[:200])
         self._server_md5 = False
         return None
 
     def _md5_over_ssh(self, path: str, full: str, timeout: float) -> str | None:
-        """_md5_on_server's command, through a second ssh of its own."""
+        """_md5_on_server's command, an ssh of its own on the master's connection."""
         argv, env = self.fs.command(["md5sum", "--", full])
         with self._errors(path):
             try:
@@ -676,18 +681,8 @@ class SftpBackend(FsspecBackend):
                 raise FSTimeoutError(f"md5sum gave no answer within {timeout:.0f} s") from None
             if done.returncode == 255:   # ssh's own failure: the line, the login
                 raise self._ssh.failure(done.returncode, done.stderr)
-        line = done.stdout.decode("utf-8", "replace")
-        match = _MD5SUM_LINE.match(line)
-        if done.returncode == 0 and match:
-            self._server_md5 = True
-            return match.group(1)
-        if done.returncode == 1 and not line:
-            return None   # md5sum ran, and could not read this file: the read-back says why
-        log.debug("%s: no md5sum on the host (exit %s: %s); verifying by read-back",
-                  self._where(), done.returncode,
-                  (line or done.stderr.decode("utf-8", "replace")).strip()[:200])
-        self._server_md5 = False
-        return None
+        return self._md5sum_said(done.returncode, done.stdout.decode("utf-8", "replace"),
+                                 done.stderr.decode("utf-8", "replace"))
 
     def checksum(self, path: str, algorithm: str) -> str:
         back = self._read_back.pop(path, None)

@@ -97,6 +97,11 @@ TAB_FAILS = ("rclone serve (1.60) lists a control character as its Unicode pictu
              "raw tab as it is: a name with a tab is not found under its own name once written, "
              "and nothing in the protocol tells castlib the server is rclone")
 
+RCLONE_SFTP_FAILS = {TAB: TAB_FAILS,
+                     "test_permissions_where_held_or_unsupported":
+                         "rclone serve sftp ignores chmod without an error; the capability "
+                         "stays claimed (sftp: h-sftp)"}
+
 BACKENDS = [
     Kind("local", _local, raw_names=True),
     Kind("memory", _memory, raw_names=True),
@@ -105,16 +110,10 @@ BACKENDS = [
     Kind("s3", _s3),
     Kind("sftp", _served("sftp_server", "folder"), raw_names=True),
     Kind("rclone-sftp", _served("rclone_sftp_server"), raw_names=True,
-         known_failures={TAB: TAB_FAILS,
-                         "test_permissions_where_held_or_unsupported":
-                             "rclone serve sftp ignores chmod without an error; the capability "
-                             "stays claimed (sftp: h-sftp)"}),
+         known_failures=RCLONE_SFTP_FAILS),
     Kind("sftp-asyncssh", _over_asyncssh("sftp_server", "folder"), raw_names=True),
     Kind("rclone-sftp-asyncssh", _over_asyncssh("rclone_sftp_server"), raw_names=True,
-         known_failures={TAB: TAB_FAILS,
-                         "test_permissions_where_held_or_unsupported":
-                             "rclone serve sftp ignores chmod without an error; the capability "
-                             "stays claimed (sftp: h-sftp)"}),
+         known_failures=RCLONE_SFTP_FAILS),
     Kind("webdav", _served("webdav_server")),
     Kind("davs", _served("webdavs_server")),
     Kind("rclone-webdav", _served("rclone_webdav_server"),
