@@ -563,15 +563,29 @@ class SftpWire:
         return self._request(FXP_SYMLINK, first + second, self._expect_status)
 
     async def readdir(self, path) -> list[tuple[str, WireAttrs]]:
-        """Every (name, attributes) of the folder, "." and ".." left out."""
+        """Every (name, attributes) of the folder, "." and ".." left out. A name that is
+        not one (empty, a '/' in it: "../x", "/etc/x") or one given twice is a server
+        that lies, refused with SFTPBadMessage: a listing's names become paths below
+        the destination of a sync, which os.path.join would have taken out of it."""
         handle = await self._request(FXP_OPENDIR, _string(self._path(path)), self._handle)
-        entries = []
+        entries, seen = [], set()
         try:
             while True:
                 names = await self._request(FXP_READDIR, handle, self._names_or_end)
                 if names is None:
                     break
-                entries += [(name, attrs) for name, attrs in names if name not in (".", "..")]
+                for name, attrs in names:
+                    if name in (".", ".."):
+                        continue
+                    if not name or "/" in name or "\0" in name:
+                        raise self.errors.SFTPBadMessage(
+                            f"the server's listing of {path!r} holds {name!r}, which is "
+                            "not a name")
+                    if name in seen:
+                        raise self.errors.SFTPBadMessage(
+                            f"the server's listing of {path!r} holds {name!r} twice")
+                    seen.add(name)
+                    entries.append((name, attrs))
         finally:
             await self._request(FXP_CLOSE, handle, self._expect_status)
         return entries

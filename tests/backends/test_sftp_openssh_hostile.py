@@ -1,0 +1,179 @@
+"""The SFTP back-end over OpenSSH's `ssh` (the default client) when things go wrong: a
+server that lies in its listings, a login script that writes into the SFTP stream, an
+ssh process that dies, a location closed while its sessions are still being opened, a
+connection that cannot be made. Nothing lands outside the destination, every failure is
+one line (and a lost line is tried again), and no ssh process or temporary folder of
+castlib's outlives what made it."""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from castlib.backends import open_backend
+from castlib.backends.sftp import _NOBODY
+from castlib.backends.ssh_command import SshCommand
+from castlib.errors import StorageError
+from tests.helpers import backend_listing as listing
+from tests.helpers import backend_read as read
+from tests.helpers import backend_write as write
+from tests.helpers import last_json, make_tree, run_cli
+
+pytestmark = pytest.mark.skipif(SshCommand.available() is None, reason="no ssh here")
+
+FXP_READDIR, FXP_NAME = 12, 104
+
+
+def _ssh_children() -> list[int]:
+    """This process's ssh children (zombies too: one not waited for is left behind)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:   # ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if name == "ssh" and ppid == os.getpid():
+            found.append(int(entry))
+    return found
+
+
+def _wait_for(condition, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture
+def own_temp(monkeypatch):
+    """A temporary folder of the test's own for castlib's (ssh's socket folder, askpass),
+    short enough for a socket path: what is left in it after a test was left behind."""
+    folder = tempfile.mkdtemp(prefix="cl-", dir="/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", folder)
+    yield Path(folder)
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_ssh_left_behind():
+    before = set(_ssh_children())
+    yield
+    left = [pid for pid in _ssh_children() if pid not in before]
+    if left and not _wait_for(lambda: not [p for p in _ssh_children() if p not in before], 10):
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pytest.fail(f"ssh processes left behind: {left}")
+
+
+def _wire_pid(wire) -> int:
+    return wire._chan._transport.get_pid()
+
+
+# -- a server that lies in its listing ----------------------------------------------------
+def _renaming_listing(real: bytes, said: bytes):
+    """A tamper function: READDIR's replies name `said` where the server has `real` (the
+    same length, so the packet's lengths stay right)."""
+    assert len(real) == len(said)
+
+    def tamper(request, reply):
+        if request is not None and request.kind == FXP_READDIR and reply[4] == FXP_NAME:
+            return reply.replace(real, said)
+        return reply
+    return tamper
+
+
+@pytest.mark.parametrize("said", [b"../../../../escape", b"/tmp/castlib-escape", b"sub/inside",
+                                  b""])
+def test_a_listing_name_that_is_a_path_is_refused(sftp_tamper_server, said):
+    """A name in a folder's listing is one name: a server that answers with a path
+    ("../x", "/x", "a/b") or nothing fails that listing, one line. Taken as it came, a
+    sync from it to a local folder wrote outside the destination (os.path.join)."""
+    server = sftp_tamper_server
+    real = b"n" * len(said) if said else b"empty-name"
+    (server.folder / real.decode()).write_bytes(b"payload")
+    if not said:   # a zero-length name: the string's length changes with it
+        def tamper(request, reply):
+            if request is not None and request.kind == FXP_READDIR and reply[4] == FXP_NAME:
+                body = reply[4:].replace(struct.pack(">I", len(real)) + real,
+                                         struct.pack(">I", 0), 1)
+                return struct.pack(">I", len(body)) + body
+            return reply
+        server.tamper = tamper
+    else:
+        server.tamper = _renaming_listing(real, said)
+    b = open_backend(server.url, server.options)
+    assert b._ssh is not None
+    try:
+        with pytest.raises(StorageError, match="not a name") as caught:
+            list(b.walk(lambda path, msg: None))
+        assert "\n" not in str(caught.value)
+    finally:
+        b.close()
+
+
+def test_a_sync_from_a_lying_server_writes_nothing_outside_the_destination(
+        sftp_tamper_server, tmp_path):
+    """The server lists "../../..(to /)/tmp/<folder>/planted" and serves the file there
+    (its own path resolves it): before, the sync wrote it at that path on this machine,
+    outside the destination (its final name replaced: a new inode there)."""
+    import shutil
+
+    server = sftp_tamper_server
+    outside = Path(tempfile.mkdtemp(prefix="castlib-outside-", dir="/tmp"))
+    try:
+        planted = outside / "planted"
+        planted.write_bytes(b"planted")
+        inode = planted.stat().st_ino
+        dst = tmp_path / "a" / "dst"
+        dst.mkdir(parents=True)
+        up = "../" * (len(dst.parts) + len(server.folder.parts))   # past / on either side
+        said = f"{up}{str(planted).lstrip('/')}".encode()
+        (server.folder / ("n" * len(said))).write_bytes(b"decoy!!")   # the size of what it serves there
+        (server.folder / "honest").write_bytes(b"honest")
+        server.tamper = _renaming_listing(b"n" * len(said), said)
+        config = tmp_path / "castlib.yaml"
+        config.write_text(yaml.safe_dump({"storage": {server.url: server.options}}))
+        done = run_cli("sync", server.url, str(dst), "--json",
+                       db=f"sqlite:///{tmp_path / 'c.db'}", env={"CASTLIB_CONFIG": str(config)})
+        assert "Traceback" not in done.stderr, done.stderr
+        assert sorted(p.name for p in outside.iterdir()) == ["planted"], done.stderr
+        assert planted.stat().st_ino == inode, done.stderr   # not replaced by the sync
+        assert done.returncode != 0, done.stderr   # the listing it could not take is said
+        assert "not a name" in done.stderr, done.stderr
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_a_name_given_twice_in_a_listing_is_refused(sftp_tamper_server):
+    """A folder holds a name once: a listing that gives one twice (a link, then a folder
+    of the same name, whose content a sync would write through the link) is refused."""
+    server = sftp_tamper_server
+    (server.folder / "aa").write_bytes(b"1")
+    (server.folder / "ab").write_bytes(b"2")
+    server.tamper = _renaming_listing(b"ab", b"aa")
+    b = open_backend(server.url, server.options)
+    try:
+        with pytest.raises(StorageError, match="twice"):
+            list(b.walk(lambda path, msg: None))
+    finally:
+        b.close()
+
+
