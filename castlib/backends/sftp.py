@@ -910,7 +910,7 @@ class _OpensshHost:
 
         async def opened():   # (a session not opened in time is not left behind)
             return await asyncio.wait_for(
-                sftp_wire.open_wire_over_ssh(argv, env, self._command.failure), timeout)
+                sftp_wire.open_wire_over_ssh(argv, env, self._command.session_failure), timeout)
 
         wire = fsspec.asyn.sync(self.loop, opened)
         self._wires.append(wire)
@@ -925,7 +925,8 @@ class _OpensshHost:
 
         async def all_of_them():
             return await asyncio.gather(*(
-                asyncio.wait_for(sftp_wire.open_wire_over_ssh(argv, env, self._command.failure),
+                asyncio.wait_for(sftp_wire.open_wire_over_ssh(argv, env,
+                                                                 self._command.session_failure),
                                  timeout) for _ in range(count)), return_exceptions=True)
 
         try:

@@ -177,3 +177,45 @@ def test_a_name_given_twice_in_a_listing_is_refused(sftp_tamper_server):
         b.close()
 
 
+# -- an ssh that dies ------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["master", "another session"])
+def test_an_ssh_killed_under_a_copy_is_a_lost_connection_tried_anew(sftp_server, which):
+    """The ssh of a session killed mid-copy (the OOM killer, an admin's kill): the copy
+    fails as a lost connection, which the engine tries again, and the next call connects
+    anew (before: 'remote command failed (ended by signal 9)', not tried again)."""
+    b = open_backend(sftp_server.url, sftp_server.options)
+    outcome = []
+
+    def copy() -> None:
+        try:
+            with b.open_write("big") as f:
+                f.write(os.urandom(4 * 1024 * 1024))
+                f.write(os.urandom(1024 * 1024))   # opened: its requests on this session
+                wire = b._wire()
+                victim = wire if which != "master" else b._sftp
+                os.kill(_wire_pid(victim), signal.SIGKILL)
+                assert _wait_for(lambda: wire.closed)
+                for _ in range(8):
+                    f.write(os.urandom(1024 * 1024))
+        except Exception as exc:   # noqa: BLE001 - what the copy raised, checked below
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    try:
+        write(b, "f", b"data")
+        if which == "master":   # the first session, this thread's: the copy on it
+            copy()
+        else:                   # another thread's session (a channel of the master's)
+            t = threading.Thread(target=copy)
+            t.start()
+            t.join(120)
+        error = outcome[0]
+        assert isinstance(error, StorageError), repr(error)
+        assert error.transient, error
+        assert "connection lost" in str(error), error
+        assert read(b, "f") == b"data"   # connected anew
+    finally:
+        b.close()
+
+
