@@ -219,3 +219,50 @@ def test_an_ssh_killed_under_a_copy_is_a_lost_connection_tried_anew(sftp_server,
         b.close()
 
 
+# -- sessions still being opened at close ----------------------------------------------------
+def test_sessions_opened_after_close_are_closed_not_left_running(sftp_server, own_temp):
+    """close() while the sessions a run asked for are still being opened (a short run, an
+    early error): those that come after it are closed, not left running (ssh processes
+    and logins on the server for the life of a worker)."""
+    b = open_backend(sftp_server.url, sftp_server.options)
+    assert listing(b) == []
+    host, generation = b.fs, b._generation
+    b.close()
+    places = [[None, _NOBODY] for _ in range(3)]
+    b._open_more_wires(host, places, generation)   # as its thread does when close came first
+    assert _wait_for(lambda: not _ssh_children()), _ssh_children()
+    assert all(p[0] is None or p[0].closed for p in places)
+    assert list(own_temp.iterdir()) == []
+
+
+def test_close_during_the_early_sessions_leaves_nothing(sftp_server, own_temp):
+    b = open_backend(sftp_server.url, sftp_server.options)
+    b.connect_in_background(9)
+    assert _wait_for(lambda: b._fs is not None or b._early is None, 60)
+    b.close()
+    assert _wait_for(lambda: not _ssh_children(), 30), _ssh_children()
+    time.sleep(1)   # any session still coming has come by now
+    assert not _ssh_children()
+    assert _wait_for(lambda: list(own_temp.iterdir()) == [], 10), list(own_temp.iterdir())
+
+
+# -- connections that cannot be made -------------------------------------------------------
+def test_a_connection_that_fails_leaves_no_socket_folder(sftp_server, own_temp):
+    """A login refused, a port closed: the private folder made for the shared connection's
+    socket goes with the attempt (a cron job against a host that is down made one a try)."""
+    from tests.servers.common import free_port
+
+    url = sftp_server.url.replace(f":{sftp_server.port}/", f":{free_port()}/", 1)
+    for options in ({**sftp_server.options, "connect_timeout": 5}, ):
+        b = open_backend(url, options)
+        with pytest.raises(StorageError, match="connection refused"):
+            b.stat("x")
+        b.close()
+    b = open_backend(sftp_server.url, {"known_hosts": None,
+                                       "client_keys": [sftp_server.client_key + ".pub"]})
+    with pytest.raises(StorageError):
+        b.stat("x")
+    b.close()
+    assert list(own_temp.iterdir()) == []
+
+
