@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import struct
 import subprocess
 
@@ -272,6 +273,7 @@ class SftpWire:
         self.posix_rename_supported = False
         self.limits_told = False
         self.openssh_symlink_order = self.openssh_server = False
+        self._greeted = False   # the VERSION came (see _not_a_version)
         self.limits = SftpLimits(0, _DEFAULT_READ_LEN, _DEFAULT_WRITE_LEN, 0)
 
     # -- the channel -------------------------------------------------------------------
@@ -329,6 +331,8 @@ class SftpWire:
         asyncssh over a 256 MiB file), any other's what follows the request id."""
         buf = self._in
         buf += data
+        if not self._greeted and len(buf) >= 5 and self._not_a_version(buf):
+            return
         start, end, replies = 0, len(buf), []
         with memoryview(buf) as view:
             while end - start >= 9:
@@ -375,6 +379,29 @@ class SftpWire:
             future.set_exception(exc)
         else:
             future.set_result(result)
+
+    def _not_a_version(self, buf: bytearray) -> bool:
+        """Whether what came first is not the server's VERSION: then the session fails,
+        saying what came. Most often a login script of the host's (a .bashrc that
+        echoes) whose words went into the stream, as the subsystem runs through the
+        user's shell; its bytes read as a length would fail as "Invalid response
+        length", which tells nobody what to mend."""
+        length, kind = _u32.unpack_from(buf)[0], buf[4]
+        if kind == FXP_VERSION and 5 <= length <= _MAX_REPLY_LEN:
+            self._greeted = True
+            return False
+        text = bytes(buf[:400]).decode("utf-8", "replace")
+        said = " ".join("".join(itertools.takewhile(lambda c: c.isprintable() or c in "\t\r\n",
+                                                    text)).split())[:100]
+        self._greeted = True   # (said once; what comes after is not read)
+        del buf[:]
+        exc = self.errors.SFTPBadMessage(
+            f"the host sent {said!r} where the SFTP server's first reply goes: a login "
+            "script (.bashrc, .profile) that prints to its output, or no SFTP server there")
+        exc.castlib_kind = "not an SFTP stream"
+        self._fail(exc)
+        self.close()
+        return True
 
     def _close_late_handle(self, payload: bytes) -> None:
         """The handle of an open nobody waits for any more: closed, not left open on the

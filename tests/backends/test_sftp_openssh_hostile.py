@@ -177,6 +177,22 @@ def test_a_name_given_twice_in_a_listing_is_refused(sftp_tamper_server):
         b.close()
 
 
+# -- a login script that writes into the stream -------------------------------------------
+def test_a_login_script_that_prints_is_named(sftp_chatty_server):
+    """A host whose shell writes to stdout before the subsystem starts (a .bashrc that
+    echoes) corrupts SFTP's stream: said as such, with what it wrote, not as an "invalid
+    response length"."""
+    b = open_backend(sftp_chatty_server.url, sftp_chatty_server.options)
+    try:
+        with pytest.raises(StorageError) as caught:
+            b.stat("x")
+    finally:
+        b.close()
+    said = str(caught.value)
+    assert "Welcome to the machine" in said and "prints" in said, said
+    assert "\n" not in said
+
+
 # -- an ssh that dies ------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["master", "another session"])
 def test_an_ssh_killed_under_a_copy_is_a_lost_connection_tried_anew(sftp_server, which):
