@@ -293,7 +293,9 @@ class SftpBackend(FsspecBackend):
     def _connect_openssh(self):
         """The first session over OpenSSH's ssh (the login: see connect_in_background):
         the location's 'connection' is its sessions, each an ssh process (_wire)."""
-        host = _OpensshHost(fsspec.asyn.get_loop(), self._ssh)
+        loop = fsspec.asyn.get_loop()
+        _quiet_background_errors(loop)   # (as for asyncssh: see there)
+        host = _OpensshHost(loop, self._ssh)
         try:
             wire = host.open_wire(self._login_timeout)
         except BaseException:

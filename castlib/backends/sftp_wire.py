@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import itertools
+import os
+import signal
 import struct
 import subprocess
 
@@ -763,6 +765,7 @@ class _SshPipes(asyncio.SubprocessProtocol):
         else:
             exc = self._failure(self._transport.get_returncode(), bytes(self._stderr))
         self._wire.connection_lost(exc)
+        self._transport.close()   # (its process waited for: nothing left to poll)
 
     def widen(self, size: int) -> None:
         """Pipes of `size` bytes (Linux's are 64 KiB): a 256 MiB copy went 1.0 -> 0.6 s
@@ -782,10 +785,25 @@ class _SshPipes(asyncio.SubprocessProtocol):
 
     def close(self) -> None:
         """Ends the session: the process is killed (every request was answered or is
-        given up), its pipes closed."""
-        if not self._closing:
-            self._closing = True
+        given up), its pipes closed; asyncio's child watcher waits for it. Not through
+        the transport's close() while it runs: that polls the process, and a poll that
+        comes just after ssh ended (a dropped line, a killed ssh) reaps it under the
+        watcher, which then writes "Unknown child process pid N" on the user's
+        terminal (the transport is closed at connection_lost)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._transport.get_returncode() is not None:   # waited for already
             self._transport.close()
+            return
+        try:
+            os.kill(self._transport.get_pid(), signal.SIGKILL)
+        except ProcessLookupError:   # ended, not yet waited for: the watcher will
+            pass
+        for fd in (0, 1, 2):
+            pipe = self._transport.get_pipe_transport(fd)
+            if pipe is not None:
+                pipe.close()
 
     def is_closing(self) -> bool:
         return self._closing or self._transport.get_returncode() is not None
