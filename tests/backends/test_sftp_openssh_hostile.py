@@ -301,6 +301,128 @@ def test_sync_to_a_host_that_is_down_says_one_line_and_leaves_nothing(sftp_serve
     assert last_json(done.stdout) is not None
 
 
+# -- a server that stops answering ---------------------------------------------------------
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _sftp_servers_of(server) -> set[int]:
+    """The sftp-server processes the fixture's sshd runs now."""
+    sshd = int((Path(server.client_key).parent / "sshd.pid").read_text())
+    out = set()
+    for pid in _descendants(sshd):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "sftp-server":
+                out.add(pid)
+        except OSError:
+            continue
+    return out
+
+
+def test_a_server_that_stops_answering_fails_in_bounded_time_and_is_left(sftp_server,
+                                                                        monkeypatch):
+    """The host's sftp-server stopped (SIGSTOP: a hung disk, a frozen VM): the call fails
+    once the read timeout has passed, as a line that is gone (tried again), the session's
+    ssh is ended, and the next call connects anew."""
+    import castlib.backends.sftp as sftp
+
+    before = _sftp_servers_of(sftp_server)
+    b = open_backend(sftp_server.url, sftp_server.options)
+    stopped = set()
+    try:
+        write(b, "f", b"data")
+        stopped = _sftp_servers_of(sftp_server) - before
+        assert len(stopped) == 1, stopped
+        monkeypatch.setattr(sftp, "READ_TIMEOUT_S", 3)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        old = _ssh_children()
+        started = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            b.stat("other")   # (not "f": its stat came with its rename, and is kept)
+        assert time.monotonic() - started < 15
+        assert caught.value.transient, caught.value
+        assert _wait_for(lambda: not set(old) & set(_ssh_children()), 10)
+        assert read(b, "f") == b"data"
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        b.close()
+
+
+# -- castlib killed mid-sync ---------------------------------------------------------------
+def test_sigkill_mid_sync_over_ssh_then_rerun_is_exact_and_leaves_nothing(sftp_server,
+                                                                         tmp_path):
+    """castlib killed (SIGKILL) while copying to an SSH host over ssh: its ssh processes
+    end with it (their input closes), nothing under a final name is partial, and a re-run
+    finishes the job byte for byte, its temporary files gone."""
+    import hashlib
+    import subprocess
+
+    from tests.helpers import castlib_command, cli_env
+
+    files = {f"d{i % 3}/f{i:02d}.bin": os.urandom(1024 * 1024 + i) for i in range(24)}
+    src = make_tree(tmp_path / "src", files)
+    url = sftp_server.url.rstrip("/") + "/dst"
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {url: sftp_server.options}}))
+    env = {"CASTLIB_CONFIG": str(config)}
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    dst = sftp_server.folder / "dst"
+    proc = subprocess.Popen(castlib_command("-q", "sync", str(src), url, "--transfers", "8",
+                                            db=db),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=cli_env(env))
+    try:
+        def landed() -> int:
+            return sum(1 for p in dst.rglob("f*.bin")) if dst.is_dir() else 0
+        assert _wait_for(lambda: landed() >= 2 or proc.poll() is not None, 120)
+        assert proc.poll() is None, "the sync ended before it could be killed"
+        ssh = [p for p in _descendants(proc.pid)
+               if Path(f"/proc/{p}/comm").exists() and
+               Path(f"/proc/{p}/comm").read_text().strip() == "ssh"]
+        assert ssh
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    assert _wait_for(lambda: not any(alive(p) for p in ssh), 30), [p for p in ssh if alive(p)]
+    for path in dst.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            rel = str(path.relative_to(dst))
+            assert path.read_bytes() == files[rel], rel
+
+    rerun = run_cli("sync", str(src), url, "--json", db=db, env=env, check=0)
+    assert last_json(rerun.stdout)["failed"] == 0
+    got = {str(p.relative_to(dst)): hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in dst.rglob("*") if p.is_file()}
+    assert got == {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
+
+
 # -- an ssh that ends by itself ------------------------------------------------------------
 def test_an_ssh_that_ended_just_before_its_session_closed_is_not_reaped_twice(sftp_server,
                                                                               caplog):
