@@ -233,7 +233,10 @@ class SftpBackend(FsspecBackend):
         if SshCommand.available() is None:
             raise ConfigError(f"{self._where()}: ssh_client: openssh needs the ssh command, "
                               "which is not installed")
-        return SshCommand(self.url, self._storage_options, self.connect_timeout)
+        try:
+            return SshCommand(self.url, self._storage_options, self.connect_timeout)
+        except ConfigError as exc:   # (a key file missing, a user name refused): where
+            raise ConfigError(f"{self._where()}: {exc}") from None
 
     @property
     def _login_timeout(self) -> float:

@@ -484,3 +484,15 @@ def test_a_refused_connection_is_said_as_such_every_time(sftp_server):
             b.close()
     assert len(said) == 30
     assert [s for s in said if "connection refused" not in s] == []
+
+
+def test_an_option_ssh_refuses_is_said_with_its_location(sftp_server):
+    """A key file that is not there: the one line names the location as well as the
+    option (before: 'client_keys: no key file ...', of no location)."""
+    from castlib.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        open_backend(sftp_server.url, {"client_keys": ["/no/such/key"], "known_hosts": None})
+    said = str(caught.value)
+    assert said.startswith(f"sftp://{sftp_server.user}@127.0.0.1:{sftp_server.port}/"), said
+    assert "client_keys: no key file '/no/such/key'" in said
