@@ -923,7 +923,10 @@ class _OpensshHost:
     async def _opened(self, argv: list[str], env: dict, timeout: float):
         """One session (on the loop). One not opened in time is not left behind; one
         opened after close() (a connection given up, a run that ended while its early
-        sessions were still coming) is closed at once, not left running."""
+        sessions were still coming) is closed at once, not left running; none is started
+        after it (a login of its own each, the master being gone)."""
+        if self._closed:
+            raise sftp_wire.SFTPConnectionLost("the connection was closed")
         wire = await asyncio.wait_for(
             sftp_wire.open_wire_over_ssh(argv, env, self._command.session_failure), timeout)
         if self._closed:

@@ -245,7 +245,21 @@ def test_sessions_opened_after_close_are_closed_not_left_running(sftp_server, ow
     host, generation = b.fs, b._generation
     b.close()
     places = [[None, _NOBODY] for _ in range(3)]
-    b._open_more_wires(host, places, generation)   # as its thread does when close came first
+    started = []
+    watching = threading.Event()
+
+    def watch() -> None:   # no ssh is even started: each would be a login of its own
+        while not watching.is_set():
+            started.extend(_ssh_children())
+            time.sleep(0.001)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        b._open_more_wires(host, places, generation)   # as its thread does when close came first
+    finally:
+        watching.set()
+        watcher.join()
+    assert started == []
     assert _wait_for(lambda: not _ssh_children()), _ssh_children()
     assert all(p[0] is None or p[0].closed for p in places)
     assert list(own_temp.iterdir()) == []
