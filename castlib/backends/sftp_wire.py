@@ -573,12 +573,17 @@ class SftpWire:
                              self._expect_status)
 
     def readlink(self, path) -> asyncio.Future:
-        """The link's target, as a str (names decoded as paths are)."""
+        """The link's target, as a str (names decoded as paths are). One that no link
+        can hold (empty, a NUL in it) is a server that lies: SFTPBadMessage, not a
+        target that a sync would fail to make (os.symlink: "embedded null byte")."""
         def parse(kind, payload):
             names = self._names(kind, payload)
             if len(names) != 1:
                 raise self.errors.SFTPBadMessage("Too many names returned")
-            return names[0][0]
+            target = names[0][0]
+            if not target or "\0" in target:
+                raise self.errors.SFTPBadMessage(f"the link's target {target!r} is not a path")
+            return target
         return self._request(FXP_READLINK, _string(self._path(path)), parse)
 
     def symlink(self, target, path) -> asyncio.Future:

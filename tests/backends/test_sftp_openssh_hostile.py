@@ -552,3 +552,28 @@ def test_a_sync_whose_master_ssh_is_killed_is_retried_to_an_exact_tree(sftp_serv
     assert "Unknown child process" not in err and "Traceback" not in err, err
     got = {p.name: p.read_bytes() for p in dst.iterdir()}
     assert got == files   # every file, byte for byte, and no temporary one left
+
+
+def test_a_link_target_with_a_nul_fails_that_link_not_the_run(sftp_tamper_server, tmp_path):
+    """A server that answers READLINK with a NUL in the target: before, the sync ended
+    with 'internal error: ValueError: embedded null byte' (exit 2) when it made the
+    link; now that link is not made (its target unread) and the rest is copied."""
+    server = sftp_tamper_server
+    os.symlink("aaaa", server.folder / "lnk")
+    (server.folder / "f").write_bytes(b"x")
+
+    def nul_in_target(request, reply):
+        if request is not None and request.kind == 19 and reply[4] == FXP_NAME:   # READLINK
+            return reply.replace(b"aaaa", b"a\0aa")
+        return reply
+    server.tamper = nul_in_target
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {server.url: server.options}}))
+    dst = tmp_path / "dst"
+    done = run_cli("sync", server.url, str(dst), "--json", db=f"sqlite:///{tmp_path / 'c.db'}",
+                   env={"CASTLIB_CONFIG": str(config)})
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, done.stderr
+    assert (dst / "f").read_bytes() == b"x"
+    assert not os.path.lexists(dst / "lnk")
+    assert last_json(done.stdout)["failed"] == 1
