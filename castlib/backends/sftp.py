@@ -522,6 +522,21 @@ class SftpBackend(FsspecBackend):
     def walk(self, on_error):
         return self._walk_by_folder(on_error)
 
+    def _child(self, folder: str, info: dict) -> str:
+        """(asyncssh's listings, through sshfs, which joins each name to the folder.) A
+        name that is not one ('a/..', 'x/y', empty: a server that lies) fails the
+        folder's listing: its last part was taken, and 'a/..' became '..', a path
+        above the location (a sync from it wrote outside its destination, and the
+        walk went round for ever)."""
+        parent = self._full(folder).rstrip("/") + "/"
+        name = info["name"]
+        rest = name[len(parent):] if name.startswith(parent) else None
+        if not rest or "/" in rest or rest in (".", ".."):
+            raise StorageError(f"{self._where(folder)}: the server's listing holds "
+                               f"{name[len(parent):] if rest is not None else name!r}, "
+                               "which is not a name", path=folder)
+        return super()._child(folder, info)
+
     def _list_folder(self, folder: str) -> list[Stat]:
         if self._ssh is None:
             entries = super()._list_folder(folder)

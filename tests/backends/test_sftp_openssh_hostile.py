@@ -577,3 +577,23 @@ def test_a_link_target_with_a_nul_fails_that_link_not_the_run(sftp_tamper_server
     assert (dst / "f").read_bytes() == b"x"
     assert not os.path.lexists(dst / "lnk")
     assert last_json(done.stdout)["failed"] == 1
+
+
+@pytest.mark.parametrize("client", ["asyncssh", "openssh"])
+def test_a_listed_folder_named_a_slash_dotdot_is_refused_over_either_client(
+        sftp_tamper_server, client):
+    """A folder listed as 'a/..': through asyncssh (sshfs joins the name to the folder,
+    castlib took its last part) it became '..', and the walk listed the location's
+    parent ('../secret', then '../srv/..', for ever): a sync from it wrote above its
+    destination. Over either client it is now refused."""
+    import itertools
+
+    server = sftp_tamper_server
+    (server.folder / "dddd").mkdir()
+    server.tamper = _renaming_listing(b"dddd", b"a/..")
+    b = open_backend(server.url, {**server.options, "ssh_client": client})
+    try:
+        with pytest.raises(StorageError, match="not a name"):
+            list(itertools.islice(b.walk(lambda path, msg: None), 50))
+    finally:
+        b.close()
