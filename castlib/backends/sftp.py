@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from typing import BinaryIO
 
 import fsspec
@@ -232,7 +233,10 @@ class SftpBackend(FsspecBackend):
         if SshCommand.available() is None:
             raise ConfigError(f"{self._where()}: ssh_client: openssh needs the ssh command, "
                               "which is not installed")
-        return SshCommand(self.url, self._storage_options, self.connect_timeout)
+        try:
+            return SshCommand(self.url, self._storage_options, self.connect_timeout)
+        except ConfigError as exc:   # (a key file missing, a user name refused): where
+            raise ConfigError(f"{self._where()}: {exc}") from None
 
     @property
     def _login_timeout(self) -> float:
@@ -292,8 +296,14 @@ class SftpBackend(FsspecBackend):
     def _connect_openssh(self):
         """The first session over OpenSSH's ssh (the login: see connect_in_background):
         the location's 'connection' is its sessions, each an ssh process (_wire)."""
-        host = _OpensshHost(fsspec.asyn.get_loop(), self._ssh)
-        wire = host.open_wire(self._login_timeout)
+        loop = fsspec.asyn.get_loop()
+        _quiet_background_errors(loop)   # (as for asyncssh: see there)
+        host = _OpensshHost(loop, self._ssh)
+        try:
+            wire = host.open_wire(self._login_timeout)
+        except BaseException:
+            host.close()   # (no session of it is open: its socket's folder goes)
+            raise
         self._sftp = wire
         self._sessions, self._more_sessions = [], False
         self._wires, self._more_wires = [[wire, threading.current_thread()]], True
@@ -511,6 +521,21 @@ class SftpBackend(FsspecBackend):
     # -- listing -------------------------------------------------------------------------
     def walk(self, on_error):
         return self._walk_by_folder(on_error)
+
+    def _child(self, folder: str, info: dict) -> str:
+        """(asyncssh's listings, through sshfs, which joins each name to the folder.) A
+        name that is not one ('a/..', 'x/y', empty: a server that lies) fails the
+        folder's listing: its last part was taken, and 'a/..' became '..', a path
+        above the location (a sync from it wrote outside its destination, and the
+        walk went round for ever)."""
+        parent = self._full(folder).rstrip("/") + "/"
+        name = info["name"]
+        rest = name[len(parent):] if name.startswith(parent) else None
+        if not rest or "/" in rest or rest in (".", ".."):
+            raise StorageError(f"{self._where(folder)}: the server's listing holds "
+                               f"{name[len(parent):] if rest is not None else name!r}, "
+                               "which is not a name", path=folder)
+        return super()._child(folder, info)
 
     def _list_folder(self, folder: str) -> list[Stat]:
         if self._ssh is None:
@@ -873,8 +898,13 @@ class _OpensshHost:
         self._command = command
         self._wires: list = []
         self._master = None
+        self._closed = False   # see close: a session that comes after it is closed too
         folder = tempfile.mkdtemp(prefix="castlib-ssh-", dir=_short_temp_dir())
         self._socket_dir = folder
+        # removed at close, or when this is dropped unclosed (a login that failed), or at
+        # the interpreter's exit: never left in /tmp a try
+        self._remove_folder = weakref.finalize(self, shutil.rmtree, folder,
+                                               ignore_errors=True)
         # a socket's path has ~100 bytes at most, and ssh reads % in it as its own tokens
         socket = os.path.join(folder, "m")
         self._socket = socket if len(socket) < 90 and "%" not in socket else None
@@ -900,18 +930,26 @@ class _OpensshHost:
             ours += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
         return argv[:1] + ours + argv[1:]
 
-    def open_wire(self, timeout: float):
-        argv, env = self._argv(master=self._master is None)
-
-        async def opened():   # (a session not opened in time is not left behind)
-            return await asyncio.wait_for(
-                sftp_wire.open_wire_over_ssh(argv, env, self._command.failure), timeout)
-
-        wire = fsspec.asyn.sync(self.loop, opened)
+    async def _opened(self, argv: list[str], env: dict, timeout: float):
+        """One session (on the loop). One not opened in time is not left behind; one
+        opened after close() (a connection given up, a run that ended while its early
+        sessions were still coming) is closed at once, not left running; none is started
+        after it (a login of its own each, the master being gone)."""
+        if self._closed:
+            raise sftp_wire.SFTPConnectionLost("the connection was closed")
+        wire = await asyncio.wait_for(
+            sftp_wire.open_wire_over_ssh(argv, env, self._command.session_failure), timeout)
+        if self._closed:
+            wire.close()
+            raise sftp_wire.SFTPConnectionLost("the connection was closed meanwhile")
         self._wires.append(wire)
         if self._master is None:
             self._master = wire
         return wire
+
+    def open_wire(self, timeout: float):
+        argv, env = self._argv(master=self._master is None)
+        return fsspec.asyn.sync(self.loop, self._opened, argv, env, timeout)
 
     def open_wires(self, count: int, timeout: float) -> list:
         """`count` sessions opened at once (on the master's connection); those that
@@ -919,26 +957,24 @@ class _OpensshHost:
         argv, env = self._argv(master=self._master is None)
 
         async def all_of_them():
-            return await asyncio.gather(*(
-                asyncio.wait_for(sftp_wire.open_wire_over_ssh(argv, env, self._command.failure),
-                                 timeout) for _ in range(count)), return_exceptions=True)
+            return await asyncio.gather(*(self._opened(argv, env, timeout)
+                                          for _ in range(count)), return_exceptions=True)
 
         try:
             opened = fsspec.asyn.sync(self.loop, all_of_them)
         except Exception:  # noqa: BLE001 - the loop ended (a run being closed)
             return []
-        wires = [w for w in opened if isinstance(w, sftp_wire.SftpWire)]
         for exc in opened:
             if not isinstance(exc, sftp_wire.SftpWire):
                 log.debug("ssh: no further session (%s)", exc)
-        self._wires += wires
-        return wires
+        return [w for w in opened if isinstance(w, sftp_wire.SftpWire)]
 
-    def close(self) -> None:   # on the loop
+    def close(self) -> None:   # on the loop (or anywhere, before any session opened)
+        self._closed = True
         # the master last: the others' sessions are channels of its connection
         for wire in sorted(self._wires, key=lambda w: w is self._master):
             wire.close()
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        self._remove_folder()
 
     async def wait_closed(self) -> None:
         pass

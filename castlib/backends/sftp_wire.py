@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
+import os
+import signal
 import struct
 import subprocess
 
@@ -272,6 +275,7 @@ class SftpWire:
         self.posix_rename_supported = False
         self.limits_told = False
         self.openssh_symlink_order = self.openssh_server = False
+        self._greeted = False   # the VERSION came (see _not_a_version)
         self.limits = SftpLimits(0, _DEFAULT_READ_LEN, _DEFAULT_WRITE_LEN, 0)
 
     # -- the channel -------------------------------------------------------------------
@@ -329,6 +333,8 @@ class SftpWire:
         asyncssh over a 256 MiB file), any other's what follows the request id."""
         buf = self._in
         buf += data
+        if not self._greeted and len(buf) >= 5 and self._not_a_version(buf):
+            return
         start, end, replies = 0, len(buf), []
         with memoryview(buf) as view:
             while end - start >= 9:
@@ -375,6 +381,29 @@ class SftpWire:
             future.set_exception(exc)
         else:
             future.set_result(result)
+
+    def _not_a_version(self, buf: bytearray) -> bool:
+        """Whether what came first is not the server's VERSION: then the session fails,
+        saying what came. Most often a login script of the host's (a .bashrc that
+        echoes) whose words went into the stream, as the subsystem runs through the
+        user's shell; its bytes read as a length would fail as "Invalid response
+        length", which tells nobody what to mend."""
+        length, kind = _u32.unpack_from(buf)[0], buf[4]
+        if kind == FXP_VERSION and 5 <= length <= _MAX_REPLY_LEN:
+            self._greeted = True
+            return False
+        text = bytes(buf[:400]).decode("utf-8", "replace")
+        said = " ".join("".join(itertools.takewhile(lambda c: c.isprintable() or c in "\t\r\n",
+                                                    text)).split())[:100]
+        self._greeted = True   # (said once; what comes after is not read)
+        del buf[:]
+        exc = self.errors.SFTPBadMessage(
+            f"the host sent {said!r} where the SFTP server's first reply goes: a login "
+            "script (.bashrc, .profile) that prints to its output, or no SFTP server there")
+        exc.castlib_kind = "not an SFTP stream"
+        self._fail(exc)
+        self.close()
+        return True
 
     def _close_late_handle(self, payload: bytes) -> None:
         """The handle of an open nobody waits for any more: closed, not left open on the
@@ -544,12 +573,17 @@ class SftpWire:
                              self._expect_status)
 
     def readlink(self, path) -> asyncio.Future:
-        """The link's target, as a str (names decoded as paths are)."""
+        """The link's target, as a str (names decoded as paths are). One that no link
+        can hold (empty, a NUL in it) is a server that lies: SFTPBadMessage, not a
+        target that a sync would fail to make (os.symlink: "embedded null byte")."""
         def parse(kind, payload):
             names = self._names(kind, payload)
             if len(names) != 1:
                 raise self.errors.SFTPBadMessage("Too many names returned")
-            return names[0][0]
+            target = names[0][0]
+            if not target or "\0" in target:
+                raise self.errors.SFTPBadMessage(f"the link's target {target!r} is not a path")
+            return target
         return self._request(FXP_READLINK, _string(self._path(path)), parse)
 
     def symlink(self, target, path) -> asyncio.Future:
@@ -563,15 +597,29 @@ class SftpWire:
         return self._request(FXP_SYMLINK, first + second, self._expect_status)
 
     async def readdir(self, path) -> list[tuple[str, WireAttrs]]:
-        """Every (name, attributes) of the folder, "." and ".." left out."""
+        """Every (name, attributes) of the folder, "." and ".." left out. A name that is
+        not one (empty, a '/' in it: "../x", "/etc/x") or one given twice is a server
+        that lies, refused with SFTPBadMessage: a listing's names become paths below
+        the destination of a sync, which os.path.join would have taken out of it."""
         handle = await self._request(FXP_OPENDIR, _string(self._path(path)), self._handle)
-        entries = []
+        entries, seen = [], set()
         try:
             while True:
                 names = await self._request(FXP_READDIR, handle, self._names_or_end)
                 if names is None:
                     break
-                entries += [(name, attrs) for name, attrs in names if name not in (".", "..")]
+                for name, attrs in names:
+                    if name in (".", ".."):
+                        continue
+                    if not name or "/" in name or "\0" in name:
+                        raise self.errors.SFTPBadMessage(
+                            f"the server's listing of {path!r} holds {name!r}, which is "
+                            "not a name")
+                    if name in seen:
+                        raise self.errors.SFTPBadMessage(
+                            f"the server's listing of {path!r} holds {name!r} twice")
+                    seen.add(name)
+                    entries.append((name, attrs))
         finally:
             await self._request(FXP_CLOSE, handle, self._expect_status)
         return entries
@@ -722,6 +770,7 @@ class _SshPipes(asyncio.SubprocessProtocol):
         else:
             exc = self._failure(self._transport.get_returncode(), bytes(self._stderr))
         self._wire.connection_lost(exc)
+        self._transport.close()   # (its process waited for: nothing left to poll)
 
     def widen(self, size: int) -> None:
         """Pipes of `size` bytes (Linux's are 64 KiB): a 256 MiB copy went 1.0 -> 0.6 s
@@ -741,10 +790,25 @@ class _SshPipes(asyncio.SubprocessProtocol):
 
     def close(self) -> None:
         """Ends the session: the process is killed (every request was answered or is
-        given up), its pipes closed."""
-        if not self._closing:
-            self._closing = True
+        given up), its pipes closed; asyncio's child watcher waits for it. Not through
+        the transport's close() while it runs: that polls the process, and a poll that
+        comes just after ssh ended (a dropped line, a killed ssh) reaps it under the
+        watcher, which then writes "Unknown child process pid N" on the user's
+        terminal (the transport is closed at connection_lost)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._transport.get_returncode() is not None:   # waited for already
             self._transport.close()
+            return
+        try:
+            os.kill(self._transport.get_pid(), signal.SIGKILL)
+        except ProcessLookupError:   # ended, not yet waited for: the watcher will
+            pass
+        for fd in (0, 1, 2):
+            pipe = self._transport.get_pipe_transport(fd)
+            if pipe is not None:
+                pipe.close()
 
     def is_closing(self) -> bool:
         return self._closing or self._transport.get_returncode() is not None

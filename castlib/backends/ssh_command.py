@@ -194,6 +194,17 @@ class SshCommand:
                 return failure(_without_destination(said))
         return SshConnectionLost(_without_destination(last) or "ssh exited with status 255")
 
+    def session_failure(self, returncode: int, stderr: bytes) -> BaseException:
+        """What the end of an ssh that carried a session (`subsystem`) means to what
+        waited on it: ssh's own failure (255) as failure() reads it; any other end (ssh
+        killed by a signal, the host's sftp-server gone with a status of its own) is
+        the session lost, which a new one may mend, as a line that drops is: not the
+        answer of a command."""
+        exc = self.failure(returncode, stderr)
+        if isinstance(exc, SshRemoteCommandFailed):
+            return SshConnectionLost(f"the session's ssh ended ({exc})")
+        return exc
+
     def close(self) -> None:
         """Remove the askpass helper's folder (if made); again is harmless."""
         if self._remove_askpass is not None:

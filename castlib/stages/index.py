@@ -194,6 +194,11 @@ class IndexStage(Stage):
         try:
             for st in (backend.walk(on_error) if root_exists else ()):
                 storage_path, kind = st.path, st.kind
+                if (".." in storage_path or storage_path[:1] == "/" or "//" in storage_path) \
+                        and _climbs_out(storage_path):
+                    on_error(storage_path, "not a path below the location (a '..' or empty "
+                                           "part): left out, never copied")
+                    continue
                 if TEMP_MARK in storage_path and is_temp_name(st.name, temp_key):
                     result.leftover_temp.append(storage_path)
                     continue
@@ -486,3 +491,10 @@ def _below_any(path: str, folders: list[str]) -> bool:
     if not folders:
         return False
     return any(f == "" or path == f or path.startswith(f + "/") for f in folders)
+
+
+def _climbs_out(path: str) -> bool:
+    """Whether a listed path has a part that is '..' or empty: what a storage may hold
+    (an S3 key 'a/../../x', a hostile server's listing) but no file below a location can
+    be. Joined below a local destination (os.path.join), it would be written outside it."""
+    return any(part in ("", "..") for part in path.split("/"))

@@ -134,6 +134,22 @@ def sftp_no_exec_session():
     yield from _sshd(extra="ForceCommand internal-sftp\n")
 
 
+@pytest.fixture(scope="session")
+def sftp_chatty_session():
+    """sshd whose login writes to stdout before the sftp subsystem starts, as a .bashrc
+    that echoes a greeting does (the sftp subsystem runs through the user's shell)."""
+    sftp_server = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server",
+                                    "/usr/lib/ssh/sftp-server") if os.path.exists(p)), None)
+    if sftp_server is None:
+        pytest.fail("OpenSSH's sftp-server is not installed (openssh-server)")
+    yield from _sshd(extra=f"ForceCommand echo Welcome to the machine; exec {sftp_server}\n")
+
+
+@pytest.fixture
+def sftp_chatty_server(sftp_chatty_session) -> SftpServer:
+    yield from _fresh_folder(sftp_chatty_session)
+
+
 @pytest.fixture
 def sftp_no_exec_server(sftp_no_exec_session) -> SftpServer:
     yield from _fresh_folder(sftp_no_exec_session)

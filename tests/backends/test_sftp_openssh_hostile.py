@@ -1,0 +1,599 @@
+"""The SFTP back-end over OpenSSH's `ssh` (the default client) when things go wrong: a
+server that lies in its listings, a login script that writes into the SFTP stream, an
+ssh process that dies, a location closed while its sessions are still being opened, a
+connection that cannot be made. Nothing lands outside the destination, every failure is
+one line (and a lost line is tried again), and no ssh process or temporary folder of
+castlib's outlives what made it."""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from castlib.backends import open_backend
+from castlib.backends.sftp import _NOBODY
+from castlib.backends.ssh_command import SshCommand
+from castlib.errors import StorageError
+from tests.helpers import backend_listing as listing
+from tests.helpers import backend_read as read
+from tests.helpers import backend_write as write
+from tests.helpers import last_json, make_tree, run_cli
+
+pytestmark = pytest.mark.skipif(SshCommand.available() is None, reason="no ssh here")
+
+FXP_READDIR, FXP_NAME = 12, 104
+
+
+def _ssh_children() -> list[int]:
+    """This process's ssh children (zombies too: one not waited for is left behind)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:   # ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if name == "ssh" and ppid == os.getpid():
+            found.append(int(entry))
+    return found
+
+
+def _wait_for(condition, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture
+def own_temp(monkeypatch):
+    """A temporary folder of the test's own for castlib's (ssh's socket folder, askpass),
+    short enough for a socket path: what is left in it after a test was left behind."""
+    folder = tempfile.mkdtemp(prefix="cl-", dir="/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", folder)
+    yield Path(folder)
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_ssh_left_behind():
+    before = set(_ssh_children())
+    yield
+    left = [pid for pid in _ssh_children() if pid not in before]
+    if left and not _wait_for(lambda: not [p for p in _ssh_children() if p not in before], 10):
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pytest.fail(f"ssh processes left behind: {left}")
+
+
+def _wire_pid(wire) -> int:
+    return wire._chan._transport.get_pid()
+
+
+# -- a server that lies in its listing ----------------------------------------------------
+def _renaming_listing(real: bytes, said: bytes):
+    """A tamper function: READDIR's replies name `said` where the server has `real` (the
+    same length, so the packet's lengths stay right)."""
+    assert len(real) == len(said)
+
+    def tamper(request, reply):
+        if request is not None and request.kind == FXP_READDIR and reply[4] == FXP_NAME:
+            return reply.replace(real, said)
+        return reply
+    return tamper
+
+
+@pytest.mark.parametrize("said", [b"../../../../escape", b"/tmp/castlib-escape", b"sub/inside",
+                                  b""])
+def test_a_listing_name_that_is_a_path_is_refused(sftp_tamper_server, said):
+    """A name in a folder's listing is one name: a server that answers with a path
+    ("../x", "/x", "a/b") or nothing fails that listing, one line. Taken as it came, a
+    sync from it to a local folder wrote outside the destination (os.path.join)."""
+    server = sftp_tamper_server
+    real = b"n" * len(said) if said else b"empty-name"
+    (server.folder / real.decode()).write_bytes(b"payload")
+    if not said:   # a zero-length name: the string's length changes with it
+        def tamper(request, reply):
+            if request is not None and request.kind == FXP_READDIR and reply[4] == FXP_NAME:
+                body = reply[4:].replace(struct.pack(">I", len(real)) + real,
+                                         struct.pack(">I", 0), 1)
+                return struct.pack(">I", len(body)) + body
+            return reply
+        server.tamper = tamper
+    else:
+        server.tamper = _renaming_listing(real, said)
+    b = open_backend(server.url, server.options)
+    assert b._ssh is not None
+    try:
+        with pytest.raises(StorageError, match="not a name") as caught:
+            list(b.walk(lambda path, msg: None))
+        assert "\n" not in str(caught.value)
+    finally:
+        b.close()
+
+
+def test_a_sync_from_a_lying_server_writes_nothing_outside_the_destination(
+        sftp_tamper_server, tmp_path):
+    """The server lists "../../..(to /)/tmp/<folder>/planted" and serves the file there
+    (its own path resolves it): before, the sync wrote it at that path on this machine,
+    outside the destination (its final name replaced: a new inode there)."""
+    import shutil
+
+    server = sftp_tamper_server
+    outside = Path(tempfile.mkdtemp(prefix="castlib-outside-", dir="/tmp"))
+    try:
+        planted = outside / "planted"
+        planted.write_bytes(b"planted")
+        inode = planted.stat().st_ino
+        dst = tmp_path / "a" / "dst"
+        dst.mkdir(parents=True)
+        up = "../" * (len(dst.parts) + len(server.folder.parts))   # past / on either side
+        said = f"{up}{str(planted).lstrip('/')}".encode()
+        (server.folder / ("n" * len(said))).write_bytes(b"decoy!!")   # the size of what it serves there
+        (server.folder / "honest").write_bytes(b"honest")
+        server.tamper = _renaming_listing(b"n" * len(said), said)
+        config = tmp_path / "castlib.yaml"
+        config.write_text(yaml.safe_dump({"storage": {server.url: server.options}}))
+        done = run_cli("sync", server.url, str(dst), "--json",
+                       db=f"sqlite:///{tmp_path / 'c.db'}", env={"CASTLIB_CONFIG": str(config)})
+        assert "Traceback" not in done.stderr, done.stderr
+        assert sorted(p.name for p in outside.iterdir()) == ["planted"], done.stderr
+        assert planted.stat().st_ino == inode, done.stderr   # not replaced by the sync
+        assert done.returncode != 0, done.stderr   # the listing it could not take is said
+        assert "not a name" in done.stderr, done.stderr
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_a_name_given_twice_in_a_listing_is_refused(sftp_tamper_server):
+    """A folder holds a name once: a listing that gives one twice (a link, then a folder
+    of the same name, whose content a sync would write through the link) is refused."""
+    server = sftp_tamper_server
+    (server.folder / "aa").write_bytes(b"1")
+    (server.folder / "ab").write_bytes(b"2")
+    server.tamper = _renaming_listing(b"ab", b"aa")
+    b = open_backend(server.url, server.options)
+    try:
+        with pytest.raises(StorageError, match="twice"):
+            list(b.walk(lambda path, msg: None))
+    finally:
+        b.close()
+
+
+# -- a login script that writes into the stream -------------------------------------------
+def test_a_login_script_that_prints_is_named(sftp_chatty_server):
+    """A host whose shell writes to stdout before the subsystem starts (a .bashrc that
+    echoes) corrupts SFTP's stream: said as such, with what it wrote, not as an "invalid
+    response length"."""
+    b = open_backend(sftp_chatty_server.url, sftp_chatty_server.options)
+    try:
+        with pytest.raises(StorageError) as caught:
+            b.stat("x")
+    finally:
+        b.close()
+    said = str(caught.value)
+    assert "Welcome to the machine" in said and "prints" in said, said
+    assert "\n" not in said
+
+
+# -- an ssh that dies ------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["master", "another session"])
+def test_an_ssh_killed_under_a_copy_is_a_lost_connection_tried_anew(sftp_server, which):
+    """The ssh of a session killed mid-copy (the OOM killer, an admin's kill): the copy
+    fails as a lost connection, which the engine tries again, and the next call connects
+    anew (before: 'remote command failed (ended by signal 9)', not tried again)."""
+    b = open_backend(sftp_server.url, sftp_server.options)
+    outcome = []
+
+    def copy() -> None:
+        try:
+            with b.open_write("big") as f:
+                f.write(os.urandom(4 * 1024 * 1024))
+                f.write(os.urandom(1024 * 1024))   # opened: its requests on this session
+                wire = b._wire()
+                victim = wire if which != "master" else b._sftp
+                os.kill(_wire_pid(victim), signal.SIGKILL)
+                assert _wait_for(lambda: wire.closed)
+                for _ in range(8):
+                    f.write(os.urandom(1024 * 1024))
+        except Exception as exc:   # noqa: BLE001 - what the copy raised, checked below
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    try:
+        write(b, "f", b"data")
+        if which == "master":   # the first session, this thread's: the copy on it
+            copy()
+        else:                   # another thread's session (a channel of the master's)
+            t = threading.Thread(target=copy)
+            t.start()
+            t.join(120)
+        error = outcome[0]
+        assert isinstance(error, StorageError), repr(error)
+        assert error.transient, error
+        assert "connection lost" in str(error), error
+        assert read(b, "f") == b"data"   # connected anew
+    finally:
+        b.close()
+
+
+# -- sessions still being opened at close ----------------------------------------------------
+def test_sessions_opened_after_close_are_closed_not_left_running(sftp_server, own_temp):
+    """close() while the sessions a run asked for are still being opened (a short run, an
+    early error): those that come after it are closed, not left running (ssh processes
+    and logins on the server for the life of a worker)."""
+    b = open_backend(sftp_server.url, sftp_server.options)
+    assert listing(b) == []
+    host, generation = b.fs, b._generation
+    b.close()
+    places = [[None, _NOBODY] for _ in range(3)]
+    started = []
+    watching = threading.Event()
+
+    def watch() -> None:   # no ssh is even started: each would be a login of its own
+        while not watching.is_set():
+            started.extend(_ssh_children())
+            time.sleep(0.001)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        b._open_more_wires(host, places, generation)   # as its thread does when close came first
+    finally:
+        watching.set()
+        watcher.join()
+    assert started == []
+    assert _wait_for(lambda: not _ssh_children()), _ssh_children()
+    assert all(p[0] is None or p[0].closed for p in places)
+    assert list(own_temp.iterdir()) == []
+
+
+def test_close_during_the_early_sessions_leaves_nothing(sftp_server, own_temp):
+    b = open_backend(sftp_server.url, sftp_server.options)
+    b.connect_in_background(9)
+    assert _wait_for(lambda: b._fs is not None or b._early is None, 60)
+    b.close()
+    assert _wait_for(lambda: not _ssh_children(), 30), _ssh_children()
+    time.sleep(1)   # any session still coming has come by now
+    assert not _ssh_children()
+    assert _wait_for(lambda: list(own_temp.iterdir()) == [], 10), list(own_temp.iterdir())
+
+
+# -- connections that cannot be made -------------------------------------------------------
+def test_a_connection_that_fails_leaves_no_socket_folder(sftp_server, own_temp):
+    """A login refused, a port closed: the private folder made for the shared connection's
+    socket goes with the attempt (a cron job against a host that is down made one a try)."""
+    from tests.servers.common import free_port
+
+    url = sftp_server.url.replace(f":{sftp_server.port}/", f":{free_port()}/", 1)
+    for options in ({**sftp_server.options, "connect_timeout": 5}, ):
+        b = open_backend(url, options)
+        with pytest.raises(StorageError, match="connection refused"):
+            b.stat("x")
+        b.close()
+    b = open_backend(sftp_server.url, {"known_hosts": None,
+                                       "client_keys": [sftp_server.client_key + ".pub"]})
+    with pytest.raises(StorageError):
+        b.stat("x")
+    b.close()
+    assert list(own_temp.iterdir()) == []
+
+
+def test_sync_to_a_host_that_is_down_says_one_line_and_leaves_nothing(sftp_server, tmp_path,
+                                                                      own_temp):
+    from tests.servers.common import free_port
+
+    src = make_tree(tmp_path / "src", {"a": b"a"})
+    url = sftp_server.url.replace(f":{sftp_server.port}/", f":{free_port()}/", 1)
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {url: {**sftp_server.options,
+                                                        "connect_timeout": 3}}}))
+    done = run_cli("sync", str(src), url, "--json", db=f"sqlite:///{tmp_path / 'c.db'}",
+                   env={"CASTLIB_CONFIG": str(config), "TMPDIR": str(own_temp)})
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("castlib:")]
+    assert lines and "connection refused" in lines[-1], done.stderr
+    assert done.returncode != 0
+    assert list(own_temp.iterdir()) == []
+    assert last_json(done.stdout) is not None
+
+
+# -- a server that stops answering ---------------------------------------------------------
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _sftp_servers_of(server) -> set[int]:
+    """The sftp-server processes the fixture's sshd runs now."""
+    sshd = int((Path(server.client_key).parent / "sshd.pid").read_text())
+    out = set()
+    for pid in _descendants(sshd):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "sftp-server":
+                out.add(pid)
+        except OSError:
+            continue
+    return out
+
+
+def test_a_server_that_stops_answering_fails_in_bounded_time_and_is_left(sftp_server,
+                                                                        monkeypatch):
+    """The host's sftp-server stopped (SIGSTOP: a hung disk, a frozen VM): the call fails
+    once the read timeout has passed, as a line that is gone (tried again), the session's
+    ssh is ended, and the next call connects anew."""
+    import castlib.backends.sftp as sftp
+
+    before = _sftp_servers_of(sftp_server)
+    b = open_backend(sftp_server.url, sftp_server.options)
+    stopped = set()
+    try:
+        write(b, "f", b"data")
+        stopped = _sftp_servers_of(sftp_server) - before
+        assert len(stopped) == 1, stopped
+        monkeypatch.setattr(sftp, "READ_TIMEOUT_S", 3)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        old = _ssh_children()
+        started = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            b.stat("other")   # (not "f": its stat came with its rename, and is kept)
+        assert time.monotonic() - started < 15
+        assert caught.value.transient, caught.value
+        assert _wait_for(lambda: not set(old) & set(_ssh_children()), 10)
+        assert read(b, "f") == b"data"
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        b.close()
+
+
+# -- castlib killed mid-sync ---------------------------------------------------------------
+def test_sigkill_mid_sync_over_ssh_then_rerun_is_exact_and_leaves_nothing(sftp_server,
+                                                                         tmp_path):
+    """castlib killed (SIGKILL) while copying to an SSH host over ssh: its ssh processes
+    end with it (their input closes), nothing under a final name is partial, and a re-run
+    finishes the job byte for byte, its temporary files gone."""
+    import hashlib
+    import subprocess
+
+    from tests.helpers import castlib_command, cli_env
+
+    files = {f"d{i % 3}/f{i:02d}.bin": os.urandom(1024 * 1024 + i) for i in range(24)}
+    src = make_tree(tmp_path / "src", files)
+    url = sftp_server.url.rstrip("/") + "/dst"
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {url: sftp_server.options}}))
+    env = {"CASTLIB_CONFIG": str(config)}
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    dst = sftp_server.folder / "dst"
+    proc = subprocess.Popen(castlib_command("-q", "sync", str(src), url, "--transfers", "8",
+                                            db=db),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=cli_env(env))
+    try:
+        def landed() -> int:
+            return sum(1 for p in dst.rglob("f*.bin")) if dst.is_dir() else 0
+        assert _wait_for(lambda: landed() >= 2 or proc.poll() is not None, 120)
+        assert proc.poll() is None, "the sync ended before it could be killed"
+        ssh = [p for p in _descendants(proc.pid)
+               if Path(f"/proc/{p}/comm").exists() and
+               Path(f"/proc/{p}/comm").read_text().strip() == "ssh"]
+        assert ssh
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    assert _wait_for(lambda: not any(alive(p) for p in ssh), 30), [p for p in ssh if alive(p)]
+    for path in dst.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            rel = str(path.relative_to(dst))
+            assert path.read_bytes() == files[rel], rel
+
+    rerun = run_cli("sync", str(src), url, "--json", db=db, env=env, check=0)
+    assert last_json(rerun.stdout)["failed"] == 0
+    got = {str(p.relative_to(dst)): hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in dst.rglob("*") if p.is_file()}
+    assert got == {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
+
+
+# -- an ssh that ends by itself ------------------------------------------------------------
+def test_an_ssh_that_ended_just_before_its_session_closed_is_not_reaped_twice(sftp_server,
+                                                                              caplog):
+    """A session closed just after its ssh ended (a dropped line, a killed ssh, then the
+    run closing): before, the transport's close() polled the process and reaped it under
+    asyncio's child watcher, which wrote "Unknown child process pid N, will report
+    returncode 255" on the user's terminal (one session in six here)."""
+    import logging
+
+    import fsspec.asyn
+
+    b = open_backend(sftp_server.url, sftp_server.options)
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    try:
+        b.stat("x")
+        host = b.fs
+        killed = 0
+        for _ in range(6):
+            wires = host.open_wires(7, 60)
+            assert wires
+
+            async def kill_and_close() -> None:
+                for wire in wires:
+                    pid = _wire_pid(wire)
+                    os.kill(pid, signal.SIGKILL)
+                    while True:   # until it is a zombie: ended, not yet waited for
+                        try:
+                            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                        except OSError:
+                            break
+                        if state.split()[0] == "Z":
+                            break
+                    wire.close()
+
+            fsspec.asyn.sync(host.loop, kill_and_close)
+            killed += len(wires)
+        assert _wait_for(lambda: len(_ssh_children()) == 1)   # the first session's
+    finally:
+        b.close()
+    assert killed >= 30
+    assert [r.getMessage() for r in caplog.records if "Unknown child" in r.getMessage()] == []
+
+
+def test_a_refused_connection_is_said_as_such_every_time(sftp_server):
+    """ssh that ends before castlib writes its first request (a refused connection ends
+    it in a millisecond): its own reason is said, not "ssh's input is closed" (one try
+    in twenty here)."""
+    from tests.servers.common import free_port
+
+    said = []
+    for _ in range(30):
+        url = sftp_server.url.replace(f":{sftp_server.port}/", f":{free_port()}/", 1)
+        b = open_backend(url, {**sftp_server.options, "connect_timeout": 5})
+        try:
+            b.stat("x")
+        except StorageError as exc:
+            said.append(str(exc))
+        finally:
+            b.close()
+    assert len(said) == 30
+    assert [s for s in said if "connection refused" not in s] == []
+
+
+def test_an_option_ssh_refuses_is_said_with_its_location(sftp_server):
+    """A key file that is not there: the one line names the location as well as the
+    option (before: 'client_keys: no key file ...', of no location)."""
+    from castlib.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        open_backend(sftp_server.url, {"client_keys": ["/no/such/key"], "known_hosts": None})
+    said = str(caught.value)
+    assert said.startswith(f"sftp://{sftp_server.user}@127.0.0.1:{sftp_server.port}/"), said
+    assert "client_keys: no key file '/no/such/key'" in said
+
+
+def test_a_sync_whose_master_ssh_is_killed_is_retried_to_an_exact_tree(sftp_server, tmp_path):
+    """The shared connection's ssh killed mid-sync (8 transfers): every copy in flight
+    is tried again on a new connection, the run ends with nothing failed, no warning of
+    asyncio's, and the tree is exact (before: 'remote command failed (ended by signal
+    9)' for the copy on the master's own session, exit 1, and an 'Unknown child
+    process' warning)."""
+    import subprocess
+
+    from tests.helpers import castlib_command, cli_env
+
+    files = {f"f{i:02d}.bin": os.urandom(2 * 1024 * 1024 + i) for i in range(40)}
+    src = make_tree(tmp_path / "src", files)
+    url = sftp_server.url.rstrip("/") + "/dst"
+    dst = sftp_server.folder / "dst"
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {url: sftp_server.options}}))
+    proc = subprocess.Popen(castlib_command("sync", str(src), url, "--transfers", "8", "--json",
+                                            db=f"sqlite:///{tmp_path / 'c.db'}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env({"CASTLIB_CONFIG": str(config)}))
+    try:
+        def landed() -> int:
+            return len([p for p in dst.iterdir() if not p.name.startswith(".")]) \
+                if dst.is_dir() else 0
+        assert _wait_for(lambda: landed() >= 3 or proc.poll() is not None, 120)
+        assert proc.poll() is None, "the sync ended before its ssh could be killed"
+        masters = [p for p in _descendants(proc.pid)
+                   if b"ControlMaster=yes" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(masters) == 1, masters
+        os.kill(masters[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert last_json(out)["failed"] == 0, err
+    assert "Unknown child process" not in err and "Traceback" not in err, err
+    got = {p.name: p.read_bytes() for p in dst.iterdir()}
+    assert got == files   # every file, byte for byte, and no temporary one left
+
+
+def test_a_link_target_with_a_nul_fails_that_link_not_the_run(sftp_tamper_server, tmp_path):
+    """A server that answers READLINK with a NUL in the target: before, the sync ended
+    with 'internal error: ValueError: embedded null byte' (exit 2) when it made the
+    link; now that link is not made (its target unread) and the rest is copied."""
+    server = sftp_tamper_server
+    os.symlink("aaaa", server.folder / "lnk")
+    (server.folder / "f").write_bytes(b"x")
+
+    def nul_in_target(request, reply):
+        if request is not None and request.kind == 19 and reply[4] == FXP_NAME:   # READLINK
+            return reply.replace(b"aaaa", b"a\0aa")
+        return reply
+    server.tamper = nul_in_target
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {server.url: server.options}}))
+    dst = tmp_path / "dst"
+    done = run_cli("sync", server.url, str(dst), "--json", db=f"sqlite:///{tmp_path / 'c.db'}",
+                   env={"CASTLIB_CONFIG": str(config)})
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, done.stderr
+    assert (dst / "f").read_bytes() == b"x"
+    assert not os.path.lexists(dst / "lnk")
+    assert last_json(done.stdout)["failed"] == 1
+
+
+@pytest.mark.parametrize("client", ["asyncssh", "openssh"])
+def test_a_listed_folder_named_a_slash_dotdot_is_refused_over_either_client(
+        sftp_tamper_server, client):
+    """A folder listed as 'a/..': through asyncssh (sshfs joins the name to the folder,
+    castlib took its last part) it became '..', and the walk listed the location's
+    parent ('../secret', then '../srv/..', for ever): a sync from it wrote above its
+    destination. Over either client it is now refused."""
+    import itertools
+
+    server = sftp_tamper_server
+    (server.folder / "dddd").mkdir()
+    server.tamper = _renaming_listing(b"dddd", b"a/..")
+    b = open_backend(server.url, {**server.options, "ssh_client": client})
+    try:
+        with pytest.raises(StorageError, match="not a name"):
+            list(itertools.islice(b.walk(lambda path, msg: None), 50))
+    finally:
+        b.close()
