@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,9 +127,12 @@ class LocalDispatcher:
 
     ANNOUNCE_TIMEOUT_S = 120   # a catalog behind a slow network, an upgrade on first use
 
-    def __init__(self, db_url: str, log_dir: str | None = None):
+    def __init__(self, db_url: str, log_dir: str | None = None, temporary_logs: bool = False):
         self.db_url = db_url
         self.log_dir = log_dir
+        # no folder given: one of the server's own, made when a first run starts (a
+        # server, or a test's app, that starts none leaves nothing behind in /tmp)
+        self._temporary_logs = temporary_logs and log_dir is None
         self._children: list[subprocess.Popen] = []
 
     def submit(self, request: RunRequest) -> int:
@@ -136,6 +140,8 @@ class LocalDispatcher:
         # the castlib this server runs, whether installed or run from a source tree
         tree = str(Path(castlib.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
+        if self._temporary_logs and self.log_dir is None:
+            self.log_dir = tempfile.mkdtemp(prefix="castlib-web-")
         log = (open(os.path.join(self.log_dir, f"run-{os.getpid()}-{len(self._children)}.log"),
                     "ab") if self.log_dir else subprocess.DEVNULL)
         try:

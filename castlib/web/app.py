@@ -1,7 +1,6 @@
 """The application factory: the catalog, the token, the dispatcher, the routes."""
 from __future__ import annotations
 
-import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -46,8 +45,8 @@ def create_app(catalog_url: str | None, token: str | None = None, *,
     app.state.catalog = catalog
     app.state.auth = Auth(token)
     app.state.pipelines_dir = pipelines_dir
-    app.state.dispatcher = dispatcher or LocalDispatcher(
-        catalog.db_url, log_dir or tempfile.mkdtemp(prefix="castlib-web-"))
+    app.state.dispatcher = dispatcher or LocalDispatcher(catalog.db_url, log_dir,
+                                                         temporary_logs=True)
     app.state.templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 

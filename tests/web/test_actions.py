@@ -194,3 +194,23 @@ def test_the_login_cookie_acts_only_from_the_servers_own_pages(server, tmp_path)
     r = http.post("/actions", data={"stage": "index", "location": str(ref)},
                   headers={"Referer": base + "/actions"}, follow_redirects=False)
     assert r.status_code == 303, r.text
+
+
+def test_the_servers_run_logs_folder_is_made_by_its_first_run_only(two_trees, web_server,
+                                                                      tmp_path):
+    """A server (or a test's app) that starts no run leaves nothing in the temporary
+    folder (5,000 empty castlib-web-* folders had piled up in /tmp); the first run it
+    starts makes its logs' folder there, and its log is in it."""
+    db_url, ref, _ = two_trees
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    base = web_server(db_url, token=TOKEN, env={"TMPDIR": str(temp)})
+    with httpx.Client(base_url=base, timeout=120) as http:
+        assert http.get("/api/v1/runs").status_code == 200
+        assert list(temp.glob("castlib-web-*")) == []
+        r = http.post("/api/v1/runs", headers=AUTH,
+                      json={"stage": "index", "params": {"location": str(ref)}})
+        assert r.status_code == 202, r.text
+        assert _wait_finished(http, r.json()["run_id"])["run"]["status"] == "ok"
+    [logs] = temp.glob("castlib-web-*")
+    assert [p.name for p in logs.iterdir()][0].startswith("run-")
