@@ -31,8 +31,14 @@ pytestmark = pytest.mark.skipif(SshCommand.available() is None, reason="no ssh h
 FXP_READDIR, FXP_NAME = 12, 104
 
 
+# the ssh children this process had when the test started (other tests' back-ends, not
+# closed, keep theirs to the end of the session): not the test's own (see the fixture)
+_BEFORE: set[int] = set()
+
+
 def _ssh_children() -> list[int]:
-    """This process's ssh children (zombies too: one not waited for is left behind)."""
+    """This process's ssh children that the test started (zombies too: one not waited for
+    is left behind)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -43,7 +49,7 @@ def _ssh_children() -> list[int]:
             continue
         name = stat[stat.index("(") + 1:stat.rindex(")")]
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if name == "ssh" and ppid == os.getpid():
+        if name == "ssh" and ppid == os.getpid() and int(entry) not in _BEFORE:
             found.append(int(entry))
     return found
 
@@ -71,10 +77,11 @@ def own_temp(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def no_ssh_left_behind():
-    before = set(_ssh_children())
+    _BEFORE.clear()
+    _BEFORE.update(_ssh_children())
     yield
-    left = [pid for pid in _ssh_children() if pid not in before]
-    if left and not _wait_for(lambda: not [p for p in _ssh_children() if p not in before], 10):
+    left = _ssh_children()
+    if left and not _wait_for(lambda: not _ssh_children(), 10):
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
