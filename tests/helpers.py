@@ -179,3 +179,16 @@ def local_url(path) -> str:
     from castlib.hosts import local_hostname
 
     return f"file://{local_hostname()}{path}"
+
+
+def wait_for(condition, seconds: float = 20.0) -> bool:
+    """Whether `condition()` came true within `seconds` (asked every 20 ms, and once more
+    at the end)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return bool(condition())

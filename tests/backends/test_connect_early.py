@@ -13,6 +13,7 @@ import pytest
 from castlib.backends import open_backend
 from castlib.backends.base import DIR
 from castlib.errors import StorageError
+from tests.helpers import wait_for
 from tests.helpers import backend_read as read
 from tests.helpers import backend_write as write
 from tests.helpers import run_cli
@@ -53,14 +54,6 @@ def silent_server():
     server.close()
 
 
-def _wait_for(predicate, within: float = 30) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
 
 def test_sftp_connects_in_the_background_and_the_first_call_uses_it(sftp_server, outage_proxy):
     proxy = outage_proxy(sftp_server.port)
@@ -68,7 +61,7 @@ def test_sftp_connects_in_the_background_and_the_first_call_uses_it(sftp_server,
     b = open_backend(url, sftp_server.options)
     b.connect_in_background()
     # the connection is made with no call on the back-end waiting for it
-    assert _wait_for(lambda: proxy.accepted == 1)
+    assert wait_for(lambda: proxy.accepted == 1)
     st = b.stat("")
     assert st is not None and st.kind == DIR
     write(b, "f", b"early")
@@ -111,7 +104,7 @@ def test_close_does_not_wait_for_a_connection_still_being_made(silent_server, sf
     b = open_backend(f"sftp://{sftp_server.user}@127.0.0.1:{silent_server.port}/x",
                      {**sftp_server.options, "connect_timeout": 20})
     b.connect_in_background()
-    assert _wait_for(lambda: silent_server.accepted == 1)
+    assert wait_for(lambda: silent_server.accepted == 1)
     started = time.monotonic()
     b.close()   # the run ends: its end is not held for the connect timeout
     assert time.monotonic() - started < 10

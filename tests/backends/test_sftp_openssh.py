@@ -14,6 +14,7 @@ import pytest
 
 from castlib.backends import open_backend
 from castlib.errors import ConfigError
+from tests.helpers import wait_for
 from tests.helpers import backend_listing as listing
 from tests.helpers import backend_read as read
 from tests.helpers import backend_write as write
@@ -51,14 +52,6 @@ def _ssh_pids(backend) -> list[int]:
     return [entry[0]._chan._transport.get_pid() for entry in backend._wires
             if entry[0] is not None]
 
-
-def _wait_for(condition, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.mark.parametrize("kind", ["sftp", "rclone-sftp"])
@@ -98,7 +91,7 @@ def test_the_sessions_of_a_location_share_one_login(sftp_server):
     b = open_backend(sftp_server.url, sftp_server.options)
     b.connect_in_background(5)
     assert listing(b) == []
-    assert _wait_for(lambda: sum(entry[0] is not None for entry in b._wires) == 5), b._wires
+    assert wait_for(lambda: sum(entry[0] is not None for entry in b._wires) == 5), b._wires
     assert len(b._wires) == 5 and all(not entry[0].closed for entry in b._wires)
     pids = _ssh_pids(b)
     assert len(set(pids)) == 5
@@ -119,7 +112,7 @@ def test_the_sessions_of_a_location_share_one_login(sftp_server):
     assert sorted(results) == sorted(bytes([i]) * 1000 for i in range(4))
     assert len(b._wires) == 5   # the threads took the sessions opened for them
     b.close()
-    assert _wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids))
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids))
 
 
 def test_a_server_that_opens_few_channels_still_serves_every_thread(sftp_two_sessions_server):
@@ -222,7 +215,7 @@ def test_a_server_that_greets_then_stalls_fails_within_the_login_timeout():
         listener.close()
         for conn in held:
             conn.close()
-    assert _wait_for(lambda: _established_to(port) == 0)
+    assert wait_for(lambda: _established_to(port) == 0)
 
 
 def test_an_ssh_that_ends_at_once_is_explained_by_what_it_said_every_time():

@@ -21,6 +21,7 @@ from castlib.backends import open_backend
 from castlib.backends.sftp import _NOBODY
 from castlib.backends.ssh_command import SshCommand
 from castlib.errors import StorageError
+from tests.helpers import wait_for
 from tests.helpers import backend_listing as listing
 from tests.helpers import backend_read as read
 from tests.helpers import backend_write as write
@@ -54,14 +55,6 @@ def _ssh_children() -> list[int]:
     return found
 
 
-def _wait_for(condition, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
 
 @pytest.fixture
 def own_temp(monkeypatch):
@@ -81,7 +74,7 @@ def no_ssh_left_behind():
     _BEFORE.update(_ssh_children())
     yield
     left = _ssh_children()
-    if left and not _wait_for(lambda: not _ssh_children(), 10):
+    if left and not wait_for(lambda: not _ssh_children(), 10):
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -217,7 +210,7 @@ def test_an_ssh_killed_under_a_copy_is_a_lost_connection_tried_anew(sftp_server,
                 wire = b._wire()
                 victim = wire if which != "master" else b._sftp
                 os.kill(_wire_pid(victim), signal.SIGKILL)
-                assert _wait_for(lambda: wire.closed)
+                assert wait_for(lambda: wire.closed)
                 for _ in range(8):
                     f.write(os.urandom(1024 * 1024))
         except Exception as exc:   # noqa: BLE001 - what the copy raised, checked below
@@ -267,7 +260,7 @@ def test_sessions_opened_after_close_are_closed_not_left_running(sftp_server, ow
         watching.set()
         watcher.join()
     assert started == []
-    assert _wait_for(lambda: not _ssh_children()), _ssh_children()
+    assert wait_for(lambda: not _ssh_children()), _ssh_children()
     assert all(p[0] is None or p[0].closed for p in places)
     assert list(own_temp.iterdir()) == []
 
@@ -275,12 +268,12 @@ def test_sessions_opened_after_close_are_closed_not_left_running(sftp_server, ow
 def test_close_during_the_early_sessions_leaves_nothing(sftp_server, own_temp):
     b = open_backend(sftp_server.url, sftp_server.options)
     b.connect_in_background(9)
-    assert _wait_for(lambda: b._fs is not None or b._early is None, 60)
+    assert wait_for(lambda: b._fs is not None or b._early is None, 60)
     b.close()
-    assert _wait_for(lambda: not _ssh_children(), 30), _ssh_children()
+    assert wait_for(lambda: not _ssh_children(), 30), _ssh_children()
     time.sleep(1)   # any session still coming has come by now
     assert not _ssh_children()
-    assert _wait_for(lambda: list(own_temp.iterdir()) == [], 10), list(own_temp.iterdir())
+    assert wait_for(lambda: list(own_temp.iterdir()) == [], 10), list(own_temp.iterdir())
 
 
 # -- connections that cannot be made -------------------------------------------------------
@@ -376,7 +369,7 @@ def test_a_server_that_stops_answering_fails_in_bounded_time_and_is_left(sftp_se
             b.stat("other")   # (not "f": its stat came with its rename, and is kept)
         assert time.monotonic() - started < 15
         assert caught.value.transient, caught.value
-        assert _wait_for(lambda: not set(old) & set(_ssh_children()), 10)
+        assert wait_for(lambda: not set(old) & set(_ssh_children()), 10)
         assert read(b, "f") == b"data"
     finally:
         for pid in stopped:
@@ -413,7 +406,7 @@ def test_sigkill_mid_sync_over_ssh_then_rerun_is_exact_and_leaves_nothing(sftp_s
     try:
         def landed() -> int:
             return sum(1 for p in dst.rglob("f*.bin")) if dst.is_dir() else 0
-        assert _wait_for(lambda: landed() >= 2 or proc.poll() is not None, 120)
+        assert wait_for(lambda: landed() >= 2 or proc.poll() is not None, 120)
         assert proc.poll() is None, "the sync ended before it could be killed"
         ssh = [p for p in _descendants(proc.pid)
                if Path(f"/proc/{p}/comm").exists() and
@@ -431,7 +424,7 @@ def test_sigkill_mid_sync_over_ssh_then_rerun_is_exact_and_leaves_nothing(sftp_s
             return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
         except OSError:
             return False
-    assert _wait_for(lambda: not any(alive(p) for p in ssh), 30), [p for p in ssh if alive(p)]
+    assert wait_for(lambda: not any(alive(p) for p in ssh), 30), [p for p in ssh if alive(p)]
     for path in dst.rglob("*"):
         if path.is_file() and not path.name.startswith("."):
             rel = str(path.relative_to(dst))
@@ -480,7 +473,7 @@ def test_an_ssh_that_ended_just_before_its_session_closed_is_not_reaped_twice(sf
 
             fsspec.asyn.sync(host.loop, kill_and_close)
             killed += len(wires)
-        assert _wait_for(lambda: len(_ssh_children()) == 1)   # the first session's
+        assert wait_for(lambda: len(_ssh_children()) == 1)   # the first session's
     finally:
         b.close()
     assert killed >= 30
@@ -543,7 +536,7 @@ def test_a_sync_whose_master_ssh_is_killed_is_retried_to_an_exact_tree(sftp_serv
         def landed() -> int:
             return len([p for p in dst.iterdir() if not p.name.startswith(".")]) \
                 if dst.is_dir() else 0
-        assert _wait_for(lambda: landed() >= 3 or proc.poll() is not None, 120)
+        assert wait_for(lambda: landed() >= 3 or proc.poll() is not None, 120)
         assert proc.poll() is None, "the sync ended before its ssh could be killed"
         masters = [p for p in _descendants(proc.pid)
                    if b"ControlMaster=yes" in Path(f"/proc/{p}/cmdline").read_bytes()]
