@@ -32,7 +32,7 @@ from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
 from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
 from . import sftp_wire
-from .ssh_command import _openssh_version
+from .ssh_command import openssh_version
 from .base import DIR, FILE, LINK, Capabilities, Stat
 from .fsspec import (READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _quiet_background_errors,
                      _Reader, _Writer)
@@ -924,7 +924,7 @@ class _OpensshHost:
         if self._socket is not None:
             ours += ["-o", f"ControlPath={self._socket}", "-o", "ControlPersist=no",
                      "-o", f"ControlMaster={'yes' if master else 'no'}"]
-        if _openssh_version() >= (8, 2):   # ("^": these first, then ssh's own order)
+        if openssh_version() >= (8, 2):   # ("^": these first, then ssh's own order)
             # AES-GCM first, as over asyncssh (see _sftp_cipher_preference): with AES-NI
             # a 256 MiB copy took 0.7 s against chacha20-poly1305's (ssh's first) 1.1 s
             ours += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]

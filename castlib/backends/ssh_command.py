@@ -305,7 +305,7 @@ def _why_untranslatable(name: str, value) -> str:
     if name in ("password", "passphrase") and value is not None:   # None: none given
         if not isinstance(value, (str, int)) or any(c in str(value) for c in "\r\n\0"):
             return "ssh's askpass takes one line of text"
-        if _openssh_version() < _ASKPASS_MIN_VERSION:
+        if openssh_version() < _ASKPASS_MIN_VERSION:
             return "this ssh is older than OpenSSH 8.4, which takes a password from castlib"
     if name in ("client_keys", "key_filename", "known_hosts"):
         if value is None:
@@ -355,7 +355,7 @@ def _offending(lines: list[str]) -> str:
 
 
 @lru_cache(maxsize=1)
-def _openssh_version() -> tuple[int, int]:
+def openssh_version() -> tuple[int, int]:
     """(major, minor) of the ssh here (`ssh -V`: "OpenSSH_9.2p1 ..."); (0, 0) unknown."""
     ssh = shutil.which("ssh")
     if ssh is None:
