@@ -309,9 +309,17 @@ def test_webdav_puts_only_under_castlib_temporary_names(request, kind, tmp_path)
     stream = b.open_write("report.bin")
     stream.write(os.urandom(MIB))
 
-    def watch():   # what the server's disk holds while the body is still coming
-        while not streaming.is_set():
+    def watch():   # what the server's disk holds while the body is still coming (rclone
+        # may buffer it a while under load: watched on until bytes show, or 10 s after)
+        import time
+
+        deadline = None
+        while not (streaming.is_set() and seen):
             seen.update(names_with_bytes())
+            if streaming.is_set():
+                deadline = deadline or time.monotonic() + 10
+                if time.monotonic() > deadline:
+                    break
     watcher = threading.Thread(target=watch)
     watcher.start()
     for _ in range(8):
