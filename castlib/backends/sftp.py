@@ -1059,18 +1059,31 @@ def _attrs(pending: dict, sftp):
 
 
 async def _sftp_publish(sftp, src: str, dst: str, pending: dict | None):
-    """A copy's last steps, in one call: the set-stats that waited for it, the
+    """A copy's last steps, in one round trip: the set-stats that waited for it, the
     posix-rename, and an lstat of the target (None if that fails: the engine then asks
     itself). Returns (attributes, whether renamed); not renamed when the server has no
-    posix-rename (the caller renames another way). The rename waits for the set-stat's
-    answer (a refused one must stop it); the lstat goes out with the rename, after it:
-    one round trip for both (see _sftp_write_whole on the order a server keeps)."""
+    posix-rename (the caller renames another way).
+
+    The three go out together, in this order, which a server keeps (see
+    _sftp_write_whole): the set-stat is done before the rename, the lstat after it. A
+    set-stat is deferred to here only once the server has done that kind (see
+    _defer_setstat); one refused after all fails the copy even though the rename went
+    through: the file in place then holds the verified bytes without the times or bits,
+    which the next sync sees as a metadata difference and sets, and no copy is said to
+    have what it has not. Before, the rename waited for the set-stat's answer: a round
+    trip more for every file."""
     errors = _errors_of(sftp)
-    if pending:
-        await sftp.setstat(src, _attrs(pending, sftp))
     with _together(sftp):
-        requests = sftp.posix_rename(src, dst), sftp.lstat(dst)
-    renamed, attrs = await asyncio.gather(*requests, return_exceptions=True)
+        requests = [sftp.setstat(src, _attrs(pending, sftp))] if pending else []
+        requests += [sftp.posix_rename(src, dst), sftp.lstat(dst)]
+    done = await asyncio.gather(*requests, return_exceptions=True)
+    set_stat = done[0] if pending else None
+    renamed, attrs = done[-2:]
+    if isinstance(set_stat, BaseException):
+        if not isinstance(renamed, BaseException):
+            log.info("%s: in place without its times or bits (set-stat refused: %s)",
+                     dst, set_stat)
+        raise set_stat
     if isinstance(renamed, errors.SFTPOpUnsupported):
         return None, False
     if isinstance(renamed, BaseException):

@@ -177,6 +177,45 @@ def test_a_name_given_twice_in_a_listing_is_refused(sftp_tamper_server):
         b.close()
 
 
+# -- a set-stat refused after the server did them -----------------------------------------
+FXP_SETSTAT, FXP_STATUS, FX_PERMISSION_DENIED = 9, 101, 3
+
+
+def _refusing_setstat(request, reply):
+    """A tamper function: every SET-STAT answered 'permission denied' (sftp-server did
+    it; the client is told it did not)."""
+    if request is not None and request.kind == FXP_SETSTAT:
+        payload = struct.pack(">II", request.rid, FX_PERMISSION_DENIED) + \
+            struct.pack(">I", 6) + b"denied" + struct.pack(">I", 0)
+        return struct.pack(">IB", 1 + len(payload), FXP_STATUS) + payload
+    return reply
+
+
+def test_a_deferred_set_stat_refused_fails_the_copy_with_the_verified_bytes_in_place(
+        sftp_tamper_server):
+    """Once the server has set an mtime, a temporary file's mtime goes out with its
+    rename, in one round trip. A set-stat refused there after all fails the copy (never
+    said to have times it has not); the rename, sent with it, went through: the file in
+    place is the verified one, which the next sync gives its times."""
+    from castlib.transfer import temp_path
+
+    server = sftp_tamper_server
+    b = open_backend(server.url, server.options)
+    try:
+        write(b, "first", b"x")
+        b.set_mtime("first", 1_600_000_000 * 10**9)   # set-stat works here: learned
+        tmp = temp_path("f", b.temp_key)
+        write(b, tmp, b"verified bytes")
+        b.set_mtime(tmp, 1_500_000_000 * 10**9)   # deferred to the rename
+        server.tamper = _refusing_setstat
+        with pytest.raises(StorageError, match="denied"):
+            b.rename(tmp, "f")
+        assert (server.folder / "f").read_bytes() == b"verified bytes"
+        assert not (server.folder / tmp).exists()
+    finally:
+        b.close()
+
+
 # -- a login script that writes into the stream -------------------------------------------
 def test_a_login_script_that_prints_is_named(sftp_chatty_server):
     """A host whose shell writes to stdout before the subsystem starts (a .bashrc that
