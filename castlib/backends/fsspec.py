@@ -15,9 +15,6 @@ from datetime import datetime
 from http import HTTPStatus
 from typing import BinaryIO, Iterator
 
-import fsspec
-import fsspec.asyn
-
 from ..catalog.paths import to_catalog
 from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError, Unsupported
 from ..location import LocationURL, redact, secret_values
@@ -140,6 +137,8 @@ class FsspecBackend(Backend):
 
     # -- connecting ------------------------------------------------------------------------
     def _root_path(self) -> str:
+        import fsspec   # (not with this module: a back-end of its own may not need it)
+
         fs_cls = fsspec.get_filesystem_class(self.url.scheme)
         path = self.url.path.rstrip("/")
         return fs_cls._strip_protocol(f"{self.url.scheme}://{self.url.host}{path}") or "/"
@@ -192,6 +191,8 @@ class FsspecBackend(Backend):
             raise error
 
     def _connect(self):
+        import fsspec.asyn
+
         _quiet_background_errors(fsspec.asyn.get_loop())
         return fsspec.filesystem(self.url.scheme, skip_instance_cache=True,
                                  **self._storage_options)
@@ -509,6 +510,12 @@ async def _next_items(agen, count: int) -> list:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _buffered_file_class() -> type:
+    from fsspec.spec import AbstractBufferedFile
+
+    return AbstractBufferedFile
+
+
 def _quiet_background_errors(loop) -> None:
     """When a connection drops, the library's own background tasks (asyncssh's pipelined
     requests) end with errors nobody awaits, and asyncio prints each with a traceback when
@@ -581,7 +588,7 @@ class _Writer(WriteStream):
         discard = getattr(self._stream, "discard", None) or getattr(self._stream, "abort", None)
         try:
             (discard or self._stream.close)()
-            if discard is not None and isinstance(self._stream, fsspec.spec.AbstractBufferedFile):
+            if discard is not None and isinstance(self._stream, _buffered_file_class()):
                 # discarded: its buffer is gone, and a close (at garbage collection
                 # too) would try to upload it
                 self._stream.closed = True

@@ -24,10 +24,6 @@ import time
 import weakref
 from typing import BinaryIO
 
-import fsspec
-import fsspec.asyn
-from fsspec.exceptions import FSTimeoutError
-
 from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
 from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
@@ -38,6 +34,20 @@ from .fsspec import (READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _quiet_background
                      _Reader, _Writer)
 
 log = logging.getLogger(__name__)
+
+
+# fsspec (its event loop thread, its timeout error) is imported when first needed, not
+# with this module: a location's first ssh starts before it (see _connect_openssh)
+def _fsspec_asyn():
+    import fsspec.asyn
+
+    return fsspec.asyn
+
+
+def _fs_timeout() -> type:
+    from fsspec.exceptions import FSTimeoutError
+
+    return FSTimeoutError
 
 
 # -- importing asyncssh ------------------------------------------------------------------
@@ -262,7 +272,7 @@ class SftpBackend(FsspecBackend):
         import sshfs
 
         _tune_asyncssh_logging()
-        _quiet_background_errors(fsspec.asyn.get_loop())
+        _quiet_background_errors(_fsspec_asyn().get_loop())
         opts = dict(self._storage_options)
         if "key_filename" in opts:
             keys = opts.pop("key_filename")
@@ -285,9 +295,9 @@ class SftpBackend(FsspecBackend):
         sftp_kwargs = {"path_encoding": "utf-8", "path_errors": "surrogateescape"}
         fs = sshfs.SSHFileSystem(self.url.hostname, skip_instance_cache=True,
                                  sftp_client_kwargs=sftp_kwargs, **opts)
-        fsspec.asyn.sync(fs.loop, _lighten_connection, fs.client, timeout=READ_TIMEOUT_S)
-        self._sftp = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client,
-                                      timeout=READ_TIMEOUT_S, **sftp_kwargs)
+        _fsspec_asyn().sync(fs.loop, _lighten_connection, fs.client, timeout=READ_TIMEOUT_S)
+        self._sftp = _fsspec_asyn().sync(fs.loop, fs.client.start_sftp_client,
+                                         timeout=READ_TIMEOUT_S, **sftp_kwargs)
         self._sftp_kwargs = sftp_kwargs
         self._sessions = [[self._sftp, threading.current_thread()]]
         self._more_sessions = True
@@ -295,14 +305,18 @@ class SftpBackend(FsspecBackend):
 
     def _connect_openssh(self):
         """The first session over OpenSSH's ssh (the login: see connect_in_background):
-        the location's 'connection' is its sessions, each an ssh process (_wire)."""
-        loop = fsspec.asyn.get_loop()
-        _quiet_background_errors(loop)   # (as for asyncssh: see there)
-        host = _OpensshHost(loop, self._ssh)
+        the location's 'connection' is its sessions, each an ssh process (_wire). Its ssh
+        starts first, before fsspec's event loop (and fsspec) are needed: the login,
+        mostly a wait on the network, runs while they are imported."""
+        host = _OpensshHost(self._ssh)
         try:
-            wire = host.open_wire(self._login_timeout)
+            master = host.start_master()
+            loop = _fsspec_asyn().get_loop()
+            _quiet_background_errors(loop)   # (as for asyncssh: see there)
+            host.loop = loop
+            wire = host.adopt_master(master, self._login_timeout)
         except BaseException:
-            host.close()   # (no session of it is open: its socket's folder goes)
+            host.close()   # (no session of it is open: its ssh is killed, its folder goes)
             raise
         self._sftp = wire
         self._sessions, self._more_sessions = [], False
@@ -365,8 +379,8 @@ class SftpBackend(FsspecBackend):
             entry = [first, me]   # reserved; the session itself comes below, unlocked
             self._sessions.append(entry)
         try:
-            session = fsspec.asyn.sync(fs.loop, fs.client.start_sftp_client,
-                                       timeout=READ_TIMEOUT_S, **self._sftp_kwargs)
+            session = _fsspec_asyn().sync(fs.loop, fs.client.start_sftp_client,
+                                          timeout=READ_TIMEOUT_S, **self._sftp_kwargs)
         except Exception as exc:  # no channel for it: share the first session
             log.debug("%s: no further SFTP session (%s); sharing one", self._where(), exc)
             with self._connect_lock:
@@ -446,9 +460,9 @@ class SftpBackend(FsspecBackend):
         if self._ssh is None:
             import asyncssh
 
-            return isinstance(exc, (asyncssh.Error, OSError, FSTimeoutError,
+            return isinstance(exc, (asyncssh.Error, OSError, _fs_timeout(),
                                     asyncio.TimeoutError))
-        return isinstance(exc, (sftp_wire.SFTPError, OSError, FSTimeoutError,
+        return isinstance(exc, (sftp_wire.SFTPError, OSError, _fs_timeout(),
                                 asyncio.TimeoutError))
 
     def _open_wire(self, fs):
@@ -457,10 +471,10 @@ class SftpBackend(FsspecBackend):
         from .sftp_wire import open_wire
 
         # names as the asyncssh sessions have them (see _connect)
-        return fsspec.asyn.sync(fs.loop, open_wire, fs.client,
-                                self._sftp_kwargs.get("path_encoding", "utf-8"),
-                                self._sftp_kwargs.get("path_errors", "surrogateescape"),
-                                timeout=READ_TIMEOUT_S)
+        return _fsspec_asyn().sync(fs.loop, open_wire, fs.client,
+                                   self._sftp_kwargs.get("path_encoding", "utf-8"),
+                                   self._sftp_kwargs.get("path_errors", "surrogateescape"),
+                                   timeout=READ_TIMEOUT_S)
 
     def _on_sftp(self, call, *args, **kwargs):
         """Run one of the SFTP client's coroutines (or a wire's request, which returns a
@@ -474,11 +488,11 @@ class SftpBackend(FsspecBackend):
             return fut.result(timeout=READ_TIMEOUT_S)
         except concurrent.futures.TimeoutError:
             if fut.done():   # the call's own timeout (one exception type since 3.11)
-                raise FSTimeoutError(str(fut.exception())) from None
+                raise _fs_timeout()(str(fut.exception())) from None
             fut.cancel()
-            raise FSTimeoutError(f"no answer within {READ_TIMEOUT_S} s") from None
+            raise _fs_timeout()(f"no answer within {READ_TIMEOUT_S} s") from None
         except asyncio.TimeoutError as exc:   # the call's own, on 3.10
-            raise FSTimeoutError(str(exc)) from None
+            raise _fs_timeout()(str(exc)) from None
 
     def _connection_failed(self, generation: int) -> None:
         """An SSH connection that dropped stays dropped (every later call fails with 'not
@@ -509,7 +523,7 @@ class SftpBackend(FsspecBackend):
             if self._sftp is not None and fs is not None:
                 sessions = [entry[0] for entry in self._sessions] or [self._sftp]
                 sessions += [entry[0] for entry in self._wires if entry[0] is not None]
-                fsspec.asyn.sync(fs.loop, _close_ssh, sessions, fs.client, timeout=5)
+                _fsspec_asyn().sync(fs.loop, _close_ssh, sessions, fs.client, timeout=5)
         except Exception:  # closing is best effort: the connection may be gone already
             pass
         self._sftp = None
@@ -669,9 +683,9 @@ class SftpBackend(FsspecBackend):
             return self._md5_over_ssh(path, full, timeout)
         with self._errors(path):   # a line that drops is a storage error, as elsewhere
             try:
-                result = fsspec.asyn.sync(self.fs.loop, self.fs.client.run,
-                                          f"md5sum -- {shlex.quote(full)}", check=False,
-                                          timeout=timeout)
+                result = _fsspec_asyn().sync(self.fs.loop, self.fs.client.run,
+                                             f"md5sum -- {shlex.quote(full)}", check=False,
+                                             timeout=timeout)
             except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions)
                 log.debug("%s: no channel for md5sum (%s)", self._where(path), exc)
                 return None
@@ -703,7 +717,7 @@ class SftpBackend(FsspecBackend):
                                       capture_output=True, timeout=timeout,
                                       start_new_session=True)
             except subprocess.TimeoutExpired:
-                raise FSTimeoutError(f"md5sum gave no answer within {timeout:.0f} s") from None
+                raise _fs_timeout()(f"md5sum gave no answer within {timeout:.0f} s") from None
             if done.returncode == 255:   # ssh's own failure: the line, the login
                 raise self._ssh.failure(done.returncode, done.stderr)
         return self._md5sum_said(done.returncode, done.stdout.decode("utf-8", "replace"),
@@ -892,12 +906,13 @@ class _OpensshHost:
     private folder: a session more is a channel (~10 ms), not a login (~0.1 s, and one
     more for the server to count). `client` is itself, for what closes a connection."""
 
-    def __init__(self, loop, command):
-        self.loop = loop
+    def __init__(self, command):
+        self.loop = None   # set once the master's ssh is started (see _connect_openssh)
         self.client = self
         self._command = command
         self._wires: list = []
         self._master = None
+        self._starting = None   # the master's ssh, started, not yet a session
         self._closed = False   # see close: a session that comes after it is closed too
         folder = tempfile.mkdtemp(prefix="castlib-ssh-", dir=_short_temp_dir())
         self._socket_dir = folder
@@ -930,15 +945,16 @@ class _OpensshHost:
             ours += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
         return argv[:1] + ours + argv[1:]
 
-    async def _opened(self, argv: list[str], env: dict, timeout: float):
+    async def _opened(self, session, timeout: float):
         """One session (on the loop). One not opened in time is not left behind; one
         opened after close() (a connection given up, a run that ended while its early
         sessions were still coming) is closed at once, not left running; none is started
-        after it (a login of its own each, the master being gone)."""
+        after it (a login of its own each, the master being gone). `session`: the
+        coroutine that opens it, not yet started."""
         if self._closed:
+            session.close()   # (never started: no ssh, no warning that it was not awaited)
             raise sftp_wire.SFTPConnectionLost("the connection was closed")
-        wire = await asyncio.wait_for(
-            sftp_wire.open_wire_over_ssh(argv, env, self._command.session_failure), timeout)
+        wire = await asyncio.wait_for(session, timeout)
         if self._closed:
             wire.close()
             raise sftp_wire.SFTPConnectionLost("the connection was closed meanwhile")
@@ -947,9 +963,33 @@ class _OpensshHost:
             self._master = wire
         return wire
 
+    def start_master(self):
+        """The master's ssh, started now, in this thread (no event loop needed yet)."""
+        argv, env = self._argv(master=True)
+        self._starting = sftp_wire.start_ssh(argv, env)
+        return self._starting
+
+    def adopt_master(self, proc, timeout: float):
+        """The master's session, on the loop, of the ssh start_master started."""
+        async def adopted():
+            return await self._opened(
+                sftp_wire.adopt_ssh(proc, self._command.session_failure), timeout)
+
+        wire = _fsspec_asyn().sync(self.loop, adopted)
+        self._starting = None
+        return wire
+
+    def _session(self, argv: list[str], env: dict):
+        """A session over a new ssh (a coroutine, for the loop)."""
+        return sftp_wire.open_wire_over_ssh(argv, env, self._command.session_failure)
+
     def open_wire(self, timeout: float):
         argv, env = self._argv(master=self._master is None)
-        return fsspec.asyn.sync(self.loop, self._opened, argv, env, timeout)
+
+        async def opened():
+            return await self._opened(self._session(argv, env), timeout)
+
+        return _fsspec_asyn().sync(self.loop, opened)
 
     def open_wires(self, count: int, timeout: float) -> list:
         """`count` sessions opened at once (on the master's connection); those that
@@ -957,11 +997,11 @@ class _OpensshHost:
         argv, env = self._argv(master=self._master is None)
 
         async def all_of_them():
-            return await asyncio.gather(*(self._opened(argv, env, timeout)
+            return await asyncio.gather(*(self._opened(self._session(argv, env), timeout)
                                           for _ in range(count)), return_exceptions=True)
 
         try:
-            opened = fsspec.asyn.sync(self.loop, all_of_them)
+            opened = _fsspec_asyn().sync(self.loop, all_of_them)
         except Exception:  # noqa: BLE001 - the loop ended (a run being closed)
             return []
         for exc in opened:
@@ -971,6 +1011,12 @@ class _OpensshHost:
 
     def close(self) -> None:   # on the loop (or anywhere, before any session opened)
         self._closed = True
+        starting, self._starting = self._starting, None
+        if starting is not None and starting.poll() is None:   # a master never adopted
+            starting.kill()
+            starting.wait()
+            for pipe in (starting.stdin, starting.stdout, starting.stderr):
+                pipe.close()
         # the master last: the others' sessions are channels of its connection
         for wire in sorted(self._wires, key=lambda w: w is self._master):
             wire.close()
@@ -1344,7 +1390,7 @@ class _SftpFile:
             fut.result(timeout=READ_TIMEOUT_S)
         except concurrent.futures.TimeoutError:
             fut.cancel()
-            raise FSTimeoutError(f"no answer to a write within {READ_TIMEOUT_S} s") from None
+            raise _fs_timeout()(f"no answer to a write within {READ_TIMEOUT_S} s") from None
 
     def close(self) -> None:
         if self._closed:

@@ -35,6 +35,7 @@ import os
 import signal
 import struct
 import subprocess
+import threading
 
 # packet types (draft-ietf-secsh-filexfer-02, SFTP v3)
 FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ, FXP_WRITE, FXP_LSTAT = 1, 2, 3, 4, 5, 6, 7
@@ -740,47 +741,100 @@ async def open_wire(conn, path_encoding: str = "utf-8",
 _PIPE_BYTES = 1024 * 1024
 
 
-class _SshPipes(asyncio.SubprocessProtocol):
-    """OpenSSH's `ssh -s HOST sftp` as a wire's channel: its stdin carries the requests,
-    its stdout the replies; what it says on stderr explains its exit (`failure`)."""
+def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
+    """OpenSSH's `ssh -s HOST sftp` started as `argv`, its pipes widened: in the calling
+    thread, with no event loop yet (see adopt_ssh). A location's first ssh starts this
+    way as soon as its back-end connects, before the event loop and the libraries a
+    session needs are imported: its login (~0.1 s, mostly waiting on the network) runs
+    while they are."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        except (AttributeError, OSError, ValueError):
+            pass   # not Linux, above pipe-max-size
+    return proc
+
+
+class _SshPipes:
+    """A started ssh (start_ssh) as a wire's channel, on the loop: its stdin carries the
+    requests, its stdout the replies; what it says on stderr explains its exit
+    (`failure`). The channel is lost once ssh has ended and both its outputs are read to
+    their end (as asyncio's subprocess transport tells it); ssh is waited for here, by
+    a pidfd the loop watches (a thread where there is none), never by asyncio's child
+    watcher, so that no second wait can reap it under another."""
 
     _STDERR_KEPT = 8192
 
-    def __init__(self, wire: SftpWire, failure):
+    def __init__(self, wire: SftpWire, proc: subprocess.Popen, failure, loop):
         self._wire = wire
+        self._proc = proc
         self._failure = failure   # (exit status, stderr) -> the exception to fail with
+        self._loop = loop
         self._stderr = bytearray()
-        self._transport = None
-        self._stdin = None
+        self._stdin = None   # the write transport
+        self._readers: list = []
+        self._open_ends = 3   # stdout, stderr and the process: each ends once
         self._closing = False
+        self._pidfd: int | None = None
 
-    def connection_made(self, transport) -> None:
-        self._transport = transport
-        self._stdin = transport.get_pipe_transport(0)
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
+    async def attach(self) -> None:
+        loop = self._loop
+        self._stdin, _ = await loop.connect_write_pipe(lambda: _WriteEnd(self),
+                                                       self._proc.stdin)
+        for fd, pipe in ((1, self._proc.stdout), (2, self._proc.stderr)):
+            transport, _ = await loop.connect_read_pipe(lambda fd=fd: _ReadEnd(self, fd),
+                                                        pipe)
+            self._readers.append(transport)
+        self._watch_exit()
+
+    def _watch_exit(self) -> None:
+        try:
+            self._pidfd = os.pidfd_open(self._proc.pid)
+        except (AttributeError, OSError):   # not Linux >= 5.3: a thread waits instead
+            threading.Thread(target=self._wait_in_thread, daemon=True,
+                             name="castlib-ssh-wait").start()
+            return
+        self._loop.add_reader(self._pidfd, self._exited)
+
+    def _wait_in_thread(self) -> None:
+        self._proc.wait()
+        try:
+            self._loop.call_soon_threadsafe(self._exited)
+        except RuntimeError:   # the loop is closed: nothing waits on the wire
+            pass
+
+    def _exited(self) -> None:   # on the loop: the pidfd is readable, or the thread waited
+        if self._proc.poll() is None:   # (a pidfd is readable only once it ended)
+            return
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._end()
+
+    def data(self, fd: int, data: bytes) -> None:
         if fd == 1:
             self._wire.data_received(data, None)
         elif len(self._stderr) < self._STDERR_KEPT:
             self._stderr += data[:self._STDERR_KEPT - len(self._stderr)]
 
-    def connection_lost(self, exc) -> None:   # the process ended and its pipes closed
+    def _end(self) -> None:
+        self._open_ends -= 1
+        if self._open_ends:
+            return
         if self._closing:
             exc = None
         else:
-            exc = self._failure(self._transport.get_returncode(), bytes(self._stderr))
+            exc = self._failure(self._proc.returncode, bytes(self._stderr))
+        if self._stdin is not None:
+            self._stdin.close()
         self._wire.connection_lost(exc)
-        self._transport.close()   # (its process waited for: nothing left to poll)
-
-    def widen(self, size: int) -> None:
-        """Pipes of `size` bytes (Linux's are 64 KiB): a 256 MiB copy went 1.0 -> 0.6 s
-        each way, ssh and castlib waking each other a sixteenth as often."""
-        for fd in (0, 1):
-            pipe = self._transport.get_pipe_transport(fd).get_extra_info("pipe")
-            try:
-                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, size)
-            except (AttributeError, OSError, ValueError):
-                pass   # not Linux, above pipe-max-size, or closed: ssh ended at once
 
     # -- what SftpWire asks of its channel ----------------------------------------------
     def write(self, data: bytes) -> None:
@@ -789,45 +843,78 @@ class _SshPipes(asyncio.SubprocessProtocol):
         self._stdin.write(data)
 
     def close(self) -> None:
-        """Ends the session: the process is killed (every request was answered or is
-        given up), its pipes closed; asyncio's child watcher waits for it. Not through
-        the transport's close() while it runs: that polls the process, and a poll that
-        comes just after ssh ended (a dropped line, a killed ssh) reaps it under the
-        watcher, which then writes "Unknown child process pid N" on the user's
-        terminal (the transport is closed at connection_lost)."""
+        """Ends the session: ssh is killed (every request was answered or is given up),
+        its pipes closed; it is waited for as it ends (_exited)."""
         if self._closing:
             return
         self._closing = True
-        if self._transport.get_returncode() is not None:   # waited for already
-            self._transport.close()
-            return
-        try:
-            os.kill(self._transport.get_pid(), signal.SIGKILL)
-        except ProcessLookupError:   # ended, not yet waited for: the watcher will
-            pass
-        for fd in (0, 1, 2):
-            pipe = self._transport.get_pipe_transport(fd)
-            if pipe is not None:
-                pipe.close()
+        if self._proc.returncode is None:
+            try:
+                os.kill(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:   # ended, not yet waited for: _exited will
+                pass
+        for transport in [self._stdin] + self._readers:
+            if transport is not None:
+                transport.close()
 
     def is_closing(self) -> bool:
-        return self._closing or self._transport.get_returncode() is not None
+        return self._closing or self._proc.returncode is not None
 
 
-async def open_wire_over_ssh(argv: list[str], env: dict, failure,
-                             path_encoding: str = "utf-8",
-                             path_errors: str = "surrogateescape") -> SftpWire:
-    """A new SFTP session over the pipes of OpenSSH's `ssh` started as `argv` (its
-    subsystem sftp; see ssh_command.py), initialised: the version agreed, the server's
-    limits asked for. `failure(exit status, stderr)` makes the error of an ssh that ends
-    (a refused login, an unknown host key, a host that does not answer)."""
-    loop = asyncio.get_running_loop()
+class _ReadEnd:
+    """asyncio's protocol for one of ssh's outputs (fd 1 or 2)."""
+
+    def __init__(self, pipes: _SshPipes, fd: int):
+        self._pipes, self._fd = pipes, fd
+
+    def connection_made(self, transport) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self._pipes.data(self._fd, data)
+
+    def eof_received(self) -> bool:
+        return False   # (the transport closes, and connection_lost comes)
+
+    def connection_lost(self, exc) -> None:
+        self._pipes._end()
+
+
+class _WriteEnd:
+    """asyncio's protocol for ssh's input: its end is told by the outputs and the exit."""
+
+    def __init__(self, pipes: _SshPipes):
+        self._pipes = pipes
+
+    def connection_made(self, transport) -> None:
+        pass
+
+    def connection_lost(self, exc) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+async def adopt_ssh(proc: subprocess.Popen, failure, path_encoding: str = "utf-8",
+                    path_errors: str = "surrogateescape") -> SftpWire:
+    """A new SFTP session over the pipes of an ssh started by start_ssh, initialised on
+    the running loop: the version agreed, the server's limits asked for. `failure(exit
+    status, stderr)` makes the error of an ssh that ends (a refused login, an unknown
+    host key, a host that does not answer)."""
     wire = SftpWire(path_encoding, path_errors)
-    _, pipes = await loop.subprocess_exec(
-        lambda: _SshPipes(wire, failure), *argv, stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    pipes = _SshPipes(wire, proc, failure, asyncio.get_running_loop())
+    try:
+        await pipes.attach()
+    except BaseException:
+        pipes.close()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+        raise
     wire.connection_made(pipes)
-    pipes.widen(_PIPE_BYTES)
     try:
         try:
             pipes.write(_header.pack(5, FXP_INIT, 3))
@@ -840,3 +927,11 @@ async def open_wire_over_ssh(argv: list[str], env: dict, failure,
         pipes.close()
         raise
     return wire
+
+
+async def open_wire_over_ssh(argv: list[str], env: dict, failure,
+                             path_encoding: str = "utf-8",
+                             path_errors: str = "surrogateescape") -> SftpWire:
+    """A new SFTP session over OpenSSH's `ssh` started now as `argv` (its subsystem
+    sftp; see ssh_command.py): start_ssh, then adopt_ssh."""
+    return await adopt_ssh(start_ssh(argv, env), failure, path_encoding, path_errors)

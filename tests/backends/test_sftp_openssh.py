@@ -49,7 +49,7 @@ def _established_to(port: int, pids=None) -> int:
 
 def _ssh_pids(backend) -> list[int]:
     """The ssh processes of a back-end's sessions."""
-    return [entry[0]._chan._transport.get_pid() for entry in backend._wires
+    return [entry[0]._chan.pid for entry in backend._wires
             if entry[0] is not None]
 
 

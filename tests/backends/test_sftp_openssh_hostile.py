@@ -84,7 +84,7 @@ def no_ssh_left_behind():
 
 
 def _wire_pid(wire) -> int:
-    return wire._chan._transport.get_pid()
+    return wire._chan.pid
 
 
 # -- a server that lies in its listing ----------------------------------------------------
