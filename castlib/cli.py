@@ -299,7 +299,20 @@ def _common(args) -> dict:
     return common
 
 
+def _connect_ahead(args, *locations: str) -> None:
+    """Start the logins of the locations the command will list (its SSH ones) first
+    (backends.connect_ahead), where this process is the one that connects (not a
+    worker's run). Only those it lists: a location it may not touch (a diff of the
+    catalog alone, a sync whose destination is not indexed and may need no copy) is not
+    logged in to for nothing."""
+    if not getattr(args, "on_workers", False) and locations:
+        from .backends import connect_ahead
+
+        connect_ahead(locations)
+
+
 def cmd_index(args) -> int:
+    _connect_ahead(args, args.location)
     from . import api
 
     report = api.index(args.location, **_stage_options(args, "index"), **_common(args))
@@ -307,6 +320,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_diff(args) -> int:
+    _connect_ahead(args, *((args.ref, args.dst) if args.index else ()))
     from . import api
     from .catalog.paths import printable
 
@@ -324,6 +338,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_sync(args) -> int:
+    _connect_ahead(args, *{"both": (args.ref, args.dst), "ref": (args.ref,)}.get(args.index, ()))
     from . import api
 
     report = api.sync(args.ref, args.dst, **_stage_options(args, "sync"), **_common(args))
@@ -333,6 +348,7 @@ def cmd_sync(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    _connect_ahead(args, args.location)
     from . import api
     from .catalog.paths import printable
 

@@ -21,21 +21,25 @@ class BackendSpec:
     target: str            # "module:Class"
     extra: str | None      # pip extra that provides the dependency
     requires: str | None   # the importable module that extra installs
+    # "module:function" that starts a connection ahead of the back-end, from a module
+    # lighter than the back-end's own (see connect_ahead)
+    ahead: str | None = None
 
 
 _BUILTIN: dict[str, BackendSpec] = {}
 
 
-def _builtin(schemes, target, extra=None, requires=None):
+def _builtin(schemes, target, extra=None, requires=None, ahead=None):
     for s in schemes:
-        _BUILTIN[s] = BackendSpec(s, target, extra, requires)
+        _BUILTIN[s] = BackendSpec(s, target, extra, requires, ahead)
 
 
 _builtin(["file"], "castlib.backends.local:LocalBackend")
 _builtin(["root", "xroot", "roots", "xroots"], "castlib.backends.xrootd:XRootDBackend", "xrootd", "XRootD")
 _builtin(["castor"], "castlib.backends.castor:CastorBackend")
 _builtin(["s3"], "castlib.backends.s3:S3Backend", "s3", "s3fs")
-_builtin(["sftp", "ssh"], "castlib.backends.sftp:SftpBackend", "sftp", "sshfs")
+_builtin(["sftp", "ssh"], "castlib.backends.sftp:SftpBackend", "sftp", "sshfs",
+         ahead="castlib.backends.ssh_command:start_ahead")
 _builtin(["webdav", "webdavs", "dav", "davs"], "castlib.backends.webdav:WebdavBackend", "webdav", "webdav4")
 _builtin(["memory"], "castlib.backends.fsspec:MemoryBackend", "fsspec", "fsspec")
 
@@ -99,6 +103,32 @@ def open_backend(location: str | LocationURL, options: dict | None = None) -> Ba
     return cls(url, options)
 
 
+def connect_ahead(locations) -> None:
+    """Let the back-ends of these locations (as a command line names them: URLs, paths,
+    the configuration's names) start connecting now, before the command imports the
+    engine, the catalog and the back-ends' libraries: an SSH login (~0.1 s, mostly a
+    wait on the network) then runs while they are. The back-end takes the connection
+    when it connects, if its options are those this found (see ssh_command.take_ahead).
+    Anything wrong (a configuration that does not read, a URL that does not parse) is
+    left alone: the command says it, as it would have."""
+    from ..config import load_user_config
+
+    try:
+        config = load_user_config()
+    except ConfigError:
+        return
+    for text in locations:
+        try:
+            url = parse_location(config.locations.get(text, text))
+        except ConfigError:
+            continue
+        spec = _BUILTIN.get(url.scheme)
+        if spec is None or spec.ahead is None:
+            continue
+        module_name, _, function = spec.ahead.partition(":")
+        getattr(importlib.import_module(module_name), function)(url, config.options_for(url))
+
+
 def is_available(spec: BackendSpec) -> bool:
     if not spec.requires:
         return True
@@ -111,4 +141,5 @@ def is_available(spec: BackendSpec) -> bool:
 
 
 __all__ = ["Backend", "Capabilities", "Stat", "FILE", "DIR", "LINK", "open_backend",
-           "backend_class", "registry", "is_available", "BackendSpec", "ConfigError"]
+           "backend_class", "registry", "is_available", "BackendSpec", "ConfigError",
+           "connect_ahead"]

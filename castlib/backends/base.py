@@ -18,6 +18,11 @@ FILE, DIR, LINK = "f", "d", "l"
 # folder "dir" (Difference.as_dict): a format users parse, kept as it is.
 KIND_NAMES = {FILE: "file", DIR: "folder", LINK: "link"}
 
+# How long a network back-end waits for a connection (its `connect_timeout` option's
+# default, s): here, where what starts a connection ahead of its back-end reads it too
+# (ssh_command.start_ahead)
+CONNECT_TIMEOUT_S = 10
+
 ListingErrorHandler = Callable[[str, str], None]
 """Called as on_error(relative_path, message) for a folder that could not be listed."""
 

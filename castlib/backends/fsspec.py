@@ -18,7 +18,7 @@ from typing import BinaryIO, Iterator
 from ..catalog.paths import to_catalog
 from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError, Unsupported
 from ..location import LocationURL, redact, secret_values
-from .base import (DIR, FILE, LINK, Backend, Capabilities,
+from .base import (CONNECT_TIMEOUT_S, DIR, FILE, LINK, Backend, Capabilities,
                    ListingErrorHandler, Stat, WriteStream, walk_by_folder)
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,6 @@ SECOND_NS = 1_000_000_000
 
 # Options castlib itself reads; every other option goes to the fsspec file system as is.
 DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024   # one S3 part / one buffered upload block
-CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 120
 
 

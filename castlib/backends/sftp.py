@@ -11,24 +11,20 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import os
 import posixpath
 import re
 import shlex
-import shutil
 import stat as statmod
 import subprocess
-import tempfile
 import threading
 import time
-import weakref
 from typing import BinaryIO
 
 from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
 from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
 from . import sftp_wire
-from .ssh_command import openssh_version
+from . import ssh_command
 from .base import DIR, FILE, LINK, Capabilities, Stat
 from .fsspec import (READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _quiet_background_errors,
                      _Reader, _Writer)
@@ -308,15 +304,18 @@ class SftpBackend(FsspecBackend):
         the location's 'connection' is its sessions, each an ssh process (_wire). Its ssh
         starts first, before fsspec's event loop (and fsspec) are needed: the login,
         mostly a wait on the network, runs while they are imported."""
-        host = _OpensshHost(self._ssh)
+        connection = ssh_command.take_ahead(self._ssh)   # (started by the CLI: see there)
+        if connection is None:
+            connection = ssh_command.ControlConnection(self._ssh)
+            connection.start_master()
+        host = _OpensshHost(connection)
         try:
-            master = host.start_master()
             loop = _fsspec_asyn().get_loop()
             _quiet_background_errors(loop)   # (as for asyncssh: see there)
             host.loop = loop
-            wire = host.adopt_master(master, self._login_timeout)
+            wire = host.open_master(self._login_timeout)
         except BaseException:
-            host.close()   # (no session of it is open: its ssh is killed, its folder goes)
+            host.close()   # (no session of it is open: its ssh is stopped, its folder goes)
             raise
         self._sftp = wire
         self._sessions, self._more_sessions = [], False
@@ -901,49 +900,22 @@ class SftpBackend(FsspecBackend):
 class _OpensshHost:
     """What a location over OpenSSH's ssh has for a connection (SftpBackend.fs there):
     the event loop its sessions' pipes are read on, and the sessions themselves, each an
-    `ssh -s HOST sftp` process (sftp_wire.open_wire_over_ssh). The first one logs in and
-    is a master (ControlMaster) whose connection the others share through a socket in a
-    private folder: a session more is a channel (~10 ms), not a login (~0.1 s, and one
-    more for the server to count). `client` is itself, for what closes a connection."""
+    `ssh -s HOST sftp` process (sftp_wire.adopt_ssh) of one ssh_command.ControlConnection:
+    the first logs in (the master), the others are channels of its connection. `client`
+    is itself, for what closes a connection."""
 
-    def __init__(self, command):
+    def __init__(self, connection):
         self.loop = None   # set once the master's ssh is started (see _connect_openssh)
         self.client = self
-        self._command = command
+        self._connection = connection
+        self._command = connection.command
         self._wires: list = []
         self._master = None
-        self._starting = None   # the master's ssh, started, not yet a session
         self._closed = False   # see close: a session that comes after it is closed too
-        folder = tempfile.mkdtemp(prefix="castlib-ssh-", dir=_short_temp_dir())
-        self._socket_dir = folder
-        # removed at close, or when this is dropped unclosed (a login that failed), or at
-        # the interpreter's exit: never left in /tmp a try
-        self._remove_folder = weakref.finalize(self, shutil.rmtree, folder,
-                                               ignore_errors=True)
-        # a socket's path has ~100 bytes at most, and ssh reads % in it as its own tokens
-        socket = os.path.join(folder, "m")
-        self._socket = socket if len(socket) < 90 and "%" not in socket else None
-
-    def _argv(self, master: bool) -> tuple[list[str], dict]:
-        argv, env = self._command.subsystem("sftp")
-        return self._with_ours(argv, master), env
 
     def command(self, words: list[str]) -> tuple[list[str], dict]:
         """A command on the host, on the master's connection (no login of its own)."""
-        argv, env = self._command.command(words)
-        return self._with_ours(argv, master=False), env
-
-    def _with_ours(self, argv: list[str], master: bool) -> list[str]:
-        # first: the first value given for an option is the one ssh keeps
-        ours = []
-        if self._socket is not None:
-            ours += ["-o", f"ControlPath={self._socket}", "-o", "ControlPersist=no",
-                     "-o", f"ControlMaster={'yes' if master else 'no'}"]
-        if openssh_version() >= (8, 2):   # ("^": these first, then ssh's own order)
-            # AES-GCM first, as over asyncssh (see _sftp_cipher_preference): with AES-NI
-            # a 256 MiB copy took 0.7 s against chacha20-poly1305's (ssh's first) 1.1 s
-            ours += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
-        return argv[:1] + ours + argv[1:]
+        return self._connection.remote_command(words)
 
     async def _opened(self, session, timeout: float):
         """One session (on the loop). One not opened in time is not left behind; one
@@ -963,28 +935,27 @@ class _OpensshHost:
             self._master = wire
         return wire
 
-    def start_master(self):
-        """The master's ssh, started now, in this thread (no event loop needed yet)."""
-        argv, env = self._argv(master=True)
-        self._starting = sftp_wire.start_ssh(argv, env)
-        return self._starting
+    def open_master(self, timeout: float):
+        """The master's session, on the loop, of the ssh the connection started (or
+        starts now)."""
+        proc = self._connection.take_master()
 
-    def adopt_master(self, proc, timeout: float):
-        """The master's session, on the loop, of the ssh start_master started."""
         async def adopted():
             return await self._opened(
                 sftp_wire.adopt_ssh(proc, self._command.session_failure), timeout)
 
-        wire = _fsspec_asyn().sync(self.loop, adopted)
-        self._starting = None
-        return wire
+        try:
+            return _fsspec_asyn().sync(self.loop, adopted)
+        except BaseException:
+            ssh_command.stop(proc)   # (a session that failed has: this is then harmless)
+            raise
 
     def _session(self, argv: list[str], env: dict):
         """A session over a new ssh (a coroutine, for the loop)."""
         return sftp_wire.open_wire_over_ssh(argv, env, self._command.session_failure)
 
     def open_wire(self, timeout: float):
-        argv, env = self._argv(master=self._master is None)
+        argv, env = self._connection.session(master=False)
 
         async def opened():
             return await self._opened(self._session(argv, env), timeout)
@@ -994,7 +965,7 @@ class _OpensshHost:
     def open_wires(self, count: int, timeout: float) -> list:
         """`count` sessions opened at once (on the master's connection); those that
         could not be, left out."""
-        argv, env = self._argv(master=self._master is None)
+        argv, env = self._connection.session(master=False)
 
         async def all_of_them():
             return await asyncio.gather(*(self._opened(self._session(argv, env), timeout)
@@ -1011,25 +982,13 @@ class _OpensshHost:
 
     def close(self) -> None:   # on the loop (or anywhere, before any session opened)
         self._closed = True
-        starting, self._starting = self._starting, None
-        if starting is not None and starting.poll() is None:   # a master never adopted
-            starting.kill()
-            starting.wait()
-            for pipe in (starting.stdin, starting.stdout, starting.stderr):
-                pipe.close()
         # the master last: the others' sessions are channels of its connection
         for wire in sorted(self._wires, key=lambda w: w is self._master):
             wire.close()
-        self._remove_folder()
+        self._connection.close()   # (its master's ssh, if no session took it; its folder)
 
     async def wait_closed(self) -> None:
         pass
-
-
-def _short_temp_dir() -> str | None:
-    """/tmp where the temporary folder's own path is too long for a socket in it."""
-    default = tempfile.gettempdir()
-    return default if len(default) < 60 or not os.path.isdir("/tmp") else "/tmp"
 
 
 class _Nobody:

@@ -29,7 +29,6 @@ Calls are made on the event loop's thread.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import itertools
 import os
 import signal
@@ -737,30 +736,10 @@ async def open_wire(conn, path_encoding: str = "utf-8",
     return wire
 
 
-# the size asked for ssh's pipes (see _SshPipes.widen): Linux's pipe-max-size, for anyone
-_PIPE_BYTES = 1024 * 1024
-
-
-def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
-    """OpenSSH's `ssh -s HOST sftp` started as `argv`, its pipes widened: in the calling
-    thread, with no event loop yet (see adopt_ssh). A location's first ssh starts this
-    way as soon as its back-end connects, before the event loop and the libraries a
-    session needs are imported: its login (~0.1 s, mostly waiting on the network) runs
-    while they are."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, start_new_session=True)
-    for pipe in (proc.stdin, proc.stdout):
-        try:
-            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-        except (AttributeError, OSError, ValueError):
-            pass   # not Linux, above pipe-max-size
-    return proc
-
-
 class _SshPipes:
-    """A started ssh (start_ssh) as a wire's channel, on the loop: its stdin carries the
-    requests, its stdout the replies; what it says on stderr explains its exit
-    (`failure`). The channel is lost once ssh has ended and both its outputs are read to
+    """A started ssh (ssh_command.start_ssh) as a wire's channel, on the loop: its stdin
+    carries the requests, its stdout the replies; what it says on stderr explains its
+    exit (`failure`). The channel is lost once ssh has ended and both its outputs are read to
     their end (as asyncio's subprocess transport tells it); ssh is waited for here, by
     a pidfd the loop watches (a thread where there is none), never by asyncio's child
     watcher, so that no second wait can reap it under another."""
@@ -901,7 +880,7 @@ class _WriteEnd:
 
 async def adopt_ssh(proc: subprocess.Popen, failure, path_encoding: str = "utf-8",
                     path_errors: str = "surrogateescape") -> SftpWire:
-    """A new SFTP session over the pipes of an ssh started by start_ssh, initialised on
+    """A new SFTP session over the pipes of an ssh started by ssh_command.start_ssh, on
     the running loop: the version agreed, the server's limits asked for. `failure(exit
     status, stderr)` makes the error of an ssh that ends (a refused login, an unknown
     host key, a host that does not answer)."""
@@ -933,5 +912,7 @@ async def open_wire_over_ssh(argv: list[str], env: dict, failure,
                              path_encoding: str = "utf-8",
                              path_errors: str = "surrogateescape") -> SftpWire:
     """A new SFTP session over OpenSSH's `ssh` started now as `argv` (its subsystem
-    sftp; see ssh_command.py): start_ssh, then adopt_ssh."""
+    sftp; see ssh_command.py): ssh_command.start_ssh, then adopt_ssh."""
+    from .ssh_command import start_ssh
+
     return await adopt_ssh(start_ssh(argv, env), failure, path_encoding, path_errors)

@@ -148,3 +148,110 @@ def test_the_run_says_how_many_sessions_each_location_will_use_at_once():
     pipeline = Pipeline.from_stages([("index", {"location": "sftp://h/src"}),
                                      ("index", {"location": "sftp://h/x", "checksum": "md5"})])
     assert dict(pipeline._connected_locations()) == {"sftp://h/src": 1, "sftp://h/x": 5}
+
+
+# -- a login started ahead of the command's engine (backends.connect_ahead) ----------------
+def _via(proxy, server) -> str:
+    return server.url.replace(f":{server.port}/", f":{proxy.port}/", 1)
+
+
+def _ssh_of(port: int) -> list[int]:
+    """The ssh processes (of anyone here) whose command line names this port."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"ssh") and str(port).encode() in argv:
+            found.append(int(pid))
+    return found
+
+
+def test_the_back_end_takes_the_login_started_ahead_for_its_options(sftp_server,
+                                                                    outage_proxy):
+    from castlib.backends import ssh_command
+    from castlib.location import parse_location
+
+    proxy = outage_proxy(sftp_server.port)
+    url = _via(proxy, sftp_server)
+    ssh_command.start_ahead(parse_location(url), sftp_server.options)
+    assert wait_for(lambda: proxy.accepted == 1)   # logging in, before any back-end
+    b = open_backend(url, sftp_server.options)
+    write(b, "f", b"ahead")
+    assert read(b, "f") == b"ahead"
+    assert proxy.accepted == 1   # that login, not a second one
+    assert not ssh_command._AHEAD
+    b.close()
+    assert wait_for(lambda: not _ssh_of(proxy.port))
+
+
+def test_a_login_started_ahead_that_no_back_end_takes_is_stopped_at_exit(
+        sftp_server, outage_proxy, tmp_path):
+    """Started for other options than the back-end's (here another connect timeout, so
+    another ssh command line), it is not used, and ends with the process, leaving no
+    ssh and no socket folder."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_env
+
+    proxy = outage_proxy(sftp_server.port)
+    url = _via(proxy, sftp_server)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    script = """
+import json, sys
+from castlib.backends import open_backend, ssh_command
+from castlib.location import parse_location
+from tests.helpers import backend_listing as listing
+url, options = json.loads(sys.argv[1])
+ssh_command.start_ahead(parse_location(url), {**options, "connect_timeout": 7})
+b = open_backend(url, options)
+assert listing(b) == []
+assert len(ssh_command._AHEAD) == 1
+b.close()
+"""
+    r = subprocess.run([sys.executable, "-c", script, json.dumps([url, sftp_server.options])],
+                       capture_output=True, text=True, timeout=120,
+                       env=cli_env({"TMPDIR": str(temp)}))
+    assert r.returncode == 0, r.stderr
+    assert proxy.accepted == 2
+    assert wait_for(lambda: not _ssh_of(proxy.port))
+    assert list(temp.iterdir()) == []
+
+
+def test_a_sync_to_sftp_logs_in_once_its_login_started_ahead(sftp_server, outage_proxy,
+                                                             tmp_path):
+    from tests.helpers import make_tree
+
+    proxy = outage_proxy(sftp_server.port)
+    dst = _via(proxy, sftp_server)
+    src = tmp_path / "src"
+    make_tree(src, {"a": b"a", "d/b": b"bb"})
+    config = tmp_path / "castlib.yaml"
+    config.write_text(f"storage:\n  '{dst}':\n    client_keys: ['{sftp_server.client_key}']\n"
+                      "    known_hosts: null\n")
+    r = run_cli("sync", str(src), dst, db=f"sqlite:///{tmp_path}/c.db",
+                env={"CASTLIB_CONFIG": str(config)})
+    assert r.returncode == 0, r.stderr
+    assert (sftp_server.folder / "d" / "b").read_bytes() == b"bb"
+    assert proxy.accepted == 1, r.stderr   # the login started ahead is the run's one
+    assert wait_for(lambda: not _ssh_of(proxy.port))
+
+
+def test_a_sync_run_on_workers_starts_no_login_here(sftp_server, outage_proxy, tmp_path):
+    from tests.servers.common import free_port
+
+    proxy = outage_proxy(sftp_server.port)
+    src = tmp_path / "src"
+    src.mkdir()
+    r = run_cli("sync", str(src), _via(proxy, sftp_server), "--on-workers",
+                "--broker", f"redis://127.0.0.1:{free_port()}/0", db=f"sqlite:///{tmp_path}/c.db",
+                timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert proxy.accepted == 0
