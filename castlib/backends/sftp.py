@@ -305,7 +305,12 @@ class SftpBackend(FsspecBackend):
         starts first, before fsspec's event loop (and fsspec) are needed: the login,
         mostly a wait on the network, runs while they are imported."""
         connection = ssh_command.take_ahead(self._ssh)   # (started by the CLI: see there)
-        if connection is None:
+        if connection is not None:
+            # the same command line and secrets, with an askpass helper of its own: this
+            # back-end's from now on (its next connections, its close), the other goes
+            own, self._ssh = self._ssh, connection.command
+            own.close()
+        else:
             connection = ssh_command.ControlConnection(self._ssh)
             connection.start_master()
         host = _OpensshHost(connection)

@@ -150,6 +150,7 @@ class SshCommand:
                                      self._passphrase is not None)
         self._askpass: str | None = None   # the helper's path, when there is a secret
         self._remove_askpass = None   # a weakref.finalize: removed at close, or at exit
+        self._askpass_lock = threading.Lock()   # (threads start their ssh at once)
         if self._password is not None or self._passphrase is not None:
             # made here, once, not at each command: threads start their ssh at once
             self._make_askpass()
@@ -215,9 +216,13 @@ class SshCommand:
         return exc
 
     def close(self) -> None:
-        """Remove the askpass helper's folder (if made); again is harmless."""
-        if self._remove_askpass is not None:
-            self._remove_askpass()
+        """Remove the askpass helper's folder (if made); again is harmless. A command used
+        after this (a back-end's next connection) makes a new one."""
+        with self._askpass_lock:
+            if self._remove_askpass is not None:
+                self._remove_askpass()
+                self._remove_askpass = None
+                self._askpass = None
 
     # -- building ----------------------------------------------------------------------
     def _argv(self, mode: list[str], remote: list[str]) -> list[str]:
@@ -241,8 +246,11 @@ class SshCommand:
 
     def _env(self) -> dict:
         env = dict(os.environ)
-        if self._askpass is None:
+        if self._password is None and self._passphrase is None:
             return env
+        with self._askpass_lock:
+            if self._askpass is None:   # removed by close(): used again
+                self._make_askpass()
         # force: askpass even without a display or with a terminal (OpenSSH >= 8.4)
         env.update(SSH_ASKPASS=self._askpass, SSH_ASKPASS_REQUIRE="force")
         for var, secret in ((_PASSWORD_VAR, self._password),
@@ -472,13 +480,13 @@ class ControlConnection:
         return master
 
     def close(self) -> None:
-        """A master's ssh that no session took is stopped; the socket's folder goes, and
-        the askpass helper."""
+        """A master's ssh that no session took is stopped; the socket's folder goes. The
+        command is not closed: its askpass helper serves the next connection (after a
+        dropped line) as well."""
         master, self._master = self._master, None
         if master is not None:
             stop(master)
         self._remove_folder()
-        self.command.close()
 
 
 # -- starting a connection ahead of the run --------------------------------------------------
@@ -522,7 +530,7 @@ def start_ahead(url, options: dict) -> None:
 
 def take_ahead(command: SshCommand) -> ControlConnection | None:
     """The connection started ahead for this same ssh command line and secrets, if any
-    (each is taken once)."""
+    (each is taken once). Its command is then the taker's to close."""
     with _AHEAD_LOCK:
         for connection in _AHEAD:
             if connection.command.same_as(command):
@@ -536,3 +544,4 @@ def _stop_ahead() -> None:
         left, _AHEAD[:] = list(_AHEAD), []
     for connection in left:
         connection.close()
+        connection.command.close()

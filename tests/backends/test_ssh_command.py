@@ -267,6 +267,21 @@ def test_close_removes_the_askpass_folder(rclone_sftp_server):
     ssh.close()   # again: nothing to do
 
 
+def test_a_command_used_after_close_logs_in_again(rclone_sftp_server, no_ssh_left_behind):
+    """A back-end whose connection dropped is given up and connects anew with the same
+    command, whose askpass helper the connection's close may have removed: it is made
+    again, and the password still logs in (was: "authentication failed" after a cut)."""
+    ssh = ssh_for(rclone_sftp_server)
+    ssh.close()
+    try:
+        assert sftp_version(ssh, no_ssh_left_behind) == 3
+        helper = Path(ssh.subsystem()[1]["SSH_ASKPASS"])
+        assert helper.exists()
+    finally:
+        ssh.close()
+    assert not helper.exists()
+
+
 # -- host keys ---------------------------------------------------------------------------
 def test_known_hosts_file_with_the_key(sftp_server, tmp_path, no_ssh_left_behind):
     folder = tmp_path / "known \"hosts\" 'x' %d \\"   # ssh_config quoting and %-tokens
