@@ -579,7 +579,11 @@ def cmd_web(args) -> int:
     print(f"castlib web: http://{host}:{args.port}/ "
           f"({'actions need the token; ' + where if token else 'read-only: no --token-file'})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # proxy_headers off: the limit on wrong tokens counts by the address that connects
+    # (web/auth.py client_address), which X-Forwarded-For from any local process would
+    # otherwise rename at will
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                proxy_headers=False)
     return EXIT_OK
 
 
