@@ -100,15 +100,15 @@ def client_address(request: Request) -> str:
     address counts as its /64, the block one host or customer is given: a guesser has
     millions of addresses in it."""
     host = request.client.host if request.client else ""
+    if ":" not in host:   # IPv4 as the server gives it (parsing it costs a request 3 us)
+        return host
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.IPv6Address(host)
     except ValueError:
         return host
-    if ip.version == 6:
-        if ip.ipv4_mapped:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
-    return str(ip)
+    if ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
 class Auth:
