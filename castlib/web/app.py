@@ -22,13 +22,16 @@ HERE = Path(__file__).parent
 
 def create_app(catalog_url: str | None, token: str | None = None, *,
                pipelines_dir: str | None = None, dispatcher=None,
-               log_dir: str | None = None, allowed_hosts=None) -> FastAPI:
+               log_dir: str | None = None, allowed_hosts=None,
+               login_limit=None) -> FastAPI:
     """The web view and API over the catalog at `catalog_url`. With `token`, actions
     (starting runs) are allowed to its holder; without, the server is read-only.
     `pipelines_dir`: the folder whose pipeline files may be started by name.
     `dispatcher`: what carries out actions (default: a child process of the server,
     see actions.py; workers on other hosts plug in here).
-    `allowed_hosts`: the names a request's Host header may give (HostCheck); None: any."""
+    `allowed_hosts`: the names a request's Host header may give (HostCheck); None: any.
+    `login_limit`: how many wrong tokens a client address may send (auth.LoginLimit;
+    default 10 a minute)."""
     catalog = Catalog(catalog_url)
 
     @asynccontextmanager
@@ -43,7 +46,7 @@ def create_app(catalog_url: str | None, token: str | None = None, *,
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, names=allowed_hosts)
     app.state.catalog = catalog
-    app.state.auth = Auth(token)
+    app.state.auth = Auth(token, login_limit)
     app.state.pipelines_dir = pipelines_dir
     app.state.dispatcher = dispatcher or LocalDispatcher(catalog.db_url, log_dir,
                                                          temporary_logs=True)

@@ -223,7 +223,14 @@ def login(request: Request, token: str = Form("")):
     if auth.read_only:
         return render(request, "login.html", status_code=403,
                       message="this server is read-only: no token is configured")
-    if not auth.token_matches(token):
+    matched, wait = auth.attempt(request, token)
+    if wait:
+        response = render(request, "login.html", status_code=429,
+                          message=f"too many wrong tokens from this address: try again "
+                                  f"in {wait} s")
+        response.headers["Retry-After"] = str(wait)
+        return response
+    if not matched:
         return render(request, "login.html", status_code=401, message="wrong token")
     response = RedirectResponse("/actions", status_code=303)
     response.set_cookie(COOKIE, auth.session_value(), httponly=True, samesite="strict")

@@ -62,7 +62,7 @@ def web_server(tmp_path):
         argv = castlib_command("web", "--port", str(port), *args, db=db_url)
         if token:
             token_file = tmp_path / f"token-{port}"
-            token_file.write_text(token + "\n")
+            write_token_file(token_file, token + "\n")
             argv += ["--token-file", str(token_file)]
         if pipelines:
             argv += ["--pipelines", pipelines]
@@ -72,6 +72,14 @@ def web_server(tmp_path):
 
     yield start
     stack.close()
+
+
+def write_token_file(path, text: str) -> None:
+    """A token file as `castlib web` takes it: the user's own, mode 600 whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
 
 
 def location_ids(client) -> tuple[int, int]:
