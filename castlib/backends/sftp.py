@@ -315,9 +315,6 @@ class SftpBackend(FsspecBackend):
             connection.start_master()
         host = _OpensshHost(connection)
         try:
-            loop = _fsspec_asyn().get_loop()
-            _quiet_background_errors(loop)   # (as for asyncssh: see there)
-            host.loop = loop
             wire = host.open_master(self._login_timeout)
         except BaseException:
             host.close()   # (no session of it is open: its ssh is stopped, its folder goes)
@@ -466,8 +463,7 @@ class SftpBackend(FsspecBackend):
 
             return isinstance(exc, (asyncssh.Error, OSError, _fs_timeout(),
                                     asyncio.TimeoutError))
-        return isinstance(exc, (sftp_wire.SFTPError, OSError, _fs_timeout(),
-                                asyncio.TimeoutError))
+        return isinstance(exc, (sftp_wire.SFTPError, OSError, TimeoutError))
 
     def _open_wire(self, fs):
         if self._ssh is not None:
@@ -486,7 +482,16 @@ class SftpBackend(FsspecBackend):
         connection that died under it may never be answered (fsspec's own SSHFile waits
         for ever there). The call itself is made on the loop: a wire's requests must be.
         It runs as it is: fsspec.asyn.sync would wrap it in asyncio.wait_for, a task more
-        on the loop's thread for every call."""
+        on the loop's thread for every call.
+
+        Over OpenSSH's ssh, the sessions are driven by the threads that use them (see
+        sftp_wire.SyncFuture): the call is made, and waited for, in this thread."""
+        if self._ssh is not None:
+            self.fs   # (connected: a session's first call may be any)
+            result = call(*args, **kwargs)
+            if isinstance(result, sftp_wire.SyncFuture):
+                return result.result(READ_TIMEOUT_S)
+            return sftp_wire.drive(result) if asyncio.iscoroutine(result) else result
         fut = asyncio.run_coroutine_threadsafe(_awaited(call, args, kwargs), self.fs.loop)
         try:
             return fut.result(timeout=READ_TIMEOUT_S)
@@ -515,6 +520,9 @@ class SftpBackend(FsspecBackend):
             # open, its sessions waiting for answers that will not come (their futures
             # pending, the server's processes held) to the end of the run. Closing it
             # fails what waits there (connection lost: transient, tried again).
+            if isinstance(given_up, _OpensshHost):   # (its sessions need no loop)
+                given_up.close()
+                return
             try:
                 given_up.loop.call_soon_threadsafe(given_up.client.close)
             except (AssertionError, RuntimeError):   # (sshfs: no client; the loop ended)
@@ -524,7 +532,9 @@ class SftpBackend(FsspecBackend):
         self._abandon_early_connect()
         fs, self._fs = self._fs, None
         try:
-            if self._sftp is not None and fs is not None:
+            if isinstance(fs, _OpensshHost):   # every session of it, the master last
+                fs.close()
+            elif self._sftp is not None and fs is not None:
                 sessions = [entry[0] for entry in self._sessions] or [self._sftp]
                 sessions += [entry[0] for entry in self._wires if entry[0] is not None]
                 _fsspec_asyn().sync(fs.loop, _close_ssh, sessions, fs.client, timeout=5)
@@ -904,91 +914,85 @@ class SftpBackend(FsspecBackend):
 # -- helpers ----------------------------------------------------------------------------------
 class _OpensshHost:
     """What a location over OpenSSH's ssh has for a connection (SftpBackend.fs there):
-    the event loop its sessions' pipes are read on, and the sessions themselves, each an
-    `ssh -s HOST sftp` process (sftp_wire.adopt_ssh) of one ssh_command.ControlConnection:
-    the first logs in (the master), the others are channels of its connection. `client`
-    is itself, for what closes a connection."""
+    its sessions, each an `ssh -s HOST sftp` process of one
+    ssh_command.ControlConnection (the first logs in, the master; the others are
+    channels of its connection), each driven by the threads that use it
+    (sftp_wire.begin_threaded_wire): no event loop. `client` is itself, for what closes
+    a connection."""
 
     def __init__(self, connection):
-        self.loop = None   # set once the master's ssh is started (see _connect_openssh)
         self.client = self
         self._connection = connection
         self._command = connection.command
         self._wires: list = []
         self._master = None
+        self._lock = threading.Lock()   # sessions come from several threads
         self._closed = False   # see close: a session that comes after it is closed too
 
     def command(self, words: list[str]) -> tuple[list[str], dict]:
         """A command on the host, on the master's connection (no login of its own)."""
         return self._connection.remote_command(words)
 
-    async def _opened(self, session, timeout: float):
-        """One session (on the loop). One not opened in time is not left behind; one
-        opened after close() (a connection given up, a run that ended while its early
-        sessions were still coming) is closed at once, not left running; none is started
-        after it (a login of its own each, the master being gone). `session`: the
-        coroutine that opens it, not yet started."""
+    def _begun(self, proc):
+        return sftp_wire.begin_threaded_wire(proc, self._command.session_failure,
+                                             READ_TIMEOUT_S)
+
+    def _opened(self, wire, timeout: float):
+        """A session begun, initialised and kept. One not opened in time is not left
+        behind; one opened after close() (a connection given up, a run that ended while
+        its early sessions were still coming) is closed at once, not left running."""
+        try:
+            sftp_wire.finish_threaded_wire(wire, timeout)
+        except sftp_wire.WaitTimeout:
+            # ssh still at it (its own failures, "timed out during banner exchange" too,
+            # end it, and say themselves)
+            raise ssh_command.SshTimeout(f"no login within {timeout:g} s") from None
+        with self._lock:
+            if not self._closed:
+                self._wires.append(wire)
+                if self._master is None:
+                    self._master = wire
+                return wire
+        wire.close()
+        raise sftp_wire.SFTPConnectionLost("the connection was closed meanwhile")
+
+    def _start(self):
+        """A session's ssh, started, unless the connection is closed: none is started
+        after it (a login of its own each, the master being gone)."""
         if self._closed:
-            session.close()   # (never started: no ssh, no warning that it was not awaited)
             raise sftp_wire.SFTPConnectionLost("the connection was closed")
-        wire = await asyncio.wait_for(session, timeout)
-        if self._closed:
-            wire.close()
-            raise sftp_wire.SFTPConnectionLost("the connection was closed meanwhile")
-        self._wires.append(wire)
-        if self._master is None:
-            self._master = wire
-        return wire
+        return ssh_command.start_ssh(*self._connection.session(master=False))
 
     def open_master(self, timeout: float):
-        """The master's session, on the loop, of the ssh the connection started (or
-        starts now)."""
-        proc = self._connection.take_master()
-
-        async def adopted():
-            return await self._opened(
-                sftp_wire.adopt_ssh(proc, self._command.session_failure), timeout)
-
-        try:
-            return _fsspec_asyn().sync(self.loop, adopted)
-        except BaseException:
-            ssh_command.stop(proc)   # (a session that failed has: this is then harmless)
-            raise
-
-    def _session(self, argv: list[str], env: dict):
-        """A session over a new ssh (a coroutine, for the loop)."""
-        return sftp_wire.open_wire_over_ssh(argv, env, self._command.session_failure)
+        """The master's session, of the ssh the connection started (or starts now)."""
+        return self._opened(self._begun(self._connection.take_master()), timeout)
 
     def open_wire(self, timeout: float):
-        argv, env = self._connection.session(master=False)
-
-        async def opened():
-            return await self._opened(self._session(argv, env), timeout)
-
-        return _fsspec_asyn().sync(self.loop, opened)
+        return self._opened(self._begun(self._start()), timeout)
 
     def open_wires(self, count: int, timeout: float) -> list:
-        """`count` sessions opened at once (on the master's connection); those that
-        could not be, left out."""
-        argv, env = self._connection.session(master=False)
-
-        async def all_of_them():
-            return await asyncio.gather(*(self._opened(self._session(argv, env), timeout)
-                                          for _ in range(count)), return_exceptions=True)
-
-        try:
-            opened = _fsspec_asyn().sync(self.loop, all_of_them)
-        except Exception:  # noqa: BLE001 - the loop ended (a run being closed)
-            return []
-        for exc in opened:
-            if not isinstance(exc, sftp_wire.SftpWire):
+        """`count` sessions opened at once (their ssh started, their INIT sent, then each
+        waited for, on the master's connection); those that could not be, left out."""
+        begun, opened = [], []
+        for _ in range(count):
+            try:
+                begun.append(self._begun(self._start()))
+            except Exception as exc:  # noqa: BLE001 - no ssh now: the others still serve
                 log.debug("ssh: no further session (%s)", exc)
-        return [w for w in opened if isinstance(w, sftp_wire.SftpWire)]
+                break
+        for wire in begun:
+            try:
+                opened.append(self._opened(wire, timeout))
+            except Exception as exc:  # noqa: BLE001 - refused (MaxSessions): left out
+                log.debug("ssh: no further session (%s)", exc)
+        return opened
 
-    def close(self) -> None:   # on the loop (or anywhere, before any session opened)
-        self._closed = True
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            wires = list(self._wires)
         # the master last: the others' sessions are channels of its connection
-        for wire in sorted(self._wires, key=lambda w: w is self._master):
+        for wire in sorted(wires, key=lambda w: w is self._master):
             wire.close()
         self._connection.close()   # (its master's ssh, if no session took it; its folder)
 
@@ -1086,7 +1090,7 @@ async def _sftp_publish(sftp, src: str, dst: str, pending: dict | None):
     with _together(sftp):
         requests = [sftp.setstat(src, _attrs(pending, sftp))] if pending else []
         requests += [sftp.posix_rename(src, dst), sftp.lstat(dst)]
-    done = await asyncio.gather(*requests, return_exceptions=True)
+    done = await _settled(requests)
     set_stat = done[0] if pending else None
     renamed, attrs = done[-2:]
     if isinstance(set_stat, BaseException):
@@ -1339,6 +1343,11 @@ class _SftpFile:
                 _sftp_open_write, self._backend._wire(), self._path, self._mode, self._buffer)
             self._buffer = b""
         self._wait_handed()
+        if self._backend._ssh is not None:
+            # a threaded session: the requests are sent in this thread, the pipe's
+            # window (PIPE_BYTES) kept in flight while it reads and hashes the next block
+            self._backend._on_sftp(self._pipe.put, data)
+            return len(data)
         # The pipe takes the block while the caller reads and hashes the next one: the
         # next write waits only until this one's requests are all sent (not answered),
         # so the line never idles between blocks; the close waits for every answer.
@@ -1433,8 +1442,7 @@ class _ReadPipe:
         while len(self._pending) < self._depth and self._next < self._end:
             size = min(self._block, self._end - self._next)
             # a task for asyncssh's coroutine, a wire's future as it is
-            self._pending.append((self._next, size,
-                                  asyncio.ensure_future(self._f.read(size, self._next))))
+            self._pending.append((self._next, size, _started(self._f.read(size, self._next))))
             self._next += size
 
     async def take(self, want: int) -> bytes:
@@ -1459,8 +1467,8 @@ class _ReadPipe:
                 raise _errors_of(self._sftp).SFTPBadMessage("Data reply longer than asked for")
             if len(data) < size:   # a short answer: the rest is asked for first
                 rest = offset + len(data)
-                self._pending.appendleft((rest, size - len(data), asyncio.ensure_future(
-                    self._f.read(size - len(data), rest))))
+                self._pending.appendleft((rest, size - len(data),
+                                          _started(self._f.read(size - len(data), rest))))
             if got + len(data) > want:
                 self._left = data[want - got:]
                 data = data[:want - got]
@@ -1473,7 +1481,7 @@ class _ReadPipe:
         """Wait for the requests still out (before the handle is closed)."""
         pending, self._pending = self._pending, collections.deque()
         if pending:
-            await asyncio.gather(*(task for _, _, task in pending), return_exceptions=True)
+            await _settled([task for _, _, task in pending])
 
 
 class _WritePipe:
@@ -1481,24 +1489,18 @@ class _WritePipe:
     flight, across the caller's blocks: asyncssh's own parallel writes stop at the end
     of each call's bytes, and two such calls at once interleave their offsets, which
     `rclone serve sftp` refuses ("Illegal seek": it takes writes in order only). Here the
-    next block's requests go out as the last block's are answered, and always in order.
-    The first error an answer brings is raised by the next put() or by finish(). The
-    file must be opened with block size 0: each write is one request."""
+    next block's requests go out as the oldest are answered, and always in order. The
+    first error an answer brings is raised by the next put() or by finish(). The file
+    must be opened with block size 0: each write is one request."""
 
     def __init__(self, f, offset: int, block: int):
         self._f = f
         self._offset = offset
         self._block = block
-        self._room = asyncio.Semaphore(_pipe_depth(block))
-        self._out: set = set()
+        self._depth = _pipe_depth(block)
+        self._out: collections.deque = collections.deque()   # in flight, oldest first
         self._error: BaseException | None = None
         self._tail = b""   # the last bytes put, short of a whole request
-
-    def _answered(self, task) -> None:
-        self._out.discard(task)
-        self._room.release()
-        if not task.cancelled() and task.exception() is not None and self._error is None:
-            self._error = task.exception()
 
     async def put(self, data: bytes) -> None:
         """Send `data` on from where the last put ended; returns once it is sent, but for
@@ -1517,19 +1519,25 @@ class _WritePipe:
         self._tail = bytes(view[whole:])
         await self._send(view[:whole])
 
+    async def _answer_of_the_oldest(self) -> None:
+        request = self._out.popleft()
+        try:
+            await request
+        except Exception as exc:  # noqa: BLE001 - raised by the next put() or finish()
+            if self._error is None:
+                self._error = exc
+
     async def _send(self, view) -> None:
         if self._error is not None:
             raise self._error
         for start in range(0, len(view), self._block):
-            await self._room.acquire()
+            while len(self._out) >= self._depth:   # room: the oldest answered
+                await self._answer_of_the_oldest()
             if self._error is not None:
-                self._room.release()
                 raise self._error
             piece = bytes(view[start:start + self._block])
-            task = asyncio.ensure_future(self._f.write(piece, self._offset))
+            self._out.append(_started(self._f.write(piece, self._offset)))
             self._offset += len(piece)
-            self._out.add(task)
-            task.add_done_callback(self._answered)
 
     def drop_tail(self) -> None:
         """Forget the bytes not sent yet (an aborted upload)."""
@@ -1540,10 +1548,33 @@ class _WritePipe:
         tail, self._tail = self._tail, b""
         if tail:
             await self._send(memoryview(tail))
-        if self._out:
-            await asyncio.gather(*list(self._out), return_exceptions=True)
+        while self._out:
+            await self._answer_of_the_oldest()
         if self._error is not None:
             raise self._error
+
+
+def _started(request):
+    """A request under way: a session's future as it is; asyncssh's coroutine as a task
+    of the running loop (sent as the loop next turns)."""
+    return request if hasattr(request, "add_done_callback") else asyncio.ensure_future(request)
+
+
+async def _settled(requests: list) -> list:
+    """Each request's result, or its exception, as asyncio.gather(...,
+    return_exceptions=True) gives them; a threaded session's (all sent already: see
+    _together), each waited for in turn, without a loop."""
+    if not requests:
+        return []
+    if all(isinstance(r, sftp_wire.SyncFuture) for r in requests):
+        out = []
+        for request in requests:
+            try:
+                out.append(await request)
+            except Exception as exc:  # noqa: BLE001 - returned, as gather does
+                out.append(exc)
+        return out
+    return await asyncio.gather(*requests, return_exceptions=True)
 
 
 class _NoBatch:
@@ -1632,7 +1663,7 @@ async def _sftp_open_sized(sftp, path: str, prefetch: int, exact: bool):
     wrong byte."""
     with _together(sftp):
         requests = sftp.open(path, "rb", block_size=0), sftp.stat(path)
-    opened, attrs = await asyncio.gather(*requests, return_exceptions=True)
+    opened, attrs = await _settled(requests)
     if isinstance(opened, BaseException):
         raise opened
     if isinstance(attrs, BaseException):
@@ -1707,7 +1738,7 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
         if read_back:
             one_read = len(data) < _sftp_read_piece(sftp)
             steps.append(sftp.open(path, "rb", block_size=0))
-    done = await asyncio.gather(*steps, return_exceptions=True)
+    done = await _settled(steps)
     reader = done[-1] if read_back else None
     failed = [r for r in done if isinstance(r, BaseException)]
     if failed:
@@ -1719,7 +1750,7 @@ async def _sftp_write_whole(sftp, path: str, mode: str, data: bytes, read_back: 
     if one_read:   # the read and the close together
         with _together(sftp):
             requests = reader.read(len(data) + 1, 0), reader.close()
-        back, closed = await asyncio.gather(*requests, return_exceptions=True)
+        back, closed = await _settled(requests)
         for result in (back, closed):
             if isinstance(result, BaseException):
                 raise result

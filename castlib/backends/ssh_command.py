@@ -392,7 +392,7 @@ _PIPE_BYTES = 1024 * 1024
 
 def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
     """ssh started as `argv`, its stdin, stdout and stderr pipes of the caller's, in the
-    calling thread (no event loop needed: sftp_wire.adopt_ssh puts them on one). In a
+    calling thread (sftp_wire.begin_threaded_wire makes a session of them). In a
     session of its own: a Ctrl-C at the terminal reaches castlib, which ends it. Its
     pipes are 1 MiB instead of 64 KiB: a 256 MiB copy went 1.0 -> 0.6 s each way, ssh and
     castlib waking each other a sixteenth as often."""

@@ -216,6 +216,55 @@ def test_a_deferred_set_stat_refused_fails_the_copy_with_the_verified_bytes_in_p
         b.close()
 
 
+def test_a_copy_whose_deferred_set_stat_was_refused_gets_its_time_from_the_next_sync(
+        sftp_tamper_server, tmp_path):
+    """One file's deferred set-stat refused (the others' done): that copy counts failed
+    (exit 1), the others not; its verified bytes are in place without their time, and
+    the next sync sets the time without copying the file again."""
+    import asyncio
+
+    server = sftp_tamper_server
+    names = [f"f{i:02}" for i in range(20)] + ["z"]   # z last: the set-stat proven by then
+    src = make_tree(tmp_path / "src", {name: name.encode() * 3 for name in names})
+    for i, name in enumerate(names):
+        os.utime(src / name, (1_500_000_000 + i, 1_500_000_000 + i))
+    late = []
+
+    def refusing_z(request, reply):
+        if request is None or request.kind != FXP_SETSTAT or b"/.z." not in request.payload:
+            return reply
+
+        async def undo_when_in_place():   # sftp-server did it: it is undone, as if not
+            for _ in range(1000):
+                if (server.folder / "z").exists():
+                    os.utime(server.folder / "z", (1_700_000_000, 1_700_000_000))
+                    return
+                await asyncio.sleep(0.01)
+        late.append(asyncio.ensure_future(undo_when_in_place()))
+        return _refusing_setstat(request, reply)
+
+    server.tamper = refusing_z
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {server.url: server.options}}))
+    db, env = f"sqlite:///{tmp_path / 'c.db'}", {"CASTLIB_CONFIG": str(config)}
+    first = run_cli("sync", str(src), server.url, "--json", db=db, env=env)
+    assert "Traceback" not in first.stderr, first.stderr
+    counts = last_json(first.stdout)
+    assert (counts["copied"], counts["failed"]) == (len(names) - 1, 1), first.stderr
+    assert first.returncode == 1, first.stderr
+    assert "z: " in first.stderr and "denied" in first.stderr, first.stderr
+    assert wait_for(lambda: (server.folder / "z").stat().st_mtime == 1_700_000_000, 10)
+    assert (server.folder / "z").read_bytes() == b"zzz"
+
+    server.tamper = lambda request, reply: reply
+    second = run_cli("sync", str(src), server.url, "--json", db=db, env=env, check=0)
+    counts = last_json(second.stdout)
+    assert (counts["copied"], counts["replaced"], counts["mtime_fixed"]) == (0, 0, 1), \
+        second.stderr
+    assert (server.folder / "z").stat().st_mtime == 1_500_000_000 + len(names) - 1
+    assert run_cli("verify", server.url, "--json", db=db, env=env).returncode == 0
+
+
 # -- a login script that writes into the stream -------------------------------------------
 def test_a_login_script_that_prints_is_named(sftp_chatty_server):
     """A host whose shell writes to stdout before the subsystem starts (a .bashrc that
@@ -274,6 +323,121 @@ def test_an_ssh_killed_under_a_copy_is_a_lost_connection_tried_anew(sftp_server,
         b.close()
 
 
+# -- a child of ssh's that outlives it -------------------------------------------------------
+# A ProxyCommand that carries ssh's connection and leaves a helper behind that keeps the
+# stderr it inherited from ssh (ssh ends the proxy at its exit, not the proxy's children)
+_LINGERING_PROXY = """\
+import os, socket, subprocess, sys, threading
+helper = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+with open(sys.argv[3], "a") as f:
+    f.write(f"{helper.pid}\\n")
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+def up():
+    while data := os.read(0, 65536):
+        s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+while data := s.recv(65536):
+    os.write(1, data)
+"""
+
+
+@pytest.fixture
+def ssh_with_lingering_proxy(tmp_path, monkeypatch):
+    """`ssh` on PATH is OpenSSH's through a ProxyCommand whose helper holds ssh's stderr
+    for 30 s after ssh ended (killed when the test ends)."""
+    import shutil
+    import sys
+
+    real = shutil.which("ssh")
+    proxy, helpers = tmp_path / "proxy.py", tmp_path / "helpers"
+    proxy.write_text(_LINGERING_PROXY)
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nexec {real} -o 'ProxyCommand={sys.executable} {proxy} "
+                       f"%h %p {helpers}' \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    yield
+    for pid in (helpers.read_text().split() if helpers.exists() else []):
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_refused_login_is_said_at_once_when_ssh_leaves_a_child_with_its_stderr(
+        sftp_server, ssh_with_lingering_proxy):
+    """ssh refused (a key the server does not take) and ended; its stderr is still open
+    in the proxy's helper: the refusal is said as soon as ssh ended, its own line (before:
+    after the login timeout, 30 s, when castlib gave up waiting for the pipe's end)."""
+    b = open_backend(sftp_server.url, {"known_hosts": None,
+                                       "client_keys": [sftp_server.client_key + ".pub"]})
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match="authentication failed"):
+            b.stat("x")
+    finally:
+        b.close()
+    assert time.monotonic() - started < 10
+
+
+def test_a_killed_ssh_that_left_a_child_with_its_stderr_is_a_connection_lost_at_once(
+        sftp_server, ssh_with_lingering_proxy):
+    """The master's ssh killed with a request in flight; the proxy's helper keeps its
+    stderr: the request fails as soon as ssh ended, its session lost, and the next call
+    connects anew (before: the request waited for the helper's end, 30 s)."""
+    from castlib.backends import sftp_wire
+
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        write(b, "f", b"data")
+        wire = b._sftp
+        started = time.monotonic()
+        os.kill(_wire_pid(wire), signal.SIGKILL)
+        asked = wire.lstat(f"{sftp_server.folder}/f")   # sent before the end is seen
+        try:
+            asked.result(20)
+            said = "answered"
+        except sftp_wire.WaitTimeout:
+            said = "no answer"
+        except Exception as exc:   # noqa: BLE001 - checked below
+            said = str(exc)
+        assert "the session's ssh ended" in said, said
+        assert time.monotonic() - started < 10
+        assert read(b, "f") == b"data"   # connected anew
+    finally:
+        b.close()
+
+
+def test_a_refusal_after_much_said_on_stderr_is_still_said(sftp_server, tmp_path,
+                                                           monkeypatch):
+    """Lines on ssh's stderr before its own (a ProxyCommand's chatter, LogLevel DEBUG in
+    ~/.ssh/config: 8 KiB already for one refused login at DEBUG3): ssh's last words, why
+    it ended, are the ones kept (before: the first 8 KiB, and the refusal said as
+    'connection lost (debug1: ...)')."""
+    import shutil
+
+    real = shutil.which("ssh")
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    noise = "debug1: a line of what comes before the words of ssh\\n"
+    wrapper.write_text(f"#!/bin/sh\nfor i in $(seq 400); do printf '{noise}' >&2; done\n"
+                       f"exec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    b = open_backend(sftp_server.url, {"known_hosts": None,
+                                       "client_keys": [sftp_server.client_key + ".pub"]})
+    try:
+        with pytest.raises(StorageError) as caught:
+            b.stat("x")
+    finally:
+        b.close()
+    said = str(caught.value)
+    assert "authentication failed (Permission denied (publickey))" in said, said
+    assert "\n" not in said
+
+
 # -- sessions still being opened at close ----------------------------------------------------
 def test_sessions_opened_after_close_are_closed_not_left_running(sftp_server, own_temp):
     """close() while the sessions a run asked for are still being opened (a short run, an
@@ -302,6 +466,27 @@ def test_sessions_opened_after_close_are_closed_not_left_running(sftp_server, ow
     assert wait_for(lambda: not _ssh_children()), _ssh_children()
     assert all(p[0] is None or p[0].closed for p in places)
     assert list(own_temp.iterdir()) == []
+
+
+@pytest.mark.parametrize("waited_by", ["pidfd", "thread"])
+def test_sessions_given_up_as_they_start_leave_no_zombie(sftp_server, waited_by, monkeypatch):
+    """Sessions whose time is up as their ssh has just started (a timeout that fires
+    while its pipes are being attached to the loop; a run ending does the same): each
+    ssh is killed and waited for (before: left a zombie for the rest of the run, a
+    process table entry each), by a pidfd or, where there is none, a thread."""
+    if waited_by == "thread":   # (as on Linux < 5.3, or another Unix)
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        b.stat("x")
+        master = _wire_pid(b._sftp)
+        for timeout in (0.0001, 0.001, 0.003, 0.01) * 2:
+            for wire in b.fs.open_wires(4, timeout):   # (any that made it: closed)
+                b.fs._wires.remove(wire)
+                wire.close()
+        assert wait_for(lambda: _ssh_children() == [master], 10), _ssh_children()
+    finally:
+        b.close()
 
 
 def test_close_during_the_early_sessions_leaves_nothing(sftp_server, own_temp):
@@ -480,12 +665,11 @@ def test_sigkill_mid_sync_over_ssh_then_rerun_is_exact_and_leaves_nothing(sftp_s
 def test_an_ssh_that_ended_just_before_its_session_closed_is_not_reaped_twice(sftp_server,
                                                                               caplog):
     """A session closed just after its ssh ended (a dropped line, a killed ssh, then the
-    run closing): before, the transport's close() polled the process and reaped it under
+    run closing): once, the transport's close() polled the process and reaped it under
     asyncio's child watcher, which wrote "Unknown child process pid N, will report
-    returncode 255" on the user's terminal (one session in six here)."""
+    returncode 255" on the user's terminal (one session in six here). Each session now
+    waits for its own ssh; none is left, nothing said."""
     import logging
-
-    import fsspec.asyn
 
     b = open_backend(sftp_server.url, sftp_server.options)
     caplog.set_level(logging.WARNING, logger="asyncio")
@@ -497,7 +681,7 @@ def test_an_ssh_that_ended_just_before_its_session_closed_is_not_reaped_twice(sf
             wires = host.open_wires(7, 60)
             assert wires
 
-            async def kill_and_close() -> None:
+            def kill_and_close() -> None:
                 for wire in wires:
                     pid = _wire_pid(wire)
                     os.kill(pid, signal.SIGKILL)
@@ -510,13 +694,54 @@ def test_an_ssh_that_ended_just_before_its_session_closed_is_not_reaped_twice(sf
                             break
                     wire.close()
 
-            fsspec.asyn.sync(host.loop, kill_and_close)
+            kill_and_close()
             killed += len(wires)
         assert wait_for(lambda: len(_ssh_children()) == 1)   # the first session's
     finally:
         b.close()
     assert killed >= 30
     assert [r.getMessage() for r in caplog.records if "Unknown child" in r.getMessage()] == []
+
+
+@pytest.mark.parametrize("says", [b"", b"SSH-2.0-OpenSSH_9.2\r\n"])
+def test_a_host_that_does_not_answer_is_said_with_why(says):
+    """A port that takes the connection and says nothing (ssh gives up on its banner
+    after connect_timeout), or only its banner (castlib gives up on the login after
+    three times it): 'timed out' with ssh's words or the seconds waited (before: 'timed
+    out (FSTimeoutError)', fsspec's sync having made a bare error of either)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def answer():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:   # closed: the test is over
+                return
+            conn.sendall(says)
+            held.append(conn)
+
+    threading.Thread(target=answer, daemon=True).start()
+    port = listener.getsockname()[1]
+    b = open_backend(f"sftp://nobody@127.0.0.1:{port}/x",
+                     {"known_hosts": None, "connect_timeout": 1})
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError) as caught:
+            b.stat("y")
+    finally:
+        b.close()
+        listener.close()
+        for conn in held:
+            conn.close()
+    said = str(caught.value)
+    assert time.monotonic() - started < 20
+    assert "FSTimeoutError" not in said, said
+    wanted = "timed out during banner exchange" if not says else "no login within 3 s"
+    assert "timed out (" in said and wanted in said, said
+    assert "\n" not in said
 
 
 def test_a_refused_connection_is_said_as_such_every_time(sftp_server):
