@@ -301,9 +301,9 @@ class SftpBackend(FsspecBackend):
 
     def _connect_openssh(self):
         """The first session over OpenSSH's ssh (the login: see connect_in_background):
-        the location's 'connection' is its sessions, each an ssh process (_wire). Its ssh
-        starts first, before fsspec's event loop (and fsspec) are needed: the login,
-        mostly a wait on the network, runs while they are imported."""
+        the location's 'connection' is its sessions, each an ssh process (_wire), driven
+        by the threads that use it (no event loop, no fsspec). Its login may have been
+        started by the command already (ssh_command.start_ahead)."""
         connection = ssh_command.take_ahead(self._ssh)   # (started by the CLI: see there)
         if connection is not None:
             # the same command line and secrets, with an askpass helper of its own: this
@@ -400,7 +400,8 @@ class SftpBackend(FsspecBackend):
         writes (_sftp_write_whole, or _sftp_open_write and its pipe), stats, set-stats
         and rename (_sftp_publish), and reads (_sftp_open_sized): the same requests as
         asyncssh's client makes, at two thirds of the event loop's time for a small
-        file, which is what limits a sync of many small files.
+        file (over asyncssh), or with no event loop at all (over ssh: the thread that
+        waits reads the answers), which is what limits a sync of many small files.
 
         A session of its own on the location's one connection for each thread, handed on
         as _client() hands its sessions on, up to MAX_SFTP_SESSIONS with the asyncssh
@@ -1254,8 +1255,9 @@ class _SftpFile:
     """A remote file through the thread's SFTP sessions (see SftpBackend._wire), each wait
     bounded (see _on_sftp).
 
-    Every call from a transfer thread to the event loop costs a thread switch or two, and
-    every request a round trip: small files go in as few of both as their bytes allow.
+    Every call from a transfer thread to the event loop (over asyncssh) costs a thread
+    switch or two, and every request a round trip: small files go in as few of both as
+    their bytes allow.
 
     Reading, the file's size is known (stat'ed alongside the open, in the same round trip)
     and no more is asked for: asyncssh splits a read of n bytes into n / (the server's
