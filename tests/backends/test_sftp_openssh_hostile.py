@@ -83,6 +83,19 @@ def no_ssh_left_behind():
         pytest.fail(f"ssh processes left behind: {left}")
 
 
+def _first_call_says(url: str, options: dict) -> str:
+    """The one line a location's first call fails with (a StorageError's)."""
+    b = open_backend(url, options)
+    try:
+        with pytest.raises(StorageError) as caught:
+            b.stat("x")
+    finally:
+        b.close()
+    said = str(caught.value)
+    assert "\n" not in said, said
+    return said
+
+
 def _wire_pid(wire) -> int:
     return wire._chan.pid
 
@@ -270,15 +283,8 @@ def test_a_login_script_that_prints_is_named(sftp_chatty_server):
     """A host whose shell writes to stdout before the subsystem starts (a .bashrc that
     echoes) corrupts SFTP's stream: said as such, with what it wrote, not as an "invalid
     response length"."""
-    b = open_backend(sftp_chatty_server.url, sftp_chatty_server.options)
-    try:
-        with pytest.raises(StorageError) as caught:
-            b.stat("x")
-    finally:
-        b.close()
-    said = str(caught.value)
+    said = _first_call_says(sftp_chatty_server.url, sftp_chatty_server.options)
     assert "Welcome to the machine" in said and "prints" in said, said
-    assert "\n" not in said
 
 
 # -- an ssh that dies ------------------------------------------------------------------------
@@ -426,16 +432,9 @@ def test_a_refusal_after_much_said_on_stderr_is_still_said(sftp_server, tmp_path
                        f"exec {real} \"$@\"\n")
     wrapper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
-    b = open_backend(sftp_server.url, {"known_hosts": None,
-                                       "client_keys": [sftp_server.client_key + ".pub"]})
-    try:
-        with pytest.raises(StorageError) as caught:
-            b.stat("x")
-    finally:
-        b.close()
-    said = str(caught.value)
+    said = _first_call_says(sftp_server.url, {"known_hosts": None,
+                                              "client_keys": [sftp_server.client_key + ".pub"]})
     assert "authentication failed (Permission denied (publickey))" in said, said
-    assert "\n" not in said
 
 
 # -- sessions still being opened at close ----------------------------------------------------
