@@ -113,6 +113,10 @@ def connect_ahead(locations) -> None:
     left alone: the command says it, as it would have."""
     from ..config import load_user_config
 
+    if any(text.startswith(("sftp://", "ssh://")) for text in locations):
+        from .ssh_command import ask_openssh_version
+
+        ask_openssh_version()   # (meanwhile, the configuration is read)
     try:
         config = load_user_config()
     except ConfigError:

@@ -371,6 +371,24 @@ def _offending(lines: list[str]) -> str:
     return next((line for line in lines if line.startswith("Offending")), "")
 
 
+_VERSION_ASKED: list = []   # an `ssh -V` started ahead (ask_openssh_version), not read yet
+
+
+def ask_openssh_version() -> None:
+    """Start `ssh -V` now, for openssh_version() to read later: what a command that will
+    start ssh ahead does first, so that the ~10 ms of it pass while its configuration is
+    read (ssh's options depend on its version)."""
+    ssh = shutil.which("ssh")
+    if ssh is None or _VERSION_ASKED or openssh_version.cache_info().currsize:
+        return
+    try:
+        _VERSION_ASKED.append(subprocess.Popen([ssh, "-V"], stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.PIPE))
+    except OSError:
+        pass
+
+
 @lru_cache(maxsize=1)
 def openssh_version() -> tuple[int, int]:
     """(major, minor) of the ssh here (`ssh -V`: "OpenSSH_9.2p1 ..."); (0, 0) unknown."""
@@ -378,7 +396,10 @@ def openssh_version() -> tuple[int, int]:
     if ssh is None:
         return (0, 0)
     try:
-        said = subprocess.run([ssh, "-V"], capture_output=True, timeout=10).stderr
+        if _VERSION_ASKED:
+            said = _VERSION_ASKED.pop().communicate(timeout=10)[1]
+        else:
+            said = subprocess.run([ssh, "-V"], capture_output=True, timeout=10).stderr
     except (OSError, subprocess.TimeoutExpired):
         return (0, 0)
     m = re.search(rb"OpenSSH_(\d+)\.(\d+)", said)
