@@ -918,11 +918,9 @@ class _OpensshHost:
     its sessions, each an `ssh -s HOST sftp` process of one
     ssh_command.ControlConnection (the first logs in, the master; the others are
     channels of its connection), each driven by the threads that use it
-    (sftp_wire.begin_threaded_wire): no event loop. `client` is itself, for what closes
-    a connection."""
+    (sftp_wire.begin_threaded_wire): no event loop."""
 
     def __init__(self, connection):
-        self.client = self
         self._connection = connection
         self._command = connection.command
         self._wires: list = []
@@ -996,9 +994,6 @@ class _OpensshHost:
         for wire in sorted(wires, key=lambda w: w is self._master):
             wire.close()
         self._connection.close()   # (its master's ssh, if no session took it; its folder)
-
-    async def wait_closed(self) -> None:
-        pass
 
 
 class _Nobody:

@@ -32,13 +32,15 @@ any thread (a request's id and bytes, a batch, are one thread's at a time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import os
+import select
 import signal
 import struct
-import time
 import threading
+import time
 
 # packet types (draft-ietf-secsh-filexfer-02, SFTP v3)
 FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ, FXP_WRITE, FXP_LSTAT = 1, 2, 3, 4, 5, 6, 7
@@ -270,7 +272,7 @@ class SftpWire:
                             else asyncio.get_running_loop().create_future)
         # a request's id and bytes, and a batch, are one thread's at a time (threads that
         # share a threaded session); on a loop, there is one thread
-        self._send_lock = threading.RLock() if new_future else _NO_LOCK
+        self._send_lock = threading.RLock() if new_future else contextlib.nullcontext()
         self._chan = None
         self._in = bytearray()
         self._waiting: dict[int, tuple] = {}   # request id -> (future, reply parser)
@@ -665,19 +667,6 @@ class SftpWire:
         return names
 
 
-class _NoLock:
-    __slots__ = ()
-
-    def __enter__(self):
-        pass
-
-    def __exit__(self, *exc):
-        pass
-
-
-_NO_LOCK = _NoLock()
-
-
 class _Batch:
     __slots__ = ("_wire",)
 
@@ -859,9 +848,6 @@ class _ThreadPipes:
     wait_timeout: float | None = None   # an await's bound (a session's user sets it)
 
     def __init__(self, wire: SftpWire, proc, failure):
-        import select
-        import threading
-
         self._wire = wire
         self._proc = proc
         self._failure = failure
@@ -922,22 +908,11 @@ class _ThreadPipes:
                 os.kill(self._proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        with self._turn:
-            idle = not self._reading
-            if idle:
-                self._reading = True
-        if not idle:
+        if not self._while_nobody_reads(self._end):
             try:
                 os.write(self._wake_w, b"x")
             except OSError:   # (ended meanwhile: its pipe closed)
                 pass
-            return
-        try:
-            self._end()
-        finally:
-            with self._turn:
-                self._reading = False
-                self._turn.notify_all()
 
     def is_closing(self) -> bool:
         """Whether the session is gone: closed, ended, or (read now, what came while
@@ -948,16 +923,21 @@ class _ThreadPipes:
 
     def _catch_up(self) -> None:
         """Read what has come, without waiting, if no thread is reading."""
+        self._while_nobody_reads(lambda: self._read_some(0))
+
+    def _while_nobody_reads(self, action) -> bool:
+        """Do `action` as the reading thread if no thread reads now; whether it was done."""
         with self._turn:
             if self._reading:
-                return
+                return False
             self._reading = True
         try:
-            self._read_some(0)
+            action()
         finally:
             with self._turn:
                 self._reading = False
                 self._turn.notify_all()
+        return True
 
     # -- reading ---------------------------------------------------------------------------
     def wait_for(self, future: SyncFuture, timeout: float | None) -> None:
