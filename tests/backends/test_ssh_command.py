@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from castlib.backends import open_backend
-from castlib.backends.ssh_command import SshCommand, SshHostKeyNotTrusted
+from castlib.backends import ssh_dialer
+from castlib.backends.ssh_command import ControlConnection, SshCommand, SshHostKeyNotTrusted
 from castlib.errors import ConfigError
 from castlib.location import LocationURL, parse_location
 from tests.servers.common import free_port
@@ -442,3 +444,131 @@ def test_command_quotes_any_name(sftp_server, no_ssh_left_behind):
     assert status == 1 and "exit status 1" in str(failure), (status, err)
     with pytest.raises(ValueError):
         ssh.command([])
+
+
+# -- the dialer: ssh's TCP connection, made with TCP_NODELAY (ssh_dialer.py) -----------------
+def master_argv(ssh: SshCommand):
+    """The master's argv and environment, as a back-end starts it (the dialer's options
+    in it where they apply), and its connection, to close."""
+    connection = ControlConnection(ssh)
+    return connection.session(master=True), connection
+
+
+def dialed(port: int, *args: str) -> socket.socket:
+    """The socket ssh_dialer.py hands over for 127.0.0.1:port, as ssh receives it."""
+    ours, its = socket.socketpair()
+    with ours, its:
+        proc = subprocess.run([sys.executable, "-I", "-S", ssh_dialer.__file__, "127.0.0.1",
+                               str(port), *(args or ("any", "10", "yes"))],
+                              stdout=its, stderr=subprocess.PIPE, timeout=TIMEOUT_S)
+        assert proc.returncode == 0, proc.stderr
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    return socket.socket(fileno=fds[0])
+
+
+def test_the_dialer_hands_ssh_a_connection_with_nodelay(sftp_server):
+    with dialed(sftp_server.port) as conn:
+        assert conn.getpeername() == ("127.0.0.1", sftp_server.port)
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)   # TCPKeepAlive yes
+        assert conn.gettimeout() is None and conn.getblocking()
+        assert conn.recv(4) == b"SSH-"   # the server's greeting: ssh's to read
+    with dialed(sftp_server.port, "inet", "none", "no") as conn:
+        assert not conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+
+
+def test_the_master_logs_in_through_the_dialer(sftp_server, rclone_sftp_server,
+                                               no_ssh_left_behind):
+    """The master's ssh (the one that makes the TCP connection) gets the dialer; the
+    login and SFTP work through it, with a key and with a password."""
+    for server in (sftp_server, rclone_sftp_server):
+        ssh = ssh_for(server)
+        argv_env, connection = master_argv(ssh)
+        try:
+            assert "ProxyUseFdpass=yes" in argv_env[0], argv_env[0]
+            assert ssh_dialer.__file__ in " ".join(argv_env[0])
+            status, out, err = speak_sftp(ssh, no_ssh_left_behind, argv_env)
+            assert out[4:9] == b"\x02\x00\x00\x00\x03", (status, out, err)   # VERSION 3
+        finally:
+            connection.close()
+            ssh.close()
+
+
+@pytest.fixture
+def users_config(tmp_path, monkeypatch):
+    """`ssh` on PATH reads this file as if it were the user's ~/.ssh/config."""
+    config = tmp_path / "config"
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('ssh')} -F {config} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    return config
+
+
+@pytest.mark.parametrize("line", ["ProxyCommand nc %h %p", "ProxyJump jump.example.org",
+                                  "BindAddress 127.0.0.1", "ConnectionAttempts 3",
+                                  "CanonicalizeHostname yes", "CheckHostIP yes"])
+def test_the_dialer_leaves_how_the_user_connects_alone(users_config, line):
+    """Where the user's ~/.ssh/config says how to reach the host (a proxy of its own, a
+    bind address, retries...), ssh connects as it says: no dialer."""
+    users_config.write_text(f"Host *\n  ServerAliveCountMax 5\n\nHost example.org\n  {line}\n")
+    assert SshCommand(parse_location("sftp://someone@example.org/x"), {}, 20).dialer() == []
+    # the same file, for another host: the dialer
+    assert SshCommand(parse_location("sftp://someone@example.net/x"), {}, 20).dialer()
+
+
+def test_the_dialer_connects_where_the_users_config_says(users_config, sftp_server,
+                                                         no_ssh_left_behind):
+    """An alias of ~/.ssh/config: the dialer connects to its HostName and Port, as ssh."""
+    users_config.write_text(f"Host castlib-alias\n  HostName 127.0.0.1\n"
+                            f"  Port {sftp_server.port}\n")
+    ssh = SshCommand(parse_location("sftp://castlib-alias/x"), sftp_server.options, 20)
+    argv_env, connection = master_argv(ssh)
+    try:
+        assert "ProxyUseFdpass=yes" in argv_env[0]
+        status, out, err = speak_sftp(ssh, no_ssh_left_behind, argv_env)
+        assert out[4:9] == b"\x02\x00\x00\x00\x03", (status, out, err)
+    finally:
+        connection.close()
+
+
+def dialer_failure(url: str, timeout: float, sessions) -> str:
+    """castlib's line for a login that failed in the dialer."""
+    ssh = SshCommand(parse_location(url), {}, timeout)
+    argv_env, connection = master_argv(ssh)
+    try:
+        assert "ProxyUseFdpass=yes" in argv_env[0]
+        status, out, err = speak_sftp(ssh, sessions, argv_env)
+    finally:
+        connection.close()
+    assert status == 255 and not out, (status, out, err)
+    return str(open_backend(url, {}).translate(ssh.failure(status, err), ""))
+
+
+def test_the_dialers_failures_read_as_ssh_own(no_ssh_left_behind):
+    """Refused, unresolvable, too slow to connect: said as ssh says them without it."""
+    refused = dialer_failure(f"sftp://someone@127.0.0.1:{free_port()}/x", 20,
+                             no_ssh_left_behind)
+    assert "connection refused (connect to host 127.0.0.1 port" in refused, refused
+    unknown = dialer_failure("sftp://someone@no-such-host.castlib.invalid/x", 20,
+                             no_ssh_left_behind)
+    assert "host unreachable (Could not resolve hostname no-such-host" in unknown, unknown
+    with socket.socket() as full:   # a listener whose queue is full: SYNs go unanswered
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        waiting = []
+        for _ in range(3):
+            queued = socket.socket()
+            queued.setblocking(False)
+            queued.connect_ex(full.getsockname())
+            waiting.append(queued)
+        try:
+            started = time.monotonic()
+            slow = dialer_failure(f"sftp://someone@127.0.0.1:{full.getsockname()[1]}/x", 1,
+                                  no_ssh_left_behind)
+        finally:
+            for queued in waiting:
+                queued.close()
+    assert "timed out (connect to host 127.0.0.1 port" in slow, slow
+    assert time.monotonic() - started < 10
