@@ -7,7 +7,6 @@ any other asyncssh connection option goes to asyncssh as it is.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import logging
@@ -18,6 +17,7 @@ import stat as statmod
 import subprocess
 import threading
 import time
+import types
 from typing import BinaryIO
 
 from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
@@ -460,6 +460,8 @@ class SftpBackend(FsspecBackend):
         """Whether a session that could not be opened is one too many (the server's
         limit), not a line that is gone."""
         if self._ssh is None:
+            import asyncio
+
             import asyncssh
 
             return isinstance(exc, (asyncssh.Error, OSError, _fs_timeout(),
@@ -492,7 +494,10 @@ class SftpBackend(FsspecBackend):
             result = call(*args, **kwargs)
             if isinstance(result, sftp_wire.SyncFuture):
                 return result.result(READ_TIMEOUT_S)
-            return sftp_wire.drive(result) if asyncio.iscoroutine(result) else result
+            return (sftp_wire.drive(result) if isinstance(result, types.CoroutineType)
+                    else result)
+        import asyncio   # (asyncssh's sessions: their loop has imported it)
+
         fut = asyncio.run_coroutine_threadsafe(_awaited(call, args, kwargs), self.fs.loop)
         try:
             return fut.result(timeout=READ_TIMEOUT_S)
@@ -1184,6 +1189,8 @@ async def _lighten_connection(client) -> None:
     - with an AEAD cipher, no empty MSG_IGNORE before every packet: asyncssh sends one
       (encrypted, logged, sent) ahead of each, a defence for CBC ciphers only; 300 small
       files cost 5,587 packets, half of them these."""
+    import asyncio
+
     import asyncssh.connection
 
     transport = getattr(client, "_transport", None)
@@ -1348,6 +1355,8 @@ class _SftpFile:
         # The pipe takes the block while the caller reads and hashes the next one: the
         # next write waits only until this one's requests are all sent (not answered),
         # so the line never idles between blocks; the close waits for every answer.
+        import asyncio
+
         self._in_flight = asyncio.run_coroutine_threadsafe(self._pipe.put(data),
                                                            self._backend.fs.loop)
         return len(data)
@@ -1554,7 +1563,11 @@ class _WritePipe:
 def _started(request):
     """A request under way: a session's future as it is; asyncssh's coroutine as a task
     of the running loop (sent as the loop next turns)."""
-    return request if hasattr(request, "add_done_callback") else asyncio.ensure_future(request)
+    if hasattr(request, "add_done_callback"):
+        return request
+    import asyncio
+
+    return asyncio.ensure_future(request)
 
 
 async def _settled(requests: list) -> list:
@@ -1571,6 +1584,8 @@ async def _settled(requests: list) -> list:
             except Exception as exc:  # noqa: BLE001 - returned, as gather does
                 out.append(exc)
         return out
+    import asyncio
+
     return await asyncio.gather(*requests, return_exceptions=True)
 
 

@@ -31,7 +31,6 @@ any thread (a request's id and bytes, a batch, are one thread's at a time).
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import itertools
@@ -41,6 +40,10 @@ import signal
 import struct
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # (a threaded session imports no asyncio: see SyncFuture)
+    import asyncio
 
 # packet types (draft-ietf-secsh-filexfer-02, SFTP v3)
 FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ, FXP_WRITE, FXP_LSTAT = 1, 2, 3, 4, 5, 6, 7
@@ -268,8 +271,12 @@ class SftpWire:
         self.errors = errors   # the exception classes raised (see the module's docstring)
         # a request's future: of the running event loop, or of the threads that wait on
         # them (a SyncFuture: see open_threaded_wire)
-        self._new_future = (functools.partial(new_future, self) if new_future
-                            else asyncio.get_running_loop().create_future)
+        if new_future is None:
+            import asyncio   # (only a loop's sessions: see SyncFuture)
+
+            self._new_future = asyncio.get_running_loop().create_future
+        else:
+            self._new_future = functools.partial(new_future, self)
         # a request's id and bytes, and a batch, are one thread's at a time (threads that
         # share a threaded session); on a loop, there is one thread
         self._send_lock = threading.RLock() if new_future else contextlib.nullcontext()
