@@ -573,7 +573,7 @@ def cmd_web(args) -> int:
 
     from .errors import ConfigError
 
-    from .web.auth import read_token_file
+    from .token_file import read_token_file
 
     token = read_token_file(args.token_file) if args.token_file else None
     if args.pipelines and not os.path.isdir(args.pipelines):

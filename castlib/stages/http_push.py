@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from ..catalog.records import JSON_TYPES
 from ..catalog.export import adler32_hex, entry_document, iso
 from ..catalog.settings import get_setting, set_setting
-from ..errors import ConfigError, StorageError, TransientStorageError
+from ..errors import StorageError, TransientStorageError
 from ..location import redact
 from ..transfer import with_retries
 from .base import Stage, StageOutcome, StageParams
@@ -133,12 +133,10 @@ def _token_for(url: str, storage: dict) -> str | None:
     if best.get("token_file"):
         import os
 
-        path = os.path.expanduser(str(best["token_file"]))
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read().strip() or None
-        except OSError as exc:
-            raise ConfigError(f"cannot read the token file: {exc.strerror}", file=path) from None
+        from ..token_file import read_token_file
+
+        # checked as `castlib web`'s: a token others may read is a token others may use
+        return read_token_file(os.path.expanduser(str(best["token_file"])), "castlib")
     return None
 
 

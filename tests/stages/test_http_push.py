@@ -163,3 +163,29 @@ def test_location_and_from_together_are_refused(db_url, indexed, service):
         _push(db_url, f"stages:\n  - http-push: {{location: {indexed}, url: 'ftp://x'}}\n",
               service)
     assert service.requests == []
+
+
+def _push_by_cli(tmp_path, db_url, indexed, service, token_file) -> "subprocess.CompletedProcess":
+    from tests.helpers import run_cli
+
+    config = tmp_path / "castlib.yaml"
+    config.write_text(json.dumps({"storage": {service.url: {"token_file": str(token_file)}}}))
+    pipeline = tmp_path / "push.yaml"
+    pipeline.write_text(f"stages:\n  - http-push: {{location: {indexed}, url: '{service.url}'}}\n")
+    return run_cli("run", str(pipeline), db=db_url, env={"CASTLIB_CONFIG": str(config)})
+
+
+def test_the_token_file_is_its_owners_alone(tmp_path, db_url, indexed, service):
+    """A token castlib sends is read from a file only its owner may read, as `castlib web`'s
+    (before, any file was read: a token others could read and use)."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o644)
+    r = _push_by_cli(tmp_path, db_url, indexed, service, token_file)
+    assert r.returncode == 2 and not service.requests, r
+    assert r.stderr.strip() == (f"castlib: error: {token_file}: the token file is readable by "
+                                "its group and others (mode 0644); chmod 600 it"), r.stderr
+    token_file.chmod(0o600)
+    r = _push_by_cli(tmp_path, db_url, indexed, service, token_file)
+    assert r.returncode == 0, r
+    assert {q["headers"]["Authorization"] for q in service.requests} == {f"Bearer {TOKEN}"}
