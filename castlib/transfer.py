@@ -80,7 +80,8 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
               mtime_ns: int | None, temp_key: bytes,
               on_bytes: Callable[[int], None] | None = None,
               chunk_size: int = CHUNK_SIZE,
-              before_rename: Callable[[str], None] | None = None) -> TransferResult:
+              before_rename: Callable[[str], None] | None = None,
+              tmp: str | None = None) -> TransferResult:
     """Copy src_path to dst_path and verify every byte before it takes the final name.
 
     Verification: the bytes read match the size (and checksum, when known) the catalog
@@ -94,9 +95,10 @@ def copy_file(src: Backend, src_path: str, dst: Backend, dst_path: str, *,
     hashed in that one too, and is verified in it: no read-back. temp_key: the catalog's
     key that tags the temporary name (catalog.settings.temp_name_key). before_rename
     (temporary path) sets what else the file should have (owner, permission bits) while
-    it is still under its temporary name.
+    it is still under its temporary name. tmp: the temporary name to write, when the
+    caller chose it (temp_path(dst_path, temp_key)) to announce it (Backend.expect_write).
     """
-    tmp = temp_path(dst_path, temp_key)
+    tmp = tmp or temp_path(dst_path, temp_key)
     published = made = False
     before = src.stat(src_path)
     if before is None:

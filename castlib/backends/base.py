@@ -358,6 +358,14 @@ class Backend(ABC):
         close() (or a `with` block's clean end) returns without error; leaving the block
         on an exception aborts, and no partial file is published."""
 
+    def expect_write(self, path: str | None) -> None:
+        """A hint from the calling thread: its next open_write is of `path` (a temporary
+        name copy_file will write), or None: no write is expected any more. A back-end
+        whose opening is a round trip may send the open with the requests it sends
+        meanwhile (SFTP: with the rename that ends the copy before), and must then undo
+        an open no write took when told None or another path. open_write works as ever
+        whatever was announced. Most back-ends ignore it."""
+
     def checksum(self, path: str, algorithm: str) -> str:
         """The file's checksum: from the server when it computes `algorithm` itself,
         otherwise by reading the bytes once."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Callable
@@ -498,27 +498,75 @@ class SyncStage(Stage):
                 raise _Stopped()
             progress.add_bytes(n)
 
-        def attempt(d: Difference, path: str, finish):
+        def attempt(d: Difference, path: str, finish, tmp: str | None):
             if stop.is_set():
                 raise _Stopped()
             return copy_file(self.src, path, self.dst, path, algorithm=self.algo,
                              expected_size=d.ref.size, expected_checksum=d.ref.checksum,
                              mtime_ns=d.ref.mtime_ns, temp_key=self.temp_key,
-                             on_bytes=on_bytes, before_rename=finish)
+                             on_bytes=on_bytes, before_rename=finish, tmp=tmp)
 
-        def one(job):
+        def one(job, tmp: str, announce_next: Callable[[], None]):
             d, verb = job
             path = from_catalog(d.path)
             mode = self._mode_to_set(d, new=True)
-            # the bits are set under the temporary name: a file never shows with others
-            finish = (lambda tmp: self._set_mode(tmp, mode)) if mode is not None else None
-            result = with_retries(lambda: attempt(d, path, finish), retries=p.retries,
-                                  backoff_s=ctx.retry_backoff_s, describe=path)
+            names = [tmp]   # the first attempt's, announced; a retry's, a new one
+
+            def finish(written: str) -> None:
+                # the bits are set under the temporary name: a file never shows with others
+                if mode is not None:
+                    self._set_mode(written, mode)
+                announce_next()   # (its open may go out with this copy's rename)
+
+            result = with_retries(
+                lambda: attempt(d, path, finish, names.pop() if names else None),
+                retries=p.retries, backoff_s=ctx.retry_backoff_s, describe=path)
             # the copy is in place: a glitch now must not count it failed
             final = with_retries(lambda: self.dst.stat(path), retries=p.retries,
                                  backoff_s=ctx.retry_backoff_s, describe=path)
             _check_published(path, final, result.size)
             return d, verb, result, final
+
+        # Each transfer thread copies the jobs it claims, one after another. It claims its
+        # next one as the copy in hand is about to be renamed, and tells the destination
+        # which temporary file it will write next (Backend.expect_write): over SFTP, that
+        # file's open goes out with the rename, a round trip less for each small file.
+        announce = self.dst.expect_write
+        claiming = threading.Lock()
+        unclaimed = iter(range(len(jobs)))
+        in_order = [Future() for _ in jobs]
+        futures = dict(zip(in_order, jobs))
+
+        def claim() -> tuple[int, str] | None:
+            with claiming:
+                index = None if stop.is_set() else next(unclaimed, None)
+            if index is None:
+                return None
+            return index, temp_path(from_catalog(jobs[index][0].path), self.temp_key)
+
+        def transfers() -> None:
+            claimed = claim()
+            try:
+                while claimed is not None:
+                    index, tmp = claimed
+                    following: list = []
+
+                    def announce_next() -> None:
+                        if following:   # (a retried copy's second rename)
+                            return
+                        following.append(claim())
+                        if following[0] is not None:
+                            announce(following[0][1])
+
+                    fut = in_order[index]
+                    if fut.set_running_or_notify_cancel():   # (not cancelled meanwhile)
+                        try:
+                            fut.set_result(one(jobs[index], tmp, announce_next))
+                        except BaseException as exc:  # noqa: BLE001 - the future holds it
+                            fut.set_exception(exc)
+                    claimed = following[0] if following else claim()
+            finally:
+                announce(None)   # an open sent ahead that no copy took is undone
 
         collected: set = set()
 
@@ -555,10 +603,11 @@ class SyncStage(Stage):
                            final.mtime_ns if final else None, digest, None,
                            final.mode if final else None)
 
-        pool = ThreadPoolExecutor(max_workers=p.transfers)
-        futures: dict = {}
+        threads = [threading.Thread(target=transfers, name=f"castlib-transfer-{n}")
+                   for n in range(min(p.transfers, len(jobs)))]
         try:
-            futures.update((pool.submit(one, job), job) for job in jobs)
+            for thread in threads:
+                thread.start()
             for fut in as_completed(futures):
                 collect(fut)
                 if len(self.dst_rows) >= RECORD_BATCH:
@@ -568,13 +617,15 @@ class SyncStage(Stage):
             # stop at their next block; the copies that did finish are counted, so that
             # the run's record and the catalog say what is really on the destination
             stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            for fut in list(futures):
+            for fut in in_order:
+                fut.cancel()   # (those not started)
+            _join(threads)
+            for fut in in_order:
                 if fut.done():
                     collect(fut)
             raise
         finally:
-            pool.shutdown(wait=True)
+            _join(threads)
             progress.close()
 
     # -- hard links --------------------------------------------------------------------------
@@ -849,6 +900,12 @@ def _repair_hint(d: Difference) -> str:
                 "then castlib index the reference --checksum (or verify it)")
     return ("restore it, then castlib index it --checksum (or verify it); a rewritten file "
             "is taken as new")
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        if thread.ident is not None:   # (started)
+            thread.join()
 
 
 @contextmanager
