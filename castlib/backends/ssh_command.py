@@ -186,7 +186,8 @@ class SshCommand:
         from the first byte: a login ~65 ms shorter, see there), or [] where that would
         change where or how ssh connects: a ProxyCommand or ProxyJump, a bind address,
         more than one attempt, hostname canonicalisation or CheckHostIP in the user's
-        ~/.ssh/config; an ssh older than 6.8 (no `ssh -G`); a Python without sendmsg.
+        ~/.ssh/config; a $SHELL that is no POSIX shell (nologin: ssh runs a ProxyCommand
+        with it); an ssh older than 6.8 (no `ssh -G`); a Python without sendmsg.
         Asks `ssh -G` (~4 ms) once for this command line."""
         if self._dialer is None:
             self._dialer = _dialer_options(self._argv([], []))
@@ -324,6 +325,11 @@ def _ssh_options(options: dict, connect_timeout: float, password: bool,
 _DIALER_NEEDS = {"proxycommand": "none", "proxyjump": "none", "connectionattempts": "1",
                  "canonicalizehostname": "false", "checkhostip": "no"}
 _DIALER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ssh_dialer.py")
+# ssh runs a ProxyCommand as `$SHELL -c "exec ..."` (/bin/sh where SHELL is unset): the
+# dialer's words are quoted for a POSIX shell. A service account's shell (nologin, false)
+# runs nothing, and fish or csh read quotes otherwise: with those ssh connects itself.
+_POSIX_SHELLS = {"sh", "bash", "dash", "ash", "ksh", "ksh93", "mksh", "pdksh", "zsh",
+                 "yash", "posh", "busybox"}
 
 
 def _dialer_options(argv: list[str]) -> list[str]:
@@ -331,7 +337,9 @@ def _dialer_options(argv: list[str]) -> list[str]:
     command line `argv` (without a mode or remote words), or []."""
     import _socket
 
+    shell = os.environ.get("SHELL", "/bin/sh")   # (ssh's: an empty one is no /bin/sh)
     if (not sys.executable or not hasattr(_socket.socket, "sendmsg")
+            or os.path.basename(shell) not in _POSIX_SHELLS
             or not os.path.isfile(_DIALER)   # (a castlib run from a zip file)
             or openssh_version() < (6, 8)):
         return []
@@ -356,7 +364,7 @@ def _dialer_options(argv: list[str]) -> list[str]:
         return []
     words = [sys.executable, "-I", "-S", _DIALER, resolved["hostname"], resolved["port"],
              resolved["addressfamily"], timeout, resolved.get("tcpkeepalive", "yes")]
-    # ssh runs it with /bin/sh after reading its %-tokens
+    # ssh runs it with $SHELL (one of _POSIX_SHELLS) after reading its %-tokens
     command = " ".join(shlex.quote(word) for word in words).replace("%", "%%")
     return ["-o", f"ProxyCommand={command}", "-o", "ProxyUseFdpass=yes"]
 

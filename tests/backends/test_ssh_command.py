@@ -572,3 +572,27 @@ def test_the_dialers_failures_read_as_ssh_own(no_ssh_left_behind):
                 queued.close()
     assert "timed out (connect to host 127.0.0.1 port" in slow, slow
     assert time.monotonic() - started < 10
+
+
+def test_a_login_shell_that_runs_nothing_leaves_ssh_to_connect(sftp_server, monkeypatch,
+                                                                no_ssh_left_behind):
+    """ssh runs a ProxyCommand with $SHELL: a service account's (nologin, false) runs no
+    dialer, a shell of another syntax (fish, csh) reads its quoted words otherwise, and an
+    empty SHELL is no shell to ssh.
+    ssh then connects itself, and the login works as it did without the dialer."""
+    for shell, dialer in (("/usr/sbin/nologin", False), ("/bin/false", False),
+                          ("/usr/bin/fish", False), ("", False), ("/bin/bash", True),
+                          (None, True)):
+        if shell is None:   # ssh's /bin/sh
+            monkeypatch.delenv("SHELL", raising=False)
+        else:
+            monkeypatch.setenv("SHELL", shell)
+        ssh = ssh_for(sftp_server)
+        argv_env, connection = master_argv(ssh)
+        try:
+            assert ("ProxyUseFdpass=yes" in argv_env[0]) == dialer, (shell, argv_env[0])
+            status, out, err = speak_sftp(ssh, no_ssh_left_behind, argv_env)
+            assert out[4:9] == b"\x02\x00\x00\x00\x03", (shell, status, out, err)
+        finally:
+            connection.close()
+            ssh.close()
