@@ -124,6 +124,8 @@ _FAILURES = [
 ]
 # stderr lines that say nothing of the failure: warnings, the host key warning's frame
 _NOISE = re.compile(r"^(Warning: |@+$|\*\*)|^$")
+# ssh's line for a TCP connection it could not make (the dialer says it as ssh does)
+_NOT_CONNECTED = re.compile(r"^ssh: (connect to host |Could not resolve hostname )")
 
 
 class SshCommand:
@@ -216,6 +218,11 @@ class SshCommand:
                 if failure is SshHostKeyChanged:   # where the key it knew is: more to act on
                     said = _offending(lines) or said
                 return failure(_without_destination(said))
+        # ssh's words for a connection it could not make end its stderr, unless a dialer
+        # (ssh_dialer.py, a ProxyJump's ssh) said them: then ssh goes on to say what it
+        # made of the closed socket it got ("banner exchange: Connection to  port 0: Broken
+        # pipe"), which is no reason
+        last = next((line for line in lines if _NOT_CONNECTED.match(line)), last)
         return SshConnectionLost(_without_destination(last) or "ssh exited with status 255")
 
     def session_failure(self, returncode: int, stderr: bytes) -> BaseException:

@@ -596,3 +596,23 @@ def test_a_login_shell_that_runs_nothing_leaves_ssh_to_connect(sftp_server, monk
         finally:
             connection.close()
             ssh.close()
+
+
+def test_a_dialers_failure_of_no_known_kind_reads_as_ssh_own(no_ssh_left_behind):
+    """A connect() that fails in a way castlib has no name for (a link-local address
+    without its interface: EINVAL) reads as ssh's own line says it, not as what ssh says
+    of the closed socket it was handed after it ("banner exchange: Connection to  port
+    0: Broken pipe")."""
+    url = "sftp://someone@[fe80::1]/x"
+    ssh = SshCommand(parse_location(url), {}, 20)
+    argv_env, connection = master_argv(ssh)
+    try:
+        assert "ProxyUseFdpass=yes" in argv_env[0]
+        dialed = speak_sftp(ssh, no_ssh_left_behind, argv_env)
+    finally:
+        connection.close()
+    itself = speak_sftp(ssh, no_ssh_left_behind, ssh.subsystem())   # ssh connects
+    said = [str(open_backend(url, {}).translate(ssh.failure(status, err), ""))
+            for status, _, err in (dialed, itself)]
+    assert dialed[0] == itself[0] == 255 and "connect to host fe80::1 port 22" in said[1]
+    assert said[0] == said[1], (dialed, itself)
