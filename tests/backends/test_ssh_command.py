@@ -616,3 +616,33 @@ def test_a_dialers_failure_of_no_known_kind_reads_as_ssh_own(no_ssh_left_behind)
             for status, _, err in (dialed, itself)]
     assert dialed[0] == itself[0] == 255 and "connect to host fe80::1 port 22" in said[1]
     assert said[0] == said[1], (dialed, itself)
+
+
+def test_a_name_the_dialer_cannot_encode_reads_as_ssh_own(no_ssh_left_behind):
+    """A host name that IDNA refuses (an empty or a 64-byte label) is looked up as ssh
+    looks it up, as bytes: unresolvable, said in ssh's words, never a traceback, and the
+    dialer ends with a socket handed over (ssh waits for it: no zombie)."""
+    for host in ("a..b.castlib.invalid", "a" * 64 + ".castlib.invalid"):
+        said = dialer_failure(f"sftp://someone@{host}/x", 20, no_ssh_left_behind)
+        assert f"host unreachable (Could not resolve hostname {host}" in said, said
+
+
+def test_a_socket_the_kernel_will_not_make_is_a_failure_said(monkeypatch):
+    """A family the kernel has no support for (IPv6 off at boot: socket() fails with
+    EAFNOSUPPORT, as ssh's socket() does; no kernel here lacks it) is that address
+    failed: the next one is tried, and the last failure said in ssh's words."""
+    class NoIpv6:
+        def __getattr__(self, name):
+            return getattr(socket, name)
+
+        @staticmethod
+        def socket(family, *args):
+            if family == socket.AF_INET6:
+                raise OSError(97, "Address family not supported by protocol")
+            return socket.socket(family, *args)
+
+    monkeypatch.setattr(ssh_dialer, "_socket", NoIpv6())
+    with pytest.raises(SystemExit) as said:
+        ssh_dialer.dial("::1", "22", "any", "5", "yes")
+    assert said.value.code == ("ssh: connect to host ::1 port 22: "
+                               "Address family not supported by protocol")
