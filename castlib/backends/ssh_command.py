@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -498,10 +499,21 @@ def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
     return proc
 
 
+def kill(proc: subprocess.Popen) -> None:
+    """Kill an ssh started by start_ssh, with what it started: its dialer (ssh_dialer.py)
+    would go on connecting for up to ConnectTimeout with nobody to hand the connection
+    to, then be left to init. start_ssh made ssh a process group's leader; a pid not
+    yet waited for is no other group's."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):   # no group of its own: ssh alone
+        proc.kill()
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Kill and wait for an ssh whose pipes nothing else holds, and close them."""
     if proc.poll() is None:
-        proc.kill()
+        kill(proc)
         proc.wait()
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:

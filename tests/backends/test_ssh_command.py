@@ -646,3 +646,66 @@ def test_a_socket_the_kernel_will_not_make_is_a_failure_said(monkeypatch):
         ssh_dialer.dial("::1", "22", "any", "5", "yes")
     assert said.value.code == ("ssh: connect to host ::1 port 22: "
                                "Address family not supported by protocol")
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs (not ended, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("how", ["connection", "session"])
+def test_a_login_stopped_while_the_dialer_connects_stops_the_dialer(how):
+    """castlib ends a login still connecting (an early connection nobody took, at exit; a
+    session closed): the dialer ends with ssh, not connecting on for ConnectTimeout
+    with nobody to hand the connection to."""
+    from castlib.backends import sftp_wire
+
+    with socket.socket() as full:   # a listener whose queue is full: SYNs go unanswered
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        waiting = []
+        for _ in range(3):
+            queued = socket.socket()
+            queued.setblocking(False)
+            queued.connect_ex(full.getsockname())
+            waiting.append(queued)
+        ssh = SshCommand(parse_location(f"sftp://someone@127.0.0.1:{full.getsockname()[1]}/x"),
+                         {}, 30)
+        connection = ControlConnection(ssh)
+        try:
+            if how == "connection":
+                connection.start_master()
+                proc = connection._master
+            else:
+                proc = connection.take_master()
+                wire = sftp_wire.begin_threaded_wire(proc, ssh.session_failure, 30)
+            deadline = time.monotonic() + TIMEOUT_S
+            while not any("ssh_dialer" in Path(f"/proc/{c}/cmdline").read_text()
+                          for c in _children(proc.pid) if _running(c)):
+                assert time.monotonic() < deadline, "no dialer started"
+                time.sleep(0.01)
+            time.sleep(0.2)   # (the dialer in its connect())
+            dialers = _children(proc.pid)
+            if how == "connection":
+                connection.close()
+            else:
+                wire.close()
+                proc.wait(TIMEOUT_S)
+            deadline = time.monotonic() + 2
+            while any(_running(pid) for pid in dialers) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not any(_running(pid) for pid in dialers), dialers
+        finally:
+            connection.close()
+            for queued in waiting:
+                queued.close()
