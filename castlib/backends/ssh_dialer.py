@@ -16,6 +16,7 @@ does, and fails as ssh says its own failures (ssh_command reads them): one line 
 stderr, exit status 255.
 """
 import _socket
+import posix   # (loaded at start: os is not)
 import sys
 import time
 
@@ -59,10 +60,18 @@ def dial(host: str, port: str, family: str, timeout: str, keepalive: str):
     raise SystemExit(f"ssh: connect to host {host} port {port}: {why}")
 
 
+def say(line: str) -> None:
+    """A line on stderr (ssh's, which castlib reads), unbuffered, and never an error: with
+    castlib gone (kill -9) nobody reads it, and the socket must still reach ssh."""
+    try:
+        posix.write(2, (line + "\n").encode("utf-8", "surrogateescape"))
+    except OSError:
+        pass
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 5 or argv[2] not in _FAMILIES:
-        print("usage: ssh_dialer.py HOST PORT any|inet|inet6 SECONDS|none yes|no",
-              file=sys.stderr)
+        say("usage: ssh_dialer.py HOST PORT any|inet|inet6 SECONDS|none yes|no")
         return 255
     try:
         sock = dial(*argv)
@@ -70,8 +79,8 @@ def main(argv: list[str]) -> int:
     except (SystemExit, Exception) as said:
         # anything else still ends as a failure said in ssh's words, with a socket handed
         # over (below): a traceback would leave ssh without one, and this process unreaped
-        print(said.code if isinstance(said, SystemExit) else
-              f"ssh: connect to host {argv[0]} port {argv[1]}: {said}", file=sys.stderr)
+        say(said.code if isinstance(said, SystemExit) else
+            f"ssh: connect to host {argv[0]} port {argv[1]}: {said}")
         # ssh gets a connection closed at once, which it reads as a line lost after the
         # words above: an ssh that gets none exits without waiting for this process,
         # which is then a zombie wherever the init that inherits it reaps nothing (a
@@ -84,8 +93,7 @@ def main(argv: list[str]) -> int:
         ssh.sendmsg([b"\0"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                                sock.fileno().to_bytes(4, sys.byteorder))])
     except OSError as exc:
-        print(f"ssh_dialer: cannot hand the connection to ssh on stdout: {exc.strerror}",
-              file=sys.stderr)
+        say(f"ssh_dialer: cannot hand the connection to ssh on stdout: {exc.strerror}")
         return 255
     return 255 if failed else 0
 

@@ -709,3 +709,25 @@ def test_a_login_stopped_while_the_dialer_connects_stops_the_dialer(how):
             connection.close()
             for queued in waiting:
                 queued.close()
+
+
+def test_a_dialer_whose_stderr_is_gone_still_hands_ssh_a_socket():
+    """castlib gone (kill -9) while its ssh still dials: the dialer's words about a failure
+    find stderr's reader gone, and it still hands ssh a (closed) socket, so that ssh
+    waits for it and it is nobody's zombie."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # nobody reads ssh's stderr any more
+    ours, its = socket.socketpair()
+    try:
+        with ours, its:
+            proc = subprocess.run([sys.executable, "-I", "-S", ssh_dialer.__file__,
+                                   "127.0.0.1", str(free_port()), "any", "10", "yes"],
+                                  stdout=its, stderr=write_end, timeout=TIMEOUT_S)
+            its.close()
+            ours.settimeout(TIMEOUT_S)
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 255 and len(fds) == 1
+    with socket.socket(fileno=fds[0]) as handed:
+        assert handed.recv(1) == b""   # closed: ssh reads the end of the connection
