@@ -481,6 +481,28 @@ def openssh_version() -> tuple[int, int]:
 _PIPE_BYTES = 1024 * 1024
 
 
+# every ssh start_ssh started, until it is waited for or dropped: those still running at
+# exit are killed (_stop_started)
+_STARTED: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()
+_STARTED_LOCK = threading.Lock()
+
+
+def _stop_started() -> None:
+    """At exit, kill the ssh still running, with their dialers. A login still under way
+    (connect_in_background's thread, a daemon, stopped where it was by an interrupt)
+    would go on unwatched to its ConnectTimeout, its processes then left to init; a
+    session's ssh would end at the end of its input anyway."""
+    with _STARTED_LOCK:
+        left = [proc for proc in _STARTED if proc.returncode is None]
+    for proc in left:
+        if proc.poll() is None:
+            kill(proc)
+            try:
+                proc.wait(1)   # reaped here, not left to init
+            except subprocess.TimeoutExpired:
+                pass
+
+
 def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
     """ssh started as `argv`, its stdin, stdout and stderr pipes of the caller's, in the
     calling thread (sftp_wire.begin_threaded_wire makes a session of them). In a
@@ -489,6 +511,10 @@ def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
     castlib waking each other a sixteenth as often."""
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, start_new_session=True)
+    with _STARTED_LOCK:
+        if not _STARTED:
+            atexit.register(_stop_started)
+        _STARTED.add(proc)
     for pipe in (proc.stdin, proc.stdout):
         try:
             import fcntl

@@ -3,6 +3,7 @@ environment log in to real servers (OpenSSH's sshd with a key, `rclone serve sft
 password) and speak SFTP, and its failures read as castlib's one-line errors."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -663,6 +664,26 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+@contextlib.contextmanager
+def unanswered_port():
+    """A loopback port whose listener's queue is full: SYNs go unanswered, a connect()
+    waits until its timeout."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        waiting = []
+        try:
+            for _ in range(3):
+                queued = socket.socket()
+                waiting.append(queued)
+                queued.setblocking(False)
+                queued.connect_ex(full.getsockname())
+            yield full.getsockname()[1]
+        finally:
+            for queued in waiting:
+                queued.close()
+
+
 @pytest.mark.parametrize("how", ["connection", "session"])
 def test_a_login_stopped_while_the_dialer_connects_stops_the_dialer(how):
     """castlib ends a login still connecting (an early connection nobody took, at exit; a
@@ -670,17 +691,8 @@ def test_a_login_stopped_while_the_dialer_connects_stops_the_dialer(how):
     with nobody to hand the connection to."""
     from castlib.backends import sftp_wire
 
-    with socket.socket() as full:   # a listener whose queue is full: SYNs go unanswered
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        waiting = []
-        for _ in range(3):
-            queued = socket.socket()
-            queued.setblocking(False)
-            queued.connect_ex(full.getsockname())
-            waiting.append(queued)
-        ssh = SshCommand(parse_location(f"sftp://someone@127.0.0.1:{full.getsockname()[1]}/x"),
-                         {}, 30)
+    with unanswered_port() as port:
+        ssh = SshCommand(parse_location(f"sftp://someone@127.0.0.1:{port}/x"), {}, 30)
         connection = ControlConnection(ssh)
         try:
             if how == "connection":
@@ -707,8 +719,6 @@ def test_a_login_stopped_while_the_dialer_connects_stops_the_dialer(how):
             assert not any(_running(pid) for pid in dialers), dialers
         finally:
             connection.close()
-            for queued in waiting:
-                queued.close()
 
 
 def test_a_dialer_whose_stderr_is_gone_still_hands_ssh_a_socket():
@@ -731,3 +741,49 @@ def test_a_dialer_whose_stderr_is_gone_still_hands_ssh_a_socket():
     assert proc.returncode == 255 and len(fds) == 1
     with socket.socket(fileno=fds[0]) as handed:
         assert handed.recv(1) == b""   # closed: ssh reads the end of the connection
+
+
+def test_a_command_interrupted_while_it_logs_in_leaves_no_ssh(tmp_path):
+    """Ctrl-C while the login (started ahead, taken by the back-end's thread) still
+    connects: castlib exits, and its ssh and dialer with it, rather than going on to
+    their ConnectTimeout unwatched and leaving init their zombies."""
+    from tests.helpers import castlib_command, cli_env
+
+    with unanswered_port() as port:
+        url = f"sftp://someone@127.0.0.1:{port}/x"
+        config = tmp_path / "config.yaml"
+        config.write_text(f'storage:\n  "{url}": {{connect_timeout: 30, known_hosts: null}}\n')
+        proc = subprocess.Popen(castlib_command("index", url, db=f"sqlite:///{tmp_path}/c.db"),
+                                env=cli_env({"CASTLIB_CONFIG": str(config)}),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def ours() -> list[int]:   # ssh (its argv names the port) and its dialer
+            found = []
+            for entry in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if int(entry) != proc.pid and any(a == str(port).encode() or
+                                                  f" {port} ".encode() in a for a in argv):
+                    found.append(int(entry))
+            return [pid for pid in found if _running(pid)]
+
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while not any(ssh_dialer.__file__ in Path(f"/proc/{pid}/cmdline").read_text()
+                          for pid in ours() if pid not in _children(proc.pid)):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.02)
+            time.sleep(1)   # the dialer in its connect(), the back-end waiting for the login
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=TIMEOUT_S)
+            assert proc.returncode == 130, err
+            deadline = time.monotonic() + 2
+            while ours() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not ours(), ours()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
