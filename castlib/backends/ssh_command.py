@@ -109,7 +109,10 @@ class SshRemoteCommandFailed(SshFailure):
 # is read first, the host key checked before the login
 _FAILURES = [
     (re.compile(r"Bad configuration option|bad configuration options|Bad owner or "
-                r"permissions on|Unsupported option|no argument after keyword"),
+                r"permissions on|Unsupported option|no argument after keyword|"
+                # a %-token or ${VAR} of ~/.ssh/config it cannot expand (its first line
+                # says which, the second "percent_expand: failed")
+                r"percent_expand: (unknown key|env var)"),
      SshConfigurationBroken),
     (re.compile(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed"),
      SshHostKeyChanged),

@@ -334,6 +334,26 @@ def test_broken_user_config_is_not_a_lost_connection(sftp_server, tmp_path,
     assert not error.transient
 
 
+@pytest.mark.parametrize("line, said", [("Hostname %z", "unknown key %z"),
+                                        ("IdentityFile ${CASTLIB_NO_SUCH_VAR}",
+                                         "env var ${CASTLIB_NO_SUCH_VAR} has no value")])
+def test_a_token_ssh_cannot_expand_is_a_configuration_error(sftp_server, users_config,
+                                                            line, said, no_ssh_left_behind):
+    """A %-token or ${VAR} in ~/.ssh/config that ssh cannot expand: refused by ssh, said as
+    a configuration error (not retried as a line that dropped)."""
+    users_config.write_text(f"Host *\n  {line}\n")
+    ssh = ssh_for(sftp_server)
+    argv_env, connection = master_argv(ssh)
+    try:
+        status, out, err = speak_sftp(ssh, no_ssh_left_behind, argv_env)
+    finally:
+        connection.close()
+    error = open_backend(sftp_server.url, sftp_server.options).translate(
+        ssh.failure(status, err), "")
+    assert "ssh configuration error (" in str(error) and said in str(error), (error, err)
+    assert not error.transient
+
+
 def test_wrong_password(rclone_sftp_server, no_ssh_left_behind):
     wrong = "wrong-" + rclone_sftp_server.password
     options = {"password": wrong, "known_hosts": None}
