@@ -343,6 +343,9 @@ _POSIX_SHELLS = {"sh", "bash", "dash", "ash", "ksh", "ksh93", "mksh", "pdksh", "
                  "yash", "posh", "busybox"}
 
 
+_SSH_G_TIMEOUT_S = 10   # (a Match exec may take its time: see _dialer_options)
+
+
 def _dialer_options(argv: list[str]) -> list[str]:
     """The ProxyCommand and ProxyUseFdpass options of SshCommand.dialer(), for ssh's
     command line `argv` (without a mode or remote words), or []."""
@@ -355,14 +358,22 @@ def _dialer_options(argv: list[str]) -> list[str]:
             or openssh_version() < (6, 8)):
         return []
     try:
-        said = subprocess.run([argv[0], "-G", *argv[1:]], stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        # in a process group of its own: it runs the Match exec commands of ~/.ssh/config,
+        # and one that outlasts the wait ends with it (ssh -G alone killed, it ran on)
+        asking = subprocess.Popen([argv[0], "-G", *argv[1:]], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  start_new_session=True)
+    except OSError:
         return []
-    if said.returncode != 0:   # ssh itself will say what is wrong with its configuration
+    try:
+        said, _ = asking.communicate(timeout=_SSH_G_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        stop(asking)
+        return []
+    if asking.returncode != 0:   # ssh itself will say what is wrong with its configuration
         return []
     resolved = {}
-    for line in said.stdout.decode("utf-8", "surrogateescape").splitlines():
+    for line in said.decode("utf-8", "surrogateescape").splitlines():
         key, _, value = line.partition(" ")
         resolved.setdefault(key.lower(), value)
     if (any(resolved.get(key, default) != default for key, default in _DIALER_NEEDS.items())

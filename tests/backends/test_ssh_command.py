@@ -807,3 +807,34 @@ def test_a_command_interrupted_while_it_logs_in_leaves_no_ssh(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+def test_a_match_exec_too_slow_for_ssh_G_is_ended_with_it(users_config, monkeypatch):
+    """`ssh -G` runs the Match exec commands of ~/.ssh/config (`nc -z -w 20 host 22` to
+    choose a ProxyJump off-site). One that outlasts the wait for ssh -G ends with it
+    (ssh connects as it says, without the dialer), rather than running on alone."""
+    from castlib.backends import ssh_command
+
+    marker = f"29.{os.getpid()}"
+    users_config.write_text(f'Match exec "sleep {marker}"\n  Port 2222\n')
+    monkeypatch.setattr(ssh_command, "_SSH_G_TIMEOUT_S", 1)
+
+    def sleeping() -> list[int]:
+        found = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:
+                pass
+        return [pid for pid in found if _running(pid)]
+
+    try:
+        assert SshCommand(parse_location("sftp://someone@example.org/x"), {}, 20).dialer() == []
+        deadline = time.monotonic() + 2
+        while sleeping() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not sleeping()
+    finally:
+        for pid in sleeping():
+            os.kill(pid, signal.SIGKILL)
