@@ -449,6 +449,11 @@ def _classify(exc: BaseException) -> tuple[str, str]:
         return "TLS error", detail
     if isinstance(exc, ConnectionRefusedError) or name in ("EndpointConnectionError",
                                                             "ConnectError"):
+        # httpx's and botocore's word for any connect() that failed: the error they wrap
+        # says which (a name not found is no refusal)
+        cause = _cause_of(exc)
+        if cause is not None and _classify(cause)[0] in ("host unreachable", "timed out"):
+            return _classify(cause)[0], detail
         return "connection refused", detail
     if isinstance(exc, TimeoutError) or "Timeout" in name or (   # (asyncio's, on 3.10)
             asyncio is not None and isinstance(exc, asyncio.TimeoutError)):
@@ -465,6 +470,18 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
         return exc.strerror.lower(), ""
     return name, detail
+
+
+def _cause_of(exc: BaseException) -> OSError | None:
+    """The innermost OSError that `exc` was raised from (or while handling), if any."""
+    found, seen = None, set()
+    exc = exc.__cause__ or exc.__context__
+    while exc is not None and id(exc) not in seen and len(seen) < 10:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            found = exc
+        exc = exc.__cause__ or exc.__context__
+    return found
 
 
 def _http_status(exc: BaseException) -> int | None:

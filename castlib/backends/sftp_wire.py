@@ -36,7 +36,6 @@ import functools
 import itertools
 import os
 import select
-import signal
 import struct
 import threading
 import time
@@ -911,10 +910,9 @@ class _ThreadPipes:
             return
         self._closing = True
         if self._proc.poll() is None:
-            try:
-                os.kill(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            from .ssh_command import kill   # (with its dialer, if it still connects)
+
+            kill(self._proc)
         if not self._while_nobody_reads(self._end):
             try:
                 os.write(self._wake_w, b"x")

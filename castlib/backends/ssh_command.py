@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,7 +109,10 @@ class SshRemoteCommandFailed(SshFailure):
 # is read first, the host key checked before the login
 _FAILURES = [
     (re.compile(r"Bad configuration option|bad configuration options|Bad owner or "
-                r"permissions on|Unsupported option|no argument after keyword"),
+                r"permissions on|Unsupported option|no argument after keyword|"
+                # a %-token or ${VAR} of ~/.ssh/config it cannot expand (its first line
+                # says which, the second "percent_expand: failed")
+                r"percent_expand: (unknown key|env var)"),
      SshConfigurationBroken),
     (re.compile(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed"),
      SshHostKeyChanged),
@@ -124,6 +128,8 @@ _FAILURES = [
 ]
 # stderr lines that say nothing of the failure: warnings, the host key warning's frame
 _NOISE = re.compile(r"^(Warning: |@+$|\*\*)|^$")
+# ssh's line for a TCP connection it could not make (the dialer says it as ssh does)
+_NOT_CONNECTED = re.compile(r"^ssh: (connect to host |Could not resolve hostname )")
 
 
 class SshCommand:
@@ -186,7 +192,8 @@ class SshCommand:
         from the first byte: a login ~65 ms shorter, see there), or [] where that would
         change where or how ssh connects: a ProxyCommand or ProxyJump, a bind address,
         more than one attempt, hostname canonicalisation or CheckHostIP in the user's
-        ~/.ssh/config; an ssh older than 6.8 (no `ssh -G`); a Python without sendmsg.
+        ~/.ssh/config; a $SHELL that is no POSIX shell (nologin: ssh runs a ProxyCommand
+        with it); an ssh older than 6.8 (no `ssh -G`); a Python without sendmsg.
         Asks `ssh -G` (~4 ms) once for this command line."""
         if self._dialer is None:
             self._dialer = _dialer_options(self._argv([], []))
@@ -215,6 +222,11 @@ class SshCommand:
                 if failure is SshHostKeyChanged:   # where the key it knew is: more to act on
                     said = _offending(lines) or said
                 return failure(_without_destination(said))
+        # ssh's words for a connection it could not make end its stderr, unless a dialer
+        # (ssh_dialer.py, a ProxyJump's ssh) said them: then ssh goes on to say what it
+        # made of the closed socket it got ("banner exchange: Connection to  port 0: Broken
+        # pipe"), which is no reason
+        last = next((line for line in lines if _NOT_CONNECTED.match(line)), last)
         return SshConnectionLost(_without_destination(last) or "ssh exited with status 255")
 
     def session_failure(self, returncode: int, stderr: bytes) -> BaseException:
@@ -324,6 +336,14 @@ def _ssh_options(options: dict, connect_timeout: float, password: bool,
 _DIALER_NEEDS = {"proxycommand": "none", "proxyjump": "none", "connectionattempts": "1",
                  "canonicalizehostname": "false", "checkhostip": "no"}
 _DIALER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ssh_dialer.py")
+# ssh runs a ProxyCommand as `$SHELL -c "exec ..."` (/bin/sh where SHELL is unset): the
+# dialer's words are quoted for a POSIX shell. A service account's shell (nologin, false)
+# runs nothing, and fish or csh read quotes otherwise: with those ssh connects itself.
+_POSIX_SHELLS = {"sh", "bash", "dash", "ash", "ksh", "ksh93", "mksh", "pdksh", "zsh",
+                 "yash", "posh", "busybox"}
+
+
+_SSH_G_TIMEOUT_S = 10   # (a Match exec may take its time: see _dialer_options)
 
 
 def _dialer_options(argv: list[str]) -> list[str]:
@@ -331,19 +351,29 @@ def _dialer_options(argv: list[str]) -> list[str]:
     command line `argv` (without a mode or remote words), or []."""
     import _socket
 
+    shell = os.environ.get("SHELL", "/bin/sh")   # (ssh's: an empty one is no /bin/sh)
     if (not sys.executable or not hasattr(_socket.socket, "sendmsg")
+            or os.path.basename(shell) not in _POSIX_SHELLS
             or not os.path.isfile(_DIALER)   # (a castlib run from a zip file)
             or openssh_version() < (6, 8)):
         return []
     try:
-        said = subprocess.run([argv[0], "-G", *argv[1:]], stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        # in a process group of its own: it runs the Match exec commands of ~/.ssh/config,
+        # and one that outlasts the wait ends with it (ssh -G alone killed, it ran on)
+        asking = subprocess.Popen([argv[0], "-G", *argv[1:]], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  start_new_session=True)
+    except OSError:
         return []
-    if said.returncode != 0:   # ssh itself will say what is wrong with its configuration
+    try:
+        said, _ = asking.communicate(timeout=_SSH_G_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        stop(asking)
+        return []
+    if asking.returncode != 0:   # ssh itself will say what is wrong with its configuration
         return []
     resolved = {}
-    for line in said.stdout.decode("utf-8", "surrogateescape").splitlines():
+    for line in said.decode("utf-8", "surrogateescape").splitlines():
         key, _, value = line.partition(" ")
         resolved.setdefault(key.lower(), value)
     if (any(resolved.get(key, default) != default for key, default in _DIALER_NEEDS.items())
@@ -356,7 +386,7 @@ def _dialer_options(argv: list[str]) -> list[str]:
         return []
     words = [sys.executable, "-I", "-S", _DIALER, resolved["hostname"], resolved["port"],
              resolved["addressfamily"], timeout, resolved.get("tcpkeepalive", "yes")]
-    # ssh runs it with /bin/sh after reading its %-tokens
+    # ssh runs it with $SHELL (one of _POSIX_SHELLS) after reading its %-tokens
     command = " ".join(shlex.quote(word) for word in words).replace("%", "%%")
     return ["-o", f"ProxyCommand={command}", "-o", "ProxyUseFdpass=yes"]
 
@@ -465,6 +495,28 @@ def openssh_version() -> tuple[int, int]:
 _PIPE_BYTES = 1024 * 1024
 
 
+# every ssh start_ssh started, until it is waited for or dropped: those still running at
+# exit are killed (_stop_started)
+_STARTED: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()
+_STARTED_LOCK = threading.Lock()
+
+
+def _stop_started() -> None:
+    """At exit, kill the ssh still running, with their dialers. A login still under way
+    (connect_in_background's thread, a daemon, stopped where it was by an interrupt)
+    would go on unwatched to its ConnectTimeout, its processes then left to init; a
+    session's ssh would end at the end of its input anyway."""
+    with _STARTED_LOCK:
+        left = [proc for proc in _STARTED if proc.returncode is None]
+    for proc in left:
+        if proc.poll() is None:
+            kill(proc)
+            try:
+                proc.wait(1)   # reaped here, not left to init
+            except subprocess.TimeoutExpired:
+                pass
+
+
 def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
     """ssh started as `argv`, its stdin, stdout and stderr pipes of the caller's, in the
     calling thread (sftp_wire.begin_threaded_wire makes a session of them). In a
@@ -473,6 +525,10 @@ def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
     castlib waking each other a sixteenth as often."""
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, start_new_session=True)
+    with _STARTED_LOCK:
+        if not _STARTED:
+            atexit.register(_stop_started)
+        _STARTED.add(proc)
     for pipe in (proc.stdin, proc.stdout):
         try:
             import fcntl
@@ -483,10 +539,21 @@ def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
     return proc
 
 
+def kill(proc: subprocess.Popen) -> None:
+    """Kill an ssh started by start_ssh, with what it started: its dialer (ssh_dialer.py)
+    would go on connecting for up to ConnectTimeout with nobody to hand the connection
+    to, then be left to init. start_ssh made ssh a process group's leader; a pid not
+    yet waited for is no other group's."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):   # no group of its own: ssh alone
+        proc.kill()
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Kill and wait for an ssh whose pipes nothing else holds, and close them."""
     if proc.poll() is None:
-        proc.kill()
+        kill(proc)
         proc.wait()
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:

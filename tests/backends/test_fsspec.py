@@ -267,6 +267,23 @@ def test_unreachable_server_fails_fast_and_clearly(scheme, s3_server):
         assert f"127.0.0.1:{port}" in message
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheme", ["s3", "webdav"])
+def test_an_unresolvable_host_is_unreachable_not_refused(scheme, s3_server):
+    """httpx and botocore wrap a failed name lookup in their own "could not connect" error
+    (ConnectError, EndpointConnectionError): the lookup's failure says what it is, as
+    it does for SFTP, not "connection refused" (no host was there to refuse)."""
+    if scheme == "s3":
+        url, options = "s3://bucket/p", dict(s3_server.options,
+                                             endpoint_url="http://no-such.castlib.invalid")
+    else:
+        url, options = "webdav://someone:PassWord1@no-such.castlib.invalid/x", {}
+    with pytest.raises(TransientStorageError) as info:
+        open_backend(url, options).stat("f")
+    message = _assert_one_line_without(info.value, "PassWord1", s3_server.secret)
+    assert "host unreachable" in message, message
+
+
 def test_scheme_aliases_reach_the_same_servers(sftp_server, webdav_server):
     (sftp_server.folder / "via-ssh").write_bytes(b"ssh")
     assert read(open_backend(sftp_server.url.replace("sftp://", "ssh://"), sftp_server.options),

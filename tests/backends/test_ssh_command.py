@@ -3,6 +3,7 @@ environment log in to real servers (OpenSSH's sshd with a key, `rclone serve sft
 password) and speak SFTP, and its failures read as castlib's one-line errors."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -333,6 +334,26 @@ def test_broken_user_config_is_not_a_lost_connection(sftp_server, tmp_path,
     assert not error.transient
 
 
+@pytest.mark.parametrize("line, said", [("Hostname %z", "unknown key %z"),
+                                        ("IdentityFile ${CASTLIB_NO_SUCH_VAR}",
+                                         "env var ${CASTLIB_NO_SUCH_VAR} has no value")])
+def test_a_token_ssh_cannot_expand_is_a_configuration_error(sftp_server, users_config,
+                                                            line, said, no_ssh_left_behind):
+    """A %-token or ${VAR} in ~/.ssh/config that ssh cannot expand: refused by ssh, said as
+    a configuration error (not retried as a line that dropped)."""
+    users_config.write_text(f"Host *\n  {line}\n")
+    ssh = ssh_for(sftp_server)
+    argv_env, connection = master_argv(ssh)
+    try:
+        status, out, err = speak_sftp(ssh, no_ssh_left_behind, argv_env)
+    finally:
+        connection.close()
+    error = open_backend(sftp_server.url, sftp_server.options).translate(
+        ssh.failure(status, err), "")
+    assert "ssh configuration error (" in str(error) and said in str(error), (error, err)
+    assert not error.transient
+
+
 def test_wrong_password(rclone_sftp_server, no_ssh_left_behind):
     wrong = "wrong-" + rclone_sftp_server.password
     options = {"password": wrong, "known_hosts": None}
@@ -572,3 +593,248 @@ def test_the_dialers_failures_read_as_ssh_own(no_ssh_left_behind):
                 queued.close()
     assert "timed out (connect to host 127.0.0.1 port" in slow, slow
     assert time.monotonic() - started < 10
+
+
+def test_a_login_shell_that_runs_nothing_leaves_ssh_to_connect(sftp_server, monkeypatch,
+                                                                no_ssh_left_behind):
+    """ssh runs a ProxyCommand with $SHELL: a service account's (nologin, false) runs no
+    dialer, a shell of another syntax (fish, csh) reads its quoted words otherwise, and an
+    empty SHELL is no shell to ssh.
+    ssh then connects itself, and the login works as it did without the dialer."""
+    for shell, dialer in (("/usr/sbin/nologin", False), ("/bin/false", False),
+                          ("/usr/bin/fish", False), ("", False), ("/bin/bash", True),
+                          (None, True)):
+        if shell is None:   # ssh's /bin/sh
+            monkeypatch.delenv("SHELL", raising=False)
+        else:
+            monkeypatch.setenv("SHELL", shell)
+        ssh = ssh_for(sftp_server)
+        argv_env, connection = master_argv(ssh)
+        try:
+            assert ("ProxyUseFdpass=yes" in argv_env[0]) == dialer, (shell, argv_env[0])
+            status, out, err = speak_sftp(ssh, no_ssh_left_behind, argv_env)
+            assert out[4:9] == b"\x02\x00\x00\x00\x03", (shell, status, out, err)
+        finally:
+            connection.close()
+            ssh.close()
+
+
+def test_a_dialers_failure_of_no_known_kind_reads_as_ssh_own(no_ssh_left_behind):
+    """A connect() that fails in a way castlib has no name for (a link-local address
+    without its interface: EINVAL) reads as ssh's own line says it, not as what ssh says
+    of the closed socket it was handed after it ("banner exchange: Connection to  port
+    0: Broken pipe")."""
+    url = "sftp://someone@[fe80::1]/x"
+    ssh = SshCommand(parse_location(url), {}, 20)
+    argv_env, connection = master_argv(ssh)
+    try:
+        assert "ProxyUseFdpass=yes" in argv_env[0]
+        dialed = speak_sftp(ssh, no_ssh_left_behind, argv_env)
+    finally:
+        connection.close()
+    itself = speak_sftp(ssh, no_ssh_left_behind, ssh.subsystem())   # ssh connects
+    said = [str(open_backend(url, {}).translate(ssh.failure(status, err), ""))
+            for status, _, err in (dialed, itself)]
+    assert dialed[0] == itself[0] == 255 and "connect to host fe80::1 port 22" in said[1]
+    assert said[0] == said[1], (dialed, itself)
+
+
+def test_a_name_the_dialer_cannot_encode_reads_as_ssh_own(no_ssh_left_behind):
+    """A host name that IDNA refuses (an empty or a 64-byte label) is looked up as ssh
+    looks it up, as bytes: unresolvable, said in ssh's words, never a traceback, and the
+    dialer ends with a socket handed over (ssh waits for it: no zombie)."""
+    for host in ("a..b.castlib.invalid", "a" * 64 + ".castlib.invalid"):
+        said = dialer_failure(f"sftp://someone@{host}/x", 20, no_ssh_left_behind)
+        assert f"host unreachable (Could not resolve hostname {host}" in said, said
+
+
+def test_a_socket_the_kernel_will_not_make_is_a_failure_said(monkeypatch):
+    """A family the kernel has no support for (IPv6 off at boot: socket() fails with
+    EAFNOSUPPORT, as ssh's socket() does; no kernel here lacks it) is that address
+    failed: the next one is tried, and the last failure said in ssh's words."""
+    class NoIpv6:
+        def __getattr__(self, name):
+            return getattr(socket, name)
+
+        @staticmethod
+        def socket(family, *args):
+            if family == socket.AF_INET6:
+                raise OSError(97, "Address family not supported by protocol")
+            return socket.socket(family, *args)
+
+    monkeypatch.setattr(ssh_dialer, "_socket", NoIpv6())
+    with pytest.raises(SystemExit) as said:
+        ssh_dialer.dial("::1", "22", "any", "5", "yes")
+    assert said.value.code == ("ssh: connect to host ::1 port 22: "
+                               "Address family not supported by protocol")
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs (not ended, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@contextlib.contextmanager
+def unanswered_port():
+    """A loopback port whose listener's queue is full: SYNs go unanswered, a connect()
+    waits until its timeout."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        waiting = []
+        try:
+            for _ in range(3):
+                queued = socket.socket()
+                waiting.append(queued)
+                queued.setblocking(False)
+                queued.connect_ex(full.getsockname())
+            yield full.getsockname()[1]
+        finally:
+            for queued in waiting:
+                queued.close()
+
+
+@pytest.mark.parametrize("how", ["connection", "session"])
+def test_a_login_stopped_while_the_dialer_connects_stops_the_dialer(how):
+    """castlib ends a login still connecting (an early connection nobody took, at exit; a
+    session closed): the dialer ends with ssh, not connecting on for ConnectTimeout
+    with nobody to hand the connection to."""
+    from castlib.backends import sftp_wire
+
+    with unanswered_port() as port:
+        ssh = SshCommand(parse_location(f"sftp://someone@127.0.0.1:{port}/x"), {}, 30)
+        connection = ControlConnection(ssh)
+        try:
+            if how == "connection":
+                connection.start_master()
+                proc = connection._master
+            else:
+                proc = connection.take_master()
+                wire = sftp_wire.begin_threaded_wire(proc, ssh.session_failure, 30)
+            deadline = time.monotonic() + TIMEOUT_S
+            while not any("ssh_dialer" in Path(f"/proc/{c}/cmdline").read_text()
+                          for c in _children(proc.pid) if _running(c)):
+                assert time.monotonic() < deadline, "no dialer started"
+                time.sleep(0.01)
+            time.sleep(0.2)   # (the dialer in its connect())
+            dialers = _children(proc.pid)
+            if how == "connection":
+                connection.close()
+            else:
+                wire.close()
+                proc.wait(TIMEOUT_S)
+            deadline = time.monotonic() + 2
+            while any(_running(pid) for pid in dialers) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not any(_running(pid) for pid in dialers), dialers
+        finally:
+            connection.close()
+
+
+def test_a_dialer_whose_stderr_is_gone_still_hands_ssh_a_socket():
+    """castlib gone (kill -9) while its ssh still dials: the dialer's words about a failure
+    find stderr's reader gone, and it still hands ssh a (closed) socket, so that ssh
+    waits for it and it is nobody's zombie."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # nobody reads ssh's stderr any more
+    ours, its = socket.socketpair()
+    try:
+        with ours, its:
+            proc = subprocess.run([sys.executable, "-I", "-S", ssh_dialer.__file__,
+                                   "127.0.0.1", str(free_port()), "any", "10", "yes"],
+                                  stdout=its, stderr=write_end, timeout=TIMEOUT_S)
+            its.close()
+            ours.settimeout(TIMEOUT_S)
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 255 and len(fds) == 1
+    with socket.socket(fileno=fds[0]) as handed:
+        assert handed.recv(1) == b""   # closed: ssh reads the end of the connection
+
+
+def test_a_command_interrupted_while_it_logs_in_leaves_no_ssh(tmp_path):
+    """Ctrl-C while the login (started ahead, taken by the back-end's thread) still
+    connects: castlib exits, and its ssh and dialer with it, rather than going on to
+    their ConnectTimeout unwatched and leaving init their zombies."""
+    from tests.helpers import castlib_command, cli_env
+
+    with unanswered_port() as port:
+        url = f"sftp://someone@127.0.0.1:{port}/x"
+        config = tmp_path / "config.yaml"
+        config.write_text(f'storage:\n  "{url}": {{connect_timeout: 30, known_hosts: null}}\n')
+        proc = subprocess.Popen(castlib_command("index", url, db=f"sqlite:///{tmp_path}/c.db"),
+                                env=cli_env({"CASTLIB_CONFIG": str(config)}),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def ours() -> list[int]:   # ssh (its argv names the port) and its dialer
+            found = []
+            for entry in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if int(entry) != proc.pid and any(a == str(port).encode() or
+                                                  f" {port} ".encode() in a for a in argv):
+                    found.append(int(entry))
+            return [pid for pid in found if _running(pid)]
+
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while not any(ssh_dialer.__file__ in Path(f"/proc/{pid}/cmdline").read_text()
+                          for pid in ours() if pid not in _children(proc.pid)):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.02)
+            time.sleep(1)   # the dialer in its connect(), the back-end waiting for the login
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=TIMEOUT_S)
+            assert proc.returncode == 130, err
+            deadline = time.monotonic() + 2
+            while ours() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not ours(), ours()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def test_a_match_exec_too_slow_for_ssh_G_is_ended_with_it(users_config, monkeypatch):
+    """`ssh -G` runs the Match exec commands of ~/.ssh/config (`nc -z -w 20 host 22` to
+    choose a ProxyJump off-site). One that outlasts the wait for ssh -G ends with it
+    (ssh connects as it says, without the dialer), rather than running on alone."""
+    from castlib.backends import ssh_command
+
+    marker = f"29.{os.getpid()}"
+    users_config.write_text(f'Match exec "sleep {marker}"\n  Port 2222\n')
+    monkeypatch.setattr(ssh_command, "_SSH_G_TIMEOUT_S", 1)
+
+    def sleeping() -> list[int]:
+        found = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:
+                pass
+        return [pid for pid in found if _running(pid)]
+
+    try:
+        assert SshCommand(parse_location("sftp://someone@example.org/x"), {}, 20).dialer() == []
+        deadline = time.monotonic() + 2
+        while sleeping() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not sleeping()
+    finally:
+        for pid in sleeping():
+            os.kill(pid, signal.SIGKILL)
