@@ -254,7 +254,7 @@ def _stop_on_signals() -> None:
     import os
     import signal
 
-    from .errors import Interrupted
+    from .errors import interrupt
 
     stopping = []
 
@@ -263,7 +263,7 @@ def _stop_on_signals() -> None:
             os.write(2, b"castlib: interrupted again: leaving at once\n")
             os._exit(128 + signum)
         stopping.append(signum)
-        raise Interrupted(signum)
+        interrupt(signum)   # (Interrupted, now or at the end of a step not to be cut)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) is not signal.SIG_IGN:   # nohup, `cmd &` in a script

@@ -88,6 +88,40 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(self.signame)
 
 
+# A signal's handler (the CLI's, a worker's) raises Interrupted in the main thread, at
+# whatever it was running. The few steps that must not be cut in two run inside
+# interruptions_held(): a finished copy counted and remembered for the catalog (the sync
+# stage's collect), cut between the two, was on the destination, in the run's counts, and
+# not in the catalog. Signals are handled in the main thread only: so are these blocks.
+_held: list[bool] = []      # one for each held block the main thread is in
+_waiting: list[int] = []    # the signals that came meanwhile
+
+
+def interrupt(signum: int) -> None:
+    """What a signal handler does: raise Interrupted(signum) now, or at the end of the
+    interruptions_held() block the main thread is in."""
+    if _held:
+        _waiting.append(signum)
+        return
+    raise Interrupted(signum)
+
+
+class interruptions_held:
+    """A block a signal's Interrupted does not cut: it is raised at the block's end (from
+    whatever exception was leaving it, if one was)."""
+
+    def __enter__(self):
+        _held.append(True)
+
+    def __exit__(self, *exc_info):
+        _held.pop()
+        if not _held and _waiting:
+            signum = _waiting[0]
+            _waiting.clear()
+            raise Interrupted(signum)
+        return False
+
+
 def interruption_name(exc: BaseException) -> str:
     """SIGTERM, SIGINT...: which signal stopped a run (a bare KeyboardInterrupt is a Ctrl-C)."""
     return getattr(exc, "signame", "SIGINT")

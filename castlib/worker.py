@@ -192,7 +192,7 @@ def _run_segment_task(body: dict) -> str:
 
 def run_segment(body: dict, db: str | None) -> str:
     """Run one segment of a run recorded in the catalog; what happened, in a word."""
-    from .errors import Interrupted
+    from .errors import interrupt
     from .hosts import local_hostname
     from .pipeline import Pipeline
 
@@ -245,7 +245,7 @@ def run_segment(body: dict, db: str | None) -> str:
         if stopping:   # a second one: the worker is being stopped for good
             return
         stopping.append(signum)
-        raise Interrupted(signum)
+        interrupt(signum)   # (Interrupted, now or at the end of a step not to be cut)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:

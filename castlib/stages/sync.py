@@ -13,7 +13,7 @@ from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_covered
 from ..catalog.paths import from_catalog, parent_of, to_catalog
 from ..errors import (ConfigError, NotFound, SafetyRefusal, SourceChanged, StorageError,
-                      Unsupported, VerificationFailed)
+                      Unsupported, VerificationFailed, interruptions_held)
 from ..progress import human_bytes
 from ..transfer import copy_file, temp_path, with_retries
 from ..options import Cli
@@ -609,9 +609,10 @@ class SyncStage(Stage):
             for thread in threads:
                 thread.start()
             for fut in as_completed(futures):
-                collect(fut)
-                if len(self.dst_rows) >= RECORD_BATCH:
-                    self._record()
+                with interruptions_held():   # a copy counted is a copy remembered
+                    collect(fut)
+                    if len(self.dst_rows) >= RECORD_BATCH:
+                        self._record()
         except BaseException:
             # interrupted (a signal, Ctrl-C): queued copies never start, those in flight
             # stop at their next block; the copies that did finish are counted, so that
