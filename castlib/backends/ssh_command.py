@@ -526,8 +526,6 @@ def start_ssh(argv: list[str], env: dict) -> subprocess.Popen:
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, start_new_session=True)
     with _STARTED_LOCK:
-        if not _STARTED:
-            atexit.register(_stop_started)
         _STARTED.add(proc)
     for pipe in (proc.stdin, proc.stdout):
         try:
@@ -666,8 +664,6 @@ def start_ahead(url, options: dict) -> None:
     except ConfigError:
         return
     with _AHEAD_LOCK:
-        if not _AHEAD:
-            atexit.register(_stop_ahead)
         _AHEAD.append(connection)
     connection.start_master()
 
@@ -689,3 +685,10 @@ def _stop_ahead() -> None:
     for connection in left:
         connection.close()
         connection.command.close()
+
+
+# once each (registered whenever a list became empty again, they piled up in a long-lived
+# worker); at exit, LIFO: the ssh still running are killed first, then the connections
+# started ahead that nobody took are closed
+atexit.register(_stop_ahead)
+atexit.register(_stop_started)
