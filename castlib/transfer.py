@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -41,9 +42,7 @@ def temp_path(final_path: str, key: bytes) -> str:
     room = NAME_MAX - len(f".{TEMP_MARK}") - _NONCE - _TAG
     while len(name.encode("utf-8", "surrogateescape")) > room:
         name = name[:-1]
-    import secrets   # here, not at import: a listing (index) never makes a temporary name
-
-    nonce = secrets.token_hex(_NONCE // 2)
+    nonce = os.urandom(_NONCE // 2).hex()   # (as secrets.token_hex, without its imports)
     tmp = f".{name}{TEMP_MARK}{nonce}{_tag(key, name, nonce)}"
     return f"{folder}/{tmp}" if folder else tmp
 

@@ -10,7 +10,6 @@ import posixpath
 import sys
 import threading
 from datetime import datetime
-from http import HTTPStatus
 from typing import BinaryIO, Iterator
 
 from ..catalog.paths import to_catalog
@@ -410,6 +409,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
         if status in (408, 429) or status >= 500:
             return "server error" if status >= 500 else "server busy", detail
         try:
+            from http import HTTPStatus   # (only to word an error)
+
             phrase = HTTPStatus(status).phrase
         except ValueError:
             phrase = ""

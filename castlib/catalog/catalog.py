@@ -346,13 +346,11 @@ class SqlCatalog:
     def entries_written(self, conn, location_id: int) -> None:
         """Say, in the transaction that changed them, that a location's entries changed
         (a new token under WRITES_KEY): the overview's counts of it are then stale."""
-        import uuid
-
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as upsert
         else:
             from sqlalchemy.dialects.sqlite import insert as upsert
-        token = uuid.uuid4().hex
+        token = os.urandom(16).hex()   # (uuid would import platform)
         stmt = upsert(T).values(name=f"{WRITES_KEY}{location_id}", value=token)
         conn.execute(stmt.on_conflict_do_update(index_elements=[T.c.name],
                                                 set_={"value": token}))

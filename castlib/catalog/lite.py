@@ -900,11 +900,9 @@ def _ids_of(conn, location_id: int, paths: list[str]) -> dict[str, int]:
 def _entries_written(conn, location_id: int) -> None:
     """As Catalog.entries_written: a new token says the location's entries changed, in the
     transaction that changed them (the overview's kept counts of it are then stale)."""
-    import uuid
-
     conn.execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO "
                  "UPDATE SET value = excluded.value",
-                 (f"{WRITES_KEY}{location_id}", uuid.uuid4().hex))
+                 (f"{WRITES_KEY}{location_id}", os.urandom(16).hex()))
 
 
 def _update_entries(conn, rows: list[dict]) -> None:

@@ -1,6 +1,8 @@
 """Catalog-wide settings: values made once per catalog and shared by every host using it."""
 from __future__ import annotations
 
+import os
+
 from .database import CatalogError
 
 TEMP_NAME_KEY = "temp_name_key"
@@ -15,9 +17,7 @@ def temp_name_key(catalog) -> bytes:
         value = catalog.setting(TEMP_NAME_KEY)
         if value is not None:
             return bytes.fromhex(value)
-        import secrets   # once per catalog: not an import of every command
-
-        catalog.add_setting(TEMP_NAME_KEY, secrets.token_hex(32))   # or another run's, kept
+        catalog.add_setting(TEMP_NAME_KEY, os.urandom(32).hex())   # (= secrets.token_hex)   # or another run's, kept
     raise CatalogError("the catalog's temporary-name key can be neither read nor made")
 
 
