@@ -416,7 +416,10 @@ class SftpBackend(FsspecBackend):
         me = threading.current_thread()
         if self._ssh is not None and not self._more_coming.is_set():
             self.fs   # connected: then the sessions opened early are coming, or there
-            self._more_coming.wait(self._login_timeout)
+            with self._connect_lock:   # one this thread may take now: no wait for the rest
+                ready = _held_or_handed_on(self._wires, me)   # (the login's, say)
+            if ready is None or ready.closed:
+                self._more_coming.wait(self._login_timeout)
         with self._connect_lock:
             fs = self.fs   # connected, as in _client
             generation = self._generation

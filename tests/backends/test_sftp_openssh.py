@@ -115,6 +115,42 @@ def test_the_sessions_of_a_location_share_one_login(sftp_server):
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids))
 
 
+def test_the_logins_session_serves_at_once_while_the_others_open(sftp_server, tmp_path,
+                                                                 monkeypatch):
+    """A thread's first call takes the login's own session as soon as it is up, and does
+    not wait for the sessions opened for the transfer threads (a sync's listing of its
+    destination used to wait for all of them: ~10 ms of every run's start)."""
+    import shutil
+    import threading
+
+    gate = tmp_path / "open"
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    # the sessions on the login's connection wait for the gate (not the login itself,
+    # nor `ssh -G` or `ssh -V`)
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) ;;
+*) while [ ! -e {gate} ]; do sleep 0.05; done ;; esac
+exec {shutil.which("ssh")} "$@"
+""")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        b.connect_in_background(5)
+        b.fs   # logged in; the other sessions held at the gate (until the login timeout, 10 s)
+        listed = threading.Event()
+        threading.Thread(target=lambda: (listing(b), listed.set()), daemon=True).start()
+        assert listed.wait(5), "the listing waited for the other sessions"
+        assert sum(entry[0] is not None for entry in b._wires) == 1   # the login's alone
+    finally:
+        gate.touch()
+    assert wait_for(lambda: sum(entry[0] is not None for entry in b._wires) == 5), b._wires
+    write(b, "f", b"x")
+    assert read(b, "f") == b"x"
+    b.close()
+
+
 def test_a_server_that_opens_few_channels_still_serves_every_thread(sftp_two_sessions_server):
     """A server that opens no more channels a connection (MaxSessions 2) still serves
     every thread of a run that wanted more (OpenSSH's ssh logs in anew for a session its
