@@ -114,9 +114,15 @@ def connect_ahead(locations) -> None:
     from ..config import load_user_config
 
     if any(text.startswith(("sftp://", "ssh://")) for text in locations):
-        from .ssh_command import ask_openssh_version
+        from .ssh_command import ask_openssh_version, ask_where
 
         ask_openssh_version()   # (meanwhile, the configuration is read)
+        for text in locations:
+            if text.startswith(("sftp://", "ssh://")):
+                try:
+                    ask_where(parse_location(text))   # (and where ssh will connect)
+                except ConfigError:
+                    pass
     try:
         config = load_user_config()
     except ConfigError:

@@ -152,7 +152,8 @@ class SshCommand:
         passphrase = options.get("passphrase")
         self._passphrase = str(passphrase) if passphrase is not None else None
         self._secrets = [s for s in (self._password, self._passphrase, url.password) if s]
-        self._options = _ssh_options(options, connect_timeout,
+        self._connect_timeout_s = max(1, math.ceil(connect_timeout))   # ssh's: whole seconds
+        self._options = _ssh_options(options, self._connect_timeout_s,
                                      self._password is not None,
                                      self._passphrase is not None)
         self._askpass: str | None = None   # the helper's path, when there is a secret
@@ -194,9 +195,12 @@ class SshCommand:
         more than one attempt, hostname canonicalisation or CheckHostIP in the user's
         ~/.ssh/config; a $SHELL that is no POSIX shell (nologin: ssh runs a ProxyCommand
         with it); an ssh older than 6.8 (no `ssh -G`); a Python without sendmsg.
-        Asks `ssh -G` (~4 ms) once for this command line."""
+        Asks `ssh -G` (~5 ms) once for this host, port and user, or takes the answer of
+        the one ask_where started while the configuration was read."""
         if self._dialer is None:
-            self._dialer = _dialer_options(self._argv([], []))
+            self._dialer = _dialer_options(_where(self.available() or "ssh", self.host,
+                                                  self.port, self.user),
+                                           self._connect_timeout_s)
         return self._dialer
 
     def same_as(self, other: "SshCommand") -> bool:
@@ -287,7 +291,7 @@ class SshCommand:
         return env
 
 
-def _ssh_options(options: dict, connect_timeout: float, password: bool,
+def _ssh_options(options: dict, connect_timeout_s: int, password: bool,
                  passphrase: bool) -> list[str]:
     """ssh's options for a location: never a prompt on a terminal, nothing forwarded,
     no master connection left behind; then its keys and known_hosts. The command line
@@ -298,7 +302,7 @@ def _ssh_options(options: dict, connect_timeout: float, password: bool,
             # a LocalCommand would write into the SFTP stream; a RemoteCommand would
             # make ssh refuse ours
             "-o", "PermitLocalCommand=no", "-o", "RemoteCommand=none",
-            "-o", f"ConnectTimeout={max(1, math.ceil(connect_timeout))}",
+            "-o", f"ConnectTimeout={connect_timeout_s}",
             "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
     if password or passphrase:   # the secrets come from askpass (see SshCommand._env)
         argv += ["-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=1"]
@@ -346,25 +350,79 @@ _POSIX_SHELLS = {"sh", "bash", "dash", "ash", "ksh", "ksh93", "mksh", "pdksh", "
 _SSH_G_TIMEOUT_S = 10   # (a Match exec may take its time: see _dialer_options)
 
 
-def _dialer_options(argv: list[str]) -> list[str]:
-    """The ProxyCommand and ProxyUseFdpass options of SshCommand.dialer(), for ssh's
-    command line `argv` (without a mode or remote words), or []."""
+def _where(ssh: str, host: str, port: int | None, user: str | None) -> list[str]:
+    """ssh's words that decide where and how it connects, which `ssh -G` is asked about:
+    the host, port and user (what ~/.ssh/config's Host and Match blocks go by). castlib's
+    other options (keys, known_hosts, BatchMode...) change none of what _dialer_options
+    reads, and its ConnectTimeout, which wins over the user's, is given to it as such."""
+    return [ssh, *(["-p", str(port)] if port is not None else []),
+            *(["-l", user] if user is not None else []), "--", host]
+
+
+def _dialer_possible() -> bool:
+    """What a dialer needs of this machine, `ssh -G`'s answer aside."""
     import _socket
 
     shell = os.environ.get("SHELL", "/bin/sh")   # (ssh's: an empty one is no /bin/sh)
-    if (not sys.executable or not hasattr(_socket.socket, "sendmsg")
-            or os.path.basename(shell) not in _POSIX_SHELLS
-            or not os.path.isfile(_DIALER)   # (a castlib run from a zip file)
-            or openssh_version() < (6, 8)):
-        return []
+    return bool(sys.executable and hasattr(_socket.socket, "sendmsg")
+                and os.path.basename(shell) in _POSIX_SHELLS
+                and os.path.isfile(_DIALER))   # (not a castlib run from a zip file)
+
+
+# `ssh -G` started ahead (ask_where), by the words it was asked for, until taken
+_WHERE_ASKED: dict[tuple, subprocess.Popen] = {}
+
+
+def _ask_ssh_config(where: list[str]) -> subprocess.Popen | None:
+    """`ssh -G` for these words, started: in a process group of its own, as it runs the
+    Match exec commands of ~/.ssh/config, and one that outlasts the wait ends with it
+    (ssh -G alone killed, it ran on)."""
     try:
-        # in a process group of its own: it runs the Match exec commands of ~/.ssh/config,
-        # and one that outlasts the wait ends with it (ssh -G alone killed, it ran on)
-        asking = subprocess.Popen([argv[0], "-G", *argv[1:]], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  start_new_session=True)
+        proc = subprocess.Popen([where[0], "-G", *where[1:]], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
     except OSError:
+        return None
+    with _STARTED_LOCK:
+        _STARTED.add(proc)   # (one nobody asked for after all: killed at exit)
+    return proc
+
+
+def ask_where(url) -> None:
+    """Start `ssh -G` for an SFTP location's URL now, for its SshCommand.dialer() to read
+    later: what a command that will start ssh ahead does as it starts `ssh -V`, so that
+    the ~5 ms of it pass while its configuration is read. An option of the configuration
+    that names another user or port makes the dialer ask again, for those."""
+    ssh = shutil.which("ssh")
+    if ssh is None or not _dialer_possible():
+        return
+    try:
+        where = _where(ssh, _checked_host(url.hostname), _checked_port(url.port),
+                       _checked_user(url.user) if url.user is not None else None)
+    except ConfigError:
+        return
+    with _STARTED_LOCK:
+        if tuple(where) in _WHERE_ASKED:
+            return
+    proc = _ask_ssh_config(where)
+    if proc is not None:
+        with _STARTED_LOCK:
+            _WHERE_ASKED[tuple(where)] = proc
+
+
+def _dialer_options(where: list[str], connect_timeout_s: int) -> list[str]:
+    """The ProxyCommand and ProxyUseFdpass options of SshCommand.dialer(), for ssh's
+    words `where` (_where), or []."""
+    with _STARTED_LOCK:
+        asking = _WHERE_ASKED.pop(tuple(where), None)
+    if not _dialer_possible() or openssh_version() < (6, 8):
+        if asking is not None:
+            stop(asking)
         return []
+    if asking is None:
+        asking = _ask_ssh_config(where)
+        if asking is None:
+            return []
     try:
         said, _ = asking.communicate(timeout=_SSH_G_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -381,11 +439,9 @@ def _dialer_options(argv: list[str]) -> list[str]:
             or resolved.get("addressfamily") not in ("any", "inet", "inet6")
             or not resolved.get("hostname") or not resolved.get("port", "").isdigit()):
         return []
-    timeout = resolved.get("connecttimeout", "none")
-    if timeout != "none" and not timeout.isdigit():
-        return []
     words = [sys.executable, "-I", "-S", _DIALER, resolved["hostname"], resolved["port"],
-             resolved["addressfamily"], timeout, resolved.get("tcpkeepalive", "yes")]
+             resolved["addressfamily"], str(connect_timeout_s),
+             resolved.get("tcpkeepalive", "yes")]
     # ssh runs it with $SHELL (one of _POSIX_SHELLS) after reading its %-tokens
     command = " ".join(shlex.quote(word) for word in words).replace("%", "%%")
     return ["-o", f"ProxyCommand={command}", "-o", "ProxyUseFdpass=yes"]

@@ -554,6 +554,34 @@ def test_the_dialer_connects_where_the_users_config_says(users_config, sftp_serv
         connection.close()
 
 
+def test_ssh_G_asked_ahead_is_the_one_the_dialer_reads(users_config, tmp_path, monkeypatch,
+                                                       no_ssh_left_behind):
+    """connect_ahead starts `ssh -G` for a URL while the configuration is read; the
+    dialer takes its answer instead of asking again, for the same host, port and user,
+    and asks anew for another port (an option of the configuration). The dialer waits
+    the ConnectTimeout castlib gives ssh, which wins over the user's."""
+    from castlib.backends import ssh_command
+
+    users_config.write_text("Host alias.example.org\n  HostName 127.0.0.2\n  Port 2222\n"
+                            "  ConnectTimeout 77\n")
+    asked = tmp_path / "asked"
+    wrapper = Path(shutil.which("ssh"))   # users_config's: log every -G it is asked
+    wrapper.write_text(wrapper.read_text().replace(
+        "exec ", f"case \" $* \" in *' -G '*) echo \"$*\" >> {asked} ;; esac\nexec ", 1))
+    url = parse_location("sftp://someone@alias.example.org/x")
+    ssh_command.ask_where(url)
+    assert ssh_command._WHERE_ASKED   # started, not yet read
+    options = ssh_command.SshCommand(url, {}, 20).dialer()
+    assert asked.read_text().count("-G") == 1   # the one started ahead
+    assert not ssh_command._WHERE_ASKED
+    proxy = next(o for o in options if o.startswith("ProxyCommand="))
+    assert " 127.0.0.2 2222 " in proxy and " 20 " in proxy, proxy   # ours, not 77
+    # a port of the configuration's: not what was asked ahead, so asked again
+    ssh_command.SshCommand(url, {"port": 2022}, 20).dialer()
+    lines = asked.read_text().splitlines()
+    assert len(lines) == 2 and "-p 2022" in lines[1], lines
+
+
 def dialer_failure(url: str, timeout: float, sessions) -> str:
     """castlib's line for a login that failed in the dialer."""
     ssh = SshCommand(parse_location(url), {}, timeout)
