@@ -318,3 +318,28 @@ def test_a_command_ends_without_the_final_collections_and_loses_nothing(tmp_path
     assert r.stderr.startswith("castlib: error: ") and "last words" in r.stderr
     assert sqlite3.connect(db).execute("SELECT command, status FROM runs WHERE id = 2"
                                        ).fetchall() in ([], [("verify", "error")])
+
+
+def test_the_command_collects_less_often_and_the_library_as_python_does(tmp_path, db_url):
+    """The command line raises the collector's first threshold (its start allocates
+    objects that all live: cli._fewer_collections), `python -m castlib` before its
+    imports; castlib used as a library leaves the threshold as it was."""
+    import subprocess
+    import sys
+
+    src = make_tree(tmp_path / "src", {"a": b"1"})
+    probe = ("import gc, sys, castlib.api, castlib.cli\n"
+             "before = gc.get_threshold()[0]\n"
+             "castlib.api.sync(sys.argv[1], sys.argv[2] + '-api', db=sys.argv[3], quiet=True)\n"
+             "library = gc.get_threshold()[0]\n"
+             "castlib.cli.main(['--db', sys.argv[3], '-q', 'sync', sys.argv[1], sys.argv[2]])\n"
+             "print(before, library, gc.get_threshold()[0])\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(src), str(tmp_path / "dst"), db_url],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["700", "700", "50000"], out
+    module = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = ['castlib', "
+                             "'--version']; import gc; gc.callbacks.append(lambda *a: "
+                             "print('collected', gc.get_threshold()[0]) if a[0] == 'stop' else None)"
+                             "; runpy.run_module('castlib', run_name='__main__')"],
+                            capture_output=True, text=True)
+    assert "collected 700" not in module.stdout, module.stdout
