@@ -15,6 +15,7 @@ import re
 import shlex
 import stat as statmod
 import subprocess
+import sys
 import threading
 import time
 import types
@@ -316,12 +317,19 @@ class SftpBackend(FsspecBackend):
         else:
             connection = ssh_command.ControlConnection(self._ssh)
             connection.start_master()
-        host = _OpensshHost(connection)
         try:
-            wire = host.open_master(self._login_timeout)
-        except BaseException:
-            host.close()   # (no session of it is open: its ssh is stopped, its folder goes)
-            raise
+            host, wire = self._open_master(connection)
+        except ssh_command.SshConnectionLost as exc:
+            if not ssh_command.dialer_did_not_run(exc):
+                raise
+            # ssh_dialer.py did not run under sys.executable (an embedded interpreter's
+            # host program): this login, and every later one, without it
+            log.info("%s: ssh's connection helper did not run under %s; ssh connects "
+                     "itself", self._where(), sys.executable)
+            ssh_command.give_up_dialer()
+            connection = ssh_command.ControlConnection(self._ssh)
+            connection.start_master()
+            host, wire = self._open_master(connection)
         self._sftp = wire
         self._sessions, self._more_sessions = [], False
         self._wires, self._more_wires = [[wire, threading.current_thread()]], True
@@ -336,6 +344,15 @@ class SftpBackend(FsspecBackend):
                              args=(host, places, self._generation),
                              daemon=True, name="castlib-sftp-sessions").start()
         return host
+
+    def _open_master(self, connection) -> tuple:
+        """The host of a connection whose login was started, and the login's session."""
+        host = _OpensshHost(connection)
+        try:
+            return host, host.open_master(self._login_timeout)
+        except BaseException:
+            host.close()   # (no session of it is open: its ssh is stopped, its folder goes)
+            raise
 
     def _open_more_wires(self, host, places: list, generation: int) -> None:
         """Open a session for each place at once, each for whichever thread asks first

@@ -201,7 +201,7 @@ class SshCommand:
             self._dialer = _dialer_options(_where(self.available() or "ssh", self.host,
                                                   self.port, self.user),
                                            self._connect_timeout_s)
-        return self._dialer
+        return [] if _DIALER_DID_NOT_RUN else self._dialer
 
     def same_as(self, other: "SshCommand") -> bool:
         """Whether `other` runs ssh with the same command line and secrets (its askpass
@@ -359,12 +359,33 @@ def _where(ssh: str, host: str, port: int | None, user: str | None) -> list[str]
             *(["-l", user] if user is not None else []), "--", host]
 
 
+# ssh's words when its ProxyCommand ended without passing it a connection: the dialer did
+# not run at all (where it fails to connect, it says why in ssh's words, and passes ssh a
+# closed one)
+_DIALER_SILENT = "proxy dialer did not pass back a connection"
+_DIALER_DID_NOT_RUN: list = []   # not empty once a login saw it: none uses it from then on
+
+
+def dialer_did_not_run(exc: BaseException) -> bool:
+    """Whether a login failed because its dialer did not run (sys.executable is no
+    Python that runs ssh_dialer.py: an embedded interpreter's host program, a broken
+    installation), not for anything of the network or the host."""
+    return isinstance(exc, SshConnectionLost) and _DIALER_SILENT in str(exc)
+
+
+def give_up_dialer() -> None:
+    """No dialer for any login of this process from now on (dialer_did_not_run): ssh
+    connects itself, as where the dialer is left out."""
+    _DIALER_DID_NOT_RUN.append(True)
+
+
 def _dialer_possible() -> bool:
     """What a dialer needs of this machine, `ssh -G`'s answer aside."""
     import _socket
 
     shell = os.environ.get("SHELL", "/bin/sh")   # (ssh's: an empty one is no /bin/sh)
-    return bool(sys.executable and hasattr(_socket.socket, "sendmsg")
+    return bool(sys.executable and not _DIALER_DID_NOT_RUN
+                and hasattr(_socket.socket, "sendmsg")
                 and os.path.basename(shell) in _POSIX_SHELLS
                 and os.path.isfile(_DIALER))   # (not a castlib run from a zip file)
 

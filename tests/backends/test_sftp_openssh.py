@@ -151,6 +151,31 @@ exec {shutil.which("ssh")} "$@"
     b.close()
 
 
+def test_a_dialer_that_cannot_run_leaves_ssh_to_connect(sftp_server, tmp_path, monkeypatch):
+    """sys.executable that is no Python running ssh_dialer.py (an embedded interpreter's
+    host program: uWSGI, mod_wsgi): ssh says only "proxy dialer did not pass back a
+    connection", and every login failed. The login is made again without the dialer,
+    and later ones go without it; a host that refuses is still said as such."""
+    from castlib.backends import ssh_command
+    from castlib.errors import StorageError
+    from tests.servers.common import free_port
+
+    monkeypatch.setattr(ssh_command, "_DIALER_DID_NOT_RUN", [])
+    host_program = tmp_path / "uwsgi"
+    host_program.write_text("#!/bin/sh\necho 'uwsgi: unknown option -I' >&2\nexit 1\n")
+    host_program.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(host_program))
+    b = open_backend(sftp_server.url, sftp_server.options)
+    write(b, "f", b"through ssh alone")
+    assert read(b, "f") == b"through ssh alone"
+    assert ssh_command._DIALER_DID_NOT_RUN   # and so for the next logins
+    assert ssh_command.SshCommand(b.url, {}, 20).dialer() == []
+    b.close()
+    refused = open_backend(f"sftp://someone@127.0.0.1:{free_port()}/x", {})
+    with pytest.raises(StorageError, match="connection refused"):
+        refused.stat("")
+
+
 def test_a_server_that_opens_few_channels_still_serves_every_thread(sftp_two_sessions_server):
     """A server that opens no more channels a connection (MaxSessions 2) still serves
     every thread of a run that wanted more (OpenSSH's ssh logs in anew for a session its
