@@ -1074,6 +1074,8 @@ class _OpensshHost:
         with self._lock:
             self._closed = True
             wires = list(self._wires)
+        for wire in wires:   # every ssh killed first: they end together
+            wire.stop()
         # the master last: the others' sessions are channels of its connection
         for wire in sorted(wires, key=lambda w: w is self._master):
             wire.close()

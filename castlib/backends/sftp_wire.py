@@ -339,6 +339,11 @@ class SftpWire:
         if self._chan is not None:
             self._chan.close()
 
+    def stop(self) -> None:
+        """A threaded session's close() without the wait for its end (_ThreadPipes.stop)."""
+        if self._chan is not None:
+            self._chan.stop()
+
     @property
     def closed(self) -> bool:
         """Whether the session is gone for good (closed, lost, or broken by a reply it
@@ -865,6 +870,7 @@ class _ThreadPipes:
         self._turn = threading.Condition()   # who reads; woken when a read settled some
         self._reading = False
         self._closing = False
+        self._close_done = False
         self._ended = False
         # a byte written here wakes the thread that reads (close)
         self._wake_r, self._wake_w = os.pipe()
@@ -902,10 +908,10 @@ class _ThreadPipes:
             except OSError as exc:   # (EBADF: closed meanwhile)
                 raise ConnectionResetError(f"ssh's input is closed ({exc.strerror})") from None
 
-    def close(self) -> None:
-        """Ends the session: ssh is killed (every request was answered or is given up),
-        what waits on it fails: at once here if no thread reads, else by that thread,
-        woken for it."""
+    def stop(self) -> None:
+        """close()'s first half: the session is closing, its ssh killed, and not waited
+        for (a connection's sessions are all stopped, then each closed: they end
+        together, not one after the other)."""
         if self._closing:
             return
         self._closing = True
@@ -913,6 +919,15 @@ class _ThreadPipes:
             from .ssh_command import kill   # (with its dialer, if it still connects)
 
             kill(self._proc)
+
+    def close(self) -> None:
+        """Ends the session: ssh is killed (every request was answered or is given up),
+        what waits on it fails: at once here if no thread reads, else by that thread,
+        woken for it."""
+        if self._close_done:
+            return
+        self._close_done = True
+        self.stop()
         if not self._while_nobody_reads(self._end):
             try:
                 os.write(self._wake_w, b"x")
