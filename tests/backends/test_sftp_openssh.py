@@ -151,6 +151,43 @@ exec {shutil.which("ssh")} "$@"
     b.close()
 
 
+def test_a_location_closed_while_its_sessions_open_makes_no_login_more(sftp_server, tmp_path,
+                                                                       monkeypatch):
+    """A short run (a listing served by the login's session at once, then the end) closes
+    its location while the sessions opened early for the transfer threads are still
+    starting. Their ssh, coming after the master has gone, found no ControlPath socket
+    and logged in to the host on its own (OpenSSH's ssh does so where the master is
+    not there), one login more each, only to be closed once up: they are stopped at the
+    close instead."""
+    import shutil
+
+    gate = tmp_path / "open"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    # the sessions on the login's connection start late (a loaded machine), each with
+    # its log (-E: not on the stderr castlib reads)
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) exec {shutil.which("ssh")} "$@" ;; esac
+while [ ! -e {gate} ]; do sleep 0.05; done
+exec {shutil.which("ssh")} -v -E {logs}/$$ "$@"
+""")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        b.connect_in_background(5)
+        assert listing(b) == []   # served at once, by the login's session
+        assert not b._more_coming.is_set()   # the others still starting
+        b.close()
+    finally:
+        gate.touch()
+    assert wait_for(b._more_coming.is_set, 30)   # the sessions' opening has ended
+    said = "".join(log.read_text() for log in logs.iterdir())
+    assert "Authenticated to" not in said and "Connecting to" not in said, said
+
+
 def test_a_dialer_that_cannot_run_leaves_ssh_to_connect(sftp_server, tmp_path, monkeypatch):
     """sys.executable that is no Python running ssh_dialer.py (an embedded interpreter's
     host program: uWSGI, mod_wsgi): ssh says only "proxy dialer did not pass back a
