@@ -320,7 +320,7 @@ class SftpBackend(FsspecBackend):
         try:
             host, wire = self._open_master(connection)
         except ssh_command.SshConnectionLost as exc:
-            if not ssh_command.dialer_did_not_run(exc):
+            if not ssh_command.dialer_did_not_run(exc, connection.command):
                 raise
             # ssh_dialer.py did not run under sys.executable (an embedded interpreter's
             # host program): this login, and every later one, without it
