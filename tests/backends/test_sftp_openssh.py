@@ -188,6 +188,51 @@ exec {shutil.which("ssh")} -v -E {logs}/$$ "$@"
     assert "Authenticated to" not in said and "Connecting to" not in said, said
 
 
+def test_a_session_closed_as_its_reader_ends_it_writes_into_no_other_file(sftp_server,
+                                                                         tmp_path):
+    """close() wakes the thread that reads a session with a byte on a pipe of the
+    session's. A location's sessions are all killed first, then each closed: the thread
+    reading one may be ending it by then, its pipe closed, and the pipe's number already
+    another file's (a new session's input, the catalog's journal): the byte went there."""
+    import threading
+
+    from castlib.backends import sftp_wire
+
+    b = open_backend(sftp_server.url, sftp_server.options)
+    listing(b)
+    wire = b._wires[0][0]
+    pipes = wire._chan
+    number = pipes._wake_w
+    other = tmp_path / "other"
+    opened: list[int] = []
+    ending, closed = threading.Event(), threading.Event()
+
+    def meanwhile(_):   # as the reading thread ends the session: other files opened
+        while number not in opened and len(opened) < 256:
+            opened.append(os.open(other, os.O_WRONLY | os.O_CREAT))
+        ending.set()
+        closed.wait(10)
+
+    waiting = sftp_wire.SyncFuture(wire)
+    waiting.add_done_callback(meanwhile)
+    wire._waiting[1 << 30] = (waiting, None)   # a request not answered yet
+    reader = threading.Thread(target=lambda: pipes.wait_for(waiting, 30), daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: pipes._reading, 10)
+        pipes.stop()   # (as _OpensshHost.close: every session killed first)
+        assert ending.wait(10)
+        assert number in opened   # the pipe's number, now the other file's
+        pipes.close()
+    finally:
+        closed.set()
+        reader.join(10)
+        for fd in opened:
+            os.close(fd)
+        b.close()
+    assert other.read_bytes() == b""
+
+
 def test_a_dialer_that_cannot_run_leaves_ssh_to_connect(sftp_server, tmp_path, monkeypatch):
     """sys.executable that is no Python running ssh_dialer.py (an embedded interpreter's
     host program: uWSGI, mod_wsgi): ssh says only "proxy dialer did not pass back a
