@@ -361,9 +361,11 @@ class SftpBackend(FsspecBackend):
             opened = host.open_wires(len(places), self._login_timeout)
         finally:
             with self._connect_lock:
-                for place in places[len(opened):]:
-                    if place in self._wires:
-                        self._wires.remove(place)
+                # by identity: a place not filled, [None, nobody], equals each of a newer
+                # connection's (a line that dropped meanwhile), which must stay
+                given_up = places[len(opened):]
+                self._wires = [entry for entry in self._wires
+                               if not any(entry is place for place in given_up)]
                 for place, wire in zip(places, opened):
                     if generation != self._generation:
                         wire.close()   # (a connection given up since: its own go with it)

@@ -188,6 +188,44 @@ exec {shutil.which("ssh")} -v -E {logs}/$$ "$@"
     assert "Authenticated to" not in said and "Connecting to" not in said, said
 
 
+def test_a_connection_given_up_while_its_sessions_open_leaves_the_next_ones_places(
+        sftp_server, tmp_path, monkeypatch):
+    """The line drops while the sessions opened early are still coming (a thread's first
+    call no longer waits for them), and the retry logs in again at once. The first
+    connection's opening, ending as the new login holds the lock, gave up its places by
+    value: [None, nobody] is also each of the new connection's places, which went
+    instead, and the sessions opened for them served no thread."""
+    import shutil
+
+    gate = tmp_path / "open"
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) ;;
+*) while [ ! -e {gate} ]; do sleep 0.05; done ;; esac
+exec {shutil.which("ssh")} "$@"
+""")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        b.connect_in_background(5)
+        assert listing(b) == []   # the login's session; the others held at the gate
+        first = b._fs
+        with b._connect_lock:   # as the retry's login holds it
+            b._connection_failed(b._generation)   # the line dropped
+            assert listing(b) == []   # logged in again; its other sessions at the gate
+            assert wait_for(lambda: not first._opening, 10)   # the first's opening ended
+            time.sleep(0.2)   # (and waits for the lock)
+    finally:
+        gate.touch()
+    assert wait_for(lambda: sum(entry[0] is not None for entry in b._wires) == 5, 30), \
+        b._wires
+    write(b, "f", b"x")
+    assert read(b, "f") == b"x"
+    b.close()
+
+
 def test_a_session_closed_as_its_reader_ends_it_writes_into_no_other_file(sftp_server,
                                                                          tmp_path):
     """close() wakes the thread that reads a session with a byte on a pipe of the
