@@ -320,7 +320,7 @@ class SftpBackend(FsspecBackend):
         try:
             host, wire = self._open_master(connection)
         except ssh_command.SshConnectionLost as exc:
-            if not ssh_command.dialer_did_not_run(exc):
+            if not ssh_command.dialer_did_not_run(exc, connection.command):
                 raise
             # ssh_dialer.py did not run under sys.executable (an embedded interpreter's
             # host program): this login, and every later one, without it
@@ -361,9 +361,11 @@ class SftpBackend(FsspecBackend):
             opened = host.open_wires(len(places), self._login_timeout)
         finally:
             with self._connect_lock:
-                for place in places[len(opened):]:
-                    if place in self._wires:
-                        self._wires.remove(place)
+                # by identity: a place not filled, [None, nobody], equals each of a newer
+                # connection's (a line that dropped meanwhile), which must stay
+                given_up = places[len(opened):]
+                self._wires = [entry for entry in self._wires
+                               if not any(entry is place for place in given_up)]
                 for place, wire in zip(places, opened):
                     if generation != self._generation:
                         wire.close()   # (a connection given up since: its own go with it)
@@ -1011,14 +1013,22 @@ class _OpensshHost:
         self._master = None
         self._lock = threading.Lock()   # sessions come from several threads
         self._closed = False   # see close: a session that comes after it is closed too
+        self._opening: set = set()   # sessions begun, not opened yet (see close)
 
     def command(self, words: list[str]) -> tuple[list[str], dict]:
         """A command on the host, on the master's connection (no login of its own)."""
         return self._connection.remote_command(words)
 
     def _begun(self, proc):
-        return sftp_wire.begin_threaded_wire(proc, self._command.session_failure,
+        wire = sftp_wire.begin_threaded_wire(proc, self._command.session_failure,
                                              READ_TIMEOUT_S)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._opening.add(wire)
+        if closed:   # (close() came as its ssh started: stopped as close() stops them)
+            wire.stop()
+        return wire
 
     def _opened(self, wire, timeout: float):
         """A session begun, initialised and kept. One not opened in time is not left
@@ -1030,6 +1040,9 @@ class _OpensshHost:
             # ssh still at it (its own failures, "timed out during banner exchange" too,
             # end it, and say themselves)
             raise ssh_command.SshTimeout(f"no login within {timeout:g} s") from None
+        finally:
+            with self._lock:
+                self._opening.discard(wire)
         with self._lock:
             if not self._closed:
                 self._wires.append(wire)
@@ -1074,7 +1087,11 @@ class _OpensshHost:
         with self._lock:
             self._closed = True
             wires = list(self._wires)
-        for wire in wires:   # every ssh killed first: they end together
+            opening = list(self._opening)
+        # every ssh killed first: they end together. Those of sessions still being opened
+        # too (each is closed by the thread that opens it): one that came to the master's
+        # ControlPath after the master had gone would log in to the host on its own
+        for wire in wires + opening:
             wire.stop()
         # the master last: the others' sessions are channels of its connection
         for wire in sorted(wires, key=lambda w: w is self._master):

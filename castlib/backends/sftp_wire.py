@@ -929,10 +929,14 @@ class _ThreadPipes:
         self._close_done = True
         self.stop()
         if not self._while_nobody_reads(self._end):
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:   # (ended meanwhile: its pipe closed)
-                pass
+            # under _turn, as _end closes the pipe: a number it closed may be another
+            # file's by now (a new session's input, the catalog's journal)
+            with self._turn:
+                if self._wake_w is not None:   # (None: that thread is ending the session)
+                    try:
+                        os.write(self._wake_w, b"x")
+                    except OSError:
+                        pass
 
     def is_closing(self) -> bool:
         """Whether the session is gone: closed, ended, or (read now, what came while
@@ -1051,7 +1055,9 @@ class _ThreadPipes:
                 pipe.close()
             except OSError:
                 pass
-        for fd in (self._wake_r, self._wake_w, self._pidfd):
+        with self._turn:   # (not while close() writes to it)
+            wake, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+        for fd in (*wake, self._pidfd):
             if fd is not None:
                 os.close(fd)
         self._ended = True

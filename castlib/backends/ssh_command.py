@@ -366,11 +366,14 @@ _DIALER_SILENT = "proxy dialer did not pass back a connection"
 _DIALER_DID_NOT_RUN: list = []   # not empty once a login saw it: none uses it from then on
 
 
-def dialer_did_not_run(exc: BaseException) -> bool:
-    """Whether a login failed because its dialer did not run (sys.executable is no
-    Python that runs ssh_dialer.py: an embedded interpreter's host program, a broken
-    installation), not for anything of the network or the host."""
-    return isinstance(exc, SshConnectionLost) and _DIALER_SILENT in str(exc)
+def dialer_did_not_run(exc: BaseException, command: SshCommand) -> bool:
+    """Whether a login of `command` failed because its dialer did not run (sys.executable
+    is no Python that runs ssh_dialer.py: an embedded interpreter's host program, a
+    broken installation), not for anything of the network or the host. Only a login
+    that had castlib's dialer: a ProxyCommand of the user's with ProxyUseFdpass (which
+    leaves castlib's out) says the same words when it fails."""
+    return (bool(command._dialer) and isinstance(exc, SshConnectionLost)
+            and _DIALER_SILENT in str(exc))
 
 
 def give_up_dialer() -> None:

@@ -151,6 +151,126 @@ exec {shutil.which("ssh")} "$@"
     b.close()
 
 
+def test_a_location_closed_while_its_sessions_open_makes_no_login_more(sftp_server, tmp_path,
+                                                                       monkeypatch):
+    """A short run (a listing served by the login's session at once, then the end) closes
+    its location while the sessions opened early for the transfer threads are still
+    starting. Their ssh, coming after the master has gone, found no ControlPath socket
+    and logged in to the host on its own (OpenSSH's ssh does so where the master is
+    not there), one login more each, only to be closed once up: they are stopped at the
+    close instead."""
+    import shutil
+
+    gate = tmp_path / "open"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    # the sessions on the login's connection start late (a loaded machine), each with
+    # its log (-E: not on the stderr castlib reads)
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) exec {shutil.which("ssh")} "$@" ;; esac
+while [ ! -e {gate} ]; do sleep 0.05; done
+exec {shutil.which("ssh")} -v -E {logs}/$$ "$@"
+""")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        b.connect_in_background(5)
+        assert listing(b) == []   # served at once, by the login's session
+        assert not b._more_coming.is_set()   # the others still starting
+        b.close()
+    finally:
+        gate.touch()
+    assert wait_for(b._more_coming.is_set, 30)   # the sessions' opening has ended
+    said = "".join(log.read_text() for log in logs.iterdir())
+    assert "Authenticated to" not in said and "Connecting to" not in said, said
+
+
+def test_a_connection_given_up_while_its_sessions_open_leaves_the_next_ones_places(
+        sftp_server, tmp_path, monkeypatch):
+    """The line drops while the sessions opened early are still coming (a thread's first
+    call no longer waits for them), and the retry logs in again at once. The first
+    connection's opening, ending as the new login holds the lock, gave up its places by
+    value: [None, nobody] is also each of the new connection's places, which went
+    instead, and the sessions opened for them served no thread."""
+    import shutil
+
+    gate = tmp_path / "open"
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) ;;
+*) while [ ! -e {gate} ]; do sleep 0.05; done ;; esac
+exec {shutil.which("ssh")} "$@"
+""")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        b.connect_in_background(5)
+        assert listing(b) == []   # the login's session; the others held at the gate
+        first = b._fs
+        with b._connect_lock:   # as the retry's login holds it
+            b._connection_failed(b._generation)   # the line dropped
+            assert listing(b) == []   # logged in again; its other sessions at the gate
+            assert wait_for(lambda: not first._opening, 10)   # the first's opening ended
+            time.sleep(0.2)   # (and waits for the lock)
+    finally:
+        gate.touch()
+    assert wait_for(lambda: sum(entry[0] is not None for entry in b._wires) == 5, 30), \
+        b._wires
+    write(b, "f", b"x")
+    assert read(b, "f") == b"x"
+    b.close()
+
+
+def test_a_session_closed_as_its_reader_ends_it_writes_into_no_other_file(sftp_server,
+                                                                         tmp_path):
+    """close() wakes the thread that reads a session with a byte on a pipe of the
+    session's. A location's sessions are all killed first, then each closed: the thread
+    reading one may be ending it by then, its pipe closed, and the pipe's number already
+    another file's (a new session's input, the catalog's journal): the byte went there."""
+    import threading
+
+    from castlib.backends import sftp_wire
+
+    b = open_backend(sftp_server.url, sftp_server.options)
+    listing(b)
+    wire = b._wires[0][0]
+    pipes = wire._chan
+    number = pipes._wake_w
+    other = tmp_path / "other"
+    opened: list[int] = []
+    ending, closed = threading.Event(), threading.Event()
+
+    def meanwhile(_):   # as the reading thread ends the session: other files opened
+        while number not in opened and len(opened) < 256:
+            opened.append(os.open(other, os.O_WRONLY | os.O_CREAT))
+        ending.set()
+        closed.wait(10)
+
+    waiting = sftp_wire.SyncFuture(wire)
+    waiting.add_done_callback(meanwhile)
+    wire._waiting[1 << 30] = (waiting, None)   # a request not answered yet
+    reader = threading.Thread(target=lambda: pipes.wait_for(waiting, 30), daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: pipes._reading, 10)
+        pipes.stop()   # (as _OpensshHost.close: every session killed first)
+        assert ending.wait(10)
+        assert number in opened   # the pipe's number, now the other file's
+        pipes.close()
+    finally:
+        closed.set()
+        reader.join(10)
+        for fd in opened:
+            os.close(fd)
+        b.close()
+    assert other.read_bytes() == b""
+
+
 def test_a_dialer_that_cannot_run_leaves_ssh_to_connect(sftp_server, tmp_path, monkeypatch):
     """sys.executable that is no Python running ssh_dialer.py (an embedded interpreter's
     host program: uWSGI, mod_wsgi): ssh says only "proxy dialer did not pass back a

@@ -582,6 +582,34 @@ def test_ssh_G_asked_ahead_is_the_one_the_dialer_reads(users_config, tmp_path, m
     assert len(lines) == 2 and "-p 2022" in lines[1], lines
 
 
+def test_a_users_fdpass_proxy_that_fails_is_not_tried_again(users_config, sftp_server,
+                                                            tmp_path, monkeypatch):
+    """A ProxyCommand of the user's with ProxyUseFdpass (`nc -F %h %p`) that passes ssh
+    no connection makes ssh say what it says when castlib's dialer did not run ("proxy
+    dialer did not pass back a connection"); castlib's dialer was not in that login (the
+    user's proxy leaves it out), so the login is not made again through the user's proxy
+    (a second attempt of whatever it does, the wait twice), nor the dialer given up."""
+    from castlib.backends import ssh_command
+    from castlib.errors import StorageError
+
+    monkeypatch.setattr(ssh_command, "_DIALER_DID_NOT_RUN", [])
+    ran = tmp_path / "ran"
+    proxy = tmp_path / "proxy"
+    proxy.write_text(f"#!/bin/sh\necho \"$*\" >> {ran}\necho 'proxy: no way through' >&2\n"
+                     "exit 1\n")
+    proxy.chmod(0o755)
+    users_config.write_text(f"Host 127.0.0.1\n  ProxyCommand {proxy} %h %p\n"
+                            "  ProxyUseFdpass yes\n")
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        with pytest.raises(StorageError, match="proxy dialer did not pass back"):
+            b.stat("")
+    finally:
+        b.close()
+    assert len(ran.read_text().splitlines()) == 1, ran.read_text()   # one login
+    assert not ssh_command._DIALER_DID_NOT_RUN
+
+
 def dialer_failure(url: str, timeout: float, sessions) -> str:
     """castlib's line for a login that failed in the dialer."""
     ssh = SshCommand(parse_location(url), {}, timeout)
