@@ -17,7 +17,8 @@ def temp_name_key(catalog) -> bytes:
         value = catalog.setting(TEMP_NAME_KEY)
         if value is not None:
             return bytes.fromhex(value)
-        catalog.add_setting(TEMP_NAME_KEY, os.urandom(32).hex())   # (= secrets.token_hex)   # or another run's, kept
+        # (os.urandom's hex, as secrets.token_hex gives it) or another run's, kept
+        catalog.add_setting(TEMP_NAME_KEY, os.urandom(32).hex())
     raise CatalogError("the catalog's temporary-name key can be neither read nor made")
 
 
