@@ -115,19 +115,15 @@ def test_the_sessions_of_a_location_share_one_login(sftp_server):
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids))
 
 
-def test_the_logins_session_serves_at_once_while_the_others_open(sftp_server, tmp_path,
-                                                                 monkeypatch):
-    """A thread's first call takes the login's own session as soon as it is up, and does
-    not wait for the sessions opened for the transfer threads (a sync's listing of its
-    destination used to wait for all of them: ~10 ms of every run's start)."""
+@pytest.fixture
+def sessions_held_at_a_gate(tmp_path, monkeypatch):
+    """`ssh` on PATH holds the sessions on the login's connection (not the login itself,
+    nor `ssh -G` or `ssh -V`) until the returned file exists."""
     import shutil
-    import threading
 
     gate = tmp_path / "open"
     wrapper = tmp_path / "bin" / "ssh"
     wrapper.parent.mkdir()
-    # the sessions on the login's connection wait for the gate (not the login itself,
-    # nor `ssh -G` or `ssh -V`)
     wrapper.write_text(f"""#!/bin/sh
 case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) ;;
 *) while [ ! -e {gate} ]; do sleep 0.05; done ;; esac
@@ -135,6 +131,17 @@ exec {shutil.which("ssh")} "$@"
 """)
     wrapper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    return gate
+
+
+def test_the_logins_session_serves_at_once_while_the_others_open(sftp_server,
+                                                                 sessions_held_at_a_gate):
+    """A thread's first call takes the login's own session as soon as it is up, and does
+    not wait for the sessions opened for the transfer threads (a sync's listing of its
+    destination used to wait for all of them: ~10 ms of every run's start)."""
+    import threading
+
+    gate = sessions_held_at_a_gate
     b = open_backend(sftp_server.url, sftp_server.options)
     try:
         b.connect_in_background(5)
@@ -189,24 +196,13 @@ exec {shutil.which("ssh")} -v -E {logs}/$$ "$@"
 
 
 def test_a_connection_given_up_while_its_sessions_open_leaves_the_next_ones_places(
-        sftp_server, tmp_path, monkeypatch):
+        sftp_server, sessions_held_at_a_gate):
     """The line drops while the sessions opened early are still coming (a thread's first
     call no longer waits for them), and the retry logs in again at once. The first
     connection's opening, ending as the new login holds the lock, gave up its places by
     value: [None, nobody] is also each of the new connection's places, which went
     instead, and the sessions opened for them served no thread."""
-    import shutil
-
-    gate = tmp_path / "open"
-    wrapper = tmp_path / "bin" / "ssh"
-    wrapper.parent.mkdir()
-    wrapper.write_text(f"""#!/bin/sh
-case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) ;;
-*) while [ ! -e {gate} ]; do sleep 0.05; done ;; esac
-exec {shutil.which("ssh")} "$@"
-""")
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    gate = sessions_held_at_a_gate
     b = open_backend(sftp_server.url, sftp_server.options)
     try:
         b.connect_in_background(5)
