@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from operator import itemgetter
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Iterable, Iterator
 
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
@@ -19,8 +19,8 @@ from .index_lock import index_lock
 from .paths import parent_of, subtree_range, to_catalog
 from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, INSERT_COLUMNS,  # noqa: F401
                       Difference, IndexedEntry, LocationRecord, Side, _classify, _drifted,
-                      _process_alive, _username, pair_conditions, utcnow)
-from .records import COUNTS_KEY, WRITES_KEY, _aware, fill_checksums, heartbeat_limit_s
+                      _username, pair_conditions, run_seems_dead, utcnow)
+from .records import COUNTS_KEY, WRITES_KEY, fill_checksums
 from .schema import Entry, Location, Run, Setting, StageResult, StorageNode
 
 E = Entry.__table__
@@ -732,18 +732,13 @@ class SqlCatalog:
             self._mark_dead_runs(conn)
 
     def _mark_dead_runs(self, conn) -> None:
-        """Runs still 'running' whose process is gone: on this host, a pid that no longer
-        exists; on another host, a heartbeat older than heartbeat_limit_s() (a process
-        killed, or its machine stopped: it cannot say so itself). A run of this host whose
-        process lives is alive even when its beats are late (stopped with Ctrl-Z, or
-        waiting for SQLite's write lock held by its own stage)."""
-        host = local_hostname()
-        stale = utcnow() - timedelta(seconds=heartbeat_limit_s())
-        rows = conn.execute(select(R.c.id, R.c.pid, R.c.hostname, R.c.heartbeat_at).where(
-            R.c.status == "running")).all()
+        """Runs still 'running' whose process is gone (a process killed, or its machine
+        stopped: it cannot say so itself): records.run_seems_dead."""
+        host, now = local_hostname(), utcnow()
+        rows = conn.execute(select(R.c.id, R.c.pid, R.c.hostname, R.c.heartbeat_at,
+                                   R.c.started_at).where(R.c.status == "running")).all()
         dead = [r.id for r in rows
-                if (not _process_alive(r.pid) if r.hostname == host
-                    else r.heartbeat_at is not None and _aware(r.heartbeat_at) < stale)]
+                if run_seems_dead(r.hostname, r.pid, r.heartbeat_at, r.started_at, host, now)]
         if dead:
             conn.execute(update(R).where(R.c.id.in_(dead), R.c.status == "running").values(
                 status="died", finished_at=utcnow(),

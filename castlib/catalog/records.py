@@ -169,6 +169,30 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
+# how long a run of this host (by name) whose process is gone may have been silent and
+# still be some other process's: a few beats (progress.RunBeat: about one a second)
+SAME_NAME_GRACE_S = 10.0
+
+
+def run_seems_dead(hostname: str | None, pid: int | None, heartbeat_at: datetime | None,
+                   started_at: datetime | None, host: str, now: datetime) -> bool:
+    """Whether a run still 'running' ended without saying so (killed, its machine
+    stopped). Its last sign of life is its last heartbeat, else its start.
+    - Another host's run: no sign for heartbeat_limit_s().
+    - A run of this host's name: its process gone, and no sign for a few beats (the
+      smaller of SAME_NAME_GRACE_S and the limit). A process of another machine with the
+      same name, or of another PID namespace (a container with the host's name), is no
+      pid of this one, yet beats every second: it was marked died while it ran, and its
+      waiting client failed. A process of this host that lives is alive however late its
+      beats (stopped with Ctrl-Z, waiting for SQLite's write lock held by its own stage)."""
+    last = heartbeat_at or started_at
+    quiet = (now - _aware(last)).total_seconds() if last is not None else float("inf")
+    if hostname == host:
+        return (not _process_alive(pid)
+                and quiet > min(SAME_NAME_GRACE_S, heartbeat_limit_s()))
+    return quiet > heartbeat_limit_s()
+
+
 def fill_checksums(inserts: list[list], checksums: dict[str, dict[str, str]],
                    sum_at: dict[str, int], path_at: int) -> dict[str, dict[str, str]]:
     """The checksums of an index batch (algorithm -> {catalog path: value}) that belong to

@@ -65,6 +65,7 @@ def test_a_run_killed_midway_is_marked_died_and_the_list_shows_totals(tmp_path, 
     import signal
     import subprocess
     import sys
+    import time
 
     from tests.helpers import REPO_ROOT, cli_env
 
@@ -77,9 +78,47 @@ def test_a_run_killed_midway_is_marked_died_and_the_list_shows_totals(tmp_path, 
     holder.wait()
 
     src = make_tree(tmp_path / "src", {"a.dat": b"aaaa", "b.dat": b"bb"})
-    run_cli("sync", str(src), str(tmp_path / "dst"), db=db_url, check=0)
+    time.sleep(1.2)   # silent longer than the grace a run of this host's name gets (1 s here)
+    run_cli("sync", str(src), str(tmp_path / "dst"), db=db_url, check=0,
+            env={"CASTLIB_HEARTBEAT_LIMIT": "1"})
     lines = run_cli("runs", db=db_url, check=0).stdout.splitlines()
     assert lines[0].split()[3:5] == ["sync", "ok"]
     assert lines[0].endswith("2 copied, 0 replaced, 0 deleted, 0 failed, 6 B")
     assert f"{killed_id:>5}" in lines[1] and " died " in lines[1]
     assert "the process ended without finishing the run" in lines[1]
+
+
+def test_a_run_of_this_hosts_name_whose_pid_is_not_here_is_not_died_while_it_beats(
+        tmp_path, db_url):
+    """Two machines with one name (cloned, a configuration's `hostname:` copied), or a
+    container of the host's name in a PID namespace of its own: the other's run has a
+    pid this machine does not have. While it beats, a command here does not mark it died
+    (it was, at once: its waiting client failed, its hand-over to the next host too); once
+    silent a few beats, it is."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO_ROOT, cli_env
+
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from castlib.catalog import Catalog; "
+         "c = Catalog(sys.argv[1]); r = c.start_run('sync'); c.heartbeat(r, None); "
+         "c.close(); print(r)", db_url],   # its process ends; its run says nothing more
+        env=cli_env(), capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    other_id = int(other.stdout)
+
+    def status() -> str:
+        catalog = Catalog(db_url)
+        try:
+            return catalog.run_details(other_id)[0]["status"]
+        finally:
+            catalog.close()
+
+    src = make_tree(tmp_path / "src", {"a.dat": b"aaaa"})
+    run_cli("sync", str(src), str(tmp_path / "dst"), db=db_url, check=0)
+    assert status() == "running"
+    time.sleep(1.2)
+    run_cli("sync", str(src), str(tmp_path / "dst"), db=db_url, check=0,
+            env={"CASTLIB_HEARTBEAT_LIMIT": "1"})   # (the grace: the smaller of 10 s and it)
+    assert status() == "died"
