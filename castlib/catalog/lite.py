@@ -667,7 +667,7 @@ class Catalog:
     # -- runs ------------------------------------------------------------------------------
     def start_run(self, command: str, args: dict | None = None, pipeline: str | None = None) -> int:
         """As the general start_run: credentials scrubbed, runs that ended without saying
-        so marked 'died' (a process of this host that is gone, or a heartbeat too old)."""
+        so marked 'died' (records.run_seems_dead)."""
         if self._lite is None:
             return self._sql.start_run(command, args, pipeline)
         host, now = local_hostname(), utcnow()
