@@ -122,3 +122,39 @@ def test_a_run_of_this_hosts_name_whose_pid_is_not_here_is_not_died_while_it_bea
     run_cli("sync", str(src), str(tmp_path / "dst"), db=db_url, check=0,
             env={"CASTLIB_HEARTBEAT_LIMIT": "1"})   # (the grace: the smaller of 10 s and it)
     assert status() == "died"
+
+
+def test_the_default_catalog_dies_a_run_of_this_host_silent_beyond_the_limit(tmp_path):
+    """The SQLite catalog (the default) marks a run of this host died once its beats are
+    older than the limit even if a process has its pid: after a machine stopped, its pid
+    may be another process's by the time a command looks (it always did; kept when the
+    grace for a gone pid came)."""
+    import sqlite3
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    from castlib.catalog.lite import stamp
+    from castlib.catalog.records import utcnow
+    from tests.helpers import REPO_ROOT, cli_env
+
+    db = tmp_path / "catalog.sqlite"
+    holder = subprocess.Popen(   # alive all along: its pid exists
+        [sys.executable, "-c", "import sys, time; from castlib.catalog import Catalog; "
+         "print(Catalog(sys.argv[1]).start_run('sync'), flush=True); time.sleep(600)",
+         f"sqlite:///{db}"], env=cli_env(), stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        run_id = int(holder.stdout.readline())
+        with sqlite3.connect(db) as conn:   # its last beat, long ago
+            conn.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?",
+                         (stamp(utcnow() - timedelta(hours=1)), run_id))
+        src = make_tree(tmp_path / "src", {"a.dat": b"a"})
+        run_cli("sync", str(src), str(tmp_path / "dst"), db=f"sqlite:///{db}", check=0)
+        catalog = Catalog(f"sqlite:///{db}")
+        try:
+            assert catalog.run_details(run_id)[0]["status"] == "died"
+        finally:
+            catalog.close()
+    finally:
+        holder.kill()
+        holder.wait()
