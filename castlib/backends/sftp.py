@@ -314,22 +314,17 @@ class SftpBackend(FsspecBackend):
             # back-end's from now on (its next connections, its close), the other goes
             own, self._ssh = self._ssh, connection.command
             own.close()
-        else:
-            connection = ssh_command.ControlConnection(self._ssh)
-            connection.start_master()
         try:
             host, wire = self._open_master(connection)
         except ssh_command.SshConnectionLost as exc:
-            if not ssh_command.dialer_did_not_run(exc, connection.command):
+            if not ssh_command.dialer_did_not_run(exc, self._ssh):
                 raise
             # ssh_dialer.py did not run under sys.executable (an embedded interpreter's
             # host program): this login, and every later one, without it
             log.info("%s: ssh's connection helper did not run under %s; ssh connects "
                      "itself", self._where(), sys.executable)
             ssh_command.give_up_dialer()
-            connection = ssh_command.ControlConnection(self._ssh)
-            connection.start_master()
-            host, wire = self._open_master(connection)
+            host, wire = self._open_master(None)
         self._sftp = wire
         self._sessions, self._more_sessions = [], False
         self._wires, self._more_wires = [[wire, threading.current_thread()]], True
@@ -346,8 +341,9 @@ class SftpBackend(FsspecBackend):
         return host
 
     def _open_master(self, connection) -> tuple:
-        """The host of a connection whose login was started, and the login's session."""
-        host = _OpensshHost(connection)
+        """The host of a connection (the one started ahead, else a new one, whose login
+        starts now), and the login's session."""
+        host = _OpensshHost(connection or ssh_command.ControlConnection(self._ssh))
         try:
             return host, host.open_master(self._login_timeout)
         except BaseException:
