@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Iterable, Iterator
 
 from ..errors import ConfigError
@@ -29,9 +29,8 @@ from .database import (HEAD_REVISION, _refuse_empty, _upgrade_lock, default_db_u
                        driver_errors, normalise_db_url)
 from .index_lock import index_lock
 from .records import (BATCH, CHECKSUM_COLUMNS, DIFFERENCE_KINDS, WRITES_KEY, Difference,
-                      IndexedEntry, LocationRecord, Side, _aware, _classify, _drifted,
-                      _username, fill_checksums, heartbeat_limit_s, pair_conditions,
-                      run_seems_dead, utcnow)
+                      IndexedEntry, LocationRecord, Side, _classify, _drifted, _username,
+                      fill_checksums, pair_conditions, run_seems_dead, utcnow)
 
 CHUNK = 500   # values in one IN (...) list
 _FEW = 50_000   # paths looked up one IN list at a time rather than found by a join
@@ -668,19 +667,16 @@ class Catalog:
     # -- runs ------------------------------------------------------------------------------
     def start_run(self, command: str, args: dict | None = None, pipeline: str | None = None) -> int:
         """As the general start_run: credentials scrubbed, runs that ended without saying
-        so marked 'died' (records.run_seems_dead, or silent beyond the limit)."""
+        so marked 'died' (records.run_seems_dead)."""
         if self._lite is None:
             return self._sql.start_run(command, args, pipeline)
         host, now = local_hostname(), utcnow()
-        stale = now - timedelta(seconds=heartbeat_limit_s())
         with self._lite.write() as conn:
-            # and, as this path always had it, a run of this host silent beyond the limit
-            # even where its pid lives (one reused after a reboot keeps it from being died)
             dead = [r[0] for r in conn.execute(
                 "SELECT id, pid, hostname, heartbeat_at, started_at FROM runs "
                 "WHERE status = 'running'")
-                if run_seems_dead(r[2], r[1], unstamp(r[3]), unstamp(r[4]), host, now)
-                or (r[3] is not None and _aware(unstamp(r[3])) < stale)]
+                if run_seems_dead(r[2], r[1], unstamp(r[3]), unstamp(r[4]), host, now,
+                                  silent_here_is_dead=True)]
             for i in range(0, len(dead), CHUNK):
                 part = dead[i:i + CHUNK]
                 conn.execute(f"UPDATE runs SET status = 'died', finished_at = ?, error = ? "

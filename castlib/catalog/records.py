@@ -175,7 +175,8 @@ SAME_NAME_GRACE_S = 10.0
 
 
 def run_seems_dead(hostname: str | None, pid: int | None, heartbeat_at: datetime | None,
-                   started_at: datetime | None, host: str, now: datetime) -> bool:
+                   started_at: datetime | None, host: str, now: datetime,
+                   silent_here_is_dead: bool = False) -> bool:
     """Whether a run still 'running' ended without saying so (killed, its machine
     stopped). Its last sign of life is its last heartbeat, else its start.
     - Another host's run: no sign for heartbeat_limit_s().
@@ -184,13 +185,18 @@ def run_seems_dead(hostname: str | None, pid: int | None, heartbeat_at: datetime
       same name, or of another PID namespace (a container with the host's name), is no
       pid of this one, yet beats every second: it was marked died while it ran, and its
       waiting client failed. A process of this host that lives is alive however late its
-      beats (stopped with Ctrl-Z, waiting for SQLite's write lock held by its own stage)."""
+      beats (stopped with Ctrl-Z, waiting for SQLite's write lock held by its own stage),
+      unless `silent_here_is_dead` (the SQLite catalog's rule, as it always had it): then
+      a beat older than the limit ends it too, as a pid reused after a reboot would
+      keep it from ending."""
     last = heartbeat_at or started_at
     quiet = (now - _aware(last)).total_seconds() if last is not None else float("inf")
-    if hostname == host:
-        return (not _process_alive(pid)
-                and quiet > min(SAME_NAME_GRACE_S, heartbeat_limit_s()))
-    return quiet > heartbeat_limit_s()
+    if hostname != host:
+        return quiet > heartbeat_limit_s()
+    if not _process_alive(pid):
+        return quiet > min(SAME_NAME_GRACE_S, heartbeat_limit_s())
+    return (silent_here_is_dead and heartbeat_at is not None
+            and (now - _aware(heartbeat_at)).total_seconds() > heartbeat_limit_s())
 
 
 def fill_checksums(inserts: list[list], checksums: dict[str, dict[str, str]],
