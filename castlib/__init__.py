@@ -9,6 +9,20 @@ _API = {"index", "diff", "sync", "verify", "run_pipeline", "open_catalog", "Cata
         "Pipeline", "RunReport"}
 
 
+def _fewer_collections() -> None:
+    """Collect cyclic garbage every 50,000 net new objects instead of Python's default: a
+    command's start allocates its modules, classes and options, which all live, and the
+    default had the collector run ~50 times over them in a sync of 300 small files, ~10
+    ms of its time; a copy frees what it made as it goes (reference counting), so a long
+    run's cycles still get collected. For the command's process only (cli.main, and
+    `python -m castlib` before its imports); castlib used as a library leaves the
+    collector as it is."""
+    import gc
+
+    if gc.get_threshold()[0] < 50_000:
+        gc.set_threshold(50_000, *gc.get_threshold()[1:])
+
+
 def __getattr__(name):
     if name in _API:
         from . import api

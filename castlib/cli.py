@@ -203,21 +203,10 @@ def _skip_final_collections() -> None:
     gc.freeze()
 
 
-def _fewer_collections() -> None:
-    """Collect cyclic garbage every 50,000 net new objects instead of Python's 700: a
-    command's start allocates its modules, classes and options, which all live, and the
-    default had the collector run ~50 times over them in a sync of 300 small files, ~10
-    ms of its time; a copy frees what it made as it goes (reference counting), so a long
-    run's cycles still get collected. The command's process only (the command line and
-    `python -m castlib`); castlib used as a library leaves the collector as it is."""
-    import gc
-
-    if gc.get_threshold()[0] < 50_000:
-        gc.set_threshold(50_000, *gc.get_threshold()[1:])
-
-
 def main(argv: list[str] | None = None) -> int:
     import atexit
+
+    from . import _fewer_collections
 
     _fewer_collections()
     atexit.unregister(_skip_final_collections)   # once, however often main runs

@@ -322,7 +322,7 @@ def test_a_command_ends_without_the_final_collections_and_loses_nothing(tmp_path
 
 def test_the_command_collects_less_often_and_the_library_as_python_does(tmp_path, db_url):
     """The command line raises the collector's first threshold (its start allocates
-    objects that all live: cli._fewer_collections), `python -m castlib` before its
+    objects that all live: castlib._fewer_collections), `python -m castlib` before its
     imports; castlib used as a library leaves the threshold as it was."""
     import subprocess
     import sys
