@@ -361,17 +361,16 @@ class Pipeline:
             report.stages.append(StageRun(spec, partial))
             _print_outcome(partial, ctx.err, ctx.quiet, True, ctx.secrets)
 
-    def _connected_locations(self) -> list[tuple[str, int]]:
+    def _connected_locations(self) -> list[tuple[str, list[StageSpec]]]:
         """The locations whose storage the stages will touch (Stage.connects_to), each
-        once, as the stages name them, with the most sessions a stage uses on it at once
-        (Stage.sessions_wanted)."""
+        once, as the stages name them, with the stages that touch it (whose
+        Stage.sessions_wanted say how many sessions to start there)."""
         earlier: dict[str, StageSpec] = {}
-        wanted: dict[str, int] = {}
+        wanted: dict[str, list[StageSpec]] = {}
         for spec in self.stages:
-            sessions = spec.cls.sessions_wanted(spec.params)
             for text in spec.cls.connects_to(spec.params, earlier):
                 if isinstance(text, str) and text:
-                    wanted[text] = max(wanted.get(text, 0), sessions)
+                    wanted.setdefault(text, []).append(spec)
             if spec.params.id:
                 earlier[spec.params.id] = spec
         return list(wanted.items())

@@ -98,12 +98,13 @@ def _required(cls) -> dict:
 
 def test_the_api_signature_and_help_show_every_option():
     params = inspect.signature(api.sync).parameters
-    assert list(params)[:3] == ["ref", "dst", "db"] and params["transfers"].default == 4
+    assert list(params)[:3] == ["ref", "dst", "db"] and params["transfers"].default is None
     assert params["index"].default == "both" and params["perms"].default is True
     import pydoc
 
     text = pydoc.render_doc(api.sync, renderer=pydoc.plaintext)
-    assert "transfers: int = 4" in text and "transfers = 4: files copied in parallel" in text
+    assert "transfers: int | None = None" in text
+    assert "transfers = None: files copied in parallel (default: 8 to or from SFTP" in text
     assert "prefix: str = ''" in pydoc.render_doc(api.verify, renderer=pydoc.plaintext)
 
 

@@ -281,6 +281,12 @@ class Backend(ABC):
     # so that a back-end whose listings have no such entries need not know of it
     specials_skipped: "list[tuple[str, str]] | tuple" = ()
 
+    # How many files a sync copies in parallel to or from this back-end when the user
+    # names no number (--transfers): rclone's 4, where a copy's time is its bytes; more
+    # where each copy is mostly waits on round trips (SftpBackend). A sync takes the
+    # larger of its two ends'.
+    default_transfers: ClassVar[int] = 4
+
     @classmethod
     def capabilities_for(cls, scheme: str) -> Capabilities:
         """What a URL scheme's back-end can do, before any location is opened (for

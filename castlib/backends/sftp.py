@@ -173,6 +173,10 @@ def _import_asyncssh_lightly() -> None:
 
 _import_asyncssh_lightly()
 MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels (MaxSessions)
+# Commands (md5sum) at once on the connection, each a channel: the two channels the SFTP
+# sessions leave. Beyond OpenSSH's 10, ssh would not fail: it would log in again, a
+# connection of its own for each command, which a host's admins would rather not see.
+MAX_COMMANDS = 10 - MAX_SFTP_SESSIONS
 
 
 class SftpBackend(FsspecBackend):
@@ -189,6 +193,11 @@ class SftpBackend(FsspecBackend):
     capabilities = Capabilities(set_mtime=True, mtime_precision_ns=SECOND_NS, symlinks=True,
                                 empty_dirs=True, permissions=True, dir_mtimes=True)
     connect_is_handshake = True   # key exchange and login: started early (see FsspecBackend)
+    # A small file's copy is three round trips on its session, each a wait on the server
+    # (and on ssh's and the server's share of the CPU): with 4 sessions, 300 small files
+    # to rclone serve sftp took 0.60 s, with 8 0.54 s (rclone copy's 4: 0.57 s; its 8,
+    # which are 8 connections, 0.76 s). Sessions beyond MAX_SFTP_SESSIONS share.
+    default_transfers = 8
 
     def __init__(self, url, options: dict | None = None):
         super().__init__(url, options)
@@ -209,6 +218,7 @@ class SftpBackend(FsspecBackend):
         # thread's next rename; .opened, (path, session, the open's answer) once sent
         self._ahead = threading.local()
         self._server_md5: bool | None = None     # md5sum runs on the host (see below)
+        self._command_turns = threading.BoundedSemaphore(MAX_COMMANDS)   # (over ssh)
         self._ssh = self._openssh_command()      # None: asyncssh connects (see below)
         self._more_coming = threading.Event()    # set: no session is being opened early
         self._more_coming.set()
@@ -800,8 +810,12 @@ class SftpBackend(FsspecBackend):
         return None
 
     def _md5_over_ssh(self, path: str, full: str, timeout: float) -> str | None:
-        """_md5_on_server's command, an ssh of its own on the master's connection."""
+        """_md5_on_server's command, an ssh of its own on the master's connection, when
+        one of its MAX_COMMANDS turns is free within the timeout (else None: the file
+        is read back)."""
         argv, env = self.fs.command(["md5sum", "--", full])
+        if not self._command_turns.acquire(timeout=timeout):
+            return None
         with self._errors(path):
             try:
                 done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
@@ -809,6 +823,8 @@ class SftpBackend(FsspecBackend):
                                       start_new_session=True)
             except subprocess.TimeoutExpired:
                 raise _fs_timeout()(f"md5sum gave no answer within {timeout:.0f} s") from None
+            finally:
+                self._command_turns.release()
             if done.returncode == 255:   # ssh's own failure: the line, the login
                 raise self._ssh.failure(done.returncode, done.stderr)
         return self._md5sum_said(done.returncode, done.stdout.decode("utf-8", "replace"),

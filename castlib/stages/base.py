@@ -190,6 +190,13 @@ class ResolvedLocation:
     record: LocationRecord
 
 
+def most_sessions(specs, default_transfers: int) -> int:
+    """The most sessions one of these stages (StageSpecs) uses at once on a location
+    whose back-end copies `default_transfers` files at once when not told a number
+    (Stage.sessions_wanted)."""
+    return max(spec.cls.sessions_wanted(spec.params, default_transfers) for spec in specs)
+
+
 @dataclass
 class RunContext:
     """Everything a stage may use: the catalog, the run, named locations, earlier results."""
@@ -265,12 +272,13 @@ class RunContext:
         run's other work (the configuration, the catalog, listing a local reference)
         instead of waiting for the first stage that touches them. A location that cannot
         be found or opened is left alone: the stage that uses it says why, as before.
-        `wanted`: (location, sessions) pairs, sessions the most the stages will use at
-        once (Stage.sessions_wanted)."""
-        for text, sessions in wanted:
+        `wanted`: (location, stages) pairs, the StageSpecs that will touch it: the
+        back-end starts the most sessions one of them uses at once (Stage.sessions_wanted)."""
+        for text, specs in wanted:
             try:
                 _, url, options = self._locate(text)
-                self._backend(url, options).connect_in_background(sessions)
+                backend = self._backend(url, options)
+                backend.connect_in_background(most_sessions(specs, backend.default_transfers))
             except Exception:  # noqa: BLE001 - reported by the stage that uses it
                 continue
 
@@ -335,10 +343,12 @@ class Stage:
         return []
 
     @classmethod
-    def sessions_wanted(cls, params: StageParams) -> int:
+    def sessions_wanted(cls, params: StageParams, default_transfers: int) -> int:
         """How many sessions this stage uses at once on each location of connects_to (its
         parallel transfers, and the run's own thread): a back-end whose sessions each
-        cost a login (OpenSSH's ssh) starts that many early."""
+        cost a login (OpenSSH's ssh) starts that many early. default_transfers: the
+        location's back-end's (Backend.default_transfers), for parameters that leave the
+        number to it."""
         return 1
 
     def run(self) -> StageOutcome:

@@ -71,7 +71,7 @@ class IndexStage(Stage):
         return [params.location]
 
     @classmethod
-    def sessions_wanted(cls, params) -> int:
+    def sessions_wanted(cls, params, default_transfers: int) -> int:
         # the listing; with checksums, its readers too
         return params.workers + 1 if params.checksum else 1
 

@@ -36,7 +36,8 @@ def _params():
             None, ge=0, description="refuse to run if more deletions than this would be needed")
         replace: bool = Field(True, description="replace destination files whose content differs "
                                                 "(--no-replace: keep them)")
-        transfers: int = Field(4, ge=1, le=256, description="files copied in parallel")
+        transfers: int | None = Field(None, ge=1, le=256, description="files copied in parallel "
+                                      "(default: 8 to or from SFTP, else 4)")
         retries: int = Field(3, ge=0, le=20, description="retries of a transient failure, with backoff")
         stage_timeout: Seconds = Field(3600, gt=0, description="seconds to wait for tape recalls")
         dry_run: bool = Field(False, description="print what would be done, change nothing")
@@ -246,6 +247,9 @@ class SyncStage(Stage):
         self.diff = diff
         self.algo = diff.algorithm
         self.temp_key = self.dst.temp_key   # the catalog's (RunContext.backend)
+        # files copied at once: the user's number, else the larger of the two ends' own
+        self.transfers = p.transfers or max(self.src.default_transfers,
+                                            self.dst.default_transfers)
         self.perms = diff.perms   # the diff compared modes: the sync sets them
         ref_index = ctx.listing(diff.ref)
         _refuse_unknown_reference(diff.ref, ref_index)
@@ -316,8 +320,9 @@ class SyncStage(Stage):
         return [(source.params.dst, params.lock_wait)]
 
     @classmethod
-    def sessions_wanted(cls, params: SyncParams) -> int:
-        return params.transfers + 1   # the transfers, and the run's thread (mkdir, delete)
+    def sessions_wanted(cls, params: SyncParams, default_transfers: int) -> int:
+        # the transfers, and the run's thread (mkdir, delete)
+        return (params.transfers or default_transfers) + 1
 
     @classmethod
     def connects_to(cls, params: SyncParams, earlier: dict) -> list[str]:
@@ -446,7 +451,7 @@ class SyncStage(Stage):
             dst_sum = d.dst.checksum or self.dst.checksum(path, algo)
             return d, ref_sum, dst_sum
 
-        with _pool(self.params.transfers) as pool:
+        with _pool(self.transfers) as pool:
             futures = [pool.submit(compare, d) for d in plan.mtime_checks]
             for fut in as_completed(futures):
                 try:
@@ -604,7 +609,7 @@ class SyncStage(Stage):
                            final.mode if final else None)
 
         threads = [threading.Thread(target=transfers, name=f"castlib-transfer-{n}")
-                   for n in range(min(p.transfers, len(jobs)))]
+                   for n in range(min(self.transfers, len(jobs)))]
         try:
             for thread in threads:
                 thread.start()

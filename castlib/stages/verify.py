@@ -55,7 +55,7 @@ class VerifyStage(Stage):
         return [params.location]
 
     @classmethod
-    def sessions_wanted(cls, params) -> int:
+    def sessions_wanted(cls, params, default_transfers: int) -> int:
         return params.workers + 1   # its readers, and the run's thread (the listing)
 
     def run(self) -> StageOutcome:

@@ -133,8 +133,14 @@ def test_a_diff_from_the_catalog_alone_connects_to_nothing(silent_server, sftp_s
 def test_the_run_says_how_many_sessions_each_location_will_use_at_once():
     """Stage.sessions_wanted: a sync's transfers and the run's own thread; a verify's
     readers too; an index's only with checksums; the most any stage uses, per location
-    (a back-end whose sessions are logins opens them together, early)."""
+    (a back-end whose sessions are logins opens them together, early). A sync that
+    names no number of transfers uses its back-ends' (8 over SFTP)."""
     from castlib.pipeline import Pipeline
+    from castlib.stages.base import most_sessions
+
+    def sessions(pipeline, default_transfers=8):
+        return {text: most_sessions(specs, default_transfers)
+                for text, specs in pipeline._connected_locations()}
 
     pipeline = Pipeline.from_stages([
         ("index", {"location": "sftp://h/src"}),
@@ -143,11 +149,14 @@ def test_the_run_says_how_many_sessions_each_location_will_use_at_once():
         ("sync", {"from": "d", "transfers": 6}),
         ("verify", {"location": "sftp://h/other", "workers": 3}),
     ])
-    assert dict(pipeline._connected_locations()) == {
-        "sftp://h/src": 7, "sftp://h/dst": 7, "sftp://h/other": 4}
+    assert sessions(pipeline) == {"sftp://h/src": 7, "sftp://h/dst": 7, "sftp://h/other": 4}
     pipeline = Pipeline.from_stages([("index", {"location": "sftp://h/src"}),
                                      ("index", {"location": "sftp://h/x", "checksum": "md5"})])
-    assert dict(pipeline._connected_locations()) == {"sftp://h/src": 1, "sftp://h/x": 5}
+    assert sessions(pipeline) == {"sftp://h/src": 1, "sftp://h/x": 5}
+    pipeline = Pipeline.from_stages([
+        ("diff", {"ref": "/data", "dst": "sftp://h/dst", "id": "d"}), ("sync", {"from": "d"})])
+    assert sessions(pipeline) == {"/data": 9, "sftp://h/dst": 9}
+    assert sessions(pipeline, 4) == {"/data": 5, "sftp://h/dst": 5}
 
 
 # -- a login started ahead of the command's engine (backends.connect_ahead) ----------------

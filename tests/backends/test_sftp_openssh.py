@@ -461,3 +461,84 @@ def test_a_sync_leaves_no_file_it_opened_ahead_for_a_copy_that_failed(sftp_serve
     assert report.counts["copied"] == 3 and report.counts["failed"] == 1, report.counts
     on_disk = sorted(p.name for p in sftp_server.folder.iterdir())
     assert on_disk == ["a", "c", "d"], on_disk
+
+
+def test_a_sync_that_names_no_number_copies_8_files_at_once_to_sftp_4_elsewhere(
+        sftp_server, tmp_path, monkeypatch):
+    """Backend.default_transfers: a small file's copy over SFTP is mostly waits on round
+    trips, and 8 at once beat 4 (BENCHMARKS.md); between local folders, 4 as before; a
+    number the user names wins either way."""
+    import threading
+
+    import castlib
+    import castlib.stages.sync as sync_stage
+
+    config = tmp_path / "castlib.yaml"
+    config.write_text(json.dumps({"storage": {sftp_server.url: sftp_server.options}}))
+    monkeypatch.setenv("CASTLIB_CONFIG", str(config))
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(24):
+        (src / f"f{n}").write_bytes(b"x" * n)
+    copying: set[str] = set()
+    real_copy = sync_stage.copy_file
+
+    def copy_file(*args, **kwargs):
+        copying.add(threading.current_thread().name)
+        time.sleep(0.1)   # every thread has claimed a copy before the first one ends
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(sync_stage, "copy_file", copy_file)
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    for dst, transfers, threads in ((f"{sftp_server.url}/a", None, 8),
+                                    (str(tmp_path / "local"), None, 4),
+                                    (f"{sftp_server.url}/b", 2, 2)):
+        copying.clear()
+        options = {} if transfers is None else {"transfers": transfers}
+        report = castlib.sync(str(src), dst, db=db, **options)
+        assert report.counts["copied"] == 24 and report.exit_code == 0, report.errors
+        assert len(copying) == threads, (dst, sorted(copying))
+
+
+def test_md5sum_commands_leave_the_connection_no_more_channels_than_openssh_opens(
+        sftp_server, tmp_path, monkeypatch):
+    """A large file is verified by md5sum on the host, a channel of the connection that
+    also carries the 8 transfer threads' SFTP sessions: OpenSSH opens 10 a connection,
+    and beyond them ssh logs in again for each command. The commands take turns: never
+    more than the two channels the sessions leave."""
+    import threading
+
+    import castlib
+    from castlib.backends import sftp
+
+    config = tmp_path / "castlib.yaml"
+    config.write_text(json.dumps({"storage": {sftp_server.url: sftp_server.options}}))
+    monkeypatch.setenv("CASTLIB_CONFIG", str(config))
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(16):
+        (src / f"f{n}").write_bytes(os.urandom(sftp.READ_BACK_MAX + 1) * 2)
+    most, done = [0], threading.Event()
+
+    def count_commands() -> None:   # castlib's ssh carrying an md5sum, at each moment
+        while not done.is_set():
+            at_once = 0
+            for pid in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        words = f.read().split(b"\0")
+                except OSError:
+                    continue
+                at_once += words[0].endswith(b"ssh") and any(b"md5sum" in w for w in words)
+            most[0] = max(most[0], at_once)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=count_commands)
+    sampler.start()
+    try:
+        report = castlib.sync(str(src), sftp_server.url, db=f"sqlite:///{tmp_path / 'c.db'}")
+    finally:
+        done.set()
+        sampler.join()
+    assert report.counts["copied"] == 16 and report.exit_code == 0, report.errors
+    assert 1 <= most[0] <= 10 - sftp.MAX_SFTP_SESSIONS, most[0]   # (OpenSSH opens 10)
