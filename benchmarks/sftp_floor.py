@@ -51,6 +51,9 @@ sys.path.insert(0, HERE)
 
 CLIENTS = ("asyncssh-client", "lean-asyncssh", "lean-ssh", "castlib-ssh")
 SESSIONS = 4
+# copies in flight on each session (--per-session): 2 overlaps one file's round trips with
+# another's, as a transfer thread carrying two copies would
+PER_SESSION = int(os.environ.get("FLOOR_PER_SESSION", "1"))
 
 
 # -- a minimal SFTP v3 client: framing and the steps of one small file's upload ---------------
@@ -272,7 +275,7 @@ async def _upload_all(client: str, server: dict, files: list[tuple[str, bytes]],
                 await lean_upload(session, tmp, final, data, 1_000_000_000, 0o644)
 
     cpu0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(uploads(s) for s in sessions))
+    await asyncio.gather(*(uploads(s) for s in sessions for _ in range(PER_SESSION)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     if conn is not None:
         conn.close()
@@ -337,7 +340,7 @@ def _upload_all_castlib(server: dict, files: list[tuple[str, bytes]], folders: l
                        {"mtime": 1_000_000_000, "permissions": 0o644})
 
     cpu0, t0 = time.process_time(), time.perf_counter()
-    threads = [threading.Thread(target=uploads) for _ in range(SESSIONS)]
+    threads = [threading.Thread(target=uploads) for _ in range(SESSIONS * PER_SESSION)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -381,7 +384,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--server", choices=("openssh", "rclone", "both"), default="both")
     parser.add_argument("--cache", default=os.path.join(HERE, ".cache"))
+    parser.add_argument("--clients", default=",".join(CLIENTS),
+                        help=f"which upload clients to time (of {', '.join(CLIENTS)})")
+    parser.add_argument("--per-session", type=int, default=PER_SESSION,
+                        help="copies in flight on each SFTP session (default 1)")
+    parser.add_argument("--no-commands", action="store_true",
+                        help="time the upload clients only, not the whole commands")
     args = parser.parse_args()
+    clients = [c for c in args.clients.split(",") if c]
+    unknown = sorted(set(clients) - set(CLIENTS))
+    if unknown:
+        parser.error(f"--clients: unknown {', '.join(unknown)}")
     tree = ensure_tree(TREES["small-300"], args.cache, print)
     work = tempfile.mkdtemp(prefix="castlib-sftp-floor-")
     empty = os.path.join(work, "empty")
@@ -392,6 +405,7 @@ def main() -> None:
     os.chmod(askpass, 0o700)
     env = run._env()
     env.pop("PYTHONDONTWRITEBYTECODE", None)   # what users see: imports from .pyc files
+    env["FLOOR_PER_SESSION"] = str(args.per_session)
     rows: list[tuple[str, str, float, str]] = []
     servers_wanted = ("openssh", "rclone") if args.server == "both" else (args.server,)
     with run.SftpServers(os.path.join(work, "servers")) as servers:
@@ -408,24 +422,19 @@ def main() -> None:
                 for suffix in ("", "-wal", "-shm"):
                     if os.path.exists(db + suffix):
                         os.unlink(db + suffix)
-                sample = {
+                server_proc = servers.procs[0 if kind == "openssh" else 1]
+                sample = {} if args.no_commands else {
                     "castlib sync": _timed(run.CASTLIB + ["--db", f"sqlite:///{db}", "-q", "sync",
                                                           tree, servers.url(kind, f"c{i + 1}")],
                                            env),
                     "rclone copy": _timed(["rclone", "copy", "-q", tree,
                                            servers.rclone_remote(kind, f"r{i + 1}")] + conf, env),
                 }
-                os.unlink(db)
-                sample["castlib sync (empty tree)"] = _timed(
-                    run.CASTLIB + ["--db", f"sqlite:///{db}", "-q", "sync", empty,
-                                   servers.url(kind, f"ce{i + 1}")], env)
-                sample["rclone copy (empty tree)"] = _timed(
-                    ["rclone", "copy", "-q", empty, servers.rclone_remote(kind, f"re{i + 1}")]
-                    + conf, env)
-                sample["python -c pass"] = _timed([sys.executable, "-c", "pass"], env)
-                sample["python -c 'import asyncssh'"] = _timed(
-                    [sys.executable, "-c", "import asyncssh"], env)
-                for client in CLIENTS:
+                if not args.no_commands:
+                    os.unlink(db)
+                    _whole_commands_of_nothing(sample, kind, i, db, empty, servers, conf, env)
+                for client in clients:
+                    server_cpu = _cpu_s(server_proc.pid)
                     out = subprocess.run(
                         [sys.executable, __file__, "--child", client, json.dumps(server), tree,
                          f"{remote_base}/{client}-{i + 1}", askpass],
@@ -433,23 +442,52 @@ def main() -> None:
                     if out.returncode != 0:
                         raise SystemExit(f"{client}: {out.stderr[-1500:]}")
                     sample[client] = json.loads(out.stdout.strip().splitlines()[-1])
+                    sample[client]["server_cpu_s"] = _cpu_s(server_proc.pid) - server_cpu
                 if i >= 0:
                     for key, value in sample.items():
                         times.setdefault(key, []).append(value)
                 print(f"{kind} run {i + 1}/{args.runs} done", file=sys.stderr)
-            for key, values in times.items():
-                if isinstance(values[0], dict):
-                    med = {k: statistics.median(v[k] for v in values) for k in values[0]}
-                    rows.append((kind, key, med["upload_s"],
-                                 f"connect {med['connect_s']:.3f} s, CPU {med['cpu_s']:.3f} s "
-                                 f"here + {med['children_cpu_s']:.3f} s in ssh"))
-                else:
-                    rows.append((kind, key, statistics.median(values), ""))
+            _rows(rows, kind, times)
     print(f"\nsmall-300 ({len(_read_tree(tree)[0])} files), {SESSIONS} SFTP sessions, "
-          f"medians of {args.runs}, load {os.getloadavg()[0]:.2f}\n")
+          f"{args.per_session} copies in flight on each, medians of {args.runs}, "
+          f"load {os.getloadavg()[0]:.2f}\n")
     print("| server | what | seconds | detail |\n|---|---|---|---|")
     for kind, key, seconds, detail in rows:
         print(f"| {kind} | {key} | {seconds:.3f} | {detail} |")
+
+
+def _whole_commands_of_nothing(sample, kind, i, db, empty, servers, conf, env) -> None:
+    """The fixed cost of a command: both commands on an empty tree, Python's start."""
+    import run
+
+    sample["castlib sync (empty tree)"] = _timed(
+        run.CASTLIB + ["--db", f"sqlite:///{db}", "-q", "sync", empty,
+                       servers.url(kind, f"ce{i + 1}")], env)
+    sample["rclone copy (empty tree)"] = _timed(
+        ["rclone", "copy", "-q", empty, servers.rclone_remote(kind, f"re{i + 1}")] + conf, env)
+    sample["python -c pass"] = _timed([sys.executable, "-c", "pass"], env)
+    sample["python -c 'import asyncssh'"] = _timed(
+        [sys.executable, "-c", "import asyncssh"], env)
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user and system), with that of the children it waited
+    for (sshd's for each connection), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(n) for n in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _rows(rows: list, kind: str, times: dict) -> None:
+    for key, values in times.items():
+        if isinstance(values[0], dict):
+            med = {k: statistics.median(v[k] for v in values) for k in values[0]}
+            rows.append((kind, key, med["upload_s"],
+                         f"connect {med['connect_s']:.3f} s, CPU {med['cpu_s']:.3f} s "
+                         f"here + {med['children_cpu_s']:.3f} s in ssh + "
+                         f"{med['server_cpu_s']:.3f} s in the server"))
+        else:
+            rows.append((kind, key, statistics.median(values), ""))
 
 
 if __name__ == "__main__":
