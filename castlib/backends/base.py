@@ -384,6 +384,18 @@ class Backend(ABC):
     def mkdir(self, path: str) -> None:
         """Create the folder and its missing parents; no error if it exists."""
 
+    def make_folders(self, paths: list[str]) -> Iterator[tuple[str, "Stat | None | StorageError"]]:
+        """Create these folders (mkdir), a parent before the folders in it, and give for
+        each, as it is made, what is there then (stat; None: nothing) or the StorageError
+        that kept it from being made. Here one after another; a back-end whose every
+        request is a round trip sends those of one depth together (SftpBackend)."""
+        for path in paths:
+            try:
+                self.mkdir(path)
+                yield path, self.stat(path)
+            except StorageError as exc:
+                yield path, exc
+
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:
         """Move src to dst, replacing dst if it is a file. Where the protocol cannot

@@ -622,6 +622,38 @@ class SftpBackend(FsspecBackend):
         with self._errors(path):
             self._makedirs(self._full(path))
 
+    def make_folders(self, paths: list[str]):
+        """(Backend.make_folders) Over ssh, the folders of one depth in one round trip:
+        each one's mkdir and then its lstat, sent together (a server runs the requests
+        about one file in the order they came: the SFTP drafts), a depth after the one
+        above it was answered. 50 folders 3 deep: 3 round trips, not 100 (2 s over a
+        line of 20 ms). A folder whose mkdir failed and that is no folder now (a parent
+        missing, a file in the way, no permission) is made again one by one (mkdir):
+        what it says is what the run reports."""
+        if self._ssh is None:
+            yield from super().make_folders(paths)
+            return
+        levels: dict[int, list[str]] = {}
+        for path in paths:
+            levels.setdefault(path.count("/"), []).append(path)
+        for depth in sorted(levels):
+            level = levels[depth]
+            try:
+                with self._errors(level[0]):
+                    answers = self._on_sftp(_sftp_make_folders, self._wire(),
+                                            [self._full(path) for path in level])
+            except StorageError:   # the line, the session: each one says it below
+                answers = [(None, None)] * len(level)
+            for path, (attrs, made) in zip(level, answers):
+                if attrs is not None and statmod.S_ISDIR(attrs.permissions or 0):
+                    yield path, _stat_from_attrs(path, attrs)
+                    continue
+                try:   # one by one: made, or the reason why not
+                    self.mkdir(path)
+                    yield path, self.stat(path)
+                except StorageError as exc:
+                    yield path, exc
+
     def _makedirs(self, full: str) -> None:
         """`full` and any folder above it that is missing (as fs.makedirs, exist_ok)."""
         E = self._errors_ns
@@ -1165,6 +1197,17 @@ def _stat_from_attrs(path: str, attrs) -> Stat:
     kind = DIR if statmod.S_ISDIR(perms) else LINK if statmod.S_ISLNK(perms) else FILE
     return Stat(path, kind, 0 if kind == DIR else attrs.size,
                 attrs.mtime * SECOND_NS if attrs.mtime is not None else None, perms & 0o7777)
+
+
+async def _sftp_make_folders(sftp, fulls: list[str]) -> list:
+    """mkdir and then lstat of each folder in `fulls`, all sent at once: (the lstat's
+    attributes or None, whether the mkdir said it made it) for each."""
+    with _together(sftp):
+        requests = [request for full in fulls for request in (sftp.mkdir(full), sftp.lstat(full))]
+    done = await _settled(requests)
+    return [(None if isinstance(attrs, BaseException) else attrs,
+             not isinstance(made, BaseException))
+            for made, attrs in zip(done[0::2], done[1::2])]
 
 
 def _attrs(pending: dict, sftp):

@@ -349,8 +349,7 @@ class SyncStage(Stage):
                 self.errors.append(f"{path}: cannot remove leftover temporary file: {exc}")
         for d in plan.clear_first:
             self._delete(d)
-        for d in plan.mkdirs:
-            self._mkdir(d)
+        self._make_folders(plan.mkdirs)
         if plan.mtime_checks:
             self._settle_mtimes(plan)
         hard_links = self._plan_hard_links(plan) if self.hard_links else []
@@ -382,16 +381,21 @@ class SyncStage(Stage):
         return outcome
 
     # -- actions ---------------------------------------------------------------------------
-    def _mkdir(self, d: Difference) -> None:
-        self._touch(d.path)
-        try:
-            self.dst.mkdir(from_catalog(d.path))
+    def _make_folders(self, mkdirs: list[Difference]) -> None:
+        """The missing folders, a parent before its content (Backend.make_folders: over
+        SFTP, a depth's together)."""
+        wanted = {}
+        for d in mkdirs:
+            self._touch(d.path)
+            wanted[from_catalog(d.path)] = d
+        for path, made in self.dst.make_folders(list(wanted)):
+            d = wanted[path]
+            if isinstance(made, StorageError):
+                self._fail(d.path, f"cannot create folder: {made}")
+                continue
             self.counts["dirs_created"] += 1
-            st = self.dst.stat(from_catalog(d.path))
-            self._remember(d.path, DIR, 0, st.mtime_ns if st else None, None, None,
-                           st.mode if st else None)
-        except StorageError as exc:
-            self._fail(d.path, f"cannot create folder: {exc}")
+            self._remember(d.path, DIR, 0, made.mtime_ns if made else None, None, None,
+                           made.mode if made else None)
 
     def _refusal(self, what: str) -> None:
         """One entry the destination's server refused (links it cannot hold, mtimes or

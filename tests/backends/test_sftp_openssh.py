@@ -542,3 +542,37 @@ def test_md5sum_commands_leave_the_connection_no_more_channels_than_openssh_open
         sampler.join()
     assert report.counts["copied"] == 16 and report.exit_code == 0, report.errors
     assert 1 <= most[0] <= 10 - sftp.MAX_SFTP_SESSIONS, most[0]   # (OpenSSH opens 10)
+
+
+def test_the_folders_of_one_depth_are_made_in_one_round_trip(sftp_server, monkeypatch):
+    """Backend.make_folders over ssh: each depth's mkdirs and lstats go out in one write,
+    answered before the next depth's; a folder that cannot be made (a file in its place)
+    says why, made one by one; one that is there already is no error."""
+    from castlib.backends import sftp_wire
+    from castlib.backends.base import DIR
+    from castlib.errors import StorageError
+
+    (sftp_server.folder / "in-the-way").write_bytes(b"a file")
+    (sftp_server.folder / "there").mkdir()
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        b.stat("")   # connected
+        writes = []
+        real_write = sftp_wire._ThreadPipes.write
+
+        def write(pipes, data):
+            writes.append(len(data))
+            return real_write(pipes, data)
+
+        monkeypatch.setattr(sftp_wire._ThreadPipes, "write", write)
+        folders = ([f"d{n}" for n in range(10)] + [f"d{n}/e" for n in range(10)]
+                   + ["d0/e/f", "there"])
+        made = dict(b.make_folders(folders))
+        assert len(writes) == 3, writes
+        assert all(made[p].kind == DIR for p in folders), made
+        assert all((sftp_server.folder / p).is_dir() for p in folders)
+        made = dict(b.make_folders(["in-the-way", "next"]))
+        assert isinstance(made["in-the-way"], StorageError), made
+        assert "in-the-way" in str(made["in-the-way"]) and made["next"].kind == DIR
+    finally:
+        b.close()
