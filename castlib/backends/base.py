@@ -147,6 +147,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _done(setter: Callable[[str, int], None], path: str, value: int | None) -> bool | None:
+    """set_folder_metadata's answer for one attribute: None not asked, False refused."""
+    if value is None:
+        return None
+    try:
+        setter(path, value)
+        return True
+    except Unsupported:
+        return False
+
+
 def parse_options(model, options: dict, url: LocationURL):
     """The options as `model` reads them, or a ConfigError naming the first wrong one.
     model None: the back-end takes no option (settings None)."""
@@ -415,6 +426,20 @@ class Backend(ABC):
     def chmod(self, path: str, mode: int) -> None:
         """Set the permission bits of a file or folder (capabilities.permissions)."""
         raise Unsupported(f"{self.url.scheme}:// cannot set permissions", path=path)
+
+    def set_folder_metadata(self, folders: list[tuple[str, int | None, int | None]]
+                            ) -> Iterator[tuple[str, "tuple[bool | None, bool | None] | StorageError"]]:
+        """Give folders (path, permission bits, mtime in ns; None: leave it) their bits and
+        mtime, each after the folders in it (as listed: deepest first), and say for each,
+        as it is done, whether its bits and its mtime were set (None: not asked; False:
+        this back-end cannot, learned as for chmod and set_mtime: Unsupported), or the
+        StorageError that stopped it. Here one after another; a back-end whose every
+        request is a round trip sends those of one depth together (SftpBackend)."""
+        for path, mode, mtime_ns in folders:
+            try:
+                yield path, (_done(self.chmod, path, mode), _done(self.set_mtime, path, mtime_ns))
+            except StorageError as exc:
+                yield path, exc
 
     def chown(self, path: str, uid: int | None, gid: int | None) -> None:
         """Set owner and group of an entry, links not followed (capabilities.owner)."""

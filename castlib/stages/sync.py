@@ -725,26 +725,27 @@ class SyncStage(Stage):
                                                       self.algo).items():
             if side.kind == DIR:
                 folders[path] = side
+        wanted = {}   # storage path -> (catalog path, bits, mtime)
         for path in sorted(folders, reverse=True):   # a folder's content sorts after it
             side = folders[path]
-            mode = side.mode if self.perms else None
-            # capabilities are read each time: a server's first refusal turns one off
             mtime = side.mtime_ns if self.dst.capabilities.dir_mtimes else None
-            if mtime is not None and not self.dst.capabilities.set_mtime:
+            wanted[from_catalog(path)] = (path, side.mode if self.perms else None, mtime)
+        # (a server's first refusal of bits or times is learned by the back-end, which
+        # says so for each folder after it: Backend.set_folder_metadata)
+        asked = [(storage_path, mode, mtime)
+                 for storage_path, (_, mode, mtime) in wanted.items()]
+        for storage_path, outcome in self.dst.set_folder_metadata(asked):
+            path, mode, mtime = wanted[storage_path]
+            if isinstance(outcome, StorageError):
+                self._fail(path, f"cannot set folder permissions or mtime: {outcome}")
+                continue
+            mode_set, mtime_set = outcome
+            if mode_set is False:
+                mode = None
+                self._refusal("modes")
+            if mtime_set is False:
                 mtime = None
                 self._refusal("mtimes")
-            try:
-                if mode is not None and not self._set_mode(from_catalog(path), mode):
-                    mode = None
-                if mtime is not None:
-                    try:
-                        self.dst.set_mtime(from_catalog(path), mtime)
-                    except Unsupported:   # refused by the server: learned, said once
-                        mtime = None
-                        self._refusal("mtimes")
-            except StorageError as exc:
-                self._fail(path, f"cannot set folder permissions or mtime: {exc}")
-                continue
             for key, paths in counted.items():
                 self.counts[key] += path in paths
             self.meta_rows.append((path, mtime, mode))

@@ -576,3 +576,36 @@ def test_the_folders_of_one_depth_are_made_in_one_round_trip(sftp_server, monkey
         assert "in-the-way" in str(made["in-the-way"]) and made["next"].kind == DIR
     finally:
         b.close()
+
+
+def test_the_folders_of_one_depth_get_their_bits_and_mtimes_in_one_round_trip(
+        sftp_server, monkeypatch):
+    """Backend.set_folder_metadata over ssh: the first folder one by one (chmod, then
+    set_mtime: whether the server refuses either is learned there), then one set-stat
+    a folder with both, each depth's sent together, the deepest first."""
+    from castlib.backends import sftp_wire
+
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        folders = [f"d{n}" for n in range(10)] + [f"d{n}/e" for n in range(10)]
+        dict(b.make_folders(folders))   # (the server's user's: it may set their bits)
+        writes = []
+        real_write = sftp_wire._ThreadPipes.write
+
+        def write(pipes, data):
+            writes.append(len(data))
+            return real_write(pipes, data)
+
+        monkeypatch.setattr(sftp_wire._ThreadPipes, "write", write)
+        asked = [(path, 0o750 + n % 2, (1_600_000_000 + n) * 10**9)
+                 for n, path in enumerate(sorted(folders, reverse=True))]
+        done = dict(b.set_folder_metadata(asked))
+        assert len(writes) == 4, writes
+        assert done == {path: (True, True) for path in folders}, done
+        for path, mode, mtime_ns in asked:
+            st = os.stat(sftp_server.folder / path)
+            assert (st.st_mode & 0o7777, st.st_mtime_ns) == (mode, mtime_ns), path
+        assert dict(b.set_folder_metadata([("d0", None, 10**18), ("d1", 0o700, None)])) == {
+            "d0": (None, True), "d1": (True, None)}
+    finally:
+        b.close()
