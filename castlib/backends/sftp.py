@@ -846,8 +846,6 @@ class SftpBackend(FsspecBackend):
     def _md5_on_server(self, path: str, size: int | None) -> str | None:
         """md5sum of `path` run on the host; None where it cannot tell (the caller reads
         the file back instead), learned for the location when the host runs no commands."""
-        import asyncssh
-
         full = self._full(path)
         try:
             full.encode("utf-8")   # a name that is not UTF-8 cannot go in a command line
@@ -857,6 +855,8 @@ class SftpBackend(FsspecBackend):
         timeout = READ_TIMEOUT_S + (size or 0) / (20 * 1024 * 1024)
         if self._ssh is not None:
             return self._md5_over_ssh(path, full, timeout)
+        import asyncssh   # (its connection's: imported already)
+
         with self._errors(path):   # a line that drops is a storage error, as elsewhere
             try:
                 result = _fsspec_asyn().sync(self.fs.loop, self.fs.client.run,

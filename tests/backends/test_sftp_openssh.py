@@ -57,8 +57,9 @@ def _ssh_pids(backend) -> list[int]:
 @pytest.mark.parametrize("kind", ["sftp", "rclone-sftp"])
 def test_a_location_over_openssh_never_imports_asyncssh(request, kind, tmp_path):
     """Every call of the back-end (listing, folders, writes and their read-back, renames,
-    set-stats, deletes) goes through castlib's own SFTP client on ssh's pipes: asyncssh
-    and sshfs (0.1-0.2 s of a short run's start) are not imported at all."""
+    set-stats, deletes, a large file's md5 on the host) goes through castlib's own SFTP
+    client on ssh's pipes: asyncssh and sshfs (0.1-0.2 s of a short run's start) are not
+    imported at all."""
     server = request.getfixturevalue(kind.replace("-", "_") + "_server")
     script = """
 import json, sys
@@ -75,6 +76,12 @@ assert read(b, "a/g") == b"hello"
 assert [st.path for st in listing(b)] == ["a", "a/b", "a/g"]
 b.delete("a/g")
 b.delete("a/b")
+import hashlib
+from castlib.transfer import temp_path
+big, data = temp_path("big", b.temp_key), b"x" * (5 << 20)   # verified by md5sum on OpenSSH
+write(b, big, data)
+assert b.checksum(big, "md5") == hashlib.md5(data).hexdigest()
+b.delete(big)
 b.close()
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("asyncssh", "sshfs"))))
 """
