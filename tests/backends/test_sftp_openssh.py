@@ -165,6 +165,41 @@ def test_the_logins_session_serves_at_once_while_the_others_open(sftp_server,
     b.close()
 
 
+def test_a_thread_takes_the_first_session_opened_early_not_waiting_for_the_rest(
+        sftp_server, tmp_path, monkeypatch):
+    """The login's session held (by the thread that connected), a transfer thread takes
+    the first session opened early that is up, while the others are still coming: to a
+    host whose shell starts slowly, the last of 7 came 0.7 s after the first, and a
+    one-file sync's only copy waited for it."""
+    import shutil
+    import threading
+
+    gate = tmp_path / "open"
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    # the first session on the login's connection starts at once, the others at the gate
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) ;;
+*) mkdir {tmp_path}/first 2>/dev/null || while [ ! -e {gate} ]; do sleep 0.05; done ;; esac
+exec {shutil.which("ssh")} "$@"
+""")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        b.connect_in_background(5)
+        assert listing(b) == []   # this thread's: the login's session
+        wrote = threading.Event()
+        threading.Thread(target=lambda: (write(b, "f", b"x"), wrote.set()), daemon=True).start()
+        assert wrote.wait(5), "the copy waited for every session opened early"
+        assert sum(entry[0] is not None for entry in b._wires) == 2   # the login's, the first
+    finally:
+        gate.touch()
+    assert wait_for(lambda: sum(entry[0] is not None for entry in b._wires) == 5), b._wires
+    assert read(b, "f") == b"x"
+    b.close()
+
+
 def test_a_location_closed_while_its_sessions_open_makes_no_login_more(sftp_server, tmp_path,
                                                                        monkeypatch):
     """A short run (a listing served by the login's session at once, then the end) closes
