@@ -122,23 +122,31 @@ def test_the_sessions_of_a_location_share_one_login(sftp_server):
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids))
 
 
-@pytest.fixture
-def sessions_held_at_a_gate(tmp_path, monkeypatch):
+def _sessions_at_a_gate(tmp_path, monkeypatch, first_passes: bool = False):
     """`ssh` on PATH holds the sessions on the login's connection (not the login itself,
-    nor `ssh -G` or `ssh -V`) until the returned file exists."""
+    nor `ssh -G` or `ssh -V`) until the returned file exists; with `first_passes`, the
+    first of them to start goes on at once."""
     import shutil
 
     gate = tmp_path / "open"
+    hold = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+    if first_passes:
+        hold = f"mkdir {tmp_path}/first 2>/dev/null || {hold}"
     wrapper = tmp_path / "bin" / "ssh"
     wrapper.parent.mkdir()
     wrapper.write_text(f"""#!/bin/sh
 case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) ;;
-*) while [ ! -e {gate} ]; do sleep 0.05; done ;; esac
+*) {hold} ;; esac
 exec {shutil.which("ssh")} "$@"
 """)
     wrapper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
     return gate
+
+
+@pytest.fixture
+def sessions_held_at_a_gate(tmp_path, monkeypatch):
+    return _sessions_at_a_gate(tmp_path, monkeypatch)
 
 
 def test_the_logins_session_serves_at_once_while_the_others_open(sftp_server,
@@ -171,20 +179,9 @@ def test_a_thread_takes_the_first_session_opened_early_not_waiting_for_the_rest(
     the first session opened early that is up, while the others are still coming: to a
     host whose shell starts slowly, the last of 7 came 0.7 s after the first, and a
     one-file sync's only copy waited for it."""
-    import shutil
     import threading
 
-    gate = tmp_path / "open"
-    wrapper = tmp_path / "bin" / "ssh"
-    wrapper.parent.mkdir()
-    # the first session on the login's connection starts at once, the others at the gate
-    wrapper.write_text(f"""#!/bin/sh
-case " $* " in *ControlMaster=yes*|*" -G "*|*" -V "*) ;;
-*) mkdir {tmp_path}/first 2>/dev/null || while [ ! -e {gate} ]; do sleep 0.05; done ;; esac
-exec {shutil.which("ssh")} "$@"
-""")
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    gate = _sessions_at_a_gate(tmp_path, monkeypatch, first_passes=True)
     b = open_backend(sftp_server.url, sftp_server.options)
     try:
         b.connect_in_background(5)
