@@ -479,6 +479,13 @@ def test_a_write_announced_is_opened_with_the_rename_before_it(request, kind):
         b.close()
 
 
+def _configure(server, tmp_path, monkeypatch) -> None:
+    """A configuration file with the server's options, for the commands and the API."""
+    config = tmp_path / "castlib.yaml"
+    config.write_text(json.dumps({"storage": {server.url: server.options}}))
+    monkeypatch.setenv("CASTLIB_CONFIG", str(config))
+
+
 def test_a_sync_leaves_no_file_it_opened_ahead_for_a_copy_that_failed(sftp_server, tmp_path,
                                                                       monkeypatch):
     """One transfer thread: each copy's rename opens the next copy's temporary file. A
@@ -486,9 +493,7 @@ def test_a_sync_leaves_no_file_it_opened_ahead_for_a_copy_that_failed(sftp_serve
     file opened for it is removed; the other copies are in place, and nothing else."""
     import castlib
 
-    config = tmp_path / "castlib.yaml"
-    config.write_text(json.dumps({"storage": {sftp_server.url: sftp_server.options}}))
-    monkeypatch.setenv("CASTLIB_CONFIG", str(config))
+    _configure(sftp_server, tmp_path, monkeypatch)
     src = tmp_path / "src"
     src.mkdir()
     for name in ("a", "b", "c", "d"):
@@ -512,9 +517,7 @@ def test_a_sync_that_names_no_number_copies_8_files_at_once_to_sftp_4_elsewhere(
     import castlib
     import castlib.stages.sync as sync_stage
 
-    config = tmp_path / "castlib.yaml"
-    config.write_text(json.dumps({"storage": {sftp_server.url: sftp_server.options}}))
-    monkeypatch.setenv("CASTLIB_CONFIG", str(config))
+    _configure(sftp_server, tmp_path, monkeypatch)
     src = tmp_path / "src"
     src.mkdir()
     for n in range(24):
@@ -550,9 +553,7 @@ def test_md5sum_commands_leave_the_connection_no_more_channels_than_openssh_open
     import castlib
     from castlib.backends import sftp
 
-    config = tmp_path / "castlib.yaml"
-    config.write_text(json.dumps({"storage": {sftp_server.url: sftp_server.options}}))
-    monkeypatch.setenv("CASTLIB_CONFIG", str(config))
+    _configure(sftp_server, tmp_path, monkeypatch)
     src = tmp_path / "src"
     src.mkdir()
     for n in range(16):
@@ -583,11 +584,26 @@ def test_md5sum_commands_leave_the_connection_no_more_channels_than_openssh_open
     assert 1 <= most[0] <= 10 - sftp.MAX_SFTP_SESSIONS, most[0]   # (OpenSSH opens 10)
 
 
+def _writes_to_ssh(monkeypatch) -> list[int]:
+    """The sizes of the writes to the sessions' ssh from now on (a round trip's requests
+    go in one write: see sftp_wire)."""
+    from castlib.backends import sftp_wire
+
+    writes: list[int] = []
+    real_write = sftp_wire._ThreadPipes.write
+
+    def write(pipes, data):
+        writes.append(len(data))
+        return real_write(pipes, data)
+
+    monkeypatch.setattr(sftp_wire._ThreadPipes, "write", write)
+    return writes
+
+
 def test_the_folders_of_one_depth_are_made_in_one_round_trip(sftp_server, monkeypatch):
     """Backend.make_folders over ssh: each depth's mkdirs and lstats go out in one write,
     answered before the next depth's; a folder that cannot be made (a file in its place)
     says why, made one by one; one that is there already is no error."""
-    from castlib.backends import sftp_wire
     from castlib.backends.base import DIR
     from castlib.errors import StorageError
 
@@ -596,14 +612,7 @@ def test_the_folders_of_one_depth_are_made_in_one_round_trip(sftp_server, monkey
     b = open_backend(sftp_server.url, sftp_server.options)
     try:
         b.stat("")   # connected
-        writes = []
-        real_write = sftp_wire._ThreadPipes.write
-
-        def write(pipes, data):
-            writes.append(len(data))
-            return real_write(pipes, data)
-
-        monkeypatch.setattr(sftp_wire._ThreadPipes, "write", write)
+        writes = _writes_to_ssh(monkeypatch)
         folders = ([f"d{n}" for n in range(10)] + [f"d{n}/e" for n in range(10)]
                    + ["d0/e/f", "there"])
         made = dict(b.make_folders(folders))
@@ -622,20 +631,11 @@ def test_the_folders_of_one_depth_get_their_bits_and_mtimes_in_one_round_trip(
     """Backend.set_folder_metadata over ssh: the first folder one by one (chmod, then
     set_mtime: whether the server refuses either is learned there), then one set-stat
     a folder with both, each depth's sent together, the deepest first."""
-    from castlib.backends import sftp_wire
-
     b = open_backend(sftp_server.url, sftp_server.options)
     try:
         folders = [f"d{n}" for n in range(10)] + [f"d{n}/e" for n in range(10)]
         dict(b.make_folders(folders))   # (the server's user's: it may set their bits)
-        writes = []
-        real_write = sftp_wire._ThreadPipes.write
-
-        def write(pipes, data):
-            writes.append(len(data))
-            return real_write(pipes, data)
-
-        monkeypatch.setattr(sftp_wire._ThreadPipes, "write", write)
+        writes = _writes_to_ssh(monkeypatch)
         asked = [(path, 0o750 + n % 2, (1_600_000_000 + n) * 10**9)
                  for n, path in enumerate(sorted(folders, reverse=True))]
         done = dict(b.set_folder_metadata(asked))
