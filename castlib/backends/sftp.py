@@ -658,8 +658,8 @@ class SftpBackend(FsspecBackend):
                     answers = self._on_sftp(_sftp_make_folders, self._wire(),
                                             [self._full(path) for path in level])
             except StorageError:   # the line, the session: each one says it below
-                answers = [(None, None)] * len(level)
-            for path, (attrs, made) in zip(level, answers):
+                answers = [None] * len(level)
+            for path, attrs in zip(level, answers):
                 if attrs is not None and statmod.S_ISDIR(attrs.permissions or 0):
                     yield path, _stat_from_attrs(path, attrs)
                     continue
@@ -1307,14 +1307,13 @@ async def _sftp_set_stats(sftp, requests: list[tuple[str, dict]]) -> list[bool]:
 
 
 async def _sftp_make_folders(sftp, fulls: list[str]) -> list:
-    """mkdir and then lstat of each folder in `fulls`, all sent at once: (the lstat's
-    attributes or None, whether the mkdir said it made it) for each."""
+    """mkdir and then lstat of each folder in `fulls`, all sent at once: the attributes
+    the lstat gave for each (None if it failed). Whether the mkdir failed tells nothing
+    more: the folder may have been there."""
     with _together(sftp):
         requests = [request for full in fulls for request in (sftp.mkdir(full), sftp.lstat(full))]
     done = await _settled(requests)
-    return [(None if isinstance(attrs, BaseException) else attrs,
-             not isinstance(made, BaseException))
-            for made, attrs in zip(done[0::2], done[1::2])]
+    return [None if isinstance(attrs, BaseException) else attrs for attrs in done[1::2]]
 
 
 def _attrs(pending: dict, sftp):
