@@ -177,6 +177,10 @@ MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels
 # sessions leave. Beyond OpenSSH's 10, ssh would not fail: it would log in again, a
 # connection of its own for each command, which a host's admins would rather not see.
 MAX_COMMANDS = 10 - MAX_SFTP_SESSIONS
+# A command's channel, closed, is freed by sshd a moment later (its next loop turn): the
+# next command's open, sent at once, can find it still counted. Over asyncssh, a refused
+# open is asked again after these pauses (None: given up), not its file read back.
+_CHANNEL_FREED_S = (0.02, 0.1, None)
 
 
 class SftpBackend(FsspecBackend):
@@ -218,7 +222,7 @@ class SftpBackend(FsspecBackend):
         # thread's next rename; .opened, (path, session, the open's answer) once sent
         self._ahead = threading.local()
         self._server_md5: bool | None = None     # md5sum runs on the host (see below)
-        self._command_turns = threading.BoundedSemaphore(MAX_COMMANDS)   # (over ssh)
+        self._command_turns = threading.BoundedSemaphore(MAX_COMMANDS)   # (md5sum's)
         self._ssh = self._openssh_command()      # None: asyncssh connects (see below)
         self._more_coming = threading.Event()    # set: no session is being opened early
         self._more_coming.set()
@@ -876,14 +880,25 @@ class SftpBackend(FsspecBackend):
             return self._md5_over_ssh(path, full, timeout)
         import asyncssh   # (its connection's: imported already)
 
-        with self._errors(path):   # a line that drops is a storage error, as elsewhere
-            try:
-                result = _fsspec_asyn().sync(self.fs.loop, self.fs.client.run,
-                                             f"md5sum -- {shlex.quote(full)}", check=False,
-                                             timeout=timeout)
-            except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions)
-                log.debug("%s: no channel for md5sum (%s)", self._where(path), exc)
-                return None
+        # a turn, as over ssh: the SFTP sessions leave the connection MAX_COMMANDS channels
+        # (a command that found none would have its file read back, 8 transfers: 6 of 8)
+        if not self._command_turns.acquire(timeout=timeout):
+            return None
+        try:
+            for pause in _CHANNEL_FREED_S:
+                with self._errors(path):   # a line that drops is a storage error, as elsewhere
+                    try:
+                        result = _fsspec_asyn().sync(self.fs.loop, self.fs.client.run,
+                                                     f"md5sum -- {shlex.quote(full)}",
+                                                     check=False, timeout=timeout)
+                        break
+                    except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions)
+                        if pause is None:
+                            log.debug("%s: no channel for md5sum (%s)", self._where(path), exc)
+                            return None
+                time.sleep(pause)
+        finally:
+            self._command_turns.release()
         return self._md5sum_said(result.exit_status,
                                  result.stdout if isinstance(result.stdout, str) else "",
                                  result.stderr if isinstance(result.stderr, str) else "")

@@ -746,8 +746,9 @@ class SyncStage(Stage):
             if mtime_set is False:
                 mtime = None
                 self._refusal("mtimes")
-            for key, paths in counted.items():
-                self.counts[key] += path in paths
+            # fixed: what was set (a refusal is counted as such above, not as fixed too)
+            self.counts["mode_fixed"] += path in counted["mode_fixed"] and mode is not None
+            self.counts["mtime_fixed"] += path in counted["mtime_fixed"] and mtime is not None
             self.meta_rows.append((path, mtime, mode))
         self._settle_root()
 

@@ -332,6 +332,33 @@ def test_a_server_that_refuses_mtimes_and_posix_rename_still_gets_verified_copie
     assert files_only(remote_digest(dst_url, dst_opts)) == expected   # nothing set aside left
 
 
+def test_folder_times_and_bits_a_server_refuses_are_not_counted_as_fixed(
+        sftp_restricted_server, tmp_path, monkeypatch):
+    """A folder whose mtime or bits differ, to a server that refuses set-stat: counted as
+    not set (refused), never also as fixed, as a file's refused mtime is not."""
+    import json
+
+    import castlib
+
+    config = tmp_path / "castlib.yaml"
+    server = sftp_restricted_server
+    config.write_text(json.dumps({"storage": {server.url: server.options}}))
+    monkeypatch.setenv("CASTLIB_CONFIG", str(config))
+    src = make_tree(tmp_path / "src", {"d/e/f": b"f", "g/h": b"h"})
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    first = castlib.sync(str(src), server.url, db=db)
+    assert first.exit_code == 0 and first.counts["copied"] == 2, first.errors
+    os.chmod(src / "d", 0o750)
+    for n, folder in enumerate(("d/e", "d", "g")):   # mtimes the copies do not have
+        os.utime(src / folder, (1_500_000_000 + n, 1_500_000_000 + n))
+    second = castlib.sync(str(src), server.url, db=db)
+    assert second.exit_code == 0, second.errors
+    counts = second.counts
+    assert (counts["mtime_fixed"], counts["mode_fixed"]) == (0, 0), counts
+    assert (counts["mtime_skipped"], counts["mode_skipped"]) == (3, 3), counts
+    assert "fixed" not in second.last.summary, second.last.summary
+
+
 def test_empty_folders_to_s3_are_skipped_and_counted_not_made(remotes, db_url):
     """S3 keeps no folders (empty_dirs False): a folder with files comes with them, an
     empty one is skipped and said so, on every run; none is claimed created, and none is

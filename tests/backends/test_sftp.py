@@ -573,6 +573,32 @@ def test_sftp_host_that_runs_no_commands_is_verified_by_read_back(sftp_no_exec_s
     dst.close()
 
 
+def test_sftp_eight_large_copies_over_asyncssh_take_turns_for_md5sum(sftp_server, tmp_path,
+                                                                    monkeypatch):
+    """Over asyncssh, a sync's 8 transfer threads (its default to SFTP) hold 8 of OpenSSH's
+    10 channels a connection with their SFTP sessions: their md5sum commands take turns
+    on the two left (MAX_COMMANDS), as over OpenSSH's ssh, rather than each one that
+    finds no channel reading its whole file back through SFTP."""
+    from castlib.backends.sftp import SftpBackend
+
+    dst = open_backend(sftp_server.url, {**sftp_server.options, "ssh_client": "asyncssh"})
+    files = {f"f{i}": os.urandom(5 * MIB + i) for i in range(8)}
+    src = _local_source(tmp_path, files)
+    said = []
+    original = SftpBackend._md5_on_server
+
+    def md5(self, path, size):
+        said.append(original(self, path, size))
+        return said[-1]
+
+    monkeypatch.setattr(SftpBackend, "_md5_on_server", md5)
+    assert dst.stat("") is not None   # connected, as a sync is when its copies start
+    results = _in_threads(8, lambda i: _copy(src, dst, f"f{i}", 1_600_000_000 * 10**9))
+    assert [r.size for r in results] == [len(files[f"f{i}"]) for i in range(8)]
+    assert len(said) == 8 and None not in said, said   # none read back
+    dst.close()
+
+
 def test_sftp_write_in_flight_when_the_line_drops_fails_the_upload(sftp_server, outage_proxy):
     """A block is sent while the next is read (one write in flight): when the line drops
     under it, the upload still fails with a storage error (at the next write or the
