@@ -438,7 +438,7 @@ class SftpBackend(FsspecBackend):
                 entry[0] = session
         return session
 
-    def _wire(self):
+    def _wire(self, afresh: bool = False):
         """This thread's lean SFTP session (sftp_wire.SftpWire), for a file's copy: its
         writes (_sftp_write_whole, or _sftp_open_write and its pipe), stats, set-stats
         and rename (_sftp_publish), and reads (_sftp_open_sized): the same requests as
@@ -496,6 +496,12 @@ class SftpBackend(FsspecBackend):
                     self._wires.remove(entry)
                 shared = next((e[0] for e in self._wires
                                if e[0] is not None and not e[0].closed), None)
+            if self._master_gone(exc) and not afresh:
+                # the master's ssh ended (its own session broken, the line dropped): the
+                # connection, and every session on it, went with it. A new login, once
+                # (ssh no longer logs in on its own for a session: see ssh_command)
+                self._connection_failed(generation)
+                return self._wire(afresh=True)
             if not self._no_further_session(exc) or (self._ssh is not None and shared is None):
                 raise
             # no channel for it (MaxSessions), no SFTP v3 there, no further login (sshd's
@@ -509,6 +515,14 @@ class SftpBackend(FsspecBackend):
             if generation == self._generation:
                 entry[0] = wire
         return wire
+
+    def _master_gone(self, exc: BaseException) -> bool:
+        """Whether a session that could not be opened over ssh says the master's
+        connection is gone (its control socket refused or missing, the line), not that
+        the host opens no more sessions on it, nor that it is slow."""
+        return (self._ssh is not None and isinstance(exc, ssh_command.SshFailure)
+                and not isinstance(exc, (ssh_command.SshSessionRefused,
+                                         ssh_command.SshTimeout)))
 
     def _no_further_session(self, exc: BaseException) -> bool:
         """Whether a session that could not be opened is one too many (the server's
@@ -921,21 +935,32 @@ class SftpBackend(FsspecBackend):
     def _md5_over_ssh(self, path: str, full: str, timeout: float) -> str | None:
         """_md5_on_server's command, an ssh of its own on the master's connection, when
         one of its MAX_COMMANDS turns is free within the timeout (else None: the file
-        is read back)."""
+        is read back). A session the host refused (its MaxSessions, or a channel sshd
+        has not freed yet) is asked again, as over asyncssh, then read back."""
         argv, env = self.fs.command(["md5sum", "--", full])
         if not self._command_turns.acquire(timeout=timeout):
             return None
-        with self._errors(path):
-            try:
-                done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
-                                      capture_output=True, timeout=timeout,
-                                      start_new_session=True)
-            except subprocess.TimeoutExpired:
-                raise _fs_timeout()(f"md5sum gave no answer within {timeout:.0f} s") from None
-            finally:
-                self._command_turns.release()
-            if done.returncode == 255:   # ssh's own failure: the line, the login
-                raise self._ssh.failure(done.returncode, done.stderr)
+        try:
+            for pause in _CHANNEL_FREED_S:
+                with self._errors(path):
+                    try:
+                        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                                              capture_output=True, timeout=timeout,
+                                              start_new_session=True)
+                    except subprocess.TimeoutExpired:
+                        raise _fs_timeout()(f"md5sum gave no answer within {timeout:.0f} s"
+                                            ) from None
+                    if done.returncode != 255:
+                        break
+                    failure = self._ssh.failure(done.returncode, done.stderr)
+                    if not isinstance(failure, ssh_command.SshSessionRefused):
+                        raise failure   # ssh's own failure: the line, the login
+                    if pause is None:
+                        log.debug("%s: no session for md5sum (%s)", self._where(path), failure)
+                        return None
+                time.sleep(pause)
+        finally:
+            self._command_turns.release()
         return self._md5sum_said(done.returncode, done.stdout.decode("utf-8", "replace"),
                                  done.stderr.decode("utf-8", "replace"))
 

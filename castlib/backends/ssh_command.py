@@ -93,6 +93,13 @@ class SshConnectionLost(SshFailure, ConnectionError):
     castlib_kind = "connection lost"
 
 
+class SshSessionRefused(SshConnectionLost):
+    """The master's connection is there, and the host opens no more sessions on it
+    (OpenSSH's MaxSessions): not a line lost; another session may come once one ends."""
+
+    castlib_kind = "no more sessions on this connection"
+
+
 class SshConfigurationBroken(SshFailure):
     """ssh refused its own configuration (~/.ssh/config): no retry mends that."""
 
@@ -108,6 +115,9 @@ class SshRemoteCommandFailed(SshFailure):
 # (what ssh writes on stderr, what it means), the first that matches: its configuration
 # is read first, the host key checked before the login
 _FAILURES = [
+    # a session on the master's connection that the host refused (ProxyCommand=false
+    # then ends ssh: see ControlConnection._with_ours)
+    (re.compile(r"Session open refused by peer"), SshSessionRefused),
     (re.compile(r"Bad configuration option|bad configuration options|Bad owner or "
                 r"permissions on|Unsupported option|no argument after keyword|"
                 # a %-token or ${VAR} of ~/.ssh/config it cannot expand (its first line
@@ -687,6 +697,13 @@ class ControlConnection:
             ours += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
         if master or self._socket is None:   # an ssh that makes its own TCP connection
             ours += self.command.dialer()
+        else:
+            # A session the master cannot open (the host's MaxSessions, a master gone)
+            # would have ssh log in on its own, a connection of its own, silently: 7 logins
+            # for 8 transfers to a host that opens 2 sessions a connection. This "proxy"
+            # ends it instead, with ssh's words, and castlib learns the limit (SFTP
+            # sessions shared: SftpBackend._wire; md5sum asked again, then read back).
+            ours += ["-o", "ProxyCommand=false"]
         return argv[:1] + ours + argv[1:]
 
     def start_master(self) -> None:
