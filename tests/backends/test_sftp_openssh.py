@@ -551,8 +551,6 @@ def test_md5sum_commands_leave_the_connection_no_more_channels_than_openssh_open
     also carries the 8 transfer threads' SFTP sessions: OpenSSH opens 10 a connection,
     and beyond them ssh logs in again for each command. The commands take turns: never
     more than the two channels the sessions leave."""
-    import threading
-
     import castlib
     from castlib.backends import sftp
 
@@ -561,30 +559,41 @@ def test_md5sum_commands_leave_the_connection_no_more_channels_than_openssh_open
     src.mkdir()
     for n in range(16):
         (src / f"f{n}").write_bytes(os.urandom(sftp.READ_BACK_MAX + 1) * 2)
+    def commands() -> int:   # castlib's ssh carrying an md5sum, now
+        at_once = 0
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    words = f.read().split(b"\0")
+            except OSError:
+                continue
+            at_once += words[0].endswith(b"ssh") and any(b"md5sum" in w for w in words)
+        return at_once
+
+    report, most = _most_while(commands, lambda: castlib.sync(
+        str(src), sftp_server.url, db=f"sqlite:///{tmp_path / 'c.db'}"))
+    assert report.counts["copied"] == 16 and report.exit_code == 0, report.errors
+    assert 1 <= most <= 10 - sftp.MAX_SFTP_SESSIONS, most   # (OpenSSH opens 10)
+
+
+def _most_while(count, action):
+    """action()'s result, and the most count() said while it ran (asked every 2 ms)."""
+    import threading
+
     most, done = [0], threading.Event()
 
-    def count_commands() -> None:   # castlib's ssh carrying an md5sum, at each moment
+    def sample() -> None:
         while not done.is_set():
-            at_once = 0
-            for pid in os.listdir("/proc"):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        words = f.read().split(b"\0")
-                except OSError:
-                    continue
-                at_once += words[0].endswith(b"ssh") and any(b"md5sum" in w for w in words)
-            most[0] = max(most[0], at_once)
+            most[0] = max(most[0], count())
             time.sleep(0.002)
 
-    sampler = threading.Thread(target=count_commands)
+    sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        report = castlib.sync(str(src), sftp_server.url, db=f"sqlite:///{tmp_path / 'c.db'}")
+        return action(), most[0]
     finally:
         done.set()
         sampler.join()
-    assert report.counts["copied"] == 16 and report.exit_code == 0, report.errors
-    assert 1 <= most[0] <= 10 - sftp.MAX_SFTP_SESSIONS, most[0]   # (OpenSSH opens 10)
 
 
 def _writes_to_ssh(monkeypatch) -> list[int]:
@@ -658,8 +667,6 @@ def test_a_host_that_opens_few_sessions_gets_one_login_and_every_copy_verified(
     """MaxSessions 2 and a sync of large files with 8 transfers: the SFTP sessions the host
     refused are shared, md5sum finds no session (asked again, then the file is read
     back): every copy verified, on one TCP connection all along."""
-    import threading
-
     import castlib
     from castlib.backends import sftp
 
@@ -669,21 +676,9 @@ def test_a_host_that_opens_few_sessions_gets_one_login_and_every_copy_verified(
     src.mkdir()
     for n in range(4):
         (src / f"f{n}").write_bytes(os.urandom(sftp.READ_BACK_MAX + 1) * 2)
-    most, done = [0], threading.Event()
-
-    def count_logins() -> None:
-        while not done.is_set():
-            most[0] = max(most[0], _established_to(server.port))
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=count_logins)
-    sampler.start()
-    try:
-        report = castlib.sync(str(src), server.url, db=f"sqlite:///{tmp_path / 'c.db'}")
-    finally:
-        done.set()
-        sampler.join()
+    report, most = _most_while(lambda: _established_to(server.port), lambda: castlib.sync(
+        str(src), server.url, db=f"sqlite:///{tmp_path / 'c.db'}"))
     assert report.counts["copied"] == 4 and report.exit_code == 0, report.errors
     assert all((server.folder / f"f{n}").read_bytes() == (src / f"f{n}").read_bytes()
                for n in range(4))
-    assert most[0] == 1, most[0]
+    assert most == 1, most
