@@ -559,15 +559,18 @@ def test_md5sum_commands_leave_the_connection_no_more_channels_than_openssh_open
     src.mkdir()
     for n in range(16):
         (src / f"f{n}").write_bytes(os.urandom(sftp.READ_BACK_MAX + 1) * 2)
-    def commands() -> int:   # castlib's ssh carrying an md5sum, now
+    def commands() -> int:   # this process's ssh carrying an md5sum (not another run's)
         at_once = 0
         for pid in os.listdir("/proc"):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     words = f.read().split(b"\0")
-            except OSError:
+                with open(f"/proc/{pid}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
                 continue
-            at_once += words[0].endswith(b"ssh") and any(b"md5sum" in w for w in words)
+            at_once += (parent == os.getpid() and words[0].endswith(b"ssh")
+                        and any(b"md5sum" in w for w in words))
         return at_once
 
     report, most = _most_while(commands, lambda: castlib.sync(
