@@ -360,6 +360,17 @@ class Backend(ABC):
     def stat(self, path: str) -> Stat | None:
         """The entry at `path`, or None if nothing is there. Links are not followed."""
 
+    def stat_many(self, paths: list[str]) -> Iterator[tuple[str, "Stat | None | StorageError"]]:
+        """stat() of each path (links not followed), as each is answered: what is there
+        (None: nothing) or the StorageError that kept it from being looked at. Here one
+        after another; a back-end whose every request is a round trip sends them together
+        (SftpBackend)."""
+        for path in paths:
+            try:
+                yield path, self.stat(path)
+            except StorageError as exc:
+                yield path, exc
+
     def root_exists(self) -> bool:
         st = self.stat("")
         return st is not None and st.kind == DIR

@@ -687,6 +687,32 @@ class SftpBackend(FsspecBackend):
                 except StorageError as exc:
                     yield path, exc
 
+    def stat_many(self, paths: list[str]):
+        """(Backend.stat_many) Over ssh, the lstats of up to _BATCH paths in one round
+        trip. A path whose lstat failed otherwise than "no such file" is asked again one
+        by one (stat), which says why."""
+        if self._ssh is None:
+            yield from super().stat_many(paths)
+            return
+        for start in range(0, len(paths), _BATCH):
+            batch = paths[start:start + _BATCH]
+            try:
+                with self._errors(batch[0]):
+                    answers = self._on_sftp(_sftp_lstats, self._wire(),
+                                            [self._full(path) for path in batch])
+            except StorageError:   # the line, the session: each one says it below
+                answers = [None] * len(batch)
+            for path, attrs in zip(batch, answers):
+                if attrs is False:
+                    yield path, None
+                elif attrs is not None:
+                    yield path, _stat_from_attrs(path, attrs)
+                else:
+                    try:
+                        yield path, self.stat(path)
+                    except StorageError as exc:
+                        yield path, exc
+
     def set_folder_metadata(self, folders):
         """(Backend.set_folder_metadata) Over ssh, once the server has set both bits and
         times here (each kind's first refusal is learned one by one, as chmod and
@@ -1354,6 +1380,17 @@ async def _sftp_make_folders(sftp, fulls: list[str]) -> list:
         requests = [request for full in fulls for request in (sftp.mkdir(full), sftp.lstat(full))]
     done = await _settled(requests)
     return [None if isinstance(attrs, BaseException) else attrs for attrs in done[1::2]]
+
+
+async def _sftp_lstats(sftp, fulls: list[str]) -> list:
+    """An lstat of each path in `fulls`, all sent at once: the attributes of each, False
+    where the server said there is no such file, None where the lstat failed otherwise."""
+    missing = _errors_of(sftp).SFTPNoSuchFile
+    with _together(sftp):
+        requests = [sftp.lstat(full) for full in fulls]
+    done = await _settled(requests)
+    return [False if isinstance(attrs, missing) else
+            None if isinstance(attrs, BaseException) else attrs for attrs in done]
 
 
 def _attrs(pending: dict, sftp):

@@ -6,9 +6,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Iterator
 
-from ..backends.base import DIR, FILE, KIND_NAMES, LINK
+from ..backends.base import DIR, FILE, KIND_NAMES, LINK, Stat
 from ..catalog import Difference
 from ..catalog.locks import location_lock, lock_covered
 from ..catalog.paths import from_catalog, parent_of, to_catalog
@@ -206,6 +206,18 @@ def plan_hard_links(plan: TransferPlan, differences: list[Difference],
     return jobs
 
 
+# the lists of a TransferPlan that hold things to do
+_PLAN_LISTS = ("clear_first", "mkdirs", "copies", "replaces", "mtime_checks", "modes", "links",
+               "deletes")
+
+
+def _planned(plan: TransferPlan, mtimes_to_set: list[Difference]) -> Iterator[Difference]:
+    """Every difference the plan will act on at the destination."""
+    for name in _PLAN_LISTS:
+        yield from getattr(plan, name)
+    yield from mtimes_to_set
+
+
 def _plan_create(plan: TransferPlan, d: Difference, dst_symlinks: bool) -> None:
     if d.ref.kind == DIR:
         plan.mkdirs.append(d)
@@ -251,6 +263,8 @@ class SyncStage(Stage):
         self.transfers = p.transfers or max(self.src.default_transfers,
                                             self.dst.default_transfers)
         self.perms = diff.perms   # the diff compared modes: the sync sets them
+        self.mtimes_to_set = list(diff.mtimes_to_set)   # less what _keep_out_of_links drops
+        self.walled: tuple[str, ...] = ()   # "folder/" of each folder that is no folder now
         ref_index = ctx.listing(diff.ref)
         _refuse_unknown_reference(diff.ref, ref_index)
         if p.owner and not self.dst.capabilities.owner:
@@ -347,9 +361,11 @@ class SyncStage(Stage):
                 pass
             except StorageError as exc:
                 self.errors.append(f"{path}: cannot remove leftover temporary file: {exc}")
+        if self.dst.capabilities_for(self.dst.url.scheme).symlinks:   # links can be there
+            self._keep_out_of_links(plan)
         for d in plan.clear_first:
             self._delete(d)
-        self._make_folders(plan.mkdirs)
+        self._make_folders(plan)
         if plan.mtime_checks:
             self._settle_mtimes(plan)
         hard_links = self._plan_hard_links(plan) if self.hard_links else []
@@ -380,22 +396,118 @@ class SyncStage(Stage):
         outcome.summary = "interrupted: " + outcome.summary
         return outcome
 
+    # -- the destination as it is now -----------------------------------------------------
+    def _keep_out_of_links(self, plan: TransferPlan) -> None:
+        """Nothing is written through a link. The plan comes from the catalog; where the
+        destination changed after it was listed (--index ref, or a change while the run
+        went on), a folder the catalog has may be a symbolic link now, and a file written
+        below it would land wherever the link points, outside the destination; a chmod or
+        an SFTP set-stat of a file that is a link now would change the link's target.
+
+        So, before anything is done: every folder the plan writes in that the catalog has
+        (each one above a planned entry) and every entry whose metadata alone it sets is
+        looked at (Backend.stat_many: lstat; over SFTP up to 1,000 in one round trip); the
+        folders the plan makes are looked at as they are made (_make_folders). A first
+        copy into an empty destination looks at nothing more.
+        A folder that is something else now, or such an entry of another kind than the
+        catalog has, is left alone with all the plan had below it, each counted failed,
+        one line per place: the catalog is stale there, and the next listing corrects it."""
+        expected: dict[str, int] = {}   # catalog path -> the kind it must have, if there
+        for d in plan.mtime_checks + plan.modes + self.mtimes_to_set:
+            if d.dst is not None:
+                expected[d.path] = d.dst.kind
+        made = {d.path for d in plan.mkdirs}   # looked at as they are made (_make_folders)
+        for d in _planned(plan, self.mtimes_to_set):
+            parent = parent_of(d.path)
+            while parent and parent not in made and expected.get(parent) != DIR:
+                expected[parent] = DIR
+                parent = parent_of(parent)
+        wrong: dict[str, tuple[int, int]] = {}
+        for storage, st in self.dst.stat_many([from_catalog(p) for p in sorted(expected)]):
+            path = to_catalog(storage)
+            if isinstance(st, Stat) and st.kind != expected[path]:
+                wrong[path] = (st.kind, expected[path])
+        if wrong:
+            self._wall_off(plan, wrong)
+
+    def _wall_off(self, plan: TransferPlan, wrong: dict[str, tuple[int, int]]) -> None:
+        """Drop from the plan each entry in `wrong` ({catalog path: (the kind found there,
+        the kind wanted)})
+        and all below it; say so once for each."""
+        for path in sorted(wrong):
+            if not any(path.startswith(outer) for outer in self.walled):
+                self.walled += (path + "/",)
+        below = {}
+        for name in _PLAN_LISTS:
+            kept = []
+            for d in getattr(plan, name):
+                top = self._walled_by(d.path, wrong)
+                if top is None:
+                    kept.append(d)
+                else:
+                    below.setdefault(top, set()).add(d.path)
+            setattr(plan, name, kept)
+        kept = []
+        for d in self.mtimes_to_set:
+            top = self._walled_by(d.path, wrong)
+            if top is None:
+                kept.append(d)
+            else:
+                below.setdefault(top, set()).add(d.path)
+        self.mtimes_to_set = kept
+        for top in sorted(wrong):
+            paths = below.get(top, set())
+            found, wanted = (KIND_NAMES.get(kind, "special file") for kind in wrong[top])
+            if wanted != "folder":
+                what = (f"a {found} on the destination now, not the {wanted} the catalog "
+                        "has: left alone")
+            else:
+                what = (f"a {found} on the destination now, not a folder: "
+                        f"{len(paths - {top})} planned entries below it left alone")
+            self._fail(top, what + " (the catalog is stale here: list the destination "
+                       "again, e.g. castlib index DST)")
+            self.counts["failed"] += len(paths) - 1
+            self.failed_paths |= paths
+
+    def _walled_by(self, path: str, wrong: dict) -> str | None:
+        """The entry of `wrong` that is `path` or a folder above it, if any."""
+        probe = path
+        while probe:
+            if probe in wrong:
+                return probe
+            probe = parent_of(probe)
+        return None
+
+    def _outside(self, path: str) -> bool:
+        """Whether `path` lies below a folder found to be no folder (_keep_out_of_links)."""
+        return bool(self.walled) and path.startswith(self.walled)
+
     # -- actions ---------------------------------------------------------------------------
-    def _make_folders(self, mkdirs: list[Difference]) -> None:
+    def _make_folders(self, plan: TransferPlan) -> None:
         """The missing folders, a parent before its content (Backend.make_folders: over
-        SFTP, a depth's together)."""
+        SFTP, a depth's together). A folder that is no folder once made (a link made
+        meanwhile) is walled off as _keep_out_of_links does."""
         wanted = {}
-        for d in mkdirs:
+        for d in plan.mkdirs:
             self._touch(d.path)
             wanted[from_catalog(d.path)] = d
-        for path, made in self.dst.make_folders(list(wanted)):
-            d = wanted[path]
-            if isinstance(made, StorageError):
-                self._fail(d.path, f"cannot create folder: {made}")
-                continue
-            self.counts["dirs_created"] += 1
-            self._remember(d.path, DIR, 0, made.mtime_ns if made else None, None, None,
-                           made.mode if made else None)
+        todo = list(wanted)
+        while todo:
+            answered = set()
+            for path, made in self.dst.make_folders(todo):
+                answered.add(path)
+                d = wanted[path]
+                if isinstance(made, StorageError):
+                    self._fail(d.path, f"cannot create folder: {made}")
+                    continue
+                if made is not None and made.kind != DIR:   # a link there, unknown to the
+                    self._wall_off(plan, {d.path: (made.kind, DIR)})   # catalog: no deeper
+                    break
+                self.counts["dirs_created"] += 1
+                self._remember(d.path, DIR, 0, made.mtime_ns if made else None, None, None,
+                               made.mode if made else None)
+            todo = [path for path in todo
+                    if path not in answered and not self._outside(wanted[path].path)]
 
     def _refusal(self, what: str) -> None:
         """One entry the destination's server refused (links it cannot hold, mtimes or
@@ -653,6 +765,8 @@ class SyncStage(Stage):
     def _hard_link(self, d: Difference | None, path: str, leader: str) -> None:
         """Give the leader's file the name `path`: linked under a temporary name, then
         renamed over whatever was there (same bytes, or bytes being replaced)."""
+        if self._outside(path) or self._outside(leader):   # the catalog is stale there
+            return
         self._touch(path)
         if leader in self.failed_paths:
             self._fail(path, f"not linked: {leader} (the same file) failed")
@@ -709,7 +823,7 @@ class SyncStage(Stage):
                     self.meta_rows.append((d.path, None, d.ref.mode))
             except StorageError as exc:
                 self._fail(d.path, f"cannot set permissions: {exc}")
-        for d in self.diff.mtimes_to_set:
+        for d in self.mtimes_to_set:
             counted["mtime_fixed"].add(d.path)
             if d.ref.kind == DIR:
                 folders[d.path] = d.ref
@@ -780,7 +894,7 @@ class SyncStage(Stage):
         paths = [""] + [e["path"] for e in self.context.catalog.entries(self.diff.ref.record.id)
                         if flt is None or flt.covers(e["path"], e["kind"])]
         for path in paths:
-            if path in self.failed_paths:
+            if path in self.failed_paths or self._outside(path):
                 continue
             storage = from_catalog(path)
             try:
@@ -844,7 +958,7 @@ class SyncStage(Stage):
         for d in plan.modes:
             print(f"would set permissions of {d.path} to {d.ref.mode:04o}", file=out)
             c["mode_fixed"] += 1
-        for d in self.diff.mtimes_to_set:
+        for d in self.mtimes_to_set:
             print(f"would set mtime of {d.path}", file=out)
             c["mtime_fixed"] += 1
         for d in plan.links:

@@ -241,6 +241,26 @@ def test_stat_of_files_folders_and_missing_entries(backend):
     assert backend.stat("").kind == DIR
 
 
+def test_stat_many_answers_as_stat_does_for_each(backend):
+    """stat_many: each path's stat, whether one after another or a batch in a round trip."""
+    backend.mkdir("d/e")
+    write(backend, "d/here.txt", b"12345")
+    paths = ["d", "nope", "d/here.txt", "d/e", "no/such/file.txt", "d/e/none"]
+    got = dict(backend.stat_many(paths))
+
+    def seen(st):
+        return (st.kind, st.size if st.kind == FILE else None) if st else None
+
+    assert {p: seen(st) for p, st in got.items()} == {p: seen(backend.stat(p)) for p in paths}
+    assert (seen(got["d"]), seen(got["d/here.txt"]), got["nope"]) == ((DIR, None), (FILE, 5), None)
+    if backend.capabilities.symlinks:
+        try:
+            backend.symlink("link-to-d", "d")
+        except Unsupported:
+            return
+        assert dict(backend.stat_many(["link-to-d"]))["link-to-d"].kind == LINK
+
+
 # -- data -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [0, 1, 9 * MIB + 17], ids=["empty", "one-byte", "9MiB"])
 def test_write_read_round_trip_is_byte_exact(backend, size):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
+import shutil
 import subprocess
 import time
 
@@ -419,3 +421,42 @@ def test_a_name_that_is_not_utf8_is_skipped_and_said_not_failed(remotes, db_url,
     assert said.count("latin1-%E9t%E9.txt") == 2 and "not UTF-8" in said, said
     assert "Traceback" not in r.stderr and "UnicodeEncodeError" not in r.stderr
     assert set(remote_digest(dst_url, dst_opts)) == {"fine.txt"}
+
+
+@pytest.mark.parametrize("client", ["openssh", "asyncssh"])
+def test_a_folder_that_became_a_link_on_the_server_is_not_written_through(
+        request, remotes, db_url, client):
+    """With the destination trusted from the catalog (--index ref), a folder on the SFTP
+    server that became a link to a folder outside the destination is looked at before
+    anything is written below it (lstat, a batch in one round trip): no mkdir, copy or
+    set-stat goes through it (SFTP's set-stat follows links), one line says why, and the
+    rest of the sync is done."""
+    server = request.getfixturevalue("sftp_server")
+    src_url, _ = remotes("local")
+    dst_url, dst_opts = remotes("sftp" if client == "openssh" else "sftp-asyncssh")
+    on_disk = server.folder / "archive"   # the server is on this machine
+    make_tree(src_url, {"a/f1": b"one", "a/f3": b"three", "keep.dat": b"k"})
+    env = remotes.env()
+    assert run_cli("sync", src_url, dst_url, db=db_url, env=env).returncode == 0
+    outside = make_tree(server.folder / "outside", {"f1": b"theirs", "f3": b"three"})
+    os.chown(outside, pwd.getpwnam(server.user).pw_uid, -1)   # writable to the login
+    before = tree_digest(outside)
+    times = {name: os.lstat(outside / name).st_mtime_ns for name in ("f1", "f3")}
+    shutil.rmtree(on_disk / "a")
+    os.symlink(outside, on_disk / "a")
+    os.symlink(outside, on_disk / "c")   # where the catalog has nothing: made as a folder
+    make_tree(src_url, {"a/new/f4": b"four", "a/f5": b"five", "b.dat": b"b",
+                        "c/new/f6": b"six"})
+    os.utime(os.path.join(src_url, "a", "f3"), (1e9, 1e9))
+    os.chmod(os.path.join(src_url, "a", "f1"), 0o700)
+
+    proc = run_cli("sync", "--index", "ref", "--json", src_url, dst_url, db=db_url, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert [l for l in proc.stderr.splitlines() if l.startswith("castlib:")] == [
+        f"castlib: {name}: a link on the destination now, not a folder: {n} planned entries "
+        "below it left alone (the catalog is stale here: list the destination again, e.g. "
+        "castlib index DST)" for name, n in (("a", 5), ("c", 2))], proc.stderr
+    assert last_json(proc.stdout)["copied"] == 1 and (on_disk / "b.dat").read_bytes() == b"b"
+    assert tree_digest(outside) == before
+    assert {n: os.lstat(outside / n).st_mtime_ns for n in times} == times
+    assert os.lstat(outside / "f1").st_mode & 0o777 == 0o644

@@ -408,3 +408,97 @@ def test_a_temporary_removed_under_a_copy_is_said_so(tmp_path, when):
                   expected_checksum=None, mtime_ns=None, temp_key=key, **hook)
     assert removed and removed[0] in str(info.value) and "None" not in str(info.value)
     assert os.listdir(tmp_path / "dst") == []
+
+
+# -- a stale catalog never leads a write through a link --------------------------------------
+
+def _stale_link(tmp_path, db_url):
+    """A reference and a destination synced once; then, unknown to the catalog, the
+    destination's folder `a` replaced by a link to a folder outside it."""
+    ref = make_tree(tmp_path / "ref", {"a/f1": b"one", "a/f3": b"three", "keep.dat": b"k"})
+    dst = tmp_path / "dst"
+    assert sync(ref, dst, db_url).counts["copied"] == 3
+    outside = make_tree(tmp_path / "outside", {"f1": b"theirs", "f3": b"three", "x": b"x"})
+    before = tree_digest(outside)
+    modes = {name: os.lstat(outside / name).st_mode for name in ("f1", "f3", "x")}
+    os.rename(dst / "a", tmp_path / "old-a")
+    os.symlink(outside, dst / "a")
+    return ref, dst, outside, before, modes
+
+
+def test_a_folder_that_became_a_link_is_not_written_through(tmp_path, db_url):
+    """--index ref trusts the catalog for the destination: a folder there that became a
+    link to another folder is no way out of the destination. Nothing is made, copied,
+    chmod-ed, re-timed or deleted below it; one line says where and why; the rest of the
+    sync is done."""
+    ref, dst, outside, before, modes = _stale_link(tmp_path, db_url)
+    (ref / "a" / "new").mkdir()
+    (ref / "a" / "new" / "f4").write_bytes(b"four")
+    (ref / "a" / "f5").write_bytes(b"five")
+    os.chmod(ref / "a" / "f1", 0o700)
+    os.utime(ref / "a" / "f3", (1e9, 1e9))
+    os.utime(ref / "a", (1e9, 1e9))
+    (ref / "b.dat").write_bytes(b"b")
+    r = run_cli("sync", "--index", "ref", "--delete", "--json", str(ref), str(dst), db=db_url)
+    assert r.returncode == 1, r.stderr
+    line = [l for l in r.stderr.splitlines() if l.startswith("castlib: a: ")]
+    assert line == ["castlib: a: a link on the destination now, not a folder: 5 planned "
+                    "entries below it left alone (the catalog is stale here: list the "
+                    "destination again, e.g. castlib index DST)"], r.stderr
+    assert tree_digest(outside) == before
+    assert {n: os.lstat(outside / n).st_mode for n in modes} == modes
+    assert os.lstat(outside / "f3").st_mtime != 1e9
+    assert (dst / "b.dat").read_bytes() == b"b"    # the rest of the sync went on
+    assert os.readlink(dst / "a") == str(outside)
+    # the next sync lists the destination again, and sees a type conflict, not a folder
+    r = run_cli("sync", "--force", str(ref), str(dst), db=db_url)
+    assert "a: type conflict: reference has a folder, destination a link" in r.stderr
+    assert tree_digest(outside) == before
+
+
+def test_a_deletion_below_a_folder_that_became_a_link_deletes_nothing(tmp_path, db_url):
+    ref, dst, outside, before, _ = _stale_link(tmp_path, db_url)
+    os.remove(ref / "a" / "f1")
+    os.remove(ref / "keep.dat")
+    r = sync(ref, dst, db_url, index="ref", delete=True)
+    assert r.counts["deleted"] == 1 and not (dst / "keep.dat").exists()
+    assert r.counts["failed"] == 2 and tree_digest(outside) == before   # a/f1, and a's mtime
+
+
+def test_a_file_that_became_a_link_does_not_pass_its_metadata_on(tmp_path, db_url):
+    """A file whose bits alone differ is chmod-ed in place; if it became a link to a file
+    outside, a chmod would change that file's bits (chmod follows links)."""
+    ref = make_tree(tmp_path / "ref", {"f": b"data", "g": b"g"})
+    dst = tmp_path / "dst"
+    sync(ref, dst, db_url)
+    victim = make_tree(tmp_path / "outside", {"victim": b"data"}) / "victim"
+    os.chmod(victim, 0o600)
+    os.remove(dst / "f")
+    os.symlink(victim, dst / "f")
+    os.chmod(ref / "f", 0o755)
+    os.chmod(ref / "g", 0o700)
+    r = sync(ref, dst, db_url, index="ref")
+    assert r.counts["mode_fixed"] == 1 and os.lstat(dst / "g").st_mode & 0o777 == 0o700
+    assert os.lstat(victim).st_mode & 0o777 == 0o600
+    assert r.counts["failed"] == 1
+    assert any(e.startswith("f: a link on the destination now, not the file the catalog has")
+               for e in r.errors), r.errors
+
+
+def test_a_link_where_the_catalog_has_nothing_is_not_made_into_a_folder_through(tmp_path,
+                                                                               db_url):
+    """The catalog has no `a` on the destination, which has a link `a` by now: making the
+    folder a (mkdir -p finds it there) and then a/new would go through the link. The
+    folder is looked at as it is made: nothing deeper is made, nothing copied below it."""
+    ref = make_tree(tmp_path / "ref", {"keep.dat": b"k"})
+    dst = tmp_path / "dst"
+    sync(ref, dst, db_url)
+    outside = make_tree(tmp_path / "outside", {"x": b"x"})
+    os.symlink(outside, dst / "a")
+    make_tree(ref, {"a/new/deeper/f": b"f", "a/g": b"g", "b/h": b"h"})
+    r = sync(ref, dst, db_url, index="ref")
+    assert os.listdir(outside) == ["x"]
+    assert r.counts["copied"] == 1 and (dst / "b" / "h").read_bytes() == b"h"
+    assert r.errors == ["a: a link on the destination now, not a folder: 4 planned entries "
+                        "below it left alone (the catalog is stale here: list the destination "
+                        "again, e.g. castlib index DST)"]
