@@ -65,3 +65,16 @@ def elsewhere(url) -> ConfigError:
     """The refusal for reading or writing another host's local location from this one."""
     return ConfigError(f"{url} is on {url.host}; run it there or through a worker "
                        "(--on-workers)")
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether this machine has a process `pid` (another user's counts)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True

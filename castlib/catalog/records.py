@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 
 from ..backends.base import DIR, KIND_NAMES
+from ..hosts import process_alive
 
 CHECKSUM_COLUMNS = ("adler32", "md5", "sha256")
 
@@ -136,16 +137,33 @@ def _drifted(ref: Side, dst: Side, kinds, tol: int) -> bool:
             and abs(ref.mtime_ns - dst.mtime_ns) > tol)
 
 
-def _process_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+def _process_started_at(pid: int) -> datetime | None:
+    """When process `pid` of this machine started (Linux: /proc/PID/stat's start time in
+    ticks after boot, and /proc/stat's boot time), or None where that cannot be read."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's process: alive
-        return True
-    return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()   # after the name, whatever it holds
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        ticks = int(fields[19])   # field 22 of the line; the name was field 2
+        return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), timezone.utc)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+# how much later than a run's last sign of life its pid's process may seem to have started
+# and still be the run's: /proc/stat's boot time is in whole seconds, and it moves a little
+# as the clock is adjusted
+STARTED_AFTER_SLACK_S = 5.0
+
+
+def _pid_reused(pid: int, last: datetime | None) -> bool:
+    """Whether the live process `pid` started after the run's last sign of life, so is not
+    the run's process but a later one given the same number (after a reboot, or pids
+    wrapping round): the run's own process beat while it lived."""
+    started = _process_started_at(pid)
+    return (started is not None and last is not None
+            and (started - _aware(last)).total_seconds() > STARTED_AFTER_SLACK_S)
 
 
 def _username() -> str | None:
@@ -187,13 +205,15 @@ def run_seems_dead(hostname: str | None, pid: int | None, heartbeat_at: datetime
       waiting client failed. A process of this host that lives is alive however late its
       beats (stopped with Ctrl-Z, waiting for SQLite's write lock held by its own stage),
       unless `silent_here_is_dead` (the SQLite catalog's rule, as it always had it): then
-      a beat older than the limit ends it too, as a pid reused after a reboot would
-      keep it from ending."""
+      a beat older than the limit ends it too.
+    - A pid of this host whose process started after the run's last sign of life is
+      another process's (reused after a reboot, or numbers wrapping round): the run's
+      process is gone. Before, on PostgreSQL such a run stayed 'running' for good."""
     last = heartbeat_at or started_at
     quiet = (now - _aware(last)).total_seconds() if last is not None else float("inf")
     if hostname != host:
         return quiet > heartbeat_limit_s()
-    if not _process_alive(pid):
+    if not process_alive(pid) or _pid_reused(pid, last):
         return quiet > min(SAME_NAME_GRACE_S, heartbeat_limit_s())
     return (silent_here_is_dead and heartbeat_at is not None
             and (now - _aware(heartbeat_at)).total_seconds() > heartbeat_limit_s())

@@ -158,3 +158,32 @@ def test_the_default_catalog_dies_a_run_of_this_host_silent_beyond_the_limit(tmp
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_whose_pid_a_later_process_has_is_marked_died(tmp_path, db_url):
+    """A run of this host whose process was killed a minute ago, its pid now another
+    process's (after a reboot, or pids wrapping round): that process started after the
+    run's last beat, so is not the run's. Before, a live pid kept the run 'running' on
+    PostgreSQL for good (the SQLite catalog waited out the heartbeat limit)."""
+    import subprocess
+    from datetime import timedelta
+
+    from castlib.catalog.records import utcnow
+    from castlib.catalog.schema import Run
+
+    catalog = Catalog(db_url)
+    later = subprocess.Popen(["sleep", "60"])   # started now: after the run's last beat
+    try:
+        run_id = catalog.start_run("sync")
+        ours = catalog.start_run("sync")   # a live run of this process: it stays running
+        minute_ago = utcnow() - timedelta(minutes=1)
+        with catalog.engine.begin() as conn:
+            conn.execute(Run.__table__.update().where(Run.__table__.c.id == run_id).values(
+                pid=later.pid, started_at=minute_ago, heartbeat_at=minute_ago))
+        catalog.mark_dead_runs()
+        assert catalog.run_details(run_id)[0]["status"] == "died"
+        assert catalog.run_details(ours)[0]["status"] == "running"
+    finally:
+        later.kill()
+        later.wait()
+        catalog.close()
