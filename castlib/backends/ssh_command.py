@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat as statmod
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import weakref
 from functools import lru_cache
 
 from ..errors import ConfigError
+from ..hosts import process_alive
 from ..location import redact
 from .base import CONNECT_TIMEOUT_S
 
@@ -654,6 +656,60 @@ def _short_temp_dir() -> str | None:
     return default if len(default) < 60 or not os.path.isdir("/tmp") else "/tmp"
 
 
+# a ControlConnection's private folder: this prefix, the pid of the process that made it, "-"
+_FOLDER_PREFIX = "castlib-ssh-"
+_swept: set[str] = set()   # the folders swept by this process
+
+
+def _sweep_folders_of_gone_processes(parent: str | None) -> None:
+    """Remove the private folders that processes no longer running here left (killed:
+    no cleanup ran) in `parent`: this user's own real folders named by _FOLDER_PREFIX and
+    a pid this machine has no process of, holding at most a master's socket that nobody
+    answers on (a live one may be of a process in another pid namespace sharing /tmp).
+    Never another user's, a link, or a folder with anything else in it."""
+    parent = parent or tempfile.gettempdir()
+    if parent in _swept:   # once a process
+        return
+    _swept.add(parent)
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    uid = os.geteuid()
+    for entry in entries:
+        if not entry.name.startswith(_FOLDER_PREFIX):
+            continue
+        pid = entry.name[len(_FOLDER_PREFIX):].partition("-")[0]
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if (not pid.isdigit() or not statmod.S_ISDIR(st.st_mode) or st.st_uid != uid
+                    or process_alive(int(pid))):
+                continue
+            for name in os.listdir(entry.path):
+                inside = os.path.join(entry.path, name)
+                if (name != "m" or not statmod.S_ISSOCK(os.lstat(inside).st_mode)
+                        or _answers(inside)):   # a master of another pid namespace's
+                    break
+                os.unlink(inside)
+            else:
+                os.rmdir(entry.path)
+        except OSError:   # gone meanwhile (another process swept it), or not ours to remove
+            continue
+
+
+def _answers(socket_path: str) -> bool:
+    """Whether a process listens on the Unix socket."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(socket_path)
+        except OSError:
+            return False
+    return True
+
+
 class ControlConnection:
     """One SSH connection to a location's host, through ssh's ControlMaster: the first
     session started logs in (the master); the others are channels of its connection
@@ -664,7 +720,9 @@ class ControlConnection:
     def __init__(self, command: SshCommand):
         self.command = command
         self._master: subprocess.Popen | None = None
-        folder = tempfile.mkdtemp(prefix="castlib-ssh-", dir=_short_temp_dir())
+        parent = _short_temp_dir()
+        _sweep_folders_of_gone_processes(parent)
+        folder = tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-", dir=parent)
         # removed at close, or when this is dropped unclosed (a login that failed), or at
         # the interpreter's exit: never left in /tmp a try
         self._remove_folder = weakref.finalize(self, shutil.rmtree, folder,

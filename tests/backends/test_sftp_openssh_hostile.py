@@ -860,3 +860,77 @@ def test_a_listed_folder_named_a_slash_dotdot_is_refused_over_either_client(
             list(itertools.islice(b.walk(lambda path, msg: None), 50))
     finally:
         b.close()
+
+
+# -- what a killed run leaves in /tmp -------------------------------------------------------
+def test_a_killed_runs_socket_folder_is_swept_by_the_next_run_and_nothing_else(
+        tmp_path, sftp_server):
+    """kill -9 runs no cleanup: the run's private folder for ssh's socket stays in the
+    temporary folder. The next run that logs in removes it: a folder of this user named
+    by a pid this machine has no process of, empty or holding a socket nobody answers on.
+    A live process's folder, a folder with anything else in it, a link, a live socket
+    (a process of another pid namespace sharing /tmp) stay."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers import castlib_command, cli_env
+
+    temp = Path(tempfile.mkdtemp(prefix="cl-", dir="/tmp"))
+    try:
+        config = tmp_path / "castlib.yaml"
+        config.write_text(yaml.safe_dump({"storage": {sftp_server.url: sftp_server.options}}))
+        env = {"CASTLIB_CONFIG": str(config), "TMPDIR": str(temp)}
+        src = make_tree(tmp_path / "src", {f"f{i:03}": os.urandom(64 * 1024) for i in range(200)})
+        killed = subprocess.Popen(
+            castlib_command("sync", str(src), sftp_server.url + "/first",
+                            db=f"sqlite:///{tmp_path / 'c.db'}"),
+            env=cli_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        left = f"castlib-ssh-{killed.pid}-"
+        assert wait_for(lambda: any((temp / n / "m").exists() for n in os.listdir(temp)
+                                    if n.startswith(left)), 60)
+        killed.kill()
+        killed.wait()
+        assert wait_for(lambda: all(not (temp / n / "m").exists() or not _listening(temp / n / "m")
+                                    for n in os.listdir(temp)), 10)
+        gone = subprocess.Popen([sys.executable, "-c", ""])
+        gone.wait()
+        dead = gone.pid
+        for name, content in (("empty", None), ("other", "a file"), ("linked", "link")):
+            folder = temp / f"castlib-ssh-{dead}-{name}"
+            if content == "link":
+                folder.symlink_to(temp / f"castlib-ssh-{dead}-other")
+                continue
+            folder.mkdir()
+            if content:
+                (folder / "keep").write_text(content)
+        (temp / f"castlib-ssh-{os.getpid()}-alive").mkdir()   # this process lives
+        live = temp / f"castlib-ssh-{dead}-listening"
+        live.mkdir()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(live / "m"))
+        listener.listen()
+        try:
+            run_cli("sync", str(src), sftp_server.url + "/second",
+                    db=f"sqlite:///{tmp_path / 'c.db'}", env=env, check=0)
+        finally:
+            listener.close()
+        assert sorted(os.listdir(temp)) == sorted(
+            f"castlib-ssh-{p}-{n}" for p, n in ((dead, "other"), (dead, "linked"),
+                                                 (os.getpid(), "alive"), (dead, "listening")))
+        assert (temp / f"castlib-ssh-{dead}-other" / "keep").read_text() == "a file"
+    finally:
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _listening(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
