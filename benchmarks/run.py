@@ -618,11 +618,22 @@ def sc_upload_sftp_rclone_verified(b: Bench) -> Result:
     return r
 
 
+def sc_upload_sftp_big_rclone_verified(b: Bench) -> Result:
+    r = _upload_sftp(b, "upload-sftp-big-rclone-verified", "rclone", "rclone serve sftp",
+                     "one-256m", verified=True)
+    r.target, r.met = "-", None
+    r.note = ("informational: upload-sftp-big-rclone against `rclone copy` then `rclone check "
+              "--download`, which reads the file back from the server as castlib's "
+              "verification does (rclone serve sftp's md5 is of what it received, not read "
+              "from its disk)")
+    return r
+
+
 def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
                  tree_key: str = "small-300", verified: bool = False,
                  ssh_client: str | None = None) -> Result:
     """A first sync to an SFTP server on loopback, each copy verified by castlib (read
-    back, or md5sum on an OpenSSH host for a large file), against `rclone copy` of the
+    back, or cksum on an OpenSSH host for a large file), against `rclone copy` of the
     same tree to the same server. Each run writes into a folder of its own (rclone serve
     sftp caches folder listings)."""
     tree = b.tree(tree_key)
@@ -679,7 +690,7 @@ def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
         title += ", against rclone copy + rclone check --download"
     r = ratio_result(key, title, 1.0, castlib, peer, runs)
     r.note = ("castlib also starts Python, indexes both sides into its catalog and verifies "
-              "every copy (read back as it is closed; a large one to OpenSSH by md5sum on the "
+              "every copy (read back as it is closed; a large one to OpenSSH by cksum on the "
               "host); rclone copy checks sizes, and md5 where it can run md5sum on the "
               "server (OpenSSH: one `ssh exec` a file, its main cost there; rclone serve "
               "sftp answers from the md5 it took as the upload came in)")
@@ -813,6 +824,7 @@ SCENARIOS = {
     "upload-sftp-big": sc_upload_sftp_big,
     "upload-sftp-big-rclone": sc_upload_sftp_big_rclone,
     "upload-sftp-rclone-verified": sc_upload_sftp_rclone_verified,
+    "upload-sftp-big-rclone-verified": sc_upload_sftp_big_rclone_verified,
     "upload-sftp-asyncssh": sc_upload_sftp_asyncssh,
     "upload-sftp-rclone-asyncssh": sc_upload_sftp_rclone_asyncssh,
     "diff-1m": sc_diff_1m,

@@ -1371,8 +1371,58 @@ static PyObject *escape(PyObject *self, PyObject *arg) {
     return out;
 }
 
+/* POSIX cksum's CRC (IEEE 802.3 polynomial, most significant bit first, no reflection),
+ * the register after `data` from `crc`: what a host's `cksum` computes before it adds the
+ * length and complements (checksum.py does those). Eight bytes a step through eight
+ * tables (the "slicing-by-8" of Kounavis and Berry), the GIL released for large buffers:
+ * ~4x as fast as md5, which the host's md5sum was run for (see backends/sftp.py). */
+static uint32_t cksum_table[8][256];
+
+static void cksum_tables(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i << 24;
+        for (int k = 0; k < 8; k++) c = (c & 0x80000000u) ? (c << 1) ^ 0x04C11DB7u : c << 1;
+        cksum_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int k = 1; k < 8; k++)
+            cksum_table[k][i] = (cksum_table[k - 1][i] << 8)
+                                ^ cksum_table[0][cksum_table[k - 1][i] >> 24];
+}
+
+static uint32_t cksum_run(uint32_t crc, const unsigned char *p, size_t n) {
+    for (; n >= 8; p += 8, n -= 8) {
+        uint32_t a = crc ^ ((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16
+                            | (uint32_t)p[2] << 8 | (uint32_t)p[3]);
+        crc = cksum_table[7][a >> 24] ^ cksum_table[6][(a >> 16) & 0xff]
+              ^ cksum_table[5][(a >> 8) & 0xff] ^ cksum_table[4][a & 0xff]
+              ^ cksum_table[3][p[4]] ^ cksum_table[2][p[5]] ^ cksum_table[1][p[6]]
+              ^ cksum_table[0][p[7]];
+    }
+    while (n--) crc = (crc << 8) ^ cksum_table[0][(crc >> 24) ^ *p++];
+    return crc;
+}
+
+static PyObject *cksum_update(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    unsigned long crc;
+    if (!PyArg_ParseTuple(args, "y*k", &data, &crc)) return NULL;
+    uint32_t out = (uint32_t)crc;
+    if (data.len >= 65536) {
+        Py_BEGIN_ALLOW_THREADS
+        out = cksum_run(out, data.buf, (size_t)data.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        out = cksum_run(out, data.buf, (size_t)data.len);
+    }
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLong(out);
+}
+
 static PyMethodDef module_methods[] = {
     {"escape", escape, METH_O, "raw name bytes -> catalog text"},
+    {"cksum_update", cksum_update, METH_VARARGS,
+     "cksum_update(buffer, crc) -> the POSIX cksum CRC register after buffer"},
     {NULL}};
 
 static struct PyModuleDef module = {
@@ -1382,6 +1432,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__accel(void) {
     if (PyType_Ready(&IndexerType) < 0) return NULL;
+    cksum_tables();
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     Error = PyErr_NewException("castlib._accel.Error", PyExc_RuntimeError, NULL);

@@ -21,7 +21,7 @@ import time
 import types
 from typing import BinaryIO
 
-from ..checksum import CHUNK_SIZE, Hasher, checksum_stream
+from ..checksum import CHUNK_SIZE, CKSUM, Hasher, checksum_stream, cksum_available
 from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
 from . import sftp_wire
@@ -173,7 +173,7 @@ def _import_asyncssh_lightly() -> None:
 
 _import_asyncssh_lightly()
 MAX_SFTP_SESSIONS = 8   # SFTP sessions a connection: OpenSSH allows 10 channels (MaxSessions)
-# Commands (md5sum) at once on the connection, each a channel: the two channels the SFTP
+# Commands (cksum, md5sum) at once on the connection, each a channel: the two channels the SFTP
 # sessions leave. Beyond OpenSSH's 10, ssh would not fail: it would log in again, a
 # connection of its own for each command, which a host's admins would rather not see.
 MAX_COMMANDS = 10 - MAX_SFTP_SESSIONS
@@ -221,8 +221,9 @@ class SftpBackend(FsspecBackend):
         # a write announced (expect_write), by thread: .next, the path to open with the
         # thread's next rename; .opened, (path, session, the open's answer) once sent
         self._ahead = threading.local()
-        self._server_md5: bool | None = None     # md5sum runs on the host (see below)
-        self._command_turns = threading.BoundedSemaphore(MAX_COMMANDS)   # (md5sum's)
+        # {algorithm: whether its command runs on the host} (see "verification" below)
+        self._server_sums: dict[str, bool] = {}
+        self._command_turns = threading.BoundedSemaphore(MAX_COMMANDS)   # (their turns)
         self._ssh = self._openssh_command()      # None: asyncssh connects (see below)
         self._more_coming = threading.Event()    # set: no session is being opened early
         self._more_coming.set()
@@ -450,7 +451,7 @@ class SftpBackend(FsspecBackend):
         as _client() hands its sessions on, up to MAX_SFTP_SESSIONS with the asyncssh
         sessions; beyond that, threads share the first. Copies need no asyncssh session
         of the thread's own, so that OpenSSH's 10 channels a connection leave one to
-        each of 4 transfer threads for md5sum (see _md5_on_server). A server that
+        each of 4 transfer threads for cksum (see _sum_on_server). A server that
         refuses the channel (OpenSSH's MaxSessions) leaves the thread on its asyncssh
         session, which the helpers take as well."""
         me = threading.current_thread()
@@ -880,24 +881,33 @@ class SftpBackend(FsspecBackend):
         except Exception as exc:  # noqa: BLE001 - see above
             log.debug("%s: an unused temporary file stays (%s)", full, exc)
 
-    # -- verification by the server's md5sum ----------------------------------------------
-    # A large file is verified by `md5sum` run on the host over `ssh exec`, against the md5
-    # of the bytes read from the source, instead of being read back through SFTP (as many
-    # bytes again, each encrypted and decrypted in Python). md5sum opens the file the
-    # server stored and reads all of it: the same guarantee as a read-back, at the
-    # server's disk speed. Only OpenSSH is asked, where the command is the host's own
-    # md5sum run by the user's shell: other servers answer `md5sum` themselves, and
-    # rclone serve sftp answers it from the hash it computed as the upload came in (a
-    # file changed on its disk, mtime kept, still gets the old md5): a hash of what was
-    # sent, not of what is stored. A host that runs no commands (ForceCommand
-    # internal-sftp, no md5sum, no shell) is learned at its first refusal: read-back.
+    # -- verification by a hash the host computes --------------------------------------------
+    # A large file is verified by `cksum` (else `md5sum`) run on the host over `ssh exec`,
+    # against the same hash of the bytes read from the source, instead of being read back
+    # through SFTP (as many bytes again, each encrypted and decrypted). The command opens
+    # the file the server stored and reads all of it: the same guarantee as a read-back,
+    # at the server's disk speed. cksum first: POSIX's CRC-32 and the length it read, in
+    # every coreutils and BusyBox, ~7x as fast as md5sum on the host with coreutils 9
+    # (pclmul: 256 MiB in 0.08 s, md5sum 0.56 s), and here (the C accelerator) ~2.4x as
+    # fast as md5; a CRC-32 catches every burst of errors up to 32 bits and misses other
+    # damage once in 2^32, with the length checked as well: stronger than the adler32
+    # XRootD, EOS and Rucio verify transfers in. Without the accelerator, md5.
+    #
+    # Only OpenSSH is asked, where the command is the host's own run by the user's shell:
+    # other servers answer `md5sum` themselves, and rclone serve sftp answers it from the
+    # hash it computed as the upload came in (a file changed on its disk, mtime kept,
+    # still gets the old md5): a hash of what was sent, not of what is stored. A host
+    # that runs no commands (ForceCommand internal-sftp, no shell) or lacks one is learned
+    # at its first refusal: the next algorithm, then read-back.
 
     def server_checksum_algorithm(self, size: int | None) -> str | None:
         """The algorithm copy_file should verify a file of `size` bytes in, if not the
-        catalog's (see transfer.copy_file): md5, for large files on an OpenSSH host."""
-        if size is None or size <= READ_BACK_MAX or self._server_md5 is False:
+        catalog's (see transfer.copy_file): for large files on an OpenSSH host, the first
+        of _host_algorithms() the host has not refused."""
+        if size is None or size <= READ_BACK_MAX:
             return None
-        return "md5" if self._runs_commands() else None
+        wanted = [a for a in _host_algorithms() if self._server_sums.get(a) is not False]
+        return wanted[0] if wanted and self._runs_commands() else None
 
     def _runs_commands(self) -> bool:
         if self._ssh is not None:   # no version string through ssh's pipes: the SFTP
@@ -906,18 +916,20 @@ class SftpBackend(FsspecBackend):
         version = self.fs.client.get_extra_info("server_version") or ""
         return version.startswith("SSH-2.0-OpenSSH")
 
-    def _md5_on_server(self, path: str, size: int | None) -> str | None:
-        """md5sum of `path` run on the host; None where it cannot tell (the caller reads
-        the file back instead), learned for the location when the host runs no commands."""
+    def _sum_on_server(self, path: str, size: int | None, algorithm: str) -> str | None:
+        """The hash `algorithm` of `path` by its command (_HOST_COMMANDS) run on the host;
+        None where it cannot tell (the caller reads the file back instead), learned for
+        the location when the host runs no such command."""
         full = self._full(path)
         try:
             full.encode("utf-8")   # a name that is not UTF-8 cannot go in a command line
         except UnicodeEncodeError:
             return None
-        # md5sum reads at disk speed: a bound on its wait that grows with the size
+        command = _HOST_COMMANDS[algorithm]
+        # the command reads at disk speed: a bound on its wait that grows with the size
         timeout = READ_TIMEOUT_S + (size or 0) / (20 * 1024 * 1024)
         if self._ssh is not None:
-            return self._md5_over_ssh(path, full, timeout)
+            return self._sum_over_ssh(path, full, timeout, algorithm)
         import asyncssh   # (its connection's: imported already)
 
         # a turn, as over ssh: the SFTP sessions leave the connection MAX_COMMANDS channels
@@ -929,41 +941,47 @@ class SftpBackend(FsspecBackend):
                 with self._errors(path):   # a line that drops is a storage error, as elsewhere
                     try:
                         result = _fsspec_asyn().sync(self.fs.loop, self.fs.client.run,
-                                                     f"md5sum -- {shlex.quote(full)}",
+                                                     f"{command} -- {shlex.quote(full)}",
                                                      check=False, timeout=timeout)
                         break
                     except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions)
                         if pause is None:
-                            log.debug("%s: no channel for md5sum (%s)", self._where(path), exc)
+                            log.debug("%s: no channel for %s (%s)", self._where(path),
+                                      command, exc)
                             return None
                 time.sleep(pause)
         finally:
             self._command_turns.release()
-        return self._md5sum_said(result.exit_status,
-                                 result.stdout if isinstance(result.stdout, str) else "",
-                                 result.stderr if isinstance(result.stderr, str) else "")
+        return self._sum_said(algorithm, result.exit_status,
+                              result.stdout if isinstance(result.stdout, str) else "",
+                              result.stderr if isinstance(result.stderr, str) else "")
 
-    def _md5sum_said(self, status: int | None, line: str, stderr: str) -> str | None:
-        """The digest md5sum's answer gives, or None (the caller reads back instead)."""
-        match = _MD5SUM_LINE.match(line)
+    def _sum_said(self, algorithm: str, status: int | None, line: str,
+                  stderr: str) -> str | None:
+        """The digest the command's answer gives, or None (the caller reads back instead)."""
+        match = _HOST_SUM_LINES[algorithm].match(line)
         if status == 0 and match:
-            self._server_md5 = True
-            return match.group(1)
+            self._server_sums[algorithm] = True
+            return " ".join(match.groups())
         if status == 1 and not line:
-            return None   # md5sum ran, and could not read this file: the read-back says why
-        # no md5sum, no shell, or a host that answers every command with its own words
-        # ("This service allows sftp connections only."): not asked again
-        log.debug("%s: no md5sum on the host (exit %s: %s); verifying by read-back",
-                  self._where(), status, (line or stderr or "").strip()[:200])
-        self._server_md5 = False
+            return None   # it ran, and could not read this file: the read-back says why
+        # The shell has no such command (127): the next one may do. No shell, or a host
+        # that answers every command with its own words ("This service allows sftp
+        # connections only."): none is asked again.
+        log.debug("%s: no %s on the host (exit %s: %s); verifying otherwise", self._where(),
+                  _HOST_COMMANDS[algorithm], status, (line or stderr or "").strip()[:200])
+        for refused in ((algorithm,) if status == 127 else _HOST_COMMANDS):
+            self._server_sums[refused] = False
         return None
 
-    def _md5_over_ssh(self, path: str, full: str, timeout: float) -> str | None:
-        """_md5_on_server's command, an ssh of its own on the master's connection, when
+    def _sum_over_ssh(self, path: str, full: str, timeout: float,
+                      algorithm: str) -> str | None:
+        """_sum_on_server's command, an ssh of its own on the master's connection, when
         one of its MAX_COMMANDS turns is free within the timeout (else None: the file
         is read back). A session the host refused (its MaxSessions, or a channel sshd
         has not freed yet) is asked again, as over asyncssh, then read back."""
-        argv, env = self.fs.command(["md5sum", "--", full])
+        command = _HOST_COMMANDS[algorithm]
+        argv, env = self.fs.command([command, "--", full])
         if not self._command_turns.acquire(timeout=timeout):
             return None
         try:
@@ -974,21 +992,23 @@ class SftpBackend(FsspecBackend):
                                               capture_output=True, timeout=timeout,
                                               start_new_session=True)
                     except subprocess.TimeoutExpired:
-                        raise _fs_timeout()(f"md5sum gave no answer within {timeout:.0f} s"
-                                            ) from None
+                        raise _fs_timeout()(f"{command} gave no answer within "
+                                            f"{timeout:.0f} s") from None
                     if done.returncode != 255:
                         break
                     failure = self._ssh.failure(done.returncode, done.stderr)
                     if not isinstance(failure, ssh_command.SshSessionRefused):
                         raise failure   # ssh's own failure: the line, the login
                     if pause is None:
-                        log.debug("%s: no session for md5sum (%s)", self._where(path), failure)
+                        log.debug("%s: no session for %s (%s)", self._where(path), command,
+                                  failure)
                         return None
                 time.sleep(pause)
         finally:
             self._command_turns.release()
-        return self._md5sum_said(done.returncode, done.stdout.decode("utf-8", "replace"),
-                                 done.stderr.decode("utf-8", "replace"))
+        return self._sum_said(algorithm, done.returncode,
+                              done.stdout.decode("utf-8", "replace"),
+                              done.stderr.decode("utf-8", "replace"))
 
     def checksum(self, path: str, algorithm: str) -> str:
         back = self._read_back.pop(path, None)
@@ -1000,9 +1020,10 @@ class SftpBackend(FsspecBackend):
             hasher.update(back)
             return hasher.hexdigests()[algorithm]
         if is_temp_name(posixpath.basename(path), self.temp_key):
-            if algorithm == "md5" and self._server_md5 is not False and self._runs_commands():
-                st = self._sftp_lstat(path)   # its size bounds md5sum's wait
-                digest = self._md5_on_server(path, st.size if st else None)
+            if (algorithm in _HOST_COMMANDS and self._server_sums.get(algorithm) is not False
+                    and self._runs_commands()):
+                st = self._sftp_lstat(path)   # its size bounds the command's wait
+                digest = self._sum_on_server(path, st.size if st else None, algorithm)
                 if digest is not None:
                     return digest
             # the read-back of a temporary file castlib just wrote, under a name nobody
@@ -1325,9 +1346,19 @@ PUBLISHED_STAT_S = 5.0
 READ_BACK_MAX = CHUNK_SIZE
 
 
-# md5sum's line: the digest (after a backslash when the name has one escaped), two
-# spaces or a space and '*', the name
-_MD5SUM_LINE = re.compile(r"\\?([0-9a-f]{32}) [ *]")
+# The commands run on the host for a hash of a file (see "verification" in SftpBackend),
+# and their answers: md5sum's digest (after a backslash when the name has one escaped),
+# two spaces or a space and '*', the name; cksum's CRC and size in decimal, then the name
+# (checksum.format_cksum's "CRC SIZE" from the two groups).
+_HOST_COMMANDS = {CKSUM: "cksum", "md5": "md5sum"}
+_HOST_SUM_LINES = {"md5": re.compile(r"\\?([0-9a-f]{32}) [ *]"),
+                   CKSUM: re.compile(r"([0-9]{1,10}) ([0-9]+) ")}
+
+
+def _host_algorithms() -> tuple[str, ...]:
+    """The hashes a host is asked for, the first one it runs taken: cksum where this
+    process can compute it too (the C accelerator), then md5."""
+    return (CKSUM, "md5") if cksum_available() else ("md5",)
 
 
 def _errors_of(sftp):

@@ -435,7 +435,7 @@ def test_sftp_copy_stored_wrong_is_caught_and_not_published(request, kind, size,
     dst = open_backend(server.url, server.options)
     src = _local_source(tmp_path, {"f": os.urandom(size)})
     _corrupt_first_byte_written(monkeypatch)
-    with pytest.raises(VerificationFailed, match="written (adler32|md5)"):
+    with pytest.raises(VerificationFailed, match="written (adler32|cksum|md5)"):
         _copy(src, dst, "f", 1_600_000_000 * 10**9)
     assert dst.stat("f") is None
     assert os.listdir(_server_folder(server)) == []   # the temporary removed
@@ -479,14 +479,14 @@ def test_sftp_copy_to_a_server_refusing_set_stat_and_posix_rename(sftp_restricte
     dst.close()
 
 
-def _corrupt_before_md5sum(monkeypatch, folder):
-    """Change one byte of every file md5sum is about to hash, on the server's disk, its
-    size and mtime kept: what md5sum then reads is not what was sent."""
+def _corrupt_before_the_hosts_hash(monkeypatch, folder):
+    """Change one byte of every file cksum or md5sum is about to hash, on the server's
+    disk, its size and mtime kept: what the command then reads is not what was sent."""
     from castlib.backends.sftp import SftpBackend
 
-    original = SftpBackend._md5_on_server
+    original = SftpBackend._sum_on_server
 
-    def corrupting(self, path, size):
+    def corrupting(self, path, size, algorithm):
         local = folder / path
         st = local.stat()
         with open(local, "r+b") as f:
@@ -494,30 +494,43 @@ def _corrupt_before_md5sum(monkeypatch, folder):
             f.seek(0)
             f.write(bytes([first[0] ^ 1]))
         os.utime(local, ns=(st.st_atime_ns, st.st_mtime_ns))
-        return original(self, path, size)
+        return original(self, path, size, algorithm)
 
-    monkeypatch.setattr(SftpBackend, "_md5_on_server", corrupting)
+    monkeypatch.setattr(SftpBackend, "_sum_on_server", corrupting)
 
 
-def test_sftp_large_copy_is_verified_by_md5sum_on_the_host(sftp_server, tmp_path, monkeypatch):
-    """A large file to an OpenSSH host is verified by md5sum run there (no byte read back
-    through SFTP), against the md5 of the bytes read from the source; md5sum reads the
-    stored file, so a byte changed on the server's disk after the upload (size and mtime
-    kept) fails the copy, and nothing is published."""
+@pytest.mark.parametrize("algorithm", ["cksum", "md5"])
+def test_sftp_large_copy_is_verified_by_a_hash_on_the_host(sftp_server, tmp_path, monkeypatch,
+                                                           algorithm):
+    """A large file to an OpenSSH host is verified by cksum (CRC-32 and length; md5sum
+    where the host has no cksum) run there, no byte read back through SFTP, against the
+    same hash of the bytes read from the source; the command reads the stored file, so a
+    byte changed on the server's disk after the upload (size and mtime kept) fails the
+    copy, and nothing is published."""
     import asyncssh
 
     from castlib.errors import VerificationFailed
 
+    from castlib.backends import sftp
+
     dst = open_backend(sftp_server.url, sftp_server.options)
     data = os.urandom(5 * MIB + 3)
-    src = _local_source(tmp_path, {"f": data, "g": data})
+    src = _local_source(tmp_path, {"e": data, "f": data, "g": data})
     counter = _RequestCounter(monkeypatch)
+    if algorithm == "md5":   # a host without cksum: its shell says 127, learned at once
+        monkeypatch.setitem(sftp._HOST_COMMANDS, "cksum", "castlib-no-such-command")
+        assert _copy(src, dst, "e", 1_600_000_000 * 10**9).size == len(data)
+        assert counter.counts.get(asyncssh.sftp.FXP_READ, 0) > 0   # that one read back
+        assert dst._server_sums == {"cksum": False}
+        (sftp_server.folder / "e").unlink()
+        counter.counts.clear()
+    assert dst.server_checksum_algorithm(len(data)) == algorithm
     result = _copy(src, dst, "f", 1_600_000_000 * 10**9)
     assert result.size == len(data) and (sftp_server.folder / "f").read_bytes() == data
     assert counter.counts.get(asyncssh.sftp.FXP_READ, 0) == 0, counter.counts
-    assert dst._server_md5 is True
-    _corrupt_before_md5sum(monkeypatch, sftp_server.folder)
-    with pytest.raises(VerificationFailed, match="written md5"):
+    assert dst._server_sums[algorithm] is True
+    _corrupt_before_the_hosts_hash(monkeypatch, sftp_server.folder)
+    with pytest.raises(VerificationFailed, match=f"written {algorithm}"):
         _copy(src, dst, "g", 1_600_000_000 * 10**9)
     assert sorted(os.listdir(sftp_server.folder)) == ["f"]
     dst.close()
@@ -564,7 +577,7 @@ def test_sftp_host_that_runs_no_commands_is_verified_by_read_back(sftp_no_exec_s
         assert _copy(src, dst, name, 1_600_000_000 * 10**9).size == len(data)
         assert counter.counts.get(asyncssh.sftp.FXP_READ, 0) > 0, counter.counts   # read back
         assert (server.folder / name).read_bytes() == data
-    assert dst._server_md5 is False
+    assert dst._server_sums == {"cksum": False, "md5": False}
     assert dst.server_checksum_algorithm(len(data)) is None   # asked once, not again
     _corrupt_first_byte_written(monkeypatch)
     with pytest.raises(VerificationFailed, match="written adler32"):
@@ -585,13 +598,13 @@ def test_sftp_eight_large_copies_over_asyncssh_take_turns_for_md5sum(sftp_server
     files = {f"f{i}": os.urandom(5 * MIB + i) for i in range(8)}
     src = _local_source(tmp_path, files)
     said = []
-    original = SftpBackend._md5_on_server
+    original = SftpBackend._sum_on_server
 
-    def md5(self, path, size):
-        said.append(original(self, path, size))
+    def host_hash(self, path, size, algorithm):
+        said.append(original(self, path, size, algorithm))
         return said[-1]
 
-    monkeypatch.setattr(SftpBackend, "_md5_on_server", md5)
+    monkeypatch.setattr(SftpBackend, "_sum_on_server", host_hash)
     assert dst.stat("") is not None   # connected, as a sync is when its copies start
     results = _in_threads(8, lambda i: _copy(src, dst, f"f{i}", 1_600_000_000 * 10**9))
     assert [r.size for r in results] == [len(files[f"f{i}"]) for i in range(8)]
