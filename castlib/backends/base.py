@@ -86,6 +86,12 @@ class Capabilities:
         }
 
 
+# a folder's listing that failed for a transient reason (a line that dropped, a server
+# that restarted) is asked again this many times, after 0.5-1, 1-2 and 2-4 s, before the
+# folder is reported unlisted (the root: the index fails)
+LISTING_RETRIES = 3
+
+
 def walk_by_folder(list_folder: Callable[[str], list["Stat"]], on_error: ListingErrorHandler,
                    missing_root: str) -> Iterator["Stat"]:
     """Every entry below a root, one listing a folder, depth first, each folder before its
@@ -93,11 +99,14 @@ def walk_by_folder(list_folder: Callable[[str], list["Stat"]], on_error: Listing
     list_folder(rel) returns a folder's entries or raises a StorageError. A folder below the
     root that cannot be listed goes to on_error and the walk goes on; for the root itself,
     NotFound becomes LocationMissing(missing_root), anything else is raised."""
+    from ..transfer import with_retries
+
     stack = [""]
     while stack:
         rel = stack.pop()
         try:
-            entries = list_folder(rel)
+            entries = with_retries(lambda: list_folder(rel), retries=LISTING_RETRIES,
+                                   backoff_s=1.0, describe=rel or "/")
         except StorageError as exc:
             if rel:
                 on_error(rel, str(exc))

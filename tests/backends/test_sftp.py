@@ -631,3 +631,43 @@ def test_sftp_write_in_flight_when_the_line_drops_fails_the_upload(sftp_server, 
             f.write(block)
     assert (sftp_server.folder / "f").stat().st_size < 3 * MIB
     b.close()
+
+
+@pytest.mark.parametrize("client", ["openssh", "asyncssh"])
+def test_an_index_goes_on_after_the_line_drops_for_a_second(sftp_server, outage_proxy,
+                                                            tmp_path, monkeypatch, client):
+    """The line to the server drops in the middle of an index (every connection cut, new
+    ones refused, for a second): the folder being listed is asked again after a pause, on
+    a new connection, and the index lists every entry. Before, every folder after the cut
+    was reported unlisted (or the index failed), and the catalog missed them."""
+    import threading
+
+    import yaml
+
+    import castlib
+    from castlib.backends.sftp import SftpBackend
+
+    for i in range(60):
+        (sftp_server.folder / f"d{i:02}").mkdir()
+        (sftp_server.folder / f"d{i:02}" / "f").write_bytes(b"x" * i)
+    proxy = outage_proxy(sftp_server.port)
+    url = sftp_server.url.replace(f":{sftp_server.port}/", f":{proxy.port}/", 1)
+    options = {**sftp_server.options, **({"ssh_client": "asyncssh"} if client == "asyncssh" else {})}
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {url: options}}))
+    monkeypatch.setenv("CASTLIB_CONFIG", str(config))
+    listed = []
+    original = SftpBackend._list_folder
+
+    def list_folder(self, folder):
+        listed.append(folder)
+        if len(listed) == 20:   # a third of the way: the line goes, for a second
+            proxy.cut()
+            threading.Timer(1.0, proxy.restore).start()
+        return original(self, folder)
+
+    monkeypatch.setattr(SftpBackend, "_list_folder", list_folder)
+    report = castlib.index(url, db=f"sqlite:///{tmp_path / 'c.db'}")
+    assert proxy.accepted >= 2   # the login, and the one after the line came back
+    assert report.exit_code == 0, report.errors
+    assert (report.counts["files"], report.counts["dirs"]) == (60, 60)
