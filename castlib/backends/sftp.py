@@ -661,16 +661,14 @@ class SftpBackend(FsspecBackend):
             self._makedirs(self._full(path))
 
     def make_folders(self, paths: list[str]):
-        """(Backend.make_folders) Over ssh, the folders of one depth in one round trip:
+        """(Backend.make_folders) The folders of one depth in one round trip (over ssh and
+        over asyncssh alike; 5,000 folders over asyncssh: 21 s one by one, now 0.6 s):
         each one's mkdir and then its lstat, sent together (a server runs the requests
         about one file in the order they came: the SFTP drafts), a depth after the one
         above it was answered. 50 folders 3 deep: 3 round trips, not 100 (2 s over a
         line of 20 ms). A folder whose mkdir failed and that is no folder now (a parent
         missing, a file in the way, no permission) is made again one by one (mkdir):
         what it says is what the run reports."""
-        if self._ssh is None:
-            yield from super().make_folders(paths)
-            return
         for level in _by_depth(paths, deepest_first=False):
             try:
                 with self._errors(level[0]):
@@ -689,12 +687,9 @@ class SftpBackend(FsspecBackend):
                     yield path, exc
 
     def stat_many(self, paths: list[str]):
-        """(Backend.stat_many) Over ssh, the lstats of up to _BATCH paths in one round
+        """(Backend.stat_many) The lstats of up to _BATCH paths in one round
         trip. A path whose lstat failed otherwise than "no such file" is asked again one
         by one (stat), which says why."""
-        if self._ssh is None:
-            yield from super().stat_many(paths)
-            return
         for start in range(0, len(paths), _BATCH):
             batch = paths[start:start + _BATCH]
             try:
@@ -715,15 +710,12 @@ class SftpBackend(FsspecBackend):
                         yield path, exc
 
     def set_folder_metadata(self, folders):
-        """(Backend.set_folder_metadata) Over ssh, once the server has set both bits and
+        """(Backend.set_folder_metadata) Once the server has set both bits and
         times here (each kind's first refusal is learned one by one, as chmod and
         set_mtime learn it): one set-stat a folder with both, those of one depth sent
         together, deepest first (a folder's bits after those in it: one made read-only
         first would refuse them). 50 folders: 3 round trips, not 100. A folder whose
         set-stat failed is done again one by one, and says why as chmod and set_mtime do."""
-        if self._ssh is None:
-            yield from super().set_folder_metadata(folders)
-            return
         asked = {path: (mode, mtime) for path, mode, mtime in folders}
         unproven = [entry for entry in folders if not self._setstat_proven_for(*entry)]
         while unproven:   # until the kinds asked are proven, or refused
