@@ -432,29 +432,25 @@ class SyncStage(Stage):
 
     def _wall_off(self, plan: TransferPlan, wrong: dict[str, tuple[int, int]]) -> None:
         """Drop from the plan each entry in `wrong` ({catalog path: (the kind found there,
-        the kind wanted)})
-        and all below it; say so once for each."""
+        the kind wanted)}) and all below it; say so once for each."""
         for path in sorted(wrong):
             if not any(path.startswith(outer) for outer in self.walled):
                 self.walled += (path + "/",)
-        below = {}
-        for name in _PLAN_LISTS:
-            kept = []
-            for d in getattr(plan, name):
+        below: dict[str, set[str]] = {}   # each entry of `wrong`: the planned paths dropped
+
+        def kept(differences: list[Difference]) -> list[Difference]:
+            out = []
+            for d in differences:
                 top = self._walled_by(d.path, wrong)
                 if top is None:
-                    kept.append(d)
+                    out.append(d)
                 else:
                     below.setdefault(top, set()).add(d.path)
-            setattr(plan, name, kept)
-        kept = []
-        for d in self.mtimes_to_set:
-            top = self._walled_by(d.path, wrong)
-            if top is None:
-                kept.append(d)
-            else:
-                below.setdefault(top, set()).add(d.path)
-        self.mtimes_to_set = kept
+            return out
+
+        for name in _PLAN_LISTS:
+            setattr(plan, name, kept(getattr(plan, name)))
+        self.mtimes_to_set = kept(self.mtimes_to_set)
         for top in sorted(wrong):
             paths = below.get(top, set())
             found, wanted = (KIND_NAMES.get(kind, "special file") for kind in wrong[top])
