@@ -680,12 +680,7 @@ class SftpBackend(FsspecBackend):
         missing, a file in the way, no permission) is made again one by one (mkdir):
         what it says is what the run reports."""
         for level in _by_depth(paths, deepest_first=False):
-            try:
-                with self._errors(level[0]):
-                    answers = self._on_sftp(_sftp_make_folders, self._wire(),
-                                            [self._full(path) for path in level])
-            except StorageError:   # the line, the session: each one says it below
-                answers = [None] * len(level)
+            answers = self._in_one_round_trip(_sftp_make_folders, level)
             for path, attrs in zip(level, answers):
                 if attrs is not None and statmod.S_ISDIR(attrs.permissions or 0):
                     yield path, _stat_from_attrs(path, attrs)
@@ -696,18 +691,23 @@ class SftpBackend(FsspecBackend):
                 except StorageError as exc:
                     yield path, exc
 
+    def _in_one_round_trip(self, helper, paths: list[str]) -> list:
+        """What `helper` (_sftp_make_folders, _sftp_lstats) answers for each of `paths`,
+        its requests sent together; None for each where the line or the session failed
+        (the caller then asks one by one, which says why)."""
+        try:
+            with self._errors(paths[0]):
+                return self._on_sftp(helper, self._wire(), [self._full(p) for p in paths])
+        except StorageError:
+            return [None] * len(paths)
+
     def stat_many(self, paths: list[str]):
         """(Backend.stat_many) The lstats of up to _BATCH paths in one round
         trip. A path whose lstat failed otherwise than "no such file" is asked again one
         by one (stat), which says why."""
         for start in range(0, len(paths), _BATCH):
             batch = paths[start:start + _BATCH]
-            try:
-                with self._errors(batch[0]):
-                    answers = self._on_sftp(_sftp_lstats, self._wire(),
-                                            [self._full(path) for path in batch])
-            except StorageError:   # the line, the session: each one says it below
-                answers = [None] * len(batch)
+            answers = self._in_one_round_trip(_sftp_lstats, batch)
             for path, attrs in zip(batch, answers):
                 if attrs is False:
                     yield path, None
