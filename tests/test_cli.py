@@ -160,10 +160,10 @@ def test_ls_and_locations(tmp_path, db_url):
     (["diff", "a", "b", "--mtime-tolerance", "-5"], "argument --mtime-tolerance: must be 0 or"),
     (["verify", "a", "--checksum", "crc32"], "argument --checksum: invalid choice: 'crc32'"),
     (["sync", "a", "b", "--no-such-option"], "unrecognized arguments: --no-such-option"),
-    (["sync", "sftp://[::1", "q"], "malformed location URL 'sftp://[::1': an IPv6 address"),
+    (["sync", "sftp://[::1", "./q"], "malformed location URL 'sftp://[::1': an IPv6 address"),
     (["index", "sftp://u:p@ss/w@rd@host/x"], "location 'sftp://***@host/x' is ambiguous: "
                                              "percent-encode"),
-    (["sync", "/etc/passwd", "q"], f"location file://{HOST}/etc/passwd is a file, not a folder"),
+    (["sync", "/etc/passwd", "./q"], f"location file://{HOST}/etc/passwd is a file, not a folder"),
     (["index", "/dev/null"], f"location file://{HOST}/dev/null is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, db_url, args, message):
@@ -347,3 +347,25 @@ def test_the_command_collects_less_often_and_the_library_as_python_does(tmp_path
                              "runpy.run_module('castlib', run_name='__main__')"],
                             capture_output=True, text=True)
     assert "importing cli at 50000" in module.stdout and module.returncode == 0, module.stdout
+
+
+def test_a_bare_word_that_names_no_location_and_no_folder_is_refused(tmp_path, db_url):
+    """`castlib sync /data/cdr archiv` (a location name mistyped): refused with one line,
+    nothing copied, no ./archiv made; ./archiv makes the folder, a bare word that is a
+    folder here or a configured location's name is taken as such."""
+    make_tree(tmp_path / "src", {"a.dat": b"a"})
+    config = tmp_path / "castlib.yaml"
+    config.write_text(f"locations:\n  archive: {tmp_path / 'the-archive'}\n")
+    env = {"CASTLIB_CONFIG": str(config)}
+    r = run_cli("sync", "src", "archiv", db=db_url, cwd=str(tmp_path), env=env, check=2)
+    assert r.stderr == ("castlib: error: no location named 'archiv' (in the pipeline, the "
+                        "configuration or the catalog) and no folder of that name here (a new "
+                        "local folder is written ./archiv)\n")
+    assert not (tmp_path / "archiv").exists()
+    run_cli("sync", "src", "archive", db=db_url, cwd=str(tmp_path), env=env, check=0)
+    assert (tmp_path / "the-archive" / "a.dat").read_bytes() == b"a"
+    run_cli("sync", "src", "./archiv", db=db_url, cwd=str(tmp_path), env=env, check=0)
+    assert (tmp_path / "archiv" / "a.dat").read_bytes() == b"a"
+    (tmp_path / "src" / "b.dat").write_bytes(b"b")
+    run_cli("sync", "src", "archiv", db=db_url, cwd=str(tmp_path), env=env, check=0)
+    assert (tmp_path / "archiv" / "b.dat").read_bytes() == b"b"

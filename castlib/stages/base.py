@@ -1,6 +1,7 @@
 """What every stage is: a parameter model, a run() over a shared RunContext, an outcome."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, TextIO
@@ -247,6 +248,13 @@ class RunContext:
                 known = self.catalog.find_location(text)
                 if known is not None and known.name == text:
                     name, url_text = text, known.url
+                elif "/" not in text and not os.path.lexists(os.path.join(self.base_dir, text)):
+                    # a name mistyped, not a folder to make: a sync into it would have
+                    # copied the whole reference into a new folder here
+                    raise ConfigError(
+                        f"no location named {text!r} (in the pipeline, the configuration "
+                        f"or the catalog) and no folder of that name here (a new local "
+                        f"folder is written ./{text})")
         url = parse_location(url_text, base_dir=self.base_dir)   # relative to the pipeline file
         options = self.user_config.options_for(url)
         if name and name in self.location_options:
