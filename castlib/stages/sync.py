@@ -899,6 +899,16 @@ class SyncStage(Stage):
             storage = from_catalog(path)
             try:
                 ref, dst = self.src.stat(storage), self.dst.stat(storage)
+                if ref is not None and ref.kind == DIR and dst is not None and dst.kind != DIR:
+                    # a link now, maybe (the catalog is stale): a chown below it would
+                    # reach what it points to; the entries come in path order, so all
+                    # below it come after it
+                    self.walled += (path + "/",)
+                    found = KIND_NAMES.get(dst.kind, "special file")
+                    self._fail(path, f"a {found} on the destination now, not a folder: "
+                               "owners below it left alone (the catalog is stale here: "
+                               "list the destination again, e.g. castlib index DST)")
+                    continue
                 if (ref is None or dst is None or ref.kind != dst.kind or ref.uid is None
                         or (ref.uid, ref.gid) == (dst.uid, dst.gid)):
                     continue

@@ -502,3 +502,25 @@ def test_a_link_where_the_catalog_has_nothing_is_not_made_into_a_folder_through(
     assert r.errors == ["a: a link on the destination now, not a folder: 4 planned entries "
                         "below it left alone (the catalog is stale here: list the destination "
                         "again, e.g. castlib index DST)"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--owner takes root")
+def test_owners_are_not_given_through_a_folder_that_became_a_link(tmp_path, db_url):
+    """--owner asks both sides of every entry the catalog has, planned or not: a folder
+    that became a link, with nothing planned below it, is no way to the files it points to
+    (lchown follows the links above the last name)."""
+    ref = make_tree(tmp_path / "ref", {"a/f": b"f", "keep.dat": b"k"})
+    dst = tmp_path / "dst"
+    sync(ref, dst, db_url)
+    victim = make_tree(tmp_path / "outside", {"f": b"theirs"}) / "f"
+    os.rename(dst / "a", tmp_path / "old-a")
+    os.symlink(victim.parent, dst / "a")
+    os.chown(ref / "a" / "f", 1234, 5678)
+    os.chown(ref / "keep.dat", 1234, 5678)
+    r = sync(ref, dst, db_url, index="ref", owner=True)
+    st = os.lstat(victim)
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert os.lstat(dst / "keep.dat").st_uid == 1234 and r.counts["owner_fixed"] == 1
+    assert [e for e in r.errors if e.startswith("a: ")] == [
+        "a: a link on the destination now, not a folder: owners below it left alone (the "
+        "catalog is stale here: list the destination again, e.g. castlib index DST)"]
