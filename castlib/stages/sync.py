@@ -765,11 +765,15 @@ class SyncStage(Stage):
     def _hard_link(self, d: Difference | None, path: str, leader: str) -> None:
         """Give the leader's file the name `path`: linked under a temporary name, then
         renamed over whatever was there (same bytes, or bytes being replaced)."""
-        if self._outside(path) or self._outside(leader):   # the catalog is stale there
+        if self._outside(path):   # the catalog is stale there
             return
         self._touch(path)
         if leader in self.failed_paths:
             self._fail(path, f"not linked: {leader} (the same file) failed")
+            return
+        if self._outside(leader):   # a name of its own here, not a way through a link
+            self._fail(path, f"not linked: {leader} (the same file) is below a folder that "
+                             "is no folder on the destination now")
             return
         storage = from_catalog(path)
         tmp = temp_path(storage, self.temp_key)

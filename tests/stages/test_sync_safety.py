@@ -524,3 +524,24 @@ def test_owners_are_not_given_through_a_folder_that_became_a_link(tmp_path, db_u
     assert [e for e in r.errors if e.startswith("a: ")] == [
         "a: a link on the destination now, not a folder: owners below it left alone (the "
         "catalog is stale here: list the destination again, e.g. castlib index DST)"]
+
+
+def test_a_hard_link_to_a_file_below_a_folder_that_became_a_link_is_said_undone(tmp_path,
+                                                                                 db_url):
+    """--hard-links: a new name of a file whose first name lies below a folder that became
+    a link is not linked through it; it is not silently left out either: it fails, one
+    line, as a name whose first name failed does."""
+    ref = make_tree(tmp_path / "ref", {"a/f": b"one", "keep.dat": b"k"})
+    dst = tmp_path / "dst"
+    sync(ref, dst, db_url, hard_links=True)
+    outside = make_tree(tmp_path / "outside", {"f": b"theirs"})
+    os.rename(dst / "a", tmp_path / "old-a")
+    os.symlink(outside, dst / "a")
+    (ref / "b").mkdir()
+    os.link(ref / "a" / "f", ref / "b" / "g")
+    os.link(ref / "a" / "f", ref / "a" / "h")   # a new name below the link too
+    r = sync(ref, dst, db_url, index="ref", hard_links=True)
+    assert os.listdir(outside) == ["f"]
+    assert (dst / "b" / "g").exists() or [e for e in r.errors if e.startswith("b/g: ")] == [
+        "b/g: not linked: a/f (the same file) is below a folder that is no folder on the "
+        "destination now"], r.errors
