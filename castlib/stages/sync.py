@@ -898,22 +898,25 @@ class SyncStage(Stage):
         paths = [""] + [e["path"] for e in self.context.catalog.entries(self.diff.ref.record.id)
                         if flt is None or flt.covers(e["path"], e["kind"])]
         for path in paths:
-            if path in self.failed_paths or self._outside(path):
+            if self._outside(path):
                 continue
             storage = from_catalog(path)
             try:
                 ref, dst = self.src.stat(storage), self.dst.stat(storage)
-                if ref is not None and ref.kind == DIR and dst is not None and dst.kind != DIR:
-                    # a link now, maybe (the catalog is stale): a chown below it would
-                    # reach what it points to; the entries come in path order, so all
-                    # below it come after it
+                if (path and ref is not None and ref.kind == DIR and dst is not None
+                        and dst.kind != DIR):
+                    # a link, maybe (a type conflict left, or the catalog stale): a chown
+                    # below it would reach what it points to; the entries come in path
+                    # order, so all below it come after it
                     self.walled += (path + "/",)
-                    found = KIND_NAMES.get(dst.kind, "special file")
-                    self._fail(path, f"a {found} on the destination now, not a folder: "
-                               "owners below it left alone (the catalog is stale here: "
-                               "list the destination again, e.g. castlib index DST)")
+                    if path not in self.failed_paths:   # else said already
+                        found = KIND_NAMES.get(dst.kind, "special file")
+                        self._fail(path, f"a {found} on the destination now, not a folder: "
+                                   "owners below it left alone (the catalog is stale here: "
+                                   "list the destination again, e.g. castlib index DST)")
                     continue
-                if (ref is None or dst is None or ref.kind != dst.kind or ref.uid is None
+                if (path in self.failed_paths or ref is None or dst is None
+                        or ref.kind != dst.kind or ref.uid is None
                         or (ref.uid, ref.gid) == (dst.uid, dst.gid)):
                     continue
                 self.dst.chown(storage, ref.uid, ref.gid)

@@ -545,3 +545,21 @@ def test_a_hard_link_to_a_file_below_a_folder_that_became_a_link_is_said_undone(
     assert (dst / "b" / "g").exists() or [e for e in r.errors if e.startswith("b/g: ")] == [
         "b/g: not linked: a/f (the same file) is below a folder that is no folder on the "
         "destination now"], r.errors
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--owner takes root")
+def test_owners_are_not_given_through_a_link_in_a_type_conflict(tmp_path, db_url):
+    """A fresh listing that finds a link where the reference has a folder reports a type
+    conflict; --owner then asked both sides of each entry below that folder, the
+    destination's through the link, and gave the files it points to away."""
+    ref = make_tree(tmp_path / "ref", {"a/f": b"f", "keep.dat": b"k"})
+    victim = make_tree(tmp_path / "outside", {"f": b"theirs"}) / "f"
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    os.symlink(victim.parent, dst / "a")
+    os.chown(ref / "a" / "f", 1234, 5678)
+    r = sync(ref, dst, db_url, owner=True)
+    st = os.lstat(victim)
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert r.errors == ["a: type conflict: reference has a folder, destination a link; use "
+                        "--delete to replace it"]
