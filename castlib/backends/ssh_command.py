@@ -682,8 +682,8 @@ def _sweep_folders_of_gone_processes(parent: str | None) -> None:
         pid = entry.name[len(_FOLDER_PREFIX):].partition("-")[0]
         try:
             st = entry.stat(follow_symlinks=False)
-            if (not pid.isdigit() or not statmod.S_ISDIR(st.st_mode) or st.st_uid != uid
-                    or process_alive(int(pid))):
+            if (not (pid.isascii() and pid.isdigit()) or not statmod.S_ISDIR(st.st_mode)
+                    or st.st_uid != uid or process_alive(int(pid))):
                 continue
             for name in os.listdir(entry.path):
                 inside = os.path.join(entry.path, name)
@@ -694,6 +694,8 @@ def _sweep_folders_of_gone_processes(parent: str | None) -> None:
             else:
                 os.rmdir(entry.path)
         except OSError:   # gone meanwhile (another process swept it), or not ours to remove
+            continue
+        except OverflowError:   # a number no pid can be (kill(2) takes none so large)
             continue
 
 

@@ -157,13 +157,16 @@ def _process_started_at(pid: int) -> datetime | None:
 STARTED_AFTER_SLACK_S = 5.0
 
 
-def _pid_reused(pid: int, last: datetime | None) -> bool:
+def _pid_reused(pid: int, last: datetime | None, now: datetime) -> bool:
     """Whether the live process `pid` started after the run's last sign of life, so is not
     the run's process but a later one given the same number (after a reboot, or pids
-    wrapping round): the run's own process beat while it lived."""
+    wrapping round): the run's own process beat while it lived. A start after now tells
+    nothing: the boot time is not the one the start is counted from (a container's
+    /proc/stat virtualised, as lxcfs 2.0.x did)."""
     started = _process_started_at(pid)
     return (started is not None and last is not None
-            and (started - _aware(last)).total_seconds() > STARTED_AFTER_SLACK_S)
+            and (started - _aware(last)).total_seconds() > STARTED_AFTER_SLACK_S
+            and (started - _aware(now)).total_seconds() <= STARTED_AFTER_SLACK_S)
 
 
 def _username() -> str | None:
@@ -213,7 +216,7 @@ def run_seems_dead(hostname: str | None, pid: int | None, heartbeat_at: datetime
     quiet = (now - _aware(last)).total_seconds() if last is not None else float("inf")
     if hostname != host:
         return quiet > heartbeat_limit_s()
-    if not process_alive(pid) or _pid_reused(pid, last):
+    if not process_alive(pid) or _pid_reused(pid, last, now):
         return quiet > min(SAME_NAME_GRACE_S, heartbeat_limit_s())
     return (silent_here_is_dead and heartbeat_at is not None
             and (now - _aware(heartbeat_at)).total_seconds() > heartbeat_limit_s())

@@ -761,11 +761,15 @@ class SyncStage(Stage):
     def _hard_link(self, d: Difference | None, path: str, leader: str) -> None:
         """Give the leader's file the name `path`: linked under a temporary name, then
         renamed over whatever was there (same bytes, or bytes being replaced)."""
-        if self._outside(path) or self._outside(leader):   # the catalog is stale there
+        if self._outside(path):   # the catalog is stale there
             return
         self._touch(path)
         if leader in self.failed_paths:
             self._fail(path, f"not linked: {leader} (the same file) failed")
+            return
+        if self._outside(leader):   # a name of its own here, not a way through a link
+            self._fail(path, f"not linked: {leader} (the same file) is below a folder that "
+                             "is no folder on the destination now")
             return
         storage = from_catalog(path)
         tmp = temp_path(storage, self.temp_key)
@@ -890,12 +894,25 @@ class SyncStage(Stage):
         paths = [""] + [e["path"] for e in self.context.catalog.entries(self.diff.ref.record.id)
                         if flt is None or flt.covers(e["path"], e["kind"])]
         for path in paths:
-            if path in self.failed_paths or self._outside(path):
+            if self._outside(path):
                 continue
             storage = from_catalog(path)
             try:
                 ref, dst = self.src.stat(storage), self.dst.stat(storage)
-                if (ref is None or dst is None or ref.kind != dst.kind or ref.uid is None
+                if (path and ref is not None and ref.kind == DIR and dst is not None
+                        and dst.kind != DIR):
+                    # a link, maybe (a type conflict left, or the catalog stale): a chown
+                    # below it would reach what it points to; the entries come in path
+                    # order, so all below it come after it
+                    self.walled += (path + "/",)
+                    if path not in self.failed_paths:   # else said already
+                        found = KIND_NAMES.get(dst.kind, "special file")
+                        self._fail(path, f"a {found} on the destination now, not a folder: "
+                                   "owners below it left alone (the catalog is stale here: "
+                                   "list the destination again, e.g. castlib index DST)")
+                    continue
+                if (path in self.failed_paths or ref is None or dst is None
+                        or ref.kind != dst.kind or ref.uid is None
                         or (ref.uid, ref.gid) == (dst.uid, dst.gid)):
                     continue
                 self.dst.chown(storage, ref.uid, ref.gid)

@@ -894,3 +894,16 @@ def test_a_match_exec_too_slow_for_ssh_G_is_ended_with_it(users_config, monkeypa
     finally:
         for pid in sleeping():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_folder_named_by_no_possible_pid_does_not_stop_a_login(tmp_path):
+    """The sweep of the socket folders killed runs left reads a pid from each name: a
+    number no pid can be (too large for kill(2)) or digits that are not ASCII ones are no
+    pid of a gone process, and no reason for a login to fail."""
+    from castlib.backends import ssh_command
+
+    for name in ("castlib-ssh-99999999999999999999999-x", "castlib-ssh-\u00b2-x"):
+        (tmp_path / name).mkdir()
+    ssh_command._sweep_folders_of_gone_processes(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["castlib-ssh-99999999999999999999999-x",
+                                            "castlib-ssh-\u00b2-x"]

@@ -187,3 +187,19 @@ def test_a_run_whose_pid_a_later_process_has_is_marked_died(tmp_path, db_url):
         later.kill()
         later.wait()
         catalog.close()
+
+
+def test_a_process_that_seems_to_start_in_the_future_is_not_taken_for_another(monkeypatch):
+    """A boot time that puts a live process's start after now (a /proc/stat whose btime
+    a container's lxcfs virtualised while the processes' start times were not: lxcfs
+    2.0.x did, and processes all seemed to start days ahead) says nothing of pid reuse:
+    a live run silent a while (stopped with Ctrl-Z) is not marked died for it."""
+    import os
+    from datetime import timedelta
+
+    from castlib.catalog import records
+
+    now = records.utcnow()
+    monkeypatch.setattr(records, "_process_started_at", lambda pid: now + timedelta(days=4))
+    assert not records.run_seems_dead("here", os.getpid(), now - timedelta(minutes=5),
+                                      now - timedelta(hours=1), "here", now)

@@ -502,3 +502,64 @@ def test_a_link_where_the_catalog_has_nothing_is_not_made_into_a_folder_through(
     assert r.errors == ["a: a link on the destination now, not a folder: 4 planned entries "
                         "below it left alone (the catalog is stale here: list the destination "
                         "again, e.g. castlib index DST)"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--owner takes root")
+def test_owners_are_not_given_through_a_folder_that_became_a_link(tmp_path, db_url):
+    """--owner asks both sides of every entry the catalog has, planned or not: a folder
+    that became a link, with nothing planned below it, is no way to the files it points to
+    (lchown follows the links above the last name)."""
+    ref = make_tree(tmp_path / "ref", {"a/f": b"f", "keep.dat": b"k"})
+    dst = tmp_path / "dst"
+    sync(ref, dst, db_url)
+    victim = make_tree(tmp_path / "outside", {"f": b"theirs"}) / "f"
+    os.rename(dst / "a", tmp_path / "old-a")
+    os.symlink(victim.parent, dst / "a")
+    os.chown(ref / "a" / "f", 1234, 5678)
+    os.chown(ref / "keep.dat", 1234, 5678)
+    r = sync(ref, dst, db_url, index="ref", owner=True)
+    st = os.lstat(victim)
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert os.lstat(dst / "keep.dat").st_uid == 1234 and r.counts["owner_fixed"] == 1
+    assert [e for e in r.errors if e.startswith("a: ")] == [
+        "a: a link on the destination now, not a folder: owners below it left alone (the "
+        "catalog is stale here: list the destination again, e.g. castlib index DST)"]
+
+
+def test_a_hard_link_to_a_file_below_a_folder_that_became_a_link_is_said_undone(tmp_path,
+                                                                                 db_url):
+    """--hard-links: a new name of a file whose first name lies below a folder that became
+    a link is not linked through it; it is not silently left out either: it fails, one
+    line, as a name whose first name failed does."""
+    ref = make_tree(tmp_path / "ref", {"a/f": b"one", "keep.dat": b"k"})
+    dst = tmp_path / "dst"
+    sync(ref, dst, db_url, hard_links=True)
+    outside = make_tree(tmp_path / "outside", {"f": b"theirs"})
+    os.rename(dst / "a", tmp_path / "old-a")
+    os.symlink(outside, dst / "a")
+    (ref / "b").mkdir()
+    os.link(ref / "a" / "f", ref / "b" / "g")
+    os.link(ref / "a" / "f", ref / "a" / "h")   # a new name below the link too
+    r = sync(ref, dst, db_url, index="ref", hard_links=True)
+    assert os.listdir(outside) == ["f"]
+    assert (dst / "b" / "g").exists() or [e for e in r.errors if e.startswith("b/g: ")] == [
+        "b/g: not linked: a/f (the same file) is below a folder that is no folder on the "
+        "destination now"], r.errors
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--owner takes root")
+def test_owners_are_not_given_through_a_link_in_a_type_conflict(tmp_path, db_url):
+    """A fresh listing that finds a link where the reference has a folder reports a type
+    conflict; --owner then asked both sides of each entry below that folder, the
+    destination's through the link, and gave the files it points to away."""
+    ref = make_tree(tmp_path / "ref", {"a/f": b"f", "keep.dat": b"k"})
+    victim = make_tree(tmp_path / "outside", {"f": b"theirs"}) / "f"
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    os.symlink(victim.parent, dst / "a")
+    os.chown(ref / "a" / "f", 1234, 5678)
+    r = sync(ref, dst, db_url, owner=True)
+    st = os.lstat(victim)
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert r.errors == ["a: type conflict: reference has a folder, destination a link; use "
+                        "--delete to replace it"]
