@@ -967,12 +967,13 @@ class SftpBackend(FsspecBackend):
             return " ".join(match.groups())
         if status == 1 and not line:
             return None   # it ran, and could not read this file: the read-back says why
-        # The shell has no such command (127): the next one may do. No shell, or a host
-        # that answers every command with its own words ("This service allows sftp
-        # connections only."): none is asked again.
+        # The shell has no such command (127), or one that printed what it should not (0):
+        # the next one may do. No shell, or a host that answers every command with its
+        # own words and a failure ("This service allows sftp connections only."): none is
+        # asked again.
         log.debug("%s: no %s on the host (exit %s: %s); verifying otherwise", self._where(),
                   _HOST_COMMANDS[algorithm], status, (line or stderr or "").strip()[:200])
-        for refused in ((algorithm,) if status == 127 else _HOST_COMMANDS):
+        for refused in ((algorithm,) if status in (0, 127) else _HOST_COMMANDS):
             self._server_sums[refused] = False
         return None
 

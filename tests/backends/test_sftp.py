@@ -499,9 +499,11 @@ def _corrupt_before_the_hosts_hash(monkeypatch, folder):
     monkeypatch.setattr(SftpBackend, "_sum_on_server", corrupting)
 
 
-@pytest.mark.parametrize("algorithm", ["cksum", "md5"])
+@pytest.mark.parametrize("algorithm, cksum_command", [
+    ("cksum", None), ("md5", "castlib-no-such-command"), ("md5", "echo")],
+    ids=["cksum", "no-cksum", "odd-cksum"])
 def test_sftp_large_copy_is_verified_by_a_hash_on_the_host(sftp_server, tmp_path, monkeypatch,
-                                                           algorithm):
+                                                           algorithm, cksum_command):
     """A large file to an OpenSSH host is verified by cksum (CRC-32 and length; md5sum
     where the host has no cksum) run there, no byte read back through SFTP, against the
     same hash of the bytes read from the source; the command reads the stored file, so a
@@ -517,8 +519,9 @@ def test_sftp_large_copy_is_verified_by_a_hash_on_the_host(sftp_server, tmp_path
     data = os.urandom(5 * MIB + 3)
     src = _local_source(tmp_path, {"e": data, "f": data, "g": data})
     counter = _RequestCounter(monkeypatch)
-    if algorithm == "md5":   # a host without cksum: its shell says 127, learned at once
-        monkeypatch.setitem(sftp._HOST_COMMANDS, "cksum", "castlib-no-such-command")
+    if cksum_command:   # a host without cksum (its shell says 127), or whose cksum prints
+        # what cksum does not (exit 0): learned at once, md5sum asked next
+        monkeypatch.setitem(sftp._HOST_COMMANDS, "cksum", cksum_command)
         assert _copy(src, dst, "e", 1_600_000_000 * 10**9).size == len(data)
         assert counter.counts.get(asyncssh.sftp.FXP_READ, 0) > 0   # that one read back
         assert dst._server_sums == {"cksum": False}
