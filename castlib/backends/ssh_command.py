@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from functools import lru_cache
 
@@ -659,14 +660,16 @@ def _short_temp_dir() -> str | None:
 # a ControlConnection's private folder: this prefix, the pid of the process that made it, "-"
 _FOLDER_PREFIX = "castlib-ssh-"
 _swept: set[str] = set()   # the folders swept by this process
+SWEEP_AFTER_S = 60.0   # how long a folder of a gone pid stays untouched before it is swept
 
 
 def _sweep_folders_of_gone_processes(parent: str | None) -> None:
     """Remove the private folders that processes no longer running here left (killed:
     no cleanup ran) in `parent`: this user's own real folders named by _FOLDER_PREFIX and
     a pid this machine has no process of, holding at most a master's socket that nobody
-    answers on (a live one may be of a process in another pid namespace sharing /tmp).
-    Never another user's, a link, or a folder with anything else in it."""
+    answers on (a live one may be of a process in another pid namespace sharing /tmp),
+    and unchanged for SWEEP_AFTER_S (such a process's folder, just made, has no socket
+    yet). Never another user's, a link, or a folder with anything else in it."""
     parent = parent or tempfile.gettempdir()
     if parent in _swept:   # once a process
         return
@@ -675,7 +678,7 @@ def _sweep_folders_of_gone_processes(parent: str | None) -> None:
         entries = list(os.scandir(parent))
     except OSError:
         return
-    uid = os.geteuid()
+    uid, now = os.geteuid(), time.time()
     for entry in entries:
         if not entry.name.startswith(_FOLDER_PREFIX):
             continue
@@ -683,7 +686,8 @@ def _sweep_folders_of_gone_processes(parent: str | None) -> None:
         try:
             st = entry.stat(follow_symlinks=False)
             if (not (pid.isascii() and pid.isdigit()) or not statmod.S_ISDIR(st.st_mode)
-                    or st.st_uid != uid or process_alive(int(pid))):
+                    or st.st_uid != uid or now - st.st_mtime < SWEEP_AFTER_S
+                    or process_alive(int(pid))):
                 continue
             for name in os.listdir(entry.path):
                 inside = os.path.join(entry.path, name)

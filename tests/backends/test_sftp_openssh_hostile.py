@@ -869,7 +869,8 @@ def test_a_killed_runs_socket_folder_is_swept_by_the_next_run_and_nothing_else(
     temporary folder. The next run that logs in removes it: a folder of this user named
     by a pid this machine has no process of, empty or holding a socket nobody answers on.
     A live process's folder, a folder with anything else in it, a link, a live socket
-    (a process of another pid namespace sharing /tmp) stay."""
+    (a process of another pid namespace sharing /tmp), a folder made in the last minute
+    (such a process's, before its socket is made) stay."""
     import socket
     import subprocess
     import sys
@@ -910,6 +911,10 @@ def test_a_killed_runs_socket_folder_is_swept_by_the_next_run_and_nothing_else(
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(live / "m"))
         listener.listen()
+        a_while_ago = time.time() - 120
+        for name in os.listdir(temp):   # all left a while ago, but one just made
+            os.utime(temp / name, (a_while_ago, a_while_ago), follow_symlinks=False)
+        (temp / f"castlib-ssh-{dead}-new").mkdir()
         try:
             run_cli("sync", str(src), sftp_server.url + "/second",
                     db=f"sqlite:///{tmp_path / 'c.db'}", env=env, check=0)
@@ -917,7 +922,8 @@ def test_a_killed_runs_socket_folder_is_swept_by_the_next_run_and_nothing_else(
             listener.close()
         assert sorted(os.listdir(temp)) == sorted(
             f"castlib-ssh-{p}-{n}" for p, n in ((dead, "other"), (dead, "linked"),
-                                                 (os.getpid(), "alive"), (dead, "listening")))
+                                                 (os.getpid(), "alive"), (dead, "listening"),
+                                                 (dead, "new")))
         assert (temp / f"castlib-ssh-{dead}-other" / "keep").read_text() == "a file"
     finally:
         import shutil
