@@ -90,6 +90,8 @@ class Hasher:
         self._adler32 = adler32_implementation()[0] if self._adler is not None else None
         self._crc = 0 if CKSUM in algorithms else None
         self._cksum = _cksum_update() if self._crc is not None else None
+        if self._crc is not None and self._cksum is None:   # asked only where available
+            raise ValueError("cksum needs castlib's C accelerator, which is not built here")
         others = [a for a in algorithms if a not in ("adler32", CKSUM)]
         self._hashes = {}
         if others:   # hashlib (OpenSSL) imported only when asked for
