@@ -82,6 +82,9 @@ def parse_location(text: str, base_dir: str | None = None) -> LocationURL:
         if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/", text) and not os.path.exists(text):
             raise ConfigError(f"malformed location URL {redact(text)!r} (expected scheme://host/path)")
         path = os.path.expanduser(text)
+        if path.startswith("~"):   # ~user of no such user: not a folder named "~user" here
+            raise ConfigError(f"location {text!r}: no user {path[1:].split('/')[0]!r} "
+                              "whose home ~ could mean")
         if base_dir and not os.path.isabs(path):
             path = os.path.join(base_dir, path)
         return LocationURL("file", local_hostname(), _clean_local(path))

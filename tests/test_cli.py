@@ -165,6 +165,9 @@ def test_ls_and_locations(tmp_path, db_url):
                                              "percent-encode"),
     (["sync", "/etc/passwd", "./q"], f"location file://{HOST}/etc/passwd is a file, not a folder"),
     (["index", "/dev/null"], f"location file://{HOST}/dev/null is a file, not a folder"),
+    (["sync", ".", "~castlib-no-such-user/x"], "location '~castlib-no-such-user/x': no user "
+                                               "'castlib-no-such-user' whose home ~ could mean"),
+    (["sync", ".", "new\nline"], "line' (in the pipeline, the configuration or the catalog)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, db_url, args, message):
     r = run_cli(*args, db=db_url, check=2, cwd=str(tmp_path))
@@ -360,7 +363,7 @@ def test_a_bare_word_that_names_no_location_and_no_folder_is_refused(tmp_path, d
     r = run_cli("sync", "src", "archiv", db=db_url, cwd=str(tmp_path), env=env, check=2)
     assert r.stderr == ("castlib: error: no location named 'archiv' (in the pipeline, the "
                         "configuration or the catalog) and no folder of that name here (a new "
-                        "local folder is written ./archiv)\n")
+                        "local folder is written './archiv')\n")
     assert not (tmp_path / "archiv").exists()
     run_cli("sync", "src", "archive", db=db_url, cwd=str(tmp_path), env=env, check=0)
     assert (tmp_path / "the-archive" / "a.dat").read_bytes() == b"a"

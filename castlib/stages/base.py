@@ -252,9 +252,9 @@ class RunContext:
                     # a name mistyped, not a folder to make: a sync into it would have
                     # copied the whole reference into a new folder here
                     raise ConfigError(
-                        f"no location named {text!r} (in the pipeline, the configuration "
+                        f"no location named '{text}' (in the pipeline, the configuration "
                         f"or the catalog) and no folder of that name here (a new local "
-                        f"folder is written ./{text})")
+                        f"folder is written './{text}')")
         url = parse_location(url_text, base_dir=self.base_dir)   # relative to the pipeline file
         options = self.user_config.options_for(url)
         if name and name in self.location_options:
