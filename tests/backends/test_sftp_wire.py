@@ -198,8 +198,12 @@ def test_wire_requests_fail_when_the_connection_drops(request, kind, outage_prox
         async with _connect(server, proxy.port) as conn:
             wire = await sftp_wire.open_wire(conn)
             assert (await wire.stat(_sftp_folder(server))).size is not None
+            # the line cut first, the requests made before the loop runs again (so before
+            # it reads the line's end): they go out into a line no answer can come back
+            # on. The other way round, the proxy's threads could carry them, and the
+            # server answer, before the cut (seen once, on a machine running two suites).
+            proxy.cut()
             waiting = [wire.stat(_sftp_folder(server)) for _ in range(3)]
-            proxy.cut()   # before the requests leave: no answer can come
             results = await asyncio.wait_for(
                 asyncio.gather(*waiting, return_exceptions=True), 20)
             # what castlib calls a lost connection (transient: the engine reconnects)
