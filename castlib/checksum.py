@@ -8,6 +8,7 @@ when it can be imported, else by the standard zlib's; both give the same values
 from __future__ import annotations
 
 import zlib
+from functools import lru_cache
 from typing import BinaryIO, Iterable
 
 ALGORITHMS = ("adler32", "md5", "sha256")
@@ -33,6 +34,7 @@ def cksum_available() -> bool:
     return _cksum_update() is not None
 
 
+@lru_cache(maxsize=None)   # once: asked for each large copy, and a failed import is a search
 def _cksum_update():
     try:
         from ._accel import cksum_update

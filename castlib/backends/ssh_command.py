@@ -697,10 +697,8 @@ def _sweep_folders_of_gone_processes(parent: str | None) -> None:
                 os.unlink(inside)
             else:
                 os.rmdir(entry.path)
-        except OSError:   # gone meanwhile (another process swept it), or not ours to remove
-            continue
-        except OverflowError:   # a number no pid can be (kill(2) takes none so large)
-            continue
+        except (OSError, OverflowError):   # gone meanwhile (another process swept it),
+            continue   # not ours to remove, or a number no pid can be (too large for kill)
 
 
 def _answers(socket_path: str) -> bool:
@@ -766,7 +764,7 @@ class ControlConnection:
             # would have ssh log in on its own, a connection of its own, silently: 7 logins
             # for 8 transfers to a host that opens 2 sessions a connection. This "proxy"
             # ends it instead, with ssh's words, and castlib learns the limit (SFTP
-            # sessions shared: SftpBackend._wire; md5sum asked again, then read back).
+            # sessions shared: SftpBackend._wire; cksum asked again, then read back).
             ours += ["-o", "ProxyCommand=false"]
         return argv[:1] + ours + argv[1:]
 
