@@ -614,7 +614,7 @@ def sc_upload_sftp_rclone_verified(b: Bench) -> Result:
                      verified=True)
     r.target, r.met = "-", None
     r.note = ("informational: the peer is `rclone copy` then `rclone check --download`, which "
-              "reads every file back from the server as castlib's verification does")
+              "reads every file back from the server (castlib reads back the small ones)")
     return r
 
 
@@ -623,9 +623,8 @@ def sc_upload_sftp_big_rclone_verified(b: Bench) -> Result:
                      "one-256m", verified=True)
     r.target, r.met = "-", None
     r.note = ("informational: upload-sftp-big-rclone against `rclone copy` then `rclone check "
-              "--download`, which reads the file back from the server as castlib's "
-              "verification does (rclone serve sftp's md5 is of what it received, not read "
-              "from its disk)")
+              "--download`, which reads the file back from the server (castlib takes rclone "
+              "serve sftp's md5sum, as rclone copy does)")
     return r
 
 
@@ -690,10 +689,11 @@ def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
         title += ", against rclone copy + rclone check --download"
     r = ratio_result(key, title, 1.0, castlib, peer, runs)
     r.note = ("castlib also starts Python, indexes both sides into its catalog and verifies "
-              "every copy (read back as it is closed; a large one to OpenSSH by cksum on the "
-              "host); rclone copy checks sizes, and md5 where it can run md5sum on the "
-              "server (OpenSSH: one `ssh exec` a file, its main cost there; rclone serve "
-              "sftp answers from the md5 it took as the upload came in)")
+              "every copy (a small one read back as it is closed; a large one by the "
+              "server's hash: cksum on an OpenSSH host, rclone serve sftp's md5sum); rclone "
+              "copy checks sizes, and md5 where it can run md5sum on the server (OpenSSH: "
+              "one `ssh exec` a file, its main cost there; rclone serve sftp answers from "
+              "the md5 it took as the upload came in)")
     return r
 
 

@@ -895,43 +895,67 @@ class SftpBackend(FsspecBackend):
     # damage once in 2^32, with the length checked as well: stronger than the adler32
     # XRootD, EOS and Rucio verify transfers in. Without the accelerator, md5.
     #
-    # Only OpenSSH is asked, where the command is the host's own run by the user's shell:
-    # other servers answer `md5sum` themselves, and rclone serve sftp answers it from the
-    # hash it computed as the upload came in (a file changed on its disk, mtime kept,
-    # still gets the old md5): a hash of what was sent, not of what is stored. A host
-    # that runs no commands (ForceCommand internal-sftp, no shell) or lacks one is learned
-    # at its first refusal: the next algorithm, then read-back.
+    # On OpenSSH the command is the host's own, run by the user's shell. Another server
+    # that runs commands runs its own: rclone serve sftp answers `md5sum NAME` (the name
+    # as it is: no shell unquotes it, so only names that need no quoting are asked) from
+    # the md5 it took of the bytes as they came in and went to its disk, or by reading
+    # the file; rclone copy verifies its uploads by that answer. castlib takes it for a
+    # large file there as it takes XRootD's, EOS's or S3's checksum: an answer that equals
+    # the md5 of the bytes read from the source was computed from those bytes by the
+    # server that stored them (the temporary name, unique to this copy, has no older
+    # hash). A server that answers anything else once (no such command, no shell, a
+    # refusal, a line that is not md5sum's) is not asked again for the location, and
+    # its files are read back. A host that runs no commands (ForceCommand internal-sftp,
+    # no shell) or lacks one is learned at its first refusal: the next algorithm, then
+    # read-back.
 
     def server_checksum_algorithm(self, size: int | None) -> str | None:
         """The algorithm copy_file should verify a file of `size` bytes in, if not the
-        catalog's (see transfer.copy_file): for large files on an OpenSSH host, the first
-        of _host_algorithms() the host has not refused."""
+        catalog's (see transfer.copy_file): for a large file, the first of the host's
+        algorithms (_algorithms_asked) it has not refused."""
         if size is None or size <= READ_BACK_MAX:
             return None
-        wanted = [a for a in _host_algorithms() if self._server_sums.get(a) is not False]
-        return wanted[0] if wanted and self._runs_commands() else None
+        wanted = [a for a in self._algorithms_asked() if self._server_sums.get(a) is not False]
+        return wanted[0] if wanted else None
 
-    def _runs_commands(self) -> bool:
+    def _algorithms_asked(self) -> tuple[str, ...]:
+        """An OpenSSH host's (_host_algorithms), another server's: md5 (see above)."""
+        return _host_algorithms() if self._on_openssh() else ("md5",)
+
+    def _on_openssh(self) -> bool:
         if self._ssh is not None:   # no version string through ssh's pipes: the SFTP
             return self.fs is not None and self._sftp is not None and \
                 self._sftp.openssh_server   # server's own extensions tell
         version = self.fs.client.get_extra_info("server_version") or ""
         return version.startswith("SSH-2.0-OpenSSH")
 
+    def _host_command(self, algorithm: str, full: str) -> list[str] | None:
+        """The words that ask the host for `full`'s hash in `algorithm`; None where it
+        cannot be asked (the file is read back): a name that is not UTF-8 (no command
+        line carries it), or, on a server that is not OpenSSH, a name its unquoted
+        command line would not carry as it is."""
+        try:
+            full.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        if self._on_openssh():
+            return [_HOST_COMMANDS[algorithm], "--", full]
+        if algorithm != "md5" or not _PLAIN_NAME.fullmatch(full):
+            return None
+        return [_HOST_COMMANDS[algorithm], full]
+
     def _sum_on_server(self, path: str, size: int | None, algorithm: str) -> str | None:
         """The hash `algorithm` of `path` by its command (_HOST_COMMANDS) run on the host;
         None where it cannot tell (the caller reads the file back instead), learned for
         the location when the host runs no such command."""
-        full = self._full(path)
-        try:
-            full.encode("utf-8")   # a name that is not UTF-8 cannot go in a command line
-        except UnicodeEncodeError:
+        words = self._host_command(algorithm, self._full(path))
+        if words is None:
             return None
-        command = _HOST_COMMANDS[algorithm]
+        command = words[0]
         # the command reads at disk speed: a bound on its wait that grows with the size
         timeout = READ_TIMEOUT_S + (size or 0) / (20 * 1024 * 1024)
         if self._ssh is not None:
-            return self._sum_over_ssh(path, full, timeout, algorithm)
+            return self._sum_over_ssh(path, words, timeout, algorithm)
         import asyncssh   # (its connection's: imported already)
 
         # a turn, as over ssh: the SFTP sessions leave the connection MAX_COMMANDS channels
@@ -943,7 +967,7 @@ class SftpBackend(FsspecBackend):
                 with self._errors(path):   # a line that drops is a storage error, as elsewhere
                     try:
                         result = _fsspec_asyn().sync(self.fs.loop, self.fs.client.run,
-                                                     f"{command} -- {shlex.quote(full)}",
+                                                     shlex.join(words),
                                                      check=False, timeout=timeout)
                         break
                     except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions)
@@ -954,18 +978,21 @@ class SftpBackend(FsspecBackend):
                 time.sleep(pause)
         finally:
             self._command_turns.release()
-        return self._sum_said(algorithm, result.exit_status,
+        return self._sum_said(algorithm, words[-1], result.exit_status,
                               result.stdout if isinstance(result.stdout, str) else "",
                               result.stderr if isinstance(result.stderr, str) else "")
 
-    def _sum_said(self, algorithm: str, status: int | None, line: str,
+    def _sum_said(self, algorithm: str, full: str, status: int | None, line: str,
                   stderr: str) -> str | None:
-        """The digest the command's answer gives, or None (the caller reads back instead)."""
+        """The digest the answer of the command on `full` gives, or None (the caller reads
+        back instead)."""
         match = _HOST_SUM_LINES[algorithm].match(line)
+        if match and not self._on_openssh() and line.rstrip("\n") != match[0] + full:
+            match = None   # another server's md5sum names the file it hashed: this one
         if status == 0 and match:
             self._server_sums[algorithm] = True
             return " ".join(match.groups())
-        if status == 1 and not line:
+        if status == 1 and not line and self._on_openssh():
             return None   # it ran, and could not read this file: the read-back says why
         # The shell has no such command (127), or one that printed what it should not (0):
         # the next one may do. No shell, or a host that answers every command with its
@@ -973,18 +1000,19 @@ class SftpBackend(FsspecBackend):
         # asked again.
         log.debug("%s: no %s on the host (exit %s: %s); verifying otherwise", self._where(),
                   _HOST_COMMANDS[algorithm], status, (line or stderr or "").strip()[:200])
-        for refused in ((algorithm,) if status in (0, 127) else _HOST_COMMANDS):
+        for refused in ((algorithm,) if status in (0, 127) and self._on_openssh()
+                        else self._algorithms_asked()):
             self._server_sums[refused] = False
         return None
 
-    def _sum_over_ssh(self, path: str, full: str, timeout: float,
+    def _sum_over_ssh(self, path: str, words: list[str], timeout: float,
                       algorithm: str) -> str | None:
         """_sum_on_server's command, an ssh of its own on the master's connection, when
         one of its MAX_COMMANDS turns is free within the timeout (else None: the file
         is read back). A session the host refused (its MaxSessions, or a channel sshd
         has not freed yet) is asked again, as over asyncssh, then read back."""
-        command = _HOST_COMMANDS[algorithm]
-        argv, env = self.fs.command([command, "--", full])
+        command = words[0]
+        argv, env = self.fs.command(words)
         if not self._command_turns.acquire(timeout=timeout):
             return None
         try:
@@ -1009,7 +1037,7 @@ class SftpBackend(FsspecBackend):
                 time.sleep(pause)
         finally:
             self._command_turns.release()
-        return self._sum_said(algorithm, done.returncode,
+        return self._sum_said(algorithm, words[-1], done.returncode,
                               done.stdout.decode("utf-8", "replace"),
                               done.stderr.decode("utf-8", "replace"))
 
@@ -1023,8 +1051,8 @@ class SftpBackend(FsspecBackend):
             hasher.update(back)
             return hasher.hexdigests()[algorithm]
         if is_temp_name(posixpath.basename(path), self.temp_key):
-            if (algorithm in _HOST_COMMANDS and self._server_sums.get(algorithm) is not False
-                    and self._runs_commands()):
+            if (algorithm in self._algorithms_asked()
+                    and self._server_sums.get(algorithm) is not False):
                 st = self._sftp_lstat(path)   # its size bounds the command's wait
                 digest = self._sum_on_server(path, st.size if st else None, algorithm)
                 if digest is not None:
@@ -1356,6 +1384,11 @@ READ_BACK_MAX = CHUNK_SIZE
 _HOST_COMMANDS = {CKSUM: "cksum", "md5": "md5sum"}
 _HOST_SUM_LINES = {"md5": re.compile(r"\\?([0-9a-f]{32}) [ *]"),
                    CKSUM: re.compile(r"([0-9]{1,10}) ([0-9]+) ")}
+
+
+# A name a command line carries as it is, quoted or not: no shell, and no server's own
+# parsing, reads any of these characters otherwise (shlex.quote leaves it as it is).
+_PLAIN_NAME = re.compile(r"/[A-Za-z0-9_@%+=:,./-]*")
 
 
 def _host_algorithms() -> tuple[str, ...]:

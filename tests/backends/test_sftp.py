@@ -539,6 +539,42 @@ def test_sftp_large_copy_is_verified_by_a_hash_on_the_host(sftp_server, tmp_path
     dst.close()
 
 
+@pytest.mark.parametrize("client", ["openssh", "asyncssh"])
+def test_sftp_large_copy_to_rclone_is_verified_by_its_md5sum(rclone_sftp_server, tmp_path,
+                                                             monkeypatch, client):
+    """rclone serve sftp answers `md5sum NAME` itself (rclone copy verifies its uploads
+    so): a large file there is verified by that answer against the md5 of the bytes read
+    from the source, no byte read back. A name its unquoted command line would not carry
+    as it is (a space) is read back instead; an answer that is not md5sum's line for the
+    file asked (here: sha1sum's) is not taken, and the server is not asked again."""
+    import asyncssh
+
+    from castlib.backends import sftp
+
+    server = rclone_sftp_server
+    dst = open_backend(server.url, {**server.options, "ssh_client": client})
+    data = os.urandom(5 * MIB + 3)
+    src = _local_source(tmp_path, {"f": data, "a b": data, "g": data, "h": data})
+    counter = _RequestCounter(monkeypatch)
+    assert dst.server_checksum_algorithm(len(data)) == "md5"
+    for name, read_back in (("f", False), ("a b", True)):
+        counter.counts.clear()
+        assert _copy(src, dst, name, 1_600_000_000 * 10**9).size == len(data)
+        assert (counter.counts.get(asyncssh.sftp.FXP_READ, 0) > 0) is read_back, counter.counts
+        assert dst._server_sums == {"md5": True}
+    monkeypatch.setitem(sftp._HOST_COMMANDS, "md5", "sha1sum")
+    for name in ("g", "h"):
+        counter.counts.clear()
+        assert _copy(src, dst, name, 1_600_000_000 * 10**9).size == len(data)
+        assert counter.counts.get(asyncssh.sftp.FXP_READ, 0) > 0, counter.counts
+    assert dst._server_sums == {"md5": False}
+    assert dst.server_checksum_algorithm(len(data)) is None
+    folder = _server_folder(server)
+    assert sorted(os.listdir(folder)) == ["a b", "f", "g", "h"]
+    assert all((folder / name).read_bytes() == data for name in os.listdir(folder))
+    dst.close()
+
+
 def test_sftp_parallel_large_copies_all_get_a_channel_for_md5sum(sftp_server, tmp_path,
                                                                  monkeypatch):
     """Four transfer threads copying large files at once to OpenSSH (10 channels a
