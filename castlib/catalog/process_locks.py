@@ -4,7 +4,7 @@ the next one.
 
 PostgreSQL: session advisory locks on one connection held for the block (the server drops
 them when the connection goes). SQLite: flock on files beside the database (the kernel
-drops them when the process goes). An in-memory SQLite catalog has one process: nothing to
+drops them when the process goes), each removed when its last holder releases it. An in-memory SQLite catalog has one process: nothing to
 lock against.
 """
 from __future__ import annotations
@@ -100,23 +100,50 @@ def _advisory(catalog):
 
 
 def _flock(catalog, database: str):
+    """flock on `{database}.{key.file}`. The file of a lock nobody else holds is removed as
+    it is released (many destinations, each with the folders above it, left a file each
+    beside the catalog for ever). Without a race: it is removed only by a holder that
+    took it exclusively, and a taker checks, once it holds it, that the name still leads
+    to the file it locked; one that was removed meanwhile is opened (made) again."""
     import fcntl
 
     fds: dict[LockKey, int] = {}
 
     def take(key: LockKey, block: bool) -> bool:
-        if key not in fds:
-            with driver_errors(database):   # a read-only or full catalog folder: one line
-                fds[key] = os.open(f"{database}.{key.file}", os.O_RDWR | os.O_CREAT, 0o644)
+        path = f"{database}.{key.file}"
         mode = fcntl.LOCK_SH if key.shared else fcntl.LOCK_EX
-        try:   # flock is per open file: other threads of this process wait too
-            fcntl.flock(fds[key], mode if block else mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+        while True:
+            if key not in fds:
+                with driver_errors(database):   # a read-only or full catalog folder: one line
+                    fds[key] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:   # flock is per open file: other threads of this process wait too
+                fcntl.flock(fds[key], mode if block else mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if _names(path, fds[key]):
+                return True
+            os.close(fds.pop(key))   # removed by its last holder while we waited: again
 
     def release() -> None:
-        for fd in reversed(fds.values()):
-            os.close(fd)   # closing the last descriptor of a file releases its flock
+        for key, fd in reversed(fds.items()):
+            path = f"{database}.{key.file}"
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody else holds it
+                if _names(path, fd):
+                    os.unlink(path)
+            except OSError:   # held by another (BlockingIOError), or not ours to remove
+                pass
+            finally:
+                os.close(fd)   # closing the last descriptor of a file releases its flock
 
     return take, release
+
+
+def _names(path: str, fd: int) -> bool:
+    """Whether `path` is the file open as `fd` (not removed, nor made again since)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

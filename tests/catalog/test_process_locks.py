@@ -65,3 +65,61 @@ def test_a_lock_without_timeout_waits_its_turn_and_says_so_once(catalog):
     thread.join(30)
     assert waits == [1] and order == ["first done", "second in"]
     assert time.monotonic() - started >= 0.4
+
+
+def _lock_files(folder):
+    return sorted(p.name for p in folder.iterdir() if ".test-lock-" in p.name)
+
+
+def test_an_sqlite_lock_file_goes_when_its_last_holder_releases_it(tmp_path):
+    """Beside an SQLite catalog a lock is a file; it is removed as its last holder lets it
+    go (one file a destination and a folder above it was left for ever), and kept while
+    another holds it."""
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    shared = LockKey(KEY.pg, KEY.file, shared=True)
+    other = LockKey((0x0CA7, 2), "test-lock-2")
+    with hold(catalog, [shared, other], timeout_s=0, busy=busy):
+        assert _lock_files(tmp_path) == ["catalog.sqlite.test-lock-1", "catalog.sqlite.test-lock-2"]
+        with hold(catalog, [shared], timeout_s=0, busy=busy):
+            pass
+        assert _lock_files(tmp_path) == ["catalog.sqlite.test-lock-1", "catalog.sqlite.test-lock-2"]
+        with pytest.raises(Busy):   # a refused taker removes nothing either
+            with hold(catalog, [KEY], timeout_s=0, busy=busy):
+                pass
+        assert len(_lock_files(tmp_path)) == 2
+    assert _lock_files(tmp_path) == []
+    catalog.close()
+
+
+def _count_under_lock(database: str, counter: str, rounds: int) -> None:
+    catalog = Catalog(f"sqlite:///{database}")
+    for _ in range(rounds):
+        with hold(catalog, [KEY], timeout_s=None):
+            with open(counter) as f:   # read, pause, write: lost updates without the lock
+                value = int(f.read())
+            time.sleep(0.0005)
+            with open(counter, "w") as f:
+                f.write(str(value + 1))
+    catalog.close()
+
+
+def test_removing_lock_files_keeps_the_lock_exclusive_between_processes(tmp_path):
+    """Four processes take one lock 150 times each while its file is removed and made again
+    by each release: a taker that waited on a file removed meanwhile takes the new one, so
+    no two ever hold it at once (no update of the shared counter is lost)."""
+    import multiprocessing
+
+    database = str(tmp_path / "catalog.sqlite")
+    Catalog(f"sqlite:///{database}").close()
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_count_under_lock, args=(database, str(counter), 150))
+               for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    assert counter.read_text() == "600"
+    assert _lock_files(tmp_path) == []
