@@ -1037,6 +1037,15 @@ class SftpBackend(FsspecBackend):
                         break
                     failure = self._ssh.failure(done.returncode, done.stderr)
                     if not isinstance(failure, ssh_command.SshSessionRefused):
+                        if not self._on_openssh():
+                            # a server of its own that refused the command (ssh says
+                            # nothing but 255): not asked again here; the read-back
+                            # meets a line that is really lost
+                            log.debug("%s: %s refused (%s); verifying otherwise",
+                                      self._where(path), command, failure)
+                            for refused in self._algorithms_asked():
+                                self._server_sums[refused] = False
+                            return None
                         raise failure   # ssh's own failure: the line, the login
                     if pause is None:
                         log.debug("%s: no session for %s (%s)", self._where(path), command,
