@@ -145,10 +145,11 @@ def _open_lock_file(path: str) -> int:
     waits its turn instead of failing on a file it cannot write."""
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError:
-        if not os.path.exists(path):
-            raise   # a folder this user cannot write: the one line driver_errors says
-        return os.open(path, os.O_RDONLY)
+    except PermissionError as refused:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:   # none to read: a folder this user cannot write,
+            raise refused from None   # the one line driver_errors says
 
 
 def _names(path: str, fd: int) -> bool:
