@@ -971,6 +971,14 @@ class SftpBackend(FsspecBackend):
                                                      check=False, timeout=timeout)
                         break
                     except asyncssh.ChannelOpenError as exc:   # no channel now (MaxSessions)
+                        if exc.code == asyncssh.OPEN_REQUEST_SESSION_FAILED:
+                            # a channel, and the command refused on it: a server that runs
+                            # none, not one short of channels; not asked again here
+                            log.debug("%s: %s refused (%s); verifying otherwise",
+                                      self._where(path), command, exc)
+                            for refused in self._algorithms_asked():
+                                self._server_sums[refused] = False
+                            return None
                         if pause is None:
                             log.debug("%s: no channel for %s (%s)", self._where(path),
                                       command, exc)
@@ -1029,6 +1037,15 @@ class SftpBackend(FsspecBackend):
                         break
                     failure = self._ssh.failure(done.returncode, done.stderr)
                     if not isinstance(failure, ssh_command.SshSessionRefused):
+                        if not self._on_openssh():
+                            # a server of its own that refused the command (ssh says
+                            # nothing but 255): not asked again here; the read-back
+                            # meets a line that is really lost
+                            log.debug("%s: %s refused (%s); verifying otherwise",
+                                      self._where(path), command, failure)
+                            for refused in self._algorithms_asked():
+                                self._server_sums[refused] = False
+                            return None
                         raise failure   # ssh's own failure: the line, the login
                     if pause is None:
                         log.debug("%s: no session for %s (%s)", self._where(path), command,

@@ -115,7 +115,7 @@ def _flock(catalog, database: str):
         while True:
             if key not in fds:
                 with driver_errors(database):   # a read-only or full catalog folder: one line
-                    fds[key] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                    fds[key] = _open_lock_file(path)
             try:   # flock is per open file: other threads of this process wait too
                 fcntl.flock(fds[key], mode if block else mode | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -137,6 +137,19 @@ def _flock(catalog, database: str):
                 os.close(fd)   # closing the last descriptor of a file releases its flock
 
     return take, release
+
+
+def _open_lock_file(path: str) -> int:
+    """The lock file at `path`, made if missing. One another user made (0644: theirs while
+    their run holds it) is opened to read: flock needs no write access, and this run then
+    waits its turn instead of failing on a file it cannot write."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError as refused:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:   # none to read: a folder this user cannot write,
+            raise refused from None   # the one line driver_errors says
 
 
 def _names(path: str, fd: int) -> bool:

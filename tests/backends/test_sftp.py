@@ -575,6 +575,36 @@ def test_sftp_large_copy_to_rclone_is_verified_by_its_md5sum(rclone_sftp_server,
     dst.close()
 
 
+@pytest.mark.parametrize("client", ["openssh", "asyncssh"])
+def test_sftp_large_copy_to_a_server_refusing_commands_is_read_back_and_learned(
+        sftp_tamper_server, tmp_path, monkeypatch, client):
+    """A server that is not OpenSSH (by its version string for asyncssh's client; by its
+    SFTP extensions for ssh's, here none) and refuses every command (its exec request
+    fails: no channel shortage) is asked once: its large files are read back, and it is
+    not asked again for the location."""
+    import struct
+
+    from castlib.backends import sftp
+
+    server = sftp_tamper_server
+    server.tamper = lambda request, reply: (   # a VERSION 3 that names no extension
+        struct.pack(">IBI", 5, 2, 3) if request.kind == 1 else reply)
+    dst = open_backend(server.url, {**server.options, "ssh_client": client})
+    assert not dst._on_openssh()
+    data = os.urandom(5 * MIB + 3)
+    src = _local_source(tmp_path, {"f": data, "g": data})
+    asked = []
+    run = sftp.SftpBackend._sum_on_server
+    monkeypatch.setattr(sftp.SftpBackend, "_sum_on_server",
+                        lambda self, *args: asked.append(args) or run(self, *args))
+    for name in ("f", "g"):
+        assert _copy(src, dst, name, 1_600_000_000 * 10**9).size == len(data)
+    assert len(asked) == 1
+    assert dst._server_sums == {"md5": False}
+    assert dst.server_checksum_algorithm(len(data)) is None
+    dst.close()
+
+
 def test_sftp_parallel_large_copies_all_get_a_channel_for_md5sum(sftp_server, tmp_path,
                                                                  monkeypatch):
     """Four transfer threads copying large files at once to OpenSSH (10 channels a

@@ -3,6 +3,8 @@ catalogs: exclusive against all, shared against exclusive only, a timeout that s
 holds it, and a wait for ever that says once that it waits."""
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 
@@ -123,3 +125,40 @@ def test_removing_lock_files_keeps_the_lock_exclusive_between_processes(tmp_path
     assert [w.exitcode for w in workers] == [0, 0, 0, 0]
     assert counter.read_text() == "600"
     assert _lock_files(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root to act as another user")
+def test_a_lock_file_of_another_user_is_waited_for_not_refused(tmp_path):
+    """A catalog folder two users share: while one user's run holds a lock, its file is
+    that user's (0644: the other may read it, not write it). The other user's run waits
+    for it, as for its own; flock needs no write access to the file."""
+    import pwd
+    import stat
+    import tempfile
+    from types import SimpleNamespace
+
+    folder = tempfile.mkdtemp(prefix="castlib-shared-")   # /tmp: not under root's 0700
+    os.chmod(folder, stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO)
+    lite = SimpleNamespace(dialect="sqlite", sqlite_file=os.path.join(folder, "c.db"))
+    other = pwd.getpwnam("nobody")
+    try:
+        with hold(lite, [KEY], timeout_s=0, busy=busy):
+            pid = os.fork()
+            if pid == 0:   # the other user, its run
+                code = 1
+                try:
+                    os.setgid(other.pw_gid)
+                    os.setuid(other.pw_uid)
+                    with hold(lite, [KEY], timeout_s=0.3, busy=busy):
+                        code = 2
+                except Busy:
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0   # it waited its turn, then gave up
+        with hold(lite, [KEY], timeout_s=0, busy=busy):   # and the lock still works here
+            pass
+    finally:
+        shutil.rmtree(folder)
