@@ -974,11 +974,7 @@ class SftpBackend(FsspecBackend):
                         if exc.code == asyncssh.OPEN_REQUEST_SESSION_FAILED:
                             # a channel, and the command refused on it: a server that runs
                             # none, not one short of channels; not asked again here
-                            log.debug("%s: %s refused (%s); verifying otherwise",
-                                      self._where(path), command, exc)
-                            for refused in self._algorithms_asked():
-                                self._server_sums[refused] = False
-                            return None
+                            return self._no_commands_here(path, command, exc)
                         if pause is None:
                             log.debug("%s: no channel for %s (%s)", self._where(path),
                                       command, exc)
@@ -1013,6 +1009,13 @@ class SftpBackend(FsspecBackend):
             self._server_sums[refused] = False
         return None
 
+    def _no_commands_here(self, path: str, command: str, why) -> None:
+        """The host refused `command`: none of its hash commands is asked again for this
+        location (its files are read back). None, for the caller to return."""
+        log.debug("%s: %s refused (%s); verifying otherwise", self._where(path), command, why)
+        for refused in self._algorithms_asked():
+            self._server_sums[refused] = False
+
     def _sum_over_ssh(self, path: str, words: list[str], timeout: float,
                       algorithm: str) -> str | None:
         """_sum_on_server's command, an ssh of its own on the master's connection, when
@@ -1041,11 +1044,7 @@ class SftpBackend(FsspecBackend):
                             # a server of its own that refused the command (ssh says
                             # nothing but 255): not asked again here; the read-back
                             # meets a line that is really lost
-                            log.debug("%s: %s refused (%s); verifying otherwise",
-                                      self._where(path), command, failure)
-                            for refused in self._algorithms_asked():
-                                self._server_sums[refused] = False
-                            return None
+                            return self._no_commands_here(path, command, failure)
                         raise failure   # ssh's own failure: the line, the login
                     if pause is None:
                         log.debug("%s: no session for %s (%s)", self._where(path), command,

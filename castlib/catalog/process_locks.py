@@ -4,8 +4,8 @@ the next one.
 
 PostgreSQL: session advisory locks on one connection held for the block (the server drops
 them when the connection goes). SQLite: flock on files beside the database (the kernel
-drops them when the process goes), each removed when its last holder releases it. An in-memory SQLite catalog has one process: nothing to
-lock against.
+drops them when the process goes), each removed when its last holder releases it. An
+in-memory SQLite catalog has one process: nothing to lock against.
 """
 from __future__ import annotations
 
