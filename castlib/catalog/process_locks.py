@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .database import driver_errors
+from .database import CatalogError, driver_errors
 
 
 @dataclass(frozen=True)
@@ -142,14 +142,24 @@ def _flock(catalog, database: str):
 def _open_lock_file(path: str) -> int:
     """The lock file at `path`, made if missing. One another user made (0644: theirs while
     their run holds it) is opened to read: flock needs no write access, and this run then
-    waits its turn instead of failing on a file it cannot write."""
+    waits its turn instead of failing on a file it cannot write. Anything but a plain
+    file there (a folder; a link, which would make or lock a file elsewhere) is refused."""
+    import errno
+
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError as refused:
         try:
-            return os.open(path, os.O_RDONLY)
-        except FileNotFoundError:   # none to read: a folder this user cannot write,
-            raise refused from None   # the one line driver_errors says
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except PermissionError as refused:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:   # none to read: a folder this user cannot write,
+                raise refused from None   # the one line driver_errors says
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR):
+            raise
+        what = "a link" if exc.errno == errno.ELOOP else "a folder"
+        raise CatalogError(f"{path}: not a plain file ({what}), where castlib keeps a lock "
+                           "of this catalog: move it away") from None
 
 
 def _names(path: str, fd: int) -> bool:

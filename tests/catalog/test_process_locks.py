@@ -162,3 +162,27 @@ def test_a_lock_file_of_another_user_is_waited_for_not_refused(tmp_path):
             pass
     finally:
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("planted", ["folder", "dangling link", "link to a file"])
+def test_a_lock_path_that_is_not_a_plain_file_is_refused_in_one_line(tmp_path, planted):
+    """Something else where a lock file goes (a folder; a link, which castlib would follow
+    to make or lock a file elsewhere) is refused with one line naming it, and nothing is
+    made or removed through a link."""
+    from castlib.catalog.database import CatalogError
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    path = tmp_path / f"catalog.sqlite.{KEY.file}"
+    target = tmp_path / "elsewhere"
+    if planted == "folder":
+        path.mkdir()
+    else:
+        if planted == "link to a file":
+            target.write_text("theirs")
+        path.symlink_to(target)
+    with pytest.raises(CatalogError, match=f"{path}: not a plain file"):
+        with hold(catalog, [KEY], timeout_s=0, busy=busy):
+            pass
+    assert os.path.lexists(path)
+    assert (target.read_text() == "theirs") if planted == "link to a file" else not target.exists()
+    catalog.close()
