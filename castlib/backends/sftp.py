@@ -990,24 +990,27 @@ class SftpBackend(FsspecBackend):
                   stderr: str) -> str | None:
         """The digest the answer of the command on `full` gives, or None (the caller reads
         back instead)."""
+        openssh = self._on_openssh()
         match = _HOST_SUM_LINES[algorithm].match(line)
-        if match and not self._on_openssh() and line.rstrip("\n") != match[0] + full:
+        if match and not openssh and line.rstrip("\n") != match[0] + full:
             match = None   # another server's md5sum names the file it hashed: this one
         if status == 0 and match:
             self._server_sums[algorithm] = True
             return " ".join(match.groups())
-        if status == 1 and not line and self._on_openssh():
+        if status == 1 and not line and openssh:
             return None   # it ran, and could not read this file: the read-back says why
-        # The shell has no such command (127), or one that printed what it should not (0):
-        # the next one may do. No shell, or a host that answers every command with its
-        # own words and a failure ("This service allows sftp connections only."): none is
-        # asked again.
-        log.debug("%s: no %s on the host (exit %s: %s); verifying otherwise", self._where(),
-                  _HOST_COMMANDS[algorithm], status, (line or stderr or "").strip()[:200])
-        for refused in ((algorithm,) if status in (0, 127) and self._on_openssh()
-                        else self._algorithms_asked()):
-            self._server_sums[refused] = False
-        return None
+        why = f"exit {status}: {(line or stderr or '').strip()[:200]}"
+        if status in (0, 127) and openssh:
+            # The shell has no such command (127), or one that printed what it should not
+            # (0): the next one may do.
+            log.debug("%s: no %s on the host (%s); verifying otherwise", self._where(),
+                      _HOST_COMMANDS[algorithm], why)
+            self._server_sums[algorithm] = False
+            return None
+        # No shell, a host that answers every command with its own words and a failure
+        # ("This service allows sftp connections only."), or another server's answer that
+        # is not md5sum's: none is asked again.
+        return self._no_commands_here("", _HOST_COMMANDS[algorithm], why)
 
     def _no_commands_here(self, path: str, command: str, why) -> None:
         """The host refused `command`: none of its hash commands is asked again for this
