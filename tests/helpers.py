@@ -70,8 +70,11 @@ def backend_listing(backend) -> list:
 
 def cli_env(extra: dict | None = None) -> dict:
     """The environment for a castlib subprocess: the castlib under test comes first on
-    PYTHONPATH, whatever else is installed."""
+    PYTHONPATH, whatever else is installed; a crash in C (a segfault, seen once at the
+    exit of a sync to SFTP) prints every thread's Python stack on stderr, which a failed
+    run_cli shows."""
     env = dict(os.environ)
+    env.setdefault("PYTHONFAULTHANDLER", "1")
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [(extra or {}).get("PYTHONPATH"), REPO_ROOT, os.environ.get("PYTHONPATH")]))
     env.update({k: v for k, v in (extra or {}).items() if k != "PYTHONPATH"})
