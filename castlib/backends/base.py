@@ -1,10 +1,13 @@
 """The contract every storage back-end implements, and the capabilities it declares as data."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import posixpath
+import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable, ClassVar, Iterator
@@ -22,6 +25,35 @@ KIND_NAMES = {FILE: "file", DIR: "folder", LINK: "link"}
 # default, s): here, where what starts a connection ahead of its back-end reads it too
 # (ssh_command.start_ahead)
 CONNECT_TIMEOUT_S = 10
+
+# The back-ends' threads of their own (a login made ahead of the first call, SFTP sessions
+# being opened): daemons, so that a host that does not answer never holds the end of a
+# run. At exit each is given a moment to end, once what it waits on has been stopped (the
+# ssh still running are killed just before: ssh_command imports this module, so its exit
+# handler runs first). A daemon thread still running Python when the interpreter tears
+# itself down can crash it: a no-op sync to SFTP that had printed its whole report once
+# exited with SIGSEGV, the threads opening its early sessions still alive after main.
+_BACKGROUND: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+BACKGROUND_END_S = 2.0   # the most the end of a run waits for them, all together
+
+
+def background_thread(target: Callable, *args, name: str) -> threading.Thread:
+    """A daemon thread running target(*args), started, and waited for at exit (a
+    moment: see _end_background)."""
+    thread = threading.Thread(target=target, args=args, daemon=True, name=name)
+    _BACKGROUND.add(thread)
+    thread.start()
+    return thread
+
+
+def _end_background() -> None:
+    deadline = time.monotonic() + BACKGROUND_END_S
+    for thread in list(_BACKGROUND):
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_end_background)
 
 ListingErrorHandler = Callable[[str, str], None]
 """Called as on_error(relative_path, message) for a folder that could not be listed."""

@@ -16,7 +16,8 @@ from ..catalog.paths import to_catalog
 from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError, Unsupported
 from ..location import LocationURL, redact, secret_values
 from .base import (CONNECT_TIMEOUT_S, DIR, FILE, LINK, Backend, Capabilities,
-                   ListingErrorHandler, Stat, WriteStream, walk_by_folder)
+                   ListingErrorHandler, Stat, WriteStream, background_thread,
+                   walk_by_folder)
 
 log = logging.getLogger(__name__)
 SECOND_NS = 1_000_000_000
@@ -169,9 +170,7 @@ class FsspecBackend(Backend):
             if self._abandoned:   # closed while this connected: what it made goes too
                 self.close()
 
-        self._early = threading.Thread(target=connect, daemon=True,
-                                       name=f"castlib-connect-{self.url.scheme}")
-        self._early.start()
+        self._early = background_thread(connect, name=f"castlib-connect-{self.url.scheme}")
 
     def _await_early_connect(self) -> None:
         """Wait for a connection started by connect_in_background, and raise its error

@@ -26,7 +26,8 @@ from ..errors import NotFound, StorageError, Unsupported
 from ..transfer import is_temp_name, temp_path
 from . import sftp_wire
 from . import ssh_command
-from .base import DIR, FILE, LINK, Capabilities, Stat
+from .base import (BACKGROUND_END_S, DIR, FILE, LINK, Capabilities, Stat,
+                   background_thread)
 from .fsspec import (READ_TIMEOUT_S, SECOND_NS, FsspecBackend, _quiet_background_errors,
                      _Reader, _Writer)
 
@@ -230,6 +231,7 @@ class SftpBackend(FsspecBackend):
         self._more_coming.set()
         # notified as each session opened early comes (and when the last has): see _wire
         self._session_came = threading.Condition(self._connect_lock)
+        self._opener: threading.Thread | None = None   # the thread opening them (see close)
         # the exception classes of this location's sessions (see sftp_wire)
         self._E = sftp_wire.OWN_ERRORS if self._ssh is not None else None
 
@@ -353,9 +355,8 @@ class SftpBackend(FsspecBackend):
             places = [[None, _NOBODY] for _ in range(more)]
             self._wires += places
             self._more_coming.clear()
-            threading.Thread(target=self._open_more_wires,
-                             args=(host, places, self._generation),
-                             daemon=True, name="castlib-sftp-sessions").start()
+            self._opener = background_thread(self._open_more_wires, host, places,
+                                             self._generation, name="castlib-sftp-sessions")
         return host
 
     def _open_master(self, connection) -> tuple:
@@ -630,6 +631,11 @@ class SftpBackend(FsspecBackend):
         self._wires = []
         if self._ssh is not None:
             self._ssh.close()   # (its askpass helper, if any; made again if needed)
+        opener, self._opener = self._opener, None
+        if opener is not None and opener is not threading.current_thread():
+            # its sessions were stopped above, and none starts after: it ends at once.
+            # Waited for, so that nothing of this location runs on after its close
+            opener.join(BACKGROUND_END_S)
 
     # -- listing -------------------------------------------------------------------------
     def walk(self, on_error):
@@ -1333,10 +1339,8 @@ class _OpensshHost:
             if came is not None:
                 came(wire)
 
-        waits = [threading.Thread(target=finish, args=(wire,), daemon=True,
-                                  name="castlib-sftp-session") for wire in begun[1:]]
-        for wait in waits:
-            wait.start()
+        waits = [background_thread(finish, wire, name="castlib-sftp-session")
+                 for wire in begun[1:]]
         if begun:
             finish(begun[0])   # (this thread's)
         for wait in waits:

@@ -467,6 +467,33 @@ def test_sessions_opened_after_close_are_closed_not_left_running(sftp_server, ow
     assert list(own_temp.iterdir()) == []
 
 
+def test_close_waits_for_the_thread_opening_sessions(sftp_server, tmp_path, monkeypatch):
+    """A short run (a no-op sync) closes its location while the sessions it asked for
+    ahead are still being opened: close() returns with no thread of the location left
+    running (before: they ran on into the interpreter's exit, and a no-op sync that had
+    printed its whole report once exited with SIGSEGV)."""
+    import shutil
+
+    real = shutil.which("ssh")
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    count = tmp_path / "count"
+    # every ssh after the first (the master's login) starts late: the sessions are
+    # still coming when the first listing is done and the location closed
+    wrapper.write_text(f"#!/bin/sh\nif [ -e {count} ]; then sleep 0.5; fi\ntouch {count}\n"
+                       f"exec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    b = open_backend(sftp_server.url, sftp_server.options)
+    b.connect_in_background(8)
+    assert listing(b) == []
+    opening = [t for t in threading.enumerate() if t.name.startswith("castlib-sftp-session")]
+    assert opening, "the sessions came before the close: nothing tested"
+    b.close()
+    assert not [t for t in opening if t.is_alive()]
+    assert wait_for(lambda: not _ssh_children()), _ssh_children()
+
+
 @pytest.mark.parametrize("waited_by", ["pidfd", "thread"])
 def test_sessions_given_up_as_they_start_leave_no_zombie(sftp_server, waited_by, monkeypatch):
     """Sessions whose time is up as their ssh has just started (a timeout that fires
