@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import stat as statmod
+import threading
 from typing import BinaryIO, Iterator
 
 from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError
@@ -21,6 +22,9 @@ def storage_error(exc: OSError, path: str) -> StorageError:
     """Translate an OSError into castlib's error types, keeping the message short."""
     # the root itself ("") is named by the location in the caller's message
     msg = f"{exc.strerror or exc}: {path!r}" if path else f"{exc.strerror or exc}"
+    if exc.errno == errno.ELOOP:   # (O_NOFOLLOW's refusal: see LocalBackend._at)
+        msg = (f"{exc.filename or path!r}: a link now, where a file or folder was: nothing "
+               "is written through it")
     if isinstance(exc, FileNotFoundError):
         return NotFound(msg, path=path)
     if exc.errno in _TRANSIENT_ERRNOS:
@@ -51,6 +55,8 @@ class LocalBackend(Backend):
         super().__init__(url, options)
         self.root = url.path
         self.capabilities = self.capabilities_for(url.scheme)
+        self._held = threading.local()   # each thread's folders kept open (see _at)
+        self._generation = 0   # counts this back-end's changes to folders (see _at)
 
     # -- identity: what a root is, whatever its spelling ----------------------------------
     @classmethod
@@ -195,10 +201,68 @@ class LocalBackend(Backend):
         return Stat(path, FILE, st.st_size, st.st_mtime_ns, mode & 0o7777, uid=st.st_uid,
                     gid=st.st_gid, inode=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None)
 
+    # -- reading and writing below the root, never through a link ----------------------
+    # Each change is made in its folder, reached from the root one name at a time with
+    # O_NOFOLLOW, and on the last name itself without following it. The sync looks for
+    # links where the catalog has folders before it writes (sync.py, _keep_out_of_links),
+    # but a folder of the destination swapped for a link after that look (by whoever can
+    # write there: with --owner as root, the owners of the files synced) would have had
+    # the copies, renames and chmods that follow land where the link points: outside the
+    # destination, over files of root's. The root itself may be a link (it was named).
+    #
+    # A thread keeps the last two folders it reached open (a copy's write, checks, times,
+    # bits and rename are all in one folder; a thread's next copy is often there too): a
+    # walk per call cost a copy of 1,000 files 0.1 s, its threads waking each other at
+    # every system call. A folder kept open is the one that was reached: a link put at
+    # its path later changes nothing for it. This back-end's removal or rename of a
+    # folder makes every thread reach its folders afresh.
+    def _at(self, path: str) -> tuple[int, str]:
+        """(a descriptor of the folder that holds `path`, kept open by this thread: not
+        to be closed; the last name of `path`)."""
+        folder, _, name = path.rpartition("/")
+        held = self._held.__dict__.setdefault("folders", [])
+        for entry in held:
+            if entry.path == folder and entry.generation == self._generation:
+                if entry is not held[-1]:
+                    held.remove(entry)
+                    held.append(entry)
+                return entry.fd, name
+        entry = _Folder(folder, self._reach(folder), self._generation)
+        held.append(entry)
+        if len(held) > 2:   # (a rename holds two: the older of three goes)
+            held.pop(0).close()
+        return entry.fd, name
+
+    def _reach(self, folder: str) -> int:
+        """A new descriptor of `folder`, reached from the root without following a link."""
+        fd = os.open(self.root, _FOLDER)
+        try:
+            parts = folder.split("/") if folder else []
+            for depth, part in enumerate(parts, 1):
+                below = _folder_below(fd, part, "/".join(parts[:depth]))
+                os.close(fd)
+                fd = below
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _folders_changed(self) -> None:
+        self._generation += 1
+
+    def close(self) -> None:
+        for entry in self._held.__dict__.pop("folders", []):
+            entry.close()
+
     # -- data ----------------------------------------------------------------------------
     def open_read(self, path: str) -> BinaryIO:
+        """The file's bytes, reached as writes are (_at): a source folder swapped for a
+        link, or a file for one, after it was listed is not read through (a root-run
+        sync would have read what the link points to, under the name of a file of the
+        one who swapped it)."""
         try:
-            return open(self._abs(path), "rb", buffering=0)
+            folder, name = self._at(path)
+            return open(os.open(name, _TO_READ, dir_fd=folder), "rb", buffering=0)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
@@ -217,63 +281,187 @@ class LocalBackend(Backend):
         return digests[algorithm]
 
     def open_write(self, path: str) -> BinaryIO:
+        """The file, made or emptied; never the target of a link of that name."""
         try:
-            return _DurableFile(self._abs(path))
+            folder, name = self._at(path)
+            fd = os.open(name, _TO_WRITE, 0o666, dir_fd=folder)
+            return _DurableFile(fd, os.dup(folder), name)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
     # -- namespace -----------------------------------------------------------------------
     def mkdir(self, path: str) -> None:
+        """The folder and those above it that are missing, the root too (as
+        os.makedirs), each below the root made in the one above, none reached through a
+        link."""
         try:
-            os.makedirs(self._abs(path), exist_ok=True)
+            try:
+                fd = os.open(self.root, _FOLDER)
+            except FileNotFoundError:   # a new destination: the root as named, made
+                os.makedirs(self.root, exist_ok=True)
+                fd = os.open(self.root, _FOLDER)
+            try:
+                parts = path.split("/") if path else []
+                for depth, part in enumerate(parts, 1):
+                    try:
+                        os.mkdir(part, dir_fd=fd)
+                    except FileExistsError:
+                        if depth == len(parts) and statmod.S_ISLNK(
+                                os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                            return   # there, as mkdir -p finds it: the caller looks at what
+                    below = _folder_below(fd, part, "/".join(parts[:depth]))
+                    os.close(fd)
+                    fd = below
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
     def rename(self, src: str, dst: str) -> None:
         try:
-            os.replace(self._abs(src), self._abs(dst))
+            src_folder, src_name = self._at(src)
+            dst_folder, dst_name = self._at(dst)
+            moved = os.stat(src_name, dir_fd=src_folder, follow_symlinks=False)
+            os.replace(src_name, dst_name, src_dir_fd=src_folder, dst_dir_fd=dst_folder)
+            if statmod.S_ISDIR(moved.st_mode):
+                self._folders_changed()
         except OSError as exc:
             raise storage_error(exc, src) from None
 
     def delete(self, path: str) -> None:
-        p = self._abs(path)
         try:
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.rmdir(p)
+            folder, name = self._at(path)
+            if statmod.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+                os.rmdir(name, dir_fd=folder)
+                self._folders_changed()
             else:
-                os.unlink(p)
+                os.unlink(name, dir_fd=folder)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
     def set_mtime(self, path: str, mtime_ns: int) -> None:
         try:
-            os.utime(self._abs(path), ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            if not path:
+                os.utime(self.root, ns=(mtime_ns, mtime_ns))
+                return
+            folder, name = self._at(path)
+            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=folder, follow_symlinks=False)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
     def symlink(self, path: str, target: str) -> None:
         try:
-            os.symlink(target, self._abs(path))
+            folder, name = self._at(path)
+            os.symlink(target, name, dir_fd=folder)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
     def chmod(self, path: str, mode: int) -> None:
+        """The bits of the file or folder itself: a link there now is refused, its target
+        left as it is (Linux has no lchmod: the entry is opened without following it,
+        then changed through /proc)."""
         try:
-            os.chmod(self._abs(path), mode & 0o7777)
+            if not path:
+                os.chmod(self.root, mode & 0o7777)
+                return
+            folder, name = self._at(path)
+            _chmod_not_a_link(folder, name, mode & 0o7777)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
     def chown(self, path: str, uid: int | None, gid: int | None) -> None:
+        owner = (-1 if uid is None else uid, -1 if gid is None else gid)
         try:
-            os.lchown(self._abs(path), -1 if uid is None else uid, -1 if gid is None else gid)
+            if not path:
+                os.chown(self.root, *owner)
+                return
+            folder, name = self._at(path)
+            os.chown(name, *owner, dir_fd=folder, follow_symlinks=False)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
     def hard_link(self, path: str, existing: str) -> None:
         try:
-            os.link(self._abs(existing), self._abs(path), follow_symlinks=False)
+            existing_folder, existing_name = self._at(existing)
+            folder, name = self._at(path)
+            os.link(existing_name, name, src_dir_fd=existing_folder, dst_dir_fd=folder,
+                    follow_symlinks=False)
         except OSError as exc:
             raise storage_error(exc, path) from None
+
+
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_fchmodat2 = None   # the accelerator's chmod_nofollow, False where there is none (see below)
+_TO_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TO_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Folder:
+    """A folder a thread keeps open (LocalBackend._at), closed when it is let go."""
+
+    __slots__ = ("path", "fd", "generation")
+
+    def __init__(self, path: str, fd: int, generation: int):
+        self.path, self.fd, self.generation = path, fd, generation
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    __del__ = close   # (a thread that ended: its folders go with its local storage)
+
+
+def _folder_below(fd: int, name: str, place: str) -> int:
+    """A descriptor of the folder `name` in the folder `fd`, opened without following a
+    link (one there: ELOOP, naming `place`, its path below the root)."""
+    try:
+        return os.open(name, _FOLDER | os.O_NOFOLLOW, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):   # (O_DIRECTORY's, for a link)
+            raise
+        try:
+            link = statmod.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+        except OSError:
+            raise exc from None
+        if not link:
+            raise
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), place) from None
+
+
+def _chmod_not_a_link(folder: int, name: str, mode: int) -> None:
+    """chmod of `name` in the folder `folder`, refused (ELOOP) if it is a link: in one
+    system call where the kernel has one for it (fchmodat2, through castlib's C
+    accelerator), else opened without following it and changed through /proc (four)."""
+    global _fchmodat2
+    if _fchmodat2 is None:
+        try:
+            from .._accel import chmod_nofollow as _fchmodat2
+        except ImportError:
+            _fchmodat2 = False
+    if _fchmodat2:
+        try:
+            return _fchmodat2(folder, os.fsencode(name), mode)
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:   # (its answer for a link)
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
+            if exc.errno == errno.ENOSYS:   # this kernel has none: the way below from now on
+                _fchmodat2 = False
+            elif exc.errno != errno.EPERM:   # (a sandbox's filter's, or the file's: the
+                raise                        # way below tells which)
+    o_path = getattr(os, "O_PATH", None)
+    if o_path is None or not os.path.isdir("/proc/self/fd"):   # (not Linux: looked at first)
+        if statmod.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        os.chmod(name, mode, dir_fd=folder)
+        return
+    fd = os.open(name, o_path | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    try:
+        if statmod.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 def file_system_identity(path: str, table: list | None = None) -> str:
@@ -380,9 +568,9 @@ class _DurableFile(WriteStream):
     run file) keeps its holes instead of growing to its full size on disk. Holes read as
     zeros, so the bytes, and the read-back verification, are the same."""
 
-    def __init__(self, path: str):
-        self._path = path
-        self._f = open(path, "wb", buffering=0)
+    def __init__(self, fd: int, folder: int, name: str):
+        self._f = open(fd, "wb", buffering=0)
+        self._folder, self._name = folder, name   # where it was made (see _abort)
         # a hole can only be as fine as the file system's block
         self._block = max(512, min(os.fstat(self._f.fileno()).st_blksize or 4096, 1 << 20))
         self._zero = bytes(self._block)
@@ -430,11 +618,15 @@ class _DurableFile(WriteStream):
             os.fsync(self._f.fileno())
         finally:
             self._f.close()
+        os.close(self._folder)   # (on a failure, _abort removes the file, then closes it)
 
     def _abort(self) -> None:
-        """Close and remove the half-written file: no partial file stays under its name."""
-        self._f.close()
+        """Close and remove the half-written file: no partial file stays under its name
+        (removed in the folder it was made in, whatever is at that folder's path now)."""
         try:
-            os.unlink(self._path)
+            self._f.close()
+            os.unlink(self._name, dir_fd=self._folder)
         except FileNotFoundError:
             pass
+        finally:
+            os.close(self._folder)

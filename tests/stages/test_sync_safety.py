@@ -456,6 +456,117 @@ def test_a_folder_that_became_a_link_is_not_written_through(tmp_path, db_url):
     assert tree_digest(outside) == before
 
 
+def test_a_folder_swapped_for_a_link_after_the_look_is_not_written_through(
+        tmp_path, db_url, monkeypatch):
+    """The race the look before writing leaves open: whoever can write in the destination
+    (with --owner as root, the owner of a folder synced) swaps a folder for a link to
+    another place after castlib looked and before it writes. Each copy, rename, chmod and
+    re-time below it is refused (the local back-end reaches each folder from the root
+    without following a link), said, and counted failed; the place the link points to
+    is left exactly as it was (before: the copies landed there, over its files)."""
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/f1": b"one", "a/sub/f2": b"two", "keep.dat": b"k"})
+    dst = tmp_path / "dst"
+    assert sync(ref, dst, db_url).counts["copied"] == 3
+    outside = make_tree(tmp_path / "outside", {"f1": b"theirs", "sub/f2": b"theirs too"})
+    before = tree_digest(outside)
+    modes = {name: os.lstat(outside / name).st_mode for name in ("f1", "sub", "sub/f2")}
+    (ref / "a" / "f1").write_bytes(b"one, changed")
+    (ref / "a" / "sub" / "f2").write_bytes(b"two, changed")
+    (ref / "a" / "f3").write_bytes(b"three")
+    os.chmod(ref / "a" / "sub", 0o700)
+    (ref / "keep.dat").write_bytes(b"k, changed")
+    looked = SyncStage._keep_out_of_links
+
+    def look_then_swap(self, plan):
+        looked(self, plan)   # the destination as it was: nothing to keep out of
+        os.rename(dst / "a", tmp_path / "old-a")
+        os.symlink(outside, dst / "a")
+
+    monkeypatch.setattr(SyncStage, "_keep_out_of_links", look_then_swap)
+    r = sync(ref, dst, db_url)
+    assert tree_digest(outside) == before
+    assert {n: os.lstat(outside / n).st_mode for n in modes} == modes
+    assert r.exit_code == 1 and r.counts["failed"] >= 3, r.counts
+    assert (dst / "keep.dat").read_bytes() == b"k, changed"   # the rest of the sync was done
+    assert os.readlink(dst / "a") == str(outside)
+    assert not [p for p in outside.rglob("*") if "castlib" in p.name]
+
+
+def test_a_source_folder_swapped_for_a_link_is_not_read_through(tmp_path, db_url):
+    """The reference side of the same race: a folder of the reference, listed into the
+    catalog, swapped for a link to a folder the syncing user may read and its owner may
+    not, holding a file of the same name, size and mtime (all of which the one who swaps
+    can see and copy). The sync trusts the catalog (--index none) and reads: the file
+    is refused as a link, not copied under the name of a file of the one who swapped."""
+    ref = make_tree(tmp_path / "ref", {"a/f": b"mine, 16 bytes.", "keep.dat": b"k"})
+    secret = make_tree(tmp_path / "secret", {"f": b"theirs, 16 byte"})
+    os.utime(ref / "a" / "f", ns=(1_600_000_000 * 10**9,) * 2)
+    os.utime(secret / "f", ns=(1_600_000_000 * 10**9,) * 2)
+    castlib.index(str(ref), db=db_url)
+    os.rename(ref / "a", tmp_path / "old-a")
+    os.symlink(secret, ref / "a")
+    dst = tmp_path / "dst"
+    r = sync(ref, dst, db_url, index="none")
+    assert (dst / "keep.dat").read_bytes() == b"k"
+    assert not (dst / "a" / "f").exists()
+    assert r.counts["failed"] == 1 and any("a link now" in e for e in r.errors), r.errors
+
+
+@pytest.mark.parametrize("chmod_by", ["fchmodat2", "proc"])
+def test_local_writes_below_a_link_are_refused_and_a_chmod_of_a_link_leaves_its_target(
+        tmp_path, chmod_by, monkeypatch):
+    """The local back-end's own guarantee, one operation at a time: below its root
+    nothing is made, written, renamed, linked, re-timed, chmod-ed or removed through a
+    link, and a link where a file was keeps its target's bits as they are. chmod both
+    ways: the kernel's fchmodat2 (Linux 6.6, through the C accelerator), and, where
+    there is none, the entry opened without following it and changed through /proc."""
+    from castlib.backends import local, open_backend
+    from castlib.errors import StorageError
+
+    if chmod_by == "fchmodat2":
+        from castlib._accel import chmod_nofollow   # (built by the install)
+
+        monkeypatch.setattr(local, "_fchmodat2", chmod_nofollow)
+    else:
+        monkeypatch.setattr(local, "_fchmodat2", False)
+
+    dst = make_tree(tmp_path / "dst", {"f": b"f", "real/g": b"g"})
+    outside = make_tree(tmp_path / "outside", {"g": b"theirs", "secret": b"s"})
+    os.chmod(outside / "secret", 0o600)
+    before = tree_digest(outside)
+    os.symlink(outside, dst / "a")
+    os.symlink(outside / "secret", dst / "lnk")
+    b = open_backend(str(dst))
+    attempts = {
+        "open_write": lambda: b.open_write("a/new").close(),
+        "mkdir": lambda: b.mkdir("a/deeper"),
+        "rename into": lambda: b.rename("f", "a/g"),
+        "rename out of": lambda: b.rename("a/g", "stolen"),
+        "symlink": lambda: b.symlink("a/l", "/etc/passwd"),
+        "hard_link": lambda: b.hard_link("a/h", "f"),
+        "set_mtime": lambda: b.set_mtime("a/g", 10**18),
+        "chmod below": lambda: b.chmod("a/g", 0o777),
+        "chmod of a link": lambda: b.chmod("lnk", 0o666),
+        "delete": lambda: b.delete("a/g"),
+        "open_read below": lambda: b.open_read("a/secret").close(),
+        "open_read of a link": lambda: b.open_read("lnk").close(),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(StorageError, match="a link now") as info:
+            attempt()
+        assert "Traceback" not in str(info.value), what
+    assert tree_digest(outside) == before
+    assert os.stat(outside / "secret").st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(dst)) == ["a", "f", "lnk", "real"]
+    b.mkdir("real/deeper")   # the same calls where no link is in the way: done
+    b.chmod("real/g", 0o640)
+    assert os.stat(dst / "real" / "g").st_mode & 0o777 == 0o640 and (dst / "real/deeper").is_dir()
+    # the way asked for is the way taken (a kernel before 6.6 turns fchmodat2 off)
+    assert bool(local._fchmodat2) == (chmod_by == "fchmodat2"), os.uname().release
+
+
 def test_a_deletion_below_a_folder_that_became_a_link_deletes_nothing(tmp_path, db_url):
     ref, dst, outside, before, _ = _stale_link(tmp_path, db_url)
     os.remove(ref / "a" / "f1")
