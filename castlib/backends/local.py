@@ -32,6 +32,12 @@ def storage_error(exc: OSError, path: str) -> StorageError:
     return StorageError(msg, path=path)
 
 
+_PATH_MAX, _NAME_MAX = 4096, 255   # Linux's (limits.h), as the C accelerator's walk takes them
+
+# (the C accelerator's words for the same: _accel.c)
+_REPLACED = ("replaced while the index ran (a link or another folder in its path now): "
+             "not listed")
+
 _SPECIAL_KINDS = {statmod.S_IFIFO: "fifo", statmod.S_IFSOCK: "socket",
                   statmod.S_IFCHR: "character device", statmod.S_IFBLK: "block device"}
 
@@ -125,56 +131,88 @@ class LocalBackend(Backend):
     def walk(self, on_error: ListingErrorHandler) -> Iterator[Stat]:
         if not os.path.isdir(self.root):
             raise LocationMissing(f"folder does not exist: {self.root}", path="")
-        # An explicit stack instead of recursion: deep trees, and one tight loop.
-        stack = [("", self.root)]
+        # An explicit stack instead of recursion: deep trees, and one tight loop. Each
+        # folder below the root with (device, inode) as its parent's listing saw it: the
+        # folder opened by its path must be that one (as the C accelerator's walk: a
+        # folder swapped for a link, or a parent of it, would lead the listing out of
+        # the tree, and put what is there in the catalog as if it were here)
+        stack = [("", self.root, None)]
         self.specials_skipped = []
+        while stack:
+            rel, absdir, seen = stack.pop()
+            try:
+                fd = os.open(absdir, _FOLDER if seen is None else _FOLDER | os.O_NOFOLLOW)
+            except OSError as exc:
+                on_error(rel, _REPLACED if seen is not None and exc.errno in (
+                    errno.ENOTDIR, errno.ELOOP) else exc.strerror or str(exc))
+                continue
+            try:
+                yield from self._list_folder(fd, rel, absdir, seen, stack, on_error)
+            finally:
+                os.close(fd)
+
+    def _list_folder(self, fd: int, rel: str, absdir: str, seen: tuple | None,
+                     stack: list, on_error: ListingErrorHandler) -> Iterator[Stat]:
+        """The entries of the folder open as `fd` (see walk); its folders go on `stack`."""
         # file types compared as numbers: S_ISDIR() and friends are calls, once per entry
         IFMT, IFDIR, IFLNK, IFREG = 0o170000, statmod.S_IFDIR, statmod.S_IFLNK, statmod.S_IFREG
-        while stack:
-            rel, absdir = stack.pop()
-            try:
-                it = os.scandir(absdir)
-            except OSError as exc:
-                on_error(rel, exc.strerror or str(exc))
-                continue
-            subdirs = []
-            with it:
-                while True:
+        if seen is not None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != seen:
+                on_error(rel, _REPLACED)
+                return
+        try:
+            it = os.scandir(fd)
+        except OSError as exc:
+            on_error(rel, exc.strerror or str(exc))
+            return
+        subdirs = []
+        # a path too long for the kernel is an error of its entry, as when entries were
+        # stat'ed by their joined paths (the C walk says the same); names are 255 bytes
+        # at most: only a folder near the limit has its names measured
+        room = _PATH_MAX - len(os.fsencode(absdir)) - 1
+        near = room <= _NAME_MAX
+        with it:
+            while True:
+                try:
+                    entry = next(it)
+                except StopIteration:
+                    break
+                except OSError as exc:
+                    on_error(rel, exc.strerror or str(exc))
+                    break
+                name = entry.name
+                path = f"{rel}/{name}" if rel else name
+                if near and len(os.fsencode(name)) >= room:
+                    on_error(path, os.strerror(errno.ENAMETOOLONG))
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:   # gone since the folder was read (a
+                    continue                # sync renamed its temporary file): not there
+                except OSError as exc:
+                    on_error(path, exc.strerror or str(exc))
+                    continue
+                mode = st.st_mode
+                file_type = mode & IFMT
+                if file_type == IFREG:
+                    yield Stat(path, FILE, st.st_size, st.st_mtime_ns, mode & 0o7777,
+                               inode=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None)
+                elif file_type == IFDIR:
+                    yield Stat(path, DIR, 0, st.st_mtime_ns, mode & 0o7777)
+                    subdirs.append((path, os.path.join(absdir, name),
+                                    (st.st_dev, st.st_ino)))
+                elif file_type == IFLNK:
                     try:
-                        entry = next(it)
-                    except StopIteration:
-                        break
-                    except OSError as exc:
-                        on_error(rel, exc.strerror or str(exc))
-                        break
-                    name = entry.name
-                    path = f"{rel}/{name}" if rel else name
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:   # gone since the folder was read (a
-                        continue                # sync renamed its temporary file): not there
-                    except OSError as exc:
-                        on_error(path, exc.strerror or str(exc))
-                        continue
-                    mode = st.st_mode
-                    file_type = mode & IFMT
-                    if file_type == IFREG:
-                        yield Stat(path, FILE, st.st_size, st.st_mtime_ns, mode & 0o7777,
-                                   inode=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None)
-                    elif file_type == IFDIR:
-                        yield Stat(path, DIR, 0, st.st_mtime_ns, mode & 0o7777)
-                        subdirs.append((path, entry.path))
-                    elif file_type == IFLNK:
-                        try:
-                            target = os.readlink(entry.path)
-                        except OSError:
-                            target = None
-                        yield Stat(path, LINK, st.st_size, st.st_mtime_ns, mode & 0o7777, target)
-                    else:   # sockets, fifos and devices are not data: not catalogued,
-                        # but said (rsync -a would recreate them)
-                        self.specials_skipped.append((path, _SPECIAL_KINDS.get(
-                            file_type, "special")))
-            stack.extend(reversed(subdirs))
+                        target = os.readlink(name, dir_fd=fd)
+                    except OSError:
+                        target = None
+                    yield Stat(path, LINK, st.st_size, st.st_mtime_ns, mode & 0o7777, target)
+                else:   # sockets, fifos and devices are not data: not catalogued,
+                    # but said (rsync -a would recreate them)
+                    self.specials_skipped.append((path, _SPECIAL_KINDS.get(
+                        file_type, "special")))
+        stack.extend(reversed(subdirs))
 
     def stat(self, path: str) -> Stat | None:
         try:

@@ -432,3 +432,25 @@ def test_fifos_and_sockets_are_counted_and_said_once_not_catalogued(tmp_path, db
         assert r.last.summary.endswith("; 1 special file skipped (fifo): castlib copies files, "
                                        "folders and links"), r.last.summary
     assert castlib.index(str(tmp_path / "t" / "sub"), db=db_url).counts["specials_skipped"] == 1
+
+
+@pytest.mark.parametrize("swapped", ["a", "a/b"])
+def test_the_python_walk_does_not_follow_a_folder_swapped_for_a_link_mid_walk(tmp_path,
+                                                                               swapped):
+    """The walk castlib takes where the C accelerator does not (a PostgreSQL catalog, a
+    destination's listing): a folder listed as a folder, then swapped for a link before
+    its own turn (itself, or a folder above it), is said unreadable and not listed; what
+    the link points to never enters the catalog as if it were here (as the C walk)."""
+    from castlib.backends import open_backend
+
+    tree = make_tree(tmp_path / "tree", {"a/b/f": b"f", "a/g": b"g", "z": b"z"})
+    outside = make_tree(tmp_path / "outside", {"b/secret": b"s", "secret": b"s"})
+    errors, seen = [], []
+    for stat in open_backend(str(tree)).walk(lambda path, why: errors.append((path, why))):
+        seen.append(stat.path)
+        if stat.path == swapped:   # listed as a folder; its own listing comes later
+            os.rename(tree / "a", tmp_path / "old-a")
+            os.symlink(outside, tree / "a")
+    assert not [p for p in seen if "secret" in p], seen
+    assert errors == [(swapped, "replaced while the index ran (a link or another folder in "
+                                "its path now): not listed")], errors
