@@ -477,11 +477,11 @@ def test_close_waits_for_the_thread_opening_sessions(sftp_server, tmp_path, monk
     real = shutil.which("ssh")
     wrapper = tmp_path / "bin" / "ssh"
     wrapper.parent.mkdir()
-    count = tmp_path / "count"
-    # every ssh after the first (the master's login) starts late: the sessions are
-    # still coming when the first listing is done and the location closed
-    wrapper.write_text(f"#!/bin/sh\nif [ -e {count} ]; then sleep 0.5; fi\ntouch {count}\n"
-                       f"exec {real} \"$@\"\n")
+    # the sessions on the master's connection (ControlMaster=no) but the first (the
+    # listing's) start late: they are still coming when the location is closed
+    first = tmp_path / "first"
+    wrapper.write_text("#!/bin/sh\ncase \"$*\" in *ControlMaster=no*) "
+                       f"mkdir {first} 2>/dev/null || sleep 3;; esac\nexec {real} \"$@\"\n")
     wrapper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
     b = open_backend(sftp_server.url, sftp_server.options)
