@@ -442,10 +442,10 @@ class _Folder:
     def __init__(self, path: str, fd: int, generation: int):
         self.path, self.fd, self.generation = path, fd, generation
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:   # (os may be gone when it runs at exit)
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            os.close(fd)
+            _close(fd)
 
     __del__ = close   # (a thread that ended: its folders go with its local storage)
 
