@@ -262,7 +262,20 @@ class LocalBackend(Backend):
         one who swapped it)."""
         try:
             folder, name = self._at(path)
-            return open(os.open(name, _TO_READ, dir_fd=folder), "rb", buffering=0)
+            fd = os.open(name, _TO_READ, dir_fd=folder)
+            try:
+                kind = os.fstat(fd).st_mode
+                if statmod.S_ISDIR(kind):   # (as open() says it)
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+                if not statmod.S_ISREG(kind):   # a fifo swapped in: its open would have
+                    raise StorageError(          # waited for a writer, the sync hung
+                        f"a {_SPECIAL_KINDS.get(statmod.S_IFMT(kind), 'special file')} "
+                        "now, where a file was: not read", path=path)
+                os.set_blocking(fd, True)
+            except BaseException:
+                os.close(fd)
+                raise
+            return open(fd, "rb", buffering=0)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
@@ -392,7 +405,7 @@ class LocalBackend(Backend):
 
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _fchmodat2 = None   # the accelerator's chmod_nofollow, False where there is none (see below)
-_TO_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TO_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK   # (a fifo: see open_read)
 _TO_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

@@ -674,3 +674,33 @@ def test_owners_are_not_given_through_a_link_in_a_type_conflict(tmp_path, db_url
     assert (st.st_uid, st.st_gid) == (0, 0)
     assert r.errors == ["a: type conflict: reference has a folder, destination a link; use "
                         "--delete to replace it"]
+
+
+def test_a_source_file_swapped_for_a_fifo_is_refused_not_waited_on(tmp_path, db_url):
+    """A file of the reference swapped for a fifo after it was listed: the sync read it
+    as a file, and the open of a fifo waits for a writer, so the sync hung (and a
+    SIGTERM did not end it). It is refused, said in one line, counted failed; the rest
+    is copied. (A writer opens the fifo after a while so that the old code ends.)"""
+    import threading
+
+    ref = make_tree(tmp_path / "ref", {"f1": b"one", "f2": b"two", "f3": b"three"})
+    castlib.index(str(ref), db=db_url)
+    os.unlink(ref / "f2")
+    os.mkfifo(ref / "f2")
+    done = threading.Event()
+
+    def unblock():
+        if not done.wait(20):
+            with open(ref / "f2", "wb") as w:
+                w.write(b"two")
+
+    threading.Thread(target=unblock, daemon=True).start()
+    dst = tmp_path / "dst"
+    try:
+        r = sync(ref, dst, db_url, index="none")
+    finally:
+        done.set()
+    assert r.exit_code == 1 and r.counts["failed"] == 1, r.counts
+    assert any("fifo now" in e and "Traceback" not in e for e in r.errors), r.errors
+    assert (dst / "f1").read_bytes() == b"one" and (dst / "f3").read_bytes() == b"three"
+    assert not (dst / "f2").exists()
