@@ -57,6 +57,7 @@ class LocalBackend(Backend):
         self.capabilities = self.capabilities_for(url.scheme)
         self._held = threading.local()   # each thread's folders kept open (see _at)
         self._generation = 0   # counts this back-end's changes to folders (see _at)
+        self._private = set()   # files open_write made 0600, not chmod-ed since (see rename)
 
     # -- identity: what a root is, whatever its spelling ----------------------------------
     @classmethod
@@ -297,7 +298,11 @@ class LocalBackend(Backend):
         """The file, made or emptied; never the target of a link of that name."""
         try:
             folder, name = self._at(path)
-            fd = os.open(name, _TO_WRITE, 0o666, dir_fd=folder)
+            # 0600: others may list the folder while the bytes go in (a file only its
+            # owner may read, in a temporary of 0644, was theirs to read); the bits it
+            # is given come before its rename, or the default ones at it (see rename)
+            fd = os.open(name, _TO_WRITE, 0o600, dir_fd=folder)
+            self._private.add(path)
             return _DurableFile(fd, os.dup(folder), name)
         except OSError as exc:
             raise storage_error(exc, path) from None
@@ -335,6 +340,10 @@ class LocalBackend(Backend):
             src_folder, src_name = self._at(src)
             dst_folder, dst_name = self._at(dst)
             moved = os.stat(src_name, dir_fd=src_folder, follow_symlinks=False)
+            if src in self._private:   # no bits asked for (--no-perms): a new file's own
+                self._private.discard(src)
+                if statmod.S_ISREG(moved.st_mode):
+                    _chmod_not_a_link(src_folder, src_name, 0o666 & ~_umask())
             os.replace(src_name, dst_name, src_dir_fd=src_folder, dst_dir_fd=dst_folder)
             if statmod.S_ISDIR(moved.st_mode):
                 self._folders_changed()
@@ -349,6 +358,7 @@ class LocalBackend(Backend):
                 self._folders_changed()
             else:
                 os.unlink(name, dir_fd=folder)
+                self._private.discard(path)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
@@ -379,6 +389,7 @@ class LocalBackend(Backend):
                 return
             folder, name = self._at(path)
             _chmod_not_a_link(folder, name, mode & 0o7777)
+            self._private.discard(path)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
@@ -440,6 +451,24 @@ def _folder_below(fd: int, name: str, place: str) -> int:
         if not link:
             raise
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), place) from None
+
+
+_UMASK = None
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it: another thread
+    making a file meanwhile would get the wrong bits)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", "rb") as f:
+                _UMASK = next(int(line.split()[1], 8) for line in f
+                              if line.startswith(b"Umask:"))
+        except (OSError, StopIteration, ValueError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
 
 
 def _chmod_not_a_link(folder: int, name: str, mode: int) -> None:

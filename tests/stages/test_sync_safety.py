@@ -704,3 +704,34 @@ def test_a_source_file_swapped_for_a_fifo_is_refused_not_waited_on(tmp_path, db_
     assert any("fifo now" in e and "Traceback" not in e for e in r.errors), r.errors
     assert (dst / "f1").read_bytes() == b"one" and (dst / "f3").read_bytes() == b"three"
     assert not (dst / "f2").exists()
+
+
+@pytest.mark.parametrize("perms", [True, False])
+def test_a_temporary_is_not_readable_by_others_while_it_is_written(tmp_path, db_url,
+                                                                   monkeypatch, perms):
+    """A file only its owner may read, copied: its temporary was made 0666 less the
+    umask (0644) and its bits set only before the rename, so anyone who could list the
+    destination folder could open the temporary while the bytes went in and read them
+    all. It is made 0600; its bits come before the rename, as before (--no-perms: the
+    bits a new file gets, 0666 less the umask, as before)."""
+    from castlib import transfer
+
+    ref = make_tree(tmp_path / "ref", {"secret": b"s" * 1000})
+    os.chmod(ref / "secret", 0o600)
+    seen = []
+    stream = transfer._stream
+
+    def look_while_written(src, src_path, dst, tmp, *a, **kw):
+        out = stream(src, src_path, dst, tmp, *a, **kw)
+        seen.append(dst.stat(tmp).mode & 0o777)   # written: the bytes are all there
+        return out
+
+    monkeypatch.setattr(transfer, "_stream", look_while_written)
+    old = os.umask(0o022)
+    try:
+        r = sync(tmp_path / "ref", tmp_path / "dst", db_url, perms=perms)
+    finally:
+        os.umask(old)
+    assert r.counts["copied"] == 1, r.errors
+    assert seen == [0o600]
+    assert os.stat(tmp_path / "dst" / "secret").st_mode & 0o777 == (0o600 if perms else 0o644)
