@@ -735,3 +735,38 @@ def test_a_temporary_is_not_readable_by_others_while_it_is_written(tmp_path, db_
     assert r.counts["copied"] == 1, r.errors
     assert seen == [0o600]
     assert os.stat(tmp_path / "dst" / "secret").st_mode & 0o777 == (0o600 if perms else 0o644)
+
+
+def test_a_file_swapped_in_before_the_owners_are_given_gets_no_set_id_bits(
+        tmp_path, db_url, monkeypatch):
+    """--owner as root: a set-user-ID file of root's, in a folder of a user's. The user
+    swaps in a file of their own under its name after the copy, before the owners are
+    given: the sync gave it to root and set its set-user-ID bit again (after the chown
+    that clears it): the user's program, run as root by anyone. A file owned by neither
+    the reference's owner nor the syncing user keeps its owner given, not its set-ID
+    bits, and that is said."""
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/su": b"root's program", "a/plain": b"p"})
+    os.chown(ref / "a", 1234, 1234)
+    os.chmod(ref / "a" / "su", 0o4755)
+    dst = tmp_path / "dst"
+    assert sync(ref, dst, db_url, owner=True).exit_code == 0
+    assert os.stat(dst / "a" / "su").st_mode & 0o7777 == 0o4755
+    (ref / "a" / "plain").write_bytes(b"changed")
+    settle = SyncStage._settle_owners
+
+    def swap_then_settle(self):
+        os.unlink(dst / "a" / "su")   # the user may: the folder is theirs
+        (dst / "a" / "su").write_bytes(b"the user's program")
+        os.chown(dst / "a" / "su", 1234, 1234)
+        os.chmod(dst / "a" / "su", 0o755)
+        settle(self)
+
+    monkeypatch.setattr(SyncStage, "_settle_owners", swap_then_settle)
+    r = sync(ref, dst, db_url, owner=True)
+    st = os.lstat(dst / "a" / "su")
+    assert not (st.st_uid == 0 and st.st_mode & 0o6000), oct(st.st_mode)
+    assert r.exit_code == 1 and any(e.startswith("a/su: ") and "set-ID" in e
+                                    for e in r.errors), r.errors
+    assert (dst / "a" / "plain").read_bytes() == b"changed"
