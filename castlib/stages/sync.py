@@ -920,10 +920,12 @@ class SyncStage(Stage):
                 self.counts["owner_fixed"] += 1
                 if (self.perms and ref.kind == FILE and ref.mode is not None
                         and ref.mode & 0o6000):
-                    if dst.uid not in (ref.uid, 0, os.geteuid()):
-                        # not the file this run wrote (root's, or the syncing user's) nor one
-                        # of the owner's: maybe one its owner swapped in since, which
-                        # the bits would have made a program run as the new owner
+                    if dst.uid not in (0, os.geteuid()) and (
+                            dst.uid != ref.uid or ref.mode & 0o2000):
+                        # not the file this run wrote (root's, or the syncing user's), nor
+                        # one of the owner's given only its set-user-ID bit: maybe one its
+                        # owner swapped in since, which the bits would have made a program
+                        # run as the new owner or group
                         self._fail(path, f"owned by uid {dst.uid}, not the reference's "
                                    "owner's nor this run's: owner given, set-ID bits not")
                         continue

@@ -770,3 +770,32 @@ def test_a_file_swapped_in_before_the_owners_are_given_gets_no_set_id_bits(
     assert r.exit_code == 1 and any(e.startswith("a/su: ") and "set-ID" in e
                                     for e in r.errors), r.errors
     assert (dst / "a" / "plain").read_bytes() == b"changed"
+
+
+def test_a_users_own_file_gets_no_set_group_id_bit_of_a_group_not_theirs(
+        tmp_path, db_url, monkeypatch):
+    """The same swap where the reference's file is the user's own, set-group-ID to a
+    group of which they need not be: their program swapped in would have been given that
+    group and the bit. It gets the group, not the bit."""
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/sg": b"the group's program", "a/plain": b"p"})
+    os.chown(ref / "a", 1234, 1234)
+    os.chown(ref / "a" / "sg", 1234, 4321)
+    os.chmod(ref / "a" / "sg", 0o2755)
+    dst = tmp_path / "dst"
+    assert sync(ref, dst, db_url, owner=True).exit_code == 0
+    (ref / "a" / "plain").write_bytes(b"changed")
+    settle = SyncStage._settle_owners
+
+    def swap_then_settle(self):
+        os.unlink(dst / "a" / "sg")
+        (dst / "a" / "sg").write_bytes(b"the user's program")
+        os.chown(dst / "a" / "sg", 1234, 1234)
+        settle(self)
+
+    monkeypatch.setattr(SyncStage, "_settle_owners", swap_then_settle)
+    r = sync(ref, dst, db_url, owner=True)
+    st = os.lstat(dst / "a" / "sg")
+    assert not (st.st_gid == 4321 and st.st_mode & 0o2000), oct(st.st_mode)
+    assert r.exit_code == 1 and any(e.startswith("a/sg: ") for e in r.errors), r.errors
