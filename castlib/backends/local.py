@@ -63,6 +63,7 @@ class LocalBackend(Backend):
         self.capabilities = self.capabilities_for(url.scheme)
         self._held = threading.local()   # each thread's folders kept open (see _at)
         self._generation = 0   # counts this back-end's changes to folders (see _at)
+        self._private = set()   # files open_write made 0600, not chmod-ed since (see rename)
 
     # -- identity: what a root is, whatever its spelling ----------------------------------
     @classmethod
@@ -300,7 +301,20 @@ class LocalBackend(Backend):
         one who swapped it)."""
         try:
             folder, name = self._at(path)
-            return open(os.open(name, _TO_READ, dir_fd=folder), "rb", buffering=0)
+            fd = os.open(name, _TO_READ, dir_fd=folder)
+            try:
+                kind = os.fstat(fd).st_mode
+                if statmod.S_ISDIR(kind):   # (as open() says it)
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+                if not statmod.S_ISREG(kind):   # a fifo swapped in: its open would have
+                    raise StorageError(          # waited for a writer, the sync hung
+                        f"a {_SPECIAL_KINDS.get(statmod.S_IFMT(kind), 'special file')} "
+                        "now, where a file was: not read", path=path)
+                os.set_blocking(fd, True)
+            except BaseException:
+                os.close(fd)
+                raise
+            return open(fd, "rb", buffering=0)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
@@ -322,7 +336,11 @@ class LocalBackend(Backend):
         """The file, made or emptied; never the target of a link of that name."""
         try:
             folder, name = self._at(path)
-            fd = os.open(name, _TO_WRITE, 0o666, dir_fd=folder)
+            # 0600: others may list the folder while the bytes go in (a file only its
+            # owner may read, in a temporary of 0644, was theirs to read); the bits it
+            # is given come before its rename, or the default ones at it (see rename)
+            fd = os.open(name, _TO_WRITE, 0o600, dir_fd=folder)
+            self._private.add(path)
             return _DurableFile(fd, os.dup(folder), name)
         except OSError as exc:
             raise storage_error(exc, path) from None
@@ -360,6 +378,10 @@ class LocalBackend(Backend):
             src_folder, src_name = self._at(src)
             dst_folder, dst_name = self._at(dst)
             moved = os.stat(src_name, dir_fd=src_folder, follow_symlinks=False)
+            if src in self._private:   # no bits asked for (--no-perms): a new file's own
+                self._private.discard(src)
+                if statmod.S_ISREG(moved.st_mode):
+                    _chmod_not_a_link(src_folder, src_name, 0o666 & ~_umask())
             os.replace(src_name, dst_name, src_dir_fd=src_folder, dst_dir_fd=dst_folder)
             if statmod.S_ISDIR(moved.st_mode):
                 self._folders_changed()
@@ -374,6 +396,7 @@ class LocalBackend(Backend):
                 self._folders_changed()
             else:
                 os.unlink(name, dir_fd=folder)
+                self._private.discard(path)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
@@ -404,6 +427,7 @@ class LocalBackend(Backend):
                 return
             folder, name = self._at(path)
             _chmod_not_a_link(folder, name, mode & 0o7777)
+            self._private.discard(path)
         except OSError as exc:
             raise storage_error(exc, path) from None
 
@@ -430,7 +454,7 @@ class LocalBackend(Backend):
 
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _fchmodat2 = None   # the accelerator's chmod_nofollow, False where there is none (see below)
-_TO_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TO_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK   # (a fifo: see open_read)
 _TO_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -465,6 +489,24 @@ def _folder_below(fd: int, name: str, place: str) -> int:
         if not link:
             raise
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), place) from None
+
+
+_UMASK = None
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it: another thread
+    making a file meanwhile would get the wrong bits)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", "rb") as f:
+                _UMASK = next(int(line.split()[1], 8) for line in f
+                              if line.startswith(b"Umask:"))
+        except (OSError, StopIteration, ValueError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
 
 
 def _chmod_not_a_link(folder: int, name: str, mode: int) -> None:

@@ -1,6 +1,7 @@
 """sync: make a destination match its reference, copying and verifying every byte written."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -916,10 +917,19 @@ class SyncStage(Stage):
                         or (ref.uid, ref.gid) == (dst.uid, dst.gid)):
                     continue
                 self.dst.chown(storage, ref.uid, ref.gid)
+                self.counts["owner_fixed"] += 1
                 if (self.perms and ref.kind == FILE and ref.mode is not None
                         and ref.mode & 0o6000):
+                    if dst.uid not in (0, os.geteuid()) and (
+                            dst.uid != ref.uid or ref.mode & 0o2000):
+                        # not the file this run wrote (root's, or the syncing user's), nor
+                        # one of the owner's given only its set-user-ID bit: maybe one its
+                        # owner swapped in since, which the bits would have made a program
+                        # run as the new owner or group
+                        self._fail(path, f"owned by uid {dst.uid}, not the reference's "
+                                   "owner's nor this run's: owner given, set-ID bits not")
+                        continue
                     self.dst.chmod(storage, ref.mode)
-                self.counts["owner_fixed"] += 1
             except StorageError as exc:
                 self._fail(path or ".", f"cannot set owner: {exc}")
 

@@ -674,3 +674,128 @@ def test_owners_are_not_given_through_a_link_in_a_type_conflict(tmp_path, db_url
     assert (st.st_uid, st.st_gid) == (0, 0)
     assert r.errors == ["a: type conflict: reference has a folder, destination a link; use "
                         "--delete to replace it"]
+
+
+def test_a_source_file_swapped_for_a_fifo_is_refused_not_waited_on(tmp_path, db_url):
+    """A file of the reference swapped for a fifo after it was listed: the sync read it
+    as a file, and the open of a fifo waits for a writer, so the sync hung (and a
+    SIGTERM did not end it). It is refused, said in one line, counted failed; the rest
+    is copied. (A writer opens the fifo after a while so that the old code ends.)"""
+    import threading
+
+    ref = make_tree(tmp_path / "ref", {"f1": b"one", "f2": b"two", "f3": b"three"})
+    castlib.index(str(ref), db=db_url)
+    os.unlink(ref / "f2")
+    os.mkfifo(ref / "f2")
+    done = threading.Event()
+
+    def unblock():
+        if not done.wait(20):
+            with open(ref / "f2", "wb") as w:
+                w.write(b"two")
+
+    threading.Thread(target=unblock, daemon=True).start()
+    dst = tmp_path / "dst"
+    try:
+        r = sync(ref, dst, db_url, index="none")
+    finally:
+        done.set()
+    assert r.exit_code == 1 and r.counts["failed"] == 1, r.counts
+    assert any("fifo now" in e and "Traceback" not in e for e in r.errors), r.errors
+    assert (dst / "f1").read_bytes() == b"one" and (dst / "f3").read_bytes() == b"three"
+    assert not (dst / "f2").exists()
+
+
+@pytest.mark.parametrize("perms", [True, False])
+def test_a_temporary_is_not_readable_by_others_while_it_is_written(tmp_path, db_url,
+                                                                   monkeypatch, perms):
+    """A file only its owner may read, copied: its temporary was made 0666 less the
+    umask (0644) and its bits set only before the rename, so anyone who could list the
+    destination folder could open the temporary while the bytes went in and read them
+    all. It is made 0600; its bits come before the rename, as before (--no-perms: the
+    bits a new file gets, 0666 less the umask, as before)."""
+    from castlib import transfer
+
+    ref = make_tree(tmp_path / "ref", {"secret": b"s" * 1000})
+    os.chmod(ref / "secret", 0o600)
+    seen = []
+    stream = transfer._stream
+
+    def look_while_written(src, src_path, dst, tmp, *a, **kw):
+        out = stream(src, src_path, dst, tmp, *a, **kw)
+        seen.append(dst.stat(tmp).mode & 0o777)   # written: the bytes are all there
+        return out
+
+    monkeypatch.setattr(transfer, "_stream", look_while_written)
+    old = os.umask(0o022)
+    try:
+        r = sync(tmp_path / "ref", tmp_path / "dst", db_url, perms=perms)
+    finally:
+        os.umask(old)
+    assert r.counts["copied"] == 1, r.errors
+    assert seen == [0o600]
+    assert os.stat(tmp_path / "dst" / "secret").st_mode & 0o777 == (0o600 if perms else 0o644)
+
+
+def test_a_file_swapped_in_before_the_owners_are_given_gets_no_set_id_bits(
+        tmp_path, db_url, monkeypatch):
+    """--owner as root: a set-user-ID file of root's, in a folder of a user's. The user
+    swaps in a file of their own under its name after the copy, before the owners are
+    given: the sync gave it to root and set its set-user-ID bit again (after the chown
+    that clears it): the user's program, run as root by anyone. A file owned by neither
+    the reference's owner nor the syncing user keeps its owner given, not its set-ID
+    bits, and that is said."""
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/su": b"root's program", "a/plain": b"p"})
+    os.chown(ref / "a", 1234, 1234)
+    os.chmod(ref / "a" / "su", 0o4755)
+    dst = tmp_path / "dst"
+    assert sync(ref, dst, db_url, owner=True).exit_code == 0
+    assert os.stat(dst / "a" / "su").st_mode & 0o7777 == 0o4755
+    (ref / "a" / "plain").write_bytes(b"changed")
+    settle = SyncStage._settle_owners
+
+    def swap_then_settle(self):
+        os.unlink(dst / "a" / "su")   # the user may: the folder is theirs
+        (dst / "a" / "su").write_bytes(b"the user's program")
+        os.chown(dst / "a" / "su", 1234, 1234)
+        os.chmod(dst / "a" / "su", 0o755)
+        settle(self)
+
+    monkeypatch.setattr(SyncStage, "_settle_owners", swap_then_settle)
+    r = sync(ref, dst, db_url, owner=True)
+    st = os.lstat(dst / "a" / "su")
+    assert not (st.st_uid == 0 and st.st_mode & 0o6000), oct(st.st_mode)
+    assert r.exit_code == 1 and any(e.startswith("a/su: ") and "set-ID" in e
+                                    for e in r.errors), r.errors
+    assert (dst / "a" / "plain").read_bytes() == b"changed"
+
+
+def test_a_users_own_file_gets_no_set_group_id_bit_of_a_group_not_theirs(
+        tmp_path, db_url, monkeypatch):
+    """The same swap where the reference's file is the user's own, set-group-ID to a
+    group of which they need not be: their program swapped in would have been given that
+    group and the bit. It gets the group, not the bit."""
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/sg": b"the group's program", "a/plain": b"p"})
+    os.chown(ref / "a", 1234, 1234)
+    os.chown(ref / "a" / "sg", 1234, 4321)
+    os.chmod(ref / "a" / "sg", 0o2755)
+    dst = tmp_path / "dst"
+    assert sync(ref, dst, db_url, owner=True).exit_code == 0
+    (ref / "a" / "plain").write_bytes(b"changed")
+    settle = SyncStage._settle_owners
+
+    def swap_then_settle(self):
+        os.unlink(dst / "a" / "sg")
+        (dst / "a" / "sg").write_bytes(b"the user's program")
+        os.chown(dst / "a" / "sg", 1234, 1234)
+        settle(self)
+
+    monkeypatch.setattr(SyncStage, "_settle_owners", swap_then_settle)
+    r = sync(ref, dst, db_url, owner=True)
+    st = os.lstat(dst / "a" / "sg")
+    assert not (st.st_gid == 4321 and st.st_mode & 0o2000), oct(st.st_mode)
+    assert r.exit_code == 1 and any(e.startswith("a/sg: ") for e in r.errors), r.errors
