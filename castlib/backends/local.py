@@ -389,6 +389,7 @@ class LocalBackend(Backend):
             raise storage_error(exc, src) from None
 
     def delete(self, path: str) -> None:
+        self._private.discard(path)   # (gone already, as an aborted write's temporary is)
         try:
             folder, name = self._at(path)
             if statmod.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
@@ -396,7 +397,6 @@ class LocalBackend(Backend):
                 self._folders_changed()
             else:
                 os.unlink(name, dir_fd=folder)
-                self._private.discard(path)
         except OSError as exc:
             raise storage_error(exc, path) from None
 

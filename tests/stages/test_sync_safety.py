@@ -11,7 +11,7 @@ import pytest
 import castlib
 from castlib.catalog import Catalog
 from castlib.catalog.locks import location_lock
-from castlib.errors import SafetyRefusal
+from castlib.errors import NotFound, SafetyRefusal
 from castlib.transfer import is_temp_name, temp_path
 from tests.helpers import make_tree, run_cli, tree_digest
 
@@ -799,3 +799,18 @@ def test_a_users_own_file_gets_no_set_group_id_bit_of_a_group_not_theirs(
     st = os.lstat(dst / "a" / "sg")
     assert not (st.st_gid == 4321 and st.st_mode & 0o2000), oct(st.st_mode)
     assert r.exit_code == 1 and any(e.startswith("a/sg: ") for e in r.errors), r.errors
+
+
+def test_an_aborted_local_write_leaves_nothing_behind_in_the_back_end(tmp_path):
+    """A copy given up (its write aborted, then its temporary removed, as copy_file does)
+    leaves no file and no name in the back-end's set of private temporaries (a long-lived
+    worker's back-end collected one for every failed copy)."""
+    from castlib.backends import open_backend
+
+    b = open_backend(str(tmp_path))
+    stream = b.open_write(".f.tmp")
+    stream.write(b"half")
+    stream.abort()
+    with pytest.raises(NotFound):
+        b.delete(".f.tmp")   # (copy_file's cleanup, after the abort removed it)
+    assert os.listdir(tmp_path) == [] and b._private == set()
