@@ -272,12 +272,29 @@ class LocalBackend(Backend):
             held.pop(0).close()
         return entry.fd, name
 
-    def _reach(self, folder: str) -> int:
-        """A new descriptor of `folder`, reached from the root without following a link."""
-        fd = os.open(self.root, _FOLDER)
+    def _reach(self, folder: str, make: bool = False) -> int | None:
+        """A new descriptor of `folder`, reached from the root without following a link;
+        with `make`, the root and the folders on the way made where missing (as
+        os.makedirs), and None if the last one is there as a link (as mkdir -p finds it:
+        the caller looks at what it is)."""
+        try:
+            fd = os.open(self.root, _FOLDER)
+        except FileNotFoundError:
+            if not make:
+                raise
+            os.makedirs(self.root, exist_ok=True)   # a new destination: the root as named
+            fd = os.open(self.root, _FOLDER)
         try:
             parts = folder.split("/") if folder else []
             for depth, part in enumerate(parts, 1):
+                if make:
+                    try:
+                        os.mkdir(part, dir_fd=fd)
+                    except FileExistsError:
+                        if depth == len(parts) and statmod.S_ISLNK(
+                                os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                            os.close(fd)
+                            return None
                 below = _folder_below(fd, part, "/".join(parts[:depth]))
                 os.close(fd)
                 fd = below
@@ -351,27 +368,11 @@ class LocalBackend(Backend):
         os.makedirs), each below the root made in the one above, none reached through a
         link."""
         try:
-            try:
-                fd = os.open(self.root, _FOLDER)
-            except FileNotFoundError:   # a new destination: the root as named, made
-                os.makedirs(self.root, exist_ok=True)
-                fd = os.open(self.root, _FOLDER)
-            try:
-                parts = path.split("/") if path else []
-                for depth, part in enumerate(parts, 1):
-                    try:
-                        os.mkdir(part, dir_fd=fd)
-                    except FileExistsError:
-                        if depth == len(parts) and statmod.S_ISLNK(
-                                os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
-                            return   # there, as mkdir -p finds it: the caller looks at what
-                    below = _folder_below(fd, part, "/".join(parts[:depth]))
-                    os.close(fd)
-                    fd = below
-            finally:
-                os.close(fd)
+            fd = self._reach(path, make=True)
         except OSError as exc:
             raise storage_error(exc, path) from None
+        if fd is not None:
+            os.close(fd)
 
     def rename(self, src: str, dst: str) -> None:
         try:
@@ -474,6 +475,11 @@ class _Folder:
     __del__ = close   # (a thread that ended: its folders go with its local storage)
 
 
+def _a_link(place: str | None = None) -> OSError:
+    """The refusal of a link where a file or folder is to be (storage_error words it)."""
+    return OSError(errno.ELOOP, os.strerror(errno.ELOOP), place)
+
+
 def _folder_below(fd: int, name: str, place: str) -> int:
     """A descriptor of the folder `name` in the folder `fd`, opened without following a
     link (one there: ELOOP, naming `place`, its path below the root)."""
@@ -488,7 +494,7 @@ def _folder_below(fd: int, name: str, place: str) -> int:
             raise exc from None
         if not link:
             raise
-        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), place) from None
+        raise _a_link(place) from None
 
 
 _UMASK = None
@@ -524,7 +530,7 @@ def _chmod_not_a_link(folder: int, name: str, mode: int) -> None:
             return _fchmodat2(folder, os.fsencode(name), mode)
         except OSError as exc:
             if exc.errno == errno.EOPNOTSUPP:   # (its answer for a link)
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
+                raise _a_link() from None
             if exc.errno == errno.ENOSYS:   # this kernel has none: the way below from now on
                 _fchmodat2 = False
             elif exc.errno != errno.EPERM:   # (a sandbox's filter's, or the file's: the
@@ -532,13 +538,13 @@ def _chmod_not_a_link(folder: int, name: str, mode: int) -> None:
     o_path = getattr(os, "O_PATH", None)
     if o_path is None or not os.path.isdir("/proc/self/fd"):   # (not Linux: looked at first)
         if statmod.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
-            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            raise _a_link()
         os.chmod(name, mode, dir_fd=folder)
         return
     fd = os.open(name, o_path | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
     try:
         if statmod.S_ISLNK(os.fstat(fd).st_mode):
-            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            raise _a_link()
         os.chmod(f"/proc/self/fd/{fd}", mode)
     finally:
         os.close(fd)
