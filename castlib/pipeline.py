@@ -361,19 +361,18 @@ class Pipeline:
             report.stages.append(StageRun(spec, partial))
             _print_outcome(partial, ctx.err, ctx.quiet, True, ctx.secrets)
 
-    def _connected_locations(self) -> list[tuple[str, list[StageSpec]]]:
+    def _connected_locations(self) -> list[str]:
         """The locations whose storage the stages will touch (Stage.connects_to), each
-        once, as the stages name them, with the stages that touch it (whose
-        Stage.sessions_wanted say how many sessions to start there)."""
+        once, as the stages name them."""
         earlier: dict[str, StageSpec] = {}
-        wanted: dict[str, list[StageSpec]] = {}
+        wanted: dict[str, None] = {}
         for spec in self.stages:
             for text in spec.cls.connects_to(spec.params, earlier):
                 if isinstance(text, str) and text:
-                    wanted.setdefault(text, []).append(spec)
+                    wanted.setdefault(text)
             if spec.params.id:
                 earlier[spec.params.id] = spec
-        return list(wanted.items())
+        return list(wanted)
 
     def _lock_destinations(self, ctx: RunContext, locks: ExitStack) -> None:
         """Hold, for the whole run, the lock of every location a stage will write into, so

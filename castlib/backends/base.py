@@ -516,6 +516,11 @@ class Backend(ABC):
         outcome. `sessions`: how many the run will use at once (a back-end whose every
         session is a login may start them all). Local back-ends have nothing to do."""
 
+    def sessions_needed(self, sessions: int) -> None:
+        """How many sessions the stage now knows it will use at once (its files to copy,
+        once planned, and its own thread): a back-end that opens its sessions ahead
+        (connect_in_background) opens those still missing now. Others have nothing to do."""
+
     def close(self) -> None:
         """Release connections."""
 

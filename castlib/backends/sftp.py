@@ -231,7 +231,8 @@ class SftpBackend(FsspecBackend):
         self._more_coming.set()
         # notified as each session opened early comes (and when the last has): see _wire
         self._session_came = threading.Condition(self._connect_lock)
-        self._opener: threading.Thread | None = None   # the thread opening them (see close)
+        self._openers: list[threading.Thread] = []   # the threads opening them (see close)
+        self._openers_busy = 0   # how many of them are still at it
         # the exception classes of this location's sessions (see sftp_wire)
         self._E = sftp_wire.OWN_ERRORS if self._ssh is not None else None
 
@@ -348,16 +349,38 @@ class SftpBackend(FsspecBackend):
         self._sftp = wire
         self._sessions, self._more_sessions = [], False
         self._wires, self._more_wires = [[wire, threading.current_thread()]], True
-        more = min(self._sessions_wanted, MAX_SFTP_SESSIONS) - 1
-        if more > 0:
-            # the other sessions the run will use: all at once, now, rather than each when
-            # a transfer thread first asks; their places are kept meanwhile (see _wire)
-            places = [[None, _NOBODY] for _ in range(more)]
-            self._wires += places
-            self._more_coming.clear()
-            self._opener = background_thread(self._open_more_wires, host, places,
-                                             self._generation, name="castlib-sftp-sessions")
+        self._open_ahead(host, min(self._sessions_wanted, MAX_SFTP_SESSIONS) - 1)
         return host
+
+    def _open_ahead(self, host, count: int) -> None:
+        """Open `count` more sessions on `host` at once, in the background, for the threads
+        the run will use (rather than each when a transfer thread first asks); their places
+        are kept meanwhile (see _wire). Called with the connect lock held."""
+        if count <= 0:
+            return
+        places = [[None, _NOBODY] for _ in range(count)]
+        self._wires += places
+        self._openers_busy += 1
+        self._more_coming.clear()
+        self._openers.append(background_thread(self._open_more_wires, host, places,
+                                               self._generation,
+                                               name="castlib-sftp-sessions"))
+
+    def sessions_needed(self, sessions: int) -> None:
+        """Over ssh, the sessions still missing of those the stage now knows it will use
+        (each an ssh process, ~10 ms of CPU here and a channel of the server's 10):
+        opened now, together, in the background. The login opens only those the run
+        knew of when it started (Stage.sessions_wanted): a sync's 8 transfer threads
+        come to the number of files it copies, a one-file sync opens one more session,
+        not eight. Over asyncssh, each thread opens its own when it first asks."""
+        if self._ssh is None:
+            return
+        with self._session_came:   # (the connect lock: after a login under way)
+            self._sessions_wanted = max(self._sessions_wanted, sessions)
+            host = self._fs
+            if isinstance(host, _OpensshHost) and self._more_wires:
+                self._open_ahead(host, min(self._sessions_wanted, MAX_SFTP_SESSIONS)
+                                 - len(self._wires))
 
     def _open_master(self, connection) -> tuple:
         """The host of a connection (the one started ahead, else a new one, whose login
@@ -396,7 +419,9 @@ class SftpBackend(FsspecBackend):
                                if not any(entry is place for place in given_up)]
                 if generation == self._generation and given_up:
                     self._more_wires = False   # the server's limit: threads share these
-                self._more_coming.set()
+                self._openers_busy -= 1
+                if not self._openers_busy:
+                    self._more_coming.set()
                 self._session_came.notify_all()
 
     def _client(self):
@@ -631,11 +656,12 @@ class SftpBackend(FsspecBackend):
         self._wires = []
         if self._ssh is not None:
             self._ssh.close()   # (its askpass helper, if any; made again if needed)
-        opener, self._opener = self._opener, None
-        if opener is not None and opener is not threading.current_thread():
-            # its sessions were stopped above, and none starts after: it ends at once.
-            # Waited for, so that nothing of this location runs on after its close
-            opener.join(BACKGROUND_END_S)
+        openers, self._openers = self._openers, []
+        for opener in openers:
+            if opener is not threading.current_thread():
+                # its sessions were stopped above, and none starts after: it ends at
+                # once. Waited for, so that nothing of this location runs on after close
+                opener.join(BACKGROUND_END_S)
 
     # -- listing -------------------------------------------------------------------------
     def walk(self, on_error):

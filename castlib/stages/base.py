@@ -191,13 +191,6 @@ class ResolvedLocation:
     record: LocationRecord
 
 
-def most_sessions(specs, default_transfers: int) -> int:
-    """The most sessions one of these stages (StageSpecs) uses at once on a location
-    whose back-end copies `default_transfers` files at once when not told a number
-    (Stage.sessions_wanted)."""
-    return max(spec.cls.sessions_wanted(spec.params, default_transfers) for spec in specs)
-
-
 @dataclass
 class RunContext:
     """Everything a stage may use: the catalog, the run, named locations, earlier results."""
@@ -280,13 +273,12 @@ class RunContext:
         run's other work (the configuration, the catalog, listing a local reference)
         instead of waiting for the first stage that touches them. A location that cannot
         be found or opened is left alone: the stage that uses it says why, as before.
-        `wanted`: (location, stages) pairs, the StageSpecs that will touch it: the
-        back-end starts the most sessions one of them uses at once (Stage.sessions_wanted)."""
-        for text, specs in wanted:
+        `wanted`: the locations, as the stages name them. A stage that uses more sessions
+        at once asks for them when it knows how many (Backend.sessions_needed)."""
+        for text in wanted:
             try:
                 _, url, options = self._locate(text)
-                backend = self._backend(url, options)
-                backend.connect_in_background(most_sessions(specs, backend.default_transfers))
+                self._backend(url, options).connect_in_background()
             except Exception:  # noqa: BLE001 - reported by the stage that uses it
                 continue
 
@@ -347,17 +339,10 @@ class Stage:
     def connects_to(cls, params: StageParams, earlier: dict) -> list[str]:
         """Locations whose storage this stage reads or writes (not only their catalog
         rows): the run lets their back-ends start connecting when it starts
-        (RunContext.connect_early). `earlier` maps ids to earlier StageSpecs."""
+        (RunContext.connect_early). `earlier` maps ids to earlier StageSpecs. A stage
+        that uses several sessions of a location at once (its transfers, its readers) asks
+        for them once it knows how many (Backend.sessions_needed): a login opens one."""
         return []
-
-    @classmethod
-    def sessions_wanted(cls, params: StageParams, default_transfers: int) -> int:
-        """How many sessions this stage uses at once on each location of connects_to (its
-        parallel transfers, and the run's own thread): a back-end whose sessions each
-        cost a login (OpenSSH's ssh) starts that many early. default_transfers: the
-        location's back-end's (Backend.default_transfers), for parameters that leave the
-        number to it."""
-        return 1
 
     def run(self) -> StageOutcome:
         raise NotImplementedError

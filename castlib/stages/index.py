@@ -70,11 +70,6 @@ class IndexStage(Stage):
     def connects_to(cls, params, earlier: dict) -> list[str]:
         return [params.location]
 
-    @classmethod
-    def sessions_wanted(cls, params, default_transfers: int) -> int:
-        # the listing; with checksums, its readers too
-        return params.workers + 1 if params.checksum else 1
-
     def run(self) -> StageOutcome:
         ctx = self.context
         loc = ctx.resolve(self.params.location)
@@ -397,6 +392,8 @@ class IndexStage(Stage):
                 return path, None, size, str(exc)
 
         from concurrent.futures import ThreadPoolExecutor   # only when there is hashing to do
+
+        backend.sessions_needed(min(workers, len(to_hash)) + 1)   # and the run's thread
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for path, value, size, error in pool.map(one, to_hash):

@@ -335,11 +335,6 @@ class SyncStage(Stage):
         return [(source.params.dst, params.lock_wait)]
 
     @classmethod
-    def sessions_wanted(cls, params: SyncParams, default_transfers: int) -> int:
-        # the transfers, and the run's thread (mkdir, delete)
-        return (params.transfers or default_transfers) + 1
-
-    @classmethod
     def connects_to(cls, params: SyncParams, earlier: dict) -> list[str]:
         source = earlier.get(params.from_)
         if params.dry_run or source is None or not hasattr(source.params, "dst"):
@@ -348,6 +343,12 @@ class SyncStage(Stage):
 
     def _execute(self, plan: TransferPlan, leftovers: list[str], p: SyncParams) -> None:
         c = self.counts
+        # the transfer threads (_transfer, _settle_mtimes), and this one
+        busy = min(self.transfers, max(len(plan.copies) + len(plan.replaces),
+                                       len(plan.mtime_checks)))
+        if busy:
+            self.dst.sessions_needed(busy + 1)
+            self.src.sessions_needed(busy + 1)
         if plan.mkdirs or plan.copies or plan.links:
             try:
                 self.dst.mkdir("")   # a new destination: create its root

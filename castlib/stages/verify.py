@@ -54,10 +54,6 @@ class VerifyStage(Stage):
     def connects_to(cls, params, earlier: dict) -> list[str]:
         return [params.location]
 
-    @classmethod
-    def sessions_wanted(cls, params, default_transfers: int) -> int:
-        return params.workers + 1   # its readers, and the run's thread (the listing)
-
     def run(self) -> StageOutcome:
         p: VerifyParams = self.params
         ctx = self.context
@@ -72,6 +68,8 @@ class VerifyStage(Stage):
                                   "reached", path="")
         algo = p.checksum
         entries = list(ctx.catalog.entries(loc.record.id, p.prefix, kind=FILE))
+        if entries:   # its readers, and the run's thread
+            backend.sessions_needed(min(p.workers, len(entries)) + 1)
         result = VerifyResult(loc.record.url)
         counts = {"files": len(entries), "ok": 0, "baseline": 0, "bytes": 0,
                   **dict.fromkeys(PROBLEMS, 0)}

@@ -545,6 +545,59 @@ def test_a_sync_that_names_no_number_copies_8_files_at_once_to_sftp_4_elsewhere(
         assert len(copying) == threads, (dst, sorted(copying))
 
 
+def test_a_sync_opens_as_many_sessions_as_it_copies_files_at_once(sftp_server, tmp_path,
+                                                                    monkeypatch):
+    """Each session is an ssh process (~10 ms of CPU) and a channel of the server's 10: the
+    login opens the run's own; the transfer threads' are opened once the plan says how
+    many files there are (Backend.sessions_needed). A one-file sync opens one more, not
+    seven; 24 files, the seven of 8 threads; a sync with nothing to copy, none. A verify
+    and an index with checksums ask for their readers' as they know their files."""
+    import shutil
+
+    import castlib
+
+    _configure(sftp_server, tmp_path, monkeypatch)
+    calls = tmp_path / "ssh-calls"
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+exec {shutil.which("ssh")} "$@"
+""")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+
+    def sessions_opened(*args, command=castlib.sync, **params) -> tuple[int, int]:
+        calls.write_text("")
+        report = command(*args, db=f"sqlite:///{tmp_path / 'c.db'}", **params)
+        assert report.exit_code == 0, report.errors
+        lines = calls.read_text().splitlines()
+        logins = [line for line in lines if "ControlMaster=yes" in line]
+        more = [line for line in lines if " -s " in line and line not in logins]
+        return len(logins), len(more)
+
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir()
+    (one / "f").write_bytes(b"one file")
+    many.mkdir()
+    for n in range(24):
+        (many / f"f{n}").write_bytes(b"x" * n)
+    assert sessions_opened(str(one), f"{sftp_server.url}/one") == (1, 1)
+    assert sessions_opened(str(many), f"{sftp_server.url}/many") == (1, 7)
+    assert sessions_opened(str(many), f"{sftp_server.url}/many") == (1, 0)   # nothing to copy
+    assert sessions_opened(f"{sftp_server.url}/one", command=castlib.verify,
+                           checksum="md5") == (1, 1)
+    assert sessions_opened(f"{sftp_server.url}/many", command=castlib.verify, checksum="md5",
+                           workers=3) == (1, 3)
+    assert sessions_opened(f"{sftp_server.url}/many", command=castlib.index,
+                           checksum="sha256", workers=2) == (1, 2)
+    # the catalog has them all now: nothing is hashed again, no reader is needed
+    assert sessions_opened(f"{sftp_server.url}/many", command=castlib.index,
+                           checksum="sha256") == (1, 0)
+    assert sorted(os.listdir(sftp_server.folder / "many")) == \
+        sorted(f"f{n}" for n in range(24))
+
+
 def test_hash_commands_leave_the_connection_no_more_channels_than_openssh_opens(
         sftp_server, tmp_path, monkeypatch):
     """A large file is verified by cksum on the host, a channel of the connection that
