@@ -1447,12 +1447,32 @@ static PyObject *chmod_nofollow(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* chown of what an O_PATH descriptor holds (a file, a folder or a link itself): the
+   entry looked at, whatever its name leads to now (castlib/backends/local.py, chown) */
+static PyObject *chown_fd(PyObject *self, PyObject *args) {
+    int fd, uid, gid;
+    if (!PyArg_ParseTuple(args, "iii", &fd, &uid, &gid)) return NULL;
+#ifdef AT_EMPTY_PATH
+    int done;
+    Py_BEGIN_ALLOW_THREADS
+    done = fchownat(fd, "", (uid_t)uid, (gid_t)gid, AT_EMPTY_PATH);
+    Py_END_ALLOW_THREADS
+    if (done != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+#else
+    errno = ENOSYS;
+    return PyErr_SetFromErrno(PyExc_OSError);
+#endif
+}
+
 static PyMethodDef module_methods[] = {
     {"escape", escape, METH_O, "raw name bytes -> catalog text"},
     {"cksum_update", cksum_update, METH_VARARGS,
      "cksum_update(buffer, crc) -> the POSIX cksum CRC register after buffer"},
     {"chmod_nofollow", chmod_nofollow, METH_VARARGS,
      "chmod_nofollow(dirfd, name, mode): chmod of name in dirfd, not of a link's target"},
+    {"chown_fd", chown_fd, METH_VARARGS,
+     "chown_fd(fd, uid, gid): chown of what an O_PATH descriptor holds (-1: unchanged)"},
     {NULL}};
 
 static struct PyModuleDef module = {

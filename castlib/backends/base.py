@@ -493,8 +493,12 @@ class Backend(ABC):
             except StorageError as exc:
                 yield path, exc
 
-    def chown(self, path: str, uid: int | None, gid: int | None) -> None:
-        """Set owner and group of an entry, links not followed (capabilities.owner)."""
+    def chown(self, path: str, uid: int | None, gid: int | None, *,
+              was: Stat | None = None, mode: int | None = None) -> None:
+        """Set owner and group of an entry, links not followed (capabilities.owner).
+        `was`: the entry as the caller saw it (stat) when it decided: another one found
+        there now is left as it is (StorageError). `mode`: its bits set again after (a
+        chown clears the set-ID bits), on that same entry."""
         raise Unsupported(f"{self.url.scheme}:// cannot set owners", path=path)
 
     def hard_link(self, path: str, existing: str) -> None:

@@ -432,16 +432,54 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise storage_error(exc, path) from None
 
-    def chown(self, path: str, uid: int | None, gid: int | None) -> None:
+    def chown(self, path: str, uid: int | None, gid: int | None, *,
+              was: Stat | None = None, mode: int | None = None) -> None:
+        """Owner and group of the entry itself (a link's own), held open from the look to
+        the last change, so that a file swapped in under its name meanwhile is never the
+        one changed. `was`: the entry as the caller saw it when it decided (Stat): if what
+        is there now differs (kind, owner, group, bits, size, mtime), nothing is changed.
+        `mode`: bits set again after the chown (which clears the set-ID bits), on that
+        same entry."""
         owner = (-1 if uid is None else uid, -1 if gid is None else gid)
+        o_path = getattr(os, "O_PATH", None)
         try:
-            if not path:
-                os.chown(self.root, *owner)
+            if o_path is None or not os.path.isdir("/proc/self/fd"):   # (not Linux)
+                self._chown_by_name(path, owner, was, mode)
                 return
-            folder, name = self._at(path)
-            os.chown(name, *owner, dir_fd=folder, follow_symlinks=False)
+            if not path:
+                folder, name, fd = None, "", os.open(self.root, o_path | os.O_CLOEXEC)
+            else:
+                folder, name = self._at(path)
+                fd = os.open(name, o_path | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            try:
+                st = os.fstat(fd)
+                _refuse_if_not_as_seen(st, was, path)
+                if statmod.S_ISLNK(st.st_mode):
+                    _chown_link_held(fd, folder, name, owner)
+                    return
+                os.chown(f"/proc/self/fd/{fd}", *owner)   # (this inode, whatever its name)
+                if mode is not None:
+                    os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise storage_error(exc, path) from None
+
+    def _chown_by_name(self, path: str, owner: tuple, was: Stat | None,
+                       mode: int | None) -> None:
+        """chown where there is no O_PATH and /proc: looked at, then changed, by name."""
+        if not path:
+            _refuse_if_not_as_seen(os.stat(self.root), was, path)
+            os.chown(self.root, *owner)
+            if mode is not None:
+                os.chmod(self.root, mode & 0o7777)
+            return
+        folder, name = self._at(path)
+        st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        _refuse_if_not_as_seen(st, was, path)
+        os.chown(name, *owner, dir_fd=folder, follow_symlinks=False)
+        if mode is not None and not statmod.S_ISLNK(st.st_mode):
+            _chmod_not_a_link(folder, name, mode & 0o7777)
 
     def hard_link(self, path: str, existing: str) -> None:
         try:
@@ -513,6 +551,48 @@ def _umask() -> int:
             _UMASK = os.umask(0o022)
             os.umask(_UMASK)
     return _UMASK
+
+
+def _refuse_if_not_as_seen(st: os.stat_result, was: Stat | None, path: str) -> None:
+    """StorageError if the entry `st` is not the one `was` describes (its kind, owner,
+    group and bits; a file's size and mtime too): another swapped in under its name."""
+    if was is None:
+        return
+    kind = (DIR if statmod.S_ISDIR(st.st_mode) else
+            LINK if statmod.S_ISLNK(st.st_mode) else FILE)
+    seen = (was.kind, was.uid, was.gid, was.mode)
+    now = (kind, st.st_uid if was.uid is not None else None,
+           st.st_gid if was.gid is not None else None,
+           st.st_mode & 0o7777 if was.mode is not None else None)
+    if kind == FILE:
+        seen += (was.size, was.mtime_ns)
+        now += (st.st_size if was.size is not None else None,
+                st.st_mtime_ns if was.mtime_ns is not None else None)
+    if seen != now:
+        raise StorageError("another entry is there now than the one looked at a moment "
+                           "ago (swapped in since?): left as it is", path=path)
+
+
+_chown_fd = None   # the accelerator's chown_fd, False where there is none (see below)
+
+
+def _chown_link_held(fd: int, folder: int | None, name: str, owner: tuple) -> None:
+    """chown of the link an O_PATH descriptor holds: in one system call through castlib's
+    C accelerator (fchownat with AT_EMPTY_PATH), else by its name, not followed."""
+    global _chown_fd
+    if _chown_fd is None:
+        try:
+            from .._accel import chown_fd as _chown_fd
+        except ImportError:
+            _chown_fd = False
+    if _chown_fd:
+        try:
+            return _chown_fd(fd, *owner)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            _chown_fd = False
+    os.chown(name, *owner, dir_fd=folder, follow_symlinks=False)
 
 
 def _chmod_not_a_link(folder: int, name: str, mode: int) -> None:

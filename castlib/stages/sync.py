@@ -917,20 +917,22 @@ class SyncStage(Stage):
                         or ref.kind != dst.kind or ref.uid is None
                         or (ref.uid, ref.gid) == (dst.uid, dst.gid)):
                     continue
-                self.dst.chown(storage, ref.uid, ref.gid)
+                set_id = (self.perms and ref.kind == FILE and ref.mode is not None
+                          and ref.mode & 0o6000)
+                # not the file this run wrote (root's, or the syncing user's), nor one of
+                # the owner's given only its set-user-ID bit: maybe one its owner swapped
+                # in since, which the bits would have made a program run as the new owner
+                # or group
+                suspect = set_id and dst.uid not in (0, os.geteuid()) and (
+                    dst.uid != ref.uid or ref.mode & 0o2000)
+                # the chown and the bits on the entry just looked at, held open: a file
+                # swapped in under its name meanwhile is left as it is (Backend.chown)
+                self.dst.chown(storage, ref.uid, ref.gid, was=dst,
+                               mode=ref.mode if set_id and not suspect else None)
                 self.counts["owner_fixed"] += 1
-                if (self.perms and ref.kind == FILE and ref.mode is not None
-                        and ref.mode & 0o6000):
-                    if dst.uid not in (0, os.geteuid()) and (
-                            dst.uid != ref.uid or ref.mode & 0o2000):
-                        # not the file this run wrote (root's, or the syncing user's), nor
-                        # one of the owner's given only its set-user-ID bit: maybe one its
-                        # owner swapped in since, which the bits would have made a program
-                        # run as the new owner or group
-                        self._fail(path, f"owned by uid {dst.uid}, not the reference's "
-                                   "owner's nor this run's: owner given, set-ID bits not")
-                        continue
-                    self.dst.chmod(storage, ref.mode)
+                if suspect:
+                    self._fail(path, f"owned by uid {dst.uid}, not the reference's "
+                               "owner's nor this run's: owner given, set-ID bits not")
             except StorageError as exc:
                 self._fail(path or ".", f"cannot set owner: {exc}")
 

@@ -4,6 +4,7 @@ told from a user's look-alikes, a reference that lost most of its files, a root 
 a link to a folder."""
 import os
 import subprocess
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -799,6 +800,86 @@ def test_a_users_own_file_gets_no_set_group_id_bit_of_a_group_not_theirs(
     st = os.lstat(dst / "a" / "sg")
     assert not (st.st_gid == 4321 and st.st_mode & 0o2000), oct(st.st_mode)
     assert r.exit_code == 1 and any(e.startswith("a/sg: ") for e in r.errors), r.errors
+
+
+@pytest.mark.parametrize("swapped_in", ["file", "link"])
+def test_a_file_swapped_in_between_the_look_and_the_chown_is_left_as_it_is(
+        tmp_path, db_url, monkeypatch, swapped_in):
+    """--owner as root: a new copy of a set-group-ID file (group 4321) in a folder of a
+    user's is root's when the owners are given; the sync looks at it (root's: the file
+    it wrote), then gives it owner, group and bits. A user who swaps in their own
+    program in the moment between the look and the chown got it that group and the
+    set-group-ID bit: the chown and the bits went by name. They go to the entry looked
+    at, held open: the one swapped in is left as it is, and that is said. A link swapped
+    in is not followed, nor given the owner either."""
+    from castlib.backends.local import LocalBackend
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/sg": b"the group's program"})
+    os.chown(ref / "a", 1234, 1234)
+    os.chown(ref / "a" / "sg", 1234, 4321)
+    os.chmod(ref / "a" / "sg", 0o2755)
+    dst = tmp_path / "dst"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's")
+    settling = threading.Event()
+    settle, stat = SyncStage._settle_owners, LocalBackend.stat
+
+    def settle_flagged(self):
+        settling.set()
+        settle(self)
+
+    def stat_then_swap(self, path):
+        st = stat(self, path)
+        if settling.is_set() and path == "a/sg" and self.root == str(dst):
+            os.unlink(dst / "a" / "sg")   # the user may: the folder is theirs
+            if swapped_in == "link":
+                os.symlink(victim, dst / "a" / "sg")
+                os.lchown(dst / "a" / "sg", 1234, 1234)
+            else:
+                (dst / "a" / "sg").write_bytes(b"the user's program")
+                os.chown(dst / "a" / "sg", 1234, 1234)
+                os.chmod(dst / "a" / "sg", 0o755)
+        return st
+
+    monkeypatch.setattr(SyncStage, "_settle_owners", settle_flagged)
+    monkeypatch.setattr(LocalBackend, "stat", stat_then_swap)
+    r = sync(ref, dst, db_url, owner=True)
+    st = os.lstat(dst / "a" / "sg")
+    assert (st.st_uid, st.st_gid) == (1234, 1234), (st.st_uid, st.st_gid)
+    assert not st.st_mode & 0o6000, oct(st.st_mode)
+    assert os.stat(victim).st_uid == 0 and os.stat(victim).st_gid == 0
+    assert r.exit_code == 1 and any(
+        e.startswith("a/sg: cannot set owner: another entry is there now") for e in r.errors), \
+        r.errors
+
+
+def test_the_owner_is_given_to_the_entry_as_it_was_looked_at(tmp_path):
+    """Backend.chown with `was` and `mode`: the entry looked at gets owner, group and its
+    bits again; another found there (other kind, owner, size) is left as it is; a link's
+    own owner changes, not its target's."""
+    from castlib.backends import open_backend
+    from castlib.errors import StorageError
+
+    (tmp_path / "f").write_bytes(b"x")
+    os.chmod(tmp_path / "f", 0o755)
+    (tmp_path / "target").write_bytes(b"t")
+    os.symlink("target", tmp_path / "l")
+    b = open_backend(str(tmp_path))
+    seen = b.stat("f")
+    b.chown("f", 1234, 4321, was=seen, mode=0o2755)
+    st = os.stat(tmp_path / "f")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 4321, 0o2755)
+    (tmp_path / "f").write_bytes(b"longer now")
+    with pytest.raises(StorageError, match="another entry is there now"):
+        b.chown("f", 0, 0, was=seen, mode=0o4755)   # (seen: before it grew)
+    st = os.stat(tmp_path / "f")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 4321, 0o2755)
+    b.chown("l", 1234, 4321, was=b.stat("l"))
+    assert (os.lstat(tmp_path / "l").st_uid, os.lstat(tmp_path / "l").st_gid) == (1234, 4321)
+    assert (os.stat(tmp_path / "target").st_uid, os.stat(tmp_path / "target").st_gid) == (0, 0)
+    b.chown("", 1234, 1234, was=b.stat(""))
+    assert os.stat(tmp_path).st_uid == 1234
 
 
 def test_an_aborted_local_write_leaves_nothing_behind_in_the_back_end(tmp_path):
