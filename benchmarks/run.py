@@ -479,10 +479,15 @@ def _upload(b: Bench, key: str, xrdcp_extra: list[str], title: str) -> Result:
 class SftpServers:
     """Two SFTP servers on 127.0.0.1, free ports, over scratch folders (stopped on exit):
     OpenSSH's sshd (key login as the current user, as tests/servers/sftp.py starts it)
-    and `rclone serve sftp` (password login)."""
+    and `rclone serve sftp` (password login). With `rate` (tc's words: "1gbit"), they
+    are reached through a link of that rate instead: a network namespace of their own,
+    a veth pair into it, each end shaped by tbf (root only)."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, rate: str | None = None):
         self.base = base
+        self.rate = rate
+        self.host = "127.0.0.1"
+        self.netns: str | None = None
         self.procs: list[subprocess.Popen] = []
         self.user = __import__("getpass").getuser()
         self.password = "castlib-bench"
@@ -507,22 +512,33 @@ class SftpServers:
                                         "/usr/libexec/sftp-server") if os.path.exists(p)),
                            "internal-sftp")
         self.openssh_port, self.rclone_port = free_port(), free_port()
+        try:
+            return self._start(sftp_server)
+        except BaseException:
+            self.__exit__(None, None, None)   # (servers started, the namespace)
+            raise
+
+    def _start(self, sftp_server: str):
+        host_key = os.path.join(self.base, "host_key")
+        inside = self._shaped_link() if self.rate else []
         config = os.path.join(self.base, "sshd_config")
         with open(config, "w") as f:
-            f.write(f"ListenAddress 127.0.0.1\nPort {self.openssh_port}\nHostKey {host_key}\n"
+            f.write(f"ListenAddress {self.host}\nPort {self.openssh_port}\nHostKey {host_key}\n"
                     f"PidFile {self.base}/sshd.pid\n"
                     f"AuthorizedKeysFile {self.base}/authorized_keys\n"
                     "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                     "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
                     f"MaxStartups 50\nLogLevel ERROR\nSubsystem sftp {sftp_server}\n")
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        self.procs.append(subprocess.Popen([sshd, "-D", "-e", "-f", config],
+        self.procs.append(subprocess.Popen(inside + [sshd, "-D", "-e", "-f", config],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.procs.append(subprocess.Popen(
-            ["rclone", "serve", "sftp", self.rclone_data, "--addr",
-             f"127.0.0.1:{self.rclone_port}", "--user", self.user, "--pass", self.password,
-             "--key", host_key, "--config", os.path.join(self.base, "rclone.conf"),
-             "--log-level", "ERROR"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            inside + ["rclone", "serve", "sftp", self.rclone_data, "--addr",
+                      f"{self.host}:{self.rclone_port}", "--user", self.user,
+                      "--pass", self.password, "--key", host_key,
+                      "--config", os.path.join(self.base, "rclone.conf"),
+                      "--log-level", "ERROR"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in (self.openssh_port, self.rclone_port):
             self._wait(port)
         self.config = os.path.join(self.base, "castlib.yaml")
@@ -534,13 +550,45 @@ class SftpServers:
                                        capture_output=True, text=True).stdout.strip()
         return self
 
+    def _shaped_link(self) -> list[str]:
+        """The servers' network namespace, reached through a veth pair shaped to
+        self.rate both ways; sets self.host, returns the prefix that runs a command in
+        it."""
+        if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
+            raise BenchmarkError(f"a {self.rate} link needs root and iproute2's ip and tc "
+                                 "(a network namespace, a veth pair, tbf)")
+        n = os.getpid() % 250 + 1
+        self.netns = f"castlib-bench-{os.getpid()}"
+        near, far = f"cbench{n}a", f"cbench{n}b"
+        inside = ["ip", "netns", "exec", self.netns]
+        shape = ["tc", "qdisc", "add", "dev", "{}", "root", "tbf", "rate", self.rate,
+                 "burst", "256kb", "latency", "50ms"]
+        for argv in (["ip", "netns", "add", self.netns],
+                     ["ip", "link", "add", near, "type", "veth", "peer", "name", far],
+                     ["ip", "link", "set", far, "netns", self.netns],
+                     ["ip", "addr", "add", f"10.231.{n}.1/30", "dev", near],
+                     ["ip", "link", "set", near, "up"],
+                     inside + ["ip", "addr", "add", f"10.231.{n}.2/30", "dev", far],
+                     inside + ["ip", "link", "set", far, "up"],
+                     inside + ["ip", "link", "set", "lo", "up"],
+                     [a.format(near) for a in shape],
+                     inside + [a.format(far) for a in shape]):
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode:
+                subprocess.run(["ip", "link", "del", near], capture_output=True)
+                subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+                self.netns = None
+                raise BenchmarkError(f"{' '.join(argv)}: {done.stderr.strip()}")
+        self.host = f"10.231.{n}.2"
+        return inside
+
     def _wait(self, port: int) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if any(p.poll() is not None for p in self.procs):
                 raise BenchmarkError("an SFTP server exited at start")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                with socket.create_connection((self.host, port), timeout=1) as s:
                     if s.recv(64).startswith(b"SSH-"):
                         return
             except OSError:
@@ -553,16 +601,16 @@ class SftpServers:
     def url(self, server: str, folder: str) -> str:
         """castlib's URL of a folder on a server (the root for folder "")."""
         if server == "openssh":
-            return (f"sftp://{self.user}@127.0.0.1:{self.openssh_port}"
+            return (f"sftp://{self.user}@{self.host}:{self.openssh_port}"
                     f"{os.path.join(self.openssh_data, folder).rstrip('/')}")
-        return f"sftp://{self.user}@127.0.0.1:{self.rclone_port}/{folder}".rstrip("/")
+        return f"sftp://{self.user}@{self.host}:{self.rclone_port}/{folder}".rstrip("/")
 
     def rclone_remote(self, server: str, folder: str) -> str:
         """rclone's on-the-fly remote for the same folder."""
         if server == "openssh":
-            return (f":sftp,host=127.0.0.1,port={self.openssh_port},user={self.user},"
+            return (f":sftp,host={self.host},port={self.openssh_port},user={self.user},"
                     f"key_file={self.key}:{os.path.join(self.openssh_data, folder)}")
-        return (f":sftp,host=127.0.0.1,port={self.rclone_port},user={self.user},"
+        return (f":sftp,host={self.host},port={self.rclone_port},user={self.user},"
                 f"pass={self.obscured}:{folder}")
 
     def __exit__(self, *exc):
@@ -574,6 +622,8 @@ class SftpServers:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        if self.netns is not None:   # (its end of the veth pair, and so both, go too)
+            subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         remove_tree(self.base)
 
 
@@ -591,6 +641,19 @@ def sc_upload_sftp_big(b: Bench) -> Result:
 
 def sc_upload_sftp_big_rclone(b: Bench) -> Result:
     return _upload_sftp(b, "upload-sftp-big-rclone", "rclone", "rclone serve sftp", "one-256m")
+
+
+def sc_upload_sftp_big_rclone_1g(b: Bench) -> Result:
+    r = _upload_sftp(b, "upload-sftp-big-rclone-1g", "rclone",
+                     "rclone serve sftp over a 1 Gbit/s link", "one-256m", rate="1gbit")
+    line_s = b.trees["one-256m"].max_size * 8 / 1e9
+    r.target, r.met = "-", None
+    r.note = ("informational: "
+              f"the link's own time for the file's bytes: {line_s:.2f} s (SSH's and TCP's "
+              "framing on top); the server in a network namespace of its own, reached "
+              "through a veth pair shaped by tbf both ways (a DAQ host's 1 Gbit/s link): "
+              "where the line, not the two CPUs shared with the server, is the limit")
+    return r
 
 
 def sc_upload_sftp_asyncssh(b: Bench) -> Result:
@@ -630,7 +693,7 @@ def sc_upload_sftp_big_rclone_verified(b: Bench) -> Result:
 
 def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
                  tree_key: str = "small-300", verified: bool = False,
-                 ssh_client: str | None = None) -> Result:
+                 ssh_client: str | None = None, rate: str | None = None) -> Result:
     """A first sync to an SFTP server on loopback, each copy verified by castlib (read
     back, or cksum on an OpenSSH host for a large file), against `rclone copy` of the
     same tree to the same server. Each run writes into a folder of its own (rclone serve
@@ -642,7 +705,7 @@ def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
     what = (f"{files} small files (0-{spec.max_size >> 10} KiB)" if tree_key == "small-300"
             else f"one {spec.max_size >> 20} MiB file")
     title = f"upload {what} to {server_name}"
-    with SftpServers(os.path.join(b.work, "sftp")) as servers:
+    with SftpServers(os.path.join(b.work, "sftp"), rate) as servers:
         data = servers.data(server_kind)
         saved = os.environ.get("CASTLIB_CONFIG")
         config = servers.config
@@ -823,6 +886,7 @@ SCENARIOS = {
     "upload-sftp-rclone": sc_upload_sftp_rclone,
     "upload-sftp-big": sc_upload_sftp_big,
     "upload-sftp-big-rclone": sc_upload_sftp_big_rclone,
+    "upload-sftp-big-rclone-1g": sc_upload_sftp_big_rclone_1g,
     "upload-sftp-rclone-verified": sc_upload_sftp_rclone_verified,
     "upload-sftp-big-rclone-verified": sc_upload_sftp_big_rclone_verified,
     "upload-sftp-asyncssh": sc_upload_sftp_asyncssh,
