@@ -216,10 +216,17 @@ class LocalBackend(Backend):
         stack.extend(reversed(subdirs))
 
     def stat(self, path: str) -> Stat | None:
+        """What is at `path`, reached as reads and writes are (_at): the root itself may
+        be a link to a folder, and is followed; below it, links are entries of their own
+        and never followed, the last name's nor a folder's on the way (a folder swapped
+        for a link since it was listed: the link refused, not what it points to told)."""
+        folder = None
         try:
-            # the root itself may be a link to a folder, and is followed; below it, links
-            # are entries of their own and never followed
-            st = os.stat(self.root) if not path else os.lstat(self._abs(path))
+            if not path:
+                st = os.stat(self.root)
+            else:
+                folder, name = self._at(path)
+                st = os.stat(name, dir_fd=folder, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except NotADirectoryError:
@@ -232,7 +239,7 @@ class LocalBackend(Backend):
                         gid=st.st_gid)
         if statmod.S_ISLNK(mode):
             try:
-                target = os.readlink(self._abs(path))
+                target = os.readlink(name, dir_fd=folder)
             except OSError:
                 target = None
             return Stat(path, LINK, st.st_size, st.st_mtime_ns, mode & 0o7777, target,

@@ -519,11 +519,13 @@ def test_a_source_folder_swapped_for_a_link_is_not_read_through(tmp_path, db_url
 def test_local_writes_below_a_link_are_refused_and_a_chmod_of_a_link_leaves_its_target(
         tmp_path, chmod_by, monkeypatch):
     """The local back-end's own guarantee, one operation at a time: below its root
-    nothing is made, written, renamed, linked, re-timed, chmod-ed or removed through a
-    link, and a link where a file was keeps its target's bits as they are. chmod both
+    nothing is made, written, renamed, linked, re-timed, chmod-ed, chowned, removed or
+    looked at through a link, and a link where a file was keeps its target's bits as they
+    are. chmod both
     ways: the kernel's fchmodat2 (Linux 6.6, through the C accelerator), and, where
     there is none, the entry opened without following it and changed through /proc."""
     from castlib.backends import local, open_backend
+    from castlib.backends.base import LINK
     from castlib.errors import StorageError
 
     if chmod_by == "fchmodat2":
@@ -553,6 +555,8 @@ def test_local_writes_below_a_link_are_refused_and_a_chmod_of_a_link_leaves_its_
         "delete": lambda: b.delete("a/g"),
         "open_read below": lambda: b.open_read("a/secret").close(),
         "open_read of a link": lambda: b.open_read("lnk").close(),
+        "stat below": lambda: b.stat("a/secret"),   # (its size, mtime, owner: not told)
+        "chown below": lambda: b.chown("a/g", 1234, 1234),
     }
     for what, attempt in attempts.items():
         with pytest.raises(StorageError, match="a link now") as info:
@@ -563,6 +567,9 @@ def test_local_writes_below_a_link_are_refused_and_a_chmod_of_a_link_leaves_its_
     assert sorted(os.listdir(dst)) == ["a", "f", "lnk", "real"]
     b.mkdir("real/deeper")   # the same calls where no link is in the way: done
     b.chmod("real/g", 0o640)
+    assert b.stat("real/g").size == 1 and b.stat("lnk").kind == LINK
+    assert b.stat("lnk").link_target == str(outside / "secret")
+    assert b.stat("real/none") is None and b.stat("f/below-a-file") is None
     assert os.stat(dst / "real" / "g").st_mode & 0o777 == 0o640 and (dst / "real/deeper").is_dir()
     # the way asked for is the way taken (a kernel before 6.6 turns fchmodat2 off)
     assert bool(local._fchmodat2) == (chmod_by == "fchmodat2"), os.uname().release
