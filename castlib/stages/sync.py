@@ -714,6 +714,8 @@ class SyncStage(Stage):
             self.counts[verb] += 1
             if self.mtime_promised and d.ref.mtime_ns is not None and not result.mtime_set:
                 self._refusal("mtimes")
+            if self._bits_not_kept(d.ref.mode, final):   # (the catalog gets what is there)
+                self._refusal("modes")
             self.counts["bytes"] += result.size or 0
             digest = result.checksums.get(self.algo)
             if d.ref.checksum is None and digest:
@@ -814,6 +816,7 @@ class SyncStage(Stage):
         for d in plan.mkdirs:
             if d.path not in self.failed_paths:
                 folders[d.path] = d.ref
+        set_bits: dict[str, tuple[int | None, int]] = {}   # looked at once all are set
         for d in plan.modes:
             counted["mode_fixed"].add(d.path)
             if d.ref.kind == DIR:
@@ -821,8 +824,7 @@ class SyncStage(Stage):
                 continue
             try:
                 if self._set_mode(from_catalog(d.path), d.ref.mode):
-                    self.counts["mode_fixed"] += 1
-                    self.meta_rows.append((d.path, None, d.ref.mode))
+                    set_bits[d.path] = (None, d.ref.mode)
             except StorageError as exc:
                 self._fail(d.path, f"cannot set permissions: {exc}")
         for d in self.mtimes_to_set:
@@ -863,10 +865,44 @@ class SyncStage(Stage):
                 mtime = None
                 self._refusal("mtimes")
             # fixed: what was set (a refusal is counted as such above, not as fixed too)
-            self.counts["mode_fixed"] += path in counted["mode_fixed"] and mode is not None
             self.counts["mtime_fixed"] += path in counted["mtime_fixed"] and mtime is not None
-            self.meta_rows.append((path, mtime, mode))
+            if mode is None:
+                self.meta_rows.append((path, mtime, None))
+            else:
+                set_bits[path] = (mtime, mode)
+        self._settle_bits(set_bits, counted["mode_fixed"])
         self._settle_root()
+
+    def _settle_bits(self, set_bits: dict[str, tuple[int | None, int]],
+                     to_count: set[str]) -> None:
+        """Permission bits the server took, looked at once set (one stat_many: over SFTP
+        1,000 in a round trip): a server may answer a set-stat with OK and keep nothing
+        (rclone serve sftp: every file 0644, every folder 0755). Bits it kept are fixed
+        (counted for the entries in `to_count`, those that differed); others are counted
+        as not set, and the catalog gets the bits that are there, never those asked for.
+        `set_bits`: {catalog path: (the mtime set with them, or None; the bits)}."""
+        if not set_bits:
+            return
+        found: dict[str, object] = {}
+        for storage, st in self.dst.stat_many([from_catalog(p) for p in set_bits]):
+            found[to_catalog(storage)] = st
+        for path, (mtime, mode) in set_bits.items():
+            st = found.get(path)
+            if not isinstance(st, Stat):   # (gone since, or not to be looked at: as asked)
+                st = None
+            if st is not None and self._bits_not_kept(mode, st):
+                self._refusal("modes")
+                self.meta_rows.append((path, mtime, st.mode))
+                continue
+            self.counts["mode_fixed"] += path in to_count
+            self.meta_rows.append((path, mtime, mode))
+
+    def _bits_not_kept(self, wanted: int | None, st: Stat | None) -> bool:
+        """Whether an entry whose bits were set to `wanted` shows other read, write and
+        execute bits (set-ID bits aside: the kernel clears set-group-ID for a group its
+        setter is not in, a matter of that file, not of the server)."""
+        return (self.perms and wanted is not None and st is not None and st.mode is not None
+                and bool((st.mode ^ wanted) & 0o777))
 
     def _settle_root(self) -> None:
         """The destination root is no catalog entry: its mtime and bits from a stat."""
@@ -1025,7 +1061,7 @@ class SyncStage(Stage):
                         "no folders of its own")
         for what, reason in (("links", "links skipped: the server cannot hold links"),
                              ("mtimes", "mtimes not set: the server cannot set them"),
-                             ("modes", "permissions not set: the server cannot set them")):
+                             ("modes", "permissions not set: the server cannot set or keep them")):
             if self.refused.get(what):
                 summary += f"; {self.refused[what]} {reason}"
         if c["extras_kept"]:

@@ -361,6 +361,42 @@ def test_folder_times_and_bits_a_server_refuses_are_not_counted_as_fixed(
     assert "fixed" not in second.last.summary, second.last.summary
 
 
+def test_bits_a_server_takes_but_does_not_keep_are_not_counted_fixed_nor_cataloged(
+        rclone_sftp_server, tmp_path, monkeypatch):
+    """rclone serve sftp answers a set-stat of permissions with OK and keeps nothing (its
+    files are 0644, its folders 0755): a sync said "1 permissions fixed" on every run and
+    wrote the bits asked for into the catalog, which the next index found changed. Bits
+    are looked at once set: those not kept are counted as not set (exit 0), the catalog
+    gets what is there, and the next index finds nothing changed."""
+    import json
+
+    import castlib
+
+    config = tmp_path / "castlib.yaml"
+    server = rclone_sftp_server
+    config.write_text(json.dumps({"storage": {server.url: server.options}}))
+    monkeypatch.setenv("CASTLIB_CONFIG", str(config))
+    src = make_tree(tmp_path / "src", {"tool": b"#!/bin/sh\n", "d/data": b"d", "p/x": b"x"})
+    os.chmod(src / "tool", 0o755)
+    os.chmod(src / "p", 0o700)
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    for run in range(3):
+        report = castlib.sync(str(src), server.url, db=db)
+        assert report.exit_code == 0, report.errors
+        counts = report.counts
+        # the first run copies "tool" (its bits not kept) and makes "p" (nor its bits);
+        # the next ones set both again, and find them not kept again
+        assert (counts["mode_fixed"], counts["mode_skipped"]) == (0, 2), (run, counts)
+        assert "fixed" not in report.last.summary, report.last.summary
+        assert "2 permissions not set: the server cannot set or keep them" in \
+            report.last.summary
+        if run:   # the catalog had what the server has: nothing new to list
+            index = report.stages[1]
+            assert index.spec.params.location == server.url
+            assert index.outcome.counts["changed"] == 0, index.outcome.counts
+    assert (src / "tool").stat().st_mode & 0o777 == 0o755   # (the reference as it was)
+
+
 def test_empty_folders_to_s3_are_skipped_and_counted_not_made(remotes, db_url):
     """S3 keeps no folders (empty_dirs False): a folder with files comes with them, an
     empty one is skipped and said so, on every run; none is claimed created, and none is
