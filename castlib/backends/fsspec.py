@@ -7,13 +7,15 @@ import dataclasses
 import errno
 import logging
 import posixpath
+import re
 import sys
 import threading
 from datetime import datetime
 from typing import BinaryIO, Iterator
 
 from ..catalog.paths import to_catalog
-from ..errors import LocationMissing, NotFound, StorageError, TransientStorageError, Unsupported
+from ..errors import (ConfigError, LocationMissing, NotFound, StorageError,
+                      TransientStorageError, Unsupported)
 from ..location import LocationURL, redact, secret_values
 from .base import (CONNECT_TIMEOUT_S, DIR, FILE, LINK, Backend, Capabilities,
                    ListingErrorHandler, Stat, WriteStream, background_thread,
@@ -149,8 +151,41 @@ class FsspecBackend(Backend):
             with self._connect_lock:   # parallel transfers share one back-end object
                 if self._fs is None:
                     with self._errors(""):
-                        self._fs = self._connect()
+                        try:
+                            self._fs = self._connect()
+                        except TypeError as exc:
+                            raise self._unknown_option(exc) or exc
         return self._fs
+
+    def _unknown_option(self, exc: TypeError) -> ConfigError | None:
+        """An option of the configuration that the library's constructor does not take
+        (the options castlib does not read itself go to it as they are: a typo reached
+        it as a TypeError of its own), said as the option it is; None for another
+        TypeError."""
+        found = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+        if found is None or found[1] not in self._storage_options:
+            return None
+        return self._unknown_option_error(found[1])
+
+    def _refuse_options_not_in(self, *signatures) -> None:
+        """For a library that takes any keyword and hands on those it does not know
+        (s3fs: a misspelt `endpoint_url` failed only at the first request, as a TypeError
+        of aiobotocore's): an option that none of these callables names is refused
+        before anything connects."""
+        import inspect
+
+        known = {name for fn in signatures
+                 for name, p in inspect.signature(fn).parameters.items()
+                 if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        unknown = sorted(set(self._storage_options) - known)
+        if unknown:
+            raise self._unknown_option_error(unknown[0])
+
+    def _unknown_option_error(self, name: str) -> ConfigError:
+        error = ConfigError(f"{self.url}: option {name}: unknown option (not one castlib reads, "
+                            f"nor one its {self.url.scheme}:// library takes)")
+        error.key = name   # (as parse_options: the message names it already)
+        return error
 
     # whether making the file system object is a handshake worth overlapping (SSH); an
     # HTTP client connects on its first request anyway
@@ -510,7 +545,8 @@ class _Translate:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is None or not isinstance(exc, Exception) or isinstance(exc, StorageError):
+        if exc is None or not isinstance(exc, Exception) or \
+                isinstance(exc, (StorageError, ConfigError)):
             return False
         error = self.backend.translate(exc, self.path)
         if error.transient:

@@ -46,8 +46,12 @@ class S3Backend(FsspecBackend):
         return self.url.host + self.url.path.rstrip("/")
 
     def _connect(self):
+        import fsspec.dircache
         import s3fs
 
+        self._refuse_options_not_in(s3fs.S3FileSystem.__init__,
+                                    fsspec.asyn.AsyncFileSystem.__init__,
+                                    fsspec.dircache.DirCache.__init__)
         _quiet_background_errors(fsspec.asyn.get_loop())
         opts = dict(self._storage_options)
         if self.url.user and "key" not in opts:   # s3://KEY:SECRET@bucket, if a user must

@@ -38,6 +38,31 @@ def test_options_a_library_takes_still_go_through(s3_bucket):
     assert b.root_exists()
 
 
+@pytest.mark.parametrize("kind", ["s3", "webdav", "sftp"])
+def test_an_option_the_library_does_not_take_is_refused_before_anything_connects(
+        request, kind):
+    """The options castlib does not read itself go to the back-end's library as they
+    are. A misspelt one reached webdav4, asyncssh and aiobotocore (at the first request:
+    s3fs takes any keyword) as a TypeError of theirs, said as such ("TypeError
+    (Client.__init__() got an unexpected keyword argument ...)"). Each is now one line
+    naming the option and the location, as castlib's own options are."""
+    server = request.getfixturevalue({"s3": "s3_bucket", "webdav": "webdav_server",
+                                      "sftp": "sftp_server"}[kind])
+    typo = {"s3": "endpoint_ur", "webdav": "scheme", "sftp": "client_key"}[kind]
+    options = dict(server.options)
+    options[typo] = options.pop("endpoint_url", None) or "x"
+    b = open_backend(server.url, options)
+    with pytest.raises(ConfigError) as err:
+        b.stat("")
+    assert str(err.value) == (f"{b.url}: option {typo}: unknown option (not one castlib "
+                              f"reads, nor one its {b.url.scheme}:// library takes)")
+    assert err.value.key == typo
+    b.close()
+    right = open_backend(server.url, server.options)   # without it: the same place answers
+    assert right.root_exists()
+    right.close()
+
+
 def test_a_wrong_option_in_the_config_file_stops_the_cli_with_exit_2(tmp_path, db_url):
     src = make_tree(tmp_path / "src", {"f": b"1"})
     dst = tmp_path / "dst"
