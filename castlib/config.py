@@ -34,13 +34,21 @@ from .location import LocationURL, parse_location
 FIELDS = ("storage", "locations", "hostname", "broker", "queues")
 
 
+class StorageOptions(dict):
+    """A location's back-end options, and where the configuration file sets each (a
+    back-end's error about one names that file and line: Backend.option_error)."""
+
+    file: str | None = None
+    lines: dict[str, int | None] = {}
+
+
 class UserConfig:
     """The configuration file's keys (a new key is an attribute here, a field of the
     file's model, _file_model, and a check in _plain_file). Plain data: a command starts
     without importing pydantic; the model checks only a file that _plain_file does not
     find plainly valid (and words its errors)."""
 
-    __slots__ = ("storage", "locations", "hostname", "broker", "queues", "_path")
+    __slots__ = ("storage", "locations", "hostname", "broker", "queues", "_path", "_lines")
 
     def __init__(self, storage: dict[str, dict[str, Any]] | None = None,
                  locations: dict[str, str] | None = None, hostname: str | None = None,
@@ -53,6 +61,7 @@ class UserConfig:
         self.broker = broker                     # the workers' broker URL (README, Several hosts)
         self.queues = dict(queues or {})         # URL prefix -> the worker queue that serves it
         self._path: str | None = None
+        self._lines: dict[tuple, int] = {}   # the file's line of each key (yamlfile)
 
     def __repr__(self) -> str:
         return "UserConfig(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in FIELDS) + ")"
@@ -62,18 +71,24 @@ class UserConfig:
         """The file it was read from (None: no file)."""
         return self._path
 
-    def options_for(self, url: LocationURL) -> dict:
-        """Back-end options for a URL: the entry with the longest matching prefix."""
+    def options_for(self, url: LocationURL) -> "StorageOptions":
+        """Back-end options for a URL: the entry with the longest matching prefix (which
+        knows the file and line of each of its keys, for a back-end's error)."""
         target = str(url)
-        best, best_len = {}, -1
+        best, best_len, best_prefix = {}, -1, None
         for prefix, options in self.storage.items():
             try:
                 key = str(parse_location(prefix))
             except ConfigError:
                 key = prefix
             if (target == key or target.startswith(key.rstrip("/") + "/")) and len(key) > best_len:
-                best, best_len = options, len(key)
-        return dict(best)
+                best, best_len, best_prefix = options, len(key), prefix
+        found = StorageOptions(best)
+        if best_prefix is not None and self._path:
+            found.lines = {name: self._lines.get(("storage", best_prefix, name))
+                           for name in best}
+            found.file = self._path
+        return found
 
     def queue_for(self, url: LocationURL) -> str | None:
         """The worker queue `queues:` maps a (remote) location to: the longest prefix."""
@@ -197,4 +212,5 @@ def load_user_config() -> UserConfig:
         values = {k: getattr(checked, k) for k in FIELDS}
     config = UserConfig(**values)
     config._path = str(path)
+    config._lines = lines
     return config

@@ -205,10 +205,8 @@ def parse_options(model, options: dict, url: LocationURL):
     if model is None:
         if not options:
             return None
-        name = str(next(iter(options)))
-        config_error = ConfigError(f"{url}: option {name}: unknown option (known: none)")
-        config_error.key = name
-        raise config_error
+        raise option_error(url, str(next(iter(options))), "unknown option (known: none)",
+                           options)
     from pydantic import ValidationError
 
     try:
@@ -223,9 +221,18 @@ def parse_options(model, options: dict, url: LocationURL):
             message = error["msg"]
             if "input" in error and not isinstance(error["input"], (dict, list)):
                 message += f", not {error['input']!r}"
-        config_error = ConfigError(f"{url}: option {name}: {message}")
-        config_error.key = name   # which option, for a caller (the message names it already)
-        raise config_error from None
+        raise option_error(url, name, message, options) from None
+
+
+def option_error(url: LocationURL, name: str, message: str, options=None) -> ConfigError:
+    """The one line for a wrong back-end option: the location, the option, what is
+    wrong; and the file and line that set it, where a configuration file did (`options`
+    as config.StorageOptions gives them)."""
+    file = getattr(options, "file", None)
+    line = (getattr(options, "lines", None) or {}).get(name.split(".")[0]) if file else None
+    error = ConfigError(f"{url}: option {name}: {message}", file=file, line=line)
+    error.key = name   # which option, for a caller (the message names it already)
+    return error
 
 
 def _model_at(model, loc: tuple):
@@ -347,10 +354,11 @@ class Backend(ABC):
 
     def __init__(self, url: LocationURL, options: dict | None = None):
         self.url = url
+        self._options_set = options   # (where each was set: option_error)
         self.options = dict(options or {})
         self.settings = self._plain_settings(self.options)
         if self.settings is None:
-            self.settings = parse_options(self.Options, self.options, url)
+            self.settings = parse_options(self.Options, options or {}, url)
 
     @classmethod
     def _plain_settings(cls, options: dict):

@@ -18,7 +18,7 @@ from ..errors import (ConfigError, LocationMissing, NotFound, StorageError,
                       TransientStorageError, Unsupported)
 from ..location import LocationURL, redact, secret_values
 from .base import (CONNECT_TIMEOUT_S, DIR, FILE, LINK, Backend, Capabilities,
-                   ListingErrorHandler, Stat, WriteStream, background_thread,
+                   ListingErrorHandler, Stat, WriteStream, background_thread, option_error,
                    walk_by_folder)
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,8 @@ class FsspecBackend(Backend):
             raise self._unknown_option_error(unknown[0])
 
     def _unknown_option_error(self, name: str) -> ConfigError:
-        error = ConfigError(f"{self.url}: option {name}: unknown option (not one castlib reads, "
-                            f"nor one its {self.url.scheme}:// library takes)")
-        error.key = name   # (as parse_options: the message names it already)
-        return error
+        return option_error(self.url, name, "unknown option (not one castlib reads, nor one "
+                            f"its {self.url.scheme}:// library takes)", self._options_set)
 
     # whether making the file system object is a handshake worth overlapping (SSH); an
     # HTTP client connects on its first request anyway

@@ -56,6 +56,7 @@ def test_an_option_the_library_does_not_take_is_refused_before_anything_connects
         b.stat("")
     assert str(err.value) == (f"{b.url}: option {typo}: unknown option (not one castlib "
                               f"reads, nor one its {b.url.scheme}:// library takes)")
+    assert "Traceback" not in str(err.value)
     assert err.value.key == typo
     b.close()
     right = open_backend(server.url, server.options)   # without it: the same place answers
@@ -67,10 +68,11 @@ def test_a_wrong_option_in_the_config_file_stops_the_cli_with_exit_2(tmp_path, d
     src = make_tree(tmp_path / "src", {"f": b"1"})
     dst = tmp_path / "dst"
     config = tmp_path / "castlib.yaml"
-    config.write_text(yaml.safe_dump({"storage": {str(dst): {"colour": "blue"}}}))
+    config.write_text(f"# the archive\nstorage:\n  {dst}:\n    colour: blue\n")
     proc = run_cli("sync", str(src), str(dst), db=db_url, env={"CASTLIB_CONFIG": str(config)})
     assert proc.returncode == 2, proc.stderr
-    assert "option colour: unknown option" in proc.stderr
+    # the file and the line that set it, as for every other key of the file
+    assert f"{config}:4: " in proc.stderr and "option colour: unknown option" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not dst.exists()
 
