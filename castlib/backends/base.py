@@ -228,9 +228,10 @@ def option_error(url: LocationURL, name: str, message: str, options=None) -> Con
     """The one line for a wrong back-end option: the location, the option, what is
     wrong; and the file and line that set it, where a configuration file did (`options`
     as config.StorageOptions gives them)."""
-    file = getattr(options, "file", None)
-    line = (getattr(options, "lines", None) or {}).get(name.split(".")[0]) if file else None
-    error = ConfigError(f"{url}: option {name}: {message}", file=file, line=line)
+    lines = getattr(options, "lines", None) or {}
+    top = name.split(".")[0]   # (a nested option's: the line of the key that holds it)
+    file = getattr(options, "file", None) if top in lines else None   # (not a pipeline's)
+    error = ConfigError(f"{url}: option {name}: {message}", file=file, line=lines.get(top))
     error.key = name   # which option, for a caller (the message names it already)
     return error
 

@@ -252,6 +252,8 @@ class RunContext:
         options = self.user_config.options_for(url)
         if name and name in self.location_options:
             options.update(self.location_options[name])
+            for key in self.location_options[name]:   # (set by the pipeline, not the file)
+                getattr(options, "lines", {}).pop(key, None)
         self.secrets.update(secret_values(options, url))
         return name, url, options
 

@@ -77,6 +77,24 @@ def test_a_wrong_option_in_the_config_file_stops_the_cli_with_exit_2(tmp_path, d
     assert not dst.exists()
 
 
+def test_a_wrong_option_a_pipeline_sets_does_not_blame_the_configuration_file(tmp_path,
+                                                                              db_url):
+    """An option from the pipeline's `locations:` over the configuration file's entry for
+    the same place: its error names neither that file nor a line of it."""
+    src = make_tree(tmp_path / "src", {"f": b"1"})
+    dst = tmp_path / "dst"
+    config = tmp_path / "castlib.yaml"
+    config.write_text(f"storage:\n  {dst}:\n    colour: blue\n")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "locations": {"arch": {"url": str(dst), "options": {"colour": "red"}}},
+        "stages": [{"index": {"location": str(src)}}, {"index": {"location": "arch"}}]}))
+    proc = run_cli("run", str(pipeline), db=db_url, env={"CASTLIB_CONFIG": str(config)})
+    assert proc.returncode == 2, proc.stderr
+    assert "option colour: unknown option" in proc.stderr
+    assert str(config) not in proc.stderr, proc.stderr
+
+
 def test_an_option_to_a_back_end_that_takes_none_is_one_line_naming_it(tmp_path):
     """A local back-end takes no option (checked without pydantic): the same line as a
     back-end whose options are a model."""
