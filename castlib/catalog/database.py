@@ -307,15 +307,10 @@ def _upgrade_lock(engine: Engine | str) -> Iterator[None]:
     if not database or database == ":memory:":
         yield
         return
-    import fcntl
+    from .process_locks import file_lock   # (made, refused and removed as the others are)
 
-    with driver_errors(engine):
-        fd = os.open(f"{database}.upgrade-lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)   # released by the kernel if this process dies
+    with file_lock(f"{database}.upgrade-lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 def current_revision_conn(conn) -> str | None:

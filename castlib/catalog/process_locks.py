@@ -126,17 +126,48 @@ def _flock(catalog, database: str):
 
     def release() -> None:
         for key, fd in reversed(fds.items()):
-            path = f"{database}.{key.file}"
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody else holds it
-                if _names(path, fd):
-                    os.unlink(path)
-            except OSError:   # held by another (BlockingIOError), or not ours to remove
-                pass
-            finally:
-                os.close(fd)   # closing the last descriptor of a file releases its flock
+            _release(f"{database}.{key.file}", fd)
 
     return take, release
+
+
+@contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """An exclusive flock on the file `path` for the block, as _flock takes its locks:
+    the file made if missing (never through a link), waited for, removed by its last
+    holder. (The SQLite catalog's upgrade lock: catalog.database.)"""
+    import fcntl
+
+    while True:
+        with driver_errors(path):
+            fd = _open_lock_file(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)   # released by the kernel if this process dies
+        except BaseException:
+            os.close(fd)
+            raise
+        if _names(path, fd):
+            break
+        os.close(fd)   # removed by its last holder while we waited: again
+    try:
+        yield
+    finally:
+        _release(path, fd)
+
+
+def _release(path: str, fd: int) -> None:
+    """Let go of the lock file `path` open as `fd`, and remove it if nobody else holds
+    it and the name still leads to it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody else holds it
+        if _names(path, fd):
+            os.unlink(path)
+    except OSError:   # held by another (BlockingIOError), or not ours to remove
+        pass
+    finally:
+        os.close(fd)   # closing the last descriptor of a file releases its flock
 
 
 def _open_lock_file(path: str) -> int:

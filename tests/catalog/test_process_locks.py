@@ -93,6 +93,22 @@ def test_an_sqlite_lock_file_goes_when_its_last_holder_releases_it(tmp_path):
     catalog.close()
 
 
+def test_the_upgrade_lock_goes_with_its_last_holder_and_never_follows_a_link(tmp_path):
+    """The SQLite catalog's upgrade lock (openers in line while its schema is made) was
+    left beside the catalog for ever, was opened to write (another user's 0644 file
+    failed the run), and followed a link planted in its place to make a file wherever it
+    pointed. It is taken as the other lock files are."""
+    from castlib.catalog.database import CatalogError
+
+    Catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}").close()
+    assert sorted(os.listdir(tmp_path)) == ["catalog.sqlite"]
+    path, target = tmp_path / "other.sqlite.upgrade-lock", tmp_path / "elsewhere"
+    path.symlink_to(target)
+    with pytest.raises(CatalogError, match=f"{path}: not a plain file"):
+        Catalog(f"sqlite:///{tmp_path / 'other.sqlite'}").close()
+    assert not target.exists() and os.path.islink(path)
+
+
 def _count_under_lock(database: str, counter: str, rounds: int) -> None:
     catalog = Catalog(f"sqlite:///{database}")
     for _ in range(rounds):
