@@ -802,6 +802,49 @@ def test_a_users_own_file_gets_no_set_group_id_bit_of_a_group_not_theirs(
     assert r.exit_code == 1 and any(e.startswith("a/sg: ") for e in r.errors), r.errors
 
 
+def test_a_users_set_user_id_program_is_never_roots_with_the_bit_before_its_owner(
+        tmp_path, db_url, monkeypatch):
+    """--owner as root: a user's own set-user-ID program (theirs to make) is copied as
+    root's. Its bits were set under the temporary name, so from its rename to the owners'
+    pass (the rest of the copies, the metadata) it was a set-user-ID program of root's,
+    which its user, who wrote it, could run as root. As rsync does, the set-ID bits of a
+    file come with its owner: root's own set-ID files too, and bits that alone differed."""
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/su": b"the user's program", "a/sg": b"g",
+                                       "a/old": b"o", "roots": b"root's program"})
+    os.chown(ref / "a", 1234, 1234)
+    for name, mode in (("su", 0o4755), ("sg", 0o2755), ("old", 0o755)):
+        os.chown(ref / "a" / name, 1234, 4321 if name == "sg" else 1234)
+        os.chmod(ref / "a" / name, mode)
+    os.chmod(ref / "roots", 0o6755)
+    dst = tmp_path / "dst"
+    assert sync(ref, dst, db_url).exit_code == 0   # without --owner: root's, as rsync's
+    os.chmod(dst / "a" / "old", 0o755)
+    os.chmod(ref / "a" / "old", 0o4755)   # the bit alone differs now
+    before_owners = {}
+    settle = SyncStage._settle_owners
+
+    def look_then_settle(self):
+        for name in ("a/su", "a/sg", "a/old"):
+            st = os.stat(dst / name)
+            before_owners[name] = (st.st_uid, st.st_mode & 0o7777)
+        settle(self)
+
+    monkeypatch.setattr(SyncStage, "_settle_owners", look_then_settle)
+    os.unlink(dst / "a" / "su")
+    os.unlink(dst / "a" / "sg")
+    r = sync(ref, dst, db_url, owner=True)
+    assert r.exit_code == 0, r.errors
+    assert all(not (uid == 0 and mode & 0o6000) for uid, mode in before_owners.values()), \
+        before_owners
+    assert subprocess.run(["rsync", "-ani", "--checksum", f"{ref}/", f"{dst}/"],
+                          capture_output=True, text=True, check=True).stdout.split() == []
+    monkeypatch.setattr(SyncStage, "_settle_owners", settle)
+    counts = sync(ref, dst, db_url, owner=True).counts
+    assert counts["mode_fixed"] == counts["owner_fixed"] == 0, counts
+
+
 @pytest.mark.parametrize("swapped_in", ["file", "link"])
 def test_a_file_swapped_in_between_the_look_and_the_chown_is_left_as_it_is(
         tmp_path, db_url, monkeypatch, swapped_in):
