@@ -931,6 +931,15 @@ class SyncStage(Stage):
                 owned = (ref.uid, ref.gid) == (dst.uid, dst.gid)
                 if owned and not (set_id and dst.mode != ref.mode):
                     continue   # (the set-ID bits left to this pass: _before_owner)
+                if dst.kind == FILE and dst.inode is not None and (
+                        ref.inode is None or not self.hard_links):
+                    # names elsewhere that the reference's file has not (nor this run
+                    # made: --hard-links): maybe a file from outside the tree linked in
+                    # under its name, by whoever can write in its folder; root's, it
+                    # would pass for the file this run wrote
+                    self._fail(path, "a file with other names than the reference's: "
+                               "owner left as it is")
+                    continue
                 # not the file this run wrote (root's, or the syncing user's), nor one of
                 # the owner's given only its set-user-ID bit: maybe one its owner swapped
                 # in since, which the bits would have made a program run as the new owner

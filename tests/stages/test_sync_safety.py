@@ -897,6 +897,44 @@ def test_a_file_swapped_in_between_the_look_and_the_chown_is_left_as_it_is(
         r.errors
 
 
+@pytest.mark.parametrize("hard_links", [False, True])
+def test_a_hard_link_to_a_file_outside_put_in_before_the_owners_keeps_its_owner(
+        tmp_path, db_url, monkeypatch, hard_links):
+    """--owner as root: a user replaces the new copy of their set-user-ID program, in a
+    folder of theirs, by a hard link to a file of root's outside the destination (one
+    they may write: fs.protected_hardlinks lets them link it). Root's, it looked like
+    the file the run wrote, and the owners' pass gave it to the user, with the bit: a
+    file that was never the tree's. A file with a name the reference's has not keeps
+    its owner, and that is said."""
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/su": b"the user's program", "a/one": b"1"})
+    os.link(ref / "a" / "one", ref / "a" / "two")   # (names of one file, for -H)
+    for entry in ("a", "a/su", "a/one"):
+        os.chown(ref / entry, 1234, 1234)
+    os.chmod(ref / "a" / "su", 0o4755)
+    dst = tmp_path / "dst"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's")
+    os.chmod(victim, 0o666)
+    settle = SyncStage._settle_owners
+
+    def link_then_settle(self):
+        os.unlink(dst / "a" / "su")   # the user may: the folder is theirs
+        os.link(victim, dst / "a" / "su")
+        settle(self)
+
+    monkeypatch.setattr(SyncStage, "_settle_owners", link_then_settle)
+    r = sync(ref, dst, db_url, owner=True, hard_links=hard_links)
+    st = os.stat(victim)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o666), \
+        (st.st_uid, st.st_gid, oct(st.st_mode))
+    assert r.exit_code == 1 and [e for e in r.errors if e.startswith("a/su: ")] and \
+        not [e for e in r.errors if not e.startswith("a/su: ")], r.errors
+    st = os.stat(dst / "a" / "two")
+    assert (st.st_uid, st.st_nlink) == (1234, 2 if hard_links else 1)
+
+
 def test_the_owner_is_given_to_the_entry_as_it_was_looked_at(tmp_path):
     """Backend.chown with `was` and `mode`: the entry looked at gets owner, group and its
     bits again; another found there (other kind, owner, size) is left as it is; a link's
