@@ -963,6 +963,31 @@ def test_the_owner_is_given_to_the_entry_as_it_was_looked_at(tmp_path):
     assert os.stat(tmp_path).st_uid == 1234
 
 
+def test_a_hard_link_swapped_in_after_the_look_is_another_entry_however_like_it(tmp_path):
+    """Backend.chown with `was`: a user who may write a file of root's (and so link it:
+    fs.protected_hardlinks) gives it the size, and their file in the reference the mtime
+    and bits, of the copy the run will look at; swapped in as a hard link between the look
+    and the chown, it matched all that was compared, and was given away. Its other name
+    tells it apart: the copy looked at had one."""
+    from castlib.backends import open_backend
+    from castlib.errors import StorageError
+
+    (tmp_path / "dst").mkdir()
+    copy, victim = tmp_path / "dst" / "copy", tmp_path / "victim"
+    for path in (copy, victim):
+        path.write_bytes(b"same size")
+        os.chmod(path, 0o666)
+        os.utime(path, ns=(10**18, 10**18))
+    b = open_backend(str(tmp_path / "dst"))
+    seen = b.stat("copy")
+    os.unlink(copy)
+    os.link(victim, copy)
+    with pytest.raises(StorageError, match="another entry is there now"):
+        b.chown("copy", 1234, 1234, was=seen, mode=0o4666)
+    st = os.stat(victim)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o666)
+
+
 def test_an_aborted_local_write_leaves_nothing_behind_in_the_back_end(tmp_path):
     """A copy given up (its write aborted, then its temporary removed, as copy_file does)
     leaves no file and no name in the back-end's set of private temporaries (a long-lived
