@@ -1450,8 +1450,15 @@ static PyObject *chmod_nofollow(PyObject *self, PyObject *args) {
 /* chown of what an O_PATH descriptor holds (a file, a folder or a link itself): the
    entry looked at, whatever its name leads to now (castlib/backends/local.py, chown) */
 static PyObject *chown_fd(PyObject *self, PyObject *args) {
-    int fd, uid, gid;
-    if (!PyArg_ParseTuple(args, "iii", &fd, &uid, &gid)) return NULL;
+    /* long long: uid_t is unsigned, ids from 2**31 on are owners too; -1 is "unchanged",
+       (uid_t)-1, as for os.chown */
+    int fd;
+    long long uid, gid;
+    if (!PyArg_ParseTuple(args, "iLL", &fd, &uid, &gid)) return NULL;
+    if (uid < -1 || gid < -1 || uid > (uid_t)-1 || gid > (gid_t)-1) {   /* not made 0 */
+        PyErr_SetString(PyExc_OverflowError, "uid or gid out of range");
+        return NULL;
+    }
 #ifdef AT_EMPTY_PATH
     int done;
     Py_BEGIN_ALLOW_THREADS

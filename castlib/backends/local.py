@@ -562,7 +562,9 @@ def _umask() -> int:
 
 def _refuse_if_not_as_seen(st: os.stat_result, was: Stat | None, path: str) -> None:
     """StorageError if the entry `st` is not the one `was` describes (its kind, owner,
-    group and bits; a file's size and mtime too): another swapped in under its name."""
+    group and bits; a file's size, mtime and other names too): another swapped in under
+    its name. (A hard link swapped in may match all the rest: a file of root's that the
+    user may write, linked in for the copy, made like it.)"""
     if was is None:
         return
     kind = (DIR if statmod.S_ISDIR(st.st_mode) else
@@ -572,9 +574,10 @@ def _refuse_if_not_as_seen(st: os.stat_result, was: Stat | None, path: str) -> N
            st.st_gid if was.gid is not None else None,
            st.st_mode & 0o7777 if was.mode is not None else None)
     if kind == FILE:
-        seen += (was.size, was.mtime_ns)
+        seen += (was.size, was.mtime_ns, was.inode)
         now += (st.st_size if was.size is not None else None,
-                st.st_mtime_ns if was.mtime_ns is not None else None)
+                st.st_mtime_ns if was.mtime_ns is not None else None,
+                (st.st_dev, st.st_ino) if st.st_nlink > 1 else None)   # (as stat() has it)
     if seen != now:
         raise StorageError("another entry is there now than the one looked at a moment "
                            "ago (swapped in since?): left as it is", path=path)

@@ -515,6 +515,15 @@ class SyncStage(Stage):
         self.counts[{"links": "skipped", "mtimes": "mtime_skipped",
                      "modes": "mode_skipped"}[what]] += 1
 
+    def _before_owner(self, mode: int | None) -> int | None:
+        """A file's bits to set before the owners' pass: with --owner, not its set-ID
+        bits, which come with its owner (_settle_owners), as rsync sets them after its
+        chown. Set before, on a file that is root's until then, a user's own
+        set-user-ID program would be root's, for anyone to run, until that pass."""
+        if mode is None or not self.params.owner:
+            return mode
+        return mode & ~0o6000
+
     def _set_mode(self, storage_path: str, mode: int) -> bool:
         """chmod, unless the server refuses permission bits (learned once, said once):
         False then. Any other error is raised."""
@@ -585,7 +594,8 @@ class SyncStage(Stage):
                     self.dst.set_mtime(from_catalog(d.path), d.ref.mtime_ns)
                     mode = d.dst.mode
                     if (self._mode_to_set(d) is not None
-                            and self._set_mode(from_catalog(d.path), d.ref.mode)):
+                            and self._set_mode(from_catalog(d.path),
+                                               self._before_owner(d.ref.mode))):
                         mode = d.ref.mode
                     self.counts["mtime_fixed"] += 1
                     self._remember(d.path, FILE, d.dst.size, d.ref.mtime_ns, dst_sum, None,
@@ -628,7 +638,7 @@ class SyncStage(Stage):
         def one(job, tmp: str, announce_next: Callable[[], None]):
             d, verb = job
             path = from_catalog(d.path)
-            mode = self._mode_to_set(d, new=True)
+            mode = self._before_owner(self._mode_to_set(d, new=True))
             names = [tmp]   # the first attempt's, announced; a retry's, a new one
 
             def finish(written: str) -> None:
@@ -823,7 +833,7 @@ class SyncStage(Stage):
                 folders[d.path] = d.ref
                 continue
             try:
-                if self._set_mode(from_catalog(d.path), d.ref.mode):
+                if self._set_mode(from_catalog(d.path), self._before_owner(d.ref.mode)):
                     set_bits[d.path] = (None, d.ref.mode)
             except StorageError as exc:
                 self._fail(d.path, f"cannot set permissions: {exc}")
@@ -895,7 +905,8 @@ class SyncStage(Stage):
                 self.meta_rows.append((path, mtime, st.mode))
                 continue
             self.counts["mode_fixed"] += path in to_count
-            self.meta_rows.append((path, mtime, mode))
+            # (what is there: with --owner, set-ID bits come later, with the owner)
+            self.meta_rows.append((path, mtime, mode if st is None else st.mode))
 
     def _bits_not_kept(self, wanted: int | None, st: Stat | None) -> bool:
         """Whether an entry whose bits were set to `wanted` shows other read, write and
@@ -950,11 +961,22 @@ class SyncStage(Stage):
                                    "list the destination again, e.g. castlib index DST)")
                     continue
                 if (path in self.failed_paths or ref is None or dst is None
-                        or ref.kind != dst.kind or ref.uid is None
-                        or (ref.uid, ref.gid) == (dst.uid, dst.gid)):
+                        or ref.kind != dst.kind or ref.uid is None):
                     continue
                 set_id = (self.perms and ref.kind == FILE and ref.mode is not None
                           and ref.mode & 0o6000)
+                owned = (ref.uid, ref.gid) == (dst.uid, dst.gid)
+                if owned and not (set_id and dst.mode != ref.mode):
+                    continue   # (the set-ID bits left to this pass: _before_owner)
+                if dst.kind == FILE and dst.inode is not None and (
+                        ref.inode is None or not self.hard_links):
+                    # names elsewhere that the reference's file has not (nor this run
+                    # made: --hard-links): maybe a file from outside the tree linked in
+                    # under its name, by whoever can write in its folder; root's, it
+                    # would pass for the file this run wrote
+                    self._fail(path, "a file with other names than the reference's: "
+                               "owner left as it is")
+                    continue
                 # not the file this run wrote (root's, or the syncing user's), nor one of
                 # the owner's given only its set-user-ID bit: maybe one its owner swapped
                 # in since, which the bits would have made a program run as the new owner
@@ -965,7 +987,9 @@ class SyncStage(Stage):
                 # swapped in under its name meanwhile is left as it is (Backend.chown)
                 self.dst.chown(storage, ref.uid, ref.gid, was=dst,
                                mode=ref.mode if set_id and not suspect else None)
-                self.counts["owner_fixed"] += 1
+                self.counts["owner_fixed"] += not owned
+                if set_id and not suspect:
+                    self.meta_rows.append((path, None, ref.mode))
                 if suspect:
                     self._fail(path, f"owned by uid {dst.uid}, not the reference's "
                                "owner's nor this run's: owner given, set-ID bits not")

@@ -273,6 +273,22 @@ def test_owner_and_group_as_root(tmp_path, db_url):
     assert r.counts["owner_fixed"] == 15 and rsync_changes(ref, fresh) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners are given as root")
+def test_owners_beyond_two_to_the_31_are_given_to_links_too(tmp_path, db_url):
+    """uid_t is unsigned: ids from 2**31 on (user namespaces' ranges, 4294967294 for
+    nobody on some systems) are owners like others. A link's, given through the
+    accelerator's chown_fd, stopped the run (OverflowError: its ids were read as C ints)."""
+    ref, dst = tmp_path / "ref", tmp_path / "dst"
+    make_tree(ref, {"f": b"f"})
+    os.symlink("f", ref / "l")
+    for name in ("f", "l"):
+        os.lchown(ref / name, 3_000_000_000, 4_294_967_294)
+    os.lchown(ref, 3_000_000_000, 4_294_967_294)
+    r = sync(ref, dst, db_url, owner=True)
+    assert r.exit_code == 0 and r.counts["owner_fixed"] == 3, (r.exit_code, r.errors)
+    assert rsync_changes(ref, dst) == []
+
+
 def test_owner_is_refused_where_the_destination_cannot_keep_owners(tmp_path, db_url):
     ref = make_tree(tmp_path / "ref", {"a.dat": b"a"})
     out = run_cli("sync", str(ref), "memory://castlib-owner-test", "--owner", "-q", db=db_url,

@@ -809,6 +809,49 @@ def test_a_users_own_file_gets_no_set_group_id_bit_of_a_group_not_theirs(
     assert r.exit_code == 1 and any(e.startswith("a/sg: ") for e in r.errors), r.errors
 
 
+def test_a_users_set_user_id_program_is_never_roots_with_the_bit_before_its_owner(
+        tmp_path, db_url, monkeypatch):
+    """--owner as root: a user's own set-user-ID program (theirs to make) is copied as
+    root's. Its bits were set under the temporary name, so from its rename to the owners'
+    pass (the rest of the copies, the metadata) it was a set-user-ID program of root's,
+    which its user, who wrote it, could run as root. As rsync does, the set-ID bits of a
+    file come with its owner: root's own set-ID files too, and bits that alone differed."""
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/su": b"the user's program", "a/sg": b"g",
+                                       "a/old": b"o", "roots": b"root's program"})
+    os.chown(ref / "a", 1234, 1234)
+    for name, mode in (("su", 0o4755), ("sg", 0o2755), ("old", 0o755)):
+        os.chown(ref / "a" / name, 1234, 4321 if name == "sg" else 1234)
+        os.chmod(ref / "a" / name, mode)
+    os.chmod(ref / "roots", 0o6755)
+    dst = tmp_path / "dst"
+    assert sync(ref, dst, db_url).exit_code == 0   # without --owner: root's, as rsync's
+    os.chmod(dst / "a" / "old", 0o755)
+    os.chmod(ref / "a" / "old", 0o4755)   # the bit alone differs now
+    before_owners = {}
+    settle = SyncStage._settle_owners
+
+    def look_then_settle(self):
+        for name in ("a/su", "a/sg", "a/old"):
+            st = os.stat(dst / name)
+            before_owners[name] = (st.st_uid, st.st_mode & 0o7777)
+        settle(self)
+
+    monkeypatch.setattr(SyncStage, "_settle_owners", look_then_settle)
+    os.unlink(dst / "a" / "su")
+    os.unlink(dst / "a" / "sg")
+    r = sync(ref, dst, db_url, owner=True)
+    assert r.exit_code == 0, r.errors
+    assert all(not (uid == 0 and mode & 0o6000) for uid, mode in before_owners.values()), \
+        before_owners
+    assert subprocess.run(["rsync", "-ani", "--checksum", f"{ref}/", f"{dst}/"],
+                          capture_output=True, text=True, check=True).stdout.split() == []
+    monkeypatch.setattr(SyncStage, "_settle_owners", settle)
+    counts = sync(ref, dst, db_url, owner=True).counts
+    assert counts["mode_fixed"] == counts["owner_fixed"] == 0, counts
+
+
 @pytest.mark.parametrize("swapped_in", ["file", "link"])
 def test_a_file_swapped_in_between_the_look_and_the_chown_is_left_as_it_is(
         tmp_path, db_url, monkeypatch, swapped_in):
@@ -861,6 +904,44 @@ def test_a_file_swapped_in_between_the_look_and_the_chown_is_left_as_it_is(
         r.errors
 
 
+@pytest.mark.parametrize("hard_links", [False, True])
+def test_a_hard_link_to_a_file_outside_put_in_before_the_owners_keeps_its_owner(
+        tmp_path, db_url, monkeypatch, hard_links):
+    """--owner as root: a user replaces the new copy of their set-user-ID program, in a
+    folder of theirs, by a hard link to a file of root's outside the destination (one
+    they may write: fs.protected_hardlinks lets them link it). Root's, it looked like
+    the file the run wrote, and the owners' pass gave it to the user, with the bit: a
+    file that was never the tree's. A file with a name the reference's has not keeps
+    its owner, and that is said."""
+    from castlib.stages.sync import SyncStage
+
+    ref = make_tree(tmp_path / "ref", {"a/su": b"the user's program", "a/one": b"1"})
+    os.link(ref / "a" / "one", ref / "a" / "two")   # (names of one file, for -H)
+    for entry in ("a", "a/su", "a/one"):
+        os.chown(ref / entry, 1234, 1234)
+    os.chmod(ref / "a" / "su", 0o4755)
+    dst = tmp_path / "dst"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's")
+    os.chmod(victim, 0o666)
+    settle = SyncStage._settle_owners
+
+    def link_then_settle(self):
+        os.unlink(dst / "a" / "su")   # the user may: the folder is theirs
+        os.link(victim, dst / "a" / "su")
+        settle(self)
+
+    monkeypatch.setattr(SyncStage, "_settle_owners", link_then_settle)
+    r = sync(ref, dst, db_url, owner=True, hard_links=hard_links)
+    st = os.stat(victim)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o666), \
+        (st.st_uid, st.st_gid, oct(st.st_mode))
+    assert r.exit_code == 1 and [e for e in r.errors if e.startswith("a/su: ")] and \
+        not [e for e in r.errors if not e.startswith("a/su: ")], r.errors
+    st = os.stat(dst / "a" / "two")
+    assert (st.st_uid, st.st_nlink) == (1234, 2 if hard_links else 1)
+
+
 def test_the_owner_is_given_to_the_entry_as_it_was_looked_at(tmp_path):
     """Backend.chown with `was` and `mode`: the entry looked at gets owner, group and its
     bits again; another found there (other kind, owner, size) is left as it is; a link's
@@ -887,6 +968,31 @@ def test_the_owner_is_given_to_the_entry_as_it_was_looked_at(tmp_path):
     assert (os.stat(tmp_path / "target").st_uid, os.stat(tmp_path / "target").st_gid) == (0, 0)
     b.chown("", 1234, 1234, was=b.stat(""))
     assert os.stat(tmp_path).st_uid == 1234
+
+
+def test_a_hard_link_swapped_in_after_the_look_is_another_entry_however_like_it(tmp_path):
+    """Backend.chown with `was`: a user who may write a file of root's (and so link it:
+    fs.protected_hardlinks) gives it the size, and their file in the reference the mtime
+    and bits, of the copy the run will look at; swapped in as a hard link between the look
+    and the chown, it matched all that was compared, and was given away. Its other name
+    tells it apart: the copy looked at had one."""
+    from castlib.backends import open_backend
+    from castlib.errors import StorageError
+
+    (tmp_path / "dst").mkdir()
+    copy, victim = tmp_path / "dst" / "copy", tmp_path / "victim"
+    for path in (copy, victim):
+        path.write_bytes(b"same size")
+        os.chmod(path, 0o666)
+        os.utime(path, ns=(10**18, 10**18))
+    b = open_backend(str(tmp_path / "dst"))
+    seen = b.stat("copy")
+    os.unlink(copy)
+    os.link(victim, copy)
+    with pytest.raises(StorageError, match="another entry is there now"):
+        b.chown("copy", 1234, 1234, was=seen, mode=0o4666)
+    st = os.stat(victim)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o666)
 
 
 def test_an_aborted_local_write_leaves_nothing_behind_in_the_back_end(tmp_path):
