@@ -359,12 +359,22 @@ class SftpBackend(FsspecBackend):
         if count <= 0:
             return
         places = [[None, _NOBODY] for _ in range(count)]
+        opener = background_thread(self._open_more_wires, host, places, self._generation,
+                                   name="castlib-sftp-sessions", start=False)
         self._wires += places
         self._openers_busy += 1
         self._more_coming.clear()
-        self._openers.append(background_thread(self._open_more_wires, host, places,
-                                               self._generation,
-                                               name="castlib-sftp-sessions"))
+        try:
+            opener.start()
+        except RuntimeError as exc:   # no thread to be had: each thread opens its own
+            log.debug("%s: sessions not opened ahead (%s)", self._where(), exc)
+            self._wires = [entry for entry in self._wires
+                           if not any(entry is place for place in places)]
+            self._openers_busy -= 1
+            if not self._openers_busy:
+                self._more_coming.set()
+            return
+        self._openers.append(opener)
 
     def sessions_needed(self, sessions: int) -> None:
         """Over ssh, the sessions still missing of those the stage now knows it will use

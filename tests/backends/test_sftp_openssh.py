@@ -598,6 +598,41 @@ exec {shutil.which("ssh")} "$@"
         sorted(f"f{n}" for n in range(24))
 
 
+def test_sessions_that_cannot_be_opened_ahead_are_opened_by_their_threads(sftp_server,
+                                                                         monkeypatch):
+    """No thread to be had for opening the sessions ahead (a process at its thread
+    limit): the threads that copy open their own, at once, not after waiting for the
+    sessions promised for the login's timeout (the promise was kept, the opener never
+    ran)."""
+    import threading
+
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "castlib-sftp-sessions":
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    b = open_backend(sftp_server.url, {**sftp_server.options, "connect_timeout": 20})
+    assert listing(b) == []
+    monkeypatch.setattr(threading.Thread, "start", start)
+    b.sessions_needed(4)
+    assert b._more_coming.is_set() and len(b._wires) == 1
+    started = time.monotonic()
+
+    def work(i: int) -> None:
+        write(b, f"f{i}", bytes([i]) * 100)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        real_start(t)
+    for t in threads:
+        t.join(60)
+    assert time.monotonic() - started < 20   # (the login's timeout is 3 x 20 s)
+    assert sorted(os.listdir(sftp_server.folder)) == ["f0", "f1", "f2"]
+    b.close()
+
+
 def test_hash_commands_leave_the_connection_no_more_channels_than_openssh_opens(
         sftp_server, tmp_path, monkeypatch):
     """A large file is verified by cksum on the host, a channel of the connection that
