@@ -40,9 +40,16 @@ class StorageError(CastlibError):
 
 
 class TransientStorageError(StorageError):
-    """A failure that may pass: a dropped connection, a timeout, a busy server."""
+    """A failure that may pass: a dropped connection, a timeout, a busy server.
+    `unreached`: the server was not reached at all (refused, timed out, unreachable):
+    worth retrying within a long run, not as its very first call (a host that does not
+    answer would cost its timeout once per attempt)."""
 
     transient = True
+
+    def __init__(self, message: str, *, path: str | None = None, unreached: bool = False):
+        super().__init__(message, path=path)
+        self.unreached = unreached
 
 
 class NotFound(StorageError):

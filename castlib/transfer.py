@@ -211,16 +211,19 @@ MAX_BACKOFF_S = 60.0   # the longest wait between two attempts
 
 
 def with_retries(action: Callable[[], object], *, retries: int, backoff_s: float,
-                 describe: str) -> object:
+                 describe: str, retry_unreached: bool = True) -> object:
     """Run action, retrying transient storage errors with exponential backoff, capped at
     MAX_BACKOFF_S (20 retries would otherwise end in a wait of days) and jittered (half
-    to all of it), so the transfer threads that met one outage do not retry in step."""
+    to all of it), so the transfer threads that met one outage do not retry in step.
+    Not `retry_unreached`: one that never reached the server (TransientStorageError's
+    `unreached`) is raised at once."""
     attempt = 0
     while True:
         try:
             return action()
         except StorageError as exc:
-            if not exc.transient or attempt >= retries:
+            if not exc.transient or attempt >= retries or (
+                    not retry_unreached and getattr(exc, "unreached", False)):
                 raise
             import random
 

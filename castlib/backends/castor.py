@@ -227,7 +227,7 @@ class CastorBackend(Backend):
                                      "permission denied") from None
         except subprocess.TimeoutExpired:
             raise TransientStorageError(f"{argv[0]} timed out after {self.timeout:g} s on "
-                                        f"{where}", path=where) from None
+                                        f"{where}", path=where, unreached=True) from None
         return ToolOutput(argv[0], done.returncode, os.fsdecode(done.stdout),
                           os.fsdecode(done.stderr))
 

@@ -296,7 +296,7 @@ class FsspecBackend(Backend):
         if kind == "operation unsupported":
             return Unsupported(message, path=path)
         if kind in _TRANSIENT_KINDS:
-            return TransientStorageError(message, path=path)
+            return TransientStorageError(message, path=path, unreached=kind in _UNREACHED)
         return StorageError(message, path=path)
 
     def _describe(self, kind: str, detail: str) -> tuple[str, str]:
@@ -412,6 +412,7 @@ class MemoryBackend(FsspecBackend):
 # -- errors ------------------------------------------------------------------------------------
 _TRANSIENT_KINDS = {"connection refused", "timed out", "connection lost", "server busy",
                     "host unreachable", "server error"}
+_UNREACHED = {"connection refused", "timed out", "host unreachable"}
 
 
 class _HTTPStatus(Exception):

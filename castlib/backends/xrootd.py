@@ -48,6 +48,7 @@ for _name, _value in _TIMEOUT_DEFAULTS.items():
 
 # XRootD client status codes (XrdClStatus.hh) that mean "the connection failed", worth a retry
 _TRANSIENT_CODES = {101, 102, 103, 104, 105, 107, 108, 109, 206, 207}
+_UNREACHED_CODES = {101, 108}   # errInvalidAddr, errConnectionError: no server reached
 # server errnos (XProtocol.hh): kXR_NotFound, and the busy/timed-out family
 _KXR_NOT_FOUND = 3011
 _KXR_TRANSIENT = {3012, 3014, 3020, 3024, 3034, 3035}
@@ -337,5 +338,6 @@ def _storage_error(status, what: str, where: str) -> StorageError:
     if status.errno == _KXR_NOT_FOUND or "no such file" in status.message.lower():
         return NotFound(message, path=where)
     if status.code in _TRANSIENT_CODES or status.errno in _KXR_TRANSIENT:
-        return TransientStorageError(message, path=where)
+        return TransientStorageError(message, path=where,
+                                     unreached=status.code in _UNREACHED_CODES)
     return StorageError(message, path=where)

@@ -12,7 +12,7 @@ from ..checksum import ALGORITHMS
 from ..errors import ConfigError, LocationMissing, SafetyRefusal, StorageError
 from ..filters import PathFilter
 from ..location import parse_location
-from ..transfer import TEMP_MARK, is_temp_name
+from ..transfer import TEMP_MARK, is_temp_name, with_retries
 from .base import ChecksumName, Globs, IndexResult, LazyParams, Percent, Stage, StageOutcome
 
 
@@ -119,7 +119,12 @@ class IndexStage(Stage):
                 raise ConfigError(
                     f"--rehash: the catalog holds no checksums of {loc.record.url} to "
                     f"recompute; name one with --checksum ({', '.join(ALGORITHMS)})")
-        root_exists = backend.root_exists()
+        # the first call to a remote location: a line that drops now (the login's
+        # connection lost) is tried again on a new one, as a folder's listing is; a host
+        # not reached at all is said at once
+        root_exists = with_retries(backend.root_exists, retries=ctx.retries,
+                                   backoff_s=ctx.retry_backoff_s, describe=loc.record.url,
+                                   retry_unreached=False)
         if existing is None and not root_exists:   # said below: the exact count
             known_files = catalog.live_count(loc_id)
         if not root_exists:

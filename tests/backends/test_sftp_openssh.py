@@ -14,7 +14,7 @@ import pytest
 
 from castlib.backends import open_backend
 from castlib.errors import ConfigError
-from tests.helpers import wait_for
+from tests.helpers import make_tree, wait_for
 from tests.helpers import backend_listing as listing
 from tests.helpers import backend_read as read
 from tests.helpers import backend_write as write
@@ -631,6 +631,51 @@ def test_sessions_that_cannot_be_opened_ahead_are_opened_by_their_threads(sftp_s
     assert time.monotonic() - started < 20   # (the login's timeout is 3 x 20 s)
     assert sorted(os.listdir(sftp_server.folder)) == ["f0", "f1", "f2"]
     b.close()
+
+
+def test_a_line_that_drops_before_the_first_listing_is_tried_again(sftp_server, tmp_path,
+                                                                     monkeypatch):
+    """The login's connection lost just before the index's first call (does the root
+    exist?): a sync ended at once with exit 2 ("connection lost"), where a line that
+    drops during a listing or a copy is tried again. That first call is tried again on a
+    new login too; a host not reached at all still fails at once (test_connect_early)."""
+    import signal
+
+    import castlib
+    from castlib.backends.sftp import SftpBackend
+
+    _configure(sftp_server, tmp_path, monkeypatch)
+    src = make_tree(tmp_path / "src", {f"f{n}": b"x" * n for n in range(5)})
+    real, cut = SftpBackend.root_exists, []
+
+    def root_exists(self):
+        if not cut:
+            self.fs   # logged in; then the master's ssh is killed (the line drops)
+            for pid in _masters_of(sftp_server.port):
+                os.kill(pid, signal.SIGKILL)
+                cut.append(pid)
+        return real(self)
+
+    monkeypatch.setattr(SftpBackend, "root_exists", root_exists)
+    report = castlib.sync(str(src), f"{sftp_server.url}/d", db=f"sqlite:///{tmp_path / 'c.db'}")
+    assert cut, "no master was running"
+    assert report.exit_code == 0 and report.counts["copied"] == 5, report.errors
+    assert sorted(os.listdir(sftp_server.folder / "d")) == [f"f{n}" for n in range(5)]
+
+
+def _masters_of(port: int) -> list[int]:
+    """The ControlMaster ssh processes whose command line names this port."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"ssh") and str(port).encode() in argv and \
+                any(b"ControlMaster=yes" in a for a in argv):
+            found.append(int(pid))
+    return found
 
 
 def test_hash_commands_leave_the_connection_no_more_channels_than_openssh_opens(
