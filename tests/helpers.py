@@ -195,3 +195,21 @@ def wait_for(condition, seconds: float = 20.0) -> bool:
             return True
         time.sleep(0.02)
     return bool(condition())
+
+
+def ssh_processes(port: int, masters_only: bool = False) -> list[int]:
+    """The ssh processes (of anyone here) whose command line names this port; with
+    `masters_only`, only ControlMasters (ControlMaster=yes)."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"ssh") and str(port).encode() in argv and (
+                not masters_only or any(b"ControlMaster=yes" in a for a in argv)):
+            found.append(int(pid))
+    return found

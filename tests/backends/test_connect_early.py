@@ -13,7 +13,7 @@ import pytest
 from castlib.backends import open_backend
 from castlib.backends.base import DIR
 from castlib.errors import StorageError
-from tests.helpers import wait_for
+from tests.helpers import ssh_processes, wait_for
 from tests.helpers import backend_read as read
 from tests.helpers import backend_write as write
 from tests.helpers import run_cli
@@ -156,22 +156,6 @@ def _via(proxy, server) -> str:
     return server.url.replace(f":{server.port}/", f":{proxy.port}/", 1)
 
 
-def _ssh_of(port: int) -> list[int]:
-    """The ssh processes (of anyone here) whose command line names this port."""
-    import os
-
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"ssh") and str(port).encode() in argv:
-            found.append(int(pid))
-    return found
-
-
 def test_the_back_end_takes_the_login_started_ahead_for_its_options(sftp_server,
                                                                     outage_proxy):
     from castlib.backends import ssh_command
@@ -187,7 +171,7 @@ def test_the_back_end_takes_the_login_started_ahead_for_its_options(sftp_server,
     assert proxy.accepted == 1   # that login, not a second one
     assert not ssh_command._AHEAD
     b.close()
-    assert wait_for(lambda: not _ssh_of(proxy.port))
+    assert wait_for(lambda: not ssh_processes(proxy.port))
 
 
 def test_a_login_started_ahead_that_no_back_end_takes_is_stopped_at_exit(
@@ -222,7 +206,7 @@ b.close()
                        env=cli_env({"TMPDIR": str(temp)}))
     assert r.returncode == 0, r.stderr
     assert proxy.accepted == 2
-    assert wait_for(lambda: not _ssh_of(proxy.port))
+    assert wait_for(lambda: not ssh_processes(proxy.port))
     assert list(temp.iterdir()) == []
 
 
@@ -242,7 +226,7 @@ def test_a_sync_to_sftp_logs_in_once_its_login_started_ahead(sftp_server, outage
     assert r.returncode == 0, r.stderr
     assert (sftp_server.folder / "d" / "b").read_bytes() == b"bb"
     assert proxy.accepted == 1, r.stderr   # the login started ahead is the run's one
-    assert wait_for(lambda: not _ssh_of(proxy.port))
+    assert wait_for(lambda: not ssh_processes(proxy.port))
 
 
 def test_a_sync_run_on_workers_starts_no_login_here(sftp_server, outage_proxy, tmp_path):

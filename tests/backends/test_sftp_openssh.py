@@ -14,7 +14,7 @@ import pytest
 
 from castlib.backends import open_backend
 from castlib.errors import ConfigError
-from tests.helpers import make_tree, wait_for
+from tests.helpers import make_tree, ssh_processes, wait_for
 from tests.helpers import backend_listing as listing
 from tests.helpers import backend_read as read
 from tests.helpers import backend_write as write
@@ -651,7 +651,7 @@ def test_a_line_that_drops_before_the_first_listing_is_tried_again(sftp_server, 
     def root_exists(self):
         if not cut:
             self.fs   # logged in; then the master's ssh is killed (the line drops)
-            for pid in _masters_of(sftp_server.port):
+            for pid in ssh_processes(sftp_server.port, masters_only=True):
                 os.kill(pid, signal.SIGKILL)
                 cut.append(pid)
         return real(self)
@@ -661,21 +661,6 @@ def test_a_line_that_drops_before_the_first_listing_is_tried_again(sftp_server, 
     assert cut, "no master was running"
     assert report.exit_code == 0 and report.counts["copied"] == 5, report.errors
     assert sorted(os.listdir(sftp_server.folder / "d")) == [f"f{n}" for n in range(5)]
-
-
-def _masters_of(port: int) -> list[int]:
-    """The ControlMaster ssh processes whose command line names this port."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"ssh") and str(port).encode() in argv and \
-                any(b"ControlMaster=yes" in a for a in argv):
-            found.append(int(pid))
-    return found
 
 
 def test_hash_commands_leave_the_connection_no_more_channels_than_openssh_opens(
