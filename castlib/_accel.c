@@ -1429,6 +1429,12 @@ static PyObject *cksum_update(PyObject *self, PyObject *args) {
 #define SYS_fchmodat2 452   /* the same number on every Linux architecture */
 #endif
 
+/* A system call's outcome for Python: None, or the OSError of errno (done != 0). */
+static PyObject *none_or_errno(long done) {
+    if (done != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyObject *chmod_nofollow(PyObject *self, PyObject *args) {
     int dirfd;
     const char *name;
@@ -1439,11 +1445,9 @@ static PyObject *chmod_nofollow(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     done = syscall(SYS_fchmodat2, dirfd, name, (mode_t)mode, AT_SYMLINK_NOFOLLOW);
     Py_END_ALLOW_THREADS
-    if (done != 0) return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
+    return none_or_errno(done);
 #else
-    errno = ENOSYS;
-    return PyErr_SetFromErrno(PyExc_OSError);
+    return none_or_errno((errno = ENOSYS, -1));
 #endif
 }
 
@@ -1464,11 +1468,9 @@ static PyObject *chown_fd(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     done = fchownat(fd, "", (uid_t)uid, (gid_t)gid, AT_EMPTY_PATH);
     Py_END_ALLOW_THREADS
-    if (done != 0) return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
+    return none_or_errno(done);
 #else
-    errno = ENOSYS;
-    return PyErr_SetFromErrno(PyExc_OSError);
+    return none_or_errno((errno = ENOSYS, -1));
 #endif
 }
 
