@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import os
 import re
 import stat as statmod
@@ -448,16 +449,15 @@ class LocalBackend(Backend):
         `mode`: bits set again after the chown (which clears the set-ID bits), on that
         same entry."""
         owner = (-1 if uid is None else uid, -1 if gid is None else gid)
-        o_path = getattr(os, "O_PATH", None)
         try:
-            if o_path is None or not os.path.isdir("/proc/self/fd"):   # (not Linux)
+            if not _held_entries():   # (not Linux)
                 self._chown_by_name(path, owner, was, mode)
                 return
             if not path:
-                folder, name, fd = None, "", os.open(self.root, o_path | os.O_CLOEXEC)
+                folder, name, fd = None, "", os.open(self.root, os.O_PATH | os.O_CLOEXEC)
             else:
                 folder, name = self._at(path)
-                fd = os.open(name, o_path | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
             try:
                 st = os.fstat(fd)
                 _refuse_if_not_as_seen(st, was, path)
@@ -583,6 +583,14 @@ def _refuse_if_not_as_seen(st: os.stat_result, was: Stat | None, path: str) -> N
                            "ago (swapped in since?): left as it is", path=path)
 
 
+@functools.lru_cache(maxsize=None)
+def _held_entries() -> bool:
+    """Whether an entry can be held without following it (O_PATH) and changed through
+    what holds it (/proc/self/fd): Linux. Elsewhere it is looked at, then changed, by
+    name."""
+    return hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd")
+
+
 _chown_fd = None   # the accelerator's chown_fd, False where there is none (see below)
 
 
@@ -625,13 +633,12 @@ def _chmod_not_a_link(folder: int, name: str, mode: int) -> None:
                 _fchmodat2 = False
             elif exc.errno != errno.EPERM:   # (a sandbox's filter's, or the file's: the
                 raise                        # way below tells which)
-    o_path = getattr(os, "O_PATH", None)
-    if o_path is None or not os.path.isdir("/proc/self/fd"):   # (not Linux: looked at first)
+    if not _held_entries():   # (not Linux: looked at first)
         if statmod.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
             raise _a_link()
         os.chmod(name, mode, dir_fd=folder)
         return
-    fd = os.open(name, o_path | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
     try:
         if statmod.S_ISLNK(os.fstat(fd).st_mode):
             raise _a_link()
