@@ -38,8 +38,16 @@ class StorageOptions(dict):
     """A location's back-end options, and where the configuration file sets each (a
     back-end's error about one names that file and line: Backend.option_error)."""
 
-    file: str | None = None
-    lines: dict[str, int | None] = {}
+    def __init__(self, options: dict, file: str | None = None,
+                 lines: dict[str, int | None] | None = None):
+        super().__init__(options)
+        self.file, self.lines = file, dict(lines or {})
+
+    def override(self, options: dict) -> None:
+        """Options set elsewhere (a pipeline's locations), over these: not the file's."""
+        self.update(options)
+        for name in options:
+            self.lines.pop(name, None)
 
 
 class UserConfig:
@@ -83,12 +91,10 @@ class UserConfig:
                 key = prefix
             if (target == key or target.startswith(key.rstrip("/") + "/")) and len(key) > best_len:
                 best, best_len, best_prefix = options, len(key), prefix
-        found = StorageOptions(best)
-        if best_prefix is not None and self._path:
-            found.lines = {name: self._lines.get(("storage", best_prefix, name))
-                           for name in best}
-            found.file = self._path
-        return found
+        if best_prefix is None or not self._path:
+            return StorageOptions(best)
+        return StorageOptions(best, self._path, {
+            name: self._lines.get(("storage", best_prefix, name)) for name in best})
 
     def queue_for(self, url: LocationURL) -> str | None:
         """The worker queue `queues:` maps a (remote) location to: the longest prefix."""

@@ -251,9 +251,7 @@ class RunContext:
         url = parse_location(url_text, base_dir=self.base_dir)   # relative to the pipeline file
         options = self.user_config.options_for(url)
         if name and name in self.location_options:
-            options.update(self.location_options[name])
-            for key in self.location_options[name]:   # (set by the pipeline, not the file)
-                getattr(options, "lines", {}).pop(key, None)
+            options.override(self.location_options[name])
         self.secrets.update(secret_values(options, url))
         return name, url, options
 
