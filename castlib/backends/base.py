@@ -37,20 +37,19 @@ _BACKGROUND: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
 BACKGROUND_END_S = 2.0   # the most the end of a run waits for them, all together
 
 
-def background_thread(target: Callable, *args, name: str,
-                      start: bool = True) -> threading.Thread:
-    """A daemon thread running target(*args), started (unless not `start`: the caller
-    starts it), and waited for at exit (a moment: see _end_background)."""
+def background_thread(target: Callable, *args, name: str) -> threading.Thread:
+    """A daemon thread running target(*args), started, and waited for at exit (a
+    moment: see _end_background)."""
     thread = threading.Thread(target=target, args=args, daemon=True, name=name)
     _BACKGROUND.add(thread)
-    if start:
-        thread.start()
+    thread.start()
     return thread
 
 
 def _end_background() -> None:
     deadline = time.monotonic() + BACKGROUND_END_S
     for thread in list(_BACKGROUND):
+        # (one that could not be started, no thread to be had, is not waited for)
         if thread is not threading.current_thread() and thread.ident is not None:
             thread.join(max(0.0, deadline - time.monotonic()))
 

@@ -359,30 +359,24 @@ class SftpBackend(FsspecBackend):
         if count <= 0:
             return
         places = [[None, _NOBODY] for _ in range(count)]
-        opener = background_thread(self._open_more_wires, host, places, self._generation,
-                                   name="castlib-sftp-sessions", start=False)
+        try:   # (what it changes here waits for the lock held, as the lines below do)
+            opener = background_thread(self._open_more_wires, host, places,
+                                       self._generation, name="castlib-sftp-sessions")
+        except RuntimeError as exc:   # no thread to be had: each thread opens its own
+            log.debug("%s: sessions not opened ahead (%s)", self._where(), exc)
+            return
         self._wires += places
         self._openers_busy += 1
         self._more_coming.clear()
-        try:
-            opener.start()
-        except RuntimeError as exc:   # no thread to be had: each thread opens its own
-            log.debug("%s: sessions not opened ahead (%s)", self._where(), exc)
-            self._wires = [entry for entry in self._wires
-                           if not any(entry is place for place in places)]
-            self._openers_busy -= 1
-            if not self._openers_busy:
-                self._more_coming.set()
-            return
         self._openers.append(opener)
 
     def sessions_needed(self, sessions: int) -> None:
         """Over ssh, the sessions still missing of those the stage now knows it will use
         (each an ssh process, ~10 ms of CPU here and a channel of the server's 10):
-        opened now, together, in the background. The login opens only those the run
-        knew of when it started (Stage.sessions_wanted): a sync's 8 transfer threads
-        come to the number of files it copies, a one-file sync opens one more session,
-        not eight. Over asyncssh, each thread opens its own when it first asks."""
+        opened now, together, in the background. The login opens one: a sync's 8
+        transfer threads come to the number of files it copies, a one-file sync opens one
+        more session, not seven. Over asyncssh, each thread opens its own when it first
+        asks."""
         if self._ssh is None:
             return
         with self._session_came:   # (the connect lock: after a login under way)
