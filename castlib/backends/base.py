@@ -445,6 +445,36 @@ class Backend(ABC):
         an open no write took when told None or another path. open_write works as ever
         whatever was announced. Most back-ends ignore it."""
 
+    # Whether write_files and rename_many do several files in the time of one (the
+    # engine then copies small files a few at a time: transfer.copy_files_together).
+    writes_files_together = False
+
+    def write_files(self, files: list[tuple[str, bytes]]) -> list[StorageError | None]:
+        """Write each (path, bytes) as open_write would, whole: for each, None once it
+        is stored, or the StorageError that kept it from being. Here one after another; a
+        back-end whose every request is a round trip sends them together (SftpBackend)."""
+        outcomes: list[StorageError | None] = []
+        for path, data in files:
+            try:
+                with self.open_write(path) as stream:
+                    stream.write(data)
+                outcomes.append(None)
+            except StorageError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def rename_many(self, renames: list[tuple[str, str]]) -> list[StorageError | None]:
+        """rename() of each (src, dst): for each, None once done, or the StorageError
+        that kept it from being. Here one after another (see write_files)."""
+        outcomes: list[StorageError | None] = []
+        for src, dst in renames:
+            try:
+                self.rename(src, dst)
+                outcomes.append(None)
+            except StorageError as exc:
+                outcomes.append(exc)
+        return outcomes
+
     def checksum(self, path: str, algorithm: str) -> str:
         """The file's checksum: from the server when it computes `algorithm` itself,
         otherwise by reading the bytes once."""

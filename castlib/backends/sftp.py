@@ -219,7 +219,7 @@ class SftpBackend(FsspecBackend):
         self._read_back: dict[str, bytes] = {}   # temporary path -> its bytes, read back
         self._pending_attrs: dict[str, dict] = {}   # temporary path -> set-stat at rename
         self._setstat_proven: set[str] = set()   # set-stat kinds the server has done here
-        self._published = threading.local()      # .entry: (path, Stat, when) of a rename
+        self._published = threading.local()      # .entries: path -> (Stat, when) of renames
         # a write announced (expect_write), by thread: .next, the path to open with the
         # thread's next rename; .opened, (path, session, the open's answer) once sent
         self._ahead = threading.local()
@@ -829,11 +829,9 @@ class SftpBackend(FsspecBackend):
         back = self._read_back.get(path)
         if back is not None:   # a temporary file just written and read back whole
             return Stat(path, FILE, len(back), None, None)
-        entry = getattr(self._published, "entry", None)
-        if entry is not None:
-            self._published.entry = None
-            if entry[0] == path and time.monotonic() - entry[2] < PUBLISHED_STAT_S:
-                return entry[1]
+        entry = getattr(self._published, "entries", {}).pop(path, None)
+        if entry is not None and time.monotonic() - entry[1] < PUBLISHED_STAT_S:
+            return entry[0]
         return self._sftp_lstat(path)
 
     def _sftp_lstat(self, path: str) -> Stat | None:
@@ -868,6 +866,85 @@ class SftpBackend(FsspecBackend):
         read_back = is_temp_name(posixpath.basename(path), self.temp_key)
         with self._errors(path):
             return _Writer(self, path, _SftpFile(self, path, "wb", read_back=read_back))
+
+    # -- small files, several at once --------------------------------------------------------
+    # Over OpenSSH's ssh, the copies of a few small files go as one: their opens in one
+    # channel write, then their writes, closes and read-backs' opens, then their reads,
+    # then their set-stats, renames and stats (sftp_wire.drive_together): three or four
+    # round trips for the group, where each file took three. Each file's requests are
+    # those of its copy alone (_sftp_write_whole, _sftp_publish), in the same order.
+
+    @property
+    def writes_files_together(self) -> bool:
+        return self._ssh is not None
+
+    def write_files(self, files: list[tuple[str, bytes]]) -> list[StorageError | None]:
+        if self._ssh is None or len(files) < 2:
+            return super().write_files(files)
+        try:
+            self.fs   # (connected: a session's first call may be any)
+            wire = self._wire()
+            copies = [_sftp_write_whole(
+                wire, self._full(path), "wb", data,
+                len(data) <= READ_BACK_MAX and is_temp_name(posixpath.basename(path),
+                                                            self.temp_key),
+                self._opened_ahead(self._full(path), wire)) for path, data in files]
+        except Exception as exc:   # noqa: BLE001 - no session: each fails with it
+            return [self._translated(exc, path) for path, _ in files]
+        outcomes: list[StorageError | None] = []
+        for (path, _), done in zip(files, sftp_wire.drive_together(copies, wire)):
+            if isinstance(done, BaseException):
+                outcomes.append(self._translated(done, path))
+                continue
+            if done is not None:
+                self._read_back[path] = done
+            outcomes.append(None)
+        return outcomes
+
+    def rename_many(self, renames: list[tuple[str, str]]) -> list[StorageError | None]:
+        if self._ssh is None or not self.posix_rename or len(renames) < 2:
+            return super().rename_many(renames)
+        try:
+            wire = self._wire()
+        except Exception as exc:   # noqa: BLE001 - no session: each fails with it
+            return [self._translated(exc, src) for src, _ in renames]
+        steps = []
+        for src, dst in renames:
+            self._read_back.pop(src, None)
+            steps.append(_sftp_publish(wire, self._full(src), self._full(dst),
+                                       self._pending_attrs.pop(src, None)))
+        published = self._published.entries = {}
+        outcomes: list[StorageError | None] = []
+        for (src, dst), done in zip(renames, sftp_wire.drive_together(steps, wire)):
+            if isinstance(done, BaseException):
+                outcomes.append(self._translated(done, src))
+                continue
+            attrs, renamed = done
+            if not renamed:   # (its set-stats went out): as rename() goes on from there
+                log.info("%s: the server refuses posix-rename; renaming in steps",
+                         self._where())
+                self.posix_rename = False
+                try:
+                    with self._errors(src):
+                        self._sftp_rename(src, dst)
+                except StorageError as exc:
+                    outcomes.append(exc)
+                    continue
+            elif attrs is not None:
+                published[dst] = (_stat_from_attrs(dst, attrs), time.monotonic())
+            outcomes.append(None)
+        return outcomes
+
+    def _translated(self, exc: BaseException, path: str) -> StorageError:
+        """The castlib error a call on `path` raises for `exc` (see _errors)."""
+        if not isinstance(exc, Exception):
+            raise exc
+        try:
+            with self._errors(path):
+                raise exc
+        except StorageError as error:
+            return error
+        raise AssertionError("_errors let an exception through")   # pragma: no cover
 
     # -- a write announced: its open sent with the copy before it ---------------------------
     # A small file's copy is four round trips: the open, the write with the close and the
@@ -1136,9 +1213,8 @@ class SftpBackend(FsspecBackend):
                 if opened:
                     self._ahead.opened = (ahead, wire, opened[0])
                 if renamed:
-                    if attrs is not None:
-                        self._published.entry = (dst, _stat_from_attrs(dst, attrs),
-                                                 time.monotonic())
+                    self._published.entries = {} if attrs is None else \
+                        {dst: (_stat_from_attrs(dst, attrs), time.monotonic())}
                     return
                 # the set-stats went out before the refused rename
                 log.info("%s: the server refuses posix-rename; renaming in steps", self._where())

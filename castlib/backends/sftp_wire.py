@@ -806,8 +806,9 @@ class SyncFuture:
         return self._result
 
     def __await__(self):
+        if not self._done and _grouped.active:
+            yield self   # (to drive_together, which sends the group's requests first)
         return self.result(self._wire._chan.wait_timeout)
-        yield   # (a generator: awaited without a loop, it never suspends)
 
     def set_result(self, value) -> None:
         self._result = value
@@ -830,13 +831,75 @@ class SyncFuture:
             callback(self)
 
 
+class _Grouped(threading.local):
+    active = False   # whether this thread is driving a group (drive_together)
+
+
+_grouped = _Grouped()
+
+
+def drive_together(awaitables: list, wire: SftpWire) -> list:
+    """Run several coroutines like drive, in turns, so that what each asks for next goes
+    out in one channel write with what the others ask for next: the copies of a few small
+    files, each a coroutine of three round trips, take three round trips together, not
+    three each. Returns each one's value, or the exception it ended with.
+
+    A turn steps every coroutine, inside one batch of `wire` (each stops at its first
+    unanswered request: see SyncFuture.__await__), then waits until the requests they
+    wait for are answered. The session runs the requests in the order they came, so
+    each coroutine's own requests keep their order."""
+    results: list = [None] * len(awaitables)
+    waiting: dict[int, SyncFuture | None] = dict.fromkeys(range(len(awaitables)))
+    while waiting:
+        _grouped.active = True
+        try:
+            with wire.batch():
+                for i in list(waiting):
+                    try:
+                        waiting[i] = awaited = awaitables[i].send(None)
+                        if not isinstance(awaited, SyncFuture):
+                            awaitables[i].close()
+                            raise RuntimeError("a threaded SFTP session awaited something "
+                                               "that needs an event loop")
+                    except StopIteration as done:
+                        results[i] = done.value
+                        del waiting[i]
+                    except BaseException as exc:   # noqa: BLE001 - that one's outcome
+                        results[i] = exc
+                        del waiting[i]
+        finally:
+            _grouped.active = False
+        try:
+            for future in waiting.values():   # (answered in the order sent: the last
+                if not future.done():          # comes last, and each turn is whole)
+                    future._wire._chan.wait_for(future, future._wire._chan.wait_timeout)
+        except BaseException as exc:   # noqa: BLE001 - no answer: each ends with it
+            for i in list(waiting):
+                results[i] = _thrown(awaitables[i], exc)
+                del waiting[i]
+    return results
+
+
+def _thrown(awaitable, exc: BaseException):
+    """What a coroutine ends with when `exc` is raised where it waits."""
+    try:
+        awaitable.throw(exc)
+    except BaseException as raised:   # noqa: BLE001 - its outcome
+        return raised
+    awaitable.close()
+    return exc
+
+
 def drive(awaitable):
     """The value of a coroutine whose awaits are all SyncFutures (or coroutines awaiting
     them): run to its end in the calling thread, no event loop."""
+    grouped, _grouped.active = _grouped.active, False   # (its awaits never suspend)
     try:
         awaitable.send(None)
     except StopIteration as done:
         return done.value
+    finally:
+        _grouped.active = grouped
     awaitable.close()
     raise RuntimeError("a threaded SFTP session awaited something that needs an event loop")
 
