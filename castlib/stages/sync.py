@@ -16,12 +16,18 @@ from ..catalog.paths import from_catalog, parent_of, to_catalog
 from ..errors import (ConfigError, NotFound, SafetyRefusal, SourceChanged, StorageError,
                       Unsupported, VerificationFailed, interruptions_held)
 from ..progress import human_bytes
-from ..transfer import copy_file, temp_path, with_retries
+from ..transfer import FileCopy, copy_file, copy_files_together, temp_path, with_retries
 from ..options import Cli
 from .base import LazyParams, Seconds, Stage, StageOutcome
 from .diff import DiffResult
 
 RECORD_BATCH = 500
+# Small files are copied a few at once where the destination writes files together
+# (Backend.writes_files_together): up to GROUP_FILES of up to SMALL_FILE bytes each, and
+# GROUP_BYTES in all (each is held in memory whole, by each transfer thread).
+SMALL_FILE = 64 * 1024
+GROUP_FILES = 32
+GROUP_BYTES = 1024 * 1024
 
 
 def _params():
@@ -656,36 +662,99 @@ class SyncStage(Stage):
             _check_published(path, final, result.size)
             return d, verb, result, final
 
+        def together(group: list[tuple[int, str]]) -> None:
+            """Small files copied a few at once (copy_files_together); one that did not
+            make it that way is copied again on its own, with its retries."""
+            group = [(index, tmp) for index, tmp in group
+                     if in_order[index].set_running_or_notify_cancel()]
+            copies = []
+            for index, tmp in group:
+                d, _ = jobs[index]
+                path = from_catalog(d.path)
+                mode = self._before_owner(self._mode_to_set(d, new=True))
+                copies.append(FileCopy(
+                    path, path, tmp, d.ref.size, d.ref.checksum, d.ref.mtime_ns,
+                    None if mode is None else
+                    lambda written, mode=mode: self._set_mode(written, mode)))
+            def stopping(_: int) -> None:   # (bytes are counted once a copy is done:
+                if stop.is_set():            # one copied again is counted once)
+                    raise _Stopped()
+
+            try:
+                outcomes = copy_files_together(self.src, self.dst, copies,
+                                               algorithm=self.algo, on_bytes=stopping)
+            except Exception as exc:  # noqa: BLE001 - each is copied on its own below
+                outcomes = [exc] * len(copies)
+            for (index, _), copy, outcome in zip(group, copies, outcomes):
+                fut = in_order[index]
+                try:
+                    if isinstance(outcome, Exception):
+                        if stop.is_set():
+                            raise _Stopped()
+                        fut.set_result(one(jobs[index], None, lambda: None))
+                        continue
+                    final = with_retries(lambda: self.dst.stat(copy.dst_path),
+                                         retries=p.retries, backoff_s=ctx.retry_backoff_s,
+                                         describe=copy.dst_path)
+                    _check_published(copy.dst_path, final, outcome.size)
+                    progress.add_bytes(outcome.size)
+                    fut.set_result((jobs[index][0], jobs[index][1], outcome, final))
+                except BaseException as exc:  # noqa: BLE001 - the future holds it
+                    fut.set_exception(exc)
+
         # Each transfer thread copies the jobs it claims, one after another. It claims its
         # next one as the copy in hand is about to be renamed, and tells the destination
         # which temporary file it will write next (Backend.expect_write): over SFTP, that
         # file's open goes out with the rename, a round trip less for each small file.
+        # Where the destination writes files together (Backend.writes_files_together), a
+        # thread claims a few small files at once instead, and copies them as one.
         announce = self.dst.expect_write
         claiming = threading.Lock()
-        unclaimed = iter(range(len(jobs)))
+        claimed_up_to = [0]   # the jobs before this index are claimed
         in_order = [Future() for _ in jobs]
         futures = dict(zip(in_order, jobs))
+        group_small = self.dst.writes_files_together
 
-        def claim() -> tuple[int, str] | None:
+        def small(index: int) -> bool:
+            size = jobs[index][0].ref.size
+            return size is not None and size <= SMALL_FILE
+
+        def claim() -> list[tuple[int, str]] | list[None]:
+            """The next job; where files go together, with the small ones that follow a
+            small one, up to GROUP_FILES, fewer as the jobs left run out (so that the
+            threads end together). [None]: none left."""
             with claiming:
-                index = None if stop.is_set() else next(unclaimed, None)
-            if index is None:
-                return None
-            return index, temp_path(from_catalog(jobs[index][0].path), self.temp_key)
+                first = claimed_up_to[0]
+                end = first + (not stop.is_set() and first < len(jobs))
+                if group_small and end > first and small(first):
+                    most = min(GROUP_FILES, max(1, (len(jobs) - end) // (2 * self.transfers)))
+                    held = jobs[first][0].ref.size
+                    while end < len(jobs) and end - first < most and small(end) and \
+                            held + jobs[end][0].ref.size <= GROUP_BYTES:
+                        held += jobs[end][0].ref.size
+                        end += 1
+                claimed_up_to[0] = end
+            return [(index, temp_path(from_catalog(jobs[index][0].path), self.temp_key))
+                    for index in range(first, end)] or [None]
 
         def transfers() -> None:
             claimed = claim()
             try:
-                while claimed is not None:
-                    index, tmp = claimed
+                while claimed[0] is not None:
+                    if len(claimed) > 1:
+                        announce(None)   # (an open sent ahead is not of these)
+                        together(claimed)
+                        claimed = claim()
+                        continue
+                    index, tmp = claimed[0]
                     following: list = []
 
                     def announce_next() -> None:
                         if following:   # (a retried copy's second rename)
                             return
                         following.append(claim())
-                        if following[0] is not None:
-                            announce(following[0][1])
+                        if following[0][0] is not None and len(following[0]) == 1:
+                            announce(following[0][0][1])
 
                     fut = in_order[index]
                     if fut.set_running_or_notify_cancel():   # (not cancelled meanwhile)

@@ -29,7 +29,7 @@ from tests.helpers import last_json, make_tree, run_cli
 
 pytestmark = pytest.mark.skipif(SshCommand.available() is None, reason="no ssh here")
 
-FXP_READDIR, FXP_NAME = 12, 104
+FXP_READDIR, FXP_NAME, FXP_DATA = 12, 104, 103
 
 
 # the ssh children this process had when the test started (other tests' back-ends, not
@@ -276,6 +276,40 @@ def test_a_copy_whose_deferred_set_stat_was_refused_gets_its_time_from_the_next_
         second.stderr
     assert (server.folder / "z").stat().st_mtime == 1_500_000_000 + len(names) - 1
     assert run_cli("verify", server.url, "--json", db=db, env=env).returncode == 0
+
+
+def test_a_small_file_read_back_changed_is_never_published_and_its_group_is(
+        sftp_tamper_server, tmp_path):
+    """Small files are copied a few at once over ssh. The server's read-back of one of
+    them differs from what was sent (a byte flipped in its DATA reply): that file fails
+    its verification, alone and again when copied on its own, and is never put in place;
+    the others of its group are, each verified; no temporary file is left."""
+    server = sftp_tamper_server
+    files = {f"f{n:02}": f"file {n:02} ".encode() * 20 for n in range(24)}
+    files["f05"] = b"BAD!" * 50
+    src = make_tree(tmp_path / "src", files)
+    reads_of_bad: list[int] = []
+
+    def flipping(request, reply):
+        if reply[4] == FXP_DATA and b"BAD!" in reply:
+            reads_of_bad.append(1)
+            return reply.replace(b"BAD!", b"BAD?", 1)
+        return reply
+
+    server.tamper = flipping
+    config = tmp_path / "castlib.yaml"
+    config.write_text(yaml.safe_dump({"storage": {server.url: server.options}}))
+    db, env = f"sqlite:///{tmp_path / 'c.db'}", {"CASTLIB_CONFIG": str(config)}
+    run = run_cli("sync", str(src), server.url, "--json", "--transfers", "1", db=db, env=env,
+                  check=1)
+    assert "Traceback" not in run.stderr, run.stderr
+    counts = last_json(run.stdout)
+    assert (counts["copied"], counts["failed"]) == (23, 1), run.stderr
+    assert "f05" in run.stderr and "!=" in run.stderr, run.stderr
+    assert len(reads_of_bad) >= 2   # in its group, then on its own
+    on_disk = {p.name: p.read_bytes() for p in server.folder.iterdir()}
+    del files["f05"]
+    assert on_disk == files
 
 
 # -- a login script that writes into the stream -------------------------------------------
