@@ -11,7 +11,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from .backends.base import Backend
 from .checksum import CHUNK_SIZE, Hasher
@@ -210,17 +210,23 @@ def _verified_in(dst: Backend, expected_size: int | None, algorithm: str) -> str
 
 def _read_whole(src: Backend, src_path: str, algorithms, limit: int, on_bytes):
     """A small source file's bytes (`limit` at most) and their checksums."""
-    hasher, chunks = Hasher(algorithms), []
+    hasher = Hasher(algorithms)
     with src.open_read(src_path) as reader:
-        while hasher.size < limit:
-            chunk = reader.read(min(CHUNK_SIZE, limit - hasher.size))
-            if not chunk:
-                break
-            hasher.update(chunk)
-            chunks.append(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
-    return b"".join(chunks), hasher.hexdigests()
+        data = b"".join(_hashed_chunks(reader, hasher, CHUNK_SIZE, on_bytes, limit))
+    return data, hasher.hexdigests()
+
+
+def _hashed_chunks(reader, hasher: Hasher, chunk_size: int, on_bytes,
+                   limit: int | None = None) -> Iterator[bytes]:
+    """The reader's bytes a chunk at a time (`limit` at most), each hashed and counted."""
+    while limit is None or hasher.size < limit:
+        chunk = reader.read(chunk_size if limit is None else min(chunk_size, limit - hasher.size))
+        if not chunk:
+            return
+        hasher.update(chunk)
+        if on_bytes:
+            on_bytes(len(chunk))
+        yield chunk
 
 
 def _check_read(src: Backend, src_path: str, before, size: int | None, read: dict,
@@ -297,14 +303,8 @@ def _stream(src, src_path, dst, tmp, algorithms, on_bytes, chunk_size):
     or the next sync)."""
     hasher = Hasher(algorithms)
     with src.open_read(src_path) as reader, dst.open_write(tmp) as writer:
-        while True:
-            chunk = reader.read(chunk_size)
-            if not chunk:
-                break
-            hasher.update(chunk)
+        for chunk in _hashed_chunks(reader, hasher, chunk_size, on_bytes):
             writer.write(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
     return hasher.hexdigests(), hasher.size
 
 
