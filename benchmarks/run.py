@@ -635,6 +635,10 @@ def sc_upload_sftp_rclone(b: Bench) -> Result:
     return _upload_sftp(b, "upload-sftp-rclone", "rclone", "rclone serve sftp")
 
 
+def sc_upload_sftp_rclone_3k(b: Bench) -> Result:
+    return _upload_sftp(b, "upload-sftp-rclone-3k", "rclone", "rclone serve sftp", "small-3k")
+
+
 def sc_upload_sftp_big(b: Bench) -> Result:
     return _upload_sftp(b, "upload-sftp-big", "openssh", "OpenSSH sshd", "one-256m")
 
@@ -702,7 +706,7 @@ def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
     spec = b.trees[tree_key]
     files = spec.files
     runs = b.runs(5 if tree_key == "small-300" else 3)
-    what = (f"{files} small files (0-{spec.max_size >> 10} KiB)" if tree_key == "small-300"
+    what = (f"{files:,} small files (0-{spec.max_size >> 10} KiB)" if files > 1
             else f"one {spec.max_size >> 20} MiB file")
     title = f"upload {what} to {server_name}"
     with SftpServers(os.path.join(b.work, "sftp"), rate) as servers:
@@ -752,8 +756,9 @@ def _upload_sftp(b: Bench, key: str, server_kind: str, server_name: str,
         title += ", against rclone copy + rclone check --download"
     r = ratio_result(key, title, 1.0, castlib, peer, runs)
     r.note = ("castlib also starts Python, indexes both sides into its catalog and verifies "
-              "every copy (a small one read back as it is closed; a large one by the "
-              "server's hash: cksum on an OpenSSH host, rclone serve sftp's md5sum); rclone "
+              "every copy (small ones a group at a time, each read back once written; a "
+              "large one by the server's hash: cksum on an OpenSSH host, rclone serve "
+              "sftp's md5sum); rclone "
               "copy checks sizes, and md5 where it can run md5sum on the server (OpenSSH: "
               "one `ssh exec` a file, its main cost there; rclone serve sftp answers from "
               "the md5 it took as the upload came in)")
@@ -884,6 +889,7 @@ SCENARIOS = {
     "upload-xrootd-cksum": sc_upload_xrootd_cksum,
     "upload-sftp": sc_upload_sftp,
     "upload-sftp-rclone": sc_upload_sftp_rclone,
+    "upload-sftp-rclone-3k": sc_upload_sftp_rclone_3k,
     "upload-sftp-big": sc_upload_sftp_big,
     "upload-sftp-big-rclone": sc_upload_sftp_big_rclone,
     "upload-sftp-big-rclone-1g": sc_upload_sftp_big_rclone_1g,

@@ -102,6 +102,7 @@ TREES = {
     "one-1g": TreeSpec("one-1g", 1, 1, 1, 1 << 30, 1 << 30),
     "upload-200": TreeSpec("upload-200", 200, 50, 4, 256 << 10, 2 << 20),
     "small-300": TreeSpec("small-300", 300, 50, 3, 0, 8 << 10),
+    "small-3k": TreeSpec("small-3k", 3_000, 100, 3, 0, 8 << 10),
     "one-256m": TreeSpec("one-256m", 1, 1, 1, 256 << 20, 256 << 20),
     "empty-1m": TreeSpec("empty-1m", 1_000_000, 1000, 100, 0, 0),
 }
@@ -111,6 +112,7 @@ QUICK_TREES = {
     "one-1g": TreeSpec("quick-one", 1, 1, 1, 32 << 20, 32 << 20),
     "upload-200": TreeSpec("quick-upload", 20, 10, 2, 64 << 10, 256 << 10),
     "small-300": TreeSpec("quick-small-300", 60, 20, 3, 0, 8 << 10),
+    "small-3k": TreeSpec("quick-small-3k", 200, 50, 3, 0, 8 << 10),
     "one-256m": TreeSpec("quick-one-256m", 1, 1, 1, 16 << 20, 16 << 20),
     "empty-1m": TreeSpec("quick-empty", 10_000, 1000, 10, 0, 0),
 }
