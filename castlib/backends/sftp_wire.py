@@ -881,13 +881,23 @@ def drive_together(awaitables: list, wire: SftpWire) -> list:
 
 
 def _thrown(awaitable, exc: BaseException):
-    """What a coroutine ends with when `exc` is raised where it waits."""
+    """What a coroutine ends with when `exc` is raised where it waits, and again at each
+    unanswered request it waits for after that (its cleanup's, say): the session
+    answered none in time, and a wait of its own for each would be a timeout each, one
+    coroutine after another. Its value if it ends well after all (as under drive)."""
+    grouped, _grouped.active = _grouped.active, True   # (an unanswered one is yielded)
     try:
-        awaitable.throw(exc)
+        awaited = awaitable.throw(exc)
+        while isinstance(awaited, SyncFuture):
+            awaited = awaitable.send(None) if awaited.done() else awaitable.throw(exc)
+    except StopIteration as done:
+        return done.value
     except BaseException as raised:   # noqa: BLE001 - its outcome
         return raised
+    finally:
+        _grouped.active = grouped
     awaitable.close()
-    return exc
+    return RuntimeError("a threaded SFTP session awaited something that needs an event loop")
 
 
 def drive(awaitable):

@@ -501,7 +501,7 @@ def _channel_writes(monkeypatch) -> list:
 @pytest.mark.parametrize("kind", ["sftp", "rclone-sftp"])
 def test_small_files_are_copied_a_few_at_once_in_a_few_round_trips(request, kind, tmp_path,
                                                                    monkeypatch):
-    """Over ssh, a transfer thread claims up to 8 small files at once and copies them as
+    """Over ssh, a transfer thread claims up to 32 small files at once and copies them as
     one (transfer.copy_files_together): their opens in one channel write, then their
     writes with the read-backs' opens, their reads, their renames. 66 files with one
     thread: fewer channel writes than files, where each file alone took three; every
@@ -537,32 +537,47 @@ def test_small_files_are_copied_a_few_at_once_in_a_few_round_trips(request, kind
 def test_a_group_of_small_files_whose_line_drops_is_copied_file_by_file(sftp_server,
                                                                          tmp_path,
                                                                          monkeypatch):
-    """The connection lost as a group of small files is written (its master ssh killed):
-    each file of the group is copied again on its own, with the engine's retries on a
-    new login; the sync ends with every file in place and nothing else there."""
+    """The connection lost as a group of small files is written (its master ssh killed
+    as the group's requests go out): each file of the group fails there, and is copied
+    again on its own, with the engine's retries on a new login; the sync ends with every
+    file in place and nothing else there."""
     import signal
 
     import castlib
+    from castlib.backends import sftp_wire
     from castlib.backends.sftp import SftpBackend
+    from castlib.errors import StorageError
 
     _configure(sftp_server, tmp_path, monkeypatch)
     files = {f"f{n:02}": os.urandom(100 + n) for n in range(32)}
     src = make_tree(tmp_path / "src", files)
-    real = SftpBackend.write_files
-    groups: list[int] = []
+    real_write, real_drive = SftpBackend.write_files, sftp_wire.drive_together
+    groups: list[list] = []   # each group's outcomes, as write_files gave them
+    dropping: list = []
 
     def losing_the_line(self, batch):
-        groups.append(len(batch))
-        if len(groups) == 2:   # the first group is in place: the second meets the drop
-            os.kill(self._sftp._chan.pid, signal.SIGKILL)
-            assert wait_for(lambda: self._sftp.closed)
-        return real(self, batch)
+        if len(groups) == 1:   # the first group is in place: the second meets the drop
+            dropping.append(self._sftp._chan.pid)
+        try:
+            outcomes = real_write(self, batch)
+        finally:
+            dropping.clear()
+        groups.append(outcomes)
+        return outcomes
+
+    def dropped(awaitables, wire):
+        if dropping:
+            os.kill(dropping.pop(), signal.SIGKILL)
+        return real_drive(awaitables, wire)
 
     monkeypatch.setattr(SftpBackend, "write_files", losing_the_line)
+    monkeypatch.setattr(sftp_wire, "drive_together", dropped)
     report = castlib.sync(str(src), sftp_server.url, db=f"sqlite:///{tmp_path / 'c.db'}",
                           transfers=1)
     assert report.exit_code == 0 and report.counts["copied"] == 32, report.errors
-    assert len(groups) >= 2 and groups[1] > 1, groups
+    assert len(groups) >= 2 and len(groups[1]) > 1, groups
+    assert all(outcome is None for outcome in groups[0]), groups[0]
+    assert all(isinstance(outcome, StorageError) for outcome in groups[1]), groups[1]
     on_disk = {p.name: p.read_bytes() for p in sftp_server.folder.iterdir()}
     assert on_disk == files
 

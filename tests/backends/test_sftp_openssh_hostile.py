@@ -312,6 +312,40 @@ def test_a_small_file_read_back_changed_is_never_published_and_its_group_is(
     assert on_disk == files
 
 
+def test_a_group_of_small_files_the_server_stops_answering_waits_one_timeout(
+        sftp_tamper_server, monkeypatch):
+    """A server that stops answering as a group of small files is written (its WRITEs
+    never answered): the group ends at one wait's timeout, each file failed with it
+    (transient: the engine copies each again on its own). Not each file's later
+    requests waited for in turn, a timeout each: 8 files took 9 timeouts, and a group of
+    32 as many as 65 (two hours at the 120 s a request may take)."""
+    import asyncio
+
+    import castlib.backends.sftp as sftp_module
+    from castlib.errors import TransientStorageError
+
+    FXP_WRITE = 6
+
+    async def never(request, reply):
+        if request is not None and request.kind == FXP_WRITE:
+            await asyncio.sleep(3600)
+        return reply
+
+    server = sftp_tamper_server
+    server.tamper = never
+    monkeypatch.setattr(sftp_module, "READ_TIMEOUT_S", 1)
+    b = open_backend(server.url, server.options)
+    try:
+        assert b.writes_files_together
+        start = time.monotonic()
+        outcomes = b.write_files([(f"g{n}", b"x" * (n + 1)) for n in range(8)])
+        took = time.monotonic() - start
+        assert all(isinstance(o, TransientStorageError) for o in outcomes), outcomes
+        assert took < 3, took
+    finally:
+        b.close()
+
+
 # -- a login script that writes into the stream -------------------------------------------
 def test_a_login_script_that_prints_is_named(sftp_chatty_server):
     """A host whose shell writes to stdout before the subsystem starts (a .bashrc that
