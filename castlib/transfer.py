@@ -170,7 +170,10 @@ def copy_files_together(src: Backend, dst: Backend, copies: list[FileCopy], *,
             read_whole.append((i, data, read, verify_in))
         except Exception as exc:  # noqa: BLE001 - that copy's outcome
             outcomes[i] = exc
-    written = dst.write_files([(copies[i].tmp, data) for i, data, _, _ in read_whole])
+    try:
+        written = dst.write_files([(copies[i].tmp, data) for i, data, _, _ in read_whole])
+    except Exception as exc:  # noqa: BLE001 - the group's outcome: of each of its files
+        written = [exc] * len(read_whole)
     checked = []   # (index, its result once renamed)
     for (i, data, read, verify_in), failed in zip(read_whole, written):
         copy = copies[i]
@@ -185,7 +188,10 @@ def copy_files_together(src: Backend, dst: Backend, copies: list[FileCopy], *,
         except Exception as exc:  # noqa: BLE001 - that copy's outcome
             outcomes[i] = exc
             _remove_quietly(dst, copy.tmp)
-    renamed = dst.rename_many([(copies[i].tmp, copies[i].dst_path) for i, _ in checked])
+    try:
+        renamed = dst.rename_many([(copies[i].tmp, copies[i].dst_path) for i, _ in checked])
+    except Exception as exc:  # noqa: BLE001 - as above
+        renamed = [exc] * len(checked)
     for (i, result), failed in zip(checked, renamed):
         outcomes[i] = result if failed is None else failed
         if failed is not None:

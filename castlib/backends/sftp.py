@@ -863,9 +863,9 @@ class SftpBackend(FsspecBackend):
     def open_write(self, path: str) -> BinaryIO:
         # castlib's own temporary files are read back as soon as they are written (see
         # _SftpFile.close), for the verification that follows
-        read_back = is_temp_name(posixpath.basename(path), self.temp_key)
         with self._errors(path):
-            return _Writer(self, path, _SftpFile(self, path, "wb", read_back=read_back))
+            return _Writer(self, path, _SftpFile(self, path, "wb",
+                                                 read_back=self._reads_back(path)))
 
     # -- small files, several at once --------------------------------------------------------
     # Over OpenSSH's ssh, the copies of a few small files go as one: their opens in one
@@ -881,20 +881,21 @@ class SftpBackend(FsspecBackend):
     def write_files(self, files: list[tuple[str, bytes]]) -> list[StorageError | None]:
         if self._ssh is None or len(files) < 2:
             return super().write_files(files)
+        generation = self._generation
         try:
             self.fs   # (connected: a session's first call may be any)
+            generation = self._generation
             wire = self._wire()
             copies = [_sftp_write_whole(
                 wire, self._full(path), "wb", data,
-                len(data) <= READ_BACK_MAX and is_temp_name(posixpath.basename(path),
-                                                            self.temp_key),
+                len(data) <= READ_BACK_MAX and self._reads_back(path),
                 self._opened_ahead(self._full(path), wire)) for path, data in files]
         except Exception as exc:   # noqa: BLE001 - no session: each fails with it
-            return [self._translated(exc, path) for path, _ in files]
+            return [self._translated(exc, path, generation) for path, _ in files]
         outcomes: list[StorageError | None] = []
         for (path, _), done in zip(files, sftp_wire.drive_together(copies, wire)):
             if isinstance(done, BaseException):
-                outcomes.append(self._translated(done, path))
+                outcomes.append(self._translated(done, path, generation))
                 continue
             if done is not None:
                 self._read_back[path] = done
@@ -904,10 +905,11 @@ class SftpBackend(FsspecBackend):
     def rename_many(self, renames: list[tuple[str, str]]) -> list[StorageError | None]:
         if self._ssh is None or not self.posix_rename or len(renames) < 2:
             return super().rename_many(renames)
+        generation = self._generation
         try:
             wire = self._wire()
         except Exception as exc:   # noqa: BLE001 - no session: each fails with it
-            return [self._translated(exc, src) for src, _ in renames]
+            return [self._translated(exc, src, generation) for src, _ in renames]
         steps = []
         for src, dst in renames:
             self._read_back.pop(src, None)
@@ -917,13 +919,14 @@ class SftpBackend(FsspecBackend):
         outcomes: list[StorageError | None] = []
         for (src, dst), done in zip(renames, sftp_wire.drive_together(steps, wire)):
             if isinstance(done, BaseException):
-                outcomes.append(self._translated(done, src))
+                outcomes.append(self._translated(done, src, generation))
                 continue
             attrs, renamed = done
             if not renamed:   # (its set-stats went out): as rename() goes on from there
-                log.info("%s: the server refuses posix-rename; renaming in steps",
-                         self._where())
-                self.posix_rename = False
+                if self.posix_rename:
+                    log.info("%s: the server refuses posix-rename; renaming in steps",
+                             self._where())
+                    self.posix_rename = False
                 try:
                     with self._errors(src):
                         self._sftp_rename(src, dst)
@@ -935,16 +938,23 @@ class SftpBackend(FsspecBackend):
             outcomes.append(None)
         return outcomes
 
-    def _translated(self, exc: BaseException, path: str) -> StorageError:
-        """The castlib error a call on `path` raises for `exc` (see _errors)."""
+    def _translated(self, exc: BaseException, path: str, generation: int) -> StorageError:
+        """The castlib error a call on `path`, made on connection `generation`, raises
+        for `exc` (as _errors: a transient one gives that connection up, not a newer
+        one that another thread made since)."""
         if not isinstance(exc, Exception):
             raise exc
-        try:
-            with self._errors(path):
-                raise exc
-        except StorageError as error:
-            return error
-        raise AssertionError("_errors let an exception through")   # pragma: no cover
+        if isinstance(exc, StorageError):
+            return exc
+        error = self.translate(exc, path)
+        if error.transient:
+            self._connection_failed(generation)
+        return error
+
+    def _reads_back(self, path: str) -> bool:
+        """Whether a file written at `path` is read back as it is closed (see
+        _SftpFile.close): castlib's own temporary files, verified next."""
+        return is_temp_name(posixpath.basename(path), self.temp_key)
 
     # -- a write announced: its open sent with the copy before it ---------------------------
     # A small file's copy is four round trips: the open, the write with the close and the

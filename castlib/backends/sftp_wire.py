@@ -775,7 +775,8 @@ class SyncFuture:
     """A request's answer, as asyncio's futures give it (done, result, exception,
     add_done_callback, await), settled by whichever thread reads the reply. Waiting for
     it (result(), or `await` in a coroutine driven without a loop: see drive) reads the
-    session's replies until it is settled."""
+    session's replies until it is settled; an `await` in a turn of drive_together yields
+    it instead, to be waited for once the turn's requests are sent."""
 
     __slots__ = ("_wire", "_done", "_result", "_exception", "_callbacks")
 

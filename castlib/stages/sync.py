@@ -1,6 +1,7 @@
 """sync: make a destination match its reference, copying and verifying every byte written."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -20,6 +21,8 @@ from ..transfer import FileCopy, copy_file, copy_files_together, temp_path, with
 from ..options import Cli
 from .base import LazyParams, Seconds, Stage, StageOutcome
 from .diff import DiffResult
+
+log = logging.getLogger(__name__)
 
 RECORD_BATCH = 500
 # Small files are copied a few at once where the destination writes files together
@@ -662,9 +665,12 @@ class SyncStage(Stage):
             _check_published(path, final, result.size)
             return d, verb, result, final
 
-        def together(group: list[tuple[int, str]]) -> None:
-            """Small files copied a few at once (copy_files_together); one that did not
-            make it that way is copied again on its own, with its retries."""
+        def copy_group(group: list[tuple[int, str]]) -> None:
+            """Small files copied a few at once (copy_files_together). A file's outcome
+            there counts as an attempt of its own copy would: what another attempt may
+            pass (a transient error: the line dropped) is copied again on its own, with
+            its retries; what it would not (the source changed, a read-back differs) is
+            its outcome, as it would be."""
             group = [(index, tmp) for index, tmp in group
                      if in_order[index].set_running_or_notify_cancel()]
             copies = []
@@ -676,21 +682,26 @@ class SyncStage(Stage):
                     path, path, tmp, d.ref.size, d.ref.checksum, d.ref.mtime_ns,
                     None if mode is None else
                     lambda written, mode=mode: self._set_mode(written, mode)))
-            def stopping(_: int) -> None:   # (bytes are counted once a copy is done:
-                if stop.is_set():            # one copied again is counted once)
+
+            def stop_if_asked(_: int) -> None:   # (a group's bytes are counted once
+                if stop.is_set():                 # each copy is in place)
                     raise _Stopped()
 
             try:
                 outcomes = copy_files_together(self.src, self.dst, copies,
-                                               algorithm=self.algo, on_bytes=stopping)
+                                               algorithm=self.algo, on_bytes=stop_if_asked)
             except Exception as exc:  # noqa: BLE001 - each is copied on its own below
                 outcomes = [exc] * len(copies)
             for (index, _), copy, outcome in zip(group, copies, outcomes):
                 fut = in_order[index]
                 try:
+                    if isinstance(outcome, StorageError) and not outcome.transient:
+                        raise outcome
                     if isinstance(outcome, Exception):
                         if stop.is_set():
                             raise _Stopped()
+                        log.warning("%s: %s; copying it again on its own",
+                                    copy.dst_path, outcome)
                         fut.set_result(one(jobs[index], None, lambda: None))
                         continue
                     final = with_retries(lambda: self.dst.stat(copy.dst_path),
@@ -715,35 +726,37 @@ class SyncStage(Stage):
         futures = dict(zip(in_order, jobs))
         group_small = self.dst.writes_files_together
 
-        def small(index: int) -> bool:
+        def is_small(index: int) -> bool:
             size = jobs[index][0].ref.size
             return size is not None and size <= SMALL_FILE
 
-        def claim() -> list[tuple[int, str]] | list[None]:
-            """The next job; where files go together, with the small ones that follow a
-            small one, up to GROUP_FILES, fewer as the jobs left run out (so that the
-            threads end together). [None]: none left."""
+        def claim() -> list[tuple[int, str]]:
+            """The next job (none: []); where files go together, with the small ones that
+            follow a small one, up to GROUP_FILES and GROUP_BYTES, fewer as the jobs left
+            run out (so that the threads end together)."""
             with claiming:
-                first = claimed_up_to[0]
-                end = first + (not stop.is_set() and first < len(jobs))
-                if group_small and end > first and small(first):
-                    most = min(GROUP_FILES, max(1, (len(jobs) - end) // (2 * self.transfers)))
-                    held = jobs[first][0].ref.size
-                    while end < len(jobs) and end - first < most and small(end) and \
-                            held + jobs[end][0].ref.size <= GROUP_BYTES:
-                        held += jobs[end][0].ref.size
-                        end += 1
+                first = end = claimed_up_to[0]
+                if not stop.is_set() and first < len(jobs):
+                    end += 1
+                    if group_small and is_small(first):
+                        most = min(GROUP_FILES,
+                                   max(1, (len(jobs) - end) // (2 * self.transfers)))
+                        held = jobs[first][0].ref.size
+                        while end < len(jobs) and end - first < most and is_small(end) and \
+                                held + jobs[end][0].ref.size <= GROUP_BYTES:
+                            held += jobs[end][0].ref.size
+                            end += 1
                 claimed_up_to[0] = end
             return [(index, temp_path(from_catalog(jobs[index][0].path), self.temp_key))
-                    for index in range(first, end)] or [None]
+                    for index in range(first, end)]
 
         def transfers() -> None:
             claimed = claim()
             try:
-                while claimed[0] is not None:
+                while claimed:
                     if len(claimed) > 1:
                         announce(None)   # (an open sent ahead is not of these)
-                        together(claimed)
+                        copy_group(claimed)
                         claimed = claim()
                         continue
                     index, tmp = claimed[0]
@@ -753,7 +766,7 @@ class SyncStage(Stage):
                         if following:   # (a retried copy's second rename)
                             return
                         following.append(claim())
-                        if following[0][0] is not None and len(following[0]) == 1:
+                        if len(following[0]) == 1:
                             announce(following[0][0][1])
 
                     fut = in_order[index]
