@@ -312,6 +312,40 @@ def test_a_small_file_read_back_changed_is_never_published_and_its_group_is(
     assert on_disk == files
 
 
+def test_a_group_of_small_files_on_a_server_that_stops_answering_fails_in_one_timeout(
+        sftp_tamper_server, monkeypatch):
+    """A group of small files written together (write_files) to a server that answers
+    their opens, then nothing more (a hung disk): the group fails once the read timeout
+    has passed, each file with a transient error (copied again on its own, on a new
+    session), not after a timeout more for each file of the group (32 files: over an
+    hour at the default 120 s); the next write goes through a new session."""
+    import castlib.backends.sftp as sftp
+
+    server = sftp_tamper_server
+    monkeypatch.setattr(sftp, "READ_TIMEOUT_S", 2)
+    b = open_backend(server.url, server.options)
+    try:
+        assert b.writes_files_together
+        b.stat("x")   # (the session's own requests answered)
+        answered: list[int] = []
+
+        def hung_after_the_opens(request, reply):
+            answered.append(1)
+            return reply if len(answered) <= 10 else b""
+
+        server.tamper = hung_after_the_opens
+        started = time.monotonic()
+        outcomes = b.write_files([(f".f{n}.castlib-part-{n:028x}", b"x" * n)
+                                  for n in range(1, 11)])
+        assert time.monotonic() - started < 7, time.monotonic() - started
+        assert all(isinstance(o, StorageError) and o.transient for o in outcomes), outcomes
+        server.tamper = lambda request, reply: reply
+        write(b, "after", b"data")
+        assert read(b, "after") == b"data"
+    finally:
+        b.close()
+
+
 # -- a login script that writes into the stream -------------------------------------------
 def test_a_login_script_that_prints_is_named(sftp_chatty_server):
     """A host whose shell writes to stdout before the subsystem starts (a .bashrc that
