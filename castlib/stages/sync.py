@@ -691,6 +691,11 @@ class SyncStage(Stage):
                     if isinstance(outcome, Exception):
                         if stop.is_set():
                             raise _Stopped()
+                        if isinstance(outcome, SourceChanged):
+                            # written to as it was read: left for the next run, as
+                            # copy_file leaves it (read again, it would fail as changed
+                            # since it was indexed, or go out as bytes nobody indexed)
+                            raise outcome
                         fut.set_result(one(jobs[index], None, lambda: None))
                         continue
                     final = with_retries(lambda: self.dst.stat(copy.dst_path),

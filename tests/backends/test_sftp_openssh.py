@@ -567,6 +567,40 @@ def test_a_group_of_small_files_whose_line_drops_is_copied_file_by_file(sftp_ser
     assert on_disk == files
 
 
+def test_a_small_file_written_to_while_its_group_reads_it_is_changed_during_copy(
+        sftp_server, tmp_path, monkeypatch):
+    """A source appended to while its group reads it (copy_files_together) is what a
+    source written to during its own copy is: counted changed_during_copy and left for
+    the next run, as copy_file leaves it, not copied again on its own, whose read would
+    then fail as a file changed since it was indexed, a failure like any other."""
+    import castlib
+    from castlib import transfer
+
+    _configure(sftp_server, tmp_path, monkeypatch)
+    files = {f"f{n:02}": os.urandom(100 + n) for n in range(24)}
+    src = make_tree(tmp_path / "src", files)
+    real = transfer._read_whole
+    appended: list[str] = []
+
+    def read_then_append(src_backend, src_path, *args):
+        out = real(src_backend, src_path, *args)
+        if src_path == "f05" and not appended:   # a log written to as it is read
+            appended.append(src_path)
+            with open(src / "f05", "ab") as f:
+                f.write(b"more")
+        return out
+
+    monkeypatch.setattr(transfer, "_read_whole", read_then_append)
+    report = castlib.sync(str(src), sftp_server.url, db=f"sqlite:///{tmp_path / 'c.db'}",
+                          transfers=1)
+    assert appended == ["f05"]
+    assert (report.counts["copied"], report.counts["changed_during_copy"],
+            report.counts["failed"]) == (23, 1, 0), report.errors
+    assert [e for e in report.errors if e.startswith("f05: changed while it was being copied")]
+    assert sorted(p.name for p in sftp_server.folder.iterdir()) == \
+        sorted(n for n in files if n != "f05")
+
+
 def _configure(server, tmp_path, monkeypatch) -> None:
     """A configuration file with the server's options, for the commands and the API."""
     config = tmp_path / "castlib.yaml"
