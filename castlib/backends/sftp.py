@@ -881,6 +881,7 @@ class SftpBackend(FsspecBackend):
     def write_files(self, files: list[tuple[str, bytes]]) -> list[StorageError | None]:
         if self._ssh is None or len(files) < 2:
             return super().write_files(files)
+        generation = self._generation   # (the connection the group uses: see _translated)
         try:
             self.fs   # (connected: a session's first call may be any)
             wire = self._wire()
@@ -890,11 +891,11 @@ class SftpBackend(FsspecBackend):
                                                             self.temp_key),
                 self._opened_ahead(self._full(path), wire)) for path, data in files]
         except Exception as exc:   # noqa: BLE001 - no session: each fails with it
-            return [self._translated(exc, path) for path, _ in files]
+            return [self._translated(exc, path, generation) for path, _ in files]
         outcomes: list[StorageError | None] = []
         for (path, _), done in zip(files, sftp_wire.drive_together(copies, wire)):
             if isinstance(done, BaseException):
-                outcomes.append(self._translated(done, path))
+                outcomes.append(self._translated(done, path, generation))
                 continue
             if done is not None:
                 self._read_back[path] = done
@@ -904,10 +905,11 @@ class SftpBackend(FsspecBackend):
     def rename_many(self, renames: list[tuple[str, str]]) -> list[StorageError | None]:
         if self._ssh is None or not self.posix_rename or len(renames) < 2:
             return super().rename_many(renames)
+        generation = self._generation
         try:
             wire = self._wire()
         except Exception as exc:   # noqa: BLE001 - no session: each fails with it
-            return [self._translated(exc, src) for src, _ in renames]
+            return [self._translated(exc, src, generation) for src, _ in renames]
         steps = []
         for src, dst in renames:
             self._read_back.pop(src, None)
@@ -917,7 +919,7 @@ class SftpBackend(FsspecBackend):
         outcomes: list[StorageError | None] = []
         for (src, dst), done in zip(renames, sftp_wire.drive_together(steps, wire)):
             if isinstance(done, BaseException):
-                outcomes.append(self._translated(done, src))
+                outcomes.append(self._translated(done, src, generation))
                 continue
             attrs, renamed = done
             if not renamed:   # (its set-stats went out): as rename() goes on from there
@@ -935,12 +937,15 @@ class SftpBackend(FsspecBackend):
             outcomes.append(None)
         return outcomes
 
-    def _translated(self, exc: BaseException, path: str) -> StorageError:
-        """The castlib error a call on `path` raises for `exc` (see _errors)."""
+    def _translated(self, exc: BaseException, path: str, generation: int) -> StorageError:
+        """The castlib error a call on `path` raises for `exc` (see _errors), as if raised
+        where the group began: a line lost gives up the connection of `generation`, not
+        one another thread made while the group waited (closed under its copies)."""
         if not isinstance(exc, Exception):
             raise exc
         try:
-            with self._errors(path):
+            with self._errors(path) as call:
+                call.generation = generation
                 raise exc
         except StorageError as error:
             return error
