@@ -881,10 +881,9 @@ class SftpBackend(FsspecBackend):
     def write_files(self, files: list[tuple[str, bytes]]) -> list[StorageError | None]:
         if self._ssh is None or len(files) < 2:
             return super().write_files(files)
-        generation = self._generation
+        generation = self._generation   # (the connection the group uses: see _translated)
         try:
             self.fs   # (connected: a session's first call may be any)
-            generation = self._generation
             wire = self._wire()
             copies = [_sftp_write_whole(
                 wire, self._full(path), "wb", data,
@@ -939,17 +938,18 @@ class SftpBackend(FsspecBackend):
         return outcomes
 
     def _translated(self, exc: BaseException, path: str, generation: int) -> StorageError:
-        """The castlib error a call on `path`, made on connection `generation`, raises
-        for `exc` (as _errors: a transient one gives that connection up, not a newer
-        one that another thread made since)."""
+        """The castlib error a call on `path` raises for `exc` (see _errors), as if raised
+        where the group began: a line lost gives up the connection of `generation`, not
+        one another thread made while the group waited (closed under its copies)."""
         if not isinstance(exc, Exception):
             raise exc
-        if isinstance(exc, StorageError):
-            return exc
-        error = self.translate(exc, path)
-        if error.transient:
-            self._connection_failed(generation)
-        return error
+        try:
+            with self._errors(path) as call:
+                call.generation = generation
+                raise exc
+        except StorageError as error:
+            return error
+        raise AssertionError("_errors let an exception through")   # pragma: no cover
 
     def _reads_back(self, path: str) -> bool:
         """Whether a file written at `path` is read back as it is closed (see

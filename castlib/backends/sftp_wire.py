@@ -875,6 +875,9 @@ def drive_together(awaitables: list, wire: SftpWire) -> list:
                 if not future.done():          # comes last, and each turn is whole)
                     future._wire._chan.wait_for(future, future._wire._chan.wait_timeout)
         except BaseException as exc:   # noqa: BLE001 - no answer: each ends with it
+            # The session is given up (as a call's timeout gives it up): the rest of the
+            # group's requests fail now, not after a timeout more for each of its copies.
+            wire._fail(exc)
             for i in list(waiting):
                 results[i] = _thrown(awaitables[i], exc)
                 del waiting[i]

@@ -582,6 +582,87 @@ def test_a_group_of_small_files_whose_line_drops_is_copied_file_by_file(sftp_ser
     assert on_disk == files
 
 
+def test_a_group_whose_line_dropped_leaves_the_connection_made_since(sftp_server,
+                                                                     monkeypatch):
+    """The line drops under a group of small files (write_files), and another transfer
+    thread, which met the drop first, connects anew while the group is still settling.
+    The group's files fail (each is copied again on its own), and the connection they
+    give up is the one they used: the other thread's new one stays open, not closed
+    under its copies (each then failed, tried again, and closed the next one in turn)."""
+    import signal
+    import threading
+
+    from castlib.backends import sftp_wire
+
+    b = open_backend(sftp_server.url, sftp_server.options)
+    try:
+        write(b, "seed", b"seed")
+        real = sftp_wire.drive_together
+        others: list = []
+
+        def dropped_then_reconnected(awaitables, wire):
+            os.kill(b._sftp._chan.pid, signal.SIGKILL)
+            assert wait_for(lambda: b._sftp.closed)
+            out = real(awaitables, wire)
+
+            def another_thread():
+                try:
+                    b.stat("seed")   # meets the drop: that connection is given up
+                except Exception:  # noqa: BLE001
+                    pass
+                assert b.stat("seed") is not None   # and a new one is made
+                others.append((b._generation, b._wire()))
+            thread = threading.Thread(target=another_thread)
+            thread.start()
+            thread.join()
+            return out
+
+        monkeypatch.setattr(sftp_wire, "drive_together", dropped_then_reconnected)
+        outcomes = b.write_files([(f".f{n}.castlib-part-{n:028x}", b"x" * n)
+                                  for n in range(1, 5)])
+        monkeypatch.undo()
+        assert all(o is not None and o.transient for o in outcomes), outcomes
+        ((generation, wire),) = others
+        assert b._generation == generation and not wire.closed
+        assert read(b, "seed") == b"seed"
+    finally:
+        b.close()
+
+
+def test_a_small_file_written_to_while_its_group_reads_it_is_changed_during_copy(
+        sftp_server, tmp_path, monkeypatch):
+    """A source appended to while its group reads it (copy_files_together) is what a
+    source written to during its own copy is: counted changed_during_copy and left for
+    the next run, as copy_file leaves it, not copied again on its own, whose read would
+    then fail as a file changed since it was indexed, a failure like any other."""
+    import castlib
+    from castlib import transfer
+
+    _configure(sftp_server, tmp_path, monkeypatch)
+    files = {f"f{n:02}": os.urandom(100 + n) for n in range(24)}
+    src = make_tree(tmp_path / "src", files)
+    real = transfer._read_whole
+    appended: list[str] = []
+
+    def read_then_append(src_backend, src_path, *args):
+        out = real(src_backend, src_path, *args)
+        if src_path == "f05" and not appended:   # a log written to as it is read
+            appended.append(src_path)
+            with open(src / "f05", "ab") as f:
+                f.write(b"more")
+        return out
+
+    monkeypatch.setattr(transfer, "_read_whole", read_then_append)
+    report = castlib.sync(str(src), sftp_server.url, db=f"sqlite:///{tmp_path / 'c.db'}",
+                          transfers=1)
+    assert appended == ["f05"]
+    assert (report.counts["copied"], report.counts["changed_during_copy"],
+            report.counts["failed"]) == (23, 1, 0), report.errors
+    assert [e for e in report.errors if e.startswith("f05: changed while it was being copied")]
+    assert sorted(p.name for p in sftp_server.folder.iterdir()) == \
+        sorted(n for n in files if n != "f05")
+
+
 def _configure(server, tmp_path, monkeypatch) -> None:
     """A configuration file with the server's options, for the commands and the API."""
     config = tmp_path / "castlib.yaml"
