@@ -149,12 +149,13 @@ def copy_files_together(src: Backend, dst: Backend, copies: list[FileCopy], *,
                         ) -> list[TransferResult | Exception]:
     """Small files as copy_file copies them, each verified the same way before it takes
     its name, a few at once: each read whole here, all written by one dst.write_files,
-    each checked, all renamed by one dst.rename_many. Over SFTP, that is three or four
-    round trips for the group, where each file took three.
+    each checked, all renamed by one dst.rename_many. Over SFTP, that is four round
+    trips for the group, where each file took three.
 
     For each copy, its TransferResult, or the exception that stopped it (its temporary
-    file removed): the caller copies that one again on its own (copy_file), which
-    retries what may pass the next time and says what failed. The caller keeps the group
+    file removed), which counts as one attempt of copy_file would: the caller copies a
+    file again on its own (copy_file, with its retries) where the error is transient,
+    and otherwise takes it as that file's outcome. The caller keeps the group
     small: each file is held in memory whole, and no more of it is read than the catalog
     says it has (and a byte more, to see it grew)."""
     outcomes: list = [None] * len(copies)

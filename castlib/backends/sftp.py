@@ -870,8 +870,8 @@ class SftpBackend(FsspecBackend):
     # -- small files, several at once --------------------------------------------------------
     # Over OpenSSH's ssh, the copies of a few small files go as one: their opens in one
     # channel write, then their writes, closes and read-backs' opens, then their reads,
-    # then their set-stats, renames and stats (sftp_wire.drive_together): three or four
-    # round trips for the group, where each file took three. Each file's requests are
+    # then their set-stats, renames and stats (sftp_wire.drive_together): four round
+    # trips for the group, where each file took three. Each file's requests are
     # those of its copy alone (_sftp_write_whole, _sftp_publish), in the same order.
 
     @property
@@ -883,8 +883,7 @@ class SftpBackend(FsspecBackend):
             return super().write_files(files)
         generation = self._generation   # (the connection the group uses: see _translated)
         try:
-            self.fs   # (connected: a session's first call may be any)
-            wire = self._wire()
+            wire = self._wire()   # (connected, as every call: _wire connects)
             copies = [_sftp_write_whole(
                 wire, self._full(path), "wb", data,
                 len(data) <= READ_BACK_MAX and self._reads_back(path),
